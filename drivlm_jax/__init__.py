@@ -1,0 +1,1 @@
+"""drivlm-jax: DriVLM domain adaptation of compact driving VLMs, in JAX."""

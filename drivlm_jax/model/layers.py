@@ -1,0 +1,162 @@
+"""Building blocks shared by the vision tower, the CLIP text tower and the decoder LM.
+
+Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv_heads`, `kv`,
+`vocab`, `layers`) and the main activations carry (`batch`, `length`, ...); `parallel.py`
+maps these names onto a device mesh. Without rules in scope the annotations are no-ops.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_ACTIVATIONS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+
+def activation(name: str):
+  if name not in _ACTIVATIONS:
+    raise ValueError(f"Unsupported activation {name!r}; known: {sorted(_ACTIVATIONS)}")
+  return _ACTIVATIONS[name]
+
+
+def constrain(x, *axes):
+  """Logical sharding constraint on an activation (no-op without rules)."""
+  return nn.with_logical_constraint(x, axes)
+
+
+def _init(init, axes):
+  return nn.with_logical_partitioning(init, axes)
+
+
+def dense(features, in_axes, out_axes, *, cfg, name, use_bias=True, axis=-1, init_std=0.02):
+  """DenseGeneral with logical axes on kernel (in_axes + out_axes) and bias (out_axes)."""
+  return nn.DenseGeneral(
+      features=features, axis=axis, use_bias=use_bias, name=name,
+      dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+      kernel_init=_init(nn.initializers.normal(init_std), tuple(in_axes) + tuple(out_axes)),
+      bias_init=_init(nn.initializers.zeros, tuple(out_axes)))
+
+
+def layer_norm(cfg, name, eps):
+  return nn.LayerNorm(
+      epsilon=eps, name=name, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+      use_fast_variance=False,
+      scale_init=_init(nn.initializers.ones, ("embed",)),
+      bias_init=_init(nn.initializers.zeros, ("embed",)))
+
+
+def rms_norm(cfg, name, eps):
+  return nn.RMSNorm(
+      epsilon=eps, name=name, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+      scale_init=_init(nn.initializers.ones, ("embed",)))
+
+
+def embed(num, features, *, cfg, name, axes=("vocab", "embed"), init_std=0.02):
+  return nn.Embed(num, features, name=name, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                  embedding_init=_init(nn.initializers.normal(init_std), axes))
+
+
+def param(module, name, shape, axes, init=nn.initializers.normal(0.02), dtype=jnp.float32):
+  return module.param(name, _init(init, axes), shape, dtype)
+
+
+def attention(q, k, v, mask=None, scale=None):
+  """Scaled dot-product attention with grouped-query heads.
+
+  q: [B, T, N, Dh]; k, v: [B, S, K, Dh] with N % K == 0; mask: [B, T, S] bool
+  (True = attend) or None. Softmax in float32; fully masked rows give finite output.
+  Returns [B, T, N, Dh].
+  """
+  b, t, n, dh = q.shape
+  kh = k.shape[2]
+  scale = dh ** -0.5 if scale is None else scale
+  q = (q * scale).reshape(b, t, kh, n // kh, dh)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32)
+  if mask is not None:
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, n, dh)
+
+
+def stack_layers(layer_cls: Any, cfg, num_layers: int, name: str, in_axes=nn.broadcast):
+  """`num_layers` copies of `layer_cls` as one `nn.scan`: params stacked on a `layers` axis.
+
+  `cfg.remat` rematerialises each layer in the backward pass; `cfg.scan_unroll` unrolls
+  the loop (1 = rolled loop, num_layers = fully unrolled, fastest on CPU).
+  """
+  if cfg.remat:
+    layer_cls = nn.remat(layer_cls, prevent_cse=False)
+  return nn.scan(
+      layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+      in_axes=in_axes, length=num_layers, unroll=min(cfg.scan_unroll, num_layers),
+      metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name=name)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with biases, as in CLIP/SigLIP (HF names q/k/v/out_proj)."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    cfg = self.cfg
+    heads, head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
+    proj = lambda name: dense((heads, head_dim), ("embed",), ("heads", "kv"), cfg=cfg, name=name)
+    q, k, v = proj("q_proj")(x), proj("k_proj")(x), proj("v_proj")(x)
+    out = attention(q, k, v, mask)
+    out = constrain(out, "batch", "length", "heads", "kv")
+    return dense(cfg.hidden_size, ("heads", "kv"), ("embed",), cfg=cfg, name="out_proj",
+                 axis=(-2, -1))(out)
+
+
+class Mlp(nn.Module):
+  """fc1 -> activation -> fc2 (CLIP/SigLIP MLP)."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    h = dense(cfg.intermediate_size, ("embed",), ("mlp",), cfg=cfg, name="fc1")(x)
+    h = constrain(activation(cfg.hidden_act)(h), "batch", "length", "mlp")
+    return dense(cfg.hidden_size, ("mlp",), ("embed",), cfg=cfg, name="fc2")(h)
+
+
+class EncoderLayer(nn.Module):
+  """Pre-LayerNorm transformer block of CLIP/SigLIP; scan-compatible (carry, None)."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x, mask):
+    cfg = self.cfg
+    h = layer_norm(cfg, "layer_norm1", cfg.layer_norm_eps)(x)
+    x = x + SelfAttention(cfg, name="self_attn")(h, mask)
+    h = layer_norm(cfg, "layer_norm2", cfg.layer_norm_eps)(x)
+    x = x + Mlp(cfg, name="mlp")(h)
+    return constrain(x, "batch", "length", "embed"), None
+
+
+class Encoder(nn.Module):
+  """`cfg.num_layers` scanned EncoderLayers. x: [B, T, D]; mask: [B, T, T] bool or None."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    x, _ = stack_layers(EncoderLayer, self.cfg, self.cfg.num_layers, "layers")(x, mask)
+    return x
+
+
+def unbox(variables):
+  """Plain arrays from a linen `init` result (drops the logical-partitioning boxes)."""
+  return nn.meta.unbox(variables["params"])
+
+
+def logical_axes(init_fn, *args):
+  """Tree of logical `PartitionSpec`s matching the params that `init_fn(*args)` returns."""
+  boxed = jax.eval_shape(init_fn, *args)
+  return nn.get_partition_spec(boxed)["params"]

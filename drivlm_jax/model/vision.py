@@ -1,0 +1,159 @@
+"""ViT vision tower in the CLIP and SigLIP variants.
+
+CLIP:   patches + class token -> pre_layrnorm -> encoder; pooled = post_layernorm(class token).
+SigLIP: patches (with bias)   -> encoder -> post_layernorm; pooled = attention-pooling head.
+Images are NHWC float32, already normalised by the checkpoint's processor statistics.
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from drivlm_jax.model import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  family: str = "clip"            # "clip" | "siglip"
+  image_size: int = 224
+  patch_size: int = 16
+  num_channels: int = 3
+  hidden_size: int = 768
+  intermediate_size: int = 3072
+  num_layers: int = 12
+  num_heads: int = 12
+  layer_norm_eps: float = 1e-5
+  hidden_act: str = "quick_gelu"
+  use_head: bool = True           # SigLIP attention-pooling head
+  dtype: str = "float32"          # compute dtype
+  param_dtype: str = "float32"
+  scan_unroll: int = 1
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.family not in ("clip", "siglip"):
+      raise ValueError(f"vision family must be 'clip' or 'siglip', got {self.family!r}")
+    if self.image_size % self.patch_size:
+      raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
+                       f"{self.patch_size}")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} not divisible by {self.num_heads} heads")
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid ** 2
+
+
+def patchify(images, patch_size):
+  """[B, H, W, C] -> [B, H/p * W/p, p * p * C], row-major patches (as a stride-p conv)."""
+  b, h, w, c = images.shape
+  p = patch_size
+  x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+class Embeddings(nn.Module):
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, images):
+    cfg = self.cfg
+    c, d = cfg.num_channels, cfg.hidden_size
+    if images.shape[1:] != (cfg.image_size, cfg.image_size, c):
+      raise ValueError(f"images must be [B, {cfg.image_size}, {cfg.image_size}, {c}] (NHWC), "
+                       f"got {list(images.shape)}")
+    x = PatchEmbedding(cfg, name="patch_embedding")(images.astype(cfg.dtype))
+    if cfg.family == "clip":
+      cls = layers.param(self, "class_embedding", (d,), ("embed",), dtype=cfg.param_dtype)
+      cls = jnp.broadcast_to(cls.astype(cfg.dtype), (x.shape[0], 1, d))
+      x = jnp.concatenate([cls, x], axis=1)
+    pos = layers.embed(x.shape[1], d, cfg=cfg, name="position_embedding", axes=("length", "embed"))
+    return x + pos(jnp.arange(x.shape[1]))[None]
+
+
+class PatchEmbedding(nn.Module):
+  """Stride-p conv as a matmul: kernel [p, p, C, D] (HWIO), bias only for SigLIP."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, images):
+    cfg = self.cfg
+    p, c, d = cfg.patch_size, cfg.num_channels, cfg.hidden_size
+    kernel = layers.param(self, "kernel", (p, p, c, d), (None, None, None, "embed"),
+                          init=nn.initializers.lecun_normal(), dtype=cfg.param_dtype)
+    x = patchify(images, p) @ kernel.reshape(p * p * c, d).astype(cfg.dtype)
+    if cfg.family == "siglip":
+      x = x + layers.param(self, "bias", (d,), ("embed",), init=nn.initializers.zeros,
+                           dtype=cfg.param_dtype).astype(cfg.dtype)
+    return layers.constrain(x, "batch", "length", "embed")
+
+
+class PoolingHead(nn.Module):
+  """SigLIP multi-head attention pooling: a learned probe attends over all tokens."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    b, d, heads = x.shape[0], cfg.hidden_size, cfg.num_heads
+    probe = layers.param(self, "probe", (1, 1, d), (None, None, "embed"), dtype=cfg.param_dtype)
+    probe = jnp.broadcast_to(probe.astype(cfg.dtype), (b, 1, d))
+    # torch.nn.MultiheadAttention packs q, k, v: in_proj kernel [D, 3, H, Dh].
+    in_proj = layers.dense((3, heads, d // heads), ("embed",), (None, "heads", "kv"),
+                           cfg=cfg, name="in_proj")
+    q = in_proj(probe)[:, :, 0]
+    kv = in_proj(x)
+    h = layers.attention(q, kv[:, :, 1], kv[:, :, 2])
+    h = layers.dense(d, ("heads", "kv"), ("embed",), cfg=cfg, name="out_proj", axis=(-2, -1))(h)
+    h = h + layers.Mlp(cfg, name="mlp")(layers.layer_norm(cfg, "layernorm", cfg.layer_norm_eps)(h))
+    return h[:, 0]
+
+
+class VisionTower(nn.Module):
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, images):
+    cfg = self.cfg
+    x = Embeddings(cfg, name="embeddings")(images)
+    if cfg.family == "clip":
+      x = layers.layer_norm(cfg, "pre_layrnorm", cfg.layer_norm_eps)(x)
+    x = layers.Encoder(cfg, name="encoder")(x)
+    post_ln = layers.layer_norm(cfg, "post_layernorm", cfg.layer_norm_eps)
+    if cfg.family == "clip":
+      return {"last_hidden_state": x, "pooled": post_ln(x[:, 0])}
+    x = post_ln(x)
+    pooled = PoolingHead(cfg, name="head")(x) if cfg.use_head else jnp.mean(x, axis=1)
+    return {"last_hidden_state": x, "pooled": pooled}
+
+
+def init(cfg: Config, key) -> dict:
+  """Random params (plain nested dict) for a vision tower."""
+  images = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
+  return layers.unbox(VisionTower(cfg).init(key, images))
+
+
+def apply(cfg: Config, params: dict, pixel_values) -> dict:
+  """pixel_values: [B, H, W, 3] float32, normalised.
+
+  Returns {"last_hidden_state": [B, N(+1), D], "pooled": [B, D]}, equal to HF's
+  `last_hidden_state` and `pooler_output` (CLIP keeps the class token at position 0).
+  """
+  return VisionTower(cfg).apply({"params": params}, pixel_values)
+
+
+def logical_axes(cfg: Config):
+  """Logical PartitionSpec per parameter (same tree as `init`)."""
+  images = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
+  return layers.logical_axes(VisionTower(cfg).init, jax.random.key(0), images)
+
+
+def patch_tokens(cfg: Config, last_hidden_state):
+  """The patch tokens of `last_hidden_state` (drops CLIP's class token): [B, N, D]."""
+  return last_hidden_state[:, 1:] if cfg.family == "clip" else last_hidden_state

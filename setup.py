@@ -1,0 +1,38 @@
+"""drivlm-jax: domain adaptation of compact driving VLMs in JAX (DriVLM)."""
+import setuptools
+
+setuptools.setup(
+    name="drivlm-jax",
+    version="0.1.0",
+    description="DriVLM: domain adaptation of compact vision-language models for driving, in JAX.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["drivlm_jax*", "configs*", "experiments*",
+                                               "data_builders*", "export*"]),
+    install_requires=[
+        "jax>=0.10,<0.13",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.11,<0.11.37",  # jax2onnx 0.17 pins below 0.11.37
+        "ml-collections>=1.0,<2",
+        "absl-py>=2.0,<3",
+        "etils[epath]>=1.7",
+        "tensorflow-datasets>=4.9.9,<5",
+        "grain>=0.2.12,<0.3",
+        "transformers>=5.0,<6",
+        "tokenizers>=0.21,<1",
+        "safetensors>=0.5,<1",
+        "numpy>=2.0,<3",
+        "onnx>=1.17,<2",
+        "onnxruntime>=1.20,<2",
+        "jax2onnx>=0.17,<0.18",
+        "tqdm>=4.66",
+        "pillow>=10",
+        "importlib_resources>=6",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "torch==2.13.0"],
+        "tf": ["tensorflow-cpu>=2.18"],
+    },
+)
