@@ -1,0 +1,80 @@
+"""Vision tower parity against transformers (CLIP and SigLIP), loading and round trip."""
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from drivlm_jax import hf
+from drivlm_jax.model import vision
+from tests import reference as ref
+
+TOL = 1e-5
+
+
+def _check(model, path, batch=2):
+  cfg, params = hf.load_vision_tower(path)
+  x, xt = ref.images(batch, cfg.image_size)
+  ours = vision.apply(cfg, params, x)
+  with torch.inference_mode():
+    theirs = model(pixel_values=xt)
+  assert ref.max_diff(ours["last_hidden_state"], theirs.last_hidden_state) <= TOL
+  if theirs.pooler_output is not None:
+    assert ref.max_diff(ours["pooled"], theirs.pooler_output) <= TOL
+  return cfg, params
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(image_size=28, patch_size=7, hidden=32, heads=2, layers=3),
+    dict(image_size=16, patch_size=4, hidden=24, heads=3, layers=1),
+])
+def test_clip_vision_matches_transformers(tmp_path, kwargs):
+  model = ref.clip_vision(**kwargs)
+  cfg, _ = _check(model, ref.save(model, tmp_path))
+  assert cfg.family == "clip"
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(image_size=28, patch_size=7, hidden=32, heads=2, layers=3),
+    dict(use_head=False),
+])
+def test_siglip_vision_matches_transformers(tmp_path, kwargs):
+  model = ref.siglip_vision(**kwargs)
+  cfg, _ = _check(model, ref.save(model, tmp_path))
+  assert cfg.family == "siglip"
+
+
+def test_vision_from_full_clip_and_siglip_checkpoints(tmp_path):
+  clip = ref.clip_model()
+  _check(clip.vision_model, ref.save(clip, tmp_path / "clip"))
+  siglip = ref.siglip_model()
+  _check(siglip.vision_model, ref.save(siglip, tmp_path / "siglip"))
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+  model = ref.clip_vision()
+  path = ref.save(model, tmp_path, max_shard_size="40KB")
+  assert (tmp_path / hf.SAFETENSORS_INDEX).exists()
+  _check(model, path)
+
+
+@pytest.mark.parametrize("make", [ref.clip_vision, ref.siglip_vision])
+def test_save_round_trip_loads_in_transformers(tmp_path, make):
+  model = make()
+  cfg, params = hf.load_vision_tower(ref.save(model, tmp_path / "src"))
+  hf.save_vision_tower(cfg, params, str(tmp_path / "out"))
+  reloaded = transformers.AutoModel.from_pretrained(str(tmp_path / "out")).eval()
+  assert type(reloaded) is type(model)
+  x, xt = ref.images(2, cfg.image_size, seed=1)
+  ours = vision.apply(cfg, params, x)
+  with torch.inference_mode():
+    theirs = reloaded(pixel_values=xt)
+  assert ref.max_diff(ours["last_hidden_state"], theirs.last_hidden_state) <= TOL
+  assert ref.max_diff(ours["pooled"], theirs.pooler_output) <= TOL
+
+
+def test_wrong_image_shape_is_a_clear_error(tmp_path):
+  cfg, params = hf.load_vision_tower(ref.save(ref.clip_vision(), tmp_path))
+  with pytest.raises(ValueError, match=r"NHWC"):
+    vision.apply(cfg, params, np.zeros((1, 3, 32, 32), np.float32))
