@@ -127,10 +127,10 @@ class VisionTower(nn.Module):
     x = layers.Encoder(cfg, name="encoder")(x)
     post_ln = layers.layer_norm(cfg, "post_layernorm", cfg.layer_norm_eps)
     if cfg.family == "clip":
-      return {"last_hidden_state": x, "pooled": post_ln(x[:, 0])}
-    x = post_ln(x)
-    pooled = PoolingHead(cfg, name="head")(x) if cfg.use_head else jnp.mean(x, axis=1)
-    return {"last_hidden_state": x, "pooled": pooled}
+      return {"last_hidden_state": x, "pooled": post_ln(x[:, 0]), "patch_features": x[:, 1:]}
+    out = post_ln(x)
+    pooled = PoolingHead(cfg, name="head")(out) if cfg.use_head else jnp.mean(out, axis=1)
+    return {"last_hidden_state": out, "pooled": pooled, "patch_features": x}
 
 
 def init(cfg: Config, key) -> dict:
@@ -143,7 +143,9 @@ def apply(cfg: Config, params: dict, pixel_values) -> dict:
   """pixel_values: [B, H, W, 3] float32, normalised.
 
   Returns {"last_hidden_state": [B, N(+1), D], "pooled": [B, D]}, equal to HF's
-  `last_hidden_state` and `pooler_output` (CLIP keeps the class token at position 0).
+  `last_hidden_state` and `pooler_output` (CLIP keeps the class token at position 0), and
+  "patch_features": [B, N, D], the encoder output at the patches before any post-LayerNorm
+  (HF `hidden_states[-1]` without the class token, what LLaVA-style VLMs project).
   """
   return VisionTower(cfg).apply({"params": params}, pixel_values)
 
@@ -154,6 +156,13 @@ def logical_axes(cfg: Config):
   return layers.logical_axes(VisionTower(cfg).init, jax.random.key(0), images)
 
 
-def patch_tokens(cfg: Config, last_hidden_state):
-  """The patch tokens of `last_hidden_state` (drops CLIP's class token): [B, N, D]."""
-  return last_hidden_state[:, 1:] if cfg.family == "clip" else last_hidden_state
+def truncate(cfg: Config, params: dict, feature_layer: int):
+  """The tower up to HF `hidden_states[feature_layer]` (-1 = all layers, -2 = all but the
+  last, k >= 0 = the first k): a (Config, params) pair whose stacked layers are sliced."""
+  n = feature_layer if feature_layer >= 0 else cfg.num_layers + 1 + feature_layer
+  if not 0 <= n <= cfg.num_layers:
+    raise ValueError(f"feature_layer {feature_layer} is outside a {cfg.num_layers}-layer tower")
+  if n == cfg.num_layers:
+    return cfg, params
+  encoder = {"layers": jax.tree.map(lambda x: x[:n], params["encoder"]["layers"])}
+  return dataclasses.replace(cfg, num_layers=n), {**params, "encoder": encoder}

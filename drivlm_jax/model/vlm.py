@@ -1,0 +1,151 @@
+"""The VLM: vision tower -> MLP projector -> visual tokens spliced into the LM's input
+embeddings at the image placeholder token, plus the driving heads.
+
+The action head (4 logits) and explanation head (21 logits) read the mean of the visual
+tokens, so the deployable student (vision + heads) runs without the LM. `apply` returns every
+intermediate feature the adaptation losses need.
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from drivlm_jax.model import language, layers, vision
+
+NUM_ACTIONS = 4    # forward, stop_or_slow, turn_left, turn_right
+NUM_REASONS = 21   # BDD-OIA explanations
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  vision: vision.Config
+  language: language.Config
+  image_token_id: int
+  vision_feature_layer: int = -1     # HF hidden_states index; LLaVA uses -2
+  projector_act: str = "gelu"
+  head_hidden: int = 256
+  num_actions: int = NUM_ACTIONS
+  num_reasons: int = NUM_REASONS
+
+  def __post_init__(self):
+    if not 0 <= self.image_token_id < self.language.vocab_size:
+      raise ValueError(f"image_token_id {self.image_token_id} outside the LM vocabulary "
+                       f"({self.language.vocab_size})")
+
+  @property
+  def num_visual_tokens(self) -> int:
+    return self.vision.num_patches
+
+
+class Projector(nn.Module):
+  """LLaVA projector: linear_1 -> act -> linear_2 ([B, N, Dv] -> [B, N, D])."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x):
+    lm = self.cfg.language
+    h = layers.dense(lm.hidden_size, ("embed_vision",), ("mlp",), cfg=lm, name="linear_1")(x)
+    h = layers.activation(self.cfg.projector_act)(h)
+    h = layers.dense(lm.hidden_size, ("mlp",), ("embed",), cfg=lm, name="linear_2")(h)
+    return layers.constrain(h, "batch", "length", "embed")
+
+
+class Head(nn.Module):
+  """LayerNorm -> dense -> GELU -> dense: pooled [B, D] -> logits [B, num_out]."""
+  cfg: Any
+  num_out: int
+
+  @nn.compact
+  def __call__(self, x):
+    lm, hidden = self.cfg.language, self.cfg.head_hidden
+    h = layers.layer_norm(lm, "norm", 1e-5)(x)
+    h = jax.nn.gelu(layers.dense(hidden, ("embed",), ("mlp",), cfg=lm, name="fc1")(h))
+    return layers.dense(self.num_out, ("mlp",), (None,), cfg=lm, name="fc2")(h).astype(jnp.float32)
+
+
+class Heads(nn.Module):
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, pooled):
+    return {"action_logits": Head(self.cfg, self.cfg.num_actions, name="action")(pooled),
+            "reason_logits": Head(self.cfg, self.cfg.num_reasons, name="reason")(pooled)}
+
+
+def _dummy(cfg: Config):
+  return (jnp.zeros((1, 1, cfg.vision.hidden_size), jnp.float32),
+          jnp.zeros((1, cfg.language.hidden_size), jnp.float32))
+
+
+def init(cfg: Config, key) -> dict:
+  """{"vision", "projector", "language", "heads"} params."""
+  kv, kp, kl, kh = jax.random.split(key, 4)
+  patches, pooled = _dummy(cfg)
+  return {"vision": vision.init(cfg.vision, kv),
+          "projector": layers.unbox(Projector(cfg).init(kp, patches)),
+          "language": language.init(cfg.language, kl),
+          "heads": layers.unbox(Heads(cfg).init(kh, pooled))}
+
+
+def logical_axes(cfg: Config):
+  patches, pooled = _dummy(cfg)
+  key = jax.random.key(0)
+  return {"vision": vision.logical_axes(cfg.vision),
+          "projector": layers.logical_axes(Projector(cfg).init, key, patches),
+          "language": language.logical_axes(cfg.language),
+          "heads": layers.logical_axes(Heads(cfg).init, key, pooled)}
+
+
+def splice(text_embeds, visual_tokens, is_image):
+  """Puts visual token j at the j-th placeholder of each row.
+
+  text_embeds [B, T, D]; visual_tokens [B, N, D]; is_image [B, T] bool with N placeholders
+  per row (static shapes: extra placeholders repeat the last visual token).
+  """
+  index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, visual_tokens.shape[1] - 1)
+  gathered = jnp.take_along_axis(visual_tokens, index[..., None], axis=1)
+  return jnp.where(is_image[..., None], gathered.astype(text_embeds.dtype), text_embeds)
+
+
+def encode_image(cfg: Config, params, images) -> dict:
+  """images [B, H, W, 3] -> vision features, visual tokens and head logits (no LM)."""
+  vcfg, vparams = vision.truncate(cfg.vision, params["vision"], cfg.vision_feature_layer)
+  vout = vision.apply(vcfg, vparams, images)
+  visual_tokens = Projector(cfg).apply({"params": params["projector"]}, vout["patch_features"])
+  pooled = jnp.mean(visual_tokens, axis=1)
+  heads = Heads(cfg).apply({"params": params["heads"]}, pooled)
+  return {"image_pooled": vout["pooled"],            # [B, Dv] vision pooled feature
+          "patch_features": vout["patch_features"],  # [B, N, Dv]
+          "visual_tokens": visual_tokens,            # [B, N, D]
+          "pooled_visual": pooled,                   # [B, D]
+          **heads}                                   # action_logits [B, 4], reason_logits [B, 21]
+
+
+def apply(cfg: Config, params, images, input_ids=None, attention_mask=None) -> dict:
+  """images [B, H, W, 3] float32 (normalised); input_ids [B, T] int32 holding
+  `cfg.num_visual_tokens` copies of `cfg.image_token_id` per row (left-padded, with
+  `attention_mask`), or None for the image-only path.
+
+  Returns `encode_image`'s dict plus, with input_ids, "lm_logits" [B, T, V] and
+  "lm_hidden_states" [B, T, D] (after the LM's final norm).
+  """
+  out = encode_image(cfg, params, images)
+  if input_ids is not None:
+    embeds = language.embed_tokens(cfg.language, params["language"], input_ids)
+    embeds = splice(embeds, out["visual_tokens"], input_ids == cfg.image_token_id)
+    lm = language.forward(cfg.language, params["language"], inputs_embeds=embeds,
+                          attention_mask=attention_mask)
+    out.update(lm_logits=lm["logits"], lm_hidden_states=lm["hidden_states"])
+  return out
+
+
+def generate(cfg: Config, params, images, input_ids, max_new_tokens=16, **kwargs):
+  """Answers/explanations: the prompt with visual tokens spliced in, decoded by
+  `language.generate` (same keyword arguments). Returns [B, T + max_new_tokens]."""
+  visual = encode_image(cfg, params, images)["visual_tokens"]
+  embeds = language.embed_tokens(cfg.language, params["language"], input_ids)
+  embeds = splice(embeds, visual, input_ids == cfg.image_token_id)
+  return language.generate(cfg.language, params["language"], input_ids, max_new_tokens,
+                           inputs_embeds=embeds, **kwargs)

@@ -1,0 +1,108 @@
+"""VLM composition against transformers' LLaVA (CLIP vision + LLaMA/Qwen2 + MLP projector)."""
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from drivlm_jax import hf
+from drivlm_jax.model import vision, vlm
+from tests import reference as ref
+
+TOL = 1e-5
+IMAGE_TOKEN = 5
+
+
+def _llava(tmp_path, family, feature_layer):
+  vis, lm = ref.clip_vision(layers=3), ref.causal_lm(family=family, vocab=96)
+  config = transformers.LlavaConfig(
+      vision_config=vis.config.to_dict(), text_config=lm.config.to_dict(),
+      image_token_index=IMAGE_TOKEN, image_seq_length=16, vision_feature_layer=feature_layer,
+      vision_feature_select_strategy="default", projector_hidden_act="gelu",
+      tie_word_embeddings=lm.config.tie_word_embeddings)
+  torch.manual_seed(1)
+  llava = transformers.LlavaForConditionalGeneration(config)
+  llava.model.vision_tower.load_state_dict(vis.state_dict())
+  llava.model.language_model.load_state_dict(lm.model.state_dict())
+  llava.lm_head.load_state_dict(lm.lm_head.state_dict())
+  ref.perturb(llava.model.multi_modal_projector, seed=2)
+  llava.eval()
+  vcfg, vparams = hf.load_vision_tower(ref.save(vis, tmp_path / "vision"))
+  lcfg, lparams = hf.load_language_model(ref.save(lm, tmp_path / "lm"))
+  cfg = vlm.Config(vision=vcfg, language=lcfg, image_token_id=IMAGE_TOKEN,
+                   vision_feature_layer=feature_layer)
+  params = vlm.init(cfg, jax.random.key(0))
+  proj = llava.model.multi_modal_projector
+  params.update(vision=vparams, language=lparams, projector={
+      name: {"kernel": getattr(proj, name).weight.detach().numpy().T,
+             "bias": getattr(proj, name).bias.detach().numpy()}
+      for name in ("linear_1", "linear_2")})
+  return llava, cfg, params
+
+
+def _prompt(cfg, seed=0):
+  """Left-padded prompts: [pad..., text, 16 image tokens, text]."""
+  rng = np.random.default_rng(seed)
+  n = cfg.num_visual_tokens
+  ids = rng.integers(10, cfg.language.vocab_size, (2, n + 9)).astype(np.int32)
+  ids[:, 3:3 + n] = IMAGE_TOKEN
+  mask = np.ones_like(ids)
+  mask[1, :2] = 0
+  ids[mask == 0] = 0
+  return ids, mask
+
+
+@pytest.mark.parametrize("family,feature_layer", [("llama", -1), ("qwen2", -2)])
+def test_vlm_matches_llava(tmp_path, family, feature_layer):
+  llava, cfg, params = _llava(tmp_path, family, feature_layer)
+  ids, mask = _prompt(cfg)
+  x, xt = ref.images(2, cfg.vision.image_size)
+  out = vlm.apply(cfg, params, x, ids, mask)
+  positions = np.where(mask > 0, np.cumsum(mask, -1) - 1, 1)
+  with torch.inference_mode():
+    theirs = llava(input_ids=torch.from_numpy(ids).long(), pixel_values=xt,
+                   attention_mask=torch.from_numpy(mask).long(),
+                   position_ids=torch.from_numpy(positions).long()).logits.numpy()
+  real = mask > 0
+  assert ref.max_diff(np.asarray(out["lm_logits"])[real], theirs[real]) <= TOL
+  assert out["visual_tokens"].shape == (2, cfg.num_visual_tokens, cfg.language.hidden_size)
+  assert out["action_logits"].shape == (2, 4) and out["reason_logits"].shape == (2, 21)
+  assert out["lm_hidden_states"].shape == (2, ids.shape[1], cfg.language.hidden_size)
+
+
+def test_vlm_generate_matches_llava(tmp_path):
+  llava, cfg, params = _llava(tmp_path, "qwen2", -2)
+  ids, _ = _prompt(cfg, seed=1)
+  x, xt = ref.images(2, cfg.vision.image_size, seed=1)
+  ours = vlm.generate(cfg, params, x, ids, max_new_tokens=6)
+  with torch.inference_mode():
+    theirs = llava.generate(input_ids=torch.from_numpy(ids).long(), pixel_values=xt,
+                            attention_mask=torch.ones(ids.shape, dtype=torch.long),
+                            max_new_tokens=6, do_sample=False, pad_token_id=0)
+  np.testing.assert_array_equal(np.asarray(ours), theirs.numpy())
+
+
+def test_heads_read_the_mean_visual_token(tmp_path):
+  _, cfg, params = _llava(tmp_path, "llama", -1)
+  x, _ = ref.images(2, cfg.vision.image_size, seed=3)
+  out = vlm.encode_image(cfg, params, x)
+  np.testing.assert_allclose(out["pooled_visual"], np.mean(out["visual_tokens"], axis=1),
+                             atol=1e-6)
+  # The image-only path and the full path agree on everything they share.
+  ids, mask = _prompt(cfg)
+  full = vlm.apply(cfg, params, x, ids, mask)
+  np.testing.assert_allclose(full["action_logits"], out["action_logits"], atol=1e-6)
+
+
+def test_truncated_tower_equals_hf_hidden_states(tmp_path):
+  model = ref.clip_vision(layers=3)
+  cfg, params = hf.load_vision_tower(ref.save(model, tmp_path))
+  x, xt = ref.images(1, cfg.image_size)
+  with torch.inference_mode():
+    hidden = model(pixel_values=xt, output_hidden_states=True).hidden_states
+  for layer in (-1, -2, 1):
+    tcfg, tparams = vision.truncate(cfg, params, layer)
+    got = vision.apply(tcfg, tparams, x)["patch_features"]
+    assert ref.max_diff(got, hidden[layer][:, 1:]) <= TOL
+  with pytest.raises(ValueError, match="outside a 3-layer tower"):
+    vision.truncate(cfg, params, -5)
