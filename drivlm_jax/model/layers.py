@@ -34,12 +34,16 @@ def _init(init, axes):
   return nn.with_logical_partitioning(init, axes)
 
 
-def dense(features, in_axes, out_axes, *, cfg, name, use_bias=True, axis=-1, init_std=0.02):
-  """DenseGeneral with logical axes on kernel (in_axes + out_axes) and bias (out_axes)."""
+def dense(features, in_axes, out_axes, *, cfg, name, use_bias=True, axis=-1):
+  """DenseGeneral with logical axes on kernel (in_axes + out_axes) and bias (out_axes).
+
+  Kernels start fan-in scaled (LeCun normal): a fixed 0.02 would shrink small widths' signals
+  layer after layer until attention probes get no gradient.
+  """
   return nn.DenseGeneral(
       features=features, axis=axis, use_bias=use_bias, name=name,
       dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-      kernel_init=_init(nn.initializers.normal(init_std), tuple(in_axes) + tuple(out_axes)),
+      kernel_init=_init(nn.initializers.lecun_normal(), tuple(in_axes) + tuple(out_axes)),
       bias_init=_init(nn.initializers.zeros, tuple(out_axes)))
 
 

@@ -1,8 +1,8 @@
 """The VLM: vision tower -> MLP projector -> visual tokens spliced into the LM's input
 embeddings at the image placeholder token, plus the driving heads.
 
-The action head (4 logits) and explanation head (21 logits) read the mean of the visual
-tokens, so the deployable student (vision + heads) runs without the LM. `apply` returns every
+The action head (4 logits) and explanation head (21 logits) read an attention-pooled summary
+of the visual tokens, so the deployable student (vision + heads) runs without the LM. `apply` returns every
 intermediate feature the adaptation losses need.
 """
 import dataclasses
@@ -52,6 +52,27 @@ class Projector(nn.Module):
     return layers.constrain(h, "batch", "length", "embed")
 
 
+class AttentionPool(nn.Module):
+  """A learned probe attends over the visual tokens: [B, N, D] -> [B, D].
+
+  Unlike a mean, it keeps where things are (left lane vs right lane), which the actions need.
+  """
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, tokens):
+    lm = self.cfg.language
+    heads, d = lm.num_heads, lm.hidden_size
+    probe = layers.param(self, "probe", (1, 1, d), (None, None, "embed"),
+                         init=nn.initializers.normal(1.0), dtype=lm.param_dtype)
+    proj = lambda name, x: layers.dense((heads, d // heads), ("embed",), ("heads", "kv"), cfg=lm,
+                                        name=name)(x)
+    q = proj("q_proj", jnp.broadcast_to(probe.astype(tokens.dtype), (tokens.shape[0], 1, d)))
+    pooled = layers.attention(q, proj("k_proj", tokens), proj("v_proj", tokens))
+    return layers.dense(d, ("heads", "kv"), ("embed",), cfg=lm, name="out_proj",
+                        axis=(-2, -1))(pooled)[:, 0]
+
+
 class Head(nn.Module):
   """LayerNorm -> dense -> GELU -> dense: pooled [B, D] -> logits [B, num_out]."""
   cfg: Any
@@ -66,36 +87,39 @@ class Head(nn.Module):
 
 
 class Heads(nn.Module):
+  """Visual tokens [B, N, D] -> attention-pooled feature and the two heads' logits."""
   cfg: Any
 
   @nn.compact
-  def __call__(self, pooled):
-    return {"action_logits": Head(self.cfg, self.cfg.num_actions, name="action")(pooled),
+  def __call__(self, visual_tokens):
+    pooled = AttentionPool(self.cfg, name="pool")(visual_tokens)
+    return {"pooled_visual": pooled,
+            "action_logits": Head(self.cfg, self.cfg.num_actions, name="action")(pooled),
             "reason_logits": Head(self.cfg, self.cfg.num_reasons, name="reason")(pooled)}
 
 
 def _dummy(cfg: Config):
   return (jnp.zeros((1, 1, cfg.vision.hidden_size), jnp.float32),
-          jnp.zeros((1, cfg.language.hidden_size), jnp.float32))
+          jnp.zeros((1, 1, cfg.language.hidden_size), jnp.float32))
 
 
 def init(cfg: Config, key) -> dict:
   """{"vision", "projector", "language", "heads"} params."""
   kv, kp, kl, kh = jax.random.split(key, 4)
-  patches, pooled = _dummy(cfg)
+  patches, tokens = _dummy(cfg)
   return {"vision": vision.init(cfg.vision, kv),
           "projector": layers.unbox(Projector(cfg).init(kp, patches)),
           "language": language.init(cfg.language, kl),
-          "heads": layers.unbox(Heads(cfg).init(kh, pooled))}
+          "heads": layers.unbox(Heads(cfg).init(kh, tokens))}
 
 
 def logical_axes(cfg: Config):
-  patches, pooled = _dummy(cfg)
+  patches, tokens = _dummy(cfg)
   key = jax.random.key(0)
   return {"vision": vision.logical_axes(cfg.vision),
           "projector": layers.logical_axes(Projector(cfg).init, key, patches),
           "language": language.logical_axes(cfg.language),
-          "heads": layers.logical_axes(Heads(cfg).init, key, pooled)}
+          "heads": layers.logical_axes(Heads(cfg).init, key, tokens)}
 
 
 def splice(text_embeds, visual_tokens, is_image):
@@ -114,13 +138,11 @@ def encode_image(cfg: Config, params, images) -> dict:
   vcfg, vparams = vision.truncate(cfg.vision, params["vision"], cfg.vision_feature_layer)
   vout = vision.apply(vcfg, vparams, images)
   visual_tokens = Projector(cfg).apply({"params": params["projector"]}, vout["patch_features"])
-  pooled = jnp.mean(visual_tokens, axis=1)
-  heads = Heads(cfg).apply({"params": params["heads"]}, pooled)
+  heads = Heads(cfg).apply({"params": params["heads"]}, visual_tokens)
   return {"image_pooled": vout["pooled"],            # [B, Dv] vision pooled feature
           "patch_features": vout["patch_features"],  # [B, N, Dv]
           "visual_tokens": visual_tokens,            # [B, N, D]
-          "pooled_visual": pooled,                   # [B, D]
-          **heads}                                   # action_logits [B, 4], reason_logits [B, 21]
+          **heads}  # pooled_visual [B, D], action_logits [B, 4], reason_logits [B, 21]
 
 
 def apply(cfg: Config, params, images, input_ids=None, attention_mask=None) -> dict:
@@ -149,3 +171,20 @@ def generate(cfg: Config, params, images, input_ids, max_new_tokens=16, **kwargs
   embeds = splice(embeds, visual, input_ids == cfg.image_token_id)
   return language.generate(cfg.language, params["language"], input_ids, max_new_tokens,
                            inputs_embeds=embeds, **kwargs)
+
+
+def _dataclass_from_dict(cls, values: dict, where: str):
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise KeyError(f"unknown key(s) {unknown} in {where}; known: {sorted(known)}")
+  return cls(**values)
+
+
+def config_from_dict(model) -> Config:
+  """A `vlm.Config` from a config's `model` ConfigDict (or plain dict) with `vision`,
+  `language` and VLM-level fields; unknown keys are an error naming them."""
+  values = model.to_dict() if hasattr(model, "to_dict") else dict(model)
+  sub = {name: _dataclass_from_dict(part.Config, dict(values.pop(name)), f"model.{name}")
+         for name, part in (("vision", vision), ("language", language))}
+  return _dataclass_from_dict(Config, {**values, **sub}, "model")

@@ -1,0 +1,25 @@
+# `make demo` and `make test` set everything up in ./.venv on first use (Python >= 3.11).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import drivlm_jax, jax, flax, torch, transformers"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m drivlm_jax.demo
+
+test: $(VENV)/.installed
+	JAX_NUM_CPU_DEVICES=8 $(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed
+	$(PY) -m experiments.bench_model
+
+clean:
+	rm -rf $(VENV) .pytest_cache
