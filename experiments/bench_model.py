@@ -1,0 +1,183 @@
+r"""Forward latency of our jitted model vs HF transformers + PyTorch, same weights, one run.
+
+  python -m experiments.bench_model [--only vision|lm] [--pairs 5] [--out bench_model.json]
+
+Cases (random weights, fp32): CLIP ViT-B/16 vision tower at 224 px; Qwen2-0.5B-shaped LM
+prefill of 256 tokens (all-position logits, as HF computes them); each at batch 1 and 8.
+Rules (../shared/DESIGN.md, "Benchmarking rules"): torch at its best (inference_mode,
+threads = cores, OMP_WAIT_POLICY=PASSIVE), ours and the peer alternated A B A B, medians and
+the median per-pair ratio, warm-up/compile time apart, peak RSS, and achieved GFLOP/s against
+this machine's fp32 GEMM peak (2048^3) measured in the same run.
+"""
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from configs import common  # noqa: E402
+from drivlm_jax import hf  # noqa: E402
+from drivlm_jax.model import language, vision  # noqa: E402
+
+
+def _timed(fn):
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def gemm_peak(n=2048, repeats=5):
+  """Best fp32 GFLOP/s of an n^3 matmul, in XLA and in torch."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  mm = jax.jit(lambda x: x @ x)
+  mm(a).block_until_ready()
+  jax_t = min(_timed(lambda: mm(a).block_until_ready()) for _ in range(repeats))
+  b = torch.randn(n, n)
+  with torch.inference_mode():
+    b @ b
+    torch_t = min(_timed(lambda: b @ b) for _ in range(repeats))
+  flops = 2 * n ** 3
+  return {"jax": flops / jax_t / 1e9, "torch": flops / torch_t / 1e9}
+
+
+def vision_flops(cfg, batch):
+  n, d, f, p = cfg.num_patches + 1, cfg.hidden_size, cfg.intermediate_size, cfg.patch_size
+  per_layer = 2 * n * (4 * d * d + 2 * d * f) + 4 * n * n * d
+  return batch * (cfg.num_layers * per_layer + 2 * cfg.num_patches * p * p * 3 * d)
+
+
+def lm_flops(cfg, batch, t):
+  d, f, dh = cfg.hidden_size, cfg.intermediate_size, cfg.dim_per_head
+  q, kv = cfg.num_heads * dh, cfg.num_kv_heads * dh
+  per_layer = 2 * t * (2 * d * q + 2 * d * kv + 3 * d * f) + 4 * t * t * q
+  return batch * (cfg.num_layers * per_layer + 2 * t * d * cfg.vocab_size)
+
+
+def measure(ours, peer, pairs):
+  """Warm-up (compile) each once, then alternate ours/peer `pairs` times."""
+  compile_s, peer_warmup_s = _timed(ours), _timed(peer)
+  a, b = [], []
+  for _ in range(pairs):
+    a.append(_timed(ours))
+    b.append(_timed(peer))
+  return {"ours_ms": 1e3 * statistics.median(a), "peer_ms": 1e3 * statistics.median(b),
+          "ratio_peer_over_ours": statistics.median(y / x for x, y in zip(a, b)),
+          "ours_first_call_s": compile_s, "peer_first_call_s": peer_warmup_s, "pairs": pairs}
+
+
+def bench_vision(tmp, batches, pairs):
+  preset = common.MODEL_PRESETS["clip_b16_qwen05b"]["vision"]
+  hf_cfg = transformers.CLIPVisionConfig(
+      hidden_size=preset["hidden_size"], intermediate_size=preset["intermediate_size"],
+      num_hidden_layers=preset["num_layers"], num_attention_heads=preset["num_heads"],
+      image_size=preset["image_size"], patch_size=preset["patch_size"])
+  torch.manual_seed(0)
+  peer = transformers.CLIPVisionModel(hf_cfg).eval()
+  path = os.path.join(tmp, "vision")
+  peer.save_pretrained(path)
+  cfg, params = hf.load_vision_tower(path)
+  fwd = jax.jit(lambda p, x: vision.apply(cfg, p, x)["pooled"])
+  rows = []
+  for batch in batches:
+    x = np.random.default_rng(0).normal(size=(batch, 224, 224, 3)).astype(np.float32)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    xj = jnp.asarray(x)
+
+    def peer_call():
+      with torch.inference_mode():
+        peer(pixel_values=xt)
+
+    row = measure(lambda: fwd(params, xj).block_until_ready(), peer_call, pairs)
+    with torch.inference_mode():
+      diff = float(np.abs(np.asarray(fwd(params, xj)) - peer(pixel_values=xt).pooler_output
+                          .numpy()).max())
+    rows.append({"case": "vision CLIP ViT-B/16 224px", "batch": batch,
+                 "gflop": vision_flops(cfg, batch) / 1e9, "max_abs_diff": diff, **row})
+  return rows
+
+
+def bench_lm(tmp, batches, pairs, length=256):
+  preset = common.MODEL_PRESETS["clip_b16_qwen05b"]["language"]
+  hf_cfg = transformers.Qwen2Config(
+      vocab_size=preset["vocab_size"], hidden_size=preset["hidden_size"],
+      intermediate_size=preset["intermediate_size"], num_hidden_layers=preset["num_layers"],
+      num_attention_heads=preset["num_heads"], num_key_value_heads=preset["num_kv_heads"],
+      rms_norm_eps=preset["rms_norm_eps"], tie_word_embeddings=True,
+      rope_parameters={"rope_type": "default", "rope_theta": preset["rope_theta"]})
+  torch.manual_seed(0)
+  peer = transformers.Qwen2ForCausalLM(hf_cfg).eval()
+  path = os.path.join(tmp, "lm")
+  peer.save_pretrained(path)
+  cfg, params = hf.load_language_model(path)
+  fwd = jax.jit(lambda p, ids: language.apply(cfg, p, ids))
+  rows = []
+  for batch in batches:
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, length)).astype(np.int32)
+    ids_t, ids_j = torch.from_numpy(ids).long(), jnp.asarray(ids)
+
+    def peer_call():
+      with torch.inference_mode():
+        peer(input_ids=ids_t)
+
+    row = measure(lambda: fwd(params, ids_j).block_until_ready(), peer_call, pairs)
+    with torch.inference_mode():
+      diff = float(np.abs(np.asarray(fwd(params, ids_j)[:, -1]) -
+                          peer(input_ids=ids_t).logits[:, -1].numpy()).max())
+    rows.append({"case": f"LM Qwen2-0.5B prefill {length} tok", "batch": batch,
+                 "gflop": lm_flops(cfg, batch, length) / 1e9, "max_abs_diff": diff, **row})
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--only", choices=["vision", "lm"])
+  parser.add_argument("--pairs", type=int, default=5)
+  parser.add_argument("--batches", default="1,8")
+  parser.add_argument("--out", default="bench_model.json")
+  args = parser.parse_args()
+  threads = os.cpu_count()
+  torch.set_num_threads(threads)
+  batches = [int(b) for b in args.batches.split(",")]
+  peak = gemm_peak()
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    if args.only in (None, "vision"):
+      rows += bench_vision(tmp, batches, args.pairs)
+    if args.only in (None, "lm"):
+      rows += bench_lm(tmp, batches, args.pairs)
+  best = max(peak.values())
+  for row in rows:
+    row["ours_gflops"] = row["gflop"] / (row["ours_ms"] / 1e3)
+    row["peer_gflops"] = row["gflop"] / (row["peer_ms"] / 1e3)
+  result = {"device": f"{threads} CPU cores", "jax": jax.__version__,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "gemm_peak_gflops": peak, "peak_rss_gb": resource.getrusage(
+                resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "rows": rows}
+  print(f"fp32 GEMM 2048^3 peak: jax {peak['jax']:.0f} GFLOP/s, torch {peak['torch']:.0f} "
+        f"GFLOP/s; threads {threads}; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+  header = (f"{'case':34s} {'batch':>5s} {'ours ms':>9s} {'torch ms':>9s} {'torch/ours':>10s} "
+            f"{'ours %peak':>10s} {'torch %peak':>11s} {'compile s':>9s} {'max|diff|':>9s}")
+  print(header)
+  for r in rows:
+    print(f"{r['case']:34s} {r['batch']:5d} {r['ours_ms']:9.1f} {r['peer_ms']:9.1f} "
+          f"{r['ratio_peer_over_ours']:10.2f} {100 * r['ours_gflops'] / best:9.0f}% "
+          f"{100 * r['peer_gflops'] / best:10.0f}% {r['ours_first_call_s']:9.1f} "
+          f"{r['max_abs_diff']:9.1e}")
+  print(f"peak RSS of this process (both models): {result['peak_rss_gb']:.1f} GiB")
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
