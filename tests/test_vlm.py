@@ -82,12 +82,25 @@ def test_vlm_generate_matches_llava(tmp_path):
   np.testing.assert_array_equal(np.asarray(ours), theirs.numpy())
 
 
-def test_heads_read_the_mean_visual_token(tmp_path):
+def _softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_heads_read_attention_pooled_visual_tokens(tmp_path):
   _, cfg, params = _llava(tmp_path, "llama", -1)
   x, _ = ref.images(2, cfg.vision.image_size, seed=3)
   out = vlm.encode_image(cfg, params, x)
-  np.testing.assert_allclose(out["pooled_visual"], np.mean(out["visual_tokens"], axis=1),
-                             atol=1e-6)
+  # Reference: multi-head attention of the learned probe over the visual tokens, in numpy.
+  p = jax.tree.map(np.asarray, params["heads"]["pool"])
+  tokens = np.asarray(out["visual_tokens"])
+  q = np.einsum("d,dhk->hk", p["probe"][0, 0], p["q_proj"]["kernel"]) + p["q_proj"]["bias"]
+  k = np.einsum("bnd,dhk->bnhk", tokens, p["k_proj"]["kernel"]) + p["k_proj"]["bias"]
+  v = np.einsum("bnd,dhk->bnhk", tokens, p["v_proj"]["kernel"]) + p["v_proj"]["bias"]
+  attn = _softmax(np.einsum("hk,bnhk->bhn", q, k) / np.sqrt(q.shape[-1]))
+  pooled = np.einsum("bhn,bnhk->bhk", attn, v)
+  pooled = np.einsum("bhk,hkd->bd", pooled, p["out_proj"]["kernel"]) + p["out_proj"]["bias"]
+  np.testing.assert_allclose(out["pooled_visual"], pooled, atol=1e-5)
   # The image-only path and the full path agree on everything they share.
   ids, mask = _prompt(cfg)
   full = vlm.apply(cfg, params, x, ids, mask)
