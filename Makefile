@@ -7,9 +7,8 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -c "import drivlm_jax, jax, flax, torch, transformers"
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq -e ".[test]"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -49,13 +49,13 @@ class _Tensors:
     elif os.path.exists(single):
       files = [SAFETENSORS]
     else:
-      pickles = sorted(f for f in _listdir(path) if f.endswith(_PICKLE_SUFFIXES))
+      pickles = sorted(f for f in os.listdir(path) if f.endswith(_PICKLE_SUFFIXES))
       if pickles:
         raise CheckpointError(
             f"{path} holds only pickle weights ({', '.join(pickles)}); drivlm-jax reads "
-            f"safetensors only (pickle can run arbitrary code). Convert it once with "
-            f"transformers: Model.from_pretrained(dir).save_pretrained(dir, "
-            f"safe_serialization=True).")
+            f"safetensors only (pickle can run arbitrary code). Convert it once where you "
+            f"trust it: transformers' AutoModel.from_pretrained(dir).save_pretrained(dir) "
+            f"writes safetensors.")
       raise CheckpointError(f"{path}: neither {SAFETENSORS} nor {SAFETENSORS_INDEX} found")
     self._handles, self._where = {}, {}
     for name in files:
@@ -70,28 +70,24 @@ class _Tensors:
   def keys(self):
     return self._where.keys()
 
+  def shape(self, name):
+    return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+
   def get(self, name, expected_shape):
     if name not in self._where:
       raise CheckpointError(f"{self.path}: missing tensor {name!r} (expected shape "
                             f"{tuple(expected_shape)})")
-    handle = self._handles[self._where[name]]
-    shape = tuple(handle.get_slice(name).get_shape())
-    if shape != tuple(expected_shape):
-      raise CheckpointError(f"{self.path}: tensor {name!r} has shape {shape} in the "
+    if self.shape(name) != tuple(expected_shape):
+      raise CheckpointError(f"{self.path}: tensor {name!r} has shape {self.shape(name)} in the "
                             f"checkpoint, the model expects {tuple(expected_shape)}")
-    return handle.get_tensor(name)
-
-
-def _listdir(path):
-  if not os.path.isdir(path):
-    raise CheckpointError(f"{path} is not a directory")
-  return os.listdir(path)
+    return self._handles[self._where[name]].get_tensor(name)
 
 
 def _hf_config(path):
   import transformers
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path} is not a directory")
   if not os.path.exists(os.path.join(path, "config.json")):
-    _listdir(path)
     raise CheckpointError(f"{path}: config.json not found")
   return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
 
@@ -177,13 +173,15 @@ def _is_stacked(path):
 #### Generic load / save
 
 
-def _load_params(path, tensors, naming, shapes, num_layers, ignore):
+def _load_params(tensors, naming, shapes, ignore):
+  """Reads every leaf of `shapes` (a tree of ShapeDtypeStructs) from `tensors`; tensors that
+  no leaf uses and `ignore(name)` does not excuse are an error."""
   params, used = {}, set()
   for p, sds in traverse_util.flatten_dict(shapes).items():
     name, tr = naming(p), _transform(p)
     if _is_stacked(p):
       shape = sds.shape[1:]
-      names = [name.format(i=i) for i in range(num_layers)]
+      names = [name.format(i=i) for i in range(sds.shape[0])]
       value = np.stack([tr.to_ours(tensors.get(n, tr.hf_shape(shape)), shape) for n in names])
     else:
       names = [name]
@@ -192,9 +190,8 @@ def _load_params(path, tensors, naming, shapes, num_layers, ignore):
     params[p] = jax.numpy.asarray(value, dtype=sds.dtype)
   extra = sorted(k for k in tensors.keys() if k not in used and not ignore(k))
   if extra:
-    shown = ", ".join(f"{k} {tuple(tensors._handles[tensors._where[k]].get_slice(k).get_shape())}"
-                      for k in extra[:8])
-    raise CheckpointError(f"{path}: {len(extra)} unexpected tensor(s) the model has no place "
+    shown = ", ".join(f"{k} {tensors.shape(k)}" for k in extra[:8])
+    raise CheckpointError(f"{tensors.path}: {len(extra)} unexpected tensor(s) the model has no place "
                           f"for: {shown}{' ...' if len(extra) > 8 else ''}")
   return traverse_util.unflatten_dict(params)
 
@@ -251,7 +248,7 @@ def load_vision_tower(path, **overrides):
   naming = _VISION_NAMES.detect(tensors, "embeddings.patch_embedding.weight")
   # A full CLIPModel/SiglipModel also holds the text tower: only our prefix is ours.
   ignore = lambda k: not k.startswith(naming.prefix) or k.endswith(".position_ids")
-  params = _load_params(path, tensors, naming, _shapes(vision.init, cfg), cfg.num_layers, ignore)
+  params = _load_params(tensors, naming, _shapes(vision.init, cfg), ignore)
   return cfg, params
 
 
@@ -304,8 +301,7 @@ def load_text_tower(path, **overrides):
   cfg = text_config(path, **overrides)
   keep = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")
   ignore = lambda k: not k.startswith(keep) or k.endswith(".position_ids")
-  params = _load_params(path, _Tensors(path), _TEXT_NAMES, _shapes(text.init, cfg),
-                        cfg.num_layers, ignore)
+  params = _load_params(_Tensors(path), _TEXT_NAMES, _shapes(text.init, cfg), ignore)
   return cfg, params
 
 
@@ -387,8 +383,7 @@ def load_language_model(path, **overrides):
                       or (cfg.tie_word_embeddings and k == "lm_head.weight"))
   tensors = _Tensors(path)
   naming = _LM_NAMES.detect(tensors, "embed_tokens.weight")
-  params = _load_params(path, tensors, naming, _shapes(language.init, cfg), cfg.num_layers,
-                        ignore)
+  params = _load_params(tensors, naming, _shapes(language.init, cfg), ignore)
   return cfg, params
 
 

@@ -49,7 +49,7 @@ class TextEmbeddings(nn.Module):
     cfg = self.cfg
     tok = layers.embed(cfg.vocab_size, cfg.hidden_size, cfg=cfg, name="token_embedding")
     pos = layers.embed(cfg.max_position_embeddings, cfg.hidden_size, cfg=cfg,
-                       name="position_embedding", axes=("length", "embed"))
+                       name="position_embedding", axes=(None, "embed"))
     return tok(input_ids) + pos(jnp.arange(input_ids.shape[1]))[None]
 
 

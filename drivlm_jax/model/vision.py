@@ -73,7 +73,7 @@ class Embeddings(nn.Module):
       cls = layers.param(self, "class_embedding", (d,), ("embed",), dtype=cfg.param_dtype)
       cls = jnp.broadcast_to(cls.astype(cfg.dtype), (x.shape[0], 1, d))
       x = jnp.concatenate([cls, x], axis=1)
-    pos = layers.embed(x.shape[1], d, cfg=cfg, name="position_embedding", axes=("length", "embed"),
+    pos = layers.embed(x.shape[1], d, cfg=cfg, name="position_embedding", axes=(None, "embed"),
                        init_std=d ** -0.5)
     return x + pos(jnp.arange(x.shape[1]))[None]
 
