@@ -34,17 +34,44 @@ def _init(init, axes):
   return nn.with_logical_partitioning(init, axes)
 
 
-def dense(features, in_axes, out_axes, *, cfg, name, use_bias=True, axis=-1):
-  """DenseGeneral with logical axes on kernel (in_axes + out_axes) and bias (out_axes).
+class Dense(nn.Module):
+  """Linear map contracting the last `n_in` dims of x into `features` (a tuple).
 
-  Kernels start fan-in scaled (LeCun normal): a fixed 0.02 would shrink small widths' signals
-  layer after layer until attention probes get no gradient.
+  Kernel [*in_dims, *features] named `in_axes + out_axes`, bias [*features] named `out_axes`;
+  LeCun-normal init over the full fan-in (a fixed 0.02 would shrink small widths' signals
+  layer after layer until attention probes get no gradient).
   """
-  return nn.DenseGeneral(
-      features=features, axis=axis, use_bias=use_bias, name=name,
-      dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-      kernel_init=_init(nn.initializers.lecun_normal(), tuple(in_axes) + tuple(out_axes)),
-      bias_init=_init(nn.initializers.zeros, tuple(out_axes)))
+  features: tuple
+  n_in: int
+  in_axes: tuple
+  out_axes: tuple
+  use_bias: bool
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    n_in, n_out = self.n_in, len(self.features)
+    init = nn.initializers.lecun_normal(in_axis=tuple(range(n_in)),
+                                        out_axis=tuple(range(n_in, n_in + n_out)))
+    kernel = self.param("kernel", _init(init, self.in_axes + self.out_axes),
+                        x.shape[-n_in:] + self.features, self.param_dtype)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", _init(nn.initializers.zeros, self.out_axes), self.features,
+                        self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def dense(features, in_axes, out_axes, *, cfg, name, use_bias=True, axis=-1):
+  """`Dense` from an int or tuple of `features`; `axis` -1 contracts the last dim, (-2, -1)
+  the last two (e.g. heads and head_dim of an output projection)."""
+  features = (features,) if isinstance(features, int) else tuple(features)
+  n_in = 1 if axis == -1 else len(axis)
+  return Dense(features, n_in, tuple(in_axes), tuple(out_axes), use_bias, cfg.dtype,
+               cfg.param_dtype, name=name)
 
 
 def layer_norm(cfg, name, eps):
