@@ -126,7 +126,7 @@ def stack_layers(layer_cls: Any, cfg, num_layers: int, name: str, in_axes=nn.bro
     layer_cls = nn.remat(layer_cls, prevent_cse=False)
   return nn.scan(
       layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-      in_axes=in_axes, length=num_layers, unroll=min(cfg.scan_unroll, num_layers),
+      in_axes=in_axes, length=num_layers, unroll=max(1, min(cfg.scan_unroll, num_layers)),
       metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name=name)
 
 
