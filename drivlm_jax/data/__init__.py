@@ -1,0 +1,1 @@
+"""Input pipeline: tfds data sources + grain, tokenizer, domain mixing."""

@@ -1,0 +1,60 @@
+"""The shared label space (BDD-OIA order) and the nuScenes-Drive action rule."""
+import numpy as np
+
+ACTIONS = ("forward", "stop_or_slow", "turn_left", "turn_right")
+REASONS = (
+    "traffic light is green", "follow traffic", "road is clear", "traffic light",
+    "traffic sign", "obstacle: car", "obstacle: person", "obstacle: rider", "obstacle: others",
+    "no lane on the left", "obstacles on the left lane", "solid line on the left",
+    "on the left-turn lane", "traffic light allows (left)", "front car turning left",
+    "no lane on the right", "obstacles on the right lane", "solid line on the right",
+    "on the right-turn lane", "traffic light allows (right)", "front car turning right",
+)
+FORWARD, STOP, LEFT, RIGHT = range(4)
+
+FUTURE_S = 3.0          # horizon of the action rule
+TURN_OFFSET_M = 2.0     # UniAD/VAD command rule: lateral offset at the horizon
+KEYFRAME_HZ = 2.0
+
+
+def yaw_from_quaternion(q):
+  """nuScenes [w, x, y, z] -> yaw (rotation about z) in radians."""
+  w, x, y, z = q
+  return float(np.arctan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z)))
+
+
+def actions_from_ego_path(positions, yaw, index, dt=1 / KEYFRAME_HZ):
+  """The 4 actions of keyframe `index` from the ego path (DESIGN.md, nuScenes-Drive).
+
+  positions: [K, 2] global x, y of consecutive keyframes; yaw: heading at `index` (rad).
+  In the ego frame at `index`, the position 3 s ahead with lateral offset >= +2 m (left)
+  gives turn_left, <= -2 m turn_right; a mean future speed below max(1 m/s, 0.7 x the
+  current speed) gives stop_or_slow, otherwise forward.
+  Returns int32 [4], or None when fewer than 3 s of future exist.
+  """
+  steps = int(round(FUTURE_S / dt))
+  positions = np.asarray(positions, np.float64)
+  if index + steps >= len(positions):
+    return None
+  delta = positions[index + steps] - positions[index]
+  lateral = -np.sin(yaw) * delta[0] + np.cos(yaw) * delta[1]
+  current = ego_speed(positions, index, dt)
+  future = np.linalg.norm(np.diff(positions[index:index + steps + 1], axis=0), axis=1).sum()
+  mean_future = future / (steps * dt)
+  actions = np.zeros(4, np.int32)
+  actions[LEFT] = lateral >= TURN_OFFSET_M
+  actions[RIGHT] = lateral <= -TURN_OFFSET_M
+  if mean_future < max(1.0, 0.7 * current):
+    actions[STOP] = 1
+  else:
+    actions[FORWARD] = 1
+  return actions
+
+
+def ego_speed(positions, index, dt=1 / KEYFRAME_HZ):
+  """Speed (m/s) at keyframe `index` by finite differences (backward, forward at the start)."""
+  positions = np.asarray(positions, np.float64)
+  if len(positions) < 2:
+    return 0.0
+  a, b = (index - 1, index) if index > 0 else (0, 1)
+  return float(np.linalg.norm(positions[b] - positions[a]) / dt)

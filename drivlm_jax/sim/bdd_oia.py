@@ -1,0 +1,90 @@
+"""Writes the BDD-OIA `lastframe` layout: `lastframe/data/<name>.jpg` and, per split,
+`<split>_25k_images_actions.json` + `<split>_25k_images_reasons.json`.
+
+Like the released archive, a few action rows carry a 5th value of 1 ("confusing"), and the
+reasons file lists images in a different order from the actions file. Sim-only extras that
+the real archive lacks (2D boxes, instructions, QA, domain) go to `sim_<split>_extras.json`.
+"""
+import io
+import json
+import os
+
+import numpy as np
+
+from drivlm_jax.sim import domains, labels, render, scene as scene_lib
+
+CONFUSING_RATE = 0.02
+_CAMERA_HEIGHT = 1.5
+
+
+def frame(seed: int, index: int, domain: domains.Domain, width: int, height: int):
+  """One front-camera frame. The scene (and so every label) depends on (seed, index) only;
+  the domain changes pixels only. Returns (jpeg bytes, record dict)."""
+  graph_rng = np.random.default_rng([seed, index, 0])
+  scene = scene_lib.sample_scene(graph_rng)
+  actions, reasons = labels.actions_and_reasons(scene)
+  instruction = labels.instruction(graph_rng, scene)
+  ground, cuboids, lamps = render.world(scene, np.random.default_rng([seed, index, 1]))
+  pinhole = render.Pinhole(width, height, domain.camera_variant.fov_deg)
+  look_rng = np.random.default_rng([seed, index, 2, *domain.name.encode()])
+  image, boxes = render.render(ground, cuboids, lamps, pinhole, render.camera_to_ego_rotation(0.0),
+                               np.array([0.0, 0.0, _CAMERA_HEIGHT]), domain, look_rng)
+  buffer = io.BytesIO()
+  image.save(buffer, format="JPEG", quality=90)
+  record = {"actions": actions.tolist(), "reasons": reasons.tolist(),
+            "instruction": instruction, "explanation": labels.explanation(actions, reasons),
+            "qa": labels.qa_pairs(scene, actions, reasons),
+            "boxes": [{"category": c, "box": b} for _, c, b in boxes]}
+  return buffer.getvalue(), record
+
+
+def write(out: str, domain_name: str, num: int, seed: int, split: str = "train",
+          width: int | None = None, height: int | None = None, progress=None) -> dict:
+  """Writes `num` frames of one split; returns counts. Image names carry seed and domain, so
+  several domains and splits can share one `lastframe/data/`."""
+  domain = domains.parse_domain(domain_name)
+  width = width or domain.camera_variant.width
+  height = height or domain.camera_variant.height
+  data_dir = os.path.join(out, "lastframe", "data")
+  os.makedirs(data_dir, exist_ok=True)
+  images, annotations, reasons, extras = [], [], [], {}
+  confusing = 0
+  rng = np.random.default_rng([seed, 999])
+  base_id = 1 + (seed % 1000) * 1_000_000
+  for i in (progress or (lambda x: x))(range(num)):
+    name = f"sim_{domain_name.replace('+', '-')}_{split}_{seed}_{i:06d}.jpg"
+    jpeg, record = frame(seed, i, domain, width, height)
+    with open(os.path.join(data_dir, name), "wb") as f:
+      f.write(jpeg)
+    image_id = base_id + i
+    category = list(record["actions"])
+    if rng.random() < CONFUSING_RATE:
+      category.append(1)
+      confusing += 1
+    images.append({"file_name": name, "id": image_id, "height": height, "width": width})
+    annotations.append({"id": image_id, "image_id": image_id, "category": category})
+    reasons.append({"file_name": name, "reason": record["reasons"]})
+    extras[name] = {"domain": domain_name, **{k: record[k] for k in
+                                              ("instruction", "explanation", "qa", "boxes")}}
+  rng.shuffle(reasons)
+  root = os.path.join(out, "lastframe")
+  _write_json(os.path.join(root, f"{split}_25k_images_actions.json"),
+              {"images": images, "annotations": annotations}, merge_key=("images", "annotations"))
+  _write_json(os.path.join(root, f"{split}_25k_images_reasons.json"), reasons, merge_key=())
+  _write_json(os.path.join(root, f"sim_{split}_extras.json"), extras, merge_key=None)
+  return {"images": num, "confusing": confusing, "width": width, "height": height}
+
+
+def _write_json(path, value, merge_key):
+  """Writes `value`, appending to an existing file of the same split (several domains)."""
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    if merge_key == ():
+      value = old + value
+    elif merge_key is None:
+      value = {**old, **value}
+    else:
+      value = {k: old[k] + value[k] for k in merge_key}
+  with open(path, "w") as f:
+    json.dump(value, f)
