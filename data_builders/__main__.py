@@ -1,0 +1,55 @@
+r"""Builds a dataset into array_record files that `tfds.data_source` reads.
+
+  python -m data_builders build bdd_oia --manual_dir M --data_dir D [--strict]
+  python -m data_builders build nuscenes_drive --manual_dir M --data_dir D --config six_cam
+"""
+import argparse
+import json
+import sys
+import time
+
+import tensorflow_datasets as tfds
+
+import data_builders
+from data_builders import common
+
+BUILDERS = {"bdd_oia": data_builders.BddOia, "nuscenes_drive": data_builders.NuscenesDrive}
+
+
+def build(name, manual_dir, data_dir, config=None, strict=False):
+  """Builds (or reuses) the dataset; returns ({split: examples}, {skip reason: count})."""
+  cls = BUILDERS[name]
+  kwargs = {"config": config or "front"} if name == "nuscenes_drive" else {}
+  builder = cls(data_dir=data_dir, file_format="array_record", **kwargs)
+  builder.strict = strict
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir))
+  skips = getattr(builder, "skips", None)
+  return ({s: info.num_examples for s, info in builder.info.splits.items()},
+          skips.counts if skips else {})
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  b = sub.add_parser("build")
+  b.add_argument("name", choices=sorted(BUILDERS))
+  b.add_argument("--manual_dir", required=True)
+  b.add_argument("--data_dir", required=True)
+  b.add_argument("--config", choices=["front", "six_cam"])
+  b.add_argument("--strict", action="store_true", help="every skip is an error")
+  args = parser.parse_args(argv)
+  if args.config and args.name != "nuscenes_drive":
+    parser.error("--config applies to nuscenes_drive only")
+  start = time.time()
+  try:
+    splits, skipped = build(args.name, args.manual_dir, args.data_dir, args.config, args.strict)
+  except common.BuildError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(json.dumps({"dataset": args.name, "splits": splits, "skipped": skipped,
+                    "seconds": round(time.time() - start, 1)}))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,207 @@
+"""nuScenes-Drive: one example per nuScenes keyframe, read from the `v1.0-*` JSON tables.
+
+Actions come from the ego's future path (`drivlm_jax.data.labels.actions_from_ego_path`);
+keyframes without 3 s of future are dropped and counted. Boxes are the sample_annotations
+projected into each camera. `location`, `night` and `rain` come from the log and the scene
+description; DriveLM QA (`*_nus.json` or `drivelm*.json` in the manual dir) is joined by
+sample token. Splits: `splits.json` ({split: [scene names]}) when the manual dir has one,
+else the devkit's official scene splits when nuscenes-devkit is installed, else 85/15
+train/val by scene-name hash.
+"""
+import glob
+import hashlib
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data_builders import common
+from data_builders.nuscenes_drive import geometry
+from drivlm_jax.data import labels
+
+SIX_CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT",
+               "CAM_FRONT_LEFT")
+TABLES = ("scene", "sample", "sample_data", "sensor", "calibrated_sensor", "ego_pose",
+          "sample_annotation", "instance", "category", "log")
+
+
+def coarse_category(name: str) -> int:
+  if name.startswith("vehicle.bicycle") or name.startswith("vehicle.motorcycle"):
+    return common.BOX_CATEGORIES.index("rider")
+  if name.startswith("vehicle."):
+    return common.BOX_CATEGORIES.index("car")
+  if name.startswith("human."):
+    return common.BOX_CATEGORIES.index("pedestrian")
+  return common.BOX_CATEGORIES.index("obstacle")
+
+
+class Tables:
+  """The tables of one `v1.0-*` folder, indexed by token."""
+
+  def __init__(self, root):
+    versions = sorted(d for d in os.listdir(root) if d.startswith("v1.0-")
+                      and os.path.isdir(os.path.join(root, d)))
+    if not versions:
+      raise common.BuildError(f"{root}: no v1.0-* table folder")
+    preferred = [v for v in ("v1.0-trainval", "v1.0-mini", "v1.0-test") if v in versions]
+    self.version = preferred[0] if preferred else versions[0]
+    self.root = root
+    for name in TABLES:
+      rows = common.read_json(os.path.join(root, self.version, f"{name}.json"))
+      if not isinstance(rows, list):
+        raise common.BuildError(f"{root}/{self.version}/{name}.json: expected a list")
+      setattr(self, name, {r["token"]: r for r in rows})
+    self.channel = {cs: self.sensor[r["sensor_token"]]["channel"]
+                    for cs, r in self.calibrated_sensor.items()}
+    self.keyframe_data = {}   # sample token -> {channel: sample_data}
+    for sd in self.sample_data.values():
+      if sd["is_key_frame"]:
+        self.keyframe_data.setdefault(sd["sample_token"], {})[
+            self.channel[sd["calibrated_sensor_token"]]] = sd
+    self.annotations = {}
+    for ann in self.sample_annotation.values():
+      self.annotations.setdefault(ann["sample_token"], []).append(ann)
+
+  def scene_samples(self, scene):
+    samples, token = [], scene["first_sample_token"]
+    while token:
+      if token not in self.sample:
+        raise common.BuildError(f"{self.version}/scene.json: scene {scene['name']} links to "
+                                f"missing sample {token}")
+      samples.append(self.sample[token])
+      token = self.sample[token]["next"]
+    return samples
+
+
+def scene_splits(root, scenes):
+  path = os.path.join(root, "splits.json")
+  if os.path.exists(path):
+    return {name: split for split, names in common.read_json(path).items() for name in names}
+  try:
+    from nuscenes.utils.splits import create_splits_scenes
+    official = {name: split for split, names in create_splits_scenes().items()
+                if split in ("train", "val", "test") for name in names}
+    if all(s["name"] in official for s in scenes):
+      return official
+  except ImportError:
+    pass
+  return {s["name"]: "val" if int(hashlib.md5(s["name"].encode()).hexdigest(), 16) % 100 < 15
+          else "train" for s in scenes}
+
+
+def drivelm_qa(root):
+  qa = {}
+  for path in sorted(glob.glob(os.path.join(root, "*_nus.json"))
+                     + glob.glob(os.path.join(root, "drivelm*.json"))):
+    for scene_token, scene in common.read_json(path).items():
+      for sample_token, frame in scene.get("key_frames", {}).items():
+        pairs = [{"type": kind, "question": p["Q"], "answer": p["A"]}
+                 for kind, items in frame.get("QA", {}).items() for p in items]
+        qa[sample_token] = pairs
+  return qa
+
+
+class NuscenesDrive(tfds.core.GeneratorBasedBuilder):
+  """nuScenes keyframes with driving actions from the ego's future path."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = [
+      tfds.core.BuilderConfig(name="front", description="CAM_FRONT only"),
+      tfds.core.BuilderConfig(name="six_cam", description="all six cameras"),
+  ]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Extract nuScenes (v1.0-mini or v1.0-trainval: tables + samples/) into the manual dir, "
+      "optionally with DriveLM-nuScenes QA (*_nus.json), or run `python -m drivlm_jax.sim "
+      "--layout nuscenes ...` to write the same layout.")
+  strict = False
+
+  def _info(self):
+    qa = tfds.features.Sequence({"type": tfds.features.Text(),
+                                 "question": tfds.features.Text(),
+                                 "answer": tfds.features.Text()})
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            "images": tfds.features.Sequence(
+                tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg")),
+            "cameras": tfds.features.Sequence(tfds.features.Text()),
+            "file_names": tfds.features.Sequence(tfds.features.Text()),
+            "sample_token": tfds.features.Text(),
+            "scene_token": tfds.features.Text(),
+            "ego_speed": tfds.features.Scalar(dtype=np.float32),
+            "actions": tfds.features.Tensor(shape=(4,), dtype=np.int32),
+            "boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
+            "box_camera": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+            "box_categories": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+            "location": tfds.features.Text(),
+            "night": tfds.features.Scalar(dtype=np.bool_),
+            "rain": tfds.features.Scalar(dtype=np.bool_),
+            "qa": qa,
+        }),
+        homepage="https://www.nuscenes.org/")
+
+  def _split_generators(self, dl_manager):
+    root = str(dl_manager.manual_dir)
+    self.skips = common.Skips(self.strict)
+    tables = Tables(root)
+    splits = scene_splits(root, tables.scene.values())
+    names = sorted({splits.get(s["name"], "train") for s in tables.scene.values()})
+    return {split: self._generate_examples(tables, splits, split) for split in names}
+
+  def _generate_examples(self, tables, splits, split):
+    cameras = ("CAM_FRONT",) if self.builder_config.name == "front" else SIX_CAMERAS
+    qa = drivelm_qa(tables.root)
+    for scene in sorted(tables.scene.values(), key=lambda s: s["name"]):
+      if splits.get(scene["name"], "train") != split:
+        continue
+      log = tables.log[scene["log_token"]]
+      description = scene.get("description", "").lower()
+      samples = tables.scene_samples(scene)
+      poses = [tables.ego_pose[self._data(tables, s, "CAM_FRONT")["ego_pose_token"]]
+               for s in samples]
+      positions = np.array([p["translation"][:2] for p in poses])
+      for i, sample in enumerate(samples):
+        yaw = labels.yaw_from_quaternion(poses[i]["rotation"])
+        actions = labels.actions_from_ego_path(positions, yaw, i)
+        if actions is None:
+          self.skips("less than 3 s of future", f"{scene['name']}/{sample['token']}")
+          continue
+        yield sample["token"], self._example(tables, sample, scene, log, cameras, actions,
+                                             labels.ego_speed(positions, i), description, qa)
+    self.skips.log(f"nuscenes_drive {split}")
+
+  def _data(self, tables, sample, channel):
+    data = tables.keyframe_data.get(sample["token"], {})
+    if channel not in data:
+      raise common.BuildError(f"{tables.version}/sample_data.json: sample {sample['token']} "
+                              f"has no {channel} keyframe")
+    return data[channel]
+
+  def _example(self, tables, sample, scene, log, cameras, actions, speed, description, qa):
+    images, files, boxes, box_camera, box_categories = [], [], [], [], []
+    for c, channel in enumerate(cameras):
+      sd = self._data(tables, sample, channel)
+      path = os.path.join(tables.root, sd["filename"])
+      jpeg, (width, height) = common.read_jpeg(path, f"sample_data {sd['token']}")
+      images.append(jpeg)
+      files.append(sd["filename"])
+      pose = tables.ego_pose[sd["ego_pose_token"]]
+      cs = tables.calibrated_sensor[sd["calibrated_sensor_token"]]
+      for ann in tables.annotations.get(sample["token"], []):
+        corners = geometry.box_corners(ann["translation"], ann["size"], ann["rotation"])
+        box = geometry.project_box(corners, pose, cs, width, height)
+        if box is None:
+          continue
+        category = tables.category[tables.instance[ann["instance_token"]]["category_token"]]
+        boxes.append(np.array(box) / [width, height, width, height])
+        box_camera.append(c)
+        box_categories.append(coarse_category(category["name"]))
+    return {
+        "images": images, "cameras": list(cameras), "file_names": files,
+        "sample_token": sample["token"], "scene_token": scene["token"],
+        "ego_speed": np.float32(speed), "actions": actions,
+        "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+        "box_camera": np.asarray(box_camera, np.int32),
+        "box_categories": np.asarray(box_categories, np.int32),
+        "location": log["location"], "night": "night" in description,
+        "rain": "rain" in description, "qa": qa.get(sample["token"], []),
+    }
