@@ -68,9 +68,13 @@ def sample_scene(rng: np.random.Generator, require: str | None = None) -> Scene:
   left_line = "solid" if lanes_left == 0 or rng.random() < 0.3 else "dashed"
   right_line = "solid" if lanes_right == 0 or rng.random() < 0.3 else "dashed"
 
-  if require == "stop":
-    if light is None and not stop_sign:
+  stop_cause = None
+  if require == "stop" and light not in ("red", "yellow") and not stop_sign:
+    stop_cause = str(rng.choice(["light", "sign", "car"]))
+    if stop_cause == "light" or (stop_cause == "sign" and light is not None):
       light = "red"
+    elif stop_cause == "sign":
+      stop_sign = True
   elif require in ("forward", "left", "right"):
     light, stop_sign = rng.choice([None, "green"]), False
   if require == "left":
@@ -97,8 +101,7 @@ def sample_scene(rng: np.random.Generator, require: str | None = None) -> Scene:
     # Keep the way clear: nothing blocking the ego lane or the lane turned into.
     blocked = {0} | ({-1} if require == "left" else set()) | ({1} if require == "right" else set())
     agents = [a for a in agents if not (a.lane in blocked and a.distance < NEAR_M + 5)]
-  if require == "stop" and light is None and not stop_sign and not any(
-      a.lane == 0 and a.distance < NEAR_M for a in agents):
+  if stop_cause == "car":
     agents.append(Agent("car", 0, float(rng.uniform(7, 12)), stopped=True))
   return Scene(lanes_left, lanes_right, ego_lane, left_line, right_line,
                None if light is None else str(light), bool(stop_sign), tuple(agents))

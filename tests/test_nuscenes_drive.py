@@ -1,0 +1,124 @@
+"""nuScenes layout from the sim against nuscenes-devkit, and the nuScenes-Drive builder."""
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from nuscenes.nuscenes import NuScenes
+from nuscenes.utils.geometry_utils import view_points
+from pyquaternion import Quaternion
+
+import data_builders  # noqa: F401  (registers the builders)
+from data_builders import __main__ as build_cli
+from drivlm_jax.data import labels
+from drivlm_jax.sim import nuscenes as sim_nuscenes
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("nuscenes"))
+  sim_nuscenes.write(root, "night+rain", 3, seed=0, width=320, height=180,
+                     location="singapore-onenorth")
+  sim_nuscenes.write(root, "day", 1, seed=1, split="val", width=320, height=180)
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  splits, skipped = build_cli.build("nuscenes_drive", root, data_dir, config="six_cam")
+  nusc = NuScenes(version="v1.0-mini", dataroot=root, verbose=False)
+  return root, data_dir, splits, skipped, nusc
+
+
+def _devkit_box(nusc, ann_token, sd_token):
+  """The 2D box by the devkit's own geometry: global -> ego -> camera, then view_points."""
+  sd = nusc.get("sample_data", sd_token)
+  cs = nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
+  pose = nusc.get("ego_pose", sd["ego_pose_token"])
+  box = nusc.get_box(ann_token)
+  box.translate(-np.array(pose["translation"]))
+  box.rotate(Quaternion(pose["rotation"]).inverse)
+  box.translate(-np.array(cs["translation"]))
+  box.rotate(Quaternion(cs["rotation"]).inverse)
+  corners = box.corners()
+  front = corners[:, corners[2] > 0.1]
+  if front.shape[1] == 0:
+    return None
+  uv = view_points(front, np.array(cs["camera_intrinsic"]), normalize=True)[:2]
+  x1, y1 = np.clip(uv.min(1), 0, [sd["width"], sd["height"]])
+  x2, y2 = np.clip(uv.max(1), 0, [sd["width"], sd["height"]])
+  if x2 - x1 < 1 or y2 - y1 < 1:
+    return None
+  return np.array([x1, y1, x2, y2]) / [sd["width"], sd["height"], sd["width"], sd["height"]]
+
+
+def test_devkit_loads_and_builder_agrees(dataset):
+  root, data_dir, splits, skipped, nusc = dataset
+  assert len(nusc.scene) == 4 and len(nusc.sample) == 4 * sim_nuscenes.KEYFRAMES
+  keep = sim_nuscenes.KEYFRAMES - 6   # 3 s of future at 2 Hz
+  assert splits == {"train": 3 * keep, "val": keep}
+  assert skipped == {"less than 3 s of future": 4 * 6}
+  checked_boxes = 0
+  for split in splits:
+    source = tfds.data_source("nuscenes_drive/six_cam", data_dir=data_dir, split=split)
+    for i in range(len(source)):
+      ex = source[i]
+      sample = nusc.get("sample", ex["sample_token"].decode())
+      cameras = [c.decode() for c in ex["cameras"]]
+      assert len(cameras) == 6
+      for c, (channel, name) in enumerate(zip(cameras, ex["file_names"])):
+        path = nusc.get_sample_data_path(sample["data"][channel])
+        assert path == f"{root}/{name.decode()}"
+        expected = []
+        for ann in sample["anns"]:
+          box = _devkit_box(nusc, ann, sample["data"][channel])
+          if box is not None:
+            expected.append(box)
+        got = ex["boxes"][ex["box_camera"] == c]
+        assert len(got) == len(expected)
+        if expected:
+          scale = np.array([320, 180, 320, 180])
+          np.testing.assert_allclose(np.sort(got * scale, 0), np.sort(np.array(expected) * scale, 0),
+                                     atol=1.0)
+          checked_boxes += len(expected)
+      scene = nusc.get("scene", sample["scene_token"])
+      log = nusc.get("log", scene["log_token"])
+      assert ex["location"].decode() == log["location"]
+      assert bool(ex["night"]) == ("night" in scene["description"])
+      assert bool(ex["rain"]) == ("rain" in scene["description"])
+      assert len(ex["qa"]["question"]) >= 3
+  assert checked_boxes > 20
+
+
+def test_actions_follow_the_manoeuvre(dataset):
+  root, data_dir, splits, _, nusc = dataset
+  source = tfds.data_source("nuscenes_drive/six_cam", data_dir=data_dir, split="train")
+  for i in range(len(source)):
+    ex = source[i]
+    scene = nusc.get("scene", nusc.get("sample", ex["sample_token"].decode())["scene_token"])
+    a = ex["actions"]
+    if "turning left" in scene["description"]:
+      assert a[2] and not a[3]
+    elif "turning right" in scene["description"]:
+      assert a[3] and not a[2]
+    elif "slowing down" in scene["description"]:
+      assert a[1] and not a[0]
+    else:
+      assert a[0] and not a[1] and not a[2] and not a[3]
+
+
+def _path(speeds, yaw_rate, dt=0.5, yaw0=0.7):
+  """Hand-made ego path: positions at 2 Hz from per-step speeds and a constant yaw rate."""
+  x, y, yaw, out = 10.0, -3.0, yaw0, []
+  for v in speeds:
+    out.append((x, y))
+    x, y, yaw = x + v * np.cos(yaw) * dt, y + v * np.sin(yaw) * dt, yaw + yaw_rate * dt
+  return np.array(out), yaw0
+
+
+@pytest.mark.parametrize("speeds,yaw_rate,expected", [
+    ([8.0] * 10, 0.0, [1, 0, 0, 0]),                      # straight
+    ([6.0] * 10, 0.3, [1, 0, 1, 0]),                      # curving left
+    ([6.0] * 10, -0.3, [1, 0, 0, 1]),                     # curving right
+    ([8, 6, 4, 2, 0.5, 0, 0, 0, 0, 0], 0.0, [0, 1, 0, 0]),  # stopping
+    ([0.0] * 10, 0.0, [0, 1, 0, 0]),                      # standing still
+    ([6.0] * 10, 0.05, [1, 0, 0, 0]),                     # gentle bend: < 2 m at 3 s
+])
+def test_action_rule_on_hand_made_paths(speeds, yaw_rate, expected):
+  positions, yaw = _path(speeds, yaw_rate)
+  np.testing.assert_array_equal(labels.actions_from_ego_path(positions, yaw, 0), expected)
+  assert labels.actions_from_ego_path(positions, yaw, len(positions) - 6) is None
