@@ -58,3 +58,14 @@ def ego_speed(positions, index, dt=1 / KEYFRAME_HZ):
     return 0.0
   a, b = (index - 1, index) if index > 0 else (0, 1)
   return float(np.linalg.norm(positions[b] - positions[a]) / dt)
+
+
+_ACTION_PHRASES = ("keep going forward", "stop or slow down", "turn left", "turn right")
+
+
+def explanation(actions, reasons) -> str:
+  """One sentence: the possible actions and the explanations that hold."""
+  doable = [p for p, on in zip(_ACTION_PHRASES, actions) if on]
+  why = [REASONS[i] for i in np.flatnonzero(reasons)]
+  text = "The ego car can " + " or ".join(doable) if doable else "The ego car must wait"
+  return text + (" because: " + "; ".join(why) + "." if why else ".")

@@ -2,7 +2,7 @@
 a driving instruction, and DriveLM-style QA pairs."""
 import numpy as np
 
-from drivlm_jax.data.labels import ACTIONS, FORWARD, LEFT, REASONS, RIGHT, STOP
+from drivlm_jax.data.labels import ACTIONS, FORWARD, LEFT, REASONS, RIGHT, STOP, explanation
 from drivlm_jax.sim.scene import LEAD_M, Scene
 
 _BLOCKERS = ("car", "pedestrian", "rider", "obstacle")   # reasons 5..8
@@ -39,17 +39,6 @@ def actions_and_reasons(scene: Scene):
     r[base + 5] = lead is not None and lead.turning == side
     a[action] = can
   return a, r
-
-
-_ACTION_PHRASES = ("keep going forward", "stop or slow down", "turn left", "turn right")
-
-
-def explanation(actions, reasons) -> str:
-  """One sentence: the possible actions and the explanations that hold."""
-  doable = [p for p, on in zip(_ACTION_PHRASES, actions) if on]
-  why = [REASONS[i] for i in np.flatnonzero(reasons)]
-  text = "The ego car can " + " or ".join(doable) if doable else "The ego car must wait"
-  return text + (" because: " + "; ".join(why) + "." if why else ".")
 
 
 _INSTRUCTIONS = ("What should the ego car do?", "Is it safe to turn left?",

@@ -1,0 +1,169 @@
+"""tfds data sources + grain: examples -> model-ready, source/target-mixed batches.
+
+Every batch holds `round(batch_size * target_fraction)` unlabelled target examples after the
+labelled source ones; target labels are zeroed and their masks are 0, so no loss can see
+them. Each host reads a disjoint shard (`shard_index::shard_count`, by default
+`jax.process_index()::jax.process_count()`); order and augmentation are fixed by the seed.
+"""
+import dataclasses
+import sys
+
+import grain
+import jax
+from absl import flags
+import numpy as np
+import tensorflow_datasets as tfds
+
+import data_builders  # noqa: F401  (registers bdd_oia and nuscenes_drive with tfds)
+from drivlm_jax.data import labels, preprocess
+from drivlm_jax.data.tokenizer import TextTokenizer
+
+DEFAULT_INSTRUCTION = "What should the ego car do?"
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+  """A built dataset and the examples of it to use.
+
+  name: "bdd_oia", "nuscenes_drive/front" or "nuscenes_drive/six_cam"; where: attribute
+  filters on nuScenes-Drive, e.g. (("location", "singapore-onenorth"), ("night", True)).
+  """
+  name: str
+  data_dir: str
+  split: str = "train"
+  where: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+  """How examples become model inputs."""
+  tokenizer: str                 # path of tokenizer.json
+  family: str = "clip"           # normalisation statistics
+  image_size: int = 224
+  num_image_tokens: int = 196
+  max_len: int = 256
+  max_boxes: int = 16
+  resize: str = "pad"            # "pad" | "crop"
+  augment: bool = True
+
+
+def _text(value) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _matches(example, where) -> bool:
+  for key, value in where:
+    got = example[key]
+    got = _text(got) if isinstance(got, bytes) else (bool(got) if isinstance(value, bool) else got)
+    if got != value:
+      return False
+  return True
+
+
+def open_source(spec: SourceSpec):
+  """-> (tfds data source, indices of the examples that match `spec.where`)."""
+  source = tfds.data_source(spec.name, data_dir=spec.data_dir, split=spec.split)
+  indices = np.arange(len(source))
+  if spec.where:
+    indices = np.array([i for i in indices if _matches(source[int(i)], spec.where)], np.int64)
+  if len(indices) == 0:
+    raise ValueError(f"{spec.name} {spec.split} in {spec.data_dir}: no example matches "
+                     f"{dict(spec.where)}")
+  return source, indices
+
+
+class ExampleTransform:
+  """One tfds example -> fixed-shape numpy features (labels zeroed when not `labelled`)."""
+
+  def __init__(self, features: Features, domain: int, labelled: bool, train: bool, seed: int):
+    self.f, self.domain, self.labelled, self.train, self.seed = (features, domain, labelled,
+                                                                 train, seed)
+    self.tokenizer = TextTokenizer(features.tokenizer)
+
+  def __call__(self, index, example):
+    f = self.f
+    rng = np.random.default_rng([self.seed, self.domain, index])
+    image = example["image"] if "image" in example else example["images"][0]
+    height, width = image.shape[:2]
+    image, transform = preprocess.resize(image, f.image_size, f.resize,
+                                         rng if self.train else None)
+    if self.train and f.augment:
+      image = preprocess.augment(image, rng)
+    boxes, categories = example["boxes"], example["box_categories"]
+    if "box_camera" in example:   # nuScenes-Drive: the boxes of the first camera
+      first = example["box_camera"] == 0
+      boxes, categories = boxes[first], categories[first]
+    boxes, keep = preprocess.transform_boxes(boxes, width, height, transform, f.image_size)
+    boxes, categories = boxes[keep][:f.max_boxes], categories[keep][:f.max_boxes]
+    n = len(boxes)
+
+    actions = np.asarray(example["actions"], np.float32)
+    has_reasons = "reasons" in example
+    reasons = np.asarray(example["reasons"], np.float32) if has_reasons else np.zeros(21,
+                                                                                     np.float32)
+    qa = example.get("qa")
+    if qa is not None and len(qa["question"]):
+      k = int(rng.integers(len(qa["question"])))
+      instruction, answer = _text(qa["question"][k]), _text(qa["answer"][k])
+    else:
+      instruction = _text(example.get("instruction", b"")) or DEFAULT_INSTRUCTION
+      answer = labels.explanation(actions.astype(int), reasons.astype(int))
+    text = self.tokenizer.sequence(instruction, answer, f.num_image_tokens, f.max_len)
+
+    out = {
+        "image": preprocess.normalize(image, f.family), **text,
+        "actions": actions, "reasons": reasons,
+        "action_mask": np.float32(1.0), "reason_mask": np.float32(has_reasons),
+        "boxes": np.zeros((f.max_boxes, 4), np.float32),
+        "box_mask": (np.arange(f.max_boxes) < n).astype(np.float32),
+        "box_categories": np.zeros(f.max_boxes, np.int32),
+        "domain": np.int32(self.domain), "example_id": example["example_id"],
+    }
+    out["boxes"][:n], out["box_categories"][:n] = boxes, categories
+    if not self.labelled:   # unlabelled target: nothing a loss could learn from
+      out.update(actions=np.zeros_like(actions), reasons=np.zeros_like(reasons),
+                 action_mask=np.float32(0), reason_mask=np.float32(0),
+                 targets=np.full_like(text["targets"], self.tokenizer.pad_id),
+                 loss_mask=np.zeros_like(text["loss_mask"]))
+    return out
+
+
+def _branch(spec, features, batch, domain, labelled, train, seed, shard_index, shard_count):
+  source, indices = open_source(spec)
+  indices = indices[shard_index::shard_count]
+  if len(indices) < batch:
+    raise ValueError(f"{spec.name} {spec.split}: shard {shard_index}/{shard_count} has "
+                     f"{len(indices)} examples, fewer than a batch of {batch}")
+  ds = grain.MapDataset.range(len(indices)).map(
+      lambda i: {**source[int(indices[i])], "example_id": np.int64(indices[i])})
+  if train:
+    ds = ds.shuffle(seed=seed + 7919 * domain).repeat()
+  transform = ExampleTransform(features, domain, labelled, train, seed)
+  return ds.map_with_index(transform).batch(batch, drop_remainder=train)
+
+
+def _concat(*batches):
+  return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def batches(source: SourceSpec, features: Features, batch_size: int, *, target=None,
+            target_fraction=0.5, target_labelled=False, train=True, seed=0, shard_index=None,
+            shard_count=None, workers=0):
+  """Per-host batches (dicts of numpy arrays, leading dim `batch_size`); infinite when
+  training, one pass otherwise (the last batch may be short). `target_labelled` keeps target
+  labels (the oracle). `example_id` is each example's index in its tfds split."""
+  shard_index = jax.process_index() if shard_index is None else shard_index
+  shard_count = jax.process_count() if shard_count is None else shard_count
+  n_target = int(round(batch_size * target_fraction)) if target is not None else 0
+  common = dict(train=train, seed=seed, shard_index=shard_index, shard_count=shard_count)
+  parts = [_branch(source, features, batch_size - n_target, 0, True, **common)]
+  if n_target:
+    parts.append(_branch(target, features, n_target, 1, target_labelled, **common))
+  length = min(len(p) for p in parts) if not train else sys.maxsize
+  ds = grain.MapDataset.range(length).map(lambda i: _concat(*(p[i] for p in parts)))
+  ds = ds.to_iter_dataset()
+  if workers:
+    if not flags.FLAGS.is_parsed():   # grain's workers read absl flags; outside absl.app
+      flags.FLAGS.mark_as_parsed()    # (tests, notebooks) take their defaults
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return ds

@@ -1,0 +1,54 @@
+"""Image preprocessing: aspect-preserving resize (pad or crop), augmentation, normalisation."""
+import numpy as np
+from PIL import Image, ImageEnhance
+
+# Processor statistics of the vision families (HF CLIPImageProcessor / SiglipImageProcessor).
+MEAN_STD = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+            "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+
+
+def resize(image: np.ndarray, size: int, mode: str, rng=None):
+  """uint8 [H, W, 3] -> (uint8 [size, size, 3], transform) keeping the aspect ratio.
+
+  mode "pad": fit inside and pad (black); "crop": cover and crop (centre, or random with
+  `rng`). `transform` = (scale, offset_x, offset_y) maps original pixels to output pixels.
+  """
+  h, w = image.shape[:2]
+  if mode not in ("pad", "crop"):
+    raise ValueError(f"resize mode must be 'pad' or 'crop', got {mode!r}")
+  scale = (min if mode == "pad" else max)(size / w, size / h)
+  nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+  scaled = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+  out = np.zeros((size, size, 3), np.uint8)
+  if mode == "pad":
+    ox, oy = (size - nw) // 2, (size - nh) // 2
+    out[oy:oy + nh, ox:ox + nw] = scaled
+    return out, (scale, ox, oy)
+  cx = (nw - size) // 2 if rng is None else int(rng.integers(0, nw - size + 1))
+  cy = (nh - size) // 2 if rng is None else int(rng.integers(0, nh - size + 1))
+  out[:] = scaled[cy:cy + size, cx:cx + size]
+  return out, (scale, -cx, -cy)
+
+
+def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """Photometric jitter only: a flip would swap left and right labels."""
+  pil = Image.fromarray(image)
+  pil = ImageEnhance.Brightness(pil).enhance(rng.uniform(0.75, 1.25))
+  pil = ImageEnhance.Contrast(pil).enhance(rng.uniform(0.75, 1.25))
+  pil = ImageEnhance.Color(pil).enhance(rng.uniform(0.8, 1.2))
+  return np.asarray(pil)
+
+
+def normalize(image: np.ndarray, family: str) -> np.ndarray:
+  mean, std = MEAN_STD[family]
+  return ((image.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+
+
+def transform_boxes(boxes, width, height, transform, size):
+  """Normalised [N, 4] boxes of the original image -> normalised boxes of the output, clipped;
+  returns (boxes, keep mask) where boxes cropped away are dropped."""
+  scale, ox, oy = transform
+  px = boxes * [width, height, width, height] * scale + [ox, oy, ox, oy]
+  px = np.clip(px, 0, size)
+  keep = (px[:, 2] - px[:, 0] >= 1) & (px[:, 3] - px[:, 1] >= 1)
+  return (px / size).astype(np.float32), keep

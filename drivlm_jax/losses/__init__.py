@@ -1,0 +1,1 @@
+"""Losses: task (supervised heads + LM), and the DriVLM adaptation losses."""
