@@ -9,6 +9,7 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --upgrade pip
 	$(PY) -m pip install -qq -e ".[test]"
+	$(PY) -m pip install -qq --no-deps nuscenes-devkit==1.2.0
 	touch $@
 
 demo: $(VENV)/.installed
@@ -19,6 +20,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m experiments.bench_model
+	$(PY) -m experiments.bench_input
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -32,7 +32,11 @@ setuptools.setup(
         "importlib_resources>=6",
     ],
     extras_require={
-        "test": ["pytest>=8", "torch==2.13.0"],
+        # nuscenes-devkit itself is installed with --no-deps by the Makefile (it pins
+        # numpy<2, which jax cannot use); these are the parts of it that it really needs.
+        "test": ["pytest>=8", "torch==2.13.0", "scikit-learn>=1.4", "pyquaternion>=0.9",
+                 "shapely>=2.0", "matplotlib>=3.8", "opencv-python-headless>=4.9",
+                 "cachetools>=5"],
         "tf": ["tensorflow-cpu>=2.18"],
     },
 )
