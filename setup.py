@@ -28,6 +28,7 @@ setuptools.setup(
         "onnxruntime>=1.20,<2",
         "jax2onnx>=0.17,<0.18",
         "tqdm>=4.66",
+        "tensorboardX>=2.6",
         "pillow>=10",
         "importlib_resources>=6",
     ],

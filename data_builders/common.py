@@ -28,6 +28,11 @@ class Skips:
     if len(examples) < 5:
       examples.append(name)
 
+  def merge(self, other: "Skips"):
+    for reason, n in other.counts.items():
+      self.counts[reason] = self.counts.get(reason, 0) + n
+      self.examples.setdefault(reason, []).extend(other.examples[reason])
+
   def log(self, what: str):
     for reason, n in self.counts.items():
       logging.warning("%s: skipped %d example(s): %s (first: %s)", what, n, reason,

@@ -69,7 +69,8 @@ class BddOia(tfds.core.GeneratorBasedBuilder):
     return splits
 
   def _generate_examples(self, manual, split, actions_path, reasons_path):
-    images = read_split(actions_path, reasons_path, self.skips)
+    skips = common.Skips(self.strict)
+    images = read_split(actions_path, reasons_path, skips)
     extras_path = find(manual, f"sim_{split}_extras.json", _JSON_DIRS)
     extras = common.read_json(extras_path) if extras_path else {}
     image_dir = next((os.path.join(manual, d) for d in _IMAGE_DIRS
@@ -89,7 +90,8 @@ class BddOia(tfds.core.GeneratorBasedBuilder):
                                         for b in extra.get("boxes", [])], np.int32),
           "instruction": extra.get("instruction", ""),
       }
-    self.skips.log(f"bdd_oia {split}")
+    skips.log(f"bdd_oia {split}")
+    self.skips.merge(skips)
 
 
 def read_split(actions_path, reasons_path, skips):

@@ -131,7 +131,7 @@ class ExampleTransform:
 def _branch(spec, features, batch, domain, labelled, train, seed, shard_index, shard_count):
   source, indices = open_source(spec)
   indices = indices[shard_index::shard_count]
-  if len(indices) < batch:
+  if train and len(indices) < batch:
     raise ValueError(f"{spec.name} {spec.split}: shard {shard_index}/{shard_count} has "
                      f"{len(indices)} examples, fewer than a batch of {batch}")
   ds = grain.MapDataset.range(len(indices)).map(
@@ -146,12 +146,13 @@ def _concat(*batches):
   return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
-def batches(source: SourceSpec, features: Features, batch_size: int, *, target=None,
-            target_fraction=0.5, target_labelled=False, train=True, seed=0, shard_index=None,
-            shard_count=None, workers=0):
-  """Per-host batches (dicts of numpy arrays, leading dim `batch_size`); infinite when
-  training, one pass otherwise (the last batch may be short). `target_labelled` keeps target
-  labels (the oracle). `example_id` is each example's index in its tfds split."""
+def batch_dataset(source: SourceSpec, features: Features, batch_size: int, *, target=None,
+                  target_fraction=0.5, target_labelled=False, train=True, seed=0,
+                  shard_index=None, shard_count=None) -> grain.MapDataset:
+  """Random-access per-host batches: `ds[step]` is the batch of that step (dicts of numpy
+  arrays, leading dim `batch_size`). Infinite when training; one pass otherwise (the last
+  batch may be short). `target_labelled` keeps target labels (the oracle). `example_id` is
+  each example's index in its tfds split."""
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count
   n_target = int(round(batch_size * target_fraction)) if target is not None else 0
@@ -160,8 +161,14 @@ def batches(source: SourceSpec, features: Features, batch_size: int, *, target=N
   if n_target:
     parts.append(_branch(target, features, n_target, 1, target_labelled, **common))
   length = min(len(p) for p in parts) if not train else sys.maxsize
-  ds = grain.MapDataset.range(length).map(lambda i: _concat(*(p[i] for p in parts)))
-  ds = ds.to_iter_dataset()
+  return grain.MapDataset.range(length).map(lambda i: _concat(*(p[i] for p in parts)))
+
+
+def batches(*args, start: int = 0, workers: int = 0, **kwargs) -> grain.IterDataset:
+  """`batch_dataset(*args, **kwargs)` from batch `start` on, as an iterable, read by
+  `workers` grain processes (0: in this process)."""
+  ds = batch_dataset(*args, **kwargs)
+  ds = (ds[start:] if start else ds).to_iter_dataset()
   if workers:
     if not flags.FLAGS.is_parsed():   # grain's workers read absl flags; outside absl.app
       flags.FLAGS.mark_as_parsed()    # (tests, notebooks) take their defaults

@@ -1,0 +1,126 @@
+r"""Evaluates a run: `python -m drivlm_jax.evaluate --config configs/X.py[:arg] --workdir DIR
+[--split test]`. Restores the latest checkpoint of DIR and writes DIR/eval.json:
+{split: {"source"|"target": {action_mAP, action_mF1, action_F1_all, reason_mAP, ...,
+BLEU-1..4, ROUGE-L, CIDEr, accuracy}}} in points (0-100), and prints it as a table.
+"""
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags
+
+from drivlm_jax import metrics
+from drivlm_jax.data import pipeline
+from drivlm_jax.data.tokenizer import TextTokenizer
+from drivlm_jax.model import vlm
+
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _heads(cfg, params, images):
+  out = vlm.encode_image(cfg, params, images)
+  return jax.nn.sigmoid(out["action_logits"]), jax.nn.sigmoid(out["reason_logits"])
+
+
+_generate = jax.jit(vlm.generate, static_argnums=0,
+                    static_argnames=("max_new_tokens", "eos_token_id", "pad_token_id"))
+
+
+def _answers(cfg, params, batch, tokenizer, n, max_new_tokens):
+  """Greedy answers for the first `n` examples that have one; -> (hypotheses, references)."""
+  rows = [i for i in range(len(batch["loss_mask"])) if batch["loss_mask"][i].any()][:n]
+  if not rows:
+    return [], []
+  lengths = [int(np.argmax(batch["loss_mask"][i] > 0)) + 1 for i in rows]
+  width = max(lengths)
+  ids = np.full((len(rows), width), tokenizer.pad_id, np.int32)
+  mask = np.zeros((len(rows), width), np.int32)
+  for j, (i, n_prompt) in enumerate(zip(rows, lengths)):
+    ids[j, width - n_prompt:] = batch["input_ids"][i, :n_prompt]
+    mask[j, width - n_prompt:] = 1
+  tokens = np.asarray(_generate(cfg, params, batch["image"][rows], ids,
+                                max_new_tokens=max_new_tokens,
+                                attention_mask=mask, eos_token_id=tokenizer.eos_id,
+                                pad_token_id=tokenizer.pad_id))[:, width:]
+  hyps = [tokenizer.decode(t[:list(t).index(tokenizer.eos_id)] if tokenizer.eos_id in t else t)
+          for t in tokens]
+  refs = [[tokenizer.decode(batch["targets"][i][batch["loss_mask"][i] > 0])] for i in rows]
+  return hyps, refs
+
+
+def evaluate_domain(config, cfg, params, spec, feats) -> dict:
+  tokenizer = TextTokenizer(feats.tokenizer)
+  probs, labels, hyps, refs = {"action": [], "reason": []}, {"action": [], "reason": []}, [], []
+  for batch in pipeline.batches(spec, feats, config.eval.batch_size, train=False,
+                                shard_index=0, shard_count=1):
+    action, reason = _heads(cfg, params, batch["image"])
+    probs["action"].append(np.asarray(action))
+    probs["reason"].append(np.asarray(reason))
+    labels["action"].append(batch["actions"])
+    labels["reason"].append(batch["reasons"])
+    if len(hyps) < config.eval.num_generate:
+      h, r = _answers(cfg, params, batch, tokenizer, config.eval.num_generate - len(hyps),
+                      config.eval.max_new_tokens)
+      hyps, refs = hyps + h, refs + r
+  out = {}
+  for kind in ("action", "reason"):
+    out.update(metrics.multilabel(kind, np.concatenate(probs[kind]),
+                                  np.concatenate(labels[kind])))
+  if hyps:
+    out.update(metrics.language(hyps, refs))
+  return out
+
+
+def run(config, cfg, params, data, feats, workdir, step=None, split="test") -> dict:
+  """Evaluates source and target `split`, writes workdir/eval.json, prints a table."""
+  result = {split: {role: evaluate_domain(config, cfg, params, data[role, split], feats)
+                    for role in ("source", "target")}}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump({**result, "step": step}, f, indent=1)
+    print(format_table(result, step))
+  return result
+
+
+def format_table(result, step=None) -> str:
+  lines = []
+  for split, domains in result.items():
+    names = list(next(iter(domains.values())))
+    lines.append(f"eval {split}" + (f" @ step {step}" if step is not None else ""))
+    lines.append(f"{'domain':8s} " + " ".join(f"{n:>13s}" for n in names))
+    for domain, values in domains.items():
+      lines.append(f"{domain:8s} " + " ".join(f"{values[n]:13.1f}" for n in names))
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  from drivlm_jax import train
+  from drivlm_jax.data import sources
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  if config is None or workdir is None:
+    raise app.UsageError("--config and --workdir are required")
+  cfg = train.model_config(config)
+  data = sources.prepare(config.data, workdir)
+  feats = train.features(config, cfg, data["tokenizer"])
+  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"))
+  step = manager.latest_step()
+  if step is None:
+    raise app.UsageError(f"{workdir}/checkpoints holds no checkpoint")
+  abstract = jax.eval_shape(lambda k: vlm.init(cfg, k), jax.random.key(0))
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(item={"params": abstract},
+                                   restore_args=jax.tree.map(
+                                       lambda _: ocp.ArrayRestoreArgs(), {"params": abstract}),
+                                   partial_restore=True)))
+  run(config, cfg, restored["state"]["params"], data, feats, workdir, step, flags.FLAGS.split)
+
+
+if __name__ == "__main__":
+  from drivlm_jax import train as _train
+  _train.define_flags()
+  flags.DEFINE_string("split", "test", "Split to evaluate.")
+  app.run(main)

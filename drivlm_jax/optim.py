@@ -1,0 +1,50 @@
+"""Optimizer from config: warmup + cosine, AdamW, clipping, per-part learning rates and frozen
+parts by path pattern, gradient accumulation.
+
+config.optimizer:
+  learning_rate, warmup_steps, weight_decay, grad_clip_norm, end_lr_ratio (default 0.0),
+  grad_accum_steps (default 1), b1, b2 (optional),
+  parts: [{"pattern": regex on "vision/encoder/...", "lr_mult": float, "freeze": bool}, ...]
+  (first matching pattern wins; unmatched params train at the base rate).
+"""
+import re
+
+import optax
+from flax import traverse_util
+
+
+def part_labels(params, parts) -> dict:
+  """Tree of part names ("part0", ..., "default", "frozen") matching `params`."""
+  def label(path):
+    name = "/".join(path)
+    for i, part in enumerate(parts):
+      if re.search(part["pattern"], name):
+        return "frozen" if part.get("freeze", False) else f"part{i}"
+    return "default"
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({p: label(p) for p in flat})
+
+
+def schedule(opt_config, total_steps: int, mult: float = 1.0):
+  """Linear warmup from 0, then cosine decay to `end_lr_ratio` of the peak."""
+  peak = opt_config.learning_rate * mult
+  return optax.warmup_cosine_decay_schedule(
+      0.0, peak, opt_config.warmup_steps, max(total_steps, opt_config.warmup_steps + 1),
+      end_value=peak * opt_config.get("end_lr_ratio", 0.0))
+
+
+def make(opt_config, params, total_steps: int) -> optax.GradientTransformation:
+  adamw = lambda mult: optax.adamw(schedule(opt_config, total_steps, mult),
+                                   b1=opt_config.get("b1", 0.9),
+                                   b2=opt_config.get("b2", 0.999),
+                                   weight_decay=opt_config.weight_decay)
+  parts = [dict(p) for p in opt_config.get("parts", [])]
+  transforms = {"default": adamw(1.0), "frozen": optax.set_to_zero()}
+  transforms.update({f"part{i}": adamw(p.get("lr_mult", 1.0)) for i, p in enumerate(parts)})
+  labels = part_labels(params, parts)
+  used = set(traverse_util.flatten_dict(labels).values())
+  tx = optax.chain(
+      optax.clip_by_global_norm(opt_config.grad_clip_norm),
+      optax.multi_transform({k: v for k, v in transforms.items() if k in used}, labels))
+  accum = opt_config.get("grad_accum_steps", 1)
+  return optax.MultiSteps(tx, every_k_schedule=accum) if accum > 1 else tx

@@ -1,0 +1,80 @@
+"""Device mesh, logical-axis rules and shardings, multi-host set-up.
+
+The mesh has axes (data, fsdp, tensor) built with `AxisType.Auto`; `-1` takes the devices
+left over. Logical names on params and activations (see `model/layers.py`) map to mesh axes
+by rules: the batch over data x fsdp, `embed` over fsdp (FSDP), `mlp`/`heads`/`vocab` over
+tensor (tensor parallelism).
+"""
+import math
+import os
+
+import flax.linen as nn
+from absl import logging
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+AXES = ("data", "fsdp", "tensor")
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")), ("embed", "fsdp"), ("embed_vision", "fsdp"),
+    ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"), ("kv_heads", None),
+    ("kv", None), ("layers", None), ("length", None), ("proj", None))
+
+
+def maybe_initialize_distributed(multihost: bool | None = None):
+  """`jax.distributed.initialize()` when asked to, or when a cluster environment says so."""
+  cluster = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
+                                          "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
+  if multihost or (multihost is None and cluster):
+    jax.distributed.initialize()
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple:
+  sizes = [int(mesh_config[a]) for a in AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh {dict(zip(AXES, sizes))}: at most one axis may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"mesh {dict(zip(AXES, sizes))}: {num_devices} devices are not a "
+                       f"multiple of {known}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) > num_devices:
+    raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, "
+                     f"{num_devices} available")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config) -> jax.sharding.Mesh:
+  """The mesh over all devices; a fully explicit smaller mesh uses the first devices (for
+  debugging and equivalence checks) and says so."""
+  shape = mesh_shape(mesh_config, jax.device_count())
+  devices = jax.devices()[:math.prod(shape)]
+  if len(devices) < jax.device_count():
+    logging.warning("mesh %s uses %d of %d devices", shape, len(devices), jax.device_count())
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def rules_from_config(config_rules=None) -> tuple:
+  return tuple((k, tuple(v) if isinstance(v, list) else v)
+               for k, v in (config_rules or DEFAULT_RULES))
+
+
+def param_shardings(logical_specs, mesh, rules):
+  """Tree of NamedShardings from a tree of logical PartitionSpecs."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def batch_sharding(mesh, rules) -> NamedSharding:
+  """Leading (batch) dim split as the `batch` rule says, other dims replicated."""
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), rules))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def put_batch(batch: dict, sharding: NamedSharding) -> dict:
+  """Host-local numpy batch -> global jax arrays (each host holds its own rows)."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}

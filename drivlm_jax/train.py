@@ -1,0 +1,231 @@
+r"""Trains a config: `python -m drivlm_jax.train --config configs/X.py[:arg] --workdir DIR
+[--config.key=value ...]`. Re-running the same command resumes from DIR/checkpoints.
+
+One jitted step over a (data, fsdp, tensor) mesh with donated state; Orbax checkpoints
+(async, max_to_keep, train state + data position + config), saved on SIGTERM; a non-finite
+loss stops the run and leaves the last good checkpoint alone. Writes DIR/config.json,
+DIR/metrics.jsonl, TensorBoard events in DIR/tb, and DIR/eval.json.
+"""
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from drivlm_jax import evaluate, optim, parallel
+from drivlm_jax.data import pipeline, sources
+from drivlm_jax.losses import task
+from drivlm_jax.model import vlm
+
+BATCH_KEYS = ("image", "input_ids", "attention_mask", "targets", "loss_mask", "actions",
+              "reasons", "action_mask", "reason_mask")
+
+
+class NonFiniteLoss(RuntimeError):
+  pass
+
+
+def model_config(config) -> vlm.Config:
+  cfg = vlm.config_from_dict(config.model)
+  if config.get("mixed_precision", False):
+    cfg = dataclasses.replace(
+        cfg, vision=dataclasses.replace(cfg.vision, dtype="bfloat16"),
+        language=dataclasses.replace(cfg.language, dtype="bfloat16"))
+  return cfg
+
+
+def features(config, cfg: vlm.Config, tokenizer: str) -> pipeline.Features:
+  d = config.data
+  return pipeline.Features(tokenizer=tokenizer, family=cfg.vision.family,
+                           image_size=cfg.vision.image_size,
+                           num_image_tokens=cfg.num_visual_tokens, max_len=d.max_len,
+                           resize=d.resize, augment=d.augment)
+
+
+def make_train_step(cfg, tx, loss_weights):
+  def train_step(state, batch):
+    def loss_fn(params):
+      out = vlm.apply(cfg, params, batch["image"], batch["input_ids"], batch["attention_mask"])
+      losses = task.task_losses(out, batch)
+      return sum(loss_weights[k] * v for k, v in losses.items()), losses
+    (total, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": total, **{f"loss_{k}": v for k, v in losses.items()},
+               "grad_norm": optax.tree.norm(grads)}
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+  return train_step
+
+
+def train_batches(config, data, feats, start: int):
+  """This host's training batches from step `start` on."""
+  d = config.data
+  target = data["target", "train"] if d.target_fraction > 0 else None
+  return pipeline.batches(
+      data["source", "train"], feats, config.batch_size // jax.process_count(), target=target,
+      target_fraction=d.target_fraction, target_labelled=d.target_labelled, seed=config.seed,
+      start=start, workers=d.workers)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The whole run; returns the final evaluation."""
+  #### Set up
+  parallel.maybe_initialize_distributed(config.get("multihost"))
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+  cfg = model_config(config)
+  data = sources.prepare(config.data, workdir)
+  feats = features(config, cfg, data["tokenizer"])
+  mesh = parallel.make_mesh(config.mesh)
+  rules = parallel.rules_from_config(config.get("rules"))
+
+  #### Set up model and optimizer, sharded by the logical-axis rules
+  param_shardings = parallel.param_shardings(vlm.logical_axes(cfg), mesh, rules)
+  init = jax.jit(lambda key: vlm.init(cfg, key), out_shardings=param_shardings)
+  with jax.set_mesh(mesh):
+    params = init(jax.random.key(config.seed))
+  tx = optim.make(config.optimizer, params, config.total_steps)
+  with jax.set_mesh(mesh):
+    opt_state = jax.jit(tx.init)(params)
+  step0 = jax.device_put(jnp.zeros((), jnp.int32), parallel.replicated(mesh))
+  state = {"step": step0, "params": params, "opt_state": opt_state}
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  batch_sharding = parallel.batch_sharding(mesh, rules)
+  train_step = jax.jit(make_train_step(cfg, tx, dict(config.loss)),
+                       in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, parallel.replicated(mesh)),
+                       donate_argnums=0)
+
+  #### Checkpoints: resume when the workdir has one
+  manager = ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True,
+                                           enable_async_checkpointing=True))
+  start = 0
+  if manager.latest_step() is not None:
+    start = manager.latest_step()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state)
+    restored = manager.restore(start, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    state = restored["state"]
+    logging.info("resumed from step %d (data position %d)", start,
+                 restored["meta"]["data_position"])
+
+  def save(step):
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave({"step": step, "data_position": step,
+                                "config": json.loads(config.to_json_best_effort())})),
+                 force=True)
+
+  #### Data: batch `i` of the run is `ds[i]`, so resuming at step s continues the same order
+  batches = iter(train_batches(config, data, feats, start))
+
+  #### Train loop
+  preempted = []
+  previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+  metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") \
+      if jax.process_index() == 0 else None
+  writer = _tensorboard(workdir)
+  schedule = optim.schedule(config.optimizer, config.total_steps)
+  result = {}
+  try:
+    last_log, last_time = start, time.time()
+    bar = tqdm.trange(start, config.total_steps, initial=start, total=config.total_steps,
+                      desc="train", disable=jax.process_index() != 0)
+    for step in bar:
+      host_batch = next(batches)
+      batch = parallel.put_batch({k: host_batch[k] for k in BATCH_KEYS}, batch_sharding)
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state, metrics = train_step(state, batch)
+      done = step + 1
+      loss = float(metrics["loss"])
+      if not np.isfinite(loss):
+        raise NonFiniteLoss(f"non-finite loss ({loss}) at step {done}; stopping. The last "
+                            f"good checkpoint (step {manager.latest_step()}) is kept.")
+      if done % config.log_every_steps == 0 or done == config.total_steps:
+        now = time.time()
+        row = {"step": done, **{k: float(v) for k, v in metrics.items()},
+               "learning_rate": float(schedule(done)),
+               "examples_per_s": (done - last_log) * config.batch_size / (now - last_time),
+               "time": now}
+        last_log, last_time = done, now
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if metrics_file:
+          metrics_file.write(json.dumps(row) + "\n")
+          metrics_file.flush()
+        if writer:
+          for k, v in row.items():
+            if k not in ("step", "time"):
+              writer.add_scalar(f"train/{k}", v, done)
+      if done % config.checkpoint_every_steps == 0 or done == config.total_steps:
+        save(done)
+      if done % config.eval_every_steps == 0 or done == config.total_steps:
+        result = evaluate.run(config, cfg, state["params"], data, feats, workdir, step=done)
+        if writer:
+          for split, domains in result.items():
+            for domain, values in domains.items():
+              for k, v in values.items():
+                writer.add_scalar(f"{split}/{domain}/{k}", v, done)
+      if preempted:
+        if manager.latest_step() != done:
+          save(done)
+        logging.warning("SIGTERM: checkpoint of step %d saved; re-run to resume", done)
+        break
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    signal.signal(signal.SIGTERM, previous)
+    if metrics_file:
+      metrics_file.close()
+    if writer:
+      writer.close()
+  return result
+
+
+def _tensorboard(workdir):
+  if jax.process_index() != 0:
+    return None
+  from tensorboardX import SummaryWriter
+  return SummaryWriter(os.path.join(workdir, "tb"))
+
+
+def define_flags():
+  """--config (with --config.key=value overrides; unknown keys are errors) and --workdir."""
+  config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory (local or gs://).")
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  if config is None or workdir is None:
+    raise app.UsageError("--config and --workdir are required")
+  try:
+    train(config, workdir)
+  except NonFiniteLoss as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

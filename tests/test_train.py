@@ -1,0 +1,154 @@
+"""The trainer: sharding equivalence, resume after SIGTERM, a non-finite loss, logs."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from drivlm_jax import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("data"))
+
+
+def small_config(cache, **overrides):
+  config = demo.get_config("steps=5")
+  config.unlock()
+  config.data.cache_dir = cache
+  config.data.width, config.data.height = 128, 72
+  config.data.source.update(train=48, test=16)
+  config.data.target.update(train=48, test=16)
+  config.data.target_fraction = 0.25
+  config.batch_size = 8
+  config.log_every_steps = 1
+  config.eval.num_generate = 0
+  config.eval.batch_size = 16
+  for key, value in overrides.items():
+    target = config
+    *path, last = key.split(".")
+    for p in path:
+      target = target[p]
+    target[last] = value
+  return config
+
+
+def read_metrics(workdir):
+  rows = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      rows[row["step"]] = row   # a step logged twice (before and after a resume): keep last
+  return rows
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
+def test_sharded_training_equals_single_device(cache, tmp_path, mesh):
+  assert jax.device_count() == 8
+  single = small_config(cache, **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1})
+  train.train(single, str(tmp_path / "single"))
+  sharded = small_config(cache, **{"mesh.data": mesh[0], "mesh.fsdp": mesh[1],
+                                   "mesh.tensor": mesh[2]})
+  train.train(sharded, str(tmp_path / "sharded"))
+  a, b = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "sharded")
+  assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+  for step in a:
+    assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-5, (step, a[step], b[step])
+
+
+def test_fsdp_divides_parameter_bytes(cache):
+  from drivlm_jax import parallel
+  from drivlm_jax.model import vlm
+  config = small_config(cache)
+  cfg = train.model_config(config)
+  shapes = jax.eval_shape(lambda k: vlm.init(cfg, k), jax.random.key(0))
+  total = sum(x.size * 4 for x in jax.tree.leaves(shapes))
+  per_device = {}
+  for mesh_shape in [(8, 1, 1), (1, 8, 1), (1, 4, 2)]:
+    mesh = parallel.make_mesh(dict(zip(parallel.AXES, mesh_shape)))
+    shardings = parallel.param_shardings(vlm.logical_axes(cfg), mesh, parallel.DEFAULT_RULES)
+    params = jax.jit(lambda k: vlm.init(cfg, k), out_shardings=shardings)(jax.random.key(0))
+    sizes = []
+    for x, spec in zip(jax.tree.leaves(params), jax.tree.leaves(
+        shardings, is_leaf=lambda s: isinstance(s, jax.sharding.NamedSharding))):
+      split = np.prod([mesh.shape[a] for axes in spec.spec if axes
+                       for a in ((axes,) if isinstance(axes, str) else axes)])
+      shard = x.addressable_shards[0].data
+      assert shard.size == x.size // split, (x.shape, spec.spec, shard.shape)
+      sizes.append(shard.size * 4)
+    per_device[mesh_shape] = sum(sizes)
+  assert per_device[(8, 1, 1)] == total                     # pure data parallel: replicated
+  assert per_device[(1, 8, 1)] < 0.2 * total                # FSDP over 8: about 1/8 each
+  assert per_device[(1, 4, 2)] < 0.2 * total
+
+
+def _run_cli(workdir, cache, steps, env=None):
+  args = [sys.executable, "-m", "drivlm_jax.train", "--config", f"configs/demo.py:steps={steps}",
+          "--workdir", str(workdir), f"--config.data.cache_dir={cache}",
+          "--config.data.width=128", "--config.data.height=72",
+          "--config.data.source.train=48", "--config.data.target.train=48",
+          "--config.data.source.test=16", "--config.data.target.test=16",
+          "--config.batch_size=8", "--config.log_every_steps=1",
+          "--config.checkpoint_every_steps=1000", "--config.eval_every_steps=1000",
+          "--config.eval.num_generate=0"]
+  return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env={**os.environ, "JAX_NUM_CPU_DEVICES": "1"})
+
+
+def test_resume_after_sigterm_repeats_the_same_run(cache, tmp_path):
+  steps = 40
+  straight = _run_cli(tmp_path / "straight", cache, steps)
+  assert straight.wait(timeout=600) == 0, straight.stdout.read()
+  interrupted = tmp_path / "interrupted"
+  first = _run_cli(interrupted, cache, steps)
+  metrics = interrupted / "metrics.jsonl"
+  deadline = time.time() + 600
+  while time.time() < deadline and first.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 10:
+      first.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.005)
+  assert first.wait(timeout=600) == 0, first.stdout.read()
+  stopped_at = max(read_metrics(interrupted))
+  assert 10 <= stopped_at < steps, f"not preempted mid-run (stopped at {stopped_at})"
+  assert sorted(os.listdir(interrupted / "checkpoints")) == [str(stopped_at)]
+  second = _run_cli(interrupted, cache, steps)
+  assert second.wait(timeout=600) == 0, second.stdout.read()
+  a, b = read_metrics(tmp_path / "straight"), read_metrics(interrupted)
+  assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+  for step in a:
+    for key in ("loss", "loss_action", "loss_reason", "loss_lm", "grad_norm", "learning_rate"):
+      assert a[step][key] == b[step][key], (step, key)   # bitwise, fp32 on CPU
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cache, tmp_path,
+                                                                  monkeypatch):
+  real = train.train_batches
+
+  def poisoned(config, data, feats, start):
+    for step, batch in enumerate(real(config, data, feats, start), start=start + 1):
+      if step == 6:
+        batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+      yield batch
+
+  monkeypatch.setattr(train, "train_batches", poisoned)
+  config = small_config(cache, total_steps=10, checkpoint_every_steps=4)
+  with pytest.raises(train.NonFiniteLoss, match=r"non-finite loss \(nan\) at step 6.*step 4"):
+    train.train(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+  rows = read_metrics(tmp_path)
+  assert max(rows) == 5 and all(np.isfinite(r["loss"]) for r in rows.values())
+  # The kept checkpoint is good: the run resumes from it (with clean data) to the end.
+  monkeypatch.setattr(train, "train_batches", real)
+  train.train(config, str(tmp_path))
+  assert max(read_metrics(tmp_path)) == 10
