@@ -2,7 +2,7 @@
 r"""Demo: the tiny DriVLM on CPU with the procedural world as data.
 
 Source domain: day; target domain: night+fog (same scene distribution, other appearance).
-Run:
+Run (`python -m drivlm_jax.demo` runs both methods and prints a summary):
   python -m drivlm_jax.train --config configs/demo.py --workdir /tmp/drivlm/source_only
   python -m drivlm_jax.train --config configs/demo.py:method=oracle --workdir /tmp/drivlm/oracle
   python -m drivlm_jax.evaluate --config configs/demo.py --workdir /tmp/drivlm/source_only
@@ -19,7 +19,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, model="tiny", method="source_only", steps=300)
+  arg = common.parse_arg(arg, model="tiny", method="source_only", steps=1200)
   if arg.method not in ("source_only", "oracle"):
     raise ValueError(f"method {arg.method!r}: configs/demo.py knows source_only and oracle")
   config = ml_collections.ConfigDict()
@@ -31,8 +31,8 @@ def get_config(arg=None):
   config.total_steps = arg.steps
   config.batch_size = 16
   config.log_every_steps = 10
-  config.eval_every_steps = 100
-  config.checkpoint_every_steps = 100
+  config.eval_every_steps = 400
+  config.checkpoint_every_steps = 200
   config.max_checkpoints = 3
 
   config.data = ml_collections.ConfigDict(dict(

@@ -1,0 +1,212 @@
+r"""Training throughput of our jitted step vs an equivalent HF transformers + PyTorch step,
+same shapes, AdamW, fp32, alternated in one run.
+
+  python -m experiments.bench_train [--pairs 5] [--out bench_train.json]
+
+Cases:
+  vlm_tiny   the demo config's model (CLIP 64px/8 + Qwen2 2x64, batch 16, 128 tokens): our
+             `vlm.apply` + task losses vs transformers' LlavaForConditionalGeneration with
+             the same towers plus the same attention-pooling heads in torch.
+  vit_b16    CLIP ViT-B/16 at 224 px + a 4-way head, batch 8 (DESIGN's reference case).
+torch runs at its best: threads = cores, OMP_WAIT_POLICY=PASSIVE, no autograd anomaly mode.
+"""
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from configs import common, demo  # noqa: E402
+from drivlm_jax.losses import task  # noqa: E402
+from drivlm_jax.model import vision, vlm  # noqa: E402
+
+
+class TorchHeads(torch.nn.Module):
+  """The same heads as `vlm.Heads`: probe attention pooling, then LN-MLP per head."""
+
+  def __init__(self, d, heads, hidden):
+    super().__init__()
+    self.probe = torch.nn.Parameter(torch.randn(1, 1, d))
+    self.pool = torch.nn.MultiheadAttention(d, heads, batch_first=True)
+    self.action = torch.nn.Sequential(torch.nn.LayerNorm(d), torch.nn.Linear(d, hidden),
+                                      torch.nn.GELU(), torch.nn.Linear(hidden, 4))
+    self.reason = torch.nn.Sequential(torch.nn.LayerNorm(d), torch.nn.Linear(d, hidden),
+                                      torch.nn.GELU(), torch.nn.Linear(hidden, 21))
+
+  def forward(self, tokens):
+    pooled = self.pool(self.probe.expand(len(tokens), -1, -1), tokens, tokens)[0][:, 0]
+    return self.action(pooled), self.reason(pooled)
+
+
+def _batch(cfg, batch, length, rng):
+  n = cfg.num_visual_tokens
+  ids = rng.integers(10, cfg.language.vocab_size, (batch, length)).astype(np.int32)
+  ids[:, 1:1 + n] = cfg.image_token_id
+  loss_mask = np.zeros((batch, length), np.float32)
+  loss_mask[:, n + 10:] = 1
+  return {"image": rng.normal(size=(batch, cfg.vision.image_size, cfg.vision.image_size, 3))
+          .astype(np.float32), "input_ids": ids, "attention_mask": np.ones_like(ids),
+          "targets": np.roll(ids, -1, 1), "loss_mask": loss_mask,
+          "actions": rng.integers(0, 2, (batch, 4)).astype(np.float32),
+          "reasons": rng.integers(0, 2, (batch, 21)).astype(np.float32),
+          "action_mask": np.ones(batch, np.float32), "reason_mask": np.ones(batch, np.float32)}
+
+
+def case_vlm_tiny(batch_size, length=128):
+  cfg = vlm.config_from_dict(demo.get_config().model)
+  data = _batch(cfg, batch_size, length, np.random.default_rng(0))
+  params = vlm.init(cfg, jax.random.key(0))
+  tx = optax.adamw(1e-4)
+
+  @jax.jit
+  def step(params, opt_state, batch):
+    def loss(p):
+      out = vlm.apply(cfg, p, batch["image"], batch["input_ids"], batch["attention_mask"])
+      return sum(task.task_losses(out, batch).values())
+    grads = jax.grad(loss)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  state = [params, tx.init(params)]
+  jbatch = {k: jnp.asarray(v) for k, v in data.items()}
+
+  def ours():
+    state[:] = step(state[0], state[1], jbatch)
+    jax.block_until_ready(state[0])
+
+  v, l = cfg.vision, cfg.language
+  hf = transformers.LlavaConfig(
+      vision_config=dict(model_type="clip_vision_model", image_size=v.image_size,
+                         patch_size=v.patch_size, hidden_size=v.hidden_size,
+                         intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
+                         num_attention_heads=v.num_heads),
+      text_config=dict(model_type="qwen2", vocab_size=l.vocab_size, hidden_size=l.hidden_size,
+                       intermediate_size=l.intermediate_size, num_hidden_layers=l.num_layers,
+                       num_attention_heads=l.num_heads, num_key_value_heads=l.num_kv_heads,
+                       tie_word_embeddings=l.tie_word_embeddings),
+      image_token_index=cfg.image_token_id, image_seq_length=cfg.num_visual_tokens,
+      vision_feature_layer=-1, vision_feature_select_strategy="default",
+      tie_word_embeddings=l.tie_word_embeddings)
+  model = transformers.LlavaForConditionalGeneration(hf).train()
+  heads = TorchHeads(l.hidden_size, l.num_heads, cfg.head_hidden)
+  opt = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=1e-4)
+  t = {k: torch.from_numpy(v) for k, v in data.items()}
+  pixels = t["image"].permute(0, 3, 1, 2).contiguous()
+  ids = t["input_ids"].long()
+
+  def peer():
+    # LLaVA's forward, spelled out so that the visual tokens feed the heads too (one pass).
+    tokens = torch.stack(list(model.model.get_image_features(pixel_values=pixels).pooler_output))
+    tokens = tokens.reshape(batch_size, -1, l.hidden_size)
+    embeds = model.model.get_input_embeddings()(ids)
+    embeds = embeds.masked_scatter((ids == cfg.image_token_id)[..., None], tokens)
+    hidden = model.model.language_model(inputs_embeds=embeds,
+                                        attention_mask=t["attention_mask"]).last_hidden_state
+    logits = model.lm_head(hidden)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), t["targets"].long().flatten(),
+                                           reduction="none")
+    lm = (ce * t["loss_mask"].flatten()).sum() / t["loss_mask"].sum()
+    action, reason = heads(tokens)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    loss = lm + bce(action, t["actions"]) + bce(reason, t["reasons"])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+  return ours, peer, {"batch": batch_size, "tokens": length}
+
+
+def case_vit_b16(batch_size):
+  cfg = vision.Config(**common.MODEL_PRESETS["clip_b16_qwen05b"]["vision"])
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(batch_size, 224, 224, 3)).astype(np.float32)
+  labels = rng.integers(0, 2, (batch_size, 4)).astype(np.float32)
+  params = {"tower": vision.init(cfg, jax.random.key(0)),
+            "head": {"w": jnp.zeros((cfg.hidden_size, 4)), "b": jnp.zeros(4)}}
+  tx = optax.adamw(1e-4)
+
+  @jax.jit
+  def step(params, opt_state, images, labels):
+    def loss(p):
+      pooled = vision.apply(cfg, p["tower"], images)["pooled"]
+      logits = pooled @ p["head"]["w"] + p["head"]["b"]
+      return optax.sigmoid_binary_cross_entropy(logits, labels).mean()
+    grads = jax.grad(loss)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  state = [params, tx.init(params)]
+  ji, jl = jnp.asarray(images), jnp.asarray(labels)
+
+  def ours():
+    state[:] = step(state[0], state[1], ji, jl)
+    jax.block_until_ready(state[0])
+
+  model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+      hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+      image_size=cfg.image_size, patch_size=cfg.patch_size)).train()
+  assert sum(p.numel() for p in model.parameters()) == sum(
+      x.size for x in jax.tree.leaves(state[0]["tower"])), "towers differ in size"
+  head = torch.nn.Linear(768, 4)
+  opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=1e-4)
+  ti = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+  tl = torch.from_numpy(labels)
+
+  def peer():
+    logits = head(model(pixel_values=ti).pooler_output)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, tl)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+  return ours, peer, {"batch": batch_size}
+
+
+def _timed(fn):
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--pairs", type=int, default=5)
+  parser.add_argument("--out", default="bench_train.json")
+  args = parser.parse_args()
+  torch.set_num_threads(os.cpu_count())
+  rows = []
+  for name, make in (("vlm_tiny", lambda: case_vlm_tiny(16)), ("vit_b16", lambda: case_vit_b16(8))):
+    ours, peer, info = make()
+    first_ours, first_peer = _timed(ours), _timed(peer)
+    a, b = [], []
+    for _ in range(args.pairs):
+      a.append(_timed(ours))
+      b.append(_timed(peer))
+    batch = info["batch"]
+    row = {"case": name, **info, "ours_examples_per_s": batch / statistics.median(a),
+           "peer_examples_per_s": batch / statistics.median(b),
+           "ratio_ours_over_peer": statistics.median(y / x for x, y in zip(a, b)),
+           "ours_first_step_s": first_ours, "peer_first_step_s": first_peer}
+    rows.append(row)
+    print(f"{name:9s} batch {batch:3d}: ours {row['ours_examples_per_s']:8.1f} examples/s, "
+          f"torch {row['peer_examples_per_s']:8.1f} examples/s, ours/torch "
+          f"{row['ratio_ours_over_peer']:.2f} (first step: ours {first_ours:.1f} s incl. "
+          f"compile, torch {first_peer:.1f} s)")
+  with open(args.out, "w") as f:
+    json.dump({"threads": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
+               "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
