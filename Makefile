@@ -21,6 +21,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m experiments.bench_model
 	$(PY) -m experiments.bench_input
+	$(PY) -m experiments.bench_train
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -152,3 +152,36 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cache, tmp_pat
   monkeypatch.setattr(train, "train_batches", real)
   train.train(config, str(tmp_path))
   assert max(read_metrics(tmp_path)) == 10
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "drivlm_jax.train", "--config", "configs/demo.py",
+       "--workdir", str(tmp_path), "--config.optimizer.learning_rat=0.1"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "learning_rat" in result.stderr
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_checkpoint_restores_onto_another_mesh(cache, tmp_path, monkeypatch):
+  straight = small_config(cache, total_steps=8)
+  train.train(straight, str(tmp_path / "straight"))
+  real = train.train_batches
+
+  def preempt_at_step_5(config, data, feats, start):
+    for step, batch in enumerate(real(config, data, feats, start), start=start + 1):
+      if step == 5:
+        os.kill(os.getpid(), signal.SIGTERM)   # a real SIGTERM, handled after this step
+      yield batch
+
+  monkeypatch.setattr(train, "train_batches", preempt_at_step_5)
+  train.train(small_config(cache, total_steps=8, **{"mesh.data": 8}), str(tmp_path / "moved"))
+  assert max(read_metrics(tmp_path / "moved")) == 5
+  monkeypatch.setattr(train, "train_batches", real)
+  train.train(small_config(cache, total_steps=8, **{"mesh.data": 1, "mesh.fsdp": 4,
+                                                    "mesh.tensor": 2}), str(tmp_path / "moved"))
+  a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "moved")
+  assert sorted(b) == list(range(1, 9))
+  for step in a:
+    assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-5, step

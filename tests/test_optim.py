@@ -1,0 +1,55 @@
+"""Per-part learning rates, frozen parts and gradient accumulation."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from drivlm_jax import optim
+
+
+def _config(**kw):
+  base = dict(learning_rate=0.1, warmup_steps=0, weight_decay=0.0, grad_clip_norm=1e9,
+              parts=[dict(pattern="^language/", freeze=True),
+                     dict(pattern="^projector/", lr_mult=10.0)])
+  base.update(kw)
+  return ml_collections.ConfigDict(base)
+
+
+PARAMS = {"language": {"w": jnp.ones(3)}, "projector": {"w": jnp.ones(3)},
+          "vision": {"w": jnp.ones(3)}}
+
+
+def test_frozen_and_scaled_parts():
+  labels = optim.part_labels(PARAMS, _config().parts)
+  assert labels == {"language": {"w": "frozen"}, "projector": {"w": "part1"},
+                    "vision": {"w": "default"}}
+  tx = optim.make(_config(), PARAMS, total_steps=100)
+  grads = jax.tree.map(jnp.ones_like, PARAMS)
+  updates, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
+  np.testing.assert_array_equal(updates["language"]["w"], 0.0)
+  # Adam's first step moves every coordinate by the learning rate (times 10 for the projector).
+  lr = float(optim.schedule(_config(), 100)(0))
+  np.testing.assert_allclose(updates["vision"]["w"], -lr, rtol=1e-5)
+  np.testing.assert_allclose(updates["projector"]["w"], -10 * lr, rtol=1e-5)
+
+
+def test_gradient_accumulation_averages_micro_batches():
+  tx = optim.make(_config(grad_accum_steps=2, parts=[]), PARAMS, total_steps=100)
+  plain = optim.make(_config(parts=[]), PARAMS, total_steps=100)
+  g1 = jax.tree.map(lambda x: 1.0 * x, PARAMS)
+  g2 = jax.tree.map(lambda x: 3.0 * x, PARAMS)
+  state = tx.init(PARAMS)
+  first, state = tx.update(g1, state, PARAMS)
+  assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(first))   # accumulating
+  second, _ = tx.update(g2, state, PARAMS)
+  expected, _ = plain.update(jax.tree.map(lambda a, b: (a + b) / 2, g1, g2),
+                             plain.init(PARAMS), PARAMS)
+  for a, b in zip(jax.tree.leaves(second), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_schedule_warms_up_then_decays():
+  s = optim.schedule(_config(warmup_steps=10, end_lr_ratio=0.1), 110)
+  assert float(s(0)) == 0.0 and abs(float(s(10)) - 0.1) < 1e-7
+  assert abs(float(s(110)) - 0.01) < 1e-7 and float(s(60)) < 0.1
