@@ -1,0 +1,57 @@
+"""Domain-adversarial pieces: gradient reversal, the DANN schedule, domain losses.
+
+`grad_reverse(x, lam)` is the identity forward and multiplies the gradient by -lam backward
+(Ganin & Lempitsky, 2015), so minimising a discriminator's loss through it trains the features
+to confuse the discriminator. `lam` follows lam(p) = 2 / (1 + exp(-10 p)) - 1 over training
+progress p in [0, 1].
+"""
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@jax.custom_vjp
+def grad_reverse(x, lam):
+  return x
+
+
+def _reverse_fwd(x, lam):
+  return x, lam
+
+
+def _reverse_bwd(lam, g):
+  return jax.tree.map(lambda t: (-lam * t).astype(t.dtype), g), jnp.zeros_like(lam)
+
+
+grad_reverse.defvjp(_reverse_fwd, _reverse_bwd)
+
+
+def dann_lambda(progress):
+  """2 / (1 + exp(-10 p)) - 1: 0 at the start, -> 1 at the end."""
+  return 2.0 / (1.0 + jnp.exp(-10.0 * jnp.asarray(progress, jnp.float32))) - 1.0
+
+
+def _masked_mean(values, mask):
+  if mask is None:
+    return jnp.mean(values)
+  mask = jnp.broadcast_to(mask, values.shape).astype(values.dtype)
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def domain_bce(logits, domain, mask=None):
+  """Binary cross-entropy of domain logits (any shape [B, ...]) against the example's domain
+  (0 source, 1 target) broadcast over the trailing dims; `mask` drops entries."""
+  labels = jnp.broadcast_to(domain.reshape(domain.shape + (1,) * (logits.ndim - 1)),
+                            logits.shape).astype(logits.dtype)
+  return _masked_mean(optax.sigmoid_binary_cross_entropy(logits, labels), mask)
+
+
+def domain_focal(logits, domain, gamma=5.0, mask=None):
+  """Focal domain loss -(1 - p_t)^gamma log p_t (Strong-Weak DA: weak global alignment
+  focuses on the hard-to-classify examples)."""
+  labels = jnp.broadcast_to(domain.reshape(domain.shape + (1,) * (logits.ndim - 1)),
+                            logits.shape).astype(logits.dtype)
+  log_p = jax.nn.log_sigmoid(logits)
+  log_not_p = jax.nn.log_sigmoid(-logits)
+  log_pt = labels * log_p + (1 - labels) * log_not_p
+  return _masked_mean(-((1 - jnp.exp(log_pt)) ** gamma) * log_pt, mask)

@@ -1,0 +1,65 @@
+"""Scene-aware knowledge distillation from a frozen teacher VLM.
+
+softmax_kd:  KL(softmax(t / T) || softmax(s / T)) * T^2 per LM token (Hinton et al., 2015).
+sigmoid_kd:  the binary KL of the multi-label heads, sum_c KL(sigmoid(t_c / T) ||
+             sigmoid(s_c / T)) * T^2, i.e. BCE against the teacher's soft labels minus their
+             entropy, so it vanishes when student == teacher.
+feature_kd:  distance between the student's visual tokens (through a learned projection)
+             and the teacher's, per token weighted by the reweighting scores (the scene parts
+             the instruction cares about count most); cosine or MSE.
+"""
+import jax
+import jax.numpy as jnp
+
+
+def _masked_mean(values, mask):
+  if mask is None:
+    return jnp.mean(values)
+  mask = mask.astype(values.dtype)
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1e-9)
+
+
+def softmax_kd(student_logits, teacher_logits, temperature=2.0, mask=None):
+  """logits [..., V]; mask [...] selects positions. Mean over positions."""
+  t = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+  s = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+  kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1)
+  return _masked_mean(kl, mask) * temperature ** 2
+
+
+def sigmoid_kd(student_logits, teacher_logits, temperature=1.0, mask=None):
+  """logits [B, C] of multi-label heads; mask [B] selects examples."""
+  p = jax.nn.sigmoid(teacher_logits / temperature)
+  log_p, log_1p = jax.nn.log_sigmoid(teacher_logits / temperature), jax.nn.log_sigmoid(
+      -teacher_logits / temperature)
+  log_q, log_1q = jax.nn.log_sigmoid(student_logits / temperature), jax.nn.log_sigmoid(
+      -student_logits / temperature)
+  kl = p * (log_p - log_q) + (1 - p) * (log_1p - log_1q)
+  return _masked_mean(jnp.sum(kl, axis=-1), mask) * temperature ** 2
+
+
+def match_grid(tokens, grid_from: int, grid_to: int):
+  """Resamples a [B, g*g, D] token grid to [B, grid_to^2, D] (bilinear)."""
+  if grid_from == grid_to:
+    return tokens
+  b, _, d = tokens.shape
+  x = tokens.reshape(b, grid_from, grid_from, d)
+  return jax.image.resize(x, (b, grid_to, grid_to, d), "bilinear").reshape(b, -1, d)
+
+
+def feature_kd(student_tokens, teacher_tokens, projection, weights=None, kind="cosine"):
+  """student_tokens [B, N, Ds] @ projection [Ds, Dt] vs teacher_tokens [B, N, Dt];
+  weights [B, N] (e.g. sigmoid of the reweighting scores) or None for uniform."""
+  projected = student_tokens @ projection.astype(student_tokens.dtype)
+  teacher = jax.lax.stop_gradient(teacher_tokens)
+  if kind == "cosine":
+    unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+    per_token = 1.0 - jnp.sum(unit(projected) * unit(teacher), axis=-1)
+  elif kind == "mse":
+    per_token = jnp.mean((projected - teacher) ** 2, axis=-1)
+  else:
+    raise ValueError(f"feature KD kind must be 'cosine' or 'mse', got {kind!r}")
+  if weights is None:
+    return jnp.mean(per_token)
+  weights = jax.lax.stop_gradient(weights)
+  return jnp.sum(per_token * weights) / jnp.maximum(jnp.sum(weights), 1e-9)

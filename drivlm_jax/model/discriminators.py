@@ -1,0 +1,100 @@
+"""Domain discriminators at three granularities, each behind a gradient-reversal layer.
+
+image    MLP on the pooled image feature [B, D] -> [B]
+token    the same MLP shape applied to every visual token [B, N, D] -> [B, N]
+instance box-aligned pooling of the token grid inside each object box, then an MLP ->
+         [B, M]; boxes absent from an example are masked out
+A consistency term (DA Faster R-CNN) pulls the token-level domain probabilities towards the
+image-level one.
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from drivlm_jax.losses import adversarial
+from drivlm_jax.model import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  hidden: int = 256
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+
+class Mlp(nn.Module):
+  """features [..., D] -> domain logits [...]."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    h = jax.nn.relu(layers.dense(cfg.hidden, ("embed",), ("mlp",), cfg=cfg, name="fc1")(x))
+    h = jax.nn.relu(layers.dense(cfg.hidden, ("mlp",), ("mlp",), cfg=cfg, name="fc2")(h))
+    return layers.dense(1, ("mlp",), (None,), cfg=cfg, name="out")(h)[..., 0].astype(jnp.float32)
+
+
+def box_pool(tokens, grid: int, boxes, box_mask):
+  """Mean of the token grid inside each box, weighted by each cell's overlap with the box.
+
+  tokens [B, grid*grid, D] (row-major cells); boxes [B, M, 4] normalised (x1, y1, x2, y2);
+  box_mask [B, M]. Returns [B, M, D]; a masked or empty box gives zeros.
+  """
+  edges = jnp.arange(grid + 1, dtype=jnp.float32) / grid
+  lo, hi = edges[:-1], edges[1:]
+
+  def overlap(a, b):  # [B, M] box extent vs [grid] cells -> [B, M, grid]
+    return jnp.clip(jnp.minimum(b[..., None], hi) - jnp.maximum(a[..., None], lo), 0.0, None)
+
+  wx = overlap(boxes[..., 0], boxes[..., 2])
+  wy = overlap(boxes[..., 1], boxes[..., 3])
+  weights = (wy[..., :, None] * wx[..., None, :]).reshape(*boxes.shape[:2], grid * grid)
+  weights = weights * box_mask[..., None]
+  total = jnp.sum(weights, axis=-1, keepdims=True)
+  weights = jnp.where(total > 0, weights / jnp.maximum(total, 1e-12), 0.0)
+  return jnp.einsum("bmn,bnd->bmd", weights.astype(tokens.dtype), tokens)
+
+
+class Discriminators(nn.Module):
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, pooled, tokens, grid, boxes, box_mask, lam):
+    reverse = lambda x: adversarial.grad_reverse(x, lam)
+    return {
+        "image": Mlp(self.cfg, name="image")(reverse(pooled)),
+        "token": Mlp(self.cfg, name="token")(reverse(tokens)),
+        "instance": Mlp(self.cfg, name="instance")(box_pool(reverse(tokens), grid, boxes,
+                                                            box_mask)),
+    }
+
+
+def init(cfg: Config, key, width: int, grid: int, max_boxes: int = 1) -> dict:
+  x = jnp.zeros((1, width))
+  return layers.unbox(Discriminators(cfg).init(
+      key, x, jnp.zeros((1, grid * grid, width)), grid, jnp.zeros((1, max_boxes, 4)),
+      jnp.zeros((1, max_boxes)), jnp.float32(1.0)))
+
+
+def apply(cfg: Config, params, pooled, tokens, grid, boxes, box_mask, lam) -> dict:
+  """-> {"image": [B], "token": [B, N], "instance": [B, M]} domain logits; gradients reaching
+  `pooled` and `tokens` are reversed and scaled by `lam`."""
+  return Discriminators(cfg).apply({"params": params}, pooled, tokens, grid, boxes, box_mask,
+                                   jnp.asarray(lam, jnp.float32))
+
+
+def losses(logits, domain, box_mask, focal_gamma=None, consistency=True) -> dict:
+  """Domain losses per level (BCE, or focal with `focal_gamma` at the image level) and the
+  image/token consistency term (squared difference of probabilities)."""
+  image = (adversarial.domain_focal(logits["image"], domain, focal_gamma) if focal_gamma
+           else adversarial.domain_bce(logits["image"], domain))
+  out = {"image": image,
+         "token": adversarial.domain_bce(logits["token"], domain),
+         "instance": adversarial.domain_bce(logits["instance"], domain, box_mask)}
+  if consistency:
+    p_image = jax.nn.sigmoid(logits["image"])[:, None]
+    out["consistency"] = jnp.mean((jax.nn.sigmoid(logits["token"]) - p_image) ** 2)
+  return out

@@ -1,0 +1,69 @@
+"""Driving-instruction-guided visual token reweighting and pruning.
+
+The instruction ("is it safe to turn left?") is embedded (mean of its LM token embeddings
+over the real tokens), projected to a query, and scores every visual token by scaled dot
+product with a projected key. Training uses soft gates `sigmoid(score)` that multiply the
+tokens before the projector; deployment keeps the `keep_ratio` best-scoring tokens (top-k:
+static shapes).
+"""
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from drivlm_jax.model import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  dim: int = 128                 # query/key width
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+
+class Scorer(nn.Module):
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, tokens, instruction_embeds, instruction_mask):
+    """tokens [B, N, Dv]; instruction_embeds [B, T, Dl]; instruction_mask [B, T] -> [B, N]."""
+    cfg = self.cfg
+    m = instruction_mask.astype(instruction_embeds.dtype)[..., None]
+    text = jnp.sum(instruction_embeds * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+    q = layers.dense(cfg.dim, ("embed",), ("mlp",), cfg=cfg, name="query")(text)
+    k = layers.dense(cfg.dim, ("embed_vision",), ("mlp",), cfg=cfg, name="key")(tokens)
+    return jnp.einsum("bd,bnd->bn", q, k).astype(jnp.float32) / math.sqrt(cfg.dim)
+
+
+def init(cfg: Config, key, vision_width: int, text_width: int) -> dict:
+  return layers.unbox(Scorer(cfg).init(key, jnp.zeros((1, 2, vision_width)),
+                                       jnp.zeros((1, 3, text_width)), jnp.ones((1, 3))))
+
+
+def scores(cfg: Config, params, tokens, instruction_embeds, instruction_mask):
+  """Per-token relevance scores [B, N] (logits)."""
+  return Scorer(cfg).apply({"params": params}, tokens, instruction_embeds, instruction_mask)
+
+
+def reweight(tokens, token_scores):
+  """Soft gates: tokens [B, N, D] * sigmoid(scores)[..., None]."""
+  return tokens * jax.nn.sigmoid(token_scores)[..., None].astype(tokens.dtype)
+
+
+def num_kept(num_tokens: int, keep_ratio: float) -> int:
+  if not 0 < keep_ratio <= 1:
+    raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+  return max(1, math.ceil(num_tokens * keep_ratio))
+
+
+def prune(tokens, token_scores, keep_ratio: float):
+  """Keeps the top-k tokens by score, k = ceil(N * keep_ratio), in their original order.
+
+  Returns (tokens [B, k, D], indices [B, k] int32 into the N tokens)."""
+  k = num_kept(tokens.shape[1], keep_ratio)
+  _, top = jax.lax.top_k(token_scores, k)
+  indices = jnp.sort(top, axis=-1)
+  return jnp.take_along_axis(tokens, indices[..., None], axis=1), indices

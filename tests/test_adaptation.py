@@ -1,0 +1,210 @@
+"""DriVLM's parts against the papers' formulas: gradient reversal, DANN schedule,
+discriminators, box pooling, reweighting/pruning, contrastive and distillation losses."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from transformers.models.clip import modeling_clip
+
+from drivlm_jax.losses import adversarial, contrastive, distill
+from drivlm_jax.model import discriminators, reweighting
+
+
+def test_grad_reverse_is_minus_lambda_times_identity():
+  w = jax.random.normal(jax.random.key(0), (5, 3))
+  x = jax.random.normal(jax.random.key(1), (5, 3))
+  f = lambda x: jnp.sum(jnp.sin(x) * w)
+  for lam in (0.0, 0.3, 1.0):
+    np.testing.assert_array_equal(adversarial.grad_reverse(x, lam), x)
+    plain = jax.grad(f)(x)
+    reversed_ = jax.grad(lambda x: f(adversarial.grad_reverse(x, lam)))(x)
+    np.testing.assert_array_equal(reversed_, -lam * plain)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.25, 0.5, 1.0])
+def test_dann_schedule(p):
+  assert float(adversarial.dann_lambda(p)) == pytest.approx(2 / (1 + math.exp(-10 * p)) - 1,
+                                                            abs=1e-6)
+
+
+def test_focal_loss_formula():
+  logits = jnp.array([[2.0, -1.0], [0.5, 3.0]])
+  domain = jnp.array([1, 0])
+  p = 1 / (1 + np.exp(-np.asarray(logits)))
+  pt = np.where(np.array([[1], [0]]) == 1, p, 1 - p)
+  expected = np.mean(-((1 - pt) ** 2) * np.log(pt))
+  assert float(adversarial.domain_focal(logits, domain, gamma=2.0)) == pytest.approx(expected,
+                                                                                     rel=1e-6)
+  assert float(adversarial.domain_focal(logits, domain, gamma=0.0)) == pytest.approx(
+      float(adversarial.domain_bce(logits, domain)), rel=1e-6)
+
+
+def _separable(key, b=16, grid=4, d=8, m=3):
+  domain = jnp.arange(b) % 2
+  shift = (2.0 * domain - 1.0)
+  k1, k2, k3 = jax.random.split(key, 3)
+  pooled = jax.random.normal(k1, (b, d)) + shift[:, None]
+  tokens = jax.random.normal(k2, (b, grid * grid, d)) + shift[:, None, None]
+  boxes = jnp.sort(jax.random.uniform(k3, (b, m, 2, 2)), axis=2).transpose(0, 1, 3, 2).reshape(
+      b, m, 4)[..., jnp.array([0, 2, 1, 3])]
+  box_mask = jnp.ones((b, m)).at[:, -1].set(0.0)
+  return pooled, tokens, grid, boxes, box_mask, domain
+
+
+@pytest.mark.parametrize("level", ["image", "token", "instance"])
+def test_each_discriminator_learns_separable_domains(level):
+  cfg = discriminators.Config(hidden=32)
+  pooled, tokens, grid, boxes, box_mask, domain = _separable(jax.random.key(0))
+  params = discriminators.init(cfg, jax.random.key(1), 8, grid, 3)
+  tx = optax.adam(1e-2)
+  state = tx.init(params)
+
+  def loss(p):
+    logits = discriminators.apply(cfg, p, pooled, tokens, grid, boxes, box_mask, 1.0)
+    return discriminators.losses(logits, domain, box_mask, consistency=False)[level]
+
+  first = float(loss(params))
+  for _ in range(60):
+    grads = jax.grad(loss)(params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  assert float(loss(params)) < 0.3 * first and float(loss(params)) < 0.2
+
+
+def test_masked_boxes_contribute_nothing():
+  cfg = discriminators.Config(hidden=16)
+  pooled, tokens, grid, boxes, box_mask, domain = _separable(jax.random.key(2))
+  params = discriminators.init(cfg, jax.random.key(3), 8, grid, 3)
+
+  def instance_loss(tokens, boxes):
+    logits = discriminators.apply(cfg, params, pooled, tokens, grid, boxes, box_mask, 1.0)
+    return discriminators.losses(logits, domain, box_mask)["instance"]
+
+  moved = boxes.at[:, -1].set(jnp.array([0.0, 0.0, 1.0, 1.0]))   # only masked boxes change
+  assert float(instance_loss(tokens, boxes)) == float(instance_loss(tokens, moved))
+  g1 = jax.grad(instance_loss)(tokens, boxes)
+  g2 = jax.grad(instance_loss)(tokens, moved)
+  np.testing.assert_array_equal(g1, g2)
+  none = jnp.zeros_like(box_mask)
+  logits = discriminators.apply(cfg, params, pooled, tokens, grid, boxes, none, 1.0)
+  assert float(discriminators.losses(logits, domain, none)["instance"]) == 0.0
+
+
+def test_box_pool_reads_the_cells_inside_the_box():
+  grid = 4
+  tokens = jnp.arange(grid * grid, dtype=jnp.float32).reshape(1, grid * grid, 1)
+  boxes = jnp.array([[[0.25, 0.5, 0.5, 0.75], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.5, 0.25]]])
+  pooled = discriminators.box_pool(tokens, grid, boxes, jnp.ones((1, 3)))[0, :, 0]
+  # cell (row 2, col 1) = 9; the whole grid's mean = 7.5; row 0, cols 0-1 -> mean(0, 1).
+  np.testing.assert_allclose(pooled, [9.0, 7.5, 0.5], atol=1e-6)
+
+
+def test_pruning_keeps_exactly_the_top_k():
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.normal(size=(3, 20, 4)), jnp.float32)
+  scores = jnp.asarray(rng.normal(size=(3, 20)), jnp.float32)
+  kept, idx = reweighting.prune(tokens, scores, 0.25)
+  assert kept.shape == (3, 5, 4)
+  for b in range(3):
+    expected = np.sort(np.argsort(-np.asarray(scores[b]))[:5])
+    np.testing.assert_array_equal(idx[b], expected)
+    np.testing.assert_array_equal(kept[b], np.asarray(tokens[b])[expected])
+  with pytest.raises(ValueError, match="keep_ratio"):
+    reweighting.prune(tokens, scores, 0.0)
+
+
+def test_reweighting_scores_follow_the_instruction():
+  cfg = reweighting.Config(dim=16)
+  params = reweighting.init(cfg, jax.random.key(0), 8, 12)
+  tokens = jax.random.normal(jax.random.key(1), (2, 10, 8))
+  text = jax.random.normal(jax.random.key(2), (2, 5, 12))
+  mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+  s = reweighting.scores(cfg, params, tokens, text, mask)
+  assert s.shape == (2, 10)
+  # Padding of the instruction changes nothing; another instruction changes the scores.
+  s_padded = reweighting.scores(cfg, params, tokens, text.at[0, 3:].set(9.0), mask)
+  np.testing.assert_allclose(s_padded[0], s[0], rtol=1e-6)
+  assert not np.allclose(reweighting.scores(cfg, params, tokens, -text, mask), s)
+  gated = reweighting.reweight(tokens, s)
+  np.testing.assert_allclose(gated, tokens * jax.nn.sigmoid(s)[..., None], rtol=1e-6)
+
+
+def test_clip_loss_matches_transformers():
+  rng = np.random.default_rng(0)
+  img, txt = rng.normal(size=(6, 16)).astype(np.float32), rng.normal(size=(6, 16)).astype(
+      np.float32)
+  scale = 2.3
+  ours = float(contrastive.clip_loss(jnp.asarray(img), jnp.asarray(txt), scale))
+  n = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  logits_per_text = torch.from_numpy(math.exp(scale) * n(txt) @ n(img).T)
+  assert ours == pytest.approx(float(modeling_clip.image_text_contrastive_loss(logits_per_text)), rel=1e-5)
+
+
+def test_siglip_loss_formula():
+  rng = np.random.default_rng(1)
+  img, txt = rng.normal(size=(5, 8)), rng.normal(size=(5, 8))
+  scale, bias = 1.7, -3.0
+  n = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  z = np.where(np.eye(5) > 0, 1.0, -1.0)
+  logits = math.exp(scale) * n(img) @ n(txt).T + bias
+  expected = -np.sum(np.log(1 / (1 + np.exp(-z * logits)))) / 5
+  assert float(contrastive.siglip_loss(jnp.asarray(img), jnp.asarray(txt), scale, bias)) == \
+      pytest.approx(expected, rel=1e-5)
+
+
+def test_softmax_kd_is_the_scaled_kl():
+  rng = np.random.default_rng(2)
+  s, t = rng.normal(size=(2, 3, 7)), rng.normal(size=(2, 3, 7))
+  mask = np.array([[1, 1, 0], [1, 0, 1]])
+  T = 2.5
+  sm = lambda x: np.exp(x - x.max(-1, keepdims=True)) / np.exp(
+      x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)
+  p, q = sm(t / T), sm(s / T)
+  kl = (p * np.log(p / q)).sum(-1)
+  expected = (kl * mask).sum() / mask.sum() * T * T
+  got = distill.softmax_kd(jnp.asarray(s), jnp.asarray(t), T, jnp.asarray(mask))
+  assert float(got) == pytest.approx(expected, rel=1e-5)
+  assert float(distill.softmax_kd(jnp.asarray(t), jnp.asarray(t), T)) == pytest.approx(0.0,
+                                                                                    abs=1e-6)
+
+
+def test_sigmoid_kd_is_the_binary_kl():
+  rng = np.random.default_rng(3)
+  s, t = rng.normal(size=(4, 21)), rng.normal(size=(4, 21))
+  T = 2.0
+  sig = lambda x: 1 / (1 + np.exp(-x))
+  p, q = sig(t / T), sig(s / T)
+  kl = p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))
+  expected = kl.sum(-1).mean() * T * T
+  assert float(distill.sigmoid_kd(jnp.asarray(s), jnp.asarray(t), T)) == pytest.approx(
+      expected, rel=1e-5)
+  assert float(distill.sigmoid_kd(jnp.asarray(t), jnp.asarray(t), T)) == pytest.approx(
+      0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "mse"])
+def test_feature_kd(kind):
+  rng = np.random.default_rng(4)
+  student = jnp.asarray(rng.normal(size=(2, 6, 5)), jnp.float32)
+  teacher = student @ jnp.asarray(rng.normal(size=(5, 7)), jnp.float32)
+  proj = jnp.asarray(rng.normal(size=(5, 7)), jnp.float32)
+  exact = jnp.asarray(np.linalg.lstsq(np.asarray(student).reshape(-1, 5),
+                                      np.asarray(teacher).reshape(-1, 7), rcond=None)[0])
+  assert float(distill.feature_kd(student, teacher, exact, kind=kind)) == pytest.approx(
+      0.0, abs=1e-5)
+  assert float(distill.feature_kd(student, teacher, proj, kind=kind)) > 0.01
+  # A zero-weight token contributes nothing.
+  weights = jnp.ones((2, 6)).at[:, 0].set(0.0)
+  base = distill.feature_kd(student, teacher, proj, weights, kind)
+  changed = distill.feature_kd(student, teacher.at[:, 0].set(100.0), proj, weights, kind)
+  assert float(base) == pytest.approx(float(changed), rel=1e-6)
+
+
+def test_match_grid():
+  tokens = jnp.ones((1, 16, 3))
+  assert distill.match_grid(tokens, 4, 2).shape == (1, 4, 3)
+  np.testing.assert_allclose(distill.match_grid(tokens, 4, 8), 1.0, atol=1e-6)
