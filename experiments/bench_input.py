@@ -22,8 +22,8 @@ import optax
 
 from configs import demo
 from data_builders import __main__ as build_cli
+from drivlm_jax import train
 from drivlm_jax.data import pipeline
-from drivlm_jax.losses import task
 from drivlm_jax.model import vlm
 from drivlm_jax.sim import bdd_oia as sim_bdd
 from drivlm_jax.sim import tokenizer as sim_tokenizer
@@ -79,26 +79,15 @@ def main():
                          args.batches + 1))
   params = vlm.init(cfg, jax.random.key(0))
   tx = optax.adamw(1e-3)
-  opt_state = tx.init(params)
-
-  @jax.jit
-  def step(params, opt_state, batch):
-    def loss(p):
-      out = vlm.apply(cfg, p, batch["image"], batch["input_ids"], batch["attention_mask"])
-      return sum(task.task_losses(out, batch).values())
-    grads = jax.grad(loss)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  keys = ("image", "input_ids", "attention_mask", "actions", "reasons", "targets", "loss_mask",
-          "action_mask", "reason_mask")
-  device_batches = [{k: jax.numpy.asarray(b[k]) for k in keys} for b in batches]
-  params, opt_state = step(params, opt_state, device_batches[0])
-  jax.block_until_ready(params)
+  state = {"step": 0, "params": params, "opt_state": tx.init(params)}
+  step = jax.jit(train.make_train_step(cfg, tx, dict(config.loss)))
+  device_batches = [{k: jax.numpy.asarray(b[k]) for k in train.BATCH_KEYS} for b in batches]
+  state, _ = step(state, device_batches[0])
+  jax.block_until_ready(state)
   start = time.perf_counter()
   for b in device_batches[1:]:
-    params, opt_state = step(params, opt_state, b)
-  jax.block_until_ready(params)
+    state, _ = step(state, b)
+  jax.block_until_ready(state)
   consumed = args.batches * config.batch_size / (time.perf_counter() - start)
   result["train_step_examples_per_s"] = consumed
   best = max(result["pipeline_workers0_examples_per_s"], result["pipeline_workers2_examples_per_s"])

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from configs import common, demo  # noqa: E402
-from drivlm_jax.losses import task  # noqa: E402
+from drivlm_jax import train  # noqa: E402
 from drivlm_jax.model import vision, vlm  # noqa: E402
 
 
@@ -67,21 +67,12 @@ def case_vlm_tiny(batch_size, length=128):
   data = _batch(cfg, batch_size, length, np.random.default_rng(0))
   params = vlm.init(cfg, jax.random.key(0))
   tx = optax.adamw(1e-4)
-
-  @jax.jit
-  def step(params, opt_state, batch):
-    def loss(p):
-      out = vlm.apply(cfg, p, batch["image"], batch["input_ids"], batch["attention_mask"])
-      return sum(task.task_losses(out, batch).values())
-    grads = jax.grad(loss)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  state = [params, tx.init(params)]
+  step = jax.jit(train.make_train_step(cfg, tx, {"action": 1.0, "reason": 1.0, "lm": 1.0}))
+  state = [{"step": 0, "params": params, "opt_state": tx.init(params)}]
   jbatch = {k: jnp.asarray(v) for k, v in data.items()}
 
   def ours():
-    state[:] = step(state[0], state[1], jbatch)
+    state[0], _ = step(state[0], jbatch)
     jax.block_until_ready(state[0])
 
   v, l = cfg.vision, cfg.language
