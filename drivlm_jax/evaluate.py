@@ -20,8 +20,8 @@ from drivlm_jax.model import vlm
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _heads(cfg, params, images):
-  out = vlm.encode_image(cfg, params, images)
+def _heads(cfg, params, images, instruction_ids, instruction_mask):
+  out = vlm.encode_image(cfg, params, images, instruction_ids, instruction_mask)
   return jax.nn.sigmoid(out["action_logits"]), jax.nn.sigmoid(out["reason_logits"])
 
 
@@ -43,6 +43,8 @@ def _answers(cfg, params, batch, tokenizer, n, max_new_tokens):
     mask[j, width - n_prompt:] = 1
   tokens = np.asarray(_generate(cfg, params, batch["image"][rows], ids,
                                 max_new_tokens=max_new_tokens,
+                                instruction_ids=batch["instruction_ids"][rows],
+                                instruction_mask=batch["instruction_mask"][rows],
                                 attention_mask=mask, eos_token_id=tokenizer.eos_id,
                                 pad_token_id=tokenizer.pad_id))[:, width:]
   hyps = [tokenizer.decode(t[:list(t).index(tokenizer.eos_id)] if tokenizer.eos_id in t else t)
@@ -56,7 +58,8 @@ def evaluate_domain(config, cfg, params, spec, feats) -> dict:
   probs, labels, hyps, refs = {"action": [], "reason": []}, {"action": [], "reason": []}, [], []
   for batch in pipeline.batches(spec, feats, config.eval.batch_size, train=False,
                                 shard_index=0, shard_count=1):
-    action, reason = _heads(cfg, params, batch["image"])
+    action, reason = _heads(cfg, params, batch["image"], batch["instruction_ids"],
+                            batch["instruction_mask"])
     probs["action"].append(np.asarray(action))
     probs["reason"].append(np.asarray(reason))
     labels["action"].append(batch["actions"])

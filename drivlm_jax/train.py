@@ -30,7 +30,7 @@ from drivlm_jax.losses import task
 from drivlm_jax.model import vlm
 
 BATCH_KEYS = ("image", "input_ids", "attention_mask", "targets", "loss_mask", "actions",
-              "reasons", "action_mask", "reason_mask")
+              "reasons", "action_mask", "reason_mask", "instruction_ids", "instruction_mask")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -57,7 +57,8 @@ def features(config, cfg: vlm.Config, tokenizer: str) -> pipeline.Features:
 def make_train_step(cfg, tx, loss_weights):
   def train_step(state, batch):
     def loss_fn(params):
-      out = vlm.apply(cfg, params, batch["image"], batch["input_ids"], batch["attention_mask"])
+      out = vlm.apply(cfg, params, batch["image"], batch["input_ids"], batch["attention_mask"],
+                      batch["instruction_ids"], batch["instruction_mask"])
       losses = task.task_losses(out, batch)
       return sum(loss_weights[k] * v for k, v in losses.items()), losses
     (total, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])

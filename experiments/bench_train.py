@@ -59,7 +59,9 @@ def _batch(cfg, batch, length, rng):
           "targets": np.roll(ids, -1, 1), "loss_mask": loss_mask,
           "actions": rng.integers(0, 2, (batch, 4)).astype(np.float32),
           "reasons": rng.integers(0, 2, (batch, 21)).astype(np.float32),
-          "action_mask": np.ones(batch, np.float32), "reason_mask": np.ones(batch, np.float32)}
+          "action_mask": np.ones(batch, np.float32), "reason_mask": np.ones(batch, np.float32),
+          "instruction_ids": ids[:, n + 1:n + 9], "instruction_mask": np.ones((batch, 8),
+                                                                              np.int32)}
 
 
 def case_vlm_tiny(batch_size, length=128):

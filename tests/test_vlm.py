@@ -1,5 +1,6 @@
 """VLM composition against transformers' LLaVA (CLIP vision + LLaMA/Qwen2 + MLP projector)."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -119,3 +120,27 @@ def test_truncated_tower_equals_hf_hidden_states(tmp_path):
     assert ref.max_diff(got, hidden[layer][:, 1:]) <= TOL
   with pytest.raises(ValueError, match="outside a 3-layer tower"):
     vision.truncate(cfg, params, -5)
+
+
+def test_instruction_reweighting_and_pruning_path():
+  from configs import common
+  import dataclasses
+  cfg = dataclasses.replace(vlm.config_from_dict(common.model_config("tiny")), reweight=True,
+                            reweight_dim=32)
+  params = vlm.init(cfg, jax.random.key(0))
+  images = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
+  instruction = np.array([[20, 21, 22, 0], [30, 31, 0, 0]], np.int32)
+  mask = (instruction > 0).astype(np.int32)
+  full = vlm.encode_image(cfg, params, images, instruction, mask)
+  assert full["token_scores"].shape == (2, cfg.num_visual_tokens)
+  pruned = vlm.encode_image(cfg, params, images, instruction, mask, keep_ratio=0.25)
+  assert pruned["visual_tokens"].shape == (2, 16, cfg.language.hidden_size)
+  np.testing.assert_array_equal(
+      np.sort(np.argsort(-np.asarray(full["token_scores"]), axis=1)[:, :16], axis=1),
+      pruned["kept_indices"])
+  # The gates are trained through the task loss.
+  grads = jax.grad(lambda p: jnp.sum(vlm.encode_image(cfg, p, images, instruction, mask)
+                                     ["action_logits"]))(params)
+  assert float(jnp.abs(grads["reweighting"]["query"]["kernel"]).sum()) > 0
+  with pytest.raises(ValueError, match="needs the instruction"):
+    vlm.encode_image(cfg, params, images)

@@ -42,6 +42,7 @@ class Features:
   image_size: int = 224
   num_image_tokens: int = 196
   max_len: int = 256
+  max_instruction_len: int = 32  # the instruction alone, for instruction-guided reweighting
   max_boxes: int = 16
   resize: str = "pad"            # "pad" | "crop"
   augment: bool = True
@@ -109,6 +110,11 @@ class ExampleTransform:
       instruction = _text(example.get("instruction", b"")) or DEFAULT_INSTRUCTION
       answer = labels.explanation(actions.astype(int), reasons.astype(int))
     text = self.tokenizer.sequence(instruction, answer, f.num_image_tokens, f.max_len)
+    instruction_ids = self.tokenizer.encode(instruction)[:f.max_instruction_len]
+    text["instruction_ids"] = np.full(f.max_instruction_len, self.tokenizer.pad_id, np.int32)
+    text["instruction_ids"][:len(instruction_ids)] = instruction_ids
+    text["instruction_mask"] = (np.arange(f.max_instruction_len)
+                                < len(instruction_ids)).astype(np.int32)
 
     out = {
         "image": preprocess.normalize(image, f.family), **text,

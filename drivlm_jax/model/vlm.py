@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from drivlm_jax.model import language, layers, vision
+from drivlm_jax.model import language, layers, reweighting, vision
 
 NUM_ACTIONS = 4    # forward, stop_or_slow, turn_left, turn_right
 NUM_REASONS = 21   # BDD-OIA explanations
@@ -28,6 +28,8 @@ class Config:
   head_hidden: int = 256
   num_actions: int = NUM_ACTIONS
   num_reasons: int = NUM_REASONS
+  reweight: bool = False             # instruction-guided token gates before the projector
+  reweight_dim: int = 128
 
   def __post_init__(self):
     if not 0 <= self.image_token_id < self.language.vocab_size:
@@ -105,21 +107,34 @@ def _dummy(cfg: Config):
 
 def init(cfg: Config, key) -> dict:
   """{"vision", "projector", "language", "heads"} params."""
-  kv, kp, kl, kh = jax.random.split(key, 4)
+  kv, kp, kl, kh, kr = jax.random.split(key, 5)
   patches, tokens = _dummy(cfg)
-  return {"vision": vision.init(cfg.vision, kv),
-          "projector": layers.unbox(Projector(cfg).init(kp, patches)),
-          "language": language.init(cfg.language, kl),
-          "heads": layers.unbox(Heads(cfg).init(kh, tokens))}
+  params = {"vision": vision.init(cfg.vision, kv),
+            "projector": layers.unbox(Projector(cfg).init(kp, patches)),
+            "language": language.init(cfg.language, kl),
+            "heads": layers.unbox(Heads(cfg).init(kh, tokens))}
+  if cfg.reweight:
+    params["reweighting"] = reweighting.init(_reweight_config(cfg), kr, cfg.vision.hidden_size,
+                                             cfg.language.hidden_size)
+  return params
+
+
+def _reweight_config(cfg: Config) -> reweighting.Config:
+  return reweighting.Config(cfg.reweight_dim, cfg.language.dtype, cfg.language.param_dtype)
 
 
 def logical_axes(cfg: Config):
   patches, tokens = _dummy(cfg)
   key = jax.random.key(0)
-  return {"vision": vision.logical_axes(cfg.vision),
+  axes = {"vision": vision.logical_axes(cfg.vision),
           "projector": layers.logical_axes(Projector(cfg).init, key, patches),
           "language": language.logical_axes(cfg.language),
           "heads": layers.logical_axes(Heads(cfg).init, key, tokens)}
+  if cfg.reweight:
+    text = jnp.zeros((1, 3, cfg.language.hidden_size))
+    axes["reweighting"] = layers.logical_axes(reweighting.Scorer(_reweight_config(cfg)).init,
+                                              key, patches, text, jnp.ones((1, 3)))
+  return axes
 
 
 def splice(text_embeds, visual_tokens, is_image):
@@ -133,19 +148,39 @@ def splice(text_embeds, visual_tokens, is_image):
   return jnp.where(is_image[..., None], gathered.astype(text_embeds.dtype), text_embeds)
 
 
-def encode_image(cfg: Config, params, images) -> dict:
-  """images [B, H, W, 3] -> vision features, visual tokens and head logits (no LM)."""
+def encode_image(cfg: Config, params, images, instruction_ids=None, instruction_mask=None,
+                 keep_ratio: float = 1.0) -> dict:
+  """images [B, H, W, 3] -> vision features, visual tokens and head logits (no LM).
+
+  With `cfg.reweight`, the instruction (ids [B, L] and mask [B, L]) scores the patch
+  features ("token_scores" [B, N]), which are gated by sigmoid(score) before the projector;
+  `keep_ratio` < 1 keeps only the best-scoring ceil(N * keep_ratio) tokens ("kept_indices").
+  """
   vcfg, vparams = vision.truncate(cfg.vision, params["vision"], cfg.vision_feature_layer)
   vout = vision.apply(vcfg, vparams, images)
-  visual_tokens = Projector(cfg).apply({"params": params["projector"]}, vout["patch_features"])
+  patches = vout["patch_features"]
+  out = {"image_pooled": vout["pooled"],      # [B, Dv] vision pooled feature
+         "patch_features": patches}           # [B, N, Dv]
+  if cfg.reweight:
+    if instruction_ids is None:
+      raise ValueError("cfg.reweight needs the instruction (instruction_ids, instruction_mask)")
+    text = language.embed_tokens(cfg.language, params["language"], instruction_ids)
+    scores = reweighting.scores(_reweight_config(cfg), params["reweighting"], patches, text,
+                                instruction_mask)
+    patches = reweighting.reweight(patches, scores)
+    out["token_scores"] = scores
+    if keep_ratio < 1.0:
+      patches, out["kept_indices"] = reweighting.prune(patches, scores, keep_ratio)
+  elif keep_ratio < 1.0:
+    raise ValueError("pruning (keep_ratio < 1) needs cfg.reweight: tokens are kept by score")
+  visual_tokens = Projector(cfg).apply({"params": params["projector"]}, patches)
   heads = Heads(cfg).apply({"params": params["heads"]}, visual_tokens)
-  return {"image_pooled": vout["pooled"],            # [B, Dv] vision pooled feature
-          "patch_features": vout["patch_features"],  # [B, N, Dv]
-          "visual_tokens": visual_tokens,            # [B, N, D]
+  return {**out, "visual_tokens": visual_tokens,     # [B, N or k, D]
           **heads}  # pooled_visual [B, D], action_logits [B, 4], reason_logits [B, 21]
 
 
-def apply(cfg: Config, params, images, input_ids=None, attention_mask=None) -> dict:
+def apply(cfg: Config, params, images, input_ids=None, attention_mask=None,
+          instruction_ids=None, instruction_mask=None) -> dict:
   """images [B, H, W, 3] float32 (normalised); input_ids [B, T] int32 holding
   `cfg.num_visual_tokens` copies of `cfg.image_token_id` per row (left-padded, with
   `attention_mask`), or None for the image-only path.
@@ -153,7 +188,7 @@ def apply(cfg: Config, params, images, input_ids=None, attention_mask=None) -> d
   Returns `encode_image`'s dict plus, with input_ids, "lm_logits" [B, T, V] and
   "lm_hidden_states" [B, T, D] (after the LM's final norm).
   """
-  out = encode_image(cfg, params, images)
+  out = encode_image(cfg, params, images, instruction_ids, instruction_mask)
   if input_ids is not None:
     embeds = language.embed_tokens(cfg.language, params["language"], input_ids)
     embeds = splice(embeds, out["visual_tokens"], input_ids == cfg.image_token_id)
@@ -163,10 +198,11 @@ def apply(cfg: Config, params, images, input_ids=None, attention_mask=None) -> d
   return out
 
 
-def generate(cfg: Config, params, images, input_ids, max_new_tokens=16, **kwargs):
+def generate(cfg: Config, params, images, input_ids, max_new_tokens=16, *,
+             instruction_ids=None, instruction_mask=None, **kwargs):
   """Answers/explanations: the prompt with visual tokens spliced in, decoded by
   `language.generate` (same keyword arguments). Returns [B, T + max_new_tokens]."""
-  visual = encode_image(cfg, params, images)["visual_tokens"]
+  visual = encode_image(cfg, params, images, instruction_ids, instruction_mask)["visual_tokens"]
   embeds = language.embed_tokens(cfg.language, params["language"], input_ids)
   embeds = splice(embeds, visual, input_ids == cfg.image_token_id)
   return language.generate(cfg.language, params["language"], input_ids, max_new_tokens,

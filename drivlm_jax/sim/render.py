@@ -13,6 +13,7 @@ from drivlm_jax.sim import domains
 from drivlm_jax.sim.scene import LANE_WIDTH, SIZES, Scene
 
 NEAR = 0.3
+LIGHT_X, SIGN_X = 20.0, 16.0   # metres ahead of the ego
 _COLOURS = {
     "road": (88, 90, 94), "sidewalk": (150, 148, 140), "grass": (84, 120, 70),
     "line": (235, 235, 230), "arrow": (230, 230, 225), "car": (160, 30, 40),
@@ -113,18 +114,20 @@ def world(scene: Scene, rng: np.random.Generator, agent_centers=None, agent_yaws
               else _COLOURS[agent.category])
     cuboids.append(Cuboid(agent.category, tuple(center), (w, l, h), yaw, colour, i))
   lamps = []
+  # Signals are larger than life so that a low-resolution camera still sees their state.
   if scene.light:
-    cuboids.append(Cuboid("pole", (32.0, right_edge - 0.6, 2.75), (0.2, 0.2, 5.5), 0.0,
+    cuboids.append(Cuboid("pole", (LIGHT_X, right_edge - 0.6, 2.5), (0.25, 0.25, 5.0), 0.0,
                           _COLOURS["pole"]))
-    cuboids.append(Cuboid("housing", (32.0, 0.0, 5.6), (0.5, 0.4, 1.3), 0.0, _COLOURS["housing"]))
-    z = {"red": 6.0, "yellow": 5.6, "green": 5.2}[scene.light]
-    lamps.append((np.array([31.79, 0.0, z]), 0.17, _LAMPS[scene.light]))
+    cuboids.append(Cuboid("housing", (LIGHT_X, 0.0, 4.6), (1.2, 0.5, 3.0), 0.0,
+                          _COLOURS["housing"]))
+    z = {"red": 5.6, "yellow": 4.6, "green": 3.6}[scene.light]
+    lamps.append((np.array([LIGHT_X - 0.26, 0.0, z]), 0.45, _LAMPS[scene.light]))
   if scene.stop_sign:
-    cuboids.append(Cuboid("pole", (22.0, right_edge - 0.8, 1.1), (0.08, 0.08, 2.2), 0.0,
+    cuboids.append(Cuboid("pole", (SIGN_X, right_edge - 1.0, 1.1), (0.1, 0.1, 2.2), 0.0,
                           _COLOURS["pole"]))
     angles = np.radians(22.5 + 45 * np.arange(8))
-    octagon = np.stack([np.full(8, 21.95), right_edge - 0.8 + 0.45 * np.cos(angles),
-                        2.5 + 0.45 * np.sin(angles)], 1)
+    octagon = np.stack([np.full(8, SIGN_X - 0.05), right_edge - 1.0 + 1.0 * np.cos(angles),
+                        2.6 + 1.0 * np.sin(angles)], 1)
     ground.append((octagon, _COLOURS["sign"]))
   return ground, cuboids, lamps
 
@@ -174,7 +177,8 @@ def _shade(colour, factor, domain, depth):
   if domain.time == "night":
     c = c * 0.22
   if domain.weather == "fog":
-    c = c + (1 - np.exp(-depth / 35.0)) * (np.array([185, 188, 192]) - c)
+    haze = np.array([185, 188, 192]) * (0.3 if domain.time == "night" else 1.0)
+    c = c + (1 - np.exp(-depth / 35.0)) * (haze - c)
   elif domain.weather in ("rain", "snow"):
     c = c * 0.85 + (1 - np.exp(-depth / 90.0)) * 30
   return tuple(int(v) for v in np.clip(c, 0, 255))
@@ -187,7 +191,7 @@ def render(ground, cuboids, lamps, pinhole: Pinhole, rotation, translation,
   k = pinhole.intrinsic
   sky = {"day": (135, 175, 225), "night": (12, 14, 26)}[domain.time]
   if domain.weather == "fog":
-    sky = (190, 192, 196)
+    sky = (57, 58, 60) if domain.time == "night" else (190, 192, 196)
   elif domain.weather in ("rain", "snow"):
     sky = tuple(int(c * 0.7 + 40) for c in sky)
   image = Image.new("RGB", (w, h), sky)
