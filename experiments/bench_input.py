@@ -17,7 +17,6 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 import optax
 
 from configs import demo
