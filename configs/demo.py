@@ -49,6 +49,9 @@ def get_config(arg=None):
       learning_rate=2e-3, warmup_steps=20, weight_decay=1e-4, grad_clip_norm=1.0,
       end_lr_ratio=0.05, grad_accum_steps=1, parts=[]))
   config.loss = ml_collections.ConfigDict(dict(action=1.0, reason=1.0, lm=0.5))
+  # Domain-adversarial alignment (weights 0 = off; the DriVLM method issue sets them).
+  config.da = ml_collections.ConfigDict(dict(image=0.0, token=0.0, instance=0.0,
+                                             consistency=0.0, focal_gamma=0.0, hidden=128))
   config.eval = ml_collections.ConfigDict(dict(batch_size=40, num_generate=16, max_new_tokens=32))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.rules = None                      # None: parallel.DEFAULT_RULES

@@ -26,11 +26,13 @@ from ml_collections import config_flags
 
 from drivlm_jax import evaluate, optim, parallel
 from drivlm_jax.data import pipeline, sources
-from drivlm_jax.losses import task
-from drivlm_jax.model import vlm
+from drivlm_jax.losses import adversarial, task
+from drivlm_jax.model import discriminators, vlm
 
 BATCH_KEYS = ("image", "input_ids", "attention_mask", "targets", "loss_mask", "actions",
-              "reasons", "action_mask", "reason_mask", "instruction_ids", "instruction_mask")
+              "reasons", "action_mask", "reason_mask", "instruction_ids", "instruction_mask",
+              "boxes", "box_mask", "domain")
+DA_LEVELS = ("image", "token", "instance", "consistency")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -54,17 +56,42 @@ def features(config, cfg: vlm.Config, tokenizer: str) -> pipeline.Features:
                            resize=d.resize, augment=d.augment)
 
 
-def make_train_step(cfg, tx, loss_weights):
+def da_config(config):
+  """(discriminators.Config, {level: weight}, focal gamma) or None when adaptation is off."""
+  da = config.get("da")
+  if da is None or not any(da.get(k, 0.0) > 0 for k in DA_LEVELS):
+    return None
+  return (discriminators.Config(hidden=da.get("hidden", 256)),
+          {k: float(da.get(k, 0.0)) for k in DA_LEVELS}, da.get("focal_gamma", 0.0))
+
+
+def make_train_step(cfg, tx, loss_weights, da=None, total_steps=1):
+  """One optimizer step; with `da` (from `da_config`) the domain discriminators on the
+  visual tokens (image level: their attention-pooled summary) join the loss behind a
+  gradient reversal whose strength follows the DANN schedule."""
   def train_step(state, batch):
     def loss_fn(params):
       out = vlm.apply(cfg, params, batch["image"], batch["input_ids"], batch["attention_mask"],
                       batch["instruction_ids"], batch["instruction_mask"])
       losses = task.task_losses(out, batch)
-      return sum(loss_weights[k] * v for k, v in losses.items()), losses
-    (total, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+      total = sum(loss_weights[k] * v for k, v in losses.items())
+      extra = {}
+      if da is not None:
+        dcfg, weights, gamma = da
+        lam = adversarial.dann_lambda(state["step"] / total_steps)
+        logits = discriminators.apply(dcfg, params["discriminators"], out["pooled_visual"],
+                                      out["visual_tokens"], cfg.vision.grid, batch["boxes"],
+                                      batch["box_mask"], lam)
+        da_losses = discriminators.losses(logits, batch["domain"], batch["box_mask"],
+                                          gamma or None, weights["consistency"] > 0)
+        total = total + sum(weights[k] * v for k, v in da_losses.items())
+        losses = {**losses, **{f"da_{k}": v for k, v in da_losses.items()}}
+        extra["da_lambda"] = lam
+      return total, (losses, extra)
+    (total, (losses, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": total, **{f"loss_{k}": v for k, v in losses.items()},
+    metrics = {"loss": total, **{f"loss_{k}": v for k, v in losses.items()}, **extra,
                "grad_norm": optax.tree.norm(grads)}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
   return train_step
@@ -95,8 +122,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rules = parallel.rules_from_config(config.get("rules"))
 
   #### Set up model and optimizer, sharded by the logical-axis rules
-  param_shardings = parallel.param_shardings(vlm.logical_axes(cfg), mesh, rules)
-  init = jax.jit(lambda key: vlm.init(cfg, key), out_shardings=param_shardings)
+  da = da_config(config)
+  axes = vlm.logical_axes(cfg)
+  if da is not None:
+    disc_args = (cfg.language.hidden_size, cfg.vision.grid, feats.max_boxes)
+    axes["discriminators"] = discriminators.logical_axes(da[0], *disc_args)
+  param_shardings = parallel.param_shardings(axes, mesh, rules)
+
+  def init_params(key):
+    params = vlm.init(cfg, key)
+    if da is not None:
+      params["discriminators"] = discriminators.init(da[0], jax.random.fold_in(key, 1),
+                                                     *disc_args)
+    return params
+
+  init = jax.jit(init_params, out_shardings=param_shardings)
   with jax.set_mesh(mesh):
     params = init(jax.random.key(config.seed))
   tx = optim.make(config.optimizer, params, config.total_steps)
@@ -106,7 +146,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = {"step": step0, "params": params, "opt_state": opt_state}
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding = parallel.batch_sharding(mesh, rules)
-  train_step = jax.jit(make_train_step(cfg, tx, dict(config.loss)),
+  train_step = jax.jit(make_train_step(cfg, tx, dict(config.loss), da, config.total_steps),
                        in_shardings=(state_shardings, batch_sharding),
                        out_shardings=(state_shardings, parallel.replicated(mesh)),
                        donate_argnums=0)

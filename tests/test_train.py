@@ -1,5 +1,6 @@
 """The trainer: sharding equivalence, resume after SIGTERM, a non-finite loss, logs."""
 import json
+import math
 import os
 import pathlib
 import signal
@@ -185,3 +186,18 @@ def test_checkpoint_restores_onto_another_mesh(cache, tmp_path, monkeypatch):
   assert sorted(b) == list(range(1, 9))
   for step in a:
     assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-5, step
+
+
+def test_domain_adversarial_training_runs_on_mixed_batches(cache, tmp_path):
+  config = small_config(cache, total_steps=6, **{
+      "data.target_fraction": 0.5, "da.image": 0.1, "da.token": 0.1, "da.instance": 0.1,
+      "da.consistency": 0.1, "da.focal_gamma": 2.0, "mesh.data": 2, "mesh.fsdp": 2,
+      "mesh.tensor": 2})
+  train.train(config, str(tmp_path))
+  rows = read_metrics(tmp_path)
+  assert sorted(rows) == list(range(1, 7))
+  for key in ("loss_da_image", "loss_da_token", "loss_da_instance", "loss_da_consistency"):
+    assert all(np.isfinite(r[key]) for r in rows.values()), key
+  lams = [rows[s]["da_lambda"] for s in sorted(rows)]
+  assert lams[0] == 0.0 and all(b > a for a, b in zip(lams, lams[1:]))   # DANN ramp
+  assert rows[1]["loss_da_token"] == pytest.approx(math.log(2), abs=0.2)  # chance at the start

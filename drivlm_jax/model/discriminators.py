@@ -33,8 +33,8 @@ class Mlp(nn.Module):
   def __call__(self, x):
     cfg = self.cfg
     h = jax.nn.relu(layers.dense(cfg.hidden, ("embed",), ("mlp",), cfg=cfg, name="fc1")(x))
-    h = jax.nn.relu(layers.dense(cfg.hidden, ("mlp",), ("mlp",), cfg=cfg, name="fc2")(h))
-    return layers.dense(1, ("mlp",), (None,), cfg=cfg, name="out")(h)[..., 0].astype(jnp.float32)
+    h = jax.nn.relu(layers.dense(cfg.hidden, ("mlp",), (None,), cfg=cfg, name="fc2")(h))
+    return layers.dense(1, (None,), (None,), cfg=cfg, name="out")(h)[..., 0].astype(jnp.float32)
 
 
 def box_pool(tokens, grid: int, boxes, box_mask):
@@ -60,30 +60,38 @@ def box_pool(tokens, grid: int, boxes, box_mask):
 
 class Discriminators(nn.Module):
   cfg: Any
+  grid: int   # the visual tokens form a grid x grid raster
 
   @nn.compact
-  def __call__(self, pooled, tokens, grid, boxes, box_mask, lam):
+  def __call__(self, pooled, tokens, boxes, box_mask, lam):
     reverse = lambda x: adversarial.grad_reverse(x, lam)
     return {
         "image": Mlp(self.cfg, name="image")(reverse(pooled)),
         "token": Mlp(self.cfg, name="token")(reverse(tokens)),
-        "instance": Mlp(self.cfg, name="instance")(box_pool(reverse(tokens), grid, boxes,
+        "instance": Mlp(self.cfg, name="instance")(box_pool(reverse(tokens), self.grid, boxes,
                                                             box_mask)),
     }
 
 
+def _dummy(width, grid, max_boxes):
+  return (jnp.zeros((1, width)), jnp.zeros((1, grid * grid, width)),
+          jnp.zeros((1, max_boxes, 4)), jnp.zeros((1, max_boxes)), jnp.float32(1.0))
+
+
 def init(cfg: Config, key, width: int, grid: int, max_boxes: int = 1) -> dict:
-  x = jnp.zeros((1, width))
-  return layers.unbox(Discriminators(cfg).init(
-      key, x, jnp.zeros((1, grid * grid, width)), grid, jnp.zeros((1, max_boxes, 4)),
-      jnp.zeros((1, max_boxes)), jnp.float32(1.0)))
+  return layers.unbox(Discriminators(cfg, grid).init(key, *_dummy(width, grid, max_boxes)))
+
+
+def logical_axes(cfg: Config, width: int, grid: int, max_boxes: int = 1):
+  return layers.logical_axes(Discriminators(cfg, grid).init, jax.random.key(0),
+                             *_dummy(width, grid, max_boxes))
 
 
 def apply(cfg: Config, params, pooled, tokens, grid, boxes, box_mask, lam) -> dict:
   """-> {"image": [B], "token": [B, N], "instance": [B, M]} domain logits; gradients reaching
   `pooled` and `tokens` are reversed and scaled by `lam`."""
-  return Discriminators(cfg).apply({"params": params}, pooled, tokens, grid, boxes, box_mask,
-                                   jnp.asarray(lam, jnp.float32))
+  return Discriminators(cfg, grid).apply({"params": params}, pooled, tokens, boxes, box_mask,
+                                         jnp.asarray(lam, jnp.float32))
 
 
 def losses(logits, domain, box_mask, focal_gamma=None, consistency=True) -> dict:
