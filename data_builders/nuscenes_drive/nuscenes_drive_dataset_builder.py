@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_builders import common
-from data_builders.nuscenes_drive import geometry
+from drivlm_jax.data import geometry
 from drivlm_jax.data import labels
 
 SIX_CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT",

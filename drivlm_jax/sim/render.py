@@ -9,6 +9,7 @@ import dataclasses
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from drivlm_jax.data import geometry
 from drivlm_jax.sim import domains
 from drivlm_jax.sim.scene import LANE_WIDTH, SIZES, Scene
 
@@ -158,20 +159,6 @@ def _project(points, k):
   return uv[:, :2] / uv[:, 2:3]
 
 
-def box_2d(corners_cam, k, width, height):
-  """2D box [x1, y1, x2, y2] of the corners in front of the camera, clipped to the image;
-  None when no corner is in front or the box misses the image."""
-  front = corners_cam[corners_cam[:, 2] > 0.1]
-  if len(front) == 0:
-    return None
-  uv = _project(front, k)
-  x1, y1 = np.clip(uv.min(0), 0, [width, height])
-  x2, y2 = np.clip(uv.max(0), 0, [width, height])
-  if x2 - x1 < 1 or y2 - y1 < 1:
-    return None
-  return [float(x1), float(y1), float(x2), float(y2)]
-
-
 def _shade(colour, factor, domain, depth):
   c = np.asarray(colour, np.float32) * factor
   if domain.time == "night":
@@ -238,7 +225,7 @@ def render(ground, cuboids, lamps, pinhole: Pinhole, rotation, translation,
             lamp = np.asarray(cuboid.center) + offset
             _dot(draw, _to_camera(lamp[None], rotation, translation)[0], 0.12, colour, k)
     if cuboid.index >= 0:
-      box = box_2d(corners, k, w, h)
+      box = geometry.box_in_image(corners, k, w, h)
       if box is not None:
         boxes.append((cuboid.index, cuboid.category, box))
   for centre, radius, colour in lamps:

@@ -26,10 +26,16 @@ def project_box(corners, ego_pose, calibrated_sensor, width, height):
   camera, clipped to the image; None when none is in front or the box misses the image."""
   p = (corners - ego_pose["translation"]) @ rotation_matrix(ego_pose["rotation"])
   p = (p - calibrated_sensor["translation"]) @ rotation_matrix(calibrated_sensor["rotation"])
-  front = p[p[:, 2] > 0.1]
+  return box_in_image(p, np.asarray(calibrated_sensor["camera_intrinsic"]), width, height)
+
+
+def box_in_image(corners_cam, intrinsic, width, height):
+  """Camera-frame corners [8, 3] -> [x1, y1, x2, y2] of the corners in front of the camera,
+  clipped to the image; None when none is in front or the box misses the image."""
+  front = corners_cam[corners_cam[:, 2] > 0.1]
   if len(front) == 0:
     return None
-  uv = front @ np.asarray(calibrated_sensor["camera_intrinsic"]).T
+  uv = front @ intrinsic.T
   uv = uv[:, :2] / uv[:, 2:3]
   x1, y1 = np.clip(uv.min(0), 0, [width, height])
   x2, y2 = np.clip(uv.max(0), 0, [width, height])
