@@ -33,6 +33,14 @@ MODEL_PRESETS = {
                       num_layers=2, num_heads=4, num_kv_heads=2, rope_theta=10_000.0,
                       max_position_embeddings=512),
         image_token_id=3, head_hidden=64),
+    # CPU-sized teacher: twice the tiny student's width and depth, same grid and tokenizer.
+    "tiny_teacher": dict(
+        vision=dict(family="clip", image_size=64, patch_size=8, hidden_size=128,
+                    intermediate_size=256, num_layers=4, num_heads=4, hidden_act="quick_gelu"),
+        language=dict(family="qwen2", vocab_size=512, hidden_size=128, intermediate_size=256,
+                      num_layers=2, num_heads=4, num_kv_heads=2, rope_theta=10_000.0,
+                      max_position_embeddings=512),
+        image_token_id=3, head_hidden=128),
     # Student: CLIP ViT-B/16 + Qwen2-0.5B shapes (LLaVA-style, penultimate vision layer).
     "clip_b16_qwen05b": dict(vision=_CLIP_B16, language=_QWEN2_05B,
                              image_token_id=_QWEN2_IMAGE_PAD, vision_feature_layer=-2),

@@ -1,46 +1,118 @@
-r"""The demo on the embedded default: the tiny VLM trained on the procedural world's day
-domain (source) and evaluated on night+fog (target), source-only next to the oracle trained on
-labelled target too (the upper bound adaptation is measured against).
+r"""The demo on the embedded default: the procedural world's day domain (source, labelled)
+adapted to night+fog (target, unlabelled), on CPU.
 
-  python -m drivlm_jax.demo [--workdir workdirs/demo] [--steps 1200]
+  python -m drivlm_jax.demo [--workdir runs/demo] [--seeds 1] [--steps 1200]
 
-Each run is `python -m drivlm_jax.train --config configs/demo.py:method=M ...`; re-running
-resumes or reuses them. Results: <workdir>/<method>/eval.json and a summary table.
+Per seed, four runs of `python -m drivlm_jax.train --config configs/demo.py:method=M`:
+  source_only      the tiny VLM on labelled source only
+  drivlm_teacher   a 2x wider/deeper VLM with the DriVLM adaptation (discriminators at the
+                   image, token and instance level; instruction-guided token reweighting)
+  drivlm_student   the tiny VLM adapted the same way and distilled from the teacher
+                   (heads, LM tokens, visual tokens), evaluated pruned (config.eval.keep_ratio)
+  oracle           the tiny VLM on labelled source and labelled target (the upper bound)
+Every method is evaluated on the target (and source) test split. Writes <workdir>/results.json,
+report.md, results.csv and plots (training curves, mAP by method, PCA of pooled features,
+reweighting heat-maps), and times the jitted student. Re-running resumes or reuses runs.
 """
 import json
 import os
+import time
 
+import jax
+import numpy as np
 from absl import app, flags, logging
 
 from configs import demo as demo_config
-from drivlm_jax import train
+from drivlm_jax import train, visualize
+from experiments import report
 
-_WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Where the runs go.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the runs and the report go.")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "Training seeds per method.")
 _STEPS = flags.DEFINE_integer("steps", None, "Training steps (default: the config's).")
-METHODS = ("source_only", "oracle")
+
+
+def _run(method, seed, extra=""):
+  root = _WORKDIR.value
+  arg = f"method={method}" + (f",steps={_STEPS.value}" if _STEPS.value else "") + extra
+  config = demo_config.get_config(arg)
+  config.seed = seed
+  config.data.cache_dir = os.path.join(root, "data")          # one sim for every run
+  workdir = os.path.join(root, f"seed{seed}", method)
+  print(f"== {method} (seed {seed}): python -m drivlm_jax.train --config configs/demo.py:{arg} "
+        f"--workdir {workdir} --config.seed={seed} --config.data.cache_dir={config.data.cache_dir}")
+  if not _finished(workdir, config):
+    train.train(config, workdir)
+  return workdir
+
+
+def _finished(workdir, config) -> bool:
+  path = os.path.join(workdir, "eval.json")
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    return json.load(f).get("step") == config.total_steps
+
+
+def time_student(student_dir, batch=8, repeats=20) -> dict:
+  """Median ms of the jitted deployable student (vision + reweighting + heads) per batch at
+  keep_ratio 1.0 and at the config's eval keep_ratio."""
+  from drivlm_jax import checkpoints
+  from drivlm_jax.model import vlm
+  config = checkpoints.run_config(student_dir)
+  cfg = train.model_config(config)
+  params, _ = checkpoints.load_params(student_dir, cfg)
+  size = cfg.vision.image_size
+  images = np.random.default_rng(0).normal(size=(batch, size, size, 3)).astype(np.float32)
+  ids = np.full((batch, 8), 5, np.int32)
+  mask = np.ones((batch, 8), np.int32)
+  out = {}
+  for keep in sorted({1.0, config.eval.keep_ratio}, reverse=True):
+    fn = jax.jit(lambda p, x, i, m, k=keep: vlm.encode_image(cfg, p, x, i, m, k)["action_logits"])
+    jax.block_until_ready(fn(params, images, ids, mask))
+    times = []
+    for _ in range(repeats):
+      t = time.perf_counter()
+      jax.block_until_ready(fn(params, images, ids, mask))
+      times.append(time.perf_counter() - t)
+    out[f"keep_{keep:g}_ms"] = 1e3 * float(np.median(times))
+  out["batch"] = batch
+  return out
 
 
 def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  rows = {}
-  for method in METHODS:
-    arg = f"method={method}" + (f",steps={_STEPS.value}" if _STEPS.value else "")
-    config = demo_config.get_config(arg)
-    config.data.cache_dir = os.path.join(_WORKDIR.value, "data")   # one sim for both runs
-    workdir = os.path.join(_WORKDIR.value, method)
-    print(f"== {method}: python -m drivlm_jax.train --config configs/demo.py:{arg} "
-          f"--workdir {workdir} --config.data.cache_dir={config.data.cache_dir}")
-    train.train(config, workdir)
-    with open(os.path.join(workdir, "eval.json")) as f:
-      rows[method] = json.load(f)["test"]
-  print("\nDemo (sim day -> night+fog, test split, points):")
-  print(f"{'method':12s} {'source action mAP':>18s} {'target action mAP':>18s} "
-        f"{'target reason mAP':>18s} {'target ROUGE-L':>15s}")
-  for method, r in rows.items():
-    print(f"{method:12s} {r['source']['action_mAP']:18.1f} {r['target']['action_mAP']:18.1f} "
-          f"{r['target']['reason_mAP']:18.1f} {r['target'].get('ROUGE-L', float('nan')):15.1f}")
+  start = time.time()
+  runs = []
+  for seed in range(_SEEDS.value):
+    runs.append(_run("source_only", seed))
+    teacher = _run("drivlm_teacher", seed)
+    runs += [teacher, _run("drivlm_student", seed, f",teacher={teacher}"),
+             _run("oracle", seed)]
+  root = _WORKDIR.value
+  student = os.path.join(root, "seed0", "drivlm_student")
+  timing = time_student(student)
+  notes = (f"Sim day -> night+fog, {_SEEDS.value} seed(s); `python -m drivlm_jax.demo "
+           f"--workdir {root} --seeds {_SEEDS.value}`. The student is evaluated pruned to "
+           f"keep_ratio {demo_config.get_config('method=drivlm,teacher=x').eval.keep_ratio}. "
+           f"Jitted student, batch {timing['batch']}: "
+           + ", ".join(f"{k} {v:.2f}" for k, v in timing.items() if k.endswith("_ms")) + ".")
+  results = report.write(runs, root, "DriVLM demo", notes)
+  visualize.write(os.path.join(root, "seed0"), root)
+  with open(os.path.join(root, "results.json")) as f:
+    saved = json.load(f)
+  saved["student_timing"] = timing
+  with open(os.path.join(root, "results.json"), "w") as f:
+    json.dump(saved, f, indent=1)
+  with open(os.path.join(root, "report.md"), "a") as f:
+    f.write("\n![pooled features](pca.png)\n\n![reweighting](reweighting.png)\n")
+  print(f"\nDemo ({time.time() - start:.0f} s): sim day -> night+fog, test split, points; "
+        f"mean ± std over {_SEEDS.value} seed(s)")
+  print(report.markdown_table(results, "target"))
+  print(notes)
+  print(f"Report: {root}/report.md (results.json, curves.png, target_mAP.png, pca.png, "
+        f"reweighting.png)")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@ r"""Evaluates a run: `python -m drivlm_jax.evaluate --config configs/X.py[:arg] 
 [--split test]`. Restores the latest checkpoint of DIR and writes DIR/eval.json:
 {split: {"source"|"target": {action_mAP, action_mF1, action_F1_all, reason_mAP, ...,
 BLEU-1..4, ROUGE-L, CIDEr, accuracy}}} in points (0-100), and prints it as a table.
+
+The heads run as the deployed student does: pruned to `config.eval.keep_ratio` of the
+visual tokens; generated answers use every visual token (the LM's prompt holds them all).
 """
 import functools
 import json
@@ -9,19 +12,17 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags
 
-from drivlm_jax import metrics
+from drivlm_jax import checkpoints, metrics
 from drivlm_jax.data import pipeline
 from drivlm_jax.data.tokenizer import TextTokenizer
 from drivlm_jax.model import vlm
 
 
-
-@functools.partial(jax.jit, static_argnums=0)
-def _heads(cfg, params, images, instruction_ids, instruction_mask):
-  out = vlm.encode_image(cfg, params, images, instruction_ids, instruction_mask)
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _heads(cfg, params, images, instruction_ids, instruction_mask, keep_ratio=1.0):
+  out = vlm.encode_image(cfg, params, images, instruction_ids, instruction_mask, keep_ratio)
   return jax.nn.sigmoid(out["action_logits"]), jax.nn.sigmoid(out["reason_logits"])
 
 
@@ -59,7 +60,7 @@ def evaluate_domain(config, cfg, params, spec, feats) -> dict:
   for batch in pipeline.batches(spec, feats, config.eval.batch_size, train=False,
                                 shard_index=0, shard_count=1):
     action, reason = _heads(cfg, params, batch["image"], batch["instruction_ids"],
-                            batch["instruction_mask"])
+                            batch["instruction_mask"], config.eval.get("keep_ratio", 1.0))
     probs["action"].append(np.asarray(action))
     probs["reason"].append(np.asarray(reason))
     labels["action"].append(batch["actions"])
@@ -109,17 +110,11 @@ def main(argv):
   cfg = train.model_config(config)
   data = sources.prepare(config.data, workdir)
   feats = train.features(config, cfg, data["tokenizer"])
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"))
-  step = manager.latest_step()
-  if step is None:
-    raise app.UsageError(f"{workdir}/checkpoints holds no checkpoint")
-  abstract = jax.eval_shape(lambda k: vlm.init(cfg, k), jax.random.key(0))
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item={"params": abstract},
-                                   restore_args=jax.tree.map(
-                                       lambda _: ocp.ArrayRestoreArgs(), {"params": abstract}),
-                                   partial_restore=True)))
-  run(config, cfg, restored["state"]["params"], data, feats, workdir, step, flags.FLAGS.split)
+  try:
+    params, step = checkpoints.load_params(workdir, cfg)
+  except checkpoints.RunError as e:
+    raise app.UsageError(str(e)) from None
+  run(config, cfg, params, data, feats, workdir, step, flags.FLAGS.split)
 
 
 if __name__ == "__main__":

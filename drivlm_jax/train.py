@@ -24,15 +24,16 @@ import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from drivlm_jax import evaluate, optim, parallel
+from drivlm_jax import checkpoints, evaluate, optim, parallel
 from drivlm_jax.data import pipeline, sources
-from drivlm_jax.losses import adversarial, task
+from drivlm_jax.losses import adversarial, distill, task
 from drivlm_jax.model import discriminators, vlm
 
 BATCH_KEYS = ("image", "input_ids", "attention_mask", "targets", "loss_mask", "actions",
               "reasons", "action_mask", "reason_mask", "instruction_ids", "instruction_mask",
               "boxes", "box_mask", "domain")
 DA_LEVELS = ("image", "token", "instance", "consistency")
+KD_KINDS = ("heads", "lm", "feature")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -62,14 +63,64 @@ def da_config(config):
   if da is None or not any(da.get(k, 0.0) > 0 for k in DA_LEVELS):
     return None
   return (discriminators.Config(hidden=da.get("hidden", 256)),
-          {k: float(da.get(k, 0.0)) for k in DA_LEVELS}, da.get("focal_gamma", 0.0))
+          {k: float(da.get(k, 0.0)) for k in DA_LEVELS}, da.get("focal_gamma", 0.0),
+          float(da.get("start", 0.0)))
 
 
-def make_train_step(cfg, tx, loss_weights, da=None, total_steps=1):
-  """One optimizer step; with `da` (from `da_config`) the domain discriminators on the
-  visual tokens (image level: their attention-pooled summary) join the loss behind a
-  gradient reversal whose strength follows the DANN schedule."""
-  def train_step(state, batch):
+def kd_config(config):
+  """(teacher run dir, {kind: weight}, temperature, feature kind) or None when distillation
+  is off."""
+  kd = config.get("distill")
+  if kd is None or not kd.get("teacher") or not any(
+      kd.get(k, 0.0) > 0 for k in KD_KINDS):
+    return None
+  return (kd.teacher, {k: float(kd.get(k, 0.0)) for k in KD_KINDS},
+          float(kd.get("temperature", 1.0)), kd.get("feature_kind", "cosine"))
+
+
+def load_teacher(teacher_dir: str, cfg: vlm.Config):
+  """The frozen teacher of a distillation run: (vlm.Config, params) from any run directory."""
+  tcfg = model_config(checkpoints.run_config(teacher_dir))
+  if tcfg.language.vocab_size != cfg.language.vocab_size:
+    raise ValueError(f"teacher {teacher_dir} has a {tcfg.language.vocab_size}-token vocabulary, "
+                     f"the student {cfg.language.vocab_size}: LM distillation needs one tokenizer")
+  params, step = checkpoints.load_params(teacher_dir, tcfg)
+  logging.info("teacher: %s at step %d", teacher_dir, step)
+  return tcfg, params
+
+
+def _distill_losses(cfg, tcfg, kd, out, teacher_out, batch, projection):
+  """Scene-aware KD: heads (sigmoid KD), LM tokens from the image on (softmax KD), visual
+  tokens (feature KD weighted by the student's instruction scores), on every row: the
+  teacher needs no labels."""
+  _, weights, temperature, kind = kd
+  t = jax.lax.stop_gradient(teacher_out)
+  out_losses = {}
+  if weights["heads"]:
+    out_losses["heads"] = (distill.sigmoid_kd(out["action_logits"], t["action_logits"], temperature)
+                           + distill.sigmoid_kd(out["reason_logits"], t["reason_logits"],
+                                                temperature))
+  if weights["lm"]:
+    mask = batch["attention_mask"] * (batch["input_ids"] != cfg.image_token_id)
+    out_losses["lm"] = distill.softmax_kd(out["lm_logits"], t["lm_logits"], temperature, mask)
+  if weights["feature"]:
+    teacher_tokens = distill.match_grid(t["visual_tokens"], tcfg.vision.grid, cfg.vision.grid)
+    scores = out.get("token_scores")
+    out_losses["feature"] = distill.feature_kd(
+        out["visual_tokens"], teacher_tokens, projection,
+        None if scores is None else jax.nn.sigmoid(scores), kind)
+  return out_losses
+
+
+def make_train_step(cfg, tx, loss_weights, da=None, total_steps=1, kd=None, tcfg=None):
+  """One optimizer step: `train_step(state, batch, teacher_params)`.
+
+  With `da` (from `da_config`) the domain discriminators on the visual tokens (image level:
+  their mean) join the loss behind a gradient reversal whose strength
+  follows the DANN schedule. With `kd` (from `kd_config`) the frozen teacher (`tcfg`,
+  `teacher_params`) runs on the same batch and the distillation losses join.
+  """
+  def train_step(state, batch, teacher_params):
     def loss_fn(params):
       out = vlm.apply(cfg, params, batch["image"], batch["input_ids"], batch["attention_mask"],
                       batch["instruction_ids"], batch["instruction_mask"])
@@ -77,9 +128,15 @@ def make_train_step(cfg, tx, loss_weights, da=None, total_steps=1):
       total = sum(loss_weights[k] * v for k, v in losses.items())
       extra = {}
       if da is not None:
-        dcfg, weights, gamma = da
-        lam = adversarial.dann_lambda(state["step"] / total_steps)
-        logits = discriminators.apply(dcfg, params["discriminators"], out["pooled_visual"],
+        dcfg, weights, gamma, start = da
+        # Progress p of the DANN schedule runs over the steps after `start` (a fraction):
+        # the discriminators train from step 0, the reversal acts once the task features exist.
+        progress = (state["step"] / total_steps - start) / (1.0 - start)
+        lam = adversarial.dann_lambda(jnp.clip(progress, 0.0, 1.0))
+        # Image level: the mean of the visual token map (a global feature of the image, as
+        # DA Faster R-CNN's image level), not the heads' own pooled input.
+        pooled = jnp.mean(out["visual_tokens"], axis=1)
+        logits = discriminators.apply(dcfg, params["discriminators"], pooled,
                                       out["visual_tokens"], cfg.vision.grid, batch["boxes"],
                                       batch["box_mask"], lam)
         da_losses = discriminators.losses(logits, batch["domain"], batch["box_mask"],
@@ -87,6 +144,14 @@ def make_train_step(cfg, tx, loss_weights, da=None, total_steps=1):
         total = total + sum(weights[k] * v for k, v in da_losses.items())
         losses = {**losses, **{f"da_{k}": v for k, v in da_losses.items()}}
         extra["da_lambda"] = lam
+      if kd is not None:
+        teacher_out = vlm.apply(tcfg, teacher_params, batch["image"], batch["input_ids"],
+                                batch["attention_mask"], batch["instruction_ids"],
+                                batch["instruction_mask"])
+        kd_losses = _distill_losses(cfg, tcfg, kd, out, teacher_out, batch,
+                                    params["distill"]["projection"])
+        total = total + sum(kd[1][k] * v for k, v in kd_losses.items())
+        losses = {**losses, **{f"kd_{k}": v for k, v in kd_losses.items()}}
       return total, (losses, extra)
     (total, (losses, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -127,6 +192,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if da is not None:
     disc_args = (cfg.language.hidden_size, cfg.vision.grid, feats.max_boxes)
     axes["discriminators"] = discriminators.logical_axes(da[0], *disc_args)
+  kd, tcfg, teacher = kd_config(config), None, {}
+  if kd is not None:
+    tcfg, teacher = load_teacher(kd[0], cfg)
+    axes["distill"] = {"projection": jax.sharding.PartitionSpec("embed", None)}
+    teacher = jax.device_put(teacher, parallel.param_shardings(vlm.logical_axes(tcfg), mesh,
+                                                               rules))
   param_shardings = parallel.param_shardings(axes, mesh, rules)
 
   def init_params(key):
@@ -134,6 +205,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if da is not None:
       params["discriminators"] = discriminators.init(da[0], jax.random.fold_in(key, 1),
                                                      *disc_args)
+    if kd is not None:   # student visual token -> teacher visual token width
+      shape = (cfg.language.hidden_size, tcfg.language.hidden_size)
+      params["distill"] = {"projection": nn.initializers.lecun_normal()(
+          jax.random.fold_in(key, 2), shape)}
     return params
 
   init = jax.jit(init_params, out_shardings=param_shardings)
@@ -146,8 +221,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = {"step": step0, "params": params, "opt_state": opt_state}
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding = parallel.batch_sharding(mesh, rules)
-  train_step = jax.jit(make_train_step(cfg, tx, dict(config.loss), da, config.total_steps),
-                       in_shardings=(state_shardings, batch_sharding),
+  train_step = jax.jit(make_train_step(cfg, tx, dict(config.loss), da, config.total_steps,
+                                       kd, tcfg),
+                       in_shardings=(state_shardings, batch_sharding,
+                                     jax.tree.map(lambda x: x.sharding, teacher)),
                        out_shardings=(state_shardings, parallel.replicated(mesh)),
                        donate_argnums=0)
 
@@ -193,7 +270,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       host_batch = next(batches)
       batch = parallel.put_batch({k: host_batch[k] for k in BATCH_KEYS}, batch_sharding)
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state, metrics = train_step(state, batch)
+        state, metrics = train_step(state, batch, teacher)
       done = step + 1
       loss = float(metrics["loss"])
       if not np.isfinite(loss):

@@ -81,11 +81,11 @@ def main():
   state = {"step": 0, "params": params, "opt_state": tx.init(params)}
   step = jax.jit(train.make_train_step(cfg, tx, dict(config.loss)))
   device_batches = [{k: jax.numpy.asarray(b[k]) for k in train.BATCH_KEYS} for b in batches]
-  state, _ = step(state, device_batches[0])
+  state, _ = step(state, device_batches[0], {})
   jax.block_until_ready(state)
   start = time.perf_counter()
   for b in device_batches[1:]:
-    state, _ = step(state, b)
+    state, _ = step(state, b, {})
   jax.block_until_ready(state)
   consumed = args.batches * config.batch_size / (time.perf_counter() - start)
   result["train_step_examples_per_s"] = consumed

@@ -74,7 +74,7 @@ def case_vlm_tiny(batch_size, length=128):
   jbatch = {k: jnp.asarray(v) for k, v in data.items()}
 
   def ours():
-    state[0], _ = step(state[0], jbatch)
+    state[0], _ = step(state[0], jbatch, {})
     jax.block_until_ready(state[0])
 
   v, l = cfg.vision, cfg.language

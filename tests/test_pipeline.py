@@ -47,6 +47,15 @@ def test_batches_mix_source_and_masked_target(data):
   assert (batch["action_mask"][target] == 0).all() and (batch["actions"][target] == 0).all()
   assert (batch["loss_mask"][target] == 0).all() and (batch["reason_mask"][target] == 0).all()
   assert (batch["action_mask"][~target] == 1).all() and batch["loss_mask"][~target].sum() > 0
+  # The answer (a label) is not in an unlabelled row's LM input: it ends with the prompt,
+  # i.e. the instruction tokens after the image placeholders.
+  tok = TextTokenizer(data["features"].tokenizer)
+  for row in np.flatnonzero(target):
+    ids = batch["input_ids"][row][batch["attention_mask"][row] > 0]
+    n_image = data["features"].num_image_tokens
+    assert ids[0] == tok.bos_id and (ids[1:1 + n_image] == tok.image_id).all()
+    np.testing.assert_array_equal(
+        ids[1 + n_image:], batch["instruction_ids"][row][batch["instruction_mask"][row] > 0])
   # The night filter holds: every target example comes from a night scene.
   import tensorflow_datasets as tfds
   source = tfds.data_source("nuscenes_drive/front", data_dir=data["data_dir"], split="train")

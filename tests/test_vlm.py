@@ -122,6 +122,49 @@ def test_truncated_tower_equals_hf_hidden_states(tmp_path):
     vision.truncate(cfg, params, -5)
 
 
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_split_tower_equals_the_whole(tmp_path, family):
+  model = ref.clip_vision(layers=3) if family == "clip" else ref.siglip_vision(layers=3)
+  cfg, params = hf.load_vision_tower(ref.save(model, tmp_path))
+  x, xt = ref.images(2, cfg.image_size)
+  with torch.inference_mode():
+    hf_out = model(pixel_values=xt, output_hidden_states=True)
+  whole = vision.apply(cfg, params, x)
+  for layer in (0, 1, 3):
+    (stem_cfg, stem), (tail_cfg, tail) = vision.split(cfg, params, layer)
+    hidden = vision.apply_part(stem_cfg, stem, x, "stem")
+    assert ref.max_diff(hidden, hf_out.hidden_states[layer]) <= TOL
+    out = vision.apply_part(tail_cfg, tail, hidden, "tail")
+    for k in ("last_hidden_state", "pooled", "patch_features"):
+      np.testing.assert_allclose(out[k], whole[k], atol=1e-5)
+  with pytest.raises(ValueError, match="outside a 3-layer tower"):
+    vision.split(cfg, params, 4)
+
+
+def test_pruning_inside_the_tower_runs_later_layers_on_the_kept_tokens():
+  from configs import common
+  import dataclasses
+  cfg = dataclasses.replace(vlm.config_from_dict(common.model_config("tiny")), reweight=True,
+                            reweight_dim=32, reweight_layer=0)
+  params = vlm.init(cfg, jax.random.key(0))
+  images = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
+  instruction = np.array([[20, 21, 22, 0], [30, 31, 0, 0]], np.int32)
+  mask = (instruction > 0).astype(np.int32)
+  out = vlm.encode_image(cfg, params, images, instruction, mask, keep_ratio=0.25)
+  # Reference: embeddings -> gate and keep the top 16 patches (class token kept) -> all layers.
+  (stem_cfg, stem), (tail_cfg, tail) = vision.split(cfg.vision, params["vision"], 0)
+  hidden = np.asarray(vision.apply_part(stem_cfg, stem, images, "stem"))
+  scores = np.asarray(out["token_scores"])
+  assert scores.shape == (2, 64)
+  top = np.sort(np.argsort(-scores, axis=1)[:, :16], axis=1)
+  np.testing.assert_array_equal(out["kept_indices"], top)
+  gated = hidden[:, 1:] / (1 + np.exp(-scores[..., None]))
+  kept = np.concatenate([hidden[:, :1], np.take_along_axis(gated, top[..., None], 1)], 1)
+  expected = vision.apply_part(tail_cfg, tail, kept, "tail")["patch_features"]
+  np.testing.assert_allclose(out["patch_features"], expected, atol=1e-5)
+  assert out["visual_tokens"].shape == (2, 16, cfg.language.hidden_size)
+
+
 def test_instruction_reweighting_and_pruning_path():
   from configs import common
   import dataclasses

@@ -126,7 +126,9 @@ class ExampleTransform:
         "domain": np.int32(self.domain), "example_id": example["example_id"],
     }
     out["boxes"][:n], out["box_categories"][:n] = boxes, categories
-    if not self.labelled:   # unlabelled target: nothing a loss could learn from
+    if not self.labelled:   # unlabelled target: nothing a loss could learn from, and the
+      # answer (an explanation, i.e. a label) leaves the LM input too: prompt only.
+      out.update(self.tokenizer.sequence(instruction, "", f.num_image_tokens, f.max_len))
       out.update(actions=np.zeros_like(actions), reasons=np.zeros_like(reasons),
                  action_mask=np.float32(0), reason_mask=np.float32(0),
                  targets=np.full_like(text["targets"], self.tokenizer.pad_id),

@@ -26,12 +26,18 @@ class Config:
 
 
 class Mlp(nn.Module):
-  """features [..., D] -> domain logits [...]."""
+  """features [..., D] -> LayerNorm -> MLP -> domain logits [...].
+
+  The LayerNorm keeps the min-max game bounded: behind the reversal, the features could
+  otherwise win by growing without limit (the discriminator loss diverges and its reversed
+  gradients swamp the task's under global-norm clipping).
+  """
   cfg: Any
 
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
+    x = layers.layer_norm(cfg, "norm", 1e-5)(x)
     h = jax.nn.relu(layers.dense(cfg.hidden, ("embed",), ("mlp",), cfg=cfg, name="fc1")(x))
     h = jax.nn.relu(layers.dense(cfg.hidden, ("mlp",), (None,), cfg=cfg, name="fc2")(h))
     return layers.dense(1, (None,), (None,), cfg=cfg, name="out")(h)[..., 0].astype(jnp.float32)

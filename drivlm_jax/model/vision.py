@@ -117,15 +117,25 @@ class PoolingHead(nn.Module):
 
 
 class VisionTower(nn.Module):
+  """part="all": images -> outputs. The tower can also run in two parts around a point
+  between layers (for pruning inside the tower): "stem" (images -> hidden states after
+  cfg.num_layers layers) and "tail" (hidden states -> outputs, cfg.num_layers more layers);
+  each part takes its own slice of the stacked layer params (see `split`)."""
   cfg: Any
+  part: str = "all"
 
   @nn.compact
-  def __call__(self, images):
+  def __call__(self, inputs):
     cfg = self.cfg
-    x = Embeddings(cfg, name="embeddings")(images)
-    if cfg.family == "clip":
-      x = layers.layer_norm(cfg, "pre_layrnorm", cfg.layer_norm_eps)(x)
-    x = layers.Encoder(cfg, name="encoder")(x)
+    x = inputs
+    if self.part in ("all", "stem"):
+      x = Embeddings(cfg, name="embeddings")(x)
+      if cfg.family == "clip":
+        x = layers.layer_norm(cfg, "pre_layrnorm", cfg.layer_norm_eps)(x)
+    if cfg.num_layers:
+      x = layers.Encoder(cfg, name="encoder")(x)
+    if self.part == "stem":
+      return x
     post_ln = layers.layer_norm(cfg, "post_layernorm", cfg.layer_norm_eps)
     if cfg.family == "clip":
       return {"last_hidden_state": x, "pooled": post_ln(x[:, 0]), "patch_features": x[:, 1:]}
@@ -149,6 +159,27 @@ def apply(cfg: Config, params: dict, pixel_values) -> dict:
   (HF `hidden_states[-1]` without the class token, what LLaVA-style VLMs project).
   """
   return VisionTower(cfg).apply({"params": params}, pixel_values)
+
+
+def split(cfg: Config, params: dict, layer: int):
+  """(stem, tail) of the tower at `layer` (0 <= layer <= num_layers), each a (Config, params)
+  pair for `apply_part`: stem = embeddings + the first `layer` layers, tail = the rest."""
+  if not 0 <= layer <= cfg.num_layers:
+    raise ValueError(f"split layer {layer} is outside a {cfg.num_layers}-layer tower")
+  stacked = params["encoder"]["layers"]
+  part = lambda lo, hi: ({"encoder": {"layers": jax.tree.map(lambda x: x[lo:hi], stacked)}}
+                         if hi > lo else {})
+  stem = {k: v for k, v in params.items() if k in ("embeddings", "pre_layrnorm")}
+  tail = {k: v for k, v in params.items() if k in ("post_layernorm", "head")}
+  return ((dataclasses.replace(cfg, num_layers=layer), {**stem, **part(0, layer)}),
+          (dataclasses.replace(cfg, num_layers=cfg.num_layers - layer),
+           {**tail, **part(layer, cfg.num_layers)}))
+
+
+def apply_part(cfg: Config, params: dict, inputs, part: str):
+  """part "stem": images -> hidden states [B, T, D] (CLIP: class token first);
+  part "tail": hidden states -> `apply`'s outputs."""
+  return VisionTower(cfg, part).apply({"params": params}, inputs)
 
 
 def logical_axes(cfg: Config):

@@ -30,6 +30,10 @@ class Config:
   num_reasons: int = NUM_REASONS
   reweight: bool = False             # instruction-guided token gates before the projector
   reweight_dim: int = 128
+  # Where the instruction scores (and prunes) the patch tokens: after this many vision layers
+  # (0 = right after the patch embedding; the later layers then run on the kept tokens only),
+  # or None = at the feature layer, just before the projector.
+  reweight_layer: int | None = None
 
   def __post_init__(self):
     if not 0 <= self.image_token_id < self.language.vocab_size:
@@ -152,18 +156,25 @@ def encode_image(cfg: Config, params, images, instruction_ids=None, instruction_
                  keep_ratio: float = 1.0) -> dict:
   """images [B, H, W, 3] -> vision features, visual tokens and head logits (no LM).
 
-  With `cfg.reweight`, the instruction (ids [B, L] and mask [B, L]) scores the patch
-  features ("token_scores" [B, N]), which are gated by sigmoid(score) before the projector;
-  `keep_ratio` < 1 keeps only the best-scoring ceil(N * keep_ratio) tokens ("kept_indices").
+  With `cfg.reweight`, the instruction (ids [B, L] and mask [B, L]) scores the patch tokens
+  ("token_scores" [B, N]) after `cfg.reweight_layer` vision layers (None: at the feature
+  layer); they are gated by sigmoid(score), and `keep_ratio` < 1 keeps only the
+  best-scoring ceil(N * keep_ratio) ("kept_indices"), so the layers after run on fewer tokens.
   """
   vcfg, vparams = vision.truncate(cfg.vision, params["vision"], cfg.vision_feature_layer)
-  vout = vision.apply(vcfg, vparams, images)
-  patches = vout["patch_features"]
-  out = {"image_pooled": vout["pooled"],      # [B, Dv] vision pooled feature
-         "patch_features": patches}           # [B, N, Dv]
-  if cfg.reweight:
+  out = {}
+  if not cfg.reweight:
+    if keep_ratio < 1.0:
+      raise ValueError("pruning (keep_ratio < 1) needs cfg.reweight: tokens are kept by score")
+    vout = vision.apply(vcfg, vparams, images)
+  else:
     if instruction_ids is None:
       raise ValueError("cfg.reweight needs the instruction (instruction_ids, instruction_mask)")
+    layer = vcfg.num_layers if cfg.reweight_layer is None else cfg.reweight_layer
+    (stem_cfg, stem), (tail_cfg, tail) = vision.split(vcfg, vparams, layer)
+    hidden = vision.apply_part(stem_cfg, stem, images, "stem")
+    lead = 1 if vcfg.family == "clip" else 0          # the class token is always kept
+    patches = hidden[:, lead:]
     text = language.embed_tokens(cfg.language, params["language"], instruction_ids)
     scores = reweighting.scores(_reweight_config(cfg), params["reweighting"], patches, text,
                                 instruction_mask)
@@ -171,9 +182,11 @@ def encode_image(cfg: Config, params, images, instruction_ids=None, instruction_
     out["token_scores"] = scores
     if keep_ratio < 1.0:
       patches, out["kept_indices"] = reweighting.prune(patches, scores, keep_ratio)
-  elif keep_ratio < 1.0:
-    raise ValueError("pruning (keep_ratio < 1) needs cfg.reweight: tokens are kept by score")
-  visual_tokens = Projector(cfg).apply({"params": params["projector"]}, patches)
+    hidden = jnp.concatenate([hidden[:, :lead], patches], axis=1)
+    vout = vision.apply_part(tail_cfg, tail, hidden, "tail")
+  out.update(image_pooled=vout["pooled"],            # [B, Dv] vision pooled feature
+             patch_features=vout["patch_features"])  # [B, N or k, Dv]
+  visual_tokens = Projector(cfg).apply({"params": params["projector"]}, vout["patch_features"])
   heads = Heads(cfg).apply({"params": params["heads"]}, visual_tokens)
   return {**out, "visual_tokens": visual_tokens,     # [B, N or k, D]
           **heads}  # pooled_visual [B, D], action_logits [B, 4], reason_logits [B, 21]

@@ -1,0 +1,53 @@
+"""Reading a finished run back: its config and the model params of a checkpoint.
+
+A run directory (what `drivlm_jax.train` writes) holds `config.json` and `checkpoints/<step>`;
+any such directory can serve as a distillation teacher, an evaluation target or an export
+source.
+"""
+import json
+import os
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from drivlm_jax.model import vlm
+
+
+class RunError(FileNotFoundError):
+  pass
+
+
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise RunError(f"{path} not found: {workdir} is not a run directory of drivlm_jax.train")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def load_params(workdir: str, cfg: vlm.Config, step: int | None = None, extra=()):
+  """Params of the latest (or `step`) checkpoint of `workdir` -> (params, step).
+
+  Only the model's params are read (plus the top-level param groups named in `extra`, e.g.
+  "discriminators"); optimizer state is skipped. Arrays come back on the default device.
+  """
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  manager = ocp.CheckpointManager(directory)
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise RunError(f"{directory} holds no checkpoint")
+    abstract = jax.eval_shape(lambda k: vlm.init(cfg, k), jax.random.key(0))
+    if extra:
+      saved = manager.item_metadata(step)["state"]["params"]
+      for name in extra:
+        abstract[name] = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                                      saved[name])
+    item = {"params": abstract}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(), item),
+        partial_restore=True)))
+  finally:
+    manager.close()
+  return restored["state"]["params"], step

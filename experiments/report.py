@@ -1,0 +1,169 @@
+r"""Tables and plots from finished runs: `python -m experiments.report RUN_DIR... --out DIR`.
+
+Each run dir is what `drivlm_jax.train` writes (config.json, eval.json, metrics.jsonl). Runs
+are grouped by method (config.json "method", else the dir name); runs of one method are
+seeds. Writes DIR/results.json ({"methods": {name: {"target"|"source": {metric: [one value
+per seed]}}}}), DIR/report.md (mean ± std), DIR/results.csv, DIR/curves.png (training loss)
+and DIR/target_mAP.png (bars with std error bars).
+"""
+import argparse
+import collections
+import csv
+import json
+import os
+
+import numpy as np
+
+TABLE_METRICS = ("action_mAP", "action_mF1", "reason_mAP", "reason_mF1", "ROUGE-L", "CIDEr")
+
+
+def _method(run_dir: str) -> str:
+  path = os.path.join(run_dir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      method = json.load(f).get("method")
+    if method:
+      return method
+  return os.path.basename(os.path.normpath(run_dir))
+
+
+def collect(run_dirs, split="test") -> dict:
+  """{"methods": {method: {domain: {metric: [value per run]}}}, "runs": {method: [dirs]}}."""
+  methods, runs = {}, collections.defaultdict(list)
+  for run_dir in run_dirs:
+    path = os.path.join(run_dir, "eval.json")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} not found: has {run_dir} finished training?")
+    with open(path) as f:
+      result = json.load(f)
+    if split not in result:
+      raise KeyError(f"{path} has no {split!r} split (has {sorted(result)})")
+    method = _method(run_dir)
+    runs[method].append(run_dir)
+    for domain, values in result[split].items():
+      for metric, value in values.items():
+        methods.setdefault(method, {}).setdefault(domain, {}).setdefault(metric, []).append(
+            value)
+  return {"methods": methods, "runs": dict(runs)}
+
+
+def _cell(values) -> str:
+  values = np.asarray(values, np.float64)
+  if len(values) == 1:
+    return f"{values[0]:.1f}"
+  return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
+
+
+def markdown_table(results: dict, domain="target", metrics=TABLE_METRICS) -> str:
+  methods = results["methods"]
+  metrics = [m for m in metrics if any(m in methods[k].get(domain, {}) for k in methods)]
+  seeds = {k: len(next(iter(v[domain].values()))) for k, v in methods.items() if domain in v}
+  lines = [f"| method ({domain}) | runs | " + " | ".join(metrics) + " |",
+           "|---|---|" + "---|" * len(metrics)]
+  for name, domains in methods.items():
+    if domain not in domains:
+      continue
+    cells = [_cell(domains[domain][m]) if m in domains[domain] else "" for m in metrics]
+    lines.append(f"| {name} | {seeds[name]} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def write_csv(results: dict, path: str):
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["method", "domain", "metric", "mean", "std", "n", "values"])
+    for name, domains in results["methods"].items():
+      for domain, values in domains.items():
+        for metric, v in values.items():
+          v = np.asarray(v, np.float64)
+          writer.writerow([name, domain, metric, f"{v.mean():.3f}",
+                           f"{v.std(ddof=1) if len(v) > 1 else 0.0:.3f}", len(v),
+                           " ".join(f"{x:.3f}" for x in v)])
+
+
+def _curve(run_dir, key):
+  steps, values = [], []
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        row = json.loads(line)
+        if key in row:
+          steps.append(row["step"])
+          values.append(row[key])
+  return np.asarray(steps), np.asarray(values)
+
+
+def plot_curves(results: dict, path: str, keys=("loss_action", "loss_reason")):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
+  for ax, key in zip(axes[0], keys):
+    for method, dirs in results["runs"].items():
+      curves = [_curve(d, key) for d in dirs]
+      curves = [c for c in curves if len(c[0])]
+      if not curves:
+        continue
+      n = min(len(c[0]) for c in curves)
+      mean = np.mean([c[1][:n] for c in curves], axis=0)
+      smooth = np.convolve(mean, np.ones(5) / 5, mode="valid") if n >= 5 else mean
+      ax.plot(curves[0][0][:len(smooth)], smooth, label=method)
+    ax.set_xlabel("step")
+    ax.set_title(f"train {key} (source rows; mean over runs)")
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_bars(results: dict, path: str, metric="action_mAP"):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  names = [k for k, v in results["methods"].items() if metric in v.get("target", {})]
+  fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.5))
+  for i, domain in enumerate(("source", "target")):
+    values = [np.asarray(results["methods"][k][domain][metric]) for k in names]
+    ax.bar(np.arange(len(names)) + (i - 0.5) * 0.38, [v.mean() for v in values], 0.38,
+           yerr=[v.std(ddof=1) if len(v) > 1 else 0 for v in values], capsize=3,
+           label=domain)
+  ax.set_xticks(np.arange(len(names)), names, fontsize=8)
+  ax.set_ylabel(f"{metric} (test)")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write(run_dirs, out: str, title="Results", notes="") -> dict:
+  """Everything above into `out`; returns the results dict."""
+  os.makedirs(out, exist_ok=True)
+  results = collect(run_dirs)
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump({"methods": results["methods"]}, f, indent=1)
+  write_csv(results, os.path.join(out, "results.csv"))
+  plot_curves(results, os.path.join(out, "curves.png"))
+  plot_bars(results, os.path.join(out, "target_mAP.png"))
+  with open(os.path.join(out, "report.md"), "w") as f:
+    f.write(f"# {title}\n\n{notes}\n\nTest split, points (0-100), mean ± std over runs.\n\n"
+            + markdown_table(results, "target") + "\n\n" + markdown_table(results, "source")
+            + "\n\n![training curves](curves.png)\n\n![action mAP](target_mAP.png)\n")
+  return results
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("run_dirs", nargs="+")
+  parser.add_argument("--out", required=True)
+  args = parser.parse_args()
+  try:
+    results = write(args.run_dirs, args.out)
+  except (FileNotFoundError, KeyError) as e:
+    raise SystemExit(f"error: {e}")
+  print(markdown_table(results, "target"))
+  print(f"wrote {args.out}/report.md, results.json, results.csv, curves.png, target_mAP.png")
+
+
+if __name__ == "__main__":
+  main()
