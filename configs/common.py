@@ -75,3 +75,85 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       parsed = type(default)(value)
     result[name] = parsed
   return result
+
+
+METHODS = ("source_only", "drivlm_teacher", "drivlm_student", "oracle")
+
+
+def check_method(arg) -> str:
+  """`arg.method` (drivlm = drivlm_student), validated against `arg.teacher`."""
+  method = "drivlm_student" if arg.method == "drivlm" else arg.method
+  if method not in METHODS:
+    raise ValueError(f"method {arg.method!r}: known {', '.join(METHODS)} (drivlm = "
+                     f"drivlm_student)")
+  if method == "drivlm_student" and not arg.teacher:
+    raise ValueError("method=drivlm_student needs teacher=<run dir of a drivlm_teacher run> "
+                     "(any run dir of drivlm_jax.train)")
+  return method
+
+
+def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: float = 0.1):
+  """The DriVLM stages as config: what each method trains on and which parts are on.
+
+  source_only     labelled source only
+  drivlm_teacher  + unlabelled target; discriminators at the image, token and instance level
+                  (weight `da_weight` each, reversal ramped after 25% of training);
+                  instruction-guided token reweighting
+  drivlm_student  as the teacher, + distillation from the `teacher` run (heads, LM tokens,
+                  visual tokens) and evaluation pruned to `keep_ratio`
+  oracle          labelled source + labelled target (the upper bound)
+  Every part has its own switch (the ablations): --config.da.image=0, --config.da.token=0,
+  --config.da.instance=0, --config.model.reweight=False, --config.distill.teacher=
+  """
+  drivlm = method.startswith("drivlm")
+  config.method = method
+  config.model.reweight = drivlm
+  config.model.reweight_layer = 0     # score right after the patch embedding: pruned tokens
+                                      # skip every vision layer
+  config.data.target_fraction = 0.0 if method == "source_only" else 0.5
+  config.data.target_labelled = method == "oracle"
+  w = da_weight if drivlm else 0.0
+  config.da = ml_collections.ConfigDict(dict(image=w, token=w, instance=w, consistency=0.0,
+                                             focal_gamma=0.0, hidden=128, start=0.25))
+  kd = 1.0 if method == "drivlm_student" else 0.0
+  config.distill = ml_collections.ConfigDict(dict(
+      teacher=teacher, heads=kd, lm=kd, feature=kd, temperature=2.0, feature_kind="cosine"))
+  config.eval.keep_ratio = keep_ratio if method == "drivlm_student" else 1.0
+  return config
+
+
+def real_config(arg, description: str):
+  """The real-scale DriVLM config over a user's folders (`--config.data.source_dir`,
+  `--config.data.target_dir`, BDD-OIA or nuScenes layout, detected): CLIP ViT-B/16 +
+  Qwen2-0.5B student, CLIP ViT-L/14-336 + Qwen2-1.5B teacher, bf16 compute, FSDP mesh."""
+  method = check_method(arg)
+  config = ml_collections.ConfigDict()
+  config.description = description
+  config.seed = 0
+  preset = arg.model or ("clip_l14_qwen15b" if method == "drivlm_teacher" else "clip_b16_qwen05b")
+  config.model = model_config(preset)
+  # The default tokenizer is the sim's BPE (<image> = 3); with a checkpoint's own tokenizer
+  # set --config.data.tokenizer and --config.model.image_token_id to match.
+  config.model.image_token_id = 3
+  config.mixed_precision = True
+  config.total_steps = arg.steps
+  config.batch_size = 64
+  config.log_every_steps = 50
+  config.eval_every_steps = 2000
+  config.checkpoint_every_steps = 1000
+  config.max_checkpoints = 3
+  config.data = ml_collections.ConfigDict(dict(
+      sim=False, source_dir="", target_dir="", tokenizer="", cache_dir="",
+      nuscenes_config="front", target_fraction=0.0, target_labelled=False,
+      max_len=384, resize="pad", augment=True, workers=8))
+  config.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=1e-4, warmup_steps=500, weight_decay=0.05, grad_clip_norm=1.0,
+      end_lr_ratio=0.05, grad_accum_steps=1, parts=[]))
+  config.loss = ml_collections.ConfigDict(dict(action=1.0, reason=1.0, lm=1.0))
+  config.eval = ml_collections.ConfigDict(dict(batch_size=64, num_generate=64,
+                                               max_new_tokens=48))
+  add_method(config, method, arg.teacher, keep_ratio=0.25)
+  config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  config.rules = None
+  config.multihost = None
+  return config

@@ -39,9 +39,12 @@ def _run(method, seed, extra=""):
   config.data.cache_dir = os.path.join(root, "data")          # one sim for every run
   workdir = os.path.join(root, f"seed{seed}", method)
   print(f"== {method} (seed {seed}): python -m drivlm_jax.train --config configs/demo.py:{arg} "
-        f"--workdir {workdir} --config.seed={seed} --config.data.cache_dir={config.data.cache_dir}")
+        f"--workdir {workdir} --config.seed={seed} "
+        f"--config.data.cache_dir={config.data.cache_dir}", flush=True)
   if not _finished(workdir, config):
     train.train(config, workdir)
+    if not _finished(workdir, config):   # stopped by SIGTERM: its checkpoint is saved
+      raise SystemExit(f"{method} (seed {seed}) was interrupted; re-run the demo to resume")
   return workdir
 
 

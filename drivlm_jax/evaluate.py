@@ -12,7 +12,7 @@ import os
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from drivlm_jax import checkpoints, metrics
 from drivlm_jax.data import pipeline
@@ -57,10 +57,15 @@ def _answers(cfg, params, batch, tokenizer, n, max_new_tokens):
 def evaluate_domain(config, cfg, params, spec, feats) -> dict:
   tokenizer = TextTokenizer(feats.tokenizer)
   probs, labels, hyps, refs = {"action": [], "reason": []}, {"action": [], "reason": []}, [], []
+  keep = config.eval.get("keep_ratio", 1.0)
+  if keep < 1.0 and not cfg.reweight:
+    logging.warning("eval.keep_ratio=%s ignored: the model has no instruction reweighting to "
+                    "prune by (model.reweight=False); evaluating every token", keep)
+    keep = 1.0
   for batch in pipeline.batches(spec, feats, config.eval.batch_size, train=False,
                                 shard_index=0, shard_count=1):
     action, reason = _heads(cfg, params, batch["image"], batch["instruction_ids"],
-                            batch["instruction_mask"], config.eval.get("keep_ratio", 1.0))
+                            batch["instruction_mask"], keep)
     probs["action"].append(np.asarray(action))
     probs["reason"].append(np.asarray(reason))
     labels["action"].append(batch["actions"])

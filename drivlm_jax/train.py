@@ -26,6 +26,7 @@ from ml_collections import config_flags
 
 from drivlm_jax import checkpoints, evaluate, optim, parallel
 from drivlm_jax.data import pipeline, sources
+from drivlm_jax.data.tokenizer import TextTokenizer
 from drivlm_jax.losses import adversarial, distill, task
 from drivlm_jax.model import discriminators, vlm
 
@@ -51,6 +52,12 @@ def model_config(config) -> vlm.Config:
 
 def features(config, cfg: vlm.Config, tokenizer: str) -> pipeline.Features:
   d = config.data
+  tok = TextTokenizer(tokenizer)
+  if tok.image_id != cfg.image_token_id or tok.vocab_size > cfg.language.vocab_size:
+    raise ValueError(
+        f"tokenizer {tokenizer} (<image> id {tok.image_id}, {tok.vocab_size} tokens) does not "
+        f"fit the model (model.image_token_id {cfg.image_token_id}, vocab_size "
+        f"{cfg.language.vocab_size}); set config.data.tokenizer or config.model.image_token_id")
   return pipeline.Features(tokenizer=tokenizer, family=cfg.vision.family,
                            image_size=cfg.vision.image_size,
                            num_image_tokens=cfg.num_visual_tokens, max_len=d.max_len,

@@ -1,43 +1,106 @@
-"""Where a config's data comes from: the procedural world written and built into a cache
-directory (the embedded default), as tfds SourceSpecs per role and split."""
+"""Where a config's data comes from, as tfds SourceSpecs per role ("source", "target") and
+split ("train", "test"):
+
+- `config.data.<role>_dir`: a user's folder in the BDD-OIA or nuScenes (+ DriveLM) layout,
+  detected from its files and built with our builders into
+  `cache_dir/tfds/<builder>-<fingerprint>`; the fingerprint hashes every file's path, size
+  and modification time, so an edited folder is rebuilt and an unchanged one reused.
+  Training reads the layout's "train" split; evaluation its "test" split, else "val".
+- otherwise, with `config.data.sim`: the procedural world written in the BDD-OIA layout into
+  `cache_dir/sim/<role>` (once; a `.done` file holds the sim settings) and built the same way.
+"""
+import hashlib
 import json
 import os
 
 from data_builders import __main__ as build_cli
+from data_builders.bdd_oia import bdd_oia_dataset_builder as bdd_builder
 from drivlm_jax.data.pipeline import SourceSpec
 from drivlm_jax.sim import bdd_oia as sim_bdd
 from drivlm_jax.sim import tokenizer as sim_tokenizer
 
 
-def prepare(data_config, workdir: str) -> dict:
-  """-> {"tokenizer": path, ("source"|"target", "train"|"test"): SourceSpec}.
+class SourceError(ValueError):
+  pass
 
-  Writes (once; a `.done` file marks a finished role) BDD-OIA-layout sim data for the source
-  and target domains, and builds it with the bdd_oia builder.
-  """
-  if not data_config.sim:
-    raise NotImplementedError("only the sim data is wired into configs so far "
-                              "(config.data.sim=True)")
-  root = data_config.cache_dir or os.path.join(workdir, "data")
+
+def detect_layout(directory: str) -> str:
+  """"bdd_oia" or "nuscenes_drive" from the files in `directory`."""
+  if not os.path.isdir(directory):
+    raise SourceError(f"{directory}: no such data folder")
+  if any(d.startswith("v1.0-") and os.path.exists(os.path.join(directory, d, "scene.json"))
+         for d in os.listdir(directory)):
+    return "nuscenes_drive"
+  if any(bdd_builder.find(directory, f"{split}_25k_images_actions.json", bdd_builder._JSON_DIRS)
+         for split in ("train", "val", "test")):
+    return "bdd_oia"
+  raise SourceError(f"{directory}: neither a nuScenes layout (v1.0-*/scene.json) nor a BDD-OIA "
+                    f"layout (<split>_25k_images_actions.json in one of "
+                    f"{', '.join(bdd_builder._JSON_DIRS)})")
+
+
+def fingerprint(directory: str) -> str:
+  """Hash of every file's relative path, size and mtime under `directory` (16 hex digits)."""
+  h = hashlib.sha256()
+  for root, dirs, files in os.walk(directory):
+    dirs.sort()
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      st = os.stat(path)
+      h.update(f"{os.path.relpath(path, directory)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+  return h.hexdigest()[:16]
+
+
+def build_folder(directory: str, cache_root: str, nuscenes_config="front") -> dict:
+  """Builds (or reuses) a user's folder -> {"train": SourceSpec, "test": SourceSpec}."""
+  layout = detect_layout(directory)
+  tfds_dir = os.path.join(cache_root, "tfds", f"{layout}-{fingerprint(directory)}")
+  splits, skipped = build_cli.build(layout, directory, tfds_dir, nuscenes_config)
+  if skipped:
+    print(f"{directory}: skipped {sum(skipped.values())} example(s): {skipped}", flush=True)
+  name = f"nuscenes_drive/{nuscenes_config}" if layout == "nuscenes_drive" else layout
+  if "train" not in splits:
+    raise SourceError(f"{directory} ({layout}) has no train split (splits: {sorted(splits)})")
+  test = "test" if "test" in splits else "val" if "val" in splits else None
+  if test is None:
+    raise SourceError(f"{directory} ({layout}) has no test or val split to evaluate on "
+                      f"(splits: {sorted(splits)})")
+  return {"train": SourceSpec(name, tfds_dir, "train"), "test": SourceSpec(name, tfds_dir, test)}
+
+
+def _sim_role(data_config, role, root) -> dict:
+  spec = data_config[role]
+  manual = os.path.join(root, "sim", role)
+  done = os.path.join(manual, ".done")
+  wanted = {k: spec[k] for k in ("domain", "seed", "train", "test")}
+  wanted.update(width=data_config.width, height=data_config.height)
+  if not os.path.exists(done) or json.load(open(done)) != wanted:
+    if os.path.exists(manual):
+      raise FileExistsError(f"{manual} holds other sim data than {wanted}; remove it or "
+                            f"set config.data.cache_dir elsewhere")
+    for split in ("train", "test"):
+      sim_bdd.write(manual, spec.domain, spec[split], seed=spec.seed + (split == "test") * 100,
+                    split=split, width=data_config.width, height=data_config.height)
+    with open(done, "w") as f:
+      json.dump(wanted, f)
+  tfds_dir = os.path.join(root, "tfds", role)
+  build_cli.build("bdd_oia", manual, tfds_dir)
+  return {split: SourceSpec("bdd_oia", tfds_dir, split) for split in ("train", "test")}
+
+
+def prepare(data_config, workdir: str) -> dict:
+  """-> {"tokenizer": path, ("source"|"target", "train"|"test"): SourceSpec}."""
+  root = data_config.get("cache_dir") or os.path.join(workdir, "data")
   out = {}
   for role in ("source", "target"):
-    spec = data_config[role]
-    manual = os.path.join(root, "sim", role)
-    done = os.path.join(manual, ".done")
-    wanted = {k: spec[k] for k in ("domain", "seed", "train", "test")}
-    wanted.update(width=data_config.width, height=data_config.height)
-    if not os.path.exists(done) or json.load(open(done)) != wanted:
-      if os.path.exists(manual):
-        raise FileExistsError(f"{manual} holds other sim data than {wanted}; remove it or "
-                              f"set config.data.cache_dir elsewhere")
-      for split in ("train", "test"):
-        sim_bdd.write(manual, spec.domain, spec[split], seed=spec.seed + (split == "test") * 100,
-                      split=split, width=data_config.width, height=data_config.height)
-      with open(done, "w") as f:
-        json.dump(wanted, f)
-    tfds_dir = os.path.join(root, "tfds", role)
-    build_cli.build("bdd_oia", manual, tfds_dir)
-    for split in ("train", "test"):
-      out[role, split] = SourceSpec("bdd_oia", tfds_dir, split)
-  out["tokenizer"] = sim_tokenizer.write(root)
+    directory = data_config.get(f"{role}_dir")
+    if directory:
+      specs = build_folder(directory, root, data_config.get("nuscenes_config", "front"))
+    elif data_config.get("sim"):
+      specs = _sim_role(data_config, role, root)
+    else:
+      raise SourceError(f"config.data.{role}_dir is empty and config.data.sim is off: pass "
+                        f"--config.data.{role}_dir=DIR (a BDD-OIA or nuScenes folder)")
+    out.update({(role, split): spec for split, spec in specs.items()})
+  out["tokenizer"] = data_config.get("tokenizer") or sim_tokenizer.write(root)
   return out

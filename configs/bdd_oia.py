@@ -1,0 +1,17 @@
+r"""DriVLM at real scale: BDD-OIA -> BDD-OIA of another condition (e.g. day -> night).
+
+Source and target are BDD-OIA folders (e.g. split by time of day).
+  python -m drivlm_jax.train --config configs/bdd_oia.py:method=drivlm_teacher \\
+      --workdir gs://BUCKET/bdd_oia/teacher --config.data.source_dir=SRC --config.data.target_dir=TGT
+  python -m drivlm_jax.train --config configs/bdd_oia.py:method=drivlm,teacher=gs://BUCKET/bdd_oia/teacher \\
+      --workdir gs://BUCKET/bdd_oia/student --config.data.source_dir=SRC --config.data.target_dir=TGT
+
+Variants (`:name=value,...`): method=source_only|drivlm_teacher|drivlm_student|drivlm|oracle,
+teacher=DIR, model=<preset in configs/common.py>, steps=N. Ablations: see common.add_method.
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, model="", method="source_only", steps=20000, teacher="")
+  return common.real_config(arg, "BDD-OIA -> BDD-OIA of another condition (e.g. day -> night)")

@@ -1,0 +1,98 @@
+r"""Ablations of the DriVLM student: the full method and each single-component removal.
+
+  python -m experiments.ablate [--workdir runs/ablate] [--seeds 3] [--steps N] [--only a,b]
+
+Each removal is one config flag (what a user passes to drivlm_jax.train):
+  no_image_da      --config.da.image=0
+  no_token_da      --config.da.token=0
+  no_instance_da   --config.da.instance=0
+  no_reweighting   --config.model.reweight=False   (no gates, no pruning)
+  no_distillation  --config.distill.teacher=       (no teacher)
+Per seed, the teacher (configs/demo.py:method=drivlm_teacher) is trained once and shared.
+Runs go to <workdir>/seed<s>/<name>; the table (mean ± std over seeds, target and source
+test split) to <workdir>/report.md and results.json. Finished runs are reused.
+"""
+import argparse
+import os
+
+from configs import demo as demo_config
+from drivlm_jax import train
+from experiments import report
+
+ABLATIONS = {
+    "full": {},
+    "no_image_da": {"da.image": 0.0},
+    "no_token_da": {"da.token": 0.0},
+    "no_instance_da": {"da.instance": 0.0},
+    "no_reweighting": {"model.reweight": False},
+    "no_distillation": {"distill.teacher": ""},
+}
+
+
+def flag_string(overrides: dict) -> str:
+  return " ".join(f"--config.{k}={v}" for k, v in overrides.items())
+
+
+def apply_overrides(config, overrides: dict):
+  """Sets dotted keys (each must exist in the config: a typo is an error)."""
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise KeyError(f"ablation override {key!r}: no such config key")
+    node[leaf] = value
+  return config
+
+
+def _train(config, workdir):
+  done = os.path.join(workdir, "eval.json")
+  if os.path.exists(done):
+    import json
+    with open(done) as f:
+      if json.load(f).get("step") == config.total_steps:
+        return workdir
+  train.train(config, workdir)
+  return workdir
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", default="runs/ablate")
+  parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=None)
+  parser.add_argument("--only", default="", help="comma-separated subset of "
+                      + ",".join(ABLATIONS))
+  args = parser.parse_args()
+  names = [n for n in (args.only.split(",") if args.only else ABLATIONS)]
+  unknown = sorted(set(names) - set(ABLATIONS))
+  if unknown:
+    parser.error(f"unknown ablation(s) {unknown}; known: {sorted(ABLATIONS)}")
+  steps = f",steps={args.steps}" if args.steps else ""
+  cache = os.path.join(args.workdir, "data")
+  runs = []
+  for seed in range(args.seeds):
+    root = os.path.join(args.workdir, f"seed{seed}")
+    config = demo_config.get_config("method=drivlm_teacher" + steps)
+    config.seed, config.data.cache_dir = seed, cache
+    teacher = _train(config, os.path.join(root, "drivlm_teacher"))
+    for name in names:
+      config = demo_config.get_config(f"method=drivlm_student,teacher={teacher}" + steps)
+      config.seed, config.data.cache_dir = seed, cache
+      apply_overrides(config, ABLATIONS[name])
+      config.method = name
+      workdir = os.path.join(root, name)
+      print(f"== {name} (seed {seed}): python -m drivlm_jax.train --config "
+            f"configs/demo.py:method=drivlm,teacher={teacher}{steps} --workdir {workdir} "
+            f"--config.seed={seed} {flag_string(ABLATIONS[name])}", flush=True)
+      runs.append(_train(config, workdir))
+  notes = ("Each row removes one component from the DriVLM student (configs/demo.py, sim "
+           "day -> night+fog): " + "; ".join(f"{n}: `{flag_string(o) or '(none)'}`"
+                                             for n, o in ABLATIONS.items() if n in names))
+  results = report.write(runs, args.workdir, "DriVLM ablations", notes)
+  print(report.markdown_table(results, "target"))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,51 @@
+"""experiments.report aggregates runs by method over seeds; experiments.ablate's flags."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from configs import demo
+from experiments import ablate, report
+
+
+def _run(path, method, target_map, step_losses):
+  path.mkdir(parents=True)
+  (path / "config.json").write_text(json.dumps({"method": method}))
+  (path / "eval.json").write_text(json.dumps({"test": {
+      "target": {"action_mAP": target_map, "ROUGE-L": 10.0},
+      "source": {"action_mAP": 90.0, "ROUGE-L": 20.0}}, "step": 5}))
+  (path / "metrics.jsonl").write_text("".join(
+      json.dumps({"step": i + 1, "loss_action": v, "loss_reason": v}) + "\n"
+      for i, v in enumerate(step_losses)))
+  return str(path)
+
+
+def test_report_means_and_stds_over_seeds(tmp_path):
+  runs = [_run(tmp_path / f"s{s}" / "a", "alpha", v, [1.0, 0.5] * 4)
+          for s, v in enumerate([60.0, 64.0, 71.0])]
+  runs.append(_run(tmp_path / "s0" / "b", "beta", 80.0, [1.0] * 8))
+  results = report.write(runs, str(tmp_path / "out"))
+  saved = json.loads((tmp_path / "out" / "results.json").read_text())
+  assert saved["methods"]["alpha"]["target"]["action_mAP"] == [60.0, 64.0, 71.0]
+  table = report.markdown_table(results, "target")
+  values = np.array([60.0, 64.0, 71.0])
+  assert f"| alpha | 3 | {values.mean():.1f} ± {values.std(ddof=1):.1f} |" in table
+  assert "| beta | 1 | 80.0 |" in table
+  rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+  row = next(r for r in rows if r["method"] == "alpha" and r["domain"] == "target"
+             and r["metric"] == "action_mAP")
+  assert float(row["std"]) == pytest.approx(values.std(ddof=1), abs=1e-3)
+  for name in ("curves.png", "target_mAP.png", "report.md"):
+    assert (tmp_path / "out" / name).stat().st_size > 0
+  with pytest.raises(FileNotFoundError, match="has .* finished training"):
+    report.collect([str(tmp_path / "missing")])
+
+
+def test_each_ablation_is_one_existing_config_key():
+  for name, overrides in ablate.ABLATIONS.items():
+    assert len(overrides) <= 1, name
+    config = demo.get_config("method=drivlm,teacher=/x")
+    ablate.apply_overrides(config, overrides)
+  with pytest.raises(KeyError, match="no such config key"):
+    ablate.apply_overrides(demo.get_config("method=drivlm,teacher=/x"), {"da.imgae": 0.0})
