@@ -92,7 +92,8 @@ def check_method(arg) -> str:
   return method
 
 
-def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: float = 0.1):
+def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: float = 0.1,
+               init_from: str = ""):
   """The DriVLM stages as config: what each method trains on and which parts are on.
 
   source_only     labelled source only
@@ -102,11 +103,13 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
   drivlm_student  as the teacher, + distillation from the `teacher` run (heads, LM tokens,
                   visual tokens) and evaluation pruned to `keep_ratio`
   oracle          labelled source + labelled target (the upper bound)
+  `init_from` (a run dir, e.g. the source-only run) warm-starts the model params.
   Every part has its own switch (the ablations): --config.da.image=0, --config.da.token=0,
   --config.da.instance=0, --config.model.reweight=False, --config.distill.teacher=
   """
   drivlm = method.startswith("drivlm")
   config.method = method
+  config.init_from = init_from
   config.model.reweight = drivlm
   config.model.reweight_layer = 0     # score right after the patch embedding: pruned tokens
                                       # skip every vision layer
@@ -114,7 +117,8 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
   config.data.target_labelled = method == "oracle"
   w = da_weight if drivlm else 0.0
   config.da = ml_collections.ConfigDict(dict(image=w, token=w, instance=w, consistency=0.0,
-                                             focal_gamma=0.0, hidden=128, start=0.25))
+                                             focal_gamma=0.0, hidden=128,
+                                             start=0.1 if init_from else 0.25))
   kd = 1.0 if method == "drivlm_student" else 0.0
   config.distill = ml_collections.ConfigDict(dict(
       teacher=teacher, heads=kd, lm=kd, feature=kd, temperature=2.0, feature_kind="cosine"))
@@ -152,7 +156,7 @@ def real_config(arg, description: str):
   config.loss = ml_collections.ConfigDict(dict(action=1.0, reason=1.0, lm=1.0))
   config.eval = ml_collections.ConfigDict(dict(batch_size=64, num_generate=64,
                                                max_new_tokens=48))
-  add_method(config, method, arg.teacher, keep_ratio=0.25)
+  add_method(config, method, arg.teacher, keep_ratio=0.25, init_from=arg.init)
   config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   config.rules = None
   config.multihost = None

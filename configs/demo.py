@@ -13,7 +13,8 @@ appearance; its labels are used for evaluation only, and by the oracle).
 Variants (`:name=value,...`):
   method=source_only|drivlm_teacher|drivlm_student|drivlm|oracle   (see common.add_method)
   teacher=DIR                 the teacher run of drivlm_student
-  model=tiny|tiny_teacher|clip_b16_qwen05b|...   (default: tiny, tiny_teacher for the teacher)
+  init=DIR                    warm-start from a run (the demo: the source-only run)
+  model=tiny|tiny_teacher|clip_b16_qwen05b|...   (default: tiny)
   steps=N                     total training steps
 Own data instead of the sim: --config.data.source_dir=DIR --config.data.target_dir=DIR.
 """
@@ -25,12 +26,12 @@ METHODS = common.METHODS
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, model="", method="source_only", steps=1200, teacher="")
+  arg = common.parse_arg(arg, model="", method="source_only", steps=1200, teacher="",
+                         init="")
   method = common.check_method(arg)
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.model = common.model_config(arg.model or ("tiny_teacher" if method == "drivlm_teacher"
-                                                   else "tiny"))
+  config.model = common.model_config(arg.model or "tiny")
   config.mixed_precision = False          # True: bf16 compute, fp32 master params
 
   config.total_steps = arg.steps
@@ -56,7 +57,7 @@ def get_config(arg=None):
       end_lr_ratio=0.05, grad_accum_steps=1, parts=[]))
   config.loss = ml_collections.ConfigDict(dict(action=1.0, reason=1.0, lm=0.5))
   config.eval = ml_collections.ConfigDict(dict(batch_size=40, num_generate=16, max_new_tokens=32))
-  common.add_method(config, method, arg.teacher, keep_ratio=0.25)
+  common.add_method(config, method, arg.teacher, keep_ratio=0.25, init_from=arg.init)
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.rules = None                      # None: parallel.DEFAULT_RULES
   config.multihost = None                  # None: detect from the environment

@@ -5,10 +5,12 @@ adapted to night+fog (target, unlabelled), on CPU.
 
 Per seed, four runs of `python -m drivlm_jax.train --config configs/demo.py:method=M`:
   source_only      the tiny VLM on labelled source only
-  drivlm_teacher   a 2x wider/deeper VLM with the DriVLM adaptation (discriminators at the
-                   image, token and instance level; instruction-guided token reweighting)
-  drivlm_student   the tiny VLM adapted the same way and distilled from the teacher
-                   (heads, LM tokens, visual tokens), evaluated pruned (config.eval.keep_ratio)
+  drivlm_teacher   warm-started from source_only, adapted with unlabelled target: domain
+                   discriminators at the image, token and instance level and
+                   instruction-guided token reweighting
+  drivlm_student   warm-started from source_only, adapted the same way and distilled from
+                   the frozen teacher (heads, LM tokens, visual tokens), evaluated pruned to
+                   config.eval.keep_ratio of the visual tokens
   oracle           the tiny VLM on labelled source and labelled target (the upper bound)
 Every method is evaluated on the target (and source) test split. Writes <workdir>/results.json,
 report.md, results.csv and plots (training curves, mAP by method, PCA of pooled features,
@@ -89,9 +91,10 @@ def main(argv):
   start = time.time()
   runs = []
   for seed in range(_SEEDS.value):
-    runs.append(_run("source_only", seed))
-    teacher = _run("drivlm_teacher", seed)
-    runs += [teacher, _run("drivlm_student", seed, f",teacher={teacher}"),
+    source_only = _run("source_only", seed)
+    teacher = _run("drivlm_teacher", seed, f",init={source_only}")
+    runs += [source_only, teacher,
+             _run("drivlm_student", seed, f",teacher={teacher},init={source_only}"),
              _run("oracle", seed)]
   root = _WORKDIR.value
   student = os.path.join(root, "seed0", "drivlm_student")

@@ -96,6 +96,31 @@ def load_teacher(teacher_dir: str, cfg: vlm.Config):
   return tcfg, params
 
 
+def warm_start(params, run_dir: str):
+  """`params` with every model param that the run `run_dir` also has (same path and shape)
+  taken from its latest checkpoint; the rest (e.g. discriminators, reweighting) stay fresh.
+  Logs what was taken and what was not."""
+  source_cfg = model_config(checkpoints.run_config(run_dir))
+  loaded, step = checkpoints.load_params(run_dir, source_cfg)
+  flat = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
+  taken, fresh = [], []
+
+  def pick(path, x):
+    y = flat.get(path)
+    if y is not None and y.shape == x.shape:
+      taken.append(path)
+      return jax.device_put(y.astype(x.dtype), x.sharding)
+    fresh.append(jax.tree_util.keystr(path))
+    return x
+  params = jax.tree_util.tree_map_with_path(pick, params)
+  if not taken:
+    raise ValueError(f"init_from {run_dir}: no param matches this model (other preset?)")
+  logging.warning("init_from %s (step %d): %d params loaded, %d fresh%s", run_dir, step,
+                  len(taken), len(fresh), f": {', '.join(sorted(fresh)[:6])}..." if fresh
+                  else "")
+  return params
+
+
 def _distill_losses(cfg, tcfg, kd, out, teacher_out, batch, projection):
   """Scene-aware KD: heads (sigmoid KD), LM tokens from the image on (softmax KD), visual
   tokens (feature KD weighted by the student's instruction scores), on every row: the
@@ -221,6 +246,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   init = jax.jit(init_params, out_shardings=param_shardings)
   with jax.set_mesh(mesh):
     params = init(jax.random.key(config.seed))
+  if config.get("init_from"):
+    params = warm_start(params, config.init_from)
   tx = optim.make(config.optimizer, params, config.total_steps)
   with jax.set_mesh(mesh):
     opt_state = jax.jit(tx.init)(params)
