@@ -191,8 +191,8 @@ def test_checkpoint_restores_onto_another_mesh(cache, tmp_path, monkeypatch):
 def test_domain_adversarial_training_runs_on_mixed_batches(cache, tmp_path):
   config = small_config(cache, total_steps=6, **{
       "data.target_fraction": 0.5, "da.image": 0.1, "da.token": 0.1, "da.instance": 0.1,
-      "da.consistency": 0.1, "da.focal_gamma": 2.0, "mesh.data": 2, "mesh.fsdp": 2,
-      "mesh.tensor": 2})
+      "da.consistency": 0.1, "da.focal_gamma": 2.0, "da.start": 0.0, "mesh.data": 2,
+      "mesh.fsdp": 2, "mesh.tensor": 2})
   train.train(config, str(tmp_path))
   rows = read_metrics(tmp_path)
   assert sorted(rows) == list(range(1, 7))
