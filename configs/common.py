@@ -78,13 +78,14 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 METHODS = ("source_only", "drivlm_teacher", "drivlm_student", "oracle")
+STAGES = ("clip_finetune",)     # trains parts for the methods; not itself compared
 
 
 def check_method(arg) -> str:
   """`arg.method` (drivlm = drivlm_student), validated against `arg.teacher`."""
   method = "drivlm_student" if arg.method == "drivlm" else arg.method
-  if method not in METHODS:
-    raise ValueError(f"method {arg.method!r}: known {', '.join(METHODS)} (drivlm = "
+  if method not in METHODS + STAGES:
+    raise ValueError(f"method {arg.method!r}: known {', '.join(METHODS + STAGES)} (drivlm = "
                      f"drivlm_student)")
   if method == "drivlm_student" and not arg.teacher:
     raise ValueError("method=drivlm_student needs teacher=<run dir of a drivlm_teacher run> "
@@ -103,7 +104,10 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
   drivlm_student  as the teacher, + distillation from the `teacher` run (heads, LM tokens,
                   visual tokens) and evaluation pruned to `keep_ratio`
   oracle          labelled source + labelled target (the upper bound)
-  `init_from` (a run dir, e.g. the source-only run) warm-starts the model params.
+  clip_finetune   the stage before adaptation: contrastive image-caption loss only (CLIP
+                  InfoNCE, SigLIP sigmoid for SigLIP towers) on both domains (captions:
+                  instruction + explanation on source, instruction on target)
+  `init_from` (a run dir, e.g. the clip_finetune run) warm-starts the model params.
   Every part has its own switch (the ablations): --config.da.image=0, --config.da.token=0,
   --config.da.instance=0, --config.model.reweight=False, --config.distill.teacher=
   """
@@ -123,6 +127,15 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
   config.distill = ml_collections.ConfigDict(dict(
       teacher=teacher, heads=kd, lm=kd, feature=kd, temperature=2.0, feature_kind="cosine"))
   config.eval.keep_ratio = keep_ratio if method == "drivlm_student" else 1.0
+  width = config.model.vision.hidden_size
+  config.clip = ml_collections.ConfigDict(dict(
+      weight=1.0 if method == "clip_finetune" else 0.0,
+      loss="siglip" if config.model.vision.family == "siglip" else "clip",
+      text=dict(hidden_size=width, intermediate_size=4 * width, num_layers=2,
+                num_heads=max(1, width // 64), max_position_embeddings=64,
+                projection_dim=width)))
+  if method == "clip_finetune":
+    config.loss = ml_collections.ConfigDict({k: 0.0 for k in config.loss})
   return config
 
 

@@ -27,12 +27,12 @@ from ml_collections import config_flags
 from drivlm_jax import checkpoints, evaluate, optim, parallel
 from drivlm_jax.data import pipeline, sources
 from drivlm_jax.data.tokenizer import TextTokenizer
-from drivlm_jax.losses import adversarial, distill, task
-from drivlm_jax.model import discriminators, vlm
+from drivlm_jax.losses import adversarial, contrastive, distill, task
+from drivlm_jax.model import discriminators, text, vlm
 
 BATCH_KEYS = ("image", "input_ids", "attention_mask", "targets", "loss_mask", "actions",
               "reasons", "action_mask", "reason_mask", "instruction_ids", "instruction_mask",
-              "boxes", "box_mask", "domain")
+              "boxes", "box_mask", "domain", "caption_ids", "caption_mask")
 DA_LEVELS = ("image", "token", "instance", "consistency")
 KD_KINDS = ("heads", "lm", "feature")
 
@@ -72,6 +72,31 @@ def da_config(config):
   return (discriminators.Config(hidden=da.get("hidden", 256)),
           {k: float(da.get(k, 0.0)) for k in DA_LEVELS}, da.get("focal_gamma", 0.0),
           float(da.get("start", 0.0)))
+
+
+def clip_config(config, cfg: vlm.Config):
+  """(text.Config, weight, "clip"|"siglip") for contrastive image-text fine-tuning of the
+  vision tower, or None when `config.clip.weight` is 0. The text tower is CLIP's, over the
+  LM's tokenizer, pooled at the last real token."""
+  clip = config.get("clip")
+  if clip is None or not clip.get("weight", 0.0) > 0:
+    return None
+  tcfg = text.Config(**{**dict(clip.get("text", {})), "vocab_size": cfg.language.vocab_size,
+                        "vision_hidden_size": cfg.vision.hidden_size, "pool": "last"})
+  kind = clip.get("loss", "clip")
+  if kind not in ("clip", "siglip"):
+    raise ValueError(f"config.clip.loss must be 'clip' or 'siglip', got {kind!r}")
+  return tcfg, float(clip.weight), kind
+
+
+def _contrastive_loss(clip, params, out, batch):
+  tcfg, _, kind = clip
+  images = text.image_embeds(tcfg, params["text"], out["image_pooled"])
+  texts = text.apply(tcfg, params["text"], batch["caption_ids"], batch["caption_mask"])
+  if kind == "siglip":
+    return contrastive.siglip_loss(images, texts["text_embeds"], params["text"]["logit_scale"],
+                                   params["text"]["logit_bias"])
+  return contrastive.clip_loss(images, texts["text_embeds"], params["text"]["logit_scale"])
 
 
 def kd_config(config):
@@ -144,13 +169,15 @@ def _distill_losses(cfg, tcfg, kd, out, teacher_out, batch, projection):
   return out_losses
 
 
-def make_train_step(cfg, tx, loss_weights, da=None, total_steps=1, kd=None, tcfg=None):
+def make_train_step(cfg, tx, loss_weights, da=None, total_steps=1, kd=None, tcfg=None,
+                    clip=None):
   """One optimizer step: `train_step(state, batch, teacher_params)`.
 
   With `da` (from `da_config`) the domain discriminators on the visual tokens (image level:
   their mean) join the loss behind a gradient reversal whose strength
   follows the DANN schedule. With `kd` (from `kd_config`) the frozen teacher (`tcfg`,
-  `teacher_params`) runs on the same batch and the distillation losses join.
+  `teacher_params`) runs on the same batch and the distillation losses join. With `clip`
+  (from `clip_config`) the contrastive image-caption loss joins.
   """
   def train_step(state, batch, teacher_params):
     def loss_fn(params):
@@ -159,6 +186,9 @@ def make_train_step(cfg, tx, loss_weights, da=None, total_steps=1, kd=None, tcfg
       losses = task.task_losses(out, batch)
       total = sum(loss_weights[k] * v for k, v in losses.items())
       extra = {}
+      if clip is not None:
+        losses["clip"] = _contrastive_loss(clip, params, out, batch)
+        total = total + clip[1] * losses["clip"]
       if da is not None:
         dcfg, weights, gamma, start = da
         # Progress p of the DANN schedule runs over the steps after `start` (a fraction):
@@ -224,6 +254,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if da is not None:
     disc_args = (cfg.language.hidden_size, cfg.vision.grid, feats.max_boxes)
     axes["discriminators"] = discriminators.logical_axes(da[0], *disc_args)
+  clip = clip_config(config, cfg)
+  if clip is not None:
+    axes["text"] = text.logical_axes(clip[0])
+    if clip[2] == "siglip":
+      axes["text"]["logit_bias"] = jax.sharding.PartitionSpec()
   kd, tcfg, teacher = kd_config(config), None, {}
   if kd is not None:
     tcfg, teacher = load_teacher(kd[0], cfg)
@@ -237,6 +272,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if da is not None:
       params["discriminators"] = discriminators.init(da[0], jax.random.fold_in(key, 1),
                                                      *disc_args)
+    if clip is not None:
+      params["text"] = text.init(clip[0], jax.random.fold_in(key, 3))
+      if clip[2] == "siglip":   # SigLIP's learned bias, initialised as in the paper
+        params["text"]["logit_bias"] = jnp.asarray(-10.0, jnp.float32)
     if kd is not None:   # student visual token -> teacher visual token width
       shape = (cfg.language.hidden_size, tcfg.language.hidden_size)
       params["distill"] = {"projection": nn.initializers.lecun_normal()(
@@ -256,7 +295,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding = parallel.batch_sharding(mesh, rules)
   train_step = jax.jit(make_train_step(cfg, tx, dict(config.loss), da, config.total_steps,
-                                       kd, tcfg),
+                                       kd, tcfg, clip),
                        in_shardings=(state_shardings, batch_sharding,
                                      jax.tree.map(lambda x: x.sharding, teacher)),
                        out_shardings=(state_shardings, parallel.replicated(mesh)),

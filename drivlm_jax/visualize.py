@@ -65,7 +65,7 @@ def plot_pca(run_dirs: dict, path: str):
 
 
 def plot_reweighting(run_dir: str, path: str, n=4):
-  """Target test images with the instruction's token scores (sigmoid gates) over them."""
+  """Target test images with the instruction's token gates (2 sigmoid(score), in (0, 2)) over them."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -81,7 +81,7 @@ def plot_reweighting(run_dir: str, path: str, n=4):
   for i, ax in enumerate(axes[0]):
     image = b["image"][i]
     image = (image - image.min()) / max(float(image.max() - image.min()), 1e-6)
-    gates = 1 / (1 + np.exp(-scores[i].reshape(grid, grid)))
+    gates = 2 / (1 + np.exp(-scores[i].reshape(grid, grid)))
     ax.imshow(image)
     ax.imshow(gates, cmap="magma", alpha=0.55, extent=(0, image.shape[1], image.shape[0], 0))
     words = tokenizer.decode(b["instruction_ids"][i][b["instruction_mask"][i] > 0])

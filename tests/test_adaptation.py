@@ -119,7 +119,7 @@ def test_pruning_keeps_exactly_the_top_k():
 
 def test_reweighting_scores_follow_the_instruction():
   cfg = reweighting.Config(dim=16)
-  params = reweighting.init(cfg, jax.random.key(0), 8, 12)
+  params = {**reweighting.init(cfg, jax.random.key(0), 8, 12), "gain": jnp.float32(1.0)}
   tokens = jax.random.normal(jax.random.key(1), (2, 10, 8))
   text = jax.random.normal(jax.random.key(2), (2, 5, 12))
   mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
@@ -130,7 +130,11 @@ def test_reweighting_scores_follow_the_instruction():
   np.testing.assert_allclose(s_padded[0], s[0], rtol=1e-6)
   assert not np.allclose(reweighting.scores(cfg, params, tokens, -text, mask), s)
   gated = reweighting.reweight(tokens, s)
-  np.testing.assert_allclose(gated, tokens * jax.nn.sigmoid(s)[..., None], rtol=1e-6)
+  np.testing.assert_allclose(gated, tokens * 2 * jax.nn.sigmoid(s)[..., None], rtol=1e-6)
+  # The gain starts at 0: every gate is exactly 1 before training.
+  fresh = reweighting.init(cfg, jax.random.key(0), 8, 12)
+  np.testing.assert_array_equal(
+      reweighting.reweight(tokens, reweighting.scores(cfg, fresh, tokens, text, mask)), tokens)
 
 
 def test_clip_loss_matches_transformers():

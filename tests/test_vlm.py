@@ -147,6 +147,7 @@ def test_pruning_inside_the_tower_runs_later_layers_on_the_kept_tokens():
   cfg = dataclasses.replace(vlm.config_from_dict(common.model_config("tiny")), reweight=True,
                             reweight_dim=32, reweight_layer=0)
   params = vlm.init(cfg, jax.random.key(0))
+  params["reweighting"]["gain"] = jnp.float32(1.0)   # 0 at init: all gates 1, scores tied
   images = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
   instruction = np.array([[20, 21, 22, 0], [30, 31, 0, 0]], np.int32)
   mask = (instruction > 0).astype(np.int32)
@@ -158,7 +159,7 @@ def test_pruning_inside_the_tower_runs_later_layers_on_the_kept_tokens():
   assert scores.shape == (2, 64)
   top = np.sort(np.argsort(-scores, axis=1)[:, :16], axis=1)
   np.testing.assert_array_equal(out["kept_indices"], top)
-  gated = hidden[:, 1:] / (1 + np.exp(-scores[..., None]))
+  gated = hidden[:, 1:] * 2 / (1 + np.exp(-scores[..., None]))
   kept = np.concatenate([hidden[:, :1], np.take_along_axis(gated, top[..., None], 1)], 1)
   expected = vision.apply_part(tail_cfg, tail, kept, "tail")["patch_features"]
   np.testing.assert_allclose(out["patch_features"], expected, atol=1e-5)
@@ -171,6 +172,7 @@ def test_instruction_reweighting_and_pruning_path():
   cfg = dataclasses.replace(vlm.config_from_dict(common.model_config("tiny")), reweight=True,
                             reweight_dim=32)
   params = vlm.init(cfg, jax.random.key(0))
+  params["reweighting"]["gain"] = jnp.float32(1.0)   # 0 at init: all gates 1, scores tied
   images = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
   instruction = np.array([[20, 21, 22, 0], [30, 31, 0, 0]], np.int32)
   mask = (instruction > 0).astype(np.int32)

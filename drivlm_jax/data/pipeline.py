@@ -43,6 +43,7 @@ class Features:
   num_image_tokens: int = 196
   max_len: int = 256
   max_instruction_len: int = 32  # the instruction alone, for instruction-guided reweighting
+  max_caption_len: int = 48      # image-text pairs for CLIP fine-tuning
   max_boxes: int = 16
   resize: str = "pad"            # "pad" | "crop"
   augment: bool = True
@@ -115,6 +116,14 @@ class ExampleTransform:
     text["instruction_ids"][:len(instruction_ids)] = instruction_ids
     text["instruction_mask"] = (np.arange(f.max_instruction_len)
                                 < len(instruction_ids)).astype(np.int32)
+
+    # Caption for contrastive image-text fine-tuning: the instruction, plus the answer when
+    # labelled (unlabelled rows: the instruction only, an input, never a label).
+    caption = self.tokenizer.encode(f"{instruction} {answer}" if self.labelled else instruction)
+    caption = caption[:f.max_caption_len - 1] + [self.tokenizer.eos_id]
+    text["caption_ids"] = np.full(f.max_caption_len, self.tokenizer.pad_id, np.int32)
+    text["caption_ids"][:len(caption)] = caption
+    text["caption_mask"] = (np.arange(f.max_caption_len) < len(caption)).astype(np.int32)
 
     out = {
         "image": preprocess.normalize(image, f.family), **text,

@@ -2,9 +2,9 @@
 
 The instruction ("is it safe to turn left?") is embedded (mean of its LM token embeddings
 over the real tokens), projected to a query, and scores every visual token by scaled dot
-product with a projected key. Training uses soft gates `sigmoid(score)` that multiply the
-tokens before the projector; deployment keeps the `keep_ratio` best-scoring tokens (top-k:
-static shapes).
+product with a projected key (times a learned gain that starts at 0). Training uses soft
+gates `2 sigmoid(score)` (1 at the start) that multiply the tokens; deployment keeps the
+`keep_ratio` best-scoring tokens (top-k: static shapes).
 """
 import dataclasses
 import math
@@ -35,7 +35,11 @@ class Scorer(nn.Module):
     text = jnp.sum(instruction_embeds * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
     q = layers.dense(cfg.dim, ("embed",), ("mlp",), cfg=cfg, name="query")(text)
     k = layers.dense(cfg.dim, ("embed_vision",), ("mlp",), cfg=cfg, name="key")(tokens)
-    return jnp.einsum("bd,bnd->bn", q, k).astype(jnp.float32) / math.sqrt(cfg.dim)
+    # A learned gain that starts at 0: every gate starts at exactly 1, so adding the gates
+    # (or warm-starting a tower under them) leaves the network's function unchanged at first.
+    gain = layers.param(self, "gain", (), (), init=nn.initializers.zeros, dtype=cfg.param_dtype)
+    logits = jnp.einsum("bd,bnd->bn", q, k).astype(jnp.float32) / math.sqrt(cfg.dim)
+    return gain.astype(jnp.float32) * logits
 
 
 def init(cfg: Config, key, vision_width: int, text_width: int) -> dict:
@@ -48,9 +52,14 @@ def scores(cfg: Config, params, tokens, instruction_embeds, instruction_mask):
   return Scorer(cfg).apply({"params": params}, tokens, instruction_embeds, instruction_mask)
 
 
+def gates(token_scores):
+  """Soft gates in (0, 2), 1 at score 0: 2 * sigmoid(scores)."""
+  return 2.0 * jax.nn.sigmoid(token_scores)
+
+
 def reweight(tokens, token_scores):
-  """Soft gates: tokens [B, N, D] * sigmoid(scores)[..., None]."""
-  return tokens * jax.nn.sigmoid(token_scores)[..., None].astype(tokens.dtype)
+  """tokens [B, N, D] * gates(scores)[..., None]."""
+  return tokens * gates(token_scores)[..., None].astype(tokens.dtype)
 
 
 def num_kept(num_tokens: int, keep_ratio: float) -> int:

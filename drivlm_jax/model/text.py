@@ -25,6 +25,7 @@ class Config:
   layer_norm_eps: float = 1e-5
   hidden_act: str = "quick_gelu"
   eos_token_id: int = 49407        # 2 = legacy rule: pool at argmax(input_ids)
+  pool: str = "eos"                # "eos": HF's rule above; "last": last attended token
   projection_dim: int = 512
   vision_hidden_size: int = 768    # input width of `visual_projection`
   logit_scale_init: float = 2.6592
@@ -65,7 +66,11 @@ class TextTransformer(nn.Module):
     mask = jnp.tril(jnp.ones((t, t), bool))[None] & (attention_mask[:, None, :] > 0)
     x = layers.Encoder(cfg, name="encoder")(x, mask)
     x = layers.layer_norm(cfg, "final_layer_norm", cfg.layer_norm_eps)(x)
-    return x, x[jnp.arange(b), eos_positions(cfg, input_ids)]
+    if cfg.pool == "last":
+      positions = jnp.sum(attention_mask > 0, axis=-1) - 1
+    else:
+      positions = eos_positions(cfg, input_ids)
+    return x, x[jnp.arange(b), positions]
 
 
 class ClipText(nn.Module):

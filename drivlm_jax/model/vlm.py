@@ -158,7 +158,7 @@ def encode_image(cfg: Config, params, images, instruction_ids=None, instruction_
 
   With `cfg.reweight`, the instruction (ids [B, L] and mask [B, L]) scores the patch tokens
   ("token_scores" [B, N]) after `cfg.reweight_layer` vision layers (None: at the feature
-  layer); they are gated by sigmoid(score), and `keep_ratio` < 1 keeps only the
+  layer); they are gated by 2 sigmoid(score), and `keep_ratio` < 1 keeps only the
   best-scoring ceil(N * keep_ratio) ("kept_indices"), so the layers after run on fewer tokens.
   """
   vcfg, vparams = vision.truncate(cfg.vision, params["vision"], cfg.vision_feature_layer)
