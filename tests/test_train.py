@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from configs import demo
-from drivlm_jax import train
+from drivlm_jax import checkpoints, train
+from drivlm_jax.model import vlm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -23,8 +24,8 @@ def cache(tmp_path_factory):
   return str(tmp_path_factory.mktemp("data"))
 
 
-def small_config(cache, **overrides):
-  config = demo.get_config("steps=5")
+def small_config(cache, arg="steps=5", **overrides):
+  config = demo.get_config(arg)
   config.unlock()
   config.data.cache_dir = cache
   config.data.width, config.data.height = 128, 72
@@ -201,3 +202,35 @@ def test_domain_adversarial_training_runs_on_mixed_batches(cache, tmp_path):
   lams = [rows[s]["da_lambda"] for s in sorted(rows)]
   assert lams[0] == 0.0 and all(b > a for a, b in zip(lams, lams[1:]))   # DANN ramp
   assert rows[1]["loss_da_token"] == pytest.approx(math.log(2), abs=0.2)  # chance at the start
+
+
+def test_clip_stage_then_a_warm_started_distilled_student(cache, tmp_path):
+  """The stages chain: clip_finetune -> a student warm-started from it and distilled from a
+  teacher run (here the same run, frozen)."""
+  clip_dir = str(tmp_path / "clip")
+  config = small_config(cache, "method=clip_finetune,steps=4", **{"data.target_fraction": 0.5})
+  train.train(config, clip_dir)
+  rows = read_metrics(clip_dir)
+  # Contrastive loss only: the total is the clip term (the task losses are logged, weight 0).
+  assert all(r["loss"] == pytest.approx(r["loss_clip"], rel=1e-5) for r in rows.values())
+  assert all(r["loss_action"] > 0.1 for r in rows.values())
+
+  cfg = train.model_config(demo.get_config(f"method=drivlm,teacher={clip_dir},init={clip_dir}"))
+  params = jax.jit(lambda k: vlm.init(cfg, k))(jax.random.key(5))
+  warm = train.warm_start(params, clip_dir)
+  source, _ = checkpoints.load_params(clip_dir, train.model_config(
+      checkpoints.run_config(clip_dir)))
+  for a, b in zip(jax.tree.leaves(warm["vision"]), jax.tree.leaves(source["vision"])):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(warm["reweighting"]), jax.tree.leaves(params["reweighting"])):
+    np.testing.assert_array_equal(a, b)        # not in the clip run: stays fresh
+
+  student_dir = str(tmp_path / "student")
+  config = small_config(cache, f"method=drivlm,teacher={clip_dir},init={clip_dir},steps=3",
+                        **{"data.target_fraction": 0.5, "eval.keep_ratio": 0.25})
+  train.train(config, student_dir)
+  rows = read_metrics(student_dir)
+  for key in ("loss_kd_heads", "loss_kd_lm", "loss_kd_feature", "loss_da_token"):
+    assert np.isfinite(rows[3][key]), key
+  # The teacher and the student start from the same weights: logit KD starts near 0.
+  assert rows[1]["loss_kd_heads"] < 0.05 and rows[1]["loss_kd_lm"] < 0.05
