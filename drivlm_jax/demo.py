@@ -3,12 +3,14 @@ adapted to night+fog (target, unlabelled), on CPU.
 
   python -m drivlm_jax.demo [--workdir runs/demo] [--seeds 1] [--steps 1200]
 
-Per seed, four runs of `python -m drivlm_jax.train --config configs/demo.py:method=M`:
+Per seed, runs of `python -m drivlm_jax.train --config configs/demo.py:method=M`:
   source_only      the tiny VLM on labelled source only
-  drivlm_teacher   warm-started from source_only, adapted with unlabelled target: domain
+  clip_finetune    the stage before adaptation: the vision tower (and a CLIP text tower)
+                   trained contrastively on image-caption pairs of both domains
+  drivlm_teacher   warm-started from clip_finetune, adapted with unlabelled target: domain
                    discriminators at the image, token and instance level and
                    instruction-guided token reweighting
-  drivlm_student   warm-started from source_only, adapted the same way and distilled from
+  drivlm_student   warm-started from clip_finetune, adapted the same way and distilled from
                    the frozen teacher (heads, LM tokens, visual tokens), evaluated pruned to
                    config.eval.keep_ratio of the visual tokens
   oracle           the tiny VLM on labelled source and labelled target (the upper bound)
@@ -35,7 +37,10 @@ _STEPS = flags.DEFINE_integer("steps", None, "Training steps (default: the confi
 
 def _run(method, seed, extra=""):
   root = _WORKDIR.value
-  arg = f"method={method}" + (f",steps={_STEPS.value}" if _STEPS.value else "") + extra
+  steps = _STEPS.value or demo_config.get_config().total_steps
+  if method == "clip_finetune":   # a short stage: a quarter of the training steps
+    steps = max(1, steps // 4)
+  arg = f"method={method},steps={steps}" + extra
   config = demo_config.get_config(arg)
   config.seed = seed
   config.data.cache_dir = os.path.join(root, "data")          # one sim for every run
@@ -92,9 +97,10 @@ def main(argv):
   runs = []
   for seed in range(_SEEDS.value):
     source_only = _run("source_only", seed)
-    teacher = _run("drivlm_teacher", seed, f",init={source_only}")
+    clip = _run("clip_finetune", seed)
+    teacher = _run("drivlm_teacher", seed, f",init={clip}")
     runs += [source_only, teacher,
-             _run("drivlm_student", seed, f",teacher={teacher},init={source_only}"),
+             _run("drivlm_student", seed, f",teacher={teacher},init={clip}"),
              _run("oracle", seed)]
   root = _WORKDIR.value
   student = os.path.join(root, "seed0", "drivlm_student")

@@ -1,6 +1,6 @@
 r"""Ablations of the DriVLM student: the full method and each single-component removal.
 
-  python -m experiments.ablate [--workdir runs/ablate] [--seeds 3] [--steps N] [--only a,b]
+  python -m experiments.ablate [--workdir runs/demo] [--seeds 3] [--steps N] [--only a,b]
 
 Each removal is one config flag (what a user passes to drivlm_jax.train):
   no_image_da      --config.da.image=0
@@ -8,9 +8,11 @@ Each removal is one config flag (what a user passes to drivlm_jax.train):
   no_instance_da   --config.da.instance=0
   no_reweighting   --config.model.reweight=False   (no gates, no pruning)
   no_distillation  --config.distill.teacher=       (no teacher)
-Per seed, the teacher (configs/demo.py:method=drivlm_teacher) is trained once and shared.
+  no_clip_finetuning --config.init_from=           (no warm start from the CLIP stage)
+Per seed, the CLIP stage (method=clip_finetune) and the teacher (method=drivlm_teacher,
+warm-started from it) are trained once and shared.
 Runs go to <workdir>/seed<s>/<name>; the table (mean ± std over seeds, target and source
-test split) to <workdir>/report.md and results.json. Finished runs are reused.
+test split) to <workdir>/ablation/report.md and results.json. Finished runs are reused.
 """
 import argparse
 import os
@@ -20,12 +22,13 @@ from drivlm_jax import train
 from experiments import report
 
 ABLATIONS = {
-    "full": {},
+    "drivlm_student": {},        # the full method (with --workdir runs/demo: the demo's run)
     "no_image_da": {"da.image": 0.0},
     "no_token_da": {"da.token": 0.0},
     "no_instance_da": {"da.instance": 0.0},
     "no_reweighting": {"model.reweight": False},
     "no_distillation": {"distill.teacher": ""},
+    "no_clip_finetuning": {"init_from": ""},
 }
 
 
@@ -59,7 +62,8 @@ def _train(config, workdir):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", default="runs/ablate")
+  parser.add_argument("--workdir", default="runs/demo",
+                      help="the demo's workdir reuses its clip stage, teachers and students")
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=None)
   parser.add_argument("--only", default="", help="comma-separated subset of "
@@ -69,28 +73,35 @@ def main():
   unknown = sorted(set(names) - set(ABLATIONS))
   if unknown:
     parser.error(f"unknown ablation(s) {unknown}; known: {sorted(ABLATIONS)}")
-  steps = f",steps={args.steps}" if args.steps else ""
+  total = args.steps or demo_config.get_config().total_steps
+  steps = f",steps={total}"
   cache = os.path.join(args.workdir, "data")
   runs = []
   for seed in range(args.seeds):
     root = os.path.join(args.workdir, f"seed{seed}")
-    config = demo_config.get_config("method=drivlm_teacher" + steps)
+    config = demo_config.get_config(f"method=clip_finetune,steps={max(1, total // 4)}")
+    config.seed, config.data.cache_dir = seed, cache
+    clip = _train(config, os.path.join(root, "clip_finetune"))
+    config = demo_config.get_config(f"method=drivlm_teacher,init={clip}" + steps)
     config.seed, config.data.cache_dir = seed, cache
     teacher = _train(config, os.path.join(root, "drivlm_teacher"))
     for name in names:
-      config = demo_config.get_config(f"method=drivlm_student,teacher={teacher}" + steps)
+      config = demo_config.get_config(f"method=drivlm_student,teacher={teacher},init={clip}"
+                                      + steps)
       config.seed, config.data.cache_dir = seed, cache
       apply_overrides(config, ABLATIONS[name])
       config.method = name
       workdir = os.path.join(root, name)
       print(f"== {name} (seed {seed}): python -m drivlm_jax.train --config "
-            f"configs/demo.py:method=drivlm,teacher={teacher}{steps} --workdir {workdir} "
+            f"configs/demo.py:method=drivlm,teacher={teacher},init={clip}{steps} "
+            f"--workdir {workdir} "
             f"--config.seed={seed} {flag_string(ABLATIONS[name])}", flush=True)
       runs.append(_train(config, workdir))
   notes = ("Each row removes one component from the DriVLM student (configs/demo.py, sim "
            "day -> night+fog): " + "; ".join(f"{n}: `{flag_string(o) or '(none)'}`"
                                              for n, o in ABLATIONS.items() if n in names))
-  results = report.write(runs, args.workdir, "DriVLM ablations", notes)
+  results = report.write(runs, os.path.join(args.workdir, "ablation"), "DriVLM ablations",
+                         notes)
   print(report.markdown_table(results, "target"))
 
 
