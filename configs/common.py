@@ -158,6 +158,7 @@ def real_config(arg, description: str):
   # set --config.data.tokenizer and --config.model.image_token_id to match.
   config.model.image_token_id = 3
   config.mixed_precision = True
+  config.ema_decay = 0.999
   config.total_steps = arg.steps
   config.batch_size = 64
   config.log_every_steps = 50

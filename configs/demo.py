@@ -33,6 +33,7 @@ def get_config(arg=None):
   config.seed = 0
   config.model = common.model_config(arg.model or "tiny")
   config.mixed_precision = False          # True: bf16 compute, fp32 master params
+  config.ema_decay = 0.99                  # evaluate the moving average of the params
 
   config.total_steps = arg.steps
   config.batch_size = 16

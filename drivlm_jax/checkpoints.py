@@ -30,8 +30,11 @@ def load_params(workdir: str, cfg: vlm.Config, step: int | None = None, extra=()
   """Params of the latest (or `step`) checkpoint of `workdir` -> (params, step).
 
   Only the model's params are read (plus the top-level param groups named in `extra`, e.g.
-  "discriminators"); optimizer state is skipped. Arrays come back on the default device.
+  "discriminators"); optimizer state is skipped. A run trained with `ema_decay` > 0 gives
+  its moving-average params (what it was evaluated with). Arrays come back on the default
+  device.
   """
+  key = "ema" if run_config(workdir).get("ema_decay", 0.0) else "params"
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   manager = ocp.CheckpointManager(directory)
   try:
@@ -40,14 +43,14 @@ def load_params(workdir: str, cfg: vlm.Config, step: int | None = None, extra=()
       raise RunError(f"{directory} holds no checkpoint")
     abstract = jax.eval_shape(lambda k: vlm.init(cfg, k), jax.random.key(0))
     if extra:
-      saved = manager.item_metadata(step)["state"]["params"]
+      saved = manager.item_metadata(step)["state"][key]
       for name in extra:
         abstract[name] = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
                                       saved[name])
-    item = {"params": abstract}
+    item = {key: abstract}
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item, restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(), item),
         partial_restore=True)))
   finally:
     manager.close()
-  return restored["state"]["params"], step
+  return restored["state"][key], step

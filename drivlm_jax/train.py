@@ -170,14 +170,17 @@ def _distill_losses(cfg, tcfg, kd, out, teacher_out, batch, projection):
 
 
 def make_train_step(cfg, tx, loss_weights, da=None, total_steps=1, kd=None, tcfg=None,
-                    clip=None):
+                    clip=None, ema_decay=0.0):
   """One optimizer step: `train_step(state, batch, teacher_params)`.
 
   With `da` (from `da_config`) the domain discriminators on the visual tokens (image level:
   their mean) join the loss behind a gradient reversal whose strength
   follows the DANN schedule. With `kd` (from `kd_config`) the frozen teacher (`tcfg`,
   `teacher_params`) runs on the same batch and the distillation losses join. With `clip`
-  (from `clip_config`) the contrastive image-caption loss joins.
+  (from `clip_config`) the contrastive image-caption loss joins. With `ema_decay` > 0 the
+  state also carries an exponential moving average of the params ("ema"), which evaluation,
+  distillation and warm starts use: adversarial training moves the target accuracy a lot
+  from step to step, and the average is what a run is judged by.
   """
   def train_step(state, batch, teacher_params):
     def loss_fn(params):
@@ -220,7 +223,10 @@ def make_train_step(cfg, tx, loss_weights, da=None, total_steps=1, kd=None, tcfg
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": total, **{f"loss_{k}": v for k, v in losses.items()}, **extra,
                "grad_norm": optax.tree.norm(grads)}
-    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+    if ema_decay:
+      new_state["ema"] = optax.incremental_update(params, state["ema"], 1.0 - ema_decay)
+    return new_state, metrics
   return train_step
 
 
@@ -292,10 +298,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     opt_state = jax.jit(tx.init)(params)
   step0 = jax.device_put(jnp.zeros((), jnp.int32), parallel.replicated(mesh))
   state = {"step": step0, "params": params, "opt_state": opt_state}
+  ema_decay = float(config.get("ema_decay", 0.0))
+  if ema_decay:
+    state["ema"] = jax.tree.map(jnp.copy, params)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding = parallel.batch_sharding(mesh, rules)
   train_step = jax.jit(make_train_step(cfg, tx, dict(config.loss), da, config.total_steps,
-                                       kd, tcfg, clip),
+                                       kd, tcfg, clip, ema_decay),
                        in_shardings=(state_shardings, batch_sharding,
                                      jax.tree.map(lambda x: x.sharding, teacher)),
                        out_shardings=(state_shardings, parallel.replicated(mesh)),
@@ -367,7 +376,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if done % config.checkpoint_every_steps == 0 or done == config.total_steps:
         save(done)
       if done % config.eval_every_steps == 0 or done == config.total_steps:
-        result = evaluate.run(config, cfg, state["params"], data, feats, workdir, step=done)
+        result = evaluate.run(config, cfg, state["ema" if ema_decay else "params"], data, feats,
+                              workdir, step=done)
         if writer:
           for split, domains in result.items():
             for domain, values in domains.items():

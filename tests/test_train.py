@@ -9,11 +9,14 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import demo
 from drivlm_jax import checkpoints, train
+from drivlm_jax.data import sources
 from drivlm_jax.model import vlm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -234,3 +237,21 @@ def test_clip_stage_then_a_warm_started_distilled_student(cache, tmp_path):
     assert np.isfinite(rows[3][key]), key
   # The teacher and the student start from the same weights: logit KD starts near 0.
   assert rows[1]["loss_kd_heads"] < 0.05 and rows[1]["loss_kd_lm"] < 0.05
+
+
+def test_ema_is_the_moving_average_of_the_params(cache):
+  config = small_config(cache)
+  cfg = train.model_config(config)
+  params = vlm.init(cfg, jax.random.key(0))
+  tx = optax.sgd(0.1)
+  step = jax.jit(train.make_train_step(cfg, tx, dict(config.loss), ema_decay=0.75))
+  ema = jax.tree.map(lambda x: x + 1.0, params)     # any earlier average
+  state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params), "ema": ema}
+  data = sources.prepare(config.data, cache)
+  feats = train.features(config, cfg, data["tokenizer"])
+  batch = next(iter(train.train_batches(config, data, feats, 0)))
+  batch = {k: batch[k] for k in train.BATCH_KEYS}
+  new, _ = step(state, batch, {})
+  for e0, p1, e1 in zip(jax.tree.leaves(ema), jax.tree.leaves(new["params"]),
+                        jax.tree.leaves(new["ema"])):
+    np.testing.assert_allclose(e1, 0.75 * np.asarray(e0) + 0.25 * np.asarray(p1), atol=1e-6)
