@@ -106,7 +106,7 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
   oracle          labelled source + labelled target (the upper bound)
   clip_finetune   the stage before adaptation: contrastive image-caption loss only (CLIP
                   InfoNCE, SigLIP sigmoid for SigLIP towers) on both domains (captions:
-                  instruction + explanation on source, instruction on target)
+                  the instruction, on every row, so the caption never tells the domain)
   `init_from` (a run dir, e.g. the clip_finetune run) warm-starts the model params.
   Every part has its own switch (the ablations): --config.da.image=0, --config.da.token=0,
   --config.da.instance=0, --config.model.reweight=False, --config.distill.teacher=

@@ -56,6 +56,12 @@ def test_batches_mix_source_and_masked_target(data):
     assert ids[0] == tok.bos_id and (ids[1:1 + n_image] == tok.image_id).all()
     np.testing.assert_array_equal(
         ids[1 + n_image:], batch["instruction_ids"][row][batch["instruction_mask"][row] > 0])
+  # Captions (CLIP fine-tuning) have one form on every row, so they cannot tell the domain:
+  # the instruction and <eos>.
+  for row in range(len(batch["domain"])):
+    caption = batch["caption_ids"][row][batch["caption_mask"][row] > 0]
+    instruction = batch["instruction_ids"][row][batch["instruction_mask"][row] > 0]
+    np.testing.assert_array_equal(caption, list(instruction) + [tok.eos_id])
   # The night filter holds: every target example comes from a night scene.
   import tensorflow_datasets as tfds
   source = tfds.data_source("nuscenes_drive/front", data_dir=data["data_dir"], split="train")
