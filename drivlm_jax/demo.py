@@ -5,15 +5,16 @@ adapted to night+fog (target, unlabelled), on CPU.
 
 Per seed, runs of `python -m drivlm_jax.train --config configs/demo.py:method=M`:
   source_only      the tiny VLM on labelled source only
-  clip_finetune    the stage before adaptation: the vision tower (and a CLIP text tower)
-                   trained contrastively on image-caption pairs of both domains
-  drivlm_teacher   warm-started from clip_finetune, adapted with unlabelled target: domain
-                   discriminators at the image, token and instance level and
-                   instruction-guided token reweighting
-  drivlm_student   warm-started from clip_finetune, adapted the same way and distilled from
-                   the frozen teacher (heads, LM tokens, visual tokens), evaluated pruned to
-                   config.eval.keep_ratio of the visual tokens
+  drivlm_teacher   adapted with unlabelled target: domain discriminators at the image, token
+                   and instance level and instruction-guided token reweighting
+  drivlm_student   adapted the same way and distilled from the frozen teacher (heads, LM
+                   tokens, visual tokens), evaluated pruned to config.eval.keep_ratio of the
+                   visual tokens
   oracle           the tiny VLM on labelled source and labelled target (the upper bound)
+With --clip, the CLIP fine-tuning stage (method=clip_finetune: vision tower + CLIP text tower,
+contrastive on image-caption pairs of both domains) runs first and teacher and student
+warm-start from it. It is off by default: on seed 0 the teacher reached 41.1 target action
+mAP warm-started from it and 76.5 from scratch.
 Every method is evaluated on the target (and source) test split. Writes <workdir>/results.json,
 report.md, results.csv and plots (training curves, mAP by method, PCA of pooled features,
 reweighting heat-maps), and times the jitted student. Re-running resumes or reuses runs.
@@ -33,6 +34,8 @@ from experiments import report
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the runs and the report go.")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "Training seeds per method.")
 _STEPS = flags.DEFINE_integer("steps", None, "Training steps (default: the config's).")
+_CLIP = flags.DEFINE_bool("clip", False, "Warm-start teacher and student from the CLIP "
+                          "fine-tuning stage (off by default: it cost target mAP here).")
 
 
 def _run(method, seed, extra=""):
@@ -97,10 +100,9 @@ def main(argv):
   runs = []
   for seed in range(_SEEDS.value):
     source_only = _run("source_only", seed)
-    clip = _run("clip_finetune", seed)
-    teacher = _run("drivlm_teacher", seed, f",init={clip}")
-    runs += [source_only, teacher,
-             _run("drivlm_student", seed, f",teacher={teacher},init={clip}"),
+    init = f",init={_run('clip_finetune', seed)}" if _CLIP.value else ""
+    teacher = _run("drivlm_teacher", seed, init)
+    runs += [source_only, teacher, _run("drivlm_student", seed, f",teacher={teacher}{init}"),
              _run("oracle", seed)]
   root = _WORKDIR.value
   student = os.path.join(root, "seed0", "drivlm_student")
