@@ -102,7 +102,7 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
                   (weight `da_weight` each, reversal ramped after 25% of training);
                   instruction-guided token reweighting
   drivlm_student  as the teacher, + distillation from the `teacher` run (heads, LM tokens,
-                  visual tokens) and evaluation pruned to `keep_ratio`
+                  visual tokens); evaluated with every token and pruned to `keep_ratio`
   oracle          labelled source + labelled target (the upper bound)
   clip_finetune   the stage before adaptation: contrastive image-caption loss only (CLIP
                   InfoNCE, SigLIP sigmoid for SigLIP towers) on both domains (captions:
@@ -131,7 +131,9 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
   kd = 1.0 if method == "drivlm_student" else 0.0
   config.distill = ml_collections.ConfigDict(dict(
       teacher=teacher, heads=kd, lm=kd, feature=kd, temperature=2.0, feature_kind="cosine"))
-  config.eval.keep_ratio = keep_ratio if method == "drivlm_student" else 1.0
+  config.eval.keep_ratio = 1.0
+  # The student is also evaluated as deployed: pruned to `keep_ratio` ("target_pruned").
+  config.eval.pruned_keep_ratio = keep_ratio if method == "drivlm_student" else 0.0
   width = config.model.vision.hidden_size
   config.clip = ml_collections.ConfigDict(dict(
       weight=1.0 if method == "clip_finetune" else 0.0,

@@ -3,8 +3,10 @@ r"""Evaluates a run: `python -m drivlm_jax.evaluate --config configs/X.py[:arg] 
 {split: {"source"|"target": {action_mAP, action_mF1, action_F1_all, reason_mAP, ...,
 BLEU-1..4, ROUGE-L, CIDEr, accuracy}}} in points (0-100), and prints it as a table.
 
-The heads run as the deployed student does: pruned to `config.eval.keep_ratio` of the
-visual tokens; generated answers use every visual token (the LM's prompt holds them all).
+The heads see `config.eval.keep_ratio` of the visual tokens (default all); with
+`config.eval.pruned_keep_ratio` > 0 the target split is evaluated once more as the deployed
+student runs, pruned to that ratio ("target_pruned"). Generated answers use every visual token
+(the LM's prompt holds them all).
 """
 import functools
 import json
@@ -54,10 +56,12 @@ def _answers(cfg, params, batch, tokenizer, n, max_new_tokens):
   return hyps, refs
 
 
-def evaluate_domain(config, cfg, params, spec, feats) -> dict:
+def evaluate_domain(config, cfg, params, spec, feats, keep_ratio=None,
+                    num_generate=None) -> dict:
   tokenizer = TextTokenizer(feats.tokenizer)
   probs, labels, hyps, refs = {"action": [], "reason": []}, {"action": [], "reason": []}, [], []
-  keep = config.eval.get("keep_ratio", 1.0)
+  keep = config.eval.get("keep_ratio", 1.0) if keep_ratio is None else keep_ratio
+  num_generate = config.eval.num_generate if num_generate is None else num_generate
   if keep < 1.0 and not cfg.reweight:
     logging.warning("eval.keep_ratio=%s ignored: the model has no instruction reweighting to "
                     "prune by (model.reweight=False); evaluating every token", keep)
@@ -70,8 +74,8 @@ def evaluate_domain(config, cfg, params, spec, feats) -> dict:
     probs["reason"].append(np.asarray(reason))
     labels["action"].append(batch["actions"])
     labels["reason"].append(batch["reasons"])
-    if len(hyps) < config.eval.num_generate:
-      h, r = _answers(cfg, params, batch, tokenizer, config.eval.num_generate - len(hyps),
+    if len(hyps) < num_generate:
+      h, r = _answers(cfg, params, batch, tokenizer, num_generate - len(hyps),
                       config.eval.max_new_tokens)
       hyps, refs = hyps + h, refs + r
   out = {}
@@ -87,6 +91,10 @@ def run(config, cfg, params, data, feats, workdir, step=None, split="test") -> d
   """Evaluates source and target `split`, writes workdir/eval.json, prints a table."""
   result = {split: {role: evaluate_domain(config, cfg, params, data[role, split], feats)
                     for role in ("source", "target")}}
+  pruned = config.eval.get("pruned_keep_ratio", 0.0)
+  if pruned and cfg.reweight:   # the deployed student: heads on the kept tokens only
+    result[split]["target_pruned"] = evaluate_domain(config, cfg, params, data["target", split],
+                                                     feats, keep_ratio=pruned, num_generate=0)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump({**result, "step": step}, f, indent=1)
@@ -99,9 +107,10 @@ def format_table(result, step=None) -> str:
   for split, domains in result.items():
     names = list(next(iter(domains.values())))
     lines.append(f"eval {split}" + (f" @ step {step}" if step is not None else ""))
-    lines.append(f"{'domain':8s} " + " ".join(f"{n:>13s}" for n in names))
+    lines.append(f"{'domain':13s} " + " ".join(f"{n:>13s}" for n in names))
     for domain, values in domains.items():
-      lines.append(f"{domain:8s} " + " ".join(f"{values[n]:13.1f}" for n in names))
+      lines.append(f"{domain:13s} " + " ".join(f"{values[n]:13.1f}" if n in values
+                                              else f"{'-':>13s}" for n in names))
   return "\n".join(lines)
 
 

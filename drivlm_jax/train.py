@@ -333,6 +333,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                 "config": json.loads(config.to_json_best_effort())})),
                  force=True)
 
+  if start >= config.total_steps:   # a finished run: re-running it re-evaluates it
+    manager.close()
+    return evaluate.run(config, cfg, state["ema" if ema_decay else "params"], data, feats,
+                        workdir, step=start)
+
   #### Data: batch `i` of the run is `ds[i]`, so resuming at step s continues the same order
   batches = iter(train_batches(config, data, feats, start))
 

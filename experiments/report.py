@@ -147,7 +147,10 @@ def write(run_dirs, out: str, title="Results", notes="") -> dict:
   plot_bars(results, os.path.join(out, "target_mAP.png"))
   with open(os.path.join(out, "report.md"), "w") as f:
     f.write(f"# {title}\n\n{notes}\n\nTest split, points (0-100), mean ± std over runs.\n\n"
-            + markdown_table(results, "target") + "\n\n" + markdown_table(results, "source")
+            + markdown_table(results, "target") + "\n\n"
+            + (markdown_table(results, "target_pruned") + "\n\n" if any(
+                "target_pruned" in v for v in results["methods"].values()) else "")
+            + markdown_table(results, "source")
             + "\n\n![training curves](curves.png)\n\n![action mAP](target_mAP.png)\n")
   return results
 

@@ -26,11 +26,14 @@ def test_demo_runs_every_method(tmp_path):
   # The student was distilled from this seed's teacher and evaluated pruned.
   student = json.loads((tmp_path / "seed0" / "drivlm_student" / "config.json").read_text())
   assert student["distill"]["teacher"] == str(tmp_path / "seed0" / "drivlm_teacher")
-  assert student["eval"]["keep_ratio"] < 1.0
+  assert student["eval"]["pruned_keep_ratio"] < 1.0
+  pruned = json.loads((tmp_path / "seed0" / "drivlm_student" / "eval.json").read_text())
+  assert results["methods"]["drivlm_student"]["target_pruned"] == {
+      k: [v] for k, v in pruned["test"]["target_pruned"].items()}
   rows = json.loads((tmp_path / "seed0" / "drivlm_student" / "metrics.jsonl")
                     .read_text().splitlines()[-1])
   assert {"loss_kd_heads", "loss_kd_lm", "loss_kd_feature", "loss_da_token"} <= set(rows)
-  assert set(results["student_timing"]) >= {"keep_1_ms", "batch"}
+  assert set(results["student_timing"]) >= {"keep_1_ms", "keep_0.25_ms", "batch"}
   for name in ("report.md", "results.csv", "curves.png", "target_mAP.png", "pca.png",
                "reweighting.png"):
     assert (tmp_path / name).stat().st_size > 0, name
