@@ -22,8 +22,6 @@ import ml_collections
 
 from configs import common
 
-METHODS = common.METHODS
-
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, model="", method="source_only", steps=1200, teacher="",

@@ -26,13 +26,21 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def load_params(workdir: str, cfg: vlm.Config, step: int | None = None, extra=()):
-  """Params of the latest (or `step`) checkpoint of `workdir` -> (params, step).
+def finished(workdir: str, total_steps: int) -> bool:
+  """Whether `workdir` holds an evaluation of its final step (a run to reuse, not retrain)."""
+  path = os.path.join(workdir, "eval.json")
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    return json.load(f).get("step") == total_steps
 
-  Only the model's params are read (plus the top-level param groups named in `extra`, e.g.
-  "discriminators"); optimizer state is skipped. A run trained with `ema_decay` > 0 gives
-  its moving-average params (what it was evaluated with). Arrays come back on the default
-  device.
+
+def load_params(workdir: str, cfg: vlm.Config, step: int | None = None):
+  """Model params of the latest (or `step`) checkpoint of `workdir` -> (params, step).
+
+  Optimizer state and extra param groups (discriminators, distillation projection) are
+  skipped. A run trained with `ema_decay` > 0 gives its moving-average params (what it was
+  evaluated with). Arrays come back on the default device.
   """
   key = "ema" if run_config(workdir).get("ema_decay", 0.0) else "params"
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -41,13 +49,7 @@ def load_params(workdir: str, cfg: vlm.Config, step: int | None = None, extra=()
     step = manager.latest_step() if step is None else step
     if step is None:
       raise RunError(f"{directory} holds no checkpoint")
-    abstract = jax.eval_shape(lambda k: vlm.init(cfg, k), jax.random.key(0))
-    if extra:
-      saved = manager.item_metadata(step)["state"][key]
-      for name in extra:
-        abstract[name] = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
-                                      saved[name])
-    item = {key: abstract}
+    item = {key: jax.eval_shape(lambda k: vlm.init(cfg, k), jax.random.key(0))}
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item, restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(), item),
         partial_restore=True)))

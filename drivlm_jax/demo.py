@@ -23,13 +23,11 @@ import json
 import os
 import time
 
-import jax
-import numpy as np
 from absl import app, flags, logging
 
 from configs import demo as demo_config
-from drivlm_jax import train, visualize
-from experiments import report
+from drivlm_jax import checkpoints, train, visualize
+from experiments import bench_pruning, report
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the runs and the report go.")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "Training seeds per method.")
@@ -51,45 +49,22 @@ def _run(method, seed, extra=""):
   print(f"== {method} (seed {seed}): python -m drivlm_jax.train --config configs/demo.py:{arg} "
         f"--workdir {workdir} --config.seed={seed} "
         f"--config.data.cache_dir={config.data.cache_dir}", flush=True)
-  if not _finished(workdir, config):
+  if not checkpoints.finished(workdir, config.total_steps):
     train.train(config, workdir)
-    if not _finished(workdir, config):   # stopped by SIGTERM: its checkpoint is saved
+    if not checkpoints.finished(workdir, config.total_steps):   # stopped by SIGTERM: its checkpoint is saved
       raise SystemExit(f"{method} (seed {seed}) was interrupted; re-run the demo to resume")
   return workdir
 
 
-def _finished(workdir, config) -> bool:
-  path = os.path.join(workdir, "eval.json")
-  if not os.path.exists(path):
-    return False
-  with open(path) as f:
-    return json.load(f).get("step") == config.total_steps
-
-
-def time_student(student_dir, batch=8, repeats=20) -> dict:
+def time_student(student_dir, batch=8) -> dict:
   """Median ms of the jitted deployable student (vision + reweighting + heads) per batch at
   keep_ratio 1.0 and at the config's pruned_keep_ratio."""
-  from drivlm_jax import checkpoints
-  from drivlm_jax.model import vlm
   config = checkpoints.run_config(student_dir)
   cfg = train.model_config(config)
   params, _ = checkpoints.load_params(student_dir, cfg)
-  size = cfg.vision.image_size
-  images = np.random.default_rng(0).normal(size=(batch, size, size, 3)).astype(np.float32)
-  ids = np.full((batch, 8), 5, np.int32)
-  mask = np.ones((batch, 8), np.int32)
-  out = {}
-  for keep in sorted({1.0, config.eval.pruned_keep_ratio or 1.0}, reverse=True):
-    fn = jax.jit(lambda p, x, i, m, k=keep: vlm.encode_image(cfg, p, x, i, m, k)["action_logits"])
-    jax.block_until_ready(fn(params, images, ids, mask))
-    times = []
-    for _ in range(repeats):
-      t = time.perf_counter()
-      jax.block_until_ready(fn(params, images, ids, mask))
-      times.append(time.perf_counter() - t)
-    out[f"keep_{keep:g}_ms"] = 1e3 * float(np.median(times))
-  out["batch"] = batch
-  return out
+  keeps = sorted({1.0, config.eval.pruned_keep_ratio or 1.0}, reverse=True)
+  ms = bench_pruning.time_ratios(cfg, params, keeps, batch)
+  return {**{f"keep_{k:g}_ms": v for k, v in ms.items()}, "batch": batch}
 
 
 def main(argv):

@@ -20,7 +20,7 @@ import argparse
 import os
 
 from configs import demo as demo_config
-from drivlm_jax import train
+from drivlm_jax import checkpoints, train
 from experiments import report
 
 ABLATIONS = {
@@ -53,13 +53,8 @@ def apply_overrides(config, overrides: dict):
 
 
 def _train(config, workdir):
-  done = os.path.join(workdir, "eval.json")
-  if os.path.exists(done):
-    import json
-    with open(done) as f:
-      if json.load(f).get("step") == config.total_steps:
-        return workdir
-  train.train(config, workdir)
+  if not checkpoints.finished(workdir, config.total_steps):
+    train.train(config, workdir)
   return workdir
 
 
