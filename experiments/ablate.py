@@ -92,7 +92,7 @@ def main():
       config.method = name
       workdir = os.path.join(root, name)
       print(f"== {name} (seed {seed}): python -m drivlm_jax.train --config "
-            f"configs/demo.py:method=drivlm,teacher={teacher}{steps} --workdir {workdir} "
+            f"configs/demo.py:method=drivlm_student,teacher={teacher}{steps} --workdir {workdir} "
             f"--config.seed={seed} {flag_string(overrides)}", flush=True)
       runs.append(_train(config, workdir))
   notes = ("Each row removes one component from the DriVLM student (configs/demo.py, sim "

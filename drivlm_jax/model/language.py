@@ -36,6 +36,7 @@ class Config:
   param_dtype: str = "float32"
   scan_unroll: int = 1
   remat: bool = False
+  scan: bool = True               # False: a Python loop over the layers (export; apply only)
 
   def __post_init__(self):
     if self.family not in ("llama", "qwen2"):

@@ -120,14 +120,48 @@ def stack_layers(layer_cls: Any, cfg, num_layers: int, name: str, in_axes=nn.bro
   """`num_layers` copies of `layer_cls` as one `nn.scan`: params stacked on a `layers` axis.
 
   `cfg.remat` rematerialises each layer in the backward pass; `cfg.scan_unroll` unrolls
-  the loop (1 = rolled loop, num_layers = fully unrolled, fastest on CPU).
+  the loop (1 = rolled loop, num_layers = fully unrolled, fastest on CPU). `cfg.scan=False`
+  gives a `LayerLoop` over the same stacked params instead.
   """
+  if not cfg.scan:
+    return LayerLoop(layer_cls, cfg, num_layers, in_axes, name=name)
   if cfg.remat:
     layer_cls = nn.remat(layer_cls, prevent_cse=False)
   return nn.scan(
       layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
       in_axes=in_axes, length=num_layers, unroll=max(1, min(cfg.scan_unroll, num_layers)),
       metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name=name)
+
+
+class LayerLoop(nn.Module):
+  """`stack_layers`' stacked params applied by a Python loop, one layer at a time (apply
+  only: initialise with `scan=True`).
+
+  Flax's scan builds its carry with concrete shapes, so a trace whose batch is symbolic (the
+  ONNX export with a dynamic batch) fails inside it; this loop traces with any shape and
+  gives an unrolled graph, which is also what TensorRT optimises best.
+  """
+  layer_cls: Any
+  cfg: Any
+  num_layers: int
+  in_axes: Any
+
+  @nn.compact
+  def __call__(self, carry, *args):
+    if self.is_initializing():
+      raise ValueError("cfg.scan=False applies existing params; initialise with scan=True")
+    in_axes = self.in_axes if isinstance(self.in_axes, tuple) else (self.in_axes,) * len(args)
+    stacked = self.variables["params"]
+    outs = []
+    for i in range(self.num_layers):
+      layer = lambda tree: jax.tree.map(lambda a: a[i], tree)
+      step_args = [layer(a) if axis == 0 else a for a, axis in zip(args, in_axes)]
+      carry, out = self.layer_cls(self.cfg, parent=None).apply({"params": layer(stacked)},
+                                                              carry, *step_args)
+      outs.append(out)
+    if not outs or outs[0] is None:
+      return carry, None
+    return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
 
 class SelfAttention(nn.Module):

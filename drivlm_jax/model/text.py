@@ -33,6 +33,7 @@ class Config:
   param_dtype: str = "float32"
   scan_unroll: int = 1
   remat: bool = False
+  scan: bool = True               # False: a Python loop over the layers (export; apply only)
 
 
 def eos_positions(cfg: Config, input_ids):

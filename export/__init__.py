@@ -1,0 +1,1 @@
+"""Export of the DriVLM student: JAX -> ONNX (jax2onnx) -> TensorRT, with parity checks."""

@@ -1,0 +1,64 @@
+"""Real inputs for the exported graphs: frames and instructions from our data pipeline (a
+run's datasets, or a BDD-OIA / nuScenes folder), in the form the graphs take them."""
+import dataclasses
+import os
+
+import numpy as np
+
+from drivlm_jax import checkpoints, train
+from drivlm_jax.data import pipeline, preprocess, sources
+from drivlm_jax.data.tokenizer import TextTokenizer
+
+
+def raw_pixels(images, family: str):
+  """The pipeline's normalised images -> 0..255 RGB float32 (what a camera gives)."""
+  mean, std = (np.asarray(v, np.float32) for v in preprocess.MEAN_STD[family])
+  return ((images * std + mean) * 255.0).astype(np.float32)
+
+
+def _take(spec, feats: pipeline.Features, n: int) -> dict:
+  batch = pipeline.batch_dataset(spec, dataclasses.replace(feats, augment=False), n,
+                                 train=False)[0]
+  return {"image": raw_pixels(batch["image"], feats.family),
+          "instruction_ids": batch["instruction_ids"],
+          "instruction_mask": batch["instruction_mask"]}
+
+
+def run_features(run_dir: str):
+  """(config, data specs, pipeline.Features) of a trained run."""
+  config = checkpoints.run_config(run_dir)
+  data = sources.prepare(config.data, run_dir)
+  return config, data, train.features(config, train.model_config(config), data["tokenizer"])
+
+
+def from_run(run_dir: str, n: int, role: str = "target", split: str = "test") -> dict:
+  """Up to `n` examples of the run's `role` domain, `split` split (no augmentation)."""
+  _, data, feats = run_features(run_dir)
+  return _take(data[role, split], feats, n)
+
+
+def from_dir(directory: str, feats: pipeline.Features, n: int, cache_dir: str,
+             split: str = "train") -> dict:
+  """Up to `n` examples of a run directory (its target domain) or of a BDD-OIA / nuScenes
+  folder (built once into `cache_dir`), tokenized as `feats` says."""
+  if os.path.exists(os.path.join(directory, "config.json")):
+    _, data, run_feats = run_features(directory)
+    return _take(data["target", split], run_feats, n)
+  specs = sources.build_folder(directory, cache_dir)
+  return _take(specs[split], feats, n)
+
+
+def prompts(tokenizer: str, num_image_tokens: int, instruction_ids, instruction_mask):
+  """LM prompts `<bos> <image> x N <instruction>`, left-padded to 1 + N + L tokens
+  -> (input_ids [B, T] int32, attention_mask [B, T] int32)."""
+  tok = TextTokenizer(tokenizer)
+  b, length = instruction_ids.shape
+  width = 1 + num_image_tokens + length
+  ids = np.full((b, width), tok.pad_id, np.int32)
+  mask = np.zeros((b, width), np.int32)
+  for i in range(b):
+    row = [tok.bos_id] + [tok.image_id] * num_image_tokens + list(
+        instruction_ids[i][instruction_mask[i] > 0])
+    ids[i, width - len(row):] = row
+    mask[i, width - len(row):] = 1
+  return ids, mask

@@ -1,0 +1,217 @@
+r"""Exports a trained DriVLM student to ONNX with jax2onnx, then checks it.
+
+  python -m export.to_onnx --workdir runs/demo/seed0/drivlm_student --out student.onnx
+      [--checkpoint RUN/checkpoints/STEP] [--opset 18] [--keep-ratio 0.25]
+      [--batch dynamic|N] [--image-size 224] [--lm] [--max-new-tokens 16]
+
+Writes OUT (the student: "image" [B, S, S, 3] float32 RGB 0..255, "instruction_ids" and
+"instruction_mask" [B, L] int32 -> "action_probs" [B, 4], "reason_probs" [B, 21],
+"token_scores" [B, N]), OUT's .json sidecar (shapes, preprocessing, parity figures) and the
+run's tokenizer.json beside it; with --lm also OUT_prefill.onnx and OUT_decode.onnx, the LM
+that generates explanations on the device (`export.generate.greedy`).
+
+Every graph passes onnx.checker's full check and the TensorRT 10.3 operator check, and
+onnxruntime must match the JAX function within --atol (1e-4) on real examples of the run's
+target test split at batch 1 and 4 (or N); otherwise the export fails.
+"""
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+import onnxruntime as ort
+from jax2onnx import to_onnx
+
+from drivlm_jax import checkpoints, train
+from drivlm_jax.model import vlm
+from export import checks, generate, graphs, inputs as real_inputs, rewrite
+
+
+def load(workdir: str | None = None, checkpoint: str | None = None):
+  """A run's (run dir, vlm.Config for export, params, step); `checkpoint` is one
+  RUN/checkpoints/STEP directory (default: the run's latest)."""
+  step = None
+  if checkpoint:
+    checkpoint = os.path.abspath(checkpoint.rstrip("/"))
+    if not os.path.basename(checkpoint).isdigit():
+      raise checkpoints.RunError(f"--checkpoint {checkpoint}: expected RUN/checkpoints/<step>")
+    step, workdir = int(os.path.basename(checkpoint)), os.path.dirname(os.path.dirname(checkpoint))
+  if not workdir:
+    raise checkpoints.RunError("give --workdir RUN or --checkpoint RUN/checkpoints/STEP")
+  cfg = train.model_config(checkpoints.run_config(workdir))
+  params, step = checkpoints.load_params(workdir, cfg, step)
+  return workdir, graphs.for_export(cfg), graphs.constants(params), step
+
+
+def convert(fn, specs, input_names, output_names, path: str, opset: int):
+  """jax2onnx `fn` (traced at `specs`), dense Einsums rewritten as MatMul, saved to `path`
+  (weights in PATH.data when the graph would pass protobuf's 2 GB limit)."""
+  if not 9 <= opset <= checks.MAX_OPSET:
+    raise ValueError(f"--opset {opset}: TensorRT 10.3 parses opsets 9-{checks.MAX_OPSET}")
+  logging.getLogger("onnx_ir").setLevel(logging.ERROR)   # per-value type notes, not errors
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  model = to_onnx(fn, specs, model_name=os.path.splitext(os.path.basename(path))[0],
+                  opset=opset, input_names=list(input_names), output_names=list(output_names))
+  rewrite.einsum_to_matmul(model)
+  large = sum(t.ByteSize() for t in model.graph.initializer) > 1_800_000_000
+  onnx.save(model, path, save_as_external_data=large,
+            location=os.path.basename(path) + ".data")
+
+
+def _batch(batch):
+  return jax.export.symbolic_shape("B")[0] if batch == "dynamic" else int(batch)
+
+
+def _check_batches(batch):
+  return (1, 4) if batch == "dynamic" else (int(batch),)
+
+
+def _verify(path, fn, feeds: dict, atol, batches=(None,)):
+  """Graph checks, then onnxruntime vs JAX on `feeds` cut to each of `batches` (None: as
+  given) -> report dict."""
+  ops = checks.check(path)
+  session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+  jitted = jax.jit(fn)
+  diffs = {}
+  for b in batches:
+    have = len(next(iter(feeds.values())))
+    if b is not None and have < b:
+      raise ValueError(f"need {b} check examples, got {have}")
+    cut = feeds if b is None else {k: v[:b] for k, v in feeds.items()}
+    diffs[b or have] = checks.parity(session, jitted, cut, atol)
+  return {"path": path, "ops": dict(sorted(ops.items())), "max_abs_diff": diffs}
+
+
+def export_student(cfg, params, path, *, keep_ratio, feeds, opset=18, batch="dynamic",
+                   atol=1e-4) -> dict:
+  """The student graph at `keep_ratio`, checked on `feeds` (real inputs by name)."""
+  in_names, out_names = graphs.student_io(cfg)
+  b, size = _batch(batch), cfg.vision.image_size
+  length = feeds["instruction_ids"].shape[1]
+  specs = [jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)]
+  specs += [jax.ShapeDtypeStruct((b, length), jnp.int32)] * (len(in_names) - 1)
+  fn = graphs.student(cfg, params, keep_ratio)
+  convert(fn, specs, in_names, out_names, path, opset)
+  return _verify(path, fn, {k: feeds[k] for k in in_names}, atol, _check_batches(batch))
+
+
+def export_lm(cfg, params, prefix, *, feeds, tokenizer, max_new_tokens=16, opset=18,
+              batch="dynamic", atol=1e-4) -> dict:
+  """PREFIX_prefill.onnx and PREFIX_decode.onnx, checked for parity and for generating the
+  same greedy tokens as `vlm.generate`."""
+  b, size, lm = _batch(batch), cfg.vision.image_size, cfg.language
+  ids, mask = real_inputs.prompts(tokenizer, cfg.num_visual_tokens, feeds["instruction_ids"],
+                                  feeds["instruction_mask"])
+  feeds = {**feeds, "input_ids": ids, "attention_mask": mask}
+  t, length = ids.shape[1], feeds["instruction_ids"].shape[1]
+  slots = t + max_new_tokens
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+  prefill_specs = [jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32), i32(b, length),
+                   i32(b, length), i32(b, t), i32(b, t)]
+  kv = jax.ShapeDtypeStruct((lm.num_layers, b, slots, lm.num_kv_heads, lm.dim_per_head),
+                            jnp.float32)
+  decode_specs = [i32(b), kv, kv, jax.ShapeDtypeStruct((b, slots), jnp.bool_), i32(b), i32()]
+  report = {}
+  for name, fn, specs, in_names in (
+      ("prefill", graphs.prefill(cfg, params, max_new_tokens), prefill_specs,
+       graphs.PREFILL_INPUTS),
+      ("decode", graphs.decode(cfg, params), decode_specs, graphs.DECODE_INPUTS)):
+    path = f"{prefix}_{name}.onnx"
+    convert(fn, specs, in_names, graphs.LM_OUTPUTS, path, opset)
+    if name == "prefill":
+      report[name] = _verify(path, fn, {k: feeds[k] for k in in_names}, atol,
+                             _check_batches(batch))
+      prefill_fn = jax.jit(fn)
+    else:
+      b0 = _check_batches(batch)[-1]
+      _, *cache = prefill_fn(*(feeds[k][:b0] for k in graphs.PREFILL_INPUTS))
+      token = np.asarray(feeds["input_ids"][:b0, -1])
+      step_feeds = dict(zip(in_names, [token, *map(np.asarray, cache), np.asarray(t, np.int32)]))
+      report[name] = _verify(path, fn, step_feeds, atol)
+  sessions = [ort.InferenceSession(f"{prefix}_{n}.onnx", providers=["CPUExecutionProvider"])
+              for n in ("prefill", "decode")]
+  b0 = _check_batches(batch)[-1]
+  onnx_tokens = generate.greedy(*sessions, {k: feeds[k][:b0] for k in graphs.PREFILL_INPUTS},
+                                max_new_tokens)
+  jax_tokens = np.asarray(vlm.generate(
+      cfg, params, graphs.normalize(cfg, feeds["image"][:b0]), feeds["input_ids"][:b0],
+      max_new_tokens, instruction_ids=feeds["instruction_ids"][:b0],
+      instruction_mask=feeds["instruction_mask"][:b0],
+      attention_mask=feeds["attention_mask"][:b0]))[:, t:]
+  if not np.array_equal(onnx_tokens, jax_tokens):
+    raise checks.GraphError(f"greedy tokens differ: onnxruntime {onnx_tokens.tolist()} vs "
+                            f"JAX {jax_tokens.tolist()}")
+  report["greedy_tokens_match"] = list(onnx_tokens.shape)
+  return report
+
+
+def _default_keep(workdir) -> float:
+  """The run's deploy keep ratio (eval.pruned_keep_ratio), else 1.0."""
+  return checkpoints.run_config(workdir).get("eval", {}).get("pruned_keep_ratio", 0.0) or 1.0
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", help="a run directory of drivlm_jax.train")
+  parser.add_argument("--checkpoint", help="RUN/checkpoints/STEP (default: the latest)")
+  parser.add_argument("--out", required=True, help="the student's .onnx path")
+  parser.add_argument("--opset", type=int, default=18)
+  parser.add_argument("--keep-ratio", type=float, default=None,
+                      help="visual tokens kept (default: the run's eval.pruned_keep_ratio, "
+                      "else 1.0)")
+  parser.add_argument("--batch", default="dynamic", help="'dynamic' or a fixed batch size")
+  parser.add_argument("--image-size", type=int, default=None,
+                      help="must equal the model's (its position embeddings fix it)")
+  parser.add_argument("--lm", action="store_true", help="also export the LM prefill/decode")
+  parser.add_argument("--max-new-tokens", type=int, default=16)
+  parser.add_argument("--atol", type=float, default=1e-4)
+  args = parser.parse_args()
+  if args.batch != "dynamic" and not args.batch.isdigit():
+    parser.error(f"--batch {args.batch!r}: 'dynamic' or a positive integer")
+  workdir, cfg, params, step = load(args.workdir, args.checkpoint)
+  if args.image_size not in (None, cfg.vision.image_size):
+    parser.error(f"--image-size {args.image_size}: the model was trained at "
+                 f"{cfg.vision.image_size} (its position embeddings fix the resolution)")
+  keep = _default_keep(workdir) if args.keep_ratio is None else args.keep_ratio
+  if keep < 1.0 and not cfg.reweight:
+    parser.error(f"--keep-ratio {keep}: {workdir} has no reweighting (model.reweight), so "
+                 "it cannot prune")
+  _, _, feats = real_inputs.run_features(workdir)
+  n = max(_check_batches(args.batch))
+  feeds = real_inputs.from_run(workdir, n)
+  start = time.perf_counter()
+  report = {"run": os.path.abspath(workdir), "step": step, "keep_ratio": keep,
+            "opset": args.opset, "batch": args.batch,
+            "student": export_student(cfg, params, args.out, keep_ratio=keep, feeds=feeds,
+                                      opset=args.opset, batch=args.batch, atol=args.atol)}
+  if args.lm:
+    report["lm"] = export_lm(cfg, params, os.path.splitext(args.out)[0], feeds=feeds,
+                             tokenizer=feats.tokenizer, max_new_tokens=args.max_new_tokens,
+                             opset=args.opset, batch=args.batch, atol=args.atol)
+  out_dir = os.path.dirname(os.path.abspath(args.out))
+  shutil.copyfile(feats.tokenizer, os.path.join(out_dir, "tokenizer.json"))
+  report["features"] = {**dataclasses.asdict(feats), "tokenizer": "tokenizer.json",
+                        "image": "RGB float32 0..255, resized as `resize` says; the graph "
+                                 "normalises"}
+  with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+    json.dump(report, f, indent=1, default=str)
+  print(f"exported {workdir} step {step} at keep_ratio {keep} in "
+        f"{time.perf_counter() - start:.0f} s")
+  for name, part in [("student", report["student"])] + [
+      (f"lm {k}", v) for k, v in report.get("lm", {}).items() if isinstance(v, dict)]:
+    diffs = {b: max(d.values()) for b, d in part["max_abs_diff"].items()}
+    print(f"  {name:12s} {part['path']}: {sum(part['ops'].values())} nodes, "
+          f"{len(part['ops'])} op types, onnxruntime vs JAX max |diff| by batch {diffs}")
+  if "lm" in report:
+    print(f"  greedy tokens of onnxruntime == JAX for {report['lm']['greedy_tokens_match']}")
+
+
+if __name__ == "__main__":
+  main()
