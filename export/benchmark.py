@@ -1,0 +1,113 @@
+r"""Latency and FPS of the exported student at batch 1: onnxruntime, the jitted JAX function
+and, where present, a TensorRT engine, in one run; plus params and GFLOPs per frame (XLA's
+cost analysis) to estimate throughput on a device from its peak.
+
+  python -m export.benchmark --onnx student.onnx [--engine student.plan] [--jax RUN]
+      [--iters 50] [--warmup 5] [--threads N] [--peak-tflops T] [--out bench.json]
+
+--jax defaults to the run recorded in the ONNX's .json sidecar (and its keep ratio). The
+backends are timed in alternation (one call each per round) after warm-up; p50/p90/p99 in
+ms. With --peak-tflops, the FPS bound GFLOPs allow at that peak is printed too.
+"""
+import argparse
+import json
+import os
+import time
+
+import jax
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from export import graphs, inputs as real_inputs, to_onnx
+
+
+def onnx_params(path: str) -> int:
+  model = onnx.load(path)
+  return int(sum(np.prod(t.dims) for t in model.graph.initializer))
+
+
+def jax_student(run_dir: str, keep_ratio: float):
+  _, cfg, params, _ = to_onnx.load(run_dir)
+  return jax.jit(graphs.student(cfg, params, keep_ratio))
+
+
+def gflops(fn, feeds) -> float:
+  """XLA's flop count of one call / 1e9 / batch."""
+  cost = fn.lower(*feeds.values()).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan"))) / 1e9 / len(feeds["image"])
+
+
+def percentiles(seconds) -> dict:
+  ms = 1e3 * np.asarray(seconds)
+  p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+  return {"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "fps": 1e3 / p50}
+
+
+def time_backends(backends: dict, warmup: int, iters: int) -> dict:
+  """{name: percentiles} of `backends` ({name: zero-arg callable}), interleaved."""
+  for fn in backends.values():
+    for _ in range(warmup):
+      fn()
+  times = {name: [] for name in backends}
+  for _ in range(iters):
+    for name, fn in backends.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return {name: percentiles(t) for name, t in times.items()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--onnx", required=True)
+  parser.add_argument("--engine")
+  parser.add_argument("--jax", help="the run dir (default: from the ONNX's .json sidecar)")
+  parser.add_argument("--iters", type=int, default=50)
+  parser.add_argument("--warmup", type=int, default=5)
+  parser.add_argument("--threads", type=int, default=os.cpu_count())
+  parser.add_argument("--peak-tflops", type=float, default=None)
+  parser.add_argument("--out", default=None, help="write the figures as JSON")
+  args = parser.parse_args()
+  sidecar = os.path.splitext(args.onnx)[0] + ".json"
+  meta = json.load(open(sidecar)) if os.path.exists(sidecar) else {}
+  run_dir = args.jax or meta.get("run")
+  options = ort.SessionOptions()
+  options.intra_op_num_threads = args.threads
+  session = ort.InferenceSession(args.onnx, options, providers=["CPUExecutionProvider"])
+  names = [i.name for i in session.get_inputs()]
+  if run_dir:
+    feeds = {k: v[:1] for k, v in real_inputs.from_run(run_dir, 1).items() if k in names}
+  else:   # no run: random frames of the graph's shape
+    rng = np.random.default_rng(0)
+    shape = lambda i: [d if isinstance(d, int) else 1 for d in i.shape]
+    feeds = {i.name: (rng.uniform(0, 255, shape(i)).astype(np.float32) if i.name == "image"
+                      else np.ones(shape(i), np.int32)) for i in session.get_inputs()}
+  backends = {"onnxruntime": lambda: session.run(None, feeds)}
+  result = {"onnx": args.onnx, "params": onnx_params(args.onnx), "batch": 1,
+            "device": jax.devices()[0].device_kind}
+  if run_dir:
+    fn = jax_student(run_dir, meta.get("keep_ratio", 1.0))
+    result["gflops_per_frame"] = gflops(fn, feeds)
+    backends["jax"] = lambda: jax.block_until_ready(fn(*feeds.values()))
+  if args.engine:
+    from export import tensorrt_runner  # pylint: disable=import-outside-toplevel
+    engine = tensorrt_runner.Engine(args.engine)
+    backends["tensorrt"] = lambda: engine(feeds)
+  result["latency"] = time_backends(backends, args.warmup, args.iters)
+  print(f"{args.onnx}: {result['params'] / 1e6:.2f} M params"
+        + (f", {result['gflops_per_frame']:.3f} GFLOPs per frame" if run_dir else ""))
+  print(f"{'backend':12s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s} {'FPS':>8s}")
+  for name, r in result["latency"].items():
+    print(f"{name:12s} {r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['p99_ms']:8.2f} {r['fps']:8.1f}")
+  if args.peak_tflops and run_dir:
+    bound = args.peak_tflops * 1e3 / result["gflops_per_frame"]
+    print(f"at {args.peak_tflops} TFLOP/s the compute bound is {bound:.0f} FPS")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,208 @@
+"""Export: ONNX graphs match the JAX model in onnxruntime, the TensorRT checks, INT8 Q/DQ."""
+import dataclasses
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from drivlm_jax import checkpoints, hf, train
+from drivlm_jax.data import preprocess
+from drivlm_jax.model import vlm
+from export import checks, generate, graphs, inputs, quantize, rewrite, to_onnx
+from tests import reference
+from tests.test_train import small_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A tiny demo student (instruction reweighting, pruning inside the tower), 2 steps."""
+  root = tmp_path_factory.mktemp("export")
+  config = small_config(str(root / "data"), "method=drivlm,teacher=none,steps=2",
+                        **{"distill.teacher": ""})     # the student without distillation
+  train.train(config, str(root / "run"))
+  return str(root / "run")
+
+
+def _session(path):
+  return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _reference_heads(cfg, params, feeds, keep_ratio):
+  """The training model (scanned layers, the pipeline's normalisation) -> probabilities."""
+  mean, std = preprocess.MEAN_STD[cfg.vision.family]
+  images = (feeds["image"] / 255.0 - np.asarray(mean)) / np.asarray(std)
+  out = vlm.encode_image(cfg, params, images.astype(np.float32), feeds["instruction_ids"],
+                         feeds["instruction_mask"], keep_ratio)
+  return jax.nn.sigmoid(out["action_logits"]), jax.nn.sigmoid(out["reason_logits"])
+
+
+def test_cli_exports_the_demo_student_and_its_lm(run, tmp_path):
+  out = tmp_path / "student.onnx"
+  result = subprocess.run(
+      [sys.executable, "-m", "export.to_onnx", "--workdir", run, "--out", str(out),
+       "--keep-ratio", "0.25", "--lm", "--max-new-tokens", "4"],
+      capture_output=True, text=True, timeout=600, check=False, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out.with_suffix(".json").read_text())
+  assert set(report["student"]["max_abs_diff"]) == {"1", "4"}
+  assert (tmp_path / "tokenizer.json").exists()
+
+  # Independently of the export's own check: fresh real frames, batch 4 then 1, against the
+  # training-time model (scanned layers, pipeline normalisation).
+  cfg = train.model_config(checkpoints.run_config(run))
+  params, _ = checkpoints.load_params(run, cfg)
+  feeds = inputs.from_run(run, 4, role="source")
+  session = _session(out)
+  assert [i.name for i in session.get_inputs()] == ["image", "instruction_ids",
+                                                      "instruction_mask"]
+  for b in (4, 1):
+    cut = {k: v[:b] for k, v in feeds.items()}
+    got = session.run(["action_probs", "reason_probs", "token_scores"], cut)
+    want = _reference_heads(cfg, params, cut, 0.25)
+    np.testing.assert_allclose(got[0], want[0], atol=ATOL)
+    np.testing.assert_allclose(got[1], want[1], atol=ATOL)
+    assert got[2].shape == (b, cfg.num_visual_tokens)
+
+  # The LM graphs generate what vlm.generate generates.
+  ids, mask = inputs.prompts(str(tmp_path / "tokenizer.json"), cfg.num_visual_tokens,
+                             feeds["instruction_ids"], feeds["instruction_mask"])
+  prefill_feeds = {**feeds, "input_ids": ids, "attention_mask": mask}
+  tokens = generate.greedy(_session(tmp_path / "student_prefill.onnx"),
+                           _session(tmp_path / "student_decode.onnx"), prefill_feeds, 4)
+  images = (feeds["image"] / 255.0 - np.asarray(preprocess.MEAN_STD["clip"][0])) / np.asarray(
+      preprocess.MEAN_STD["clip"][1])
+  want = vlm.generate(cfg, params, images.astype(np.float32), ids, 4,
+                      instruction_ids=feeds["instruction_ids"],
+                      instruction_mask=feeds["instruction_mask"], attention_mask=mask)
+  np.testing.assert_array_equal(tokens, np.asarray(want)[:, ids.shape[1]:])
+
+
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.5])
+def test_hf_clip_student_round_trips_with_a_dynamic_batch(tmp_path, keep_ratio):
+  """A CLIP vision tower loaded from an HF checkpoint, pruned before the projector."""
+  reference.save(reference.clip_vision(image_size=32, patch_size=8), tmp_path / "clip")
+  vcfg, vparams = hf.load_vision_tower(str(tmp_path / "clip"))
+  demo = train.model_config(small_config(str(tmp_path), "method=drivlm,teacher=none"))
+  cfg = dataclasses.replace(demo, vision=vcfg, reweight=True, reweight_layer=None)
+  params = {**vlm.init(cfg, jax.random.key(1)), "vision": vparams}
+  rng = np.random.default_rng(0)
+  # Fresh gates have gain 0: every score ties and top-k may pick any token. Trained ones do
+  # not tie; give these random values.
+  params["reweighting"] = jax.tree.map(lambda a: a + rng.normal(size=a.shape).astype(a.dtype),
+                                       params["reweighting"])
+  feeds = {"image": rng.uniform(0, 255, (4, 32, 32, 3)).astype(np.float32),
+           "instruction_ids": rng.integers(4, 200, (4, 6)).astype(np.int32),
+           "instruction_mask": (np.arange(6) < rng.integers(2, 7, (4, 1))).astype(np.int32)}
+  path = str(tmp_path / "clip_student.onnx")
+  report = to_onnx.export_student(graphs.for_export(cfg), graphs.constants(params), path,
+                                  keep_ratio=keep_ratio, feeds=feeds)
+  assert set(report["max_abs_diff"]) == {1, 4}
+  assert "Einsum" not in report["ops"] or report["ops"]["MatMul"] > 0
+  session = _session(path)
+  for b in (1, 4):
+    cut = {k: v[:b] for k, v in feeds.items()}
+    got = session.run(["action_probs", "reason_probs"], cut)
+    want = _reference_heads(cfg, params, cut, keep_ratio)
+    np.testing.assert_allclose(got[0], want[0], atol=ATOL)
+    np.testing.assert_allclose(got[1], want[1], atol=ATOL)
+
+
+def _model(nodes, inputs_, outputs, opset, initializers=()):
+  graph = helper.make_graph(nodes, "g", inputs_, outputs, initializer=list(initializers))
+  return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_tensorrt_check_rejects_what_tensorrt_10_3_cannot_parse(tmp_path):
+  x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+  y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
+  scale = onnx.numpy_helper.from_array(np.ones(8, np.float32), "scale")
+  rms = _model([helper.make_node("RMSNormalization", ["x", "scale"], ["y"], axis=-1)],
+               [x], [y], 23, [scale])
+  onnx.checker.check_model(rms, full_check=True)          # a valid graph, opset 23
+  problems = checks.tensorrt_problems(rms)
+  assert any("opset 23" in p for p in problems)
+  assert any("RMSNormalization" in p for p in problems)
+  onnx.save(rms, tmp_path / "rms.onnx")
+  with pytest.raises(checks.GraphError, match="RMSNormalization"):
+    checks.check(str(tmp_path / "rms.onnx"))
+
+  k = helper.make_tensor_value_info("k", TensorProto.INT64, [1])
+  idx = helper.make_tensor_value_info("i", TensorProto.INT64, [2, None])
+  top = _model([helper.make_node("TopK", ["x", "k"], ["y", "i"])], [x, k],
+               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, None]), idx], 17)
+  assert any("TopK" in p and "constant" in p for p in checks.tensorrt_problems(top))
+
+  fine = _model([helper.make_node("Relu", ["x"], ["y"])], [x], [y], 17)
+  assert checks.tensorrt_problems(fine) == []
+
+
+@pytest.mark.parametrize("equation,x_shape,w_shape", [
+    ("abc,cd->abd", (2, 5, 8), (8, 6)),
+    ("abc,cde->abde", (2, 5, 8), (8, 2, 3)),
+    ("abcd,cde->abe", (2, 5, 2, 4), (2, 4, 6))])
+def test_einsum_to_matmul_keeps_the_graph_output(equation, x_shape, w_shape):
+  rng = np.random.default_rng(0)
+  w = onnx.numpy_helper.from_array(rng.normal(size=w_shape).astype(np.float32), "w")
+  x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", *x_shape[1:]])
+  feed = {"x": rng.normal(size=x_shape).astype(np.float32)}
+  want = np.einsum(equation, feed["x"], onnx.numpy_helper.to_array(w))
+  y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", *want.shape[1:]])
+  model = _model([helper.make_node("Einsum", ["x", "w"], ["y"], equation=equation)], [x], [y],
+                 18, [w])
+  assert rewrite.einsum_to_matmul(model) == 1
+  onnx.checker.check_model(model, full_check=True)
+  assert [n.op_type for n in model.graph.node].count("Einsum") == 0
+  got = ort.InferenceSession(model.SerializeToString()).run(None, feed)[0]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_qdq_graph_is_valid_and_close_to_fp32(run, tmp_path):
+  _, cfg, params, _ = to_onnx.load(run)
+  calib = inputs.from_run(run, 16, role="target", split="train")
+  held_out = inputs.from_run(run, 8, role="target", split="test")
+  fp32 = str(tmp_path / "student.onnx")
+  to_onnx.export_student(cfg, params, fp32, keep_ratio=1.0, feeds=held_out)
+  int8 = str(tmp_path / "student.int8.onnx")
+  quantize.quantize(fp32, int8, calib)
+  ops = checks.check(int8)                # valid, parseable, symmetric (zero points 0)
+  assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] >= ops["MatMul"] > 0
+  err = quantize.error(fp32, int8, held_out)
+  assert err["action_probs"] < 0.05 and err["reason_probs"] < 0.05, err
+
+
+def test_tensorrt_engine(run, tmp_path):
+  onnx_path = str(tmp_path / "student.onnx")
+  _, cfg, params, _ = to_onnx.load(run)
+  feeds = inputs.from_run(run, 4)
+  to_onnx.export_student(cfg, params, onnx_path, keep_ratio=0.25, feeds=feeds)
+  engine = str(tmp_path / "student.plan")
+  result = subprocess.run(
+      [sys.executable, "-m", "export.to_tensorrt", "--onnx", onnx_path, "--engine", engine,
+       "--max-batch", "4"], capture_output=True, text=True, timeout=600, check=False, cwd=ROOT)
+  assert "trtexec --onnx=" in result.stdout and "--maxShapes=image:4x64x64x3" in result.stdout
+  try:
+    import tensorrt  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    import torch  # pylint: disable=import-outside-toplevel
+    has_gpu = torch.cuda.is_available()
+  except ImportError:
+    # Without TensorRT the script says where to build and fails (status 2).
+    assert result.returncode == 2 and "build them on the target" in result.stderr
+    pytest.skip("tensorrt is not installed (engines are built on the target GPU); checked "
+                "the script's message and trtexec command instead")
+  if not has_gpu:
+    pytest.skip("tensorrt is installed but there is no CUDA GPU to build an engine on")
+  assert result.returncode == 0, result.stderr[-3000:]
+  from export import tensorrt_runner  # pylint: disable=import-outside-toplevel
+  got = tensorrt_runner.Engine(engine)(feeds)
+  want = _session(onnx_path).run(None, feeds)
+  np.testing.assert_allclose(got["action_probs"], want[0], atol=1e-3)
