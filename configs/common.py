@@ -180,5 +180,5 @@ def real_config(arg, description: str):
   add_method(config, method, arg.teacher, keep_ratio=0.25, init_from=arg.init)
   config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   config.rules = None
-  config.multihost = None
+  config.multihost = "auto"
   return config

@@ -59,5 +59,12 @@ def get_config(arg=None):
   common.add_method(config, method, arg.teacher, keep_ratio=0.25, init_from=arg.init)
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.rules = None                      # None: parallel.DEFAULT_RULES
-  config.multihost = None                  # None: detect from the environment
+  config.multihost = "auto"                # "auto": from the environment; "true" | "false"
   return config
+
+
+def sweep(add):
+  """`python -m experiments.sweep configs/demo.py[:method=...]`: learning rate x seed."""
+  for seed in range(3):
+    for lr in (1e-3, 2e-3):
+      add(seed=seed, **{"optimizer.learning_rate": lr})

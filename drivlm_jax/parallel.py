@@ -21,12 +21,22 @@ DEFAULT_RULES = (
     ("kv", None), ("layers", None), ("length", None), ("proj", None))
 
 
-def maybe_initialize_distributed(multihost: bool | None = None):
-  """`jax.distributed.initialize()` when asked to, or when a cluster environment says so."""
+def maybe_initialize_distributed(multihost: bool | str | None = None):
+  """`jax.distributed.initialize()` when asked to (multihost True / "true"), or, with None /
+  "auto", when a cluster environment says so.
+
+  JAX detects Slurm and Cloud TPU itself; elsewhere (e.g. SkyPilot GPU nodes) set
+  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID."""
   cluster = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
                                           "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
-  if multihost or (multihost is None and cluster):
-    jax.distributed.initialize()
+  choice = {"true": True, "false": False, "auto": None, "none": None}.get(str(multihost).lower())
+  if choice is None and str(multihost).lower() not in ("auto", "none"):
+    raise ValueError(f"config.multihost={multihost!r}: use true, false or auto")
+  if choice or (choice is None and cluster):
+    env = {k: int(os.environ[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),
+                                              ("process_id", "JAX_PROCESS_ID"))
+           if v in os.environ}
+    jax.distributed.initialize(**env)
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple:

@@ -22,6 +22,7 @@ import os
 from configs import demo as demo_config
 from drivlm_jax import checkpoints, train
 from experiments import report
+from experiments.runs import apply_overrides, flag_string
 
 ABLATIONS = {
     "drivlm_student": {},        # the full method (with --workdir runs/demo: the demo's run)
@@ -33,23 +34,6 @@ ABLATIONS = {
     "with_clip_finetuning": {"init_from": "<clip_finetune run>"},
 }
 CLIP_RUN = "<clip_finetune run>"
-
-
-def flag_string(overrides: dict) -> str:
-  return " ".join(f"--config.{k}={v}" for k, v in overrides.items())
-
-
-def apply_overrides(config, overrides: dict):
-  """Sets dotted keys (each must exist in the config: a typo is an error)."""
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    if leaf not in node:
-      raise KeyError(f"ablation override {key!r}: no such config key")
-    node[leaf] = value
-  return config
 
 
 def _train(config, workdir):

@@ -1,0 +1,87 @@
+"""What launches one run where: the exact command (local, tpu_vm), SkyPilot task YAML or
+sbatch script. Pure text; `experiments.sweep` prints it (--dry-run) or executes it."""
+import dataclasses
+import re
+import shlex
+
+from experiments import runs
+
+LAUNCHERS = ("local", "tpu_vm", "skypilot", "slurm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+  """Where remote launchers run (flags of experiments.sweep)."""
+  tpu: str = "drivlm-tpu"              # tpu_vm: TPU VM name
+  zone: str = "us-central2-b"
+  project: str = ""
+  repo_dir: str = "~/drivlm-jax"       # the checkout on the remote hosts
+  accelerators: str = "tpu-v4-8"       # skypilot: e.g. tpu-v4-8, A100:8, H100:8
+  num_nodes: int = 1                   # skypilot, slurm: hosts per run
+  gpus_per_node: int = 0               # slurm (0: no --gpus-per-node)
+  partition: str = ""                  # slurm
+  time: str = "24:00:00"               # slurm
+  managed: bool = False                # skypilot: `sky jobs launch` (managed, recovers)
+
+
+def sky_name(name: str) -> str:
+  """SkyPilot cluster/job names: lowercase letters, digits and dashes, <= 63 chars."""
+  safe = re.sub(r"-+", "-", re.sub(r"[^a-z0-9]", "-", name.lower())).strip("-")[-61:]
+  safe = safe.lstrip("-")
+  return safe if safe[:1].isalpha() else "r-" + safe
+
+
+def local_command(config_spec, workdir, overrides, python) -> list:
+  return runs.train_command(config_spec, workdir, overrides, python=python)
+
+
+def tpu_vm_command(config_spec, workdir, overrides, cluster: Cluster) -> list:
+  """gcloud ... ssh --worker=all: every host of the TPU VM runs the same command; each
+  initialises jax.distributed (config.multihost) and reads its own data shard."""
+  remote = " ".join(shlex.quote(a) for a in runs.train_command(
+      config_spec, workdir, overrides, extra=["--config.multihost=true"]))
+  command = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", cluster.tpu,
+             f"--zone={cluster.zone}", "--worker=all",
+             f"--command=cd {cluster.repo_dir} && {remote}"]
+  if cluster.project:
+    command.insert(6, f"--project={cluster.project}")
+  return command
+
+
+def _train_line(config_spec, workdir, overrides, multihost: bool) -> str:
+  extra = ["--config.multihost=true"] if multihost else []
+  return " ".join(shlex.quote(a) for a in runs.train_command(config_spec, workdir, overrides,
+                                                              extra=extra))
+
+
+def skypilot_yaml(name, config_spec, workdir, overrides, cluster: Cluster) -> str:
+  """A SkyPilot task: the repo synced as workdir, installed in setup; with several nodes the
+  head node's IP is jax.distributed's coordinator."""
+  run = []
+  if cluster.num_nodes > 1:
+    run += ['export JAX_COORDINATOR_ADDRESS="$(echo "$SKYPILOT_NODE_IPS" | head -n1):8476"',
+            'export JAX_NUM_PROCESSES="$SKYPILOT_NUM_NODES"',
+            'export JAX_PROCESS_ID="$SKYPILOT_NODE_RANK"']
+  run.append(_train_line(config_spec, workdir, overrides, cluster.num_nodes > 1))
+  indent = lambda lines: "\n".join("  " + line for line in lines)
+  return (f"name: {sky_name(name)}\n"
+          f"num_nodes: {cluster.num_nodes}\n"
+          f"resources:\n  accelerators: {cluster.accelerators}\n"
+          f"workdir: .\n"
+          f"setup: |\n{indent(['pip install -e .'])}\n"
+          f"run: |\n{indent(run)}\n")
+
+
+def slurm_script(name, config_spec, workdir, overrides, cluster: Cluster) -> str:
+  """sbatch script: one task per host (`srun`); JAX detects Slurm and initialises
+  jax.distributed from its environment."""
+  lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --nodes={cluster.num_nodes}",
+           "#SBATCH --ntasks-per-node=1", f"#SBATCH --time={cluster.time}",
+           f"#SBATCH --output={workdir}/slurm-%j.out"]
+  if cluster.gpus_per_node:
+    lines.append(f"#SBATCH --gpus-per-node={cluster.gpus_per_node}")
+  if cluster.partition:
+    lines.append(f"#SBATCH --partition={cluster.partition}")
+  lines += ["set -euo pipefail", f"cd {cluster.repo_dir}",
+            "srun " + _train_line(config_spec, workdir, overrides, cluster.num_nodes > 1)]
+  return "\n".join(lines) + "\n"

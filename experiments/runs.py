@@ -1,0 +1,71 @@
+"""Runs as a config plus dotted-key overrides: validation, stable names, train commands.
+
+Shared by the sweep launcher and the ablation runner.
+"""
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shlex
+
+SCALARS = (bool, int, float, str)
+
+
+def load_config_module(spec: str):
+  """"configs/X.py[:arg]" -> (module, path, arg or None)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path} not found")
+  module_spec = importlib.util.spec_from_file_location(
+      "sweep_config_" + re.sub(r"\W", "_", os.path.splitext(path)[0]), path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module, path, arg or None
+
+
+def apply_overrides(config, overrides: dict):
+  """Sets dotted keys on a ConfigDict; a key that does not exist is an error naming it."""
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for i, p in enumerate(parents):
+      if p not in node:
+        raise KeyError(f"override {key!r}: config has no {'.'.join(parents[:i + 1])!r}")
+      node = node[p]
+    if leaf not in node:
+      raise KeyError(f"override {key!r}: no such config key")
+    node[leaf] = value
+  return config
+
+
+def flag_values(overrides: dict) -> list:
+  """["--config.k=v", ...] as drivlm_jax.train takes them (sorted by key)."""
+  flags = []
+  for key, value in sorted(overrides.items()):
+    if not isinstance(value, SCALARS) and value is not None:
+      raise TypeError(f"override {key}={value!r}: only scalars can be passed as flags")
+    flags.append(f"--config.{key}={value}")
+  return flags
+
+
+def flag_string(overrides: dict) -> str:
+  return " ".join(shlex.quote(f) for f in flag_values(overrides))
+
+
+def run_name(overrides: dict) -> str:
+  """A stable, filesystem-safe name from the overrides: readable `key=value` parts (last key
+  component) and a hash of the full set, e.g. "learning_rate=0.001-seed=1-3f2a9c1e"."""
+  if not overrides:
+    return "default"
+  readable = "-".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(overrides.items()))
+  readable = re.sub(r"[^A-Za-z0-9_.=+-]", "_", readable)[:80]
+  digest = hashlib.sha1(json.dumps(overrides, sort_keys=True, default=str).encode())
+  return f"{readable}-{digest.hexdigest()[:8]}"
+
+
+def train_command(config_spec: str, workdir: str, overrides: dict,
+                  python: str = "python3", extra=()) -> list:
+  """argv of `python -m drivlm_jax.train` for one run."""
+  return [python, "-m", "drivlm_jax.train", "--config", config_spec, "--workdir", workdir,
+          *flag_values(overrides), *extra]

@@ -1,0 +1,187 @@
+r"""Sweeps: a config file's `sweep(add)` lists runs; launch them here or on a cluster.
+
+  python -m experiments.sweep configs/demo.py[:arg] --launcher local|tpu_vm|skypilot|slurm
+      [--dry-run] [--workdir-root runs/sweeps] [--parallel N]
+      [--tpu NAME --zone Z --project P] [--accelerators A] [--num-nodes N] [--managed]
+      [--gpus-per-node G --partition P --time HH:MM:SS] [--repo-dir DIR]
+
+In the config file (as in big_vision):
+
+  def sweep(add):
+    for seed in range(3):
+      add(seed=seed, **{"optimizer.learning_rate": 1e-3})
+
+Each `add(**overrides)` is one run (dotted config keys; each must exist). Its name comes from
+the overrides (stable across invocations) and its workdir is
+<workdir-root>/<config name>[_<arg>]/<name> (a gs:// root works for remote launchers).
+
+- local: runs one after another (or --parallel N at a time), skips finished runs, and
+  resumes interrupted ones (the trainer resumes from the workdir). SIGTERM/Ctrl-C stop the
+  sweep after its runs save a checkpoint; the same command resumes it.
+- tpu_vm: `gcloud compute tpus tpu-vm ssh NAME --worker=all --command ...` per run (every host
+  runs the trainer with jax.distributed).
+- skypilot: a task YAML per run (<workdir>/sky.yaml), launched with `sky launch` (or
+  `sky jobs launch` with --managed).
+- slurm: an sbatch script per run (<workdir>/sbatch.sh, `srun`, one task per host), `sbatch`.
+--dry-run prints, per run, a line "run NAME" and then what would be launched: the command
+(local, tpu_vm), the task YAML (skypilot) or the sbatch script (slurm); no cloud CLI needed.
+"""
+import argparse
+import inspect
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from drivlm_jax import checkpoints
+from experiments import launchers, runs
+
+
+def collect(config_spec: str, workdir_root: str) -> list:
+  """[(name, workdir, overrides, total_steps)] of the config file's sweep()."""
+  module, path, arg = runs.load_config_module(config_spec)
+  if not hasattr(module, "sweep"):
+    raise AttributeError(f"{path} defines no sweep(add)")
+  added = []
+  add = lambda **overrides: added.append(overrides)
+  if len(inspect.signature(module.sweep).parameters) > 1:
+    module.sweep(add, arg)
+  else:
+    module.sweep(add)
+  if not added:
+    raise ValueError(f"{path}: sweep() added no runs")
+  group = os.path.splitext(os.path.basename(path))[0]
+  if arg:
+    group += "_" + "".join(c if c.isalnum() or c in "=-." else "_" for c in arg)
+  out, seen = [], {}
+  for overrides in added:
+    config = runs.apply_overrides(module.get_config(arg), overrides)
+    name = runs.run_name(overrides)
+    if name in seen:
+      raise ValueError(f"{path}: sweep() adds the same run twice: {overrides}")
+    seen[name] = True
+    out.append((name, os.path.join(workdir_root, group, name), overrides, config.total_steps))
+  return out
+
+
+def describe(launcher, name, spec, workdir, overrides, cluster) -> str:
+  """What --dry-run prints for one run (after its `run NAME` line)."""
+  quote = lambda argv: " ".join(shlex.quote(a) for a in argv)
+  if launcher == "local":
+    return quote(launchers.local_command(spec, workdir, overrides, "python3"))
+  if launcher == "tpu_vm":
+    return quote(launchers.tpu_vm_command(spec, workdir, overrides, cluster))
+  if launcher == "skypilot":
+    return launchers.skypilot_yaml(name, spec, workdir, overrides, cluster).rstrip()
+  return launchers.slurm_script(name, spec, workdir, overrides, cluster).rstrip()
+
+
+def run_local(spec, planned, parallel: int) -> int:
+  """Runs the unfinished runs, `parallel` at a time -> exit status."""
+  todo = [(n, w, o) for n, w, o, steps in planned if not checkpoints.finished(w, steps)]
+  for name, workdir, _, steps in planned:
+    if checkpoints.finished(workdir, steps):
+      print(f"run {name}: finished, skipped", flush=True)
+  procs, failed, stopped = {}, [], []
+
+  def stop(signum, _):
+    stopped.append(signum)
+    for proc in procs.values():
+      proc.send_signal(signal.SIGTERM)     # the trainer saves a checkpoint and exits
+
+  previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    while (todo and not stopped) or procs:
+      while todo and not stopped and len(procs) < parallel:
+        name, workdir, overrides = todo.pop(0)
+        os.makedirs(workdir, exist_ok=True)
+        resumed = os.path.isdir(os.path.join(workdir, "checkpoints"))
+        print(f"run {name}: {'resuming' if resumed else 'starting'} in {workdir}", flush=True)
+        log = None if parallel == 1 else open(os.path.join(workdir, "sweep.log"), "a")
+        procs[name] = subprocess.Popen(
+            launchers.local_command(spec, workdir, overrides, sys.executable), stdout=log,
+            stderr=subprocess.STDOUT if log else None, start_new_session=True)
+      time.sleep(0.2)
+      for name, proc in list(procs.items()):
+        if proc.poll() is not None:
+          del procs[name]
+          if proc.returncode:
+            failed.append(name)
+            print(f"run {name}: failed (exit {proc.returncode})", flush=True)
+          else:
+            print(f"run {name}: {'stopped' if stopped else 'done'}", flush=True)
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+  if stopped:
+    print("sweep interrupted: the same command resumes it", flush=True)
+    return 128 + stopped[0]
+  return 1 if failed else 0
+
+
+def execute(launcher, planned, spec, cluster) -> int:
+  """Launches on a cluster through its CLI (gcloud, sky, sbatch) -> exit status."""
+  cli = {"tpu_vm": "gcloud", "skypilot": "sky", "slurm": "sbatch"}[launcher]
+  if shutil.which(cli) is None:
+    print(f"error: `{cli}` is not installed or not on PATH (--launcher {launcher}); "
+          "--dry-run shows what would run", file=sys.stderr)
+    return 2
+  for name, workdir, overrides, _ in planned:
+    print(f"run {name}", flush=True)
+    if launcher == "tpu_vm":
+      argv = launchers.tpu_vm_command(spec, workdir, overrides, cluster)
+    else:
+      local_dir = workdir if "://" not in workdir else os.path.join("sweeps", name)
+      os.makedirs(local_dir, exist_ok=True)
+      if launcher == "skypilot":
+        path = os.path.join(local_dir, "sky.yaml")
+        text = launchers.skypilot_yaml(name, spec, workdir, overrides, cluster)
+        sky = launchers.sky_name(name)
+        argv = (["sky", "jobs", "launch", "-y", "-n", sky, path] if cluster.managed
+                else ["sky", "launch", "-y", "-c", sky, path])
+      else:
+        path = os.path.join(local_dir, "sbatch.sh")
+        text = launchers.slurm_script(name, spec, workdir, overrides, cluster)
+        argv = ["sbatch", path]
+      with open(path, "w") as f:
+        f.write(text)
+    if subprocess.run(argv, check=False).returncode:
+      print(f"error: launching {name} failed: {shlex.join(argv)}", file=sys.stderr)
+      return 1
+  return 0
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("config", help="configs/X.py[:arg] with a sweep(add) function")
+  parser.add_argument("--launcher", choices=launchers.LAUNCHERS, default="local")
+  parser.add_argument("--dry-run", action="store_true")
+  parser.add_argument("--workdir-root", default="runs/sweeps")
+  parser.add_argument("--parallel", type=int, default=1, help="local: runs at a time")
+  defaults = launchers.Cluster()
+  for field in ("tpu", "zone", "project", "repo_dir", "accelerators", "num_nodes",
+                "gpus_per_node", "partition", "time"):
+    value = getattr(defaults, field)
+    parser.add_argument("--" + field.replace("_", "-"), type=type(value), default=value)
+  parser.add_argument("--managed", action="store_true", help="skypilot: managed jobs")
+  args = parser.parse_args(argv)
+  cluster = launchers.Cluster(**{f: getattr(args, f) for f in (
+      "tpu", "zone", "project", "repo_dir", "accelerators", "num_nodes", "gpus_per_node",
+      "partition", "time", "managed")})
+  planned = collect(args.config, args.workdir_root)
+  if args.dry_run:
+    for name, workdir, overrides, _ in planned:
+      print(f"run {name}")
+      print(describe(args.launcher, name, args.config, workdir, overrides, cluster))
+      print()
+    return 0
+  if args.launcher == "local":
+    return run_local(args.config, planned, max(1, args.parallel))
+  return execute(args.launcher, planned, args.config, cluster)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,156 @@
+"""Sweeps: dry runs of every launcher, stable names, and a local sweep that resumes."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from experiments import runs, sweep
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+CONFIG = '''
+from configs import demo
+
+
+def get_config(arg=None):
+  config = demo.get_config("method=oracle,steps=24")
+  config.data.cache_dir = {cache!r}
+  config.data.width, config.data.height = 128, 72
+  config.data.source.update(train=48, test=16)
+  config.data.target.update(train=48, test=16)
+  config.batch_size = 8
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 1000
+  config.eval_every_steps = 1000
+  config.eval.num_generate = 0
+  return config
+
+
+def sweep(add):
+  add(seed=0)
+  add(seed=1, **{{"optimizer.learning_rate": 1e-3}})
+'''
+
+
+@pytest.fixture
+def config_file(tmp_path):
+  path = tmp_path / "tiny_sweep.py"
+  path.write_text(CONFIG.format(cache=str(tmp_path / "data")))
+  return str(path)
+
+
+def _dry_run(config_file, launcher, root, *extra):
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.sweep", config_file, "--launcher", launcher,
+       "--dry-run", "--workdir-root", root, *extra],
+      capture_output=True, text=True, timeout=120, check=False, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  blocks = [b.split("\n", 1) for b in result.stdout.strip().split("\n\n")]
+  assert all(head.startswith("run ") for head, _ in blocks), result.stdout
+  return {head[4:]: body for head, body in blocks}, result.stdout
+
+
+def test_run_names_are_stable_and_come_from_the_overrides():
+  a = {"seed": 1, "optimizer.learning_rate": 0.001}
+  assert runs.run_name(a) == runs.run_name(dict(reversed(list(a.items()))))
+  assert runs.run_name(a).startswith("learning_rate=0.001-seed=1-")
+  assert runs.run_name(a) != runs.run_name({"seed": 1, "optimizer.learning_rate": 0.002})
+
+
+def test_dry_run_of_every_launcher(config_file, tmp_path):
+  root = "gs://bucket/sweeps"
+  names = [runs.run_name({"seed": 0}),
+           runs.run_name({"seed": 1, "optimizer.learning_rate": 1e-3})]
+  workdirs = [f"{root}/tiny_sweep/{n}" for n in names]
+
+  local, first = _dry_run(config_file, "local", root)
+  assert list(local) == names
+  assert local[names[1]] == (f"python3 -m drivlm_jax.train --config {config_file} --workdir "
+                             f"{workdirs[1]} --config.optimizer.learning_rate=0.001 "
+                             f"--config.seed=1")
+  _, again = _dry_run(config_file, "local", root)
+  assert again == first                                       # stable across invocations
+
+  tpu, _ = _dry_run(config_file, "tpu_vm", root, "--tpu", "v4-32", "--zone", "us-central2-b")
+  assert tpu[names[0]].startswith(
+      "gcloud compute tpus tpu-vm ssh v4-32 --zone=us-central2-b --worker=all '--command=cd "
+      "~/drivlm-jax && python3 -m drivlm_jax.train ")
+  assert f"--workdir {workdirs[0]} --config.seed=0 --config.multihost=true'" in tpu[names[0]]
+
+  sky, _ = _dry_run(config_file, "skypilot", root, "--accelerators", "H100:8",
+                    "--num-nodes", "2")
+  task = yaml.safe_load(sky[names[1]])
+  assert task["num_nodes"] == 2 and task["resources"] == {"accelerators": "H100:8"}
+  assert task["name"] == "learning-rate-0-001-seed-1-" + names[1].rsplit("-", 1)[1]
+  assert "pip install -e ." in task["setup"]
+  run_lines = task["run"].strip().splitlines()
+  assert run_lines[0].startswith("export JAX_COORDINATOR_ADDRESS=")
+  assert run_lines[-1] == (f"python3 -m drivlm_jax.train --config {config_file} --workdir "
+                           f"{workdirs[1]} --config.optimizer.learning_rate=0.001 "
+                           f"--config.seed=1 --config.multihost=true")
+
+  slurm, _ = _dry_run(config_file, "slurm", root, "--num-nodes", "4", "--gpus-per-node", "8",
+                      "--partition", "gpu")
+  script = slurm[names[0]].splitlines()
+  assert script[0] == "#!/bin/bash"
+  for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+               "#SBATCH --partition=gpu", f"#SBATCH --job-name={names[0]}"):
+    assert line in script
+  assert script[-1] == (f"srun python3 -m drivlm_jax.train --config {config_file} --workdir "
+                        f"{workdirs[0]} --config.seed=0 --config.multihost=true")
+
+
+def test_a_sweep_with_an_unknown_key_is_an_error(tmp_path):
+  path = tmp_path / "bad.py"
+  path.write_text("from configs.demo import get_config\n\n\ndef sweep(add):\n"
+                  "  add(**{'optimizer.learnign_rate': 1e-3})\n")
+  with pytest.raises(KeyError, match="optimizer.learnign_rate"):
+    sweep.collect(str(path), str(tmp_path))
+
+
+def _sweep(config_file, root):
+  return subprocess.Popen(
+      [sys.executable, "-m", "experiments.sweep", config_file, "--workdir-root", root],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env={**os.environ, "JAX_NUM_CPU_DEVICES": "1"})
+
+
+def test_local_sweep_resumes_after_an_interruption(config_file, tmp_path):
+  root = str(tmp_path / "runs")
+  first, second = [os.path.join(root, "tiny_sweep", n) for n in (
+      runs.run_name({"seed": 0}), runs.run_name({"seed": 1, "optimizer.learning_rate": 1e-3}))]
+  proc = _sweep(config_file, root)
+  metrics = pathlib.Path(first) / "metrics.jsonl"
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.01)
+  out = proc.communicate(timeout=600)[0]
+  assert proc.returncode == 128 + signal.SIGTERM, out
+  assert "sweep interrupted" in out
+  stopped_at = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
+  assert 5 <= stopped_at < 24, out
+  assert os.listdir(os.path.join(first, "checkpoints")) == [str(stopped_at)]
+  assert not os.path.exists(second)
+
+  proc = _sweep(config_file, root)
+  out = proc.communicate(timeout=900)[0]
+  assert proc.returncode == 0, out
+  assert f"run {os.path.basename(first)}: resuming" in out
+  assert f"run {os.path.basename(second)}: starting" in out
+  for workdir in (first, second):
+    assert json.loads(pathlib.Path(workdir, "eval.json").read_text())["step"] == 24
+  steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+  assert sorted(set(steps)) == list(range(1, 25))
+
+  proc = _sweep(config_file, root)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0 and out.count("finished, skipped") == 2, out
