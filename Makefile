@@ -19,9 +19,7 @@ test: $(VENV)/.installed
 	JAX_NUM_CPU_DEVICES=8 $(PY) -m pytest -q tests
 
 bench: $(VENV)/.installed
-	$(PY) -m experiments.bench_model
-	$(PY) -m experiments.bench_input
-	$(PY) -m experiments.bench_train
+	$(PY) -m experiments.bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache

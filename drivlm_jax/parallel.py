@@ -75,6 +75,21 @@ def param_shardings(logical_specs, mesh, rules):
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
+def like_params(tree, params, mesh):
+  """Shardings for a tree whose leaves mirror the params (optimizer state: Adam's mu and nu):
+  a leaf whose key path ends with a param's path, with its shape, gets that param's sharding;
+  any other leaf (counts, scalars) is replicated. Without this, `jit(tx.init)` leaves the
+  optimizer state replicated on every device even when the params are FSDP-sharded."""
+  keystr = jax.tree_util.keystr
+  by_path = {keystr(path): x for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+  def pick(path, leaf):
+    key = keystr(path)
+    matches = [p for p, x in by_path.items() if key.endswith(p) and x.shape == leaf.shape]
+    return by_path[max(matches, key=len)].sharding if matches else replicated(mesh)
+  return jax.tree_util.tree_map_with_path(pick, tree)
+
+
 def batch_sharding(mesh, rules) -> NamedSharding:
   """Leading (batch) dim split as the `batch` rule says, other dims replicated."""
   return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), rules))

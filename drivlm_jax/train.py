@@ -294,8 +294,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.get("init_from"):
     params = warm_start(params, config.init_from)
   tx = optim.make(config.optimizer, params, config.total_steps)
+  opt_shardings = parallel.like_params(jax.eval_shape(tx.init, params), params, mesh)
   with jax.set_mesh(mesh):
-    opt_state = jax.jit(tx.init)(params)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   step0 = jax.device_put(jnp.zeros((), jnp.int32), parallel.replicated(mesh))
   state = {"step": step0, "params": params, "opt_state": opt_state}
   ema_decay = float(config.get("ema_decay", 0.0))

@@ -1,6 +1,7 @@
 r"""Ablations of the DriVLM student: the full method and each single-component removal.
 
-  python -m experiments.ablate [--workdir runs/demo] [--seeds 3] [--steps N] [--only a,b]
+  python -m experiments.ablate [--config configs/demo.py] [--workdir runs/demo] [--seeds 3]
+      [--steps N] [--only a,b]
 
 Each removal is one config flag (what a user passes to drivlm_jax.train):
   no_image_da      --config.da.image=0
@@ -19,10 +20,9 @@ test split) to <workdir>/ablation/report.md and results.json. Finished runs are 
 import argparse
 import os
 
-from configs import demo as demo_config
 from drivlm_jax import checkpoints, train
 from experiments import report
-from experiments.runs import apply_overrides, flag_string
+from experiments.runs import apply_overrides, flag_string, load_config_module
 
 ABLATIONS = {
     "drivlm_student": {},        # the full method (with --workdir runs/demo: the demo's run)
@@ -44,6 +44,8 @@ def _train(config, workdir):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="configs/demo.py",
+                      help="a config file whose get_config takes method=, teacher=, steps=")
   parser.add_argument("--workdir", default="runs/demo",
                       help="the demo's workdir: its teachers and students are reused")
   parser.add_argument("--seeds", type=int, default=3)
@@ -55,28 +57,29 @@ def main():
   unknown = sorted(set(names) - set(ABLATIONS))
   if unknown:
     parser.error(f"unknown ablation(s) {unknown}; known: {sorted(ABLATIONS)}")
-  total = args.steps or demo_config.get_config().total_steps
+  get_config = load_config_module(args.config)[0].get_config
+  total = args.steps or get_config().total_steps
   steps = f",steps={total}"
   cache = os.path.join(args.workdir, "data")
   runs = []
   for seed in range(args.seeds):
     root = os.path.join(args.workdir, f"seed{seed}")
-    config = demo_config.get_config("method=drivlm_teacher" + steps)
+    config = get_config("method=drivlm_teacher" + steps)
     config.seed, config.data.cache_dir = seed, cache
     teacher = _train(config, os.path.join(root, "drivlm_teacher"))
     for name in names:
       overrides = dict(ABLATIONS[name])
       if overrides.get("init_from") == CLIP_RUN:
-        clip = demo_config.get_config(f"method=clip_finetune,steps={max(1, total // 4)}")
+        clip = get_config(f"method=clip_finetune,steps={max(1, total // 4)}")
         clip.seed, clip.data.cache_dir = seed, cache
         overrides["init_from"] = _train(clip, os.path.join(root, "clip_finetune"))
-      config = demo_config.get_config(f"method=drivlm_student,teacher={teacher}" + steps)
+      config = get_config(f"method=drivlm_student,teacher={teacher}" + steps)
       config.seed, config.data.cache_dir = seed, cache
       apply_overrides(config, overrides)
       config.method = name
       workdir = os.path.join(root, name)
       print(f"== {name} (seed {seed}): python -m drivlm_jax.train --config "
-            f"configs/demo.py:method=drivlm_student,teacher={teacher}{steps} --workdir {workdir} "
+            f"{args.config}:method=drivlm_student,teacher={teacher}{steps} --workdir {workdir} "
             f"--config.seed={seed} {flag_string(overrides)}", flush=True)
       runs.append(_train(config, workdir))
   notes = ("Each row removes one component from the DriVLM student (configs/demo.py, sim "

@@ -29,6 +29,7 @@ import transformers  # noqa: E402
 from configs import common  # noqa: E402
 from drivlm_jax import hf  # noqa: E402
 from drivlm_jax.model import language, vision  # noqa: E402
+from experiments.scaling import lm_flops, vision_flops  # noqa: E402
 
 
 def _timed(fn):
@@ -49,19 +50,6 @@ def gemm_peak(n=2048, repeats=5):
     torch_t = min(_timed(lambda: b @ b) for _ in range(repeats))
   flops = 2 * n ** 3
   return {"jax": flops / jax_t / 1e9, "torch": flops / torch_t / 1e9}
-
-
-def vision_flops(cfg, batch):
-  n, d, f, p = cfg.num_patches + 1, cfg.hidden_size, cfg.intermediate_size, cfg.patch_size
-  per_layer = 2 * n * (4 * d * d + 2 * d * f) + 4 * n * n * d
-  return batch * (cfg.num_layers * per_layer + 2 * cfg.num_patches * p * p * 3 * d)
-
-
-def lm_flops(cfg, batch, t):
-  d, f, dh = cfg.hidden_size, cfg.intermediate_size, cfg.dim_per_head
-  q, kv = cfg.num_heads * dh, cfg.num_kv_heads * dh
-  per_layer = 2 * t * (2 * d * q + 2 * d * kv + 3 * d * f) + 4 * t * t * q
-  return batch * (cfg.num_layers * per_layer + 2 * t * d * cfg.vocab_size)
 
 
 def measure(ours, peer, pairs):
