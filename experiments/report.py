@@ -1,10 +1,11 @@
 r"""Tables and plots from finished runs: `python -m experiments.report RUN_DIR... --out DIR`.
 
 Each run dir is what `drivlm_jax.train` writes (config.json, eval.json, metrics.jsonl). Runs
-are grouped by method (config.json "method", else the dir name); runs of one method are
-seeds. Writes DIR/results.json ({"methods": {name: {"target"|"source": {metric: [one value
-per seed]}}}}), DIR/report.md (mean ± std), DIR/results.csv, DIR/curves.png (training loss)
-and DIR/target_mAP.png (bars with std error bars).
+are grouped by method (config.json "method", else the dir name) and, for sweep runs, by
+their overrides other than the seed (sweep.json); the runs of one group are seeds. Writes
+DIR/results.json ({"methods": {name: {"target"|"source": {metric: [one value per seed]}}}}),
+DIR/report.md (mean ± std), DIR/results.csv, DIR/curves.png (training loss) and
+DIR/target_mAP.png (bars with std error bars).
 """
 import argparse
 import collections
@@ -18,13 +19,21 @@ TABLE_METRICS = ("action_mAP", "action_mF1", "reason_mAP", "reason_mF1", "ROUGE-
 
 
 def _method(run_dir: str) -> str:
+  """The run's group: its method, plus a sweep run's non-seed overrides (sweep.json), so the
+  seeds of one setting are averaged and settings are not."""
   path = os.path.join(run_dir, "config.json")
+  method = None
   if os.path.exists(path):
     with open(path) as f:
       method = json.load(f).get("method")
-    if method:
-      return method
-  return os.path.basename(os.path.normpath(run_dir))
+  method = method or os.path.basename(os.path.normpath(run_dir))
+  path = os.path.join(run_dir, "sweep.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      overrides = json.load(f)["overrides"]
+    setting = ",".join(f"{k}={v}" for k, v in sorted(overrides.items()) if k != "seed")
+    method += f" ({setting})" if setting else ""
+  return method
 
 
 def collect(run_dirs, split="test") -> dict:

@@ -16,7 +16,9 @@ the overrides (stable across invocations) and its workdir is
 <workdir-root>/<config name>[_<arg>]/<name> (a gs:// root works for remote launchers).
 
 - local: runs one after another (or --parallel N at a time), skips finished runs, and
-  resumes interrupted ones (the trainer resumes from the workdir). SIGTERM/Ctrl-C stop the
+  resumes interrupted ones (the trainer resumes from the workdir). Each workdir gets a
+  sweep.json (name, overrides): `python -m experiments.report <root>/<group>/* --out DIR`
+  then averages seeds per setting. SIGTERM/Ctrl-C stop the
   sweep after its runs save a checkpoint; the same command resumes it.
 - tpu_vm: `gcloud compute tpus tpu-vm ssh NAME --worker=all --command ...` per run (every host
   runs the trainer with jax.distributed).
@@ -28,6 +30,7 @@ the overrides (stable across invocations) and its workdir is
 """
 import argparse
 import inspect
+import json
 import os
 import shlex
 import shutil
@@ -98,6 +101,8 @@ def run_local(spec, planned, parallel: int) -> int:
       while todo and not stopped and len(procs) < parallel:
         name, workdir, overrides = todo.pop(0)
         os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "sweep.json"), "w") as f:   # for experiments.report
+          json.dump({"name": name, "overrides": overrides}, f, indent=1)
         resumed = os.path.isdir(os.path.join(workdir, "checkpoints"))
         print(f"run {name}: {'resuming' if resumed else 'starting'} in {workdir}", flush=True)
         log = None if parallel == 1 else open(os.path.join(workdir, "sweep.log"), "a")

@@ -1,5 +1,6 @@
 """Export: ONNX graphs match the JAX model in onnxruntime, the TensorRT checks, INT8 Q/DQ."""
 import dataclasses
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -190,16 +191,13 @@ def test_tensorrt_engine(run, tmp_path):
       [sys.executable, "-m", "export.to_tensorrt", "--onnx", onnx_path, "--engine", engine,
        "--max-batch", "4"], capture_output=True, text=True, timeout=600, check=False, cwd=ROOT)
   assert "trtexec --onnx=" in result.stdout and "--maxShapes=image:4x64x64x3" in result.stdout
-  try:
-    import tensorrt  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-    import torch  # pylint: disable=import-outside-toplevel
-    has_gpu = torch.cuda.is_available()
-  except ImportError:
+  if importlib.util.find_spec("tensorrt") is None:
     # Without TensorRT the script says where to build and fails (status 2).
     assert result.returncode == 2 and "build them on the target" in result.stderr
     pytest.skip("tensorrt is not installed (engines are built on the target GPU); checked "
                 "the script's message and trtexec command instead")
-  if not has_gpu:
+  import torch  # pylint: disable=import-outside-toplevel
+  if not torch.cuda.is_available():
     pytest.skip("tensorrt is installed but there is no CUDA GPU to build an engine on")
   assert result.returncode == 0, result.stderr[-3000:]
   from export import tensorrt_runner  # pylint: disable=import-outside-toplevel

@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from experiments import runs, sweep
+from experiments import report, runs, sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -154,3 +154,7 @@ def test_local_sweep_resumes_after_an_interruption(config_file, tmp_path):
   proc = _sweep(config_file, root)
   out = proc.communicate(timeout=300)[0]
   assert proc.returncode == 0 and out.count("finished, skipped") == 2, out
+
+  # The report keeps the two settings apart (seeds of one setting would be averaged).
+  results = report.collect([first, second])
+  assert sorted(results["methods"]) == ["oracle", "oracle (optimizer.learning_rate=0.001)"]
