@@ -17,17 +17,21 @@ warm-start from it. It is off by default: on seed 0 the teacher reached 41.1 tar
 mAP warm-started from it and 76.5 from scratch.
 Every method is evaluated on the target (and source) test split. Writes <workdir>/results.json,
 report.md, results.csv and plots (training curves, mAP by method, PCA of pooled features,
-reweighting heat-maps), and times the jitted student. Re-running resumes or reuses runs.
+reweighting heat-maps), exports the seed-0 student to <workdir>/student.onnx (export.to_onnx,
+checked against JAX) and times it in onnxruntime and JAX. Re-running resumes or reuses runs.
 """
 import json
 import os
 import time
 
+import jax
+import onnxruntime as ort
 from absl import app, flags, logging
 
 from configs import demo as demo_config
 from drivlm_jax import checkpoints, train, visualize
 from experiments import bench_pruning, report
+from export import benchmark, graphs, inputs, to_onnx
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the runs and the report go.")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "Training seeds per method.")
@@ -56,15 +60,27 @@ def _run(method, seed, extra=""):
   return workdir
 
 
-def time_student(student_dir, batch=8) -> dict:
-  """Median ms of the jitted deployable student (vision + reweighting + heads) per batch at
-  keep_ratio 1.0 and at the config's pruned_keep_ratio."""
+def export_student(student_dir, out, batch=8) -> dict:
+  """The seed-0 student, as deployed (keep ratio config.eval.pruned_keep_ratio), exported to
+  ONNX by export.to_onnx (checked against JAX) and timed at batch 1: onnxruntime vs the
+  jitted JAX function; plus the jitted student at keep 1.0 vs that ratio, at `batch`."""
+  exported = to_onnx.export_run(student_dir, out)
+  _, cfg, params, _ = to_onnx.load(student_dir)
+  keep = exported["keep_ratio"]
+  one = {k: v[:1] for k, v in inputs.from_run(student_dir, 1).items()}
+  session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
+  fn = jax.jit(graphs.student(cfg, params, keep))
+  latency = benchmark.time_backends(
+      {"onnxruntime": lambda: session.run(None, one),
+       "jax": lambda: jax.block_until_ready(fn(*one.values()))}, warmup=5, iters=50)
   config = checkpoints.run_config(student_dir)
-  cfg = train.model_config(config)
-  params, _ = checkpoints.load_params(student_dir, cfg)
-  keeps = sorted({1.0, config.eval.pruned_keep_ratio or 1.0}, reverse=True)
-  ms = bench_pruning.time_ratios(cfg, params, keeps, batch)
-  return {**{f"keep_{k:g}_ms": v for k, v in ms.items()}, "batch": batch}
+  jitted = bench_pruning.time_ratios(train.model_config(config), params,
+                                     sorted({1.0, keep}, reverse=True), batch)
+  return {"onnx": out, "keep_ratio": keep,
+          "onnx_max_abs_diff": max(max(d.values()) for d in
+                                   exported["student"]["max_abs_diff"].values()),
+          "batch1_p50_ms": {k: v["p50_ms"] for k, v in latency.items()},
+          "jitted_batch": batch, **{f"jitted_keep_{k:g}_ms": v for k, v in jitted.items()}}
 
 
 def main(argv):
@@ -81,19 +97,23 @@ def main(argv):
              _run("oracle", seed)]
   root = _WORKDIR.value
   student = os.path.join(root, "seed0", "drivlm_student")
-  timing = time_student(student)
+  timing = export_student(student, os.path.join(root, "student.onnx"))
   notes = (f"Sim day -> night+fog, {_SEEDS.value} seed(s); `python -m drivlm_jax.demo "
            f"--workdir {root} --seeds {_SEEDS.value}`. The student is evaluated with every "
            f"visual token (target) and as deployed, pruned to keep_ratio "
            f"{demo_config.get_config('method=drivlm,teacher=x').eval.pruned_keep_ratio} "
            f"(target_pruned). "
-           f"Jitted student, batch {timing['batch']}: "
-           + ", ".join(f"{k} {v:.2f}" for k, v in timing.items() if k.endswith("_ms")) + ".")
+           f"Student exported to {timing['onnx']} (keep {timing['keep_ratio']:g}; "
+           f"onnxruntime vs JAX max |diff| {timing['onnx_max_abs_diff']:.1e}); batch 1 p50: "
+           + ", ".join(f"{k} {v:.2f} ms" for k, v in timing["batch1_p50_ms"].items())
+           + f"; jitted, batch {timing['jitted_batch']}: "
+           + ", ".join(f"{k[7:]} {v:.2f}" for k, v in timing.items()
+                       if k.startswith("jitted_keep")) + ".")
   results = report.write(runs, root, "DriVLM demo", notes)
   visualize.write(os.path.join(root, "seed0"), root)
   with open(os.path.join(root, "results.json")) as f:
     saved = json.load(f)
-  saved["student_timing"] = timing
+  saved["student_export"] = timing
   with open(os.path.join(root, "results.json"), "w") as f:
     json.dump(saved, f, indent=1)
   with open(os.path.join(root, "report.md"), "a") as f:

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 
 import jax
@@ -157,6 +158,42 @@ def _default_keep(workdir) -> float:
   return checkpoints.run_config(workdir).get("eval", {}).get("pruned_keep_ratio", 0.0) or 1.0
 
 
+def export_run(workdir, out, *, checkpoint=None, keep_ratio=None, opset=18,
+               batch="dynamic", lm=False, max_new_tokens=16, atol=1e-4,
+               image_size=None) -> dict:
+  """Everything `python -m export.to_onnx` does: the student (and with `lm` the LM graphs)
+  of a run, checked on its target test frames, with the .json sidecar and tokenizer.json
+  beside `out`. Returns the sidecar's report."""
+  if batch != "dynamic" and not str(batch).isdigit():
+    raise ValueError(f"batch {batch!r}: 'dynamic' or a positive integer")
+  workdir, cfg, params, step = load(workdir, checkpoint)
+  if image_size not in (None, cfg.vision.image_size):
+    raise ValueError(f"image size {image_size}: the model was trained at "
+                     f"{cfg.vision.image_size} (its position embeddings fix the resolution)")
+  keep = _default_keep(workdir) if keep_ratio is None else keep_ratio
+  if keep < 1.0 and not cfg.reweight:
+    raise ValueError(f"keep ratio {keep}: {workdir} has no reweighting (model.reweight), so "
+                     "it cannot prune")
+  _, _, feats = real_inputs.run_features(workdir)
+  feeds = real_inputs.from_run(workdir, max(_check_batches(batch)))
+  report = {"run": os.path.abspath(workdir), "step": step, "keep_ratio": keep,
+            "opset": opset, "batch": batch,
+            "student": export_student(cfg, params, out, keep_ratio=keep, feeds=feeds,
+                                      opset=opset, batch=batch, atol=atol)}
+  if lm:
+    report["lm"] = export_lm(cfg, params, os.path.splitext(out)[0], feeds=feeds,
+                             tokenizer=feats.tokenizer, max_new_tokens=max_new_tokens,
+                             opset=opset, batch=batch, atol=atol)
+  out_dir = os.path.dirname(os.path.abspath(out))
+  shutil.copyfile(feats.tokenizer, os.path.join(out_dir, "tokenizer.json"))
+  report["features"] = {**dataclasses.asdict(feats), "tokenizer": "tokenizer.json",
+                        "image": "RGB float32 0..255, resized as `resize` says; the graph "
+                                 "normalises"}
+  with open(os.path.splitext(out)[0] + ".json", "w") as f:
+    json.dump(report, f, indent=1, default=str)
+  return report
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", help="a run directory of drivlm_jax.train")
@@ -173,35 +210,16 @@ def main():
   parser.add_argument("--max-new-tokens", type=int, default=16)
   parser.add_argument("--atol", type=float, default=1e-4)
   args = parser.parse_args()
-  if args.batch != "dynamic" and not args.batch.isdigit():
-    parser.error(f"--batch {args.batch!r}: 'dynamic' or a positive integer")
-  workdir, cfg, params, step = load(args.workdir, args.checkpoint)
-  if args.image_size not in (None, cfg.vision.image_size):
-    parser.error(f"--image-size {args.image_size}: the model was trained at "
-                 f"{cfg.vision.image_size} (its position embeddings fix the resolution)")
-  keep = _default_keep(workdir) if args.keep_ratio is None else args.keep_ratio
-  if keep < 1.0 and not cfg.reweight:
-    parser.error(f"--keep-ratio {keep}: {workdir} has no reweighting (model.reweight), so "
-                 "it cannot prune")
-  _, _, feats = real_inputs.run_features(workdir)
-  n = max(_check_batches(args.batch))
-  feeds = real_inputs.from_run(workdir, n)
   start = time.perf_counter()
-  report = {"run": os.path.abspath(workdir), "step": step, "keep_ratio": keep,
-            "opset": args.opset, "batch": args.batch,
-            "student": export_student(cfg, params, args.out, keep_ratio=keep, feeds=feeds,
-                                      opset=args.opset, batch=args.batch, atol=args.atol)}
-  if args.lm:
-    report["lm"] = export_lm(cfg, params, os.path.splitext(args.out)[0], feeds=feeds,
-                             tokenizer=feats.tokenizer, max_new_tokens=args.max_new_tokens,
-                             opset=args.opset, batch=args.batch, atol=args.atol)
-  out_dir = os.path.dirname(os.path.abspath(args.out))
-  shutil.copyfile(feats.tokenizer, os.path.join(out_dir, "tokenizer.json"))
-  report["features"] = {**dataclasses.asdict(feats), "tokenizer": "tokenizer.json",
-                        "image": "RGB float32 0..255, resized as `resize` says; the graph "
-                                 "normalises"}
-  with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-    json.dump(report, f, indent=1, default=str)
+  try:
+    report = export_run(args.workdir, args.out, checkpoint=args.checkpoint,
+                        keep_ratio=args.keep_ratio, opset=args.opset, batch=args.batch,
+                        lm=args.lm, max_new_tokens=args.max_new_tokens, atol=args.atol,
+                        image_size=args.image_size)
+  except (ValueError, checkpoints.RunError) as e:    # GraphError is a ValueError
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  workdir, step, keep = report["run"], report["step"], report["keep_ratio"]
   print(f"exported {workdir} step {step} at keep_ratio {keep} in "
         f"{time.perf_counter() - start:.0f} s")
   for name, part in [("student", report["student"])] + [

@@ -33,7 +33,11 @@ def test_demo_runs_every_method(tmp_path):
   rows = json.loads((tmp_path / "seed0" / "drivlm_student" / "metrics.jsonl")
                     .read_text().splitlines()[-1])
   assert {"loss_kd_heads", "loss_kd_lm", "loss_kd_feature", "loss_da_token"} <= set(rows)
-  assert set(results["student_timing"]) >= {"keep_1_ms", "keep_0.25_ms", "batch"}
+  exported = results["student_export"]
+  assert exported["onnx_max_abs_diff"] <= 1e-4 and exported["keep_ratio"] == 0.25
+  assert set(exported["batch1_p50_ms"]) == {"onnxruntime", "jax"}
+  assert {"jitted_keep_1_ms", "jitted_keep_0.25_ms"} <= set(exported)
+  assert (tmp_path / "student.onnx").exists() and (tmp_path / "student.json").exists()
   for name in ("report.md", "results.csv", "curves.png", "target_mAP.png", "pca.png",
                "reweighting.png"):
     assert (tmp_path / name).stat().st_size > 0, name
