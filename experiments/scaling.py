@@ -3,6 +3,8 @@ r"""Memory and compute per device for a model preset on a mesh, before paying fo
   python -m experiments.scaling [--preset clip_b16_qwen05b] [--mesh 8,4,2] [--batch 256]
       [--seq 256] [--dtype bfloat16] [--remat] [--peak-tflops 197] [--mfu 0.4] [--check]
 
+With --peak-tflops (per device), the step time at --mfu of that peak is printed too.
+
 Per device, for AdamW training with fp32 master params: params, gradients and optimizer
 state (sharded by the logical-axis rules: FSDP on `embed`, tensor parallel on
 `mlp`/`heads`/`vocab`), activations (Korthikanti et al. 2022: s h (34 + 5 a s / h) bytes
@@ -98,7 +100,8 @@ def estimate(cfg: vlm.Config, mesh_sizes: dict, global_batch: int, seq_len: int,
           "optimizer_bytes": 8 * shard,
           "activation_bytes": per_device_batch * activation_bytes(
               cfg, seq_len, mesh_sizes["tensor"], remat),
-          "per_device_batch": per_device_batch, "train_flops_per_example": flops}
+          "per_device_batch": per_device_batch, "train_flops_per_example": flops,
+          "step_flops_per_device": flops * global_batch / math.prod(mesh_sizes.values())}
 
 
 def xla_memory(cfg: vlm.Config, mesh_sizes: dict, global_batch: int, seq_len: int) -> dict:
@@ -123,7 +126,7 @@ def xla_memory(cfg: vlm.Config, mesh_sizes: dict, global_batch: int, seq_len: in
           "temp_bytes": stats.temp_size_in_bytes}
 
 
-def _row(name, est, peak, mfu, devices):
+def _row(name, est, peak, mfu):
   gib = lambda b: b / GIB
   state = est["param_bytes"] + est["grad_bytes"] + est["optimizer_bytes"]
   line = (f"{name:20s} {est['params'] / 1e6:9.1f} {gib(est['param_bytes']):8.2f} "
@@ -131,8 +134,7 @@ def _row(name, est, peak, mfu, devices):
           f"{gib(state + est['activation_bytes']):8.2f} "
           f"{est['train_flops_per_example'] / 1e12:10.3f}")
   if peak:
-    seconds = (est["train_flops_per_example"] * est["per_device_batch"] * devices
-               / (devices * peak * 1e12 * mfu))
+    seconds = est["step_flops_per_device"] / (peak * 1e12 * mfu)
     line += f" {seconds:8.2f}"
   return line
 
@@ -156,12 +158,12 @@ def main():
   print(f"mesh {mesh} ({devices} devices), global batch {args.batch}, {args.seq} LM tokens, "
         f"{args.dtype} compute, fp32 master params + AdamW, remat {args.remat}")
   print(f"{'preset':20s} {'M params':>9s} {'params':>8s} {'adam':>8s} {'activ.':>8s} "
-        f"{'total':>8s} {'TFLOP/ex':>10s}" + (" {'step s':>8s}" if args.peak_tflops else "")
+        f"{'total':>8s} {'TFLOP/ex':>10s}" + (f" {'step s':>8s}" if args.peak_tflops else "")
         + "   (GiB per device)")
   for name in presets:
     cfg = preset_config(name, args.dtype, args.remat)
     print(_row(name, estimate(cfg, mesh, args.batch, args.seq, args.remat),
-               args.peak_tflops, args.mfu, devices))
+               args.peak_tflops, args.mfu))
   if args.check:
     check_mesh, batch, seq = {"data": 2, "fsdp": 2, "tensor": 2}, 16, 128
     print(f"\nXLA check: the compiled train step on {jax.device_count()} CPU devices, mesh "

@@ -50,10 +50,12 @@ def quantize(onnx_path: str, out_path: str, feeds: dict, method: str = "minmax")
 
 
 def error(fp32_path: str, int8_path: str, feeds: dict) -> dict:
-  """{output: max |int8 - fp32|} on `feeds`, plus the top action's agreement rate."""
+  """{output: max |int8 - fp32|, output_mean: mean |int8 - fp32|} on `feeds`, plus the top
+  action's agreement rate."""
   runs = [ort.InferenceSession(p).run(None, feeds) for p in (fp32_path, int8_path)]
   names = [o.name for o in ort.InferenceSession(fp32_path).get_outputs()]
   out = {n: float(np.max(np.abs(a - b))) for n, a, b in zip(names, *runs)}
+  out.update({f"{n}_mean": float(np.mean(np.abs(a - b))) for n, a, b in zip(names, *runs)})
   out["top_action_agreement"] = float(np.mean(runs[0][0].argmax(-1) == runs[1][0].argmax(-1)))
   return out
 
