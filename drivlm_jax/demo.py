@@ -55,7 +55,7 @@ def _run(method, seed, extra=""):
         f"--config.data.cache_dir={config.data.cache_dir}", flush=True)
   if not checkpoints.finished(workdir, config.total_steps):
     train.train(config, workdir)
-    if not checkpoints.finished(workdir, config.total_steps):   # stopped by SIGTERM: its checkpoint is saved
+    if not checkpoints.finished(workdir, config.total_steps):   # SIGTERM: checkpoint saved
       raise SystemExit(f"{method} (seed {seed}) was interrupted; re-run the demo to resume")
   return workdir
 

@@ -48,7 +48,8 @@ class TorchHeads(torch.nn.Module):
     return self.action(pooled), self.reason(pooled)
 
 
-def _batch(cfg, batch, length, rng):
+def fake_batch(cfg, batch, length, rng):
+  """A random training batch of the model's shapes (every BATCH_KEY the task losses use)."""
   n = cfg.num_visual_tokens
   ids = rng.integers(10, cfg.language.vocab_size, (batch, length)).astype(np.int32)
   ids[:, 1:1 + n] = cfg.image_token_id
@@ -66,7 +67,7 @@ def _batch(cfg, batch, length, rng):
 
 def case_vlm_tiny(batch_size, length=128):
   cfg = vlm.config_from_dict(demo.get_config().model)
-  data = _batch(cfg, batch_size, length, np.random.default_rng(0))
+  data = fake_batch(cfg, batch_size, length, np.random.default_rng(0))
   params = vlm.init(cfg, jax.random.key(0))
   tx = optax.adamw(1e-4)
   step = jax.jit(train.make_train_step(cfg, tx, {"action": 1.0, "reason": 1.0, "lm": 1.0}))

@@ -117,7 +117,7 @@ def xla_memory(cfg: vlm.Config, mesh_sizes: dict, global_batch: int, seq_len: in
     opt_shardings = parallel.like_params(jax.eval_shape(tx.init, params), params, mesh)
     state = {"step": jnp.zeros((), jnp.int32), "params": params,
              "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params)}
-  batch = bench_train._batch(cfg, global_batch, seq_len, np.random.default_rng(0))  # pylint: disable=protected-access
+  batch = bench_train.fake_batch(cfg, global_batch, seq_len, np.random.default_rng(0))
   batch = parallel.put_batch(batch, parallel.batch_sharding(mesh, rules))
   step = jax.jit(train.make_train_step(cfg, tx, {"action": 1.0, "reason": 1.0, "lm": 1.0}))
   stats = step.lower(state, batch, {}).compile().memory_analysis()

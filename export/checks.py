@@ -43,7 +43,8 @@ def op_counts(model: onnx.ModelProto) -> collections.Counter:
 
   def visit(graph):
     for node in graph.node:
-      counts[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"] += 1
+      standard = node.domain in ("", "ai.onnx")
+      counts[node.op_type if standard else f"{node.domain}::{node.op_type}"] += 1
       for attr in node.attribute:
         for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
           visit(sub)

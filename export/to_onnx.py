@@ -105,47 +105,44 @@ def export_student(cfg, params, path, *, keep_ratio, feeds, opset=18, batch="dyn
 
 def export_lm(cfg, params, prefix, *, feeds, tokenizer, max_new_tokens=16, opset=18,
               batch="dynamic", atol=1e-4) -> dict:
-  """PREFIX_prefill.onnx and PREFIX_decode.onnx, checked for parity and for generating the
-  same greedy tokens as `vlm.generate`."""
+  """PREFIX_prefill.onnx and PREFIX_decode.onnx (prompts of the `feeds`' instructions),
+  each checked for parity with JAX, then checked to generate `vlm.generate`'s greedy
+  tokens."""
   b, size, lm = _batch(batch), cfg.vision.image_size, cfg.language
   ids, mask = real_inputs.prompts(tokenizer, cfg.num_visual_tokens, feeds["instruction_ids"],
                                   feeds["instruction_mask"])
   feeds = {**feeds, "input_ids": ids, "attention_mask": mask}
-  t, length = ids.shape[1], feeds["instruction_ids"].shape[1]
-  slots = t + max_new_tokens
+  prompt = {k: feeds[k] for k in graphs.PREFILL_INPUTS}
+  t, length, slots = ids.shape[1], feeds["instruction_ids"].shape[1], ids.shape[1] + max_new_tokens
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-  prefill_specs = [jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32), i32(b, length),
-                   i32(b, length), i32(b, t), i32(b, t)]
   kv = jax.ShapeDtypeStruct((lm.num_layers, b, slots, lm.num_kv_heads, lm.dim_per_head),
                             jnp.float32)
-  decode_specs = [i32(b), kv, kv, jax.ShapeDtypeStruct((b, slots), jnp.bool_), i32(b), i32()]
-  report = {}
-  for name, fn, specs, in_names in (
-      ("prefill", graphs.prefill(cfg, params, max_new_tokens), prefill_specs,
-       graphs.PREFILL_INPUTS),
-      ("decode", graphs.decode(cfg, params), decode_specs, graphs.DECODE_INPUTS)):
-    path = f"{prefix}_{name}.onnx"
-    convert(fn, specs, in_names, graphs.LM_OUTPUTS, path, opset)
-    if name == "prefill":
-      report[name] = _verify(path, fn, {k: feeds[k] for k in in_names}, atol,
-                             _check_batches(batch))
-      prefill_fn = jax.jit(fn)
-    else:
-      b0 = _check_batches(batch)[-1]
-      _, *cache = prefill_fn(*(feeds[k][:b0] for k in graphs.PREFILL_INPUTS))
-      token = np.asarray(feeds["input_ids"][:b0, -1])
-      step_feeds = dict(zip(in_names, [token, *map(np.asarray, cache), np.asarray(t, np.int32)]))
-      report[name] = _verify(path, fn, step_feeds, atol)
-  sessions = [ort.InferenceSession(f"{prefix}_{n}.onnx", providers=["CPUExecutionProvider"])
-              for n in ("prefill", "decode")]
-  b0 = _check_batches(batch)[-1]
-  onnx_tokens = generate.greedy(*sessions, {k: feeds[k][:b0] for k in graphs.PREFILL_INPUTS},
-                                max_new_tokens)
+  paths = {n: f"{prefix}_{n}.onnx" for n in ("prefill", "decode")}
+
+  prefill = graphs.prefill(cfg, params, max_new_tokens)
+  convert(prefill, [jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32), i32(b, length),
+                    i32(b, length), i32(b, t), i32(b, t)],
+          graphs.PREFILL_INPUTS, graphs.LM_OUTPUTS, paths["prefill"], opset)
+  report = {"prefill": _verify(paths["prefill"], prefill, prompt, atol, _check_batches(batch))}
+
+  # The decode step is checked on the cache the prefill of the largest check batch leaves.
+  decode = graphs.decode(cfg, params)
+  convert(decode, [i32(b), kv, kv, jax.ShapeDtypeStruct((b, slots), jnp.bool_), i32(b), i32()],
+          graphs.DECODE_INPUTS, graphs.LM_OUTPUTS, paths["decode"], opset)
+  n = _check_batches(batch)[-1]
+  prompt = {k: v[:n] for k, v in prompt.items()}
+  _, *cache = jax.jit(prefill)(*prompt.values())
+  step = [feeds["input_ids"][:n, -1], *map(np.asarray, cache), np.asarray(t, np.int32)]
+  report["decode"] = _verify(paths["decode"], decode, dict(zip(graphs.DECODE_INPUTS, step)),
+                             atol)
+
+  sessions = [ort.InferenceSession(paths[k], providers=["CPUExecutionProvider"])
+              for k in ("prefill", "decode")]
+  onnx_tokens = generate.greedy(*sessions, prompt, max_new_tokens)
   jax_tokens = np.asarray(vlm.generate(
-      cfg, params, graphs.normalize(cfg, feeds["image"][:b0]), feeds["input_ids"][:b0],
-      max_new_tokens, instruction_ids=feeds["instruction_ids"][:b0],
-      instruction_mask=feeds["instruction_mask"][:b0],
-      attention_mask=feeds["attention_mask"][:b0]))[:, t:]
+      cfg, params, graphs.normalize(cfg, prompt["image"]), prompt["input_ids"], max_new_tokens,
+      instruction_ids=prompt["instruction_ids"], instruction_mask=prompt["instruction_mask"],
+      attention_mask=prompt["attention_mask"]))[:, t:]
   if not np.array_equal(onnx_tokens, jax_tokens):
     raise checks.GraphError(f"greedy tokens differ: onnxruntime {onnx_tokens.tolist()} vs "
                             f"JAX {jax_tokens.tolist()}")
