@@ -159,7 +159,7 @@ def main():
         f"{args.dtype} compute, fp32 master params + AdamW, remat {args.remat}")
   print(f"{'preset':20s} {'M params':>9s} {'params':>8s} {'adam':>8s} {'activ.':>8s} "
         f"{'total':>8s} {'TFLOP/ex':>10s}" + (f" {'step s':>8s}" if args.peak_tflops else "")
-        + "   (GiB per device)")
+        + "   (GiB per device; total includes gradients)")
   for name in presets:
     cfg = preset_config(name, args.dtype, args.remat)
     print(_row(name, estimate(cfg, mesh, args.batch, args.seq, args.remat),
