@@ -10,8 +10,8 @@ Each removal is one config flag (what a user passes to drivlm_jax.train):
   no_reweighting   --config.model.reweight=False   (no gates, no pruning)
   no_distillation  --config.distill.teacher=       (no teacher)
   with_clip_finetuning --config.init_from=<clip_finetune run>   (the CLIP stage is off in
-                   the default method, since warm-starting from it cost target mAP here; this
-                   row measures adding it)
+                   the default method; this row adds it: the student warm-starts from it,
+                   as `python -m drivlm_jax.demo --clip` does)
 Per seed, the teacher (method=drivlm_teacher) and, for with_clip_finetuning, the CLIP stage
 (method=clip_finetune) are trained once and shared.
 Runs go to <workdir>/seed<s>/<name>; the table (mean ± std over seeds, target and source
