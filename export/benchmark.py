@@ -71,7 +71,10 @@ def main():
   parser.add_argument("--out", default=None, help="write the figures as JSON")
   args = parser.parse_args()
   sidecar = os.path.splitext(args.onnx)[0] + ".json"
-  meta = json.load(open(sidecar)) if os.path.exists(sidecar) else {}
+  meta = {}
+  if os.path.exists(sidecar):
+    with open(sidecar) as f:
+      meta = json.load(f)
   run_dir = args.jax or meta.get("run")
   options = ort.SessionOptions()
   options.intra_op_num_threads = args.threads
