@@ -26,13 +26,38 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def finished(workdir: str, total_steps: int) -> bool:
-  """Whether `workdir` holds an evaluation of its final step (a run to reuse, not retrain)."""
+def _flat(tree, prefix=""):
+  if not isinstance(tree, dict):
+    return {prefix[:-1]: tree}
+  out = {}
+  for key, value in tree.items():
+    out.update(_flat(value, f"{prefix}{key}."))
+  return out
+
+
+def config_changes(workdir: str, config) -> list:
+  """Dotted keys whose value in `config` differs from the run's config.json."""
+  with open(os.path.join(workdir, "config.json")) as f:
+    stored = _flat(json.load(f))
+  current = _flat(json.loads(config.to_json_best_effort()))
+  return sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+
+
+def finished(workdir: str, config) -> bool:
+  """Whether `workdir` holds an evaluation of `config`'s final step (a run to reuse, not
+  retrain). Reusing a run trained with another config says which keys differ."""
   path = os.path.join(workdir, "eval.json")
   if not os.path.exists(path):
     return False
   with open(path) as f:
-    return json.load(f).get("step") == total_steps
+    if json.load(f).get("step") != config.total_steps:
+      return False
+  changes = config_changes(workdir, config)
+  if changes:
+    print(f"warning: reusing the finished run in {workdir}, trained with another config "
+          f"(differs at {', '.join(changes[:8])}{' ...' if len(changes) > 8 else ''}); "
+          f"delete it or use another workdir to retrain", flush=True)
+  return True
 
 
 def load_params(workdir: str, cfg: vlm.Config, step: int | None = None):

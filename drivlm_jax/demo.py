@@ -57,9 +57,9 @@ def _run(method, seed, extra="", init_from=""):
         f"--workdir {workdir} --config.seed={seed} "
         f"--config.data.cache_dir={config.data.cache_dir}"
         + (f" --config.init_from={init_from}" if init_from else ""), flush=True)
-  if not checkpoints.finished(workdir, config.total_steps):
+  if not checkpoints.finished(workdir, config):
     train.train(config, workdir)
-    if not checkpoints.finished(workdir, config.total_steps):   # SIGTERM: checkpoint saved
+    if not checkpoints.finished(workdir, config):   # SIGTERM: checkpoint saved
       raise SystemExit(f"{method} (seed {seed}) was interrupted; re-run the demo to resume")
   return workdir
 

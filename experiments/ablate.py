@@ -37,7 +37,7 @@ CLIP_RUN = "<clip_finetune run>"
 
 
 def _train(config, workdir):
-  if not checkpoints.finished(workdir, config.total_steps):
+  if not checkpoints.finished(workdir, config):
     train.train(config, workdir)
   return workdir
 

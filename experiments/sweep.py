@@ -44,7 +44,7 @@ from experiments import launchers, runs
 
 
 def collect(config_spec: str, workdir_root: str) -> list:
-  """[(name, workdir, overrides, total_steps)] of the config file's sweep()."""
+  """[(name, workdir, overrides, config)] of the config file's sweep()."""
   module, path, arg = runs.load_config_module(config_spec)
   if not hasattr(module, "sweep"):
     raise AttributeError(f"{path} defines no sweep(add)")
@@ -66,7 +66,7 @@ def collect(config_spec: str, workdir_root: str) -> list:
     if name in seen:
       raise ValueError(f"{path}: sweep() adds the same run twice: {overrides}")
     seen[name] = True
-    out.append((name, os.path.join(workdir_root, group, name), overrides, config.total_steps))
+    out.append((name, os.path.join(workdir_root, group, name), overrides, config))
   return out
 
 
@@ -84,10 +84,12 @@ def describe(launcher, name, spec, workdir, overrides, cluster) -> str:
 
 def run_local(spec, planned, parallel: int) -> int:
   """Runs the unfinished runs, `parallel` at a time -> exit status."""
-  todo = [(n, w, o) for n, w, o, steps in planned if not checkpoints.finished(w, steps)]
-  for name, workdir, _, steps in planned:
-    if checkpoints.finished(workdir, steps):
+  todo = []
+  for name, workdir, overrides, config in planned:
+    if checkpoints.finished(workdir, config):
       print(f"run {name}: finished, skipped", flush=True)
+    else:
+      todo.append((name, workdir, overrides))
   procs, failed, stopped = {}, [], []
 
   def stop(signum, _):

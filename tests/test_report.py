@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from configs import demo
+from drivlm_jax import checkpoints
 from experiments import ablate, report
 
 
@@ -49,3 +50,21 @@ def test_each_ablation_is_one_existing_config_key():
     ablate.apply_overrides(config, overrides)
   with pytest.raises(KeyError, match="no such config key"):
     ablate.apply_overrides(demo.get_config("method=drivlm,teacher=/x"), {"da.imgae": 0.0})
+
+
+def test_a_finished_run_is_reused_and_a_changed_config_is_named(tmp_path, capsys):
+  config = demo.get_config("method=source_only,steps=30")
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.json").write_text(config.to_json_best_effort(indent=1))
+  assert not checkpoints.finished(str(run), config)           # no evaluation yet
+  (run / "eval.json").write_text(json.dumps({"step": 20}))
+  assert not checkpoints.finished(str(run), config)           # not its final step
+  (run / "eval.json").write_text(json.dumps({"step": 30}))
+  assert checkpoints.finished(str(run), config)
+  assert "warning" not in capsys.readouterr().out
+  config.optimizer.learning_rate = 5e-4
+  config.seed = 3
+  assert checkpoints.finished(str(run), config)
+  out = capsys.readouterr().out
+  assert "differs at optimizer.learning_rate, seed" in out and str(run) in out

@@ -154,6 +154,7 @@ def test_local_sweep_resumes_after_an_interruption(config_file, tmp_path):
   proc = _sweep(config_file, root)
   out = proc.communicate(timeout=300)[0]
   assert proc.returncode == 0 and out.count("finished, skipped") == 2, out
+  assert "warning" not in out            # the runs were trained with the sweep's configs
 
   # The report keeps the two settings apart (seeds of one setting would be averaged).
   results = report.collect([first, second])
