@@ -15,3 +15,11 @@ from configs import common
 def get_config(arg=None):
   arg = common.parse_arg(arg, model="", method="source_only", steps=20000, teacher="", init="")
   return common.real_config(arg, "BDD-OIA -> BDD-OIA of another condition (e.g. day -> night)")
+
+
+def sweep(add):
+  """`python -m experiments.sweep configs/bdd_oia.py[:method=...] --launcher tpu_vm ...`:
+  three seeds at two learning rates."""
+  for seed in range(3):
+    for lr in (5e-5, 1e-4):
+      add(seed=seed, **{"optimizer.learning_rate": lr})

@@ -4,6 +4,7 @@ r"""Sweeps: a config file's `sweep(add)` lists runs; launch them here or on a cl
       [--dry-run] [--workdir-root runs/sweeps] [--parallel N]
       [--tpu NAME --zone Z --project P] [--accelerators A] [--num-nodes N] [--managed]
       [--gpus-per-node G --partition P --time HH:MM:SS] [--repo-dir DIR]
+      [--set KEY=VALUE ...]   (overrides for every run, e.g. data.source_dir=gs://b/src)
 
 In the config file (as in big_vision):
 
@@ -29,6 +30,7 @@ the overrides (stable across invocations) and its workdir is
 (local, tpu_vm), the task YAML (skypilot) or the sbatch script (slurm); no cloud CLI needed.
 """
 import argparse
+import ast
 import inspect
 import json
 import os
@@ -43,8 +45,24 @@ from drivlm_jax import checkpoints
 from experiments import launchers, runs
 
 
-def collect(config_spec: str, workdir_root: str) -> list:
-  """[(name, workdir, overrides, config)] of the config file's sweep()."""
+def parse_sets(sets) -> dict:
+  """["data.source_dir=gs://b/src", "batch_size=64"] -> overrides; values are parsed as
+  Python literals where they are one (numbers, True/False), else kept as strings."""
+  out = {}
+  for item in sets or ():
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  return out
+
+
+def collect(config_spec: str, workdir_root: str, common: dict | None = None) -> list:
+  """[(name, workdir, overrides, config)] of the config file's sweep(); `common` overrides
+  (--set) go to every run but not into its name."""
   module, path, arg = runs.load_config_module(config_spec)
   if not hasattr(module, "sweep"):
     raise AttributeError(f"{path} defines no sweep(add)")
@@ -60,11 +78,12 @@ def collect(config_spec: str, workdir_root: str) -> list:
   if arg:
     group += "_" + "".join(c if c.isalnum() or c in "=-." else "_" for c in arg)
   out, seen = [], {}
-  for overrides in added:
+  for own in added:
+    overrides = {**(common or {}), **own}
     config = runs.apply_overrides(module.get_config(arg), overrides)
-    name = runs.run_name(overrides)
+    name = runs.run_name(own)
     if name in seen:
-      raise ValueError(f"{path}: sweep() adds the same run twice: {overrides}")
+      raise ValueError(f"{path}: sweep() adds the same run twice: {own}")
     seen[name] = True
     out.append((name, os.path.join(workdir_root, group, name), overrides, config))
   return out
@@ -168,6 +187,8 @@ def main(argv=None):
   parser.add_argument("--dry-run", action="store_true")
   parser.add_argument("--workdir-root", default="runs/sweeps")
   parser.add_argument("--parallel", type=int, default=1, help="local: runs at a time")
+  parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                      help="a config override for every run (e.g. data.source_dir=DIR)")
   defaults = launchers.Cluster()
   for field in ("tpu", "zone", "project", "repo_dir", "accelerators", "num_nodes",
                 "gpus_per_node", "partition", "time"):
@@ -178,7 +199,10 @@ def main(argv=None):
   cluster = launchers.Cluster(**{f: getattr(args, f) for f in (
       "tpu", "zone", "project", "repo_dir", "accelerators", "num_nodes", "gpus_per_node",
       "partition", "time", "managed")})
-  planned = collect(args.config, args.workdir_root)
+  try:
+    planned = collect(args.config, args.workdir_root, parse_sets(args.set))
+  except (AttributeError, FileNotFoundError, KeyError, TypeError, ValueError) as e:
+    parser.error(str(e))
   if args.dry_run:
     for name, workdir, overrides, _ in planned:
       print(f"run {name}")

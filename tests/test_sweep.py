@@ -76,6 +76,10 @@ def test_dry_run_of_every_launcher(config_file, tmp_path):
                              f"--config.seed=1")
   _, again = _dry_run(config_file, "local", root)
   assert again == first                                       # stable across invocations
+  # --set reaches every run's command, not its name.
+  shared, _ = _dry_run(config_file, "local", root, "--set", "data.max_len=64")
+  assert list(shared) == names
+  assert all("--config.data.max_len=64 " in c for c in shared.values())
 
   tpu, _ = _dry_run(config_file, "tpu_vm", root, "--tpu", "v4-32", "--zone", "us-central2-b")
   assert tpu[names[0]].startswith(
