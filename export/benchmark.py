@@ -14,12 +14,9 @@ import json
 import os
 import time
 
-import jax
 import numpy as np
 import onnx
 import onnxruntime as ort
-
-from export import graphs, inputs as real_inputs, to_onnx
 
 
 def onnx_params(path: str) -> int:
@@ -28,6 +25,10 @@ def onnx_params(path: str) -> int:
 
 
 def jax_student(run_dir: str, keep_ratio: float):
+  # JAX is imported only here and in main's --jax branch: on the device, the benchmark needs
+  # onnxruntime (and TensorRT) only.
+  import jax  # pylint: disable=import-outside-toplevel
+  from export import graphs, to_onnx  # pylint: disable=import-outside-toplevel
   _, cfg, params, _ = to_onnx.load(run_dir)
   return jax.jit(graphs.student(cfg, params, keep_ratio))
 
@@ -81,7 +82,8 @@ def main():
   session = ort.InferenceSession(args.onnx, options, providers=["CPUExecutionProvider"])
   names = [i.name for i in session.get_inputs()]
   if run_dir:
-    feeds = {k: v[:1] for k, v in real_inputs.from_run(run_dir, 1).items() if k in names}
+    from export import inputs  # pylint: disable=import-outside-toplevel
+    feeds = {k: v[:1] for k, v in inputs.from_run(run_dir, 1).items() if k in names}
   else:   # no run: random frames of the graph's shape
     rng = np.random.default_rng(0)
     shape = lambda i: [d if isinstance(d, int) else 1 for d in i.shape]
@@ -89,11 +91,11 @@ def main():
                       else np.ones(shape(i), np.int32)) for i in session.get_inputs()}
   backends = {"onnxruntime": lambda: session.run(None, feeds)}
   result = {"onnx": args.onnx, "params": onnx_params(args.onnx), "batch": 1,
-            "device": jax.devices()[0].device_kind}
+            "device": ort.get_device()}
   if run_dir:
     fn = jax_student(run_dir, meta.get("keep_ratio", 1.0))
     result["gflops_per_frame"] = gflops(fn, feeds)
-    backends["jax"] = lambda: jax.block_until_ready(fn(*feeds.values()))
+    backends["jax"] = lambda: [x.block_until_ready() for x in fn(*feeds.values())]
   if args.engine:
     from export import tensorrt_runner  # pylint: disable=import-outside-toplevel
     engine = tensorrt_runner.Engine(args.engine)
