@@ -16,7 +16,8 @@ def raw_pixels(images, family: str):
   return ((images * std + mean) * 255.0).astype(np.float32)
 
 
-def _take(spec, feats: pipeline.Features, n: int) -> dict:
+def take(spec, feats: pipeline.Features, n: int) -> dict:
+  """Up to `n` examples of `spec` (no augmentation), as the graphs take them."""
   batch = pipeline.batch_dataset(spec, dataclasses.replace(feats, augment=False), n,
                                  train=False)[0]
   return {"image": raw_pixels(batch["image"], feats.family),
@@ -34,7 +35,7 @@ def run_features(run_dir: str):
 def from_run(run_dir: str, n: int, role: str = "target", split: str = "test") -> dict:
   """Up to `n` examples of the run's `role` domain, `split` split (no augmentation)."""
   _, data, feats = run_features(run_dir)
-  return _take(data[role, split], feats, n)
+  return take(data[role, split], feats, n)
 
 
 def from_dir(directory: str, feats: pipeline.Features, n: int, cache_dir: str,
@@ -43,9 +44,9 @@ def from_dir(directory: str, feats: pipeline.Features, n: int, cache_dir: str,
   folder (built once into `cache_dir`), tokenized as `feats` says."""
   if os.path.exists(os.path.join(directory, "config.json")):
     _, data, run_feats = run_features(directory)
-    return _take(data["target", split], run_feats, n)
+    return take(data["target", split], run_feats, n)
   specs = sources.build_folder(directory, cache_dir)
-  return _take(specs[split], feats, n)
+  return take(specs[split], feats, n)
 
 
 def prompts(tokenizer: str, num_image_tokens: int, instruction_ids, instruction_mask):

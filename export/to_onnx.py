@@ -171,8 +171,8 @@ def export_run(workdir, out, *, checkpoint=None, keep_ratio=None, opset=18,
   if keep < 1.0 and not cfg.reweight:
     raise ValueError(f"keep ratio {keep}: {workdir} has no reweighting (model.reweight), so "
                      "it cannot prune")
-  _, _, feats = real_inputs.run_features(workdir)
-  feeds = real_inputs.from_run(workdir, max(_check_batches(batch)))
+  _, data, feats = real_inputs.run_features(workdir)
+  feeds = real_inputs.take(data["target", "test"], feats, max(_check_batches(batch)))
   report = {"run": os.path.abspath(workdir), "step": step, "keep_ratio": keep,
             "opset": opset, "batch": batch,
             "student": export_student(cfg, params, out, keep_ratio=keep, feeds=feeds,
