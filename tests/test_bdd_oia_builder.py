@@ -1,4 +1,8 @@
-"""The BDD-OIA builder on hand-written files in the real `lastframe` format."""
+"""The BDD-OIA builder on hand-written files in the released `lastframe` format.
+
+The expected labels come from `bdd_oia_reference.official_labels`, a few lines that follow the
+dataset's own loader, not from the builder's code.
+"""
 import io
 import json
 import os
@@ -11,11 +15,19 @@ from PIL import Image
 import data_builders  # noqa: F401
 from data_builders import __main__ as build_cli
 from data_builders.common import BuildError
+from tests.bdd_oia_reference import official_labels
 
-NAMES = ["b1c9c847-3bda4659.jpg", "b2d502aa-f0b28e3e.jpg", "c0a26a3e-4a1c2ab1.jpg",
-         "c3ac7be6-02af5a2e.jpg"]
-ACTIONS = [[1, 0, 0, 0], [0, 1, 0, 0], [1, 0, 1, 0], [0, 1, 0, 0, 1]]   # last: confusing
-REASONS = {n: [int(j == i) for j in range(21)] for i, n in enumerate(NAMES)}
+# Listed in the actions file in this (not sorted) order; ids are positions in a longer
+# annotations list, not 0..N-1 in image order.
+NAMES = ["c3ac7be6-02af5a2e.jpg", "b1c9c847-3bda4659.jpg", "d41f8a2e-7c3b9e01.jpg",
+         "b2d502aa-f0b28e3e.jpg", "c0a26a3e-4a1c2ab1.jpg", "a7e3b1c9-0f2d4e6a.jpg"]
+IDS = [5, 0, 7, 2, 3, 6]
+CATEGORIES = {   # by name; 5 values: the 5th is "confusing" (1: drop the frame, 0: keep it)
+    NAMES[0]: [0, 1, 0, 0, 1], NAMES[1]: [1, 0, 0, 0], NAMES[2]: [1, 0, 1, 0, 0],
+    NAMES[3]: [0, 1, 0, 0], NAMES[4]: [1, 0, 0, 1], NAMES[5]: [0, 0, 1, 0]}
+REASONS = {n: [int(j in (i, 20 - i)) for j in range(21)] for i, n in enumerate(NAMES)}
+MISSING = NAMES[5]   # its image file is not in the archive
+SPARE = {"category": [1, 1, 0, 0]}   # annotations no image points at (ids 1 and 4)
 
 
 def _jpeg(colour):
@@ -24,18 +36,34 @@ def _jpeg(colour):
   return buffer.getvalue()
 
 
-def write_archive(root, json_dir="lastframe", edit=None):
-  """A tiny `lastframe` archive; `edit(actions, reasons)` alters the JSON before writing."""
+def released_json():
+  """(actions, reasons) in the released form: positional annotations, no ids."""
+  annotations = [dict(SPARE) for _ in range(max(IDS) + 1)]
+  for name, image_id in zip(NAMES, IDS):
+    annotations[image_id] = {"category": CATEGORIES[name]}
+  actions = {"images": [{"file_name": n, "id": i, "height": 36, "width": 64}
+                        for n, i in zip(NAMES, IDS)],
+             "annotations": annotations}
+  reasons = [{"file_name": n, "reason": REASONS[n]} for n in reversed(NAMES)]
+  return actions, reasons
+
+
+def with_ids(actions, reasons):
+  """The re-packaged form: every annotation carries its image's id, in another order."""
+  actions["annotations"] = [{"id": i, "category": CATEGORIES[n]}
+                            for n, i in reversed(list(zip(NAMES, IDS)))]
+
+
+def write_archive(root, json_dir="lastframe", edit=None, missing=MISSING):
+  """A tiny `lastframe` archive without the image `missing`; `edit(actions, reasons)` alters
+  the JSON before writing."""
   os.makedirs(os.path.join(root, "lastframe", "data"), exist_ok=True)
   os.makedirs(os.path.join(root, json_dir), exist_ok=True)
   for i, name in enumerate(NAMES):
-    with open(os.path.join(root, "lastframe", "data", name), "wb") as f:
-      f.write(_jpeg((40 * i, 80, 120)))
-  actions = {"images": [{"file_name": n, "id": 100 + i, "height": 36, "width": 64}
-                        for i, n in enumerate(NAMES)],
-             "annotations": [{"id": 100 + i, "category": c} for i, c in enumerate(ACTIONS)]}
-  actions["annotations"].reverse()   # annotation order is not image order
-  reasons = [{"file_name": n, "reason": REASONS[n]} for n in reversed(NAMES)]
+    if name != missing:
+      with open(os.path.join(root, "lastframe", "data", name), "wb") as f:
+        f.write(_jpeg((40 * i, 80, 120)))
+  actions, reasons = released_json()
   if edit:
     edit(actions, reasons)
   with open(os.path.join(root, json_dir, "train_25k_images_actions.json"), "w") as f:
@@ -45,25 +73,44 @@ def write_archive(root, json_dir="lastframe", edit=None):
   return str(root)
 
 
+def _read(data_dir):
+  source = tfds.data_source("bdd_oia", data_dir=data_dir, split="train")
+  return {source[i]["file_name"].decode(): source[i] for i in range(len(source))}
+
+
 @pytest.mark.parametrize("json_dir", ["lastframe", "lastframe/data", "lastframe/labels", "data",
                                       "labels"])
-def test_reads_the_real_format(tmp_path, json_dir):
+def test_released_form_gives_the_official_labels(tmp_path, json_dir):
   manual = write_archive(tmp_path / "m", json_dir)
+  expected = official_labels(manual, json_dir)
+  assert sorted(expected) == sorted([NAMES[1], NAMES[2], NAMES[3], NAMES[4]])   # the fixture
   splits, skipped = build_cli.build("bdd_oia", manual, str(tmp_path / "d"))
-  assert splits == {"train": 3}
-  assert skipped == {"confusing frame (5th action value 1)": 1}
-  source = tfds.data_source("bdd_oia", data_dir=str(tmp_path / "d"), split="train")
-  got = {source[i]["file_name"].decode(): source[i] for i in range(len(source))}
-  assert sorted(got) == NAMES[:3]
-  for i, name in enumerate(NAMES[:3]):
-    np.testing.assert_array_equal(got[name]["actions"], ACTIONS[i])
-    np.testing.assert_array_equal(got[name]["reasons"], REASONS[name])
+  assert splits == {"train": len(expected)}
+  assert skipped == {"confusing frame (5th action value 1)": 1, "image file missing": 1}
+  got = _read(str(tmp_path / "d"))
+  assert sorted(got) == sorted(expected)
+  for name, (actions, reasons) in expected.items():
+    np.testing.assert_array_equal(got[name]["actions"], actions)
+    np.testing.assert_array_equal(got[name]["reasons"], reasons)
     assert got[name]["image"].shape == (36, 64, 3)
     assert got[name]["boxes"].shape == (0, 4)
 
 
-def _drop_image(root):
-  os.remove(os.path.join(root, "lastframe", "data", NAMES[1]))
+def test_id_carrying_form_still_builds(tmp_path):
+  manual = write_archive(tmp_path / "m", edit=with_ids)
+  splits, _ = build_cli.build("bdd_oia", manual, str(tmp_path / "d"))
+  got = _read(str(tmp_path / "d"))
+  expected = official_labels(write_archive(tmp_path / "ref"))   # same labels, released form
+  assert splits == {"train": len(expected)} and sorted(got) == sorted(expected)
+  for name, (actions, reasons) in expected.items():
+    np.testing.assert_array_equal(got[name]["actions"], actions)
+    np.testing.assert_array_equal(got[name]["reasons"], reasons)
+
+
+def test_missing_image_is_a_counted_skip_or_strict_error(tmp_path):
+  manual = write_archive(tmp_path / "m")
+  with pytest.raises(BuildError, match=rf"{MISSING}: image file missing.*--strict"):
+    build_cli.build("bdd_oia", manual, str(tmp_path / "d"), strict=True)
 
 
 def _corrupt_image(root):
@@ -76,18 +123,38 @@ def _malformed_json(root):
     f.write('[{"file_name": "x.jpg", "reason": [0, 1')
 
 
+def _ids_then(change):
+  def edit(actions, reasons):
+    with_ids(actions, reasons)
+    change(actions, reasons)
+  return edit
+
+
 @pytest.mark.parametrize("edit,after,pattern", [
-    (lambda a, r: a["annotations"][0].update(category=[1, 0, 0]), None,
-     r"actions\.json: annotations\[0\]: expected a list of 4 labels"),
+    (lambda a, r: a["annotations"][IDS[1]].update(category=[1, 0, 0]), None,
+     rf"actions\.json: annotations\[{IDS[1]}\]: expected a list of 4 labels"),
     (lambda a, r: r[1].update(reason=[0] * 20), None,
      r"reasons\.json: \[1\]: expected a list of 21 labels"),
-    (lambda a, r: a["annotations"][1].update(id=999), None,
-     r"annotations\[1\]: id 999 matches no image"),
-    (lambda a, r: a["annotations"][2].update(category=[1, 0, 2, 0]), None,
-     r"annotations\[2\]: labels must be 0 or 1"),
+    (lambda a, r: a["annotations"][IDS[2]].update(category=[1, 0, 2, 0]), None,
+     rf"annotations\[{IDS[2]}\]: labels must be 0 or 1"),
     (lambda a, r: r.append({"file_name": "unknown.jpg", "reason": [0] * 21}), None,
-     r"reasons\.json: \[4\]: unknown\.jpg is not in"),
-    (None, _drop_image, rf"image .*{NAMES[1]} is missing"),
+     r"reasons\.json: \[6\]: unknown\.jpg is not in"),
+    # Released form: an id outside the list, and a list shorter than the largest id.
+    (lambda a, r: a["images"][3].update(id=-1), None,
+     rf"images\[3\] \({NAMES[3]}\) has id -1, outside the 'annotations' list of length 8"),
+    (lambda a, r: a["annotations"].pop(), None,
+     rf"images\[2\] \({NAMES[2]}\) has id 7, outside the 'annotations' list of length 7"),
+    (lambda a, r: a["images"][0].update(id=IDS[1]), None,
+     rf"images\[\d\] \(.*\) repeats id {IDS[1]}"),
+    # A file mixing both forms.
+    (lambda a, r: a["annotations"][IDS[4]].update(id=IDS[4]), None,
+     rf"annotations mix two forms: annotations\[{IDS[4]}\] carries an id and "
+     rf"annotations\[0\] does not"),
+    # The id-carrying form.
+    (_ids_then(lambda a, r: a["annotations"][1].update(id=999)), None,
+     r"annotations\[1\]: id 999 matches no image"),
+    (_ids_then(lambda a, r: a["annotations"].pop(0)), None,
+     rf"1 image\(s\) without an annotation, e.g. {NAMES[5]}"),
     (None, _corrupt_image, rf"image .*{NAMES[2]} cannot be decoded"),
     (None, _malformed_json, r"reasons\.json: malformed JSON"),
 ])
@@ -100,21 +167,20 @@ def test_bad_input_names_the_file_and_row(tmp_path, edit, after, pattern):
 
 
 def test_missing_reasons_row_is_a_counted_skip_or_strict_error(tmp_path):
-  drop = lambda a, r: r.pop(0)   # the reasons of NAMES[3] (the confusing one) go first
-  drop_real = lambda a, r: r.pop(1)   # NAMES[2]
+  drop_confusing = lambda a, r: r.pop(5)   # reasons are reversed: [5] is NAMES[0], confusing
+  drop_real = lambda a, r: r.pop(3)   # NAMES[2]
   manual = write_archive(tmp_path / "m", edit=drop_real)
   splits, skipped = build_cli.build("bdd_oia", manual, str(tmp_path / "d"))
-  assert splits == {"train": 2} and skipped["no reasons row"] == 1
+  assert splits == {"train": 3} and skipped["no reasons row"] == 1
   with pytest.raises(BuildError, match=r"confusing frame.*--strict"):
-    build_cli.build("bdd_oia", write_archive(tmp_path / "s", edit=drop), str(tmp_path / "e"),
-                    strict=True)
+    build_cli.build("bdd_oia", write_archive(tmp_path / "s", edit=drop_confusing, missing=None),
+                    str(tmp_path / "e"), strict=True)
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
   manual = write_archive(tmp_path / "m")
-  _drop_image(manual)
   with pytest.raises(SystemExit) as e:
     build_cli.main(["build", "bdd_oia", "--manual_dir", manual, "--data_dir",
-                    str(tmp_path / "d")])
+                    str(tmp_path / "d"), "--strict"])
   assert e.value.code == 1
-  assert "is missing" in capsys.readouterr().err
+  assert "image file missing" in capsys.readouterr().err

@@ -4,10 +4,13 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
+from data_builders import __main__ as build_cli
 from drivlm_jax.data.labels import ACTIONS, REASONS
 from drivlm_jax.sim import __main__ as sim_cli
 from drivlm_jax.sim import bdd_oia, domains, labels, scene as scene_lib
+from tests.bdd_oia_reference import official_labels
 
 R = {name: i for i, name in enumerate(REASONS)}
 A = {name: i for i, name in enumerate(ACTIONS)}
@@ -71,8 +74,11 @@ def test_bdd_oia_layout(tmp_path):
   actions = json.load(open(root / "train_25k_images_actions.json"))
   reasons = json.load(open(root / "train_25k_images_reasons.json"))
   assert len(actions["images"]) == len(actions["annotations"]) == len(reasons) == 120
-  ids = {im["id"] for im in actions["images"]}
-  assert {ann["id"] for ann in actions["annotations"]} == ids
+  # The released form: annotations carry no id and are indexed by the image's id, which
+  # does not follow the image order.
+  ids = [im["id"] for im in actions["images"]]
+  assert sorted(ids) == list(range(120)) and ids != sorted(ids)
+  assert all(set(ann) == {"category"} for ann in actions["annotations"])
   lengths = [len(ann["category"]) for ann in actions["annotations"]]
   assert set(lengths) <= {4, 5} and 5 in lengths   # a few "confusing" rows, like the real data
   assert [r["file_name"] for r in reasons] != [im["file_name"] for im in actions["images"]]
@@ -80,3 +86,14 @@ def test_bdd_oia_layout(tmp_path):
   for im in actions["images"]:
     assert os.path.exists(root / "data" / im["file_name"])
   assert (tmp_path / "tokenizer.json").exists()
+  # A second domain appends to the split; the builder reads both as the official loader does.
+  sim_cli.main(["--layout", "bdd_oia", "--domain", "day", "--num", "30", "--out",
+                str(tmp_path), "--seed", "5", "--width", "160", "--height", "90"])
+  expected = official_labels(str(tmp_path))
+  splits, _ = build_cli.build("bdd_oia", str(tmp_path), str(tmp_path / "tfds"))
+  assert splits == {"train": len(expected)} and len(expected) == 150 - 3
+  source = tfds.data_source("bdd_oia", data_dir=str(tmp_path / "tfds"), split="train")
+  for i in range(len(source)):
+    name = source[i]["file_name"].decode()
+    np.testing.assert_array_equal(source[i]["actions"], expected[name][0])
+    np.testing.assert_array_equal(source[i]["reasons"], expected[name][1])

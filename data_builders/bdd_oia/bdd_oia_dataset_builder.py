@@ -1,12 +1,21 @@
 """BDD-OIA from the released `lastframe` archive (manual download).
 
-Reads `<split>_25k_images_actions.json` (COCO-like: `images` with file_name + id,
-`annotations` whose `id` is the image's id and whose `category` holds the 4 actions, or 5
-values where a 5th value of 1 marks a "confusing" frame that is dropped and counted) and
-`<split>_25k_images_reasons.json` (`[{"file_name", "reason": [21]}]`, joined by file name),
-from `lastframe/`, `lastframe/data/`, `lastframe/labels/`, `data/` or `labels/`; images from
-`lastframe/data/` or `data/`. A sim-written `sim_<split>_extras.json` adds boxes and
-instructions (the real archive has neither: its examples get none).
+The format is the one the dataset's own loader reads (`action_prediction/
+DataLoader_together.py` of the BDD-OIA project):
+- `<split>_25k_images_actions.json`: `{"images": [{"file_name", "id", ...}], "annotations":
+  [{"category": [4 or 5 ints]}]}`. The annotations carry no id: the list is indexed by the
+  image's id, so an image's actions are `annotations[image["id"]]["category"]`. Re-packaged
+  copies whose every annotation carries `id` / `image_id` are joined on that instead; a file
+  mixing both forms is an error. A 5th value of 1 marks a "confusing" frame: it is dropped and
+  counted (a 5th value of 0 keeps the frame).
+- `<split>_25k_images_reasons.json`: `[{"file_name", "reason": [21 ints]}]`, joined by file
+  name (the loader pairs both lists sorted by file name).
+- images: `lastframe/data/<file_name>` (or `data/`). An image whose file is missing is skipped
+  and counted, as the loader skips it.
+The JSON files may sit in `lastframe/`, `lastframe/data/`, `lastframe/labels/`, `data/` or
+`labels/`. `strict` (`--strict`) turns every counted skip into an error. A sim-written
+`sim_<split>_extras.json` adds boxes and instructions (the real archive has neither: its
+examples get none).
 """
 import os
 
@@ -70,13 +79,13 @@ class BddOia(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, manual, split, actions_path, reasons_path):
     skips = common.Skips(self.strict)
-    images = read_split(actions_path, reasons_path, skips)
-    extras_path = find(manual, f"sim_{split}_extras.json", _JSON_DIRS)
-    extras = common.read_json(extras_path) if extras_path else {}
     image_dir = next((os.path.join(manual, d) for d in _IMAGE_DIRS
                       if os.path.isdir(os.path.join(manual, d))), None)
     if image_dir is None:
       raise common.BuildError(f"{manual}: no image folder ({' or '.join(_IMAGE_DIRS)})")
+    images = read_split(actions_path, reasons_path, image_dir, skips)
+    extras_path = find(manual, f"sim_{split}_extras.json", _JSON_DIRS)
+    extras = common.read_json(extras_path) if extras_path else {}
     for name, (actions, reasons, row) in images.items():
       jpeg, (width, height) = common.read_jpeg(os.path.join(image_dir, name), row)
       extra = extras.get(name, {})
@@ -94,59 +103,113 @@ class BddOia(tfds.core.GeneratorBasedBuilder):
     self.skips.merge(skips)
 
 
-def read_split(actions_path, reasons_path, skips):
-  """-> {file_name: (actions [4], reasons [21], row description)} of the usable images."""
+def read_split(actions_path, reasons_path, image_dir, skips):
+  """-> {file_name: (actions [4], reasons [21], row description)} of the usable images.
+
+  Follows the dataset's own loader (`action_prediction/DataLoader_together.py`): images in
+  `file_name` order, the label of an image is `annotations[image["id"]]["category"]`, a row of
+  5 values whose 5th is 1 ("confusing") is dropped, an image whose file is missing is skipped,
+  and reasons are joined by `file_name`.
+  """
   actions_json = common.read_json(actions_path)
-  if not isinstance(actions_json, dict) or not {"images", "annotations"} <= set(actions_json):
-    raise common.BuildError(f"{actions_path}: expected an object with 'images' and "
+  if (not isinstance(actions_json, dict) or not {"images", "annotations"} <= set(actions_json)
+      or not isinstance(actions_json["images"], list)
+      or not isinstance(actions_json["annotations"], list)):
+    raise common.BuildError(f"{actions_path}: expected an object with lists 'images' and "
                             f"'annotations'")
-  by_id = {}
+  images = {}
   for i, image in enumerate(actions_json["images"]):
     if not isinstance(image, dict) or "file_name" not in image or "id" not in image:
       raise common.BuildError(f"{actions_path}: images[{i}] lacks 'file_name' or 'id'")
-    if image["id"] in by_id:
-      raise common.BuildError(f"{actions_path}: images[{i}] repeats id {image['id']}")
-    by_id[image["id"]] = image["file_name"]
-  labelled = {}
-  for i, ann in enumerate(actions_json["annotations"]):
-    where = f"{actions_path}: annotations[{i}]"
-    if not isinstance(ann, dict) or "category" not in ann:
-      raise common.BuildError(f"{where} lacks 'category'")
-    image_id = ann.get("id", ann.get("image_id"))
-    if image_id not in by_id:
-      raise common.BuildError(f"{where}: id {image_id!r} matches no image")
-    name, category = by_id[image_id], ann["category"]
-    if isinstance(category, list) and len(category) == ACTIONS + 1:
-      common.binary_labels(category, ACTIONS + 1, where)
+    if image["file_name"] in images:
+      raise common.BuildError(f"{actions_path}: images[{i}] repeats {image['file_name']}")
+    images[image["file_name"]] = (i, image["id"])
+  categories = _categories(actions_path, images, actions_json["annotations"])
+  reasons = _reasons(reasons_path, actions_path, images)
+  out = {}
+  for name in sorted(images):
+    category, where = categories[name]
+    if len(category) == ACTIONS + 1:
       if category[-1] == 1:
         skips("confusing frame (5th action value 1)", name)
-        labelled[name] = None
         continue
       category = category[:ACTIONS]
-    labelled[name] = (common.binary_labels(category, ACTIONS, where), where)
-  missing = sorted(set(by_id.values()) - set(labelled))
-  if missing:
-    raise common.BuildError(f"{actions_path}: {len(missing)} image(s) without an annotation, "
-                            f"e.g. {missing[0]}")
-  reasons_json = common.read_json(reasons_path)
-  if not isinstance(reasons_json, list):
-    raise common.BuildError(f"{reasons_path}: expected a list of {{file_name, reason}}")
-  reasons = {}
-  for i, row in enumerate(reasons_json):
-    where = f"{reasons_path}: [{i}]"
-    if not isinstance(row, dict) or "file_name" not in row or "reason" not in row:
-      raise common.BuildError(f"{where} lacks 'file_name' or 'reason'")
-    if row["file_name"] in reasons:
-      raise common.BuildError(f"{where}: {row['file_name']} listed twice")
-    if row["file_name"] not in labelled:
-      raise common.BuildError(f"{where}: {row['file_name']} is not in {actions_path}")
-    reasons[row["file_name"]] = common.binary_labels(row["reason"], REASONS, where)
-  out = {}
-  for name, value in labelled.items():
-    if value is None:
+    if not os.path.isfile(os.path.join(image_dir, name)):
+      skips("image file missing", os.path.join(image_dir, name))
       continue
     if name not in reasons:
       skips("no reasons row", name)
       continue
-    out[name] = (value[0], reasons[name], value[1])
+    out[name] = (category, reasons[name], where)
   return out
+
+
+def _categories(path, images, annotations):
+  """-> {file_name: (category [4 or 5 values], row description)}.
+
+  The released files index `annotations` by the image's id (`annotations[image["id"]]`);
+  re-packaged copies whose every annotation carries `id` / `image_id` are joined on that
+  instead. A file that mixes the two forms is an error.
+  """
+  for i, ann in enumerate(annotations):
+    if not isinstance(ann, dict) or "category" not in ann:
+      raise common.BuildError(f"{path}: annotations[{i}] lacks 'category'")
+  carries_id = ["id" in ann or "image_id" in ann for ann in annotations]
+  if any(carries_id) and not all(carries_id):
+    raise common.BuildError(
+        f"{path}: annotations mix two forms: annotations[{carries_id.index(True)}] carries an "
+        f"id and annotations[{carries_id.index(False)}] does not (either every annotation "
+        f"names its image by 'id'/'image_id', or none does and the list is indexed by the "
+        f"image id, as in the released archive)")
+  ids = {}
+  for name, (i, image_id) in images.items():
+    if image_id in ids:
+      raise common.BuildError(f"{path}: images[{i}] ({name}) repeats id {image_id!r}")
+    ids[image_id] = name
+  row_of = {}
+  if any(carries_id):
+    for i, ann in enumerate(annotations):
+      image_id = ann.get("id", ann.get("image_id"))
+      if image_id not in ids:
+        raise common.BuildError(f"{path}: annotations[{i}]: id {image_id!r} matches no image")
+      if ids[image_id] in row_of:
+        raise common.BuildError(f"{path}: annotations[{i}] repeats id {image_id!r}")
+      row_of[ids[image_id]] = i
+    missing = sorted(set(images) - set(row_of))
+    if missing:
+      raise common.BuildError(f"{path}: {len(missing)} image(s) without an annotation, "
+                              f"e.g. {missing[0]}")
+  else:
+    for name, (i, image_id) in images.items():
+      if (not isinstance(image_id, int) or isinstance(image_id, bool)
+          or not 0 <= image_id < len(annotations)):
+        raise common.BuildError(
+            f"{path}: images[{i}] ({name}) has id {image_id!r}, outside the 'annotations' "
+            f"list of length {len(annotations)} (the released form reads "
+            f"annotations[image id])")
+      row_of[name] = image_id
+  out = {}
+  for name, row in row_of.items():
+    where = f"{path}: annotations[{row}]"
+    category = annotations[row]["category"]
+    five = isinstance(category, list) and len(category) == ACTIONS + 1
+    out[name] = (common.binary_labels(category, ACTIONS + 1 if five else ACTIONS, where), where)
+  return out
+
+
+def _reasons(path, actions_path, images):
+  """-> {file_name: reasons [21]} from `[{"file_name", "reason"}]`."""
+  rows = common.read_json(path)
+  if not isinstance(rows, list):
+    raise common.BuildError(f"{path}: expected a list of {{file_name, reason}}")
+  reasons = {}
+  for i, row in enumerate(rows):
+    where = f"{path}: [{i}]"
+    if not isinstance(row, dict) or "file_name" not in row or "reason" not in row:
+      raise common.BuildError(f"{where} lacks 'file_name' or 'reason'")
+    if row["file_name"] in reasons:
+      raise common.BuildError(f"{where}: {row['file_name']} listed twice")
+    if row["file_name"] not in images:
+      raise common.BuildError(f"{where}: {row['file_name']} is not in {actions_path}")
+    reasons[row["file_name"]] = common.binary_labels(row["reason"], REASONS, where)
+  return reasons

@@ -1,9 +1,11 @@
 """Writes the BDD-OIA `lastframe` layout: `lastframe/data/<name>.jpg` and, per split,
 `<split>_25k_images_actions.json` + `<split>_25k_images_reasons.json`.
 
-Like the released archive, a few action rows carry a 5th value of 1 ("confusing"), and the
-reasons file lists images in a different order from the actions file. Sim-only extras that
-the real archive lacks (2D boxes, instructions, QA, domain) go to `sim_<split>_extras.json`.
+Like the released archive, the action annotations carry no id: the list is indexed by the
+image's id (`annotations[image["id"]]`), ids do not follow the image order, a few action rows
+carry a 5th value of 1 ("confusing"), and the reasons file lists images in another order.
+Sim-only extras that the real archive lacks (2D boxes, instructions, QA, domain) go to
+`sim_<split>_extras.json`.
 """
 import io
 import json
@@ -47,44 +49,47 @@ def write(out: str, domain_name: str, num: int, seed: int, split: str = "train",
   height = height or domain.camera_variant.height
   data_dir = os.path.join(out, "lastframe", "data")
   os.makedirs(data_dir, exist_ok=True)
-  images, annotations, reasons, extras = [], [], [], {}
+  root = os.path.join(out, "lastframe")
+  actions_path = os.path.join(root, f"{split}_25k_images_actions.json")
+  old = _read_json(actions_path, {"images": [], "annotations": []})
+  images, annotations, reasons, extras = old["images"], old["annotations"], [], {}
   confusing = 0
   rng = np.random.default_rng([seed, 999])
-  base_id = 1 + (seed % 1000) * 1_000_000
+  # Image ids are positions in the annotations list (after those of earlier domains), in
+  # an order of their own.
+  ids = len(annotations) + np.random.default_rng([seed, 998]).permutation(num)
+  annotations.extend([None] * num)
   for i in (progress or (lambda x: x))(range(num)):
     name = f"sim_{domain_name.replace('+', '-')}_{split}_{seed}_{i:06d}.jpg"
     jpeg, record = frame(seed, i, domain, width, height)
     with open(os.path.join(data_dir, name), "wb") as f:
       f.write(jpeg)
-    image_id = base_id + i
     category = list(record["actions"])
     if i % CONFUSING_EVERY == CONFUSING_EVERY // 2:
       category.append(1)
       confusing += 1
-    images.append({"file_name": name, "id": image_id, "height": height, "width": width})
-    annotations.append({"id": image_id, "image_id": image_id, "category": category})
+    images.append({"file_name": name, "id": int(ids[i]), "height": height, "width": width})
+    annotations[ids[i]] = {"category": category}
     reasons.append({"file_name": name, "reason": record["reasons"]})
     extras[name] = {"domain": domain_name, **{k: record[k] for k in
                                               ("instruction", "explanation", "qa", "boxes")}}
   rng.shuffle(reasons)
-  root = os.path.join(out, "lastframe")
-  _write_json(os.path.join(root, f"{split}_25k_images_actions.json"),
-              {"images": images, "annotations": annotations}, merge_key=("images", "annotations"))
-  _write_json(os.path.join(root, f"{split}_25k_images_reasons.json"), reasons, merge_key=())
-  _write_json(os.path.join(root, f"sim_{split}_extras.json"), extras, merge_key=None)
+  # Several domains may write one split: each call appends to what is there.
+  reasons_path = os.path.join(root, f"{split}_25k_images_reasons.json")
+  extras_path = os.path.join(root, f"sim_{split}_extras.json")
+  _write_json(actions_path, {"images": images, "annotations": annotations})
+  _write_json(reasons_path, _read_json(reasons_path, []) + reasons)
+  _write_json(extras_path, {**_read_json(extras_path, {}), **extras})
   return {"images": num, "confusing": confusing, "width": width, "height": height}
 
 
-def _write_json(path, value, merge_key):
-  """Writes `value`, appending to an existing file of the same split (several domains)."""
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    if merge_key == ():
-      value = old + value
-    elif merge_key is None:
-      value = {**old, **value}
-    else:
-      value = {k: old[k] + value[k] for k in merge_key}
+def _read_json(path, default):
+  if not os.path.exists(path):
+    return default
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json(path, value):
   with open(path, "w") as f:
     json.dump(value, f)
