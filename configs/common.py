@@ -95,7 +95,8 @@ def check_method(arg) -> str:
 
 def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: float = 0.03,
                init_from: str = ""):
-  """The DriVLM stages as config: what each method trains on and which parts are on.
+  """The DriVLM stages as config: what each method trains on, and the weight of every loss
+  term in the flat mapping `config.loss` (a weight of 0 turns a term off).
 
   source_only     labelled source only
   drivlm_teacher  + unlabelled target; discriminators at the image, token and instance level
@@ -108,8 +109,13 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
                   InfoNCE, SigLIP sigmoid for SigLIP towers) on both domains (captions:
                   the instruction, on every row, so the caption never tells the domain)
   `init_from` (a run dir, e.g. the clip_finetune run) warm-starts the model params.
-  Every part has its own switch (the ablations): --config.da.image=0, --config.da.token=0,
-  --config.da.instance=0, --config.model.reweight=False, --config.distill.teacher=
+  Every part has its own switch (the ablations): --config.loss.da_image=0,
+  --config.loss.da_token=0, --config.loss.da_instance=0, --config.model.reweight=False,
+  --config.loss.kd_heads=0 (kd_lm, kd_feature).
+  It sets: method, init_from, model.reweight(_layer), data.target_fraction,
+  data.target_labelled, loss.*, da, distill, clip, and the pruned evaluator of the student
+  (`evals.target_pruned`). It never changes `batch_size`: each config sets it (rows per
+  step, source and target together; see `unlabelled_target`).
   """
   drivlm = method.startswith("drivlm")
   config.method = method
@@ -119,31 +125,48 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
                                       # skip every vision layer
   config.data.target_fraction = 0.0 if method == "source_only" else 0.5
   config.data.target_labelled = method == "oracle"
-  if method != "oracle" and config.data.target_fraction > 0:
-    # Unlabelled target rows come on top of the labelled source rows, so every method sees
-    # as many labelled source examples per step as source_only (half of a batch was too few:
-    # seed 1's teacher then stayed on the plateau and adapted to 51 target mAP, vs 66 so).
-    config.batch_size *= 2
   w = da_weight if drivlm else 0.0
-  config.da = ml_collections.ConfigDict(dict(image=w, token=w, instance=w, consistency=0.0,
-                                             focal_gamma=0.0, hidden=128,
-                                             start=0.1 if init_from else 0.25))
   kd = 1.0 if method == "drivlm_student" else 0.0
+  clip = method == "clip_finetune"
+  if clip:   # the CLIP stage trains the contrastive term only
+    config.loss.update(action=0.0, reason=0.0, lm=0.0)
+  config.loss.update(da_image=w, da_token=w, da_instance=w, da_consistency=0.0,
+                     kd_heads=kd, kd_lm=kd, kd_feature=kd, clip=1.0 if clip else 0.0)
+  config.da = ml_collections.ConfigDict(dict(focal_gamma=0.0, hidden=128,
+                                             start=0.1 if init_from else 0.25))
   config.distill = ml_collections.ConfigDict(dict(
-      teacher=teacher, heads=kd, lm=kd, feature=kd, temperature=2.0, feature_kind="cosine"))
-  config.eval.keep_ratio = 1.0
-  # The student is also evaluated as deployed: pruned to `keep_ratio` ("target_pruned").
-  config.eval.pruned_keep_ratio = keep_ratio if method == "drivlm_student" else 0.0
+      teacher=teacher, temperature=2.0, feature_kind="cosine"))
+  if method == "drivlm_student":   # also evaluated as deployed: pruned to `keep_ratio`
+    config.evals.target_pruned = dict(type="heads", role="target", domain="target_pruned",
+                                      keep_ratio=keep_ratio,
+                                      batch_size=config.evals.target.batch_size)
   width = config.model.vision.hidden_size
   config.clip = ml_collections.ConfigDict(dict(
-      weight=1.0 if method == "clip_finetune" else 0.0,
       loss="siglip" if config.model.vision.family == "siglip" else "clip",
       text=dict(hidden_size=width, intermediate_size=4 * width, num_layers=2,
                 num_heads=max(1, width // 64), max_position_embeddings=64,
                 projection_dim=width)))
-  if method == "clip_finetune":
-    config.loss = ml_collections.ConfigDict({k: 0.0 for k in config.loss})
   return config
+
+
+def unlabelled_target(config) -> bool:
+  """Whether the method adds unlabelled target rows to each step (the DriVLM methods and
+  the CLIP stage). Configs give such methods twice the rows per step, so that every method
+  sees as many labelled source examples per step as source_only (half of a batch was too
+  few: seed 1's teacher then stayed on the plateau and adapted to 51 target mAP, vs 66 so)."""
+  return config.data.target_fraction > 0 and not config.data.target_labelled
+
+
+def evals(batch_size: int, num_generate: int, max_new_tokens: int) -> ml_collections.ConfigDict:
+  """The standard evaluators (`drivlm_jax.evals`): the heads on the source and target test
+  splits, and the LM's answers on `num_generate` examples of each, every
+  `config.eval_every_steps` (give one an `every` of its own to change that)."""
+  heads = lambda role: dict(type="heads", role=role, batch_size=batch_size)
+  answers = lambda role: dict(type="generation", role=role, num=num_generate,
+                              max_new_tokens=max_new_tokens, batch_size=batch_size)
+  return ml_collections.ConfigDict(dict(
+      source=heads("source"), target=heads("target"),
+      source_answers=answers("source"), target_answers=answers("target")))
 
 
 def real_config(arg, description: str):
@@ -162,7 +185,6 @@ def real_config(arg, description: str):
   config.mixed_precision = True
   config.ema_decay = 0.999
   config.total_steps = arg.steps
-  config.batch_size = 64
   config.log_every_steps = 50
   config.eval_every_steps = 2000
   config.checkpoint_every_steps = 1000
@@ -175,9 +197,9 @@ def real_config(arg, description: str):
       learning_rate=1e-4, warmup_steps=500, weight_decay=0.05, grad_clip_norm=1.0,
       end_lr_ratio=0.05, grad_accum_steps=1, parts=[]))
   config.loss = ml_collections.ConfigDict(dict(action=1.0, reason=1.0, lm=1.0))
-  config.eval = ml_collections.ConfigDict(dict(batch_size=64, num_generate=64,
-                                               max_new_tokens=48))
+  config.evals = evals(batch_size=64, num_generate=64, max_new_tokens=48)
   add_method(config, method, arg.teacher, keep_ratio=0.25, init_from=arg.init)
+  config.batch_size = 128 if unlabelled_target(config) else 64   # 64 labelled rows a step
   config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   config.rules = None
   config.multihost = "auto"

@@ -34,7 +34,6 @@ def get_config(arg=None):
   config.ema_decay = 0.99                  # evaluate the moving average of the params
 
   config.total_steps = arg.steps
-  config.batch_size = 16
   config.log_every_steps = 10
   config.eval_every_steps = 400
   config.checkpoint_every_steps = 200
@@ -55,8 +54,10 @@ def get_config(arg=None):
       learning_rate=2e-3, warmup_steps=20, weight_decay=1e-4, grad_clip_norm=1.0,
       end_lr_ratio=0.05, grad_accum_steps=1, parts=[]))
   config.loss = ml_collections.ConfigDict(dict(action=1.0, reason=1.0, lm=0.5))
-  config.eval = ml_collections.ConfigDict(dict(batch_size=40, num_generate=16, max_new_tokens=32))
+  config.evals = common.evals(batch_size=40, num_generate=16, max_new_tokens=32)
   common.add_method(config, method, arg.teacher, keep_ratio=0.25, init_from=arg.init)
+  # Rows per step, source and target together: 16 labelled source rows for every method.
+  config.batch_size = 32 if common.unlabelled_target(config) else 16
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.rules = None                      # None: parallel.DEFAULT_RULES
   config.multihost = "auto"                # "auto": from the environment; "true" | "false"

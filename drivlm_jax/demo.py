@@ -57,9 +57,9 @@ def _run(method, seed, extra="", init_from=""):
         f"--workdir {workdir} --config.seed={seed} "
         f"--config.data.cache_dir={config.data.cache_dir}"
         + (f" --config.init_from={init_from}" if init_from else ""), flush=True)
-  if not checkpoints.finished(workdir, config):
+  if not run_lib.finished(workdir, config):
     train.train(config, workdir)
-    if not checkpoints.finished(workdir, config):   # SIGTERM: checkpoint saved
+    if not run_lib.finished(workdir, config):   # SIGTERM: checkpoint saved
       raise SystemExit(f"{method} (seed {seed}) was interrupted; re-run the demo to resume")
   return workdir
 
@@ -77,8 +77,8 @@ def export_student(student_dir, out, batch=8) -> dict:
   latency = benchmark.time_backends(
       {"onnxruntime": lambda: session.run(None, one),
        "jax": lambda: jax.block_until_ready(fn(*one.values()))}, warmup=5, iters=50)
-  config = checkpoints.run_config(student_dir)
-  jitted = bench_pruning.time_ratios(train.model_config(config), params,
+  config = run_lib.read_config(student_dir)
+  jitted = bench_pruning.time_ratios(run_lib.model_config(config), params,
                                      sorted({1.0, keep}, reverse=True), batch)
   return {"onnx": out, "keep_ratio": keep,
           "onnx_max_abs_diff": max(max(d.values()) for d in

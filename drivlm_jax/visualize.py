@@ -9,18 +9,17 @@ import os
 import jax
 import numpy as np
 
-from drivlm_jax import checkpoints, train
+from drivlm_jax import run as run_lib
 from drivlm_jax.data import pipeline, sources
 from drivlm_jax.data.tokenizer import TextTokenizer
 from drivlm_jax.model import vlm
 
 
 def _load(run_dir):
-  config = checkpoints.run_config(run_dir)
-  cfg = train.model_config(config)
-  params, _ = checkpoints.load_params(run_dir, cfg)
-  data = sources.prepare(config.data, run_dir)
-  return config, cfg, params, data, train.features(config, cfg, data["tokenizer"])
+  run = run_lib.load(run_dir)
+  data = sources.prepare(run.config.data, run_dir)
+  return (run.config, run.cfg, run.params, data,
+          run_lib.features(run.config, run.cfg, data["tokenizer"]))
 
 
 def _batch(spec, feats, n):

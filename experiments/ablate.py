@@ -4,11 +4,11 @@ r"""Ablations of the DriVLM student: the full method and each single-component r
       [--steps N] [--only a,b]
 
 Each removal is one config flag (what a user passes to drivlm_jax.train):
-  no_image_da      --config.da.image=0
-  no_token_da      --config.da.token=0
-  no_instance_da   --config.da.instance=0
+  no_image_da      --config.loss.da_image=0
+  no_token_da      --config.loss.da_token=0
+  no_instance_da   --config.loss.da_instance=0
   no_reweighting   --config.model.reweight=False   (no gates, no pruning)
-  no_distillation  --config.distill.teacher=       (no teacher)
+  no_distillation  --config.loss.kd_heads=0 --config.loss.kd_lm=0 --config.loss.kd_feature=0
   with_clip_finetuning --config.init_from=<clip_finetune run>   (the CLIP stage is off in
                    the default method; this row adds it: the student warm-starts from it,
                    as `python -m drivlm_jax.demo --clip` does)
@@ -20,24 +20,24 @@ test split) to <workdir>/ablation/report.md and results.json. Finished runs are 
 import argparse
 import os
 
-from drivlm_jax import checkpoints, train
+from drivlm_jax import run as run_lib, train
 from experiments import report
 from experiments.runs import apply_overrides, flag_string, load_config_module
 
 ABLATIONS = {
     "drivlm_student": {},        # the full method (with --workdir runs/demo: the demo's run)
-    "no_image_da": {"da.image": 0.0},
-    "no_token_da": {"da.token": 0.0},
-    "no_instance_da": {"da.instance": 0.0},
+    "no_image_da": {"loss.da_image": 0.0},
+    "no_token_da": {"loss.da_token": 0.0},
+    "no_instance_da": {"loss.da_instance": 0.0},
     "no_reweighting": {"model.reweight": False},
-    "no_distillation": {"distill.teacher": ""},
+    "no_distillation": {"loss.kd_heads": 0.0, "loss.kd_lm": 0.0, "loss.kd_feature": 0.0},
     "with_clip_finetuning": {"init_from": "<clip_finetune run>"},
 }
 CLIP_RUN = "<clip_finetune run>"
 
 
 def _train(config, workdir):
-  if not checkpoints.finished(workdir, config):
+  if not run_lib.finished(workdir, config):
     train.train(config, workdir)
   return workdir
 

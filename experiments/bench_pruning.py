@@ -18,8 +18,9 @@ import jax
 import numpy as np
 
 from configs import common
-from drivlm_jax import checkpoints, evaluate, train
+from drivlm_jax import run as run_lib
 from drivlm_jax.data import sources
+from drivlm_jax.evals import heads
 from drivlm_jax.model import vlm
 
 
@@ -48,19 +49,16 @@ def time_ratios(cfg, params, keeps, batch, rounds=15) -> dict:
 
 def accuracy(run_dir, keeps) -> dict:
   """{keep: {"target"|"source": action_mAP}} on the test splits."""
-  config = checkpoints.run_config(run_dir)
-  cfg = train.model_config(config)
-  params, _ = checkpoints.load_params(run_dir, cfg)
-  data = sources.prepare(config.data, run_dir)
-  feats = train.features(config, cfg, data["tokenizer"])
-  config.eval.num_generate = 0
+  run = run_lib.load(run_dir)
+  data = sources.prepare(run.config.data, run_dir)
+  feats = run_lib.features(run.config, run.cfg, data["tokenizer"])
   out = {}
   for keep in keeps:
-    config.eval.keep_ratio = keep
-    out[keep] = {role: evaluate.evaluate_domain(config, cfg, params, data[role, "test"],
-                                                feats)["action_mAP"]
+    out[keep] = {role: heads.Heads(name=f"{role}_keep_{keep:g}", every=1, role=role,
+                                   keep_ratio=keep).run(run.cfg, run.params, data,
+                                                        feats)["action_mAP"]
                  for role in ("target", "source")}
-  return out, cfg, params
+  return out, run.cfg, run.params
 
 
 def vit_b16_student():

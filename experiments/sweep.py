@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 
-from drivlm_jax import checkpoints
+from drivlm_jax import run as run_lib
 from experiments import launchers, runs
 
 
@@ -105,7 +105,7 @@ def run_local(spec, planned, parallel: int) -> int:
   """Runs the unfinished runs, `parallel` at a time -> exit status."""
   todo = []
   for name, workdir, overrides, config in planned:
-    if checkpoints.finished(workdir, config):
+    if run_lib.finished(workdir, config):
       print(f"run {name}: finished, skipped", flush=True)
     else:
       todo.append((name, workdir, overrides))

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from drivlm_jax import checkpoints, train
+from drivlm_jax import run as run_lib
 from drivlm_jax.data import pipeline, preprocess, sources
 from drivlm_jax.data.tokenizer import TextTokenizer
 
@@ -27,9 +27,9 @@ def take(spec, feats: pipeline.Features, n: int) -> dict:
 
 def run_features(run_dir: str):
   """(config, data specs, pipeline.Features) of a trained run."""
-  config = checkpoints.run_config(run_dir)
+  config = run_lib.read_config(run_dir)
   data = sources.prepare(config.data, run_dir)
-  return config, data, train.features(config, train.model_config(config), data["tokenizer"])
+  return config, data, run_lib.features(config, run_lib.model_config(config), data["tokenizer"])
 
 
 def from_run(run_dir: str, n: int, role: str = "target", split: str = "test") -> dict:

@@ -30,7 +30,7 @@ import onnx
 import onnxruntime as ort
 from jax2onnx import to_onnx
 
-from drivlm_jax import checkpoints, train
+from drivlm_jax import run as run_lib
 from drivlm_jax.model import vlm
 from export import checks, generate, graphs, inputs as real_inputs, rewrite
 
@@ -42,13 +42,12 @@ def load(workdir: str | None = None, checkpoint: str | None = None):
   if checkpoint:
     checkpoint = os.path.abspath(checkpoint.rstrip("/"))
     if not os.path.basename(checkpoint).isdigit():
-      raise checkpoints.RunError(f"--checkpoint {checkpoint}: expected RUN/checkpoints/<step>")
+      raise run_lib.RunError(f"--checkpoint {checkpoint}: expected RUN/checkpoints/<step>")
     step, workdir = int(os.path.basename(checkpoint)), os.path.dirname(os.path.dirname(checkpoint))
   if not workdir:
-    raise checkpoints.RunError("give --workdir RUN or --checkpoint RUN/checkpoints/STEP")
-  cfg = train.model_config(checkpoints.run_config(workdir))
-  params, step = checkpoints.load_params(workdir, cfg, step)
-  return workdir, graphs.for_export(cfg), graphs.constants(params), step
+    raise run_lib.RunError("give --workdir RUN or --checkpoint RUN/checkpoints/STEP")
+  run = run_lib.load(workdir, step)
+  return workdir, graphs.for_export(run.cfg), graphs.constants(run.params), run.step
 
 
 def convert(fn, specs, input_names, output_names, path: str, opset: int):
@@ -150,9 +149,6 @@ def export_lm(cfg, params, prefix, *, feeds, tokenizer, max_new_tokens=16, opset
   return report
 
 
-def _default_keep(workdir) -> float:
-  """The run's deploy keep ratio (eval.pruned_keep_ratio), else 1.0."""
-  return checkpoints.run_config(workdir).get("eval", {}).get("pruned_keep_ratio", 0.0) or 1.0
 
 
 def export_run(workdir, out, *, checkpoint=None, keep_ratio=None, opset=18,
@@ -167,7 +163,8 @@ def export_run(workdir, out, *, checkpoint=None, keep_ratio=None, opset=18,
   if image_size not in (None, cfg.vision.image_size):
     raise ValueError(f"image size {image_size}: the model was trained at "
                      f"{cfg.vision.image_size} (its position embeddings fix the resolution)")
-  keep = _default_keep(workdir) if keep_ratio is None else keep_ratio
+  keep = (run_lib.deploy_keep_ratio(run_lib.read_config(workdir)) if keep_ratio is None
+          else keep_ratio)
   if keep < 1.0 and not cfg.reweight:
     raise ValueError(f"keep ratio {keep}: {workdir} has no reweighting (model.reweight), so "
                      "it cannot prune")
@@ -198,8 +195,8 @@ def main():
   parser.add_argument("--out", required=True, help="the student's .onnx path")
   parser.add_argument("--opset", type=int, default=18)
   parser.add_argument("--keep-ratio", type=float, default=None,
-                      help="visual tokens kept (default: the run's eval.pruned_keep_ratio, "
-                      "else 1.0)")
+                      help="visual tokens kept (default: the smallest keep_ratio of the "
+                      "run's heads evaluators, else 1.0)")
   parser.add_argument("--batch", default="dynamic", help="'dynamic' or a fixed batch size")
   parser.add_argument("--image-size", type=int, default=None,
                       help="must equal the model's (its position embeddings fix it)")
@@ -213,7 +210,7 @@ def main():
                         keep_ratio=args.keep_ratio, opset=args.opset, batch=args.batch,
                         lm=args.lm, max_new_tokens=args.max_new_tokens, atol=args.atol,
                         image_size=args.image_size)
-  except (ValueError, checkpoints.RunError) as e:    # GraphError is a ValueError
+  except (ValueError, run_lib.RunError) as e:    # GraphError is a ValueError
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   workdir, step, keep = report["run"], report["step"], report["keep_ratio"]

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from drivlm_jax import checkpoints, hf, train
+from drivlm_jax import hf, run as run_lib, train
 from drivlm_jax.data import preprocess
 from drivlm_jax.model import vlm
 from export import checks, generate, graphs, inputs, quantize, rewrite, to_onnx
@@ -60,8 +60,8 @@ def test_cli_exports_the_demo_student_and_its_lm(run, tmp_path):
 
   # Independently of the export's own check: fresh real frames, batch 4 then 1, against the
   # training-time model (scanned layers, pipeline normalisation).
-  cfg = train.model_config(checkpoints.run_config(run))
-  params, _ = checkpoints.load_params(run, cfg)
+  cfg = run_lib.model_config(run_lib.read_config(run))
+  params, _ = run_lib.load_params(run, cfg)
   feeds = inputs.from_run(run, 4, role="source")
   session = _session(out)
   assert [i.name for i in session.get_inputs()] == ["image", "instruction_ids",
@@ -93,7 +93,7 @@ def test_hf_clip_student_round_trips_with_a_dynamic_batch(tmp_path, keep_ratio):
   """A CLIP vision tower loaded from an HF checkpoint, pruned before the projector."""
   reference.save(reference.clip_vision(image_size=32, patch_size=8), tmp_path / "clip")
   vcfg, vparams = hf.load_vision_tower(str(tmp_path / "clip"))
-  demo = train.model_config(small_config(str(tmp_path), "method=drivlm,teacher=none"))
+  demo = run_lib.model_config(small_config(str(tmp_path), "method=drivlm,teacher=none"))
   cfg = dataclasses.replace(demo, vision=vcfg, reweight=True, reweight_layer=None)
   params = {**vlm.init(cfg, jax.random.key(1)), "vision": vparams}
   rng = np.random.default_rng(0)

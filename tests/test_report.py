@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from drivlm_jax import checkpoints
+from drivlm_jax import run as run_lib
 from experiments import ablate, report
 
 
@@ -57,14 +57,14 @@ def test_a_finished_run_is_reused_and_a_changed_config_is_named(tmp_path, capsys
   run = tmp_path / "run"
   run.mkdir()
   (run / "config.json").write_text(config.to_json_best_effort(indent=1))
-  assert not checkpoints.finished(str(run), config)           # no evaluation yet
+  assert not run_lib.finished(str(run), config)           # no evaluation yet
   (run / "eval.json").write_text(json.dumps({"step": 20}))
-  assert not checkpoints.finished(str(run), config)           # not its final step
+  assert not run_lib.finished(str(run), config)           # not its final step
   (run / "eval.json").write_text(json.dumps({"step": 30}))
-  assert checkpoints.finished(str(run), config)
+  assert run_lib.finished(str(run), config)
   assert "warning" not in capsys.readouterr().out
   config.optimizer.learning_rate = 5e-4
   config.seed = 3
-  assert checkpoints.finished(str(run), config)
+  assert run_lib.finished(str(run), config)
   out = capsys.readouterr().out
   assert "differs at optimizer.learning_rate, seed" in out and str(run) in out

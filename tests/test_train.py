@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from configs import demo
-from drivlm_jax import checkpoints, train
+from drivlm_jax import run as run_lib, train
 from drivlm_jax.data import sources
 from drivlm_jax.model import vlm
 
@@ -75,7 +75,7 @@ def test_fsdp_divides_parameter_bytes(cache):
   from drivlm_jax import parallel
   from drivlm_jax.model import vlm
   config = small_config(cache)
-  cfg = train.model_config(config)
+  cfg = run_lib.model_config(config)
   shapes = jax.eval_shape(lambda k: vlm.init(cfg, k), jax.random.key(0))
   total = sum(x.size * 4 for x in jax.tree.leaves(shapes))
   per_device = {}
@@ -218,11 +218,11 @@ def test_clip_stage_then_a_warm_started_distilled_student(cache, tmp_path):
   assert all(r["loss"] == pytest.approx(r["loss_clip"], rel=1e-5) for r in rows.values())
   assert all(r["loss_action"] > 0.1 for r in rows.values())
 
-  cfg = train.model_config(demo.get_config(f"method=drivlm,teacher={clip_dir},init={clip_dir}"))
+  cfg = run_lib.model_config(demo.get_config(f"method=drivlm,teacher={clip_dir},init={clip_dir}"))
   params = jax.jit(lambda k: vlm.init(cfg, k))(jax.random.key(5))
-  warm = train.warm_start(params, clip_dir)
-  source, _ = checkpoints.load_params(clip_dir, train.model_config(
-      checkpoints.run_config(clip_dir)))
+  warm = run_lib.warm_start(params, clip_dir)
+  source, _ = run_lib.load_params(clip_dir, run_lib.model_config(
+      run_lib.read_config(clip_dir)))
   for a, b in zip(jax.tree.leaves(warm["vision"]), jax.tree.leaves(source["vision"])):
     np.testing.assert_array_equal(a, b)
   for a, b in zip(jax.tree.leaves(warm["reweighting"]), jax.tree.leaves(params["reweighting"])):
@@ -241,14 +241,14 @@ def test_clip_stage_then_a_warm_started_distilled_student(cache, tmp_path):
 
 def test_ema_is_the_moving_average_of_the_params(cache):
   config = small_config(cache)
-  cfg = train.model_config(config)
+  cfg = run_lib.model_config(config)
   params = vlm.init(cfg, jax.random.key(0))
   tx = optax.sgd(0.1)
   step = jax.jit(train.make_train_step(cfg, tx, dict(config.loss), ema_decay=0.75))
   ema = jax.tree.map(lambda x: x + 1.0, params)     # any earlier average
   state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params), "ema": ema}
   data = sources.prepare(config.data, cache)
-  feats = train.features(config, cfg, data["tokenizer"])
+  feats = run_lib.features(config, cfg, data["tokenizer"])
   batch = next(iter(train.train_batches(config, data, feats, 0)))
   batch = {k: batch[k] for k in train.BATCH_KEYS}
   new, _ = step(state, batch, {})

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from drivlm_jax.losses.masked import masked_mean
+
 
 @jax.custom_vjp
 def grad_reverse(x, lam):
@@ -31,19 +33,12 @@ def dann_lambda(progress):
   return 2.0 / (1.0 + jnp.exp(-10.0 * jnp.asarray(progress, jnp.float32))) - 1.0
 
 
-def _masked_mean(values, mask):
-  if mask is None:
-    return jnp.mean(values)
-  mask = jnp.broadcast_to(mask, values.shape).astype(values.dtype)
-  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
 def domain_bce(logits, domain, mask=None):
   """Binary cross-entropy of domain logits (any shape [B, ...]) against the example's domain
   (0 source, 1 target) broadcast over the trailing dims; `mask` drops entries."""
   labels = jnp.broadcast_to(domain.reshape(domain.shape + (1,) * (logits.ndim - 1)),
                             logits.shape).astype(logits.dtype)
-  return _masked_mean(optax.sigmoid_binary_cross_entropy(logits, labels), mask)
+  return masked_mean(optax.sigmoid_binary_cross_entropy(logits, labels), mask)
 
 
 def domain_focal(logits, domain, gamma=5.0, mask=None):
@@ -54,4 +49,4 @@ def domain_focal(logits, domain, gamma=5.0, mask=None):
   log_p = jax.nn.log_sigmoid(logits)
   log_not_p = jax.nn.log_sigmoid(-logits)
   log_pt = labels * log_p + (1 - labels) * log_not_p
-  return _masked_mean(-((1 - jnp.exp(log_pt)) ** gamma) * log_pt, mask)
+  return masked_mean(-((1 - jnp.exp(log_pt)) ** gamma) * log_pt, mask)

@@ -11,12 +11,7 @@ feature_kd:  distance between the student's visual tokens (through a learned pro
 import jax
 import jax.numpy as jnp
 
-
-def _masked_mean(values, mask):
-  if mask is None:
-    return jnp.mean(values)
-  mask = mask.astype(values.dtype)
-  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1e-9)
+from drivlm_jax.losses.masked import masked_mean
 
 
 def softmax_kd(student_logits, teacher_logits, temperature=2.0, mask=None):
@@ -24,7 +19,7 @@ def softmax_kd(student_logits, teacher_logits, temperature=2.0, mask=None):
   t = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
   s = jax.nn.log_softmax(student_logits / temperature, axis=-1)
   kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1)
-  return _masked_mean(kl, mask) * temperature ** 2
+  return masked_mean(kl, mask) * temperature ** 2
 
 
 def sigmoid_kd(student_logits, teacher_logits, temperature=1.0, mask=None):
@@ -35,7 +30,7 @@ def sigmoid_kd(student_logits, teacher_logits, temperature=1.0, mask=None):
   log_q, log_1q = jax.nn.log_sigmoid(student_logits / temperature), jax.nn.log_sigmoid(
       -student_logits / temperature)
   kl = p * (log_p - log_q) + (1 - p) * (log_1p - log_1q)
-  return _masked_mean(jnp.sum(kl, axis=-1), mask) * temperature ** 2
+  return masked_mean(jnp.sum(kl, axis=-1), mask) * temperature ** 2
 
 
 def match_grid(tokens, grid_from: int, grid_to: int):

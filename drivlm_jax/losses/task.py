@@ -2,20 +2,26 @@
 import jax.numpy as jnp
 import optax
 
+from drivlm_jax.losses.masked import masked_mean
 
-def _masked_mean(values, mask):
-  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+TERMS = ("action", "reason", "lm")
 
 
-def task_losses(out: dict, batch: dict) -> dict:
+def task_losses(out: dict, batch: dict, terms=TERMS) -> dict:
   """Action / explanation BCE over rows whose `action_mask` / `reason_mask` is 1, and the LM
-  cross-entropy over tokens whose `loss_mask` is 1. out: `vlm.apply`'s dict."""
+  cross-entropy over tokens whose `loss_mask` is 1 (`terms`: which of them to compute; "lm"
+  needs `out["lm_logits"]`). out: `vlm.apply`'s dict."""
   bce = optax.sigmoid_binary_cross_entropy
-  action = bce(out["action_logits"], batch["actions"])
-  reason = bce(out["reason_logits"], batch["reasons"])
-  lm = optax.softmax_cross_entropy_with_integer_labels(out["lm_logits"], batch["targets"])
-  return {
-      "action": _masked_mean(action, batch["action_mask"][:, None] * jnp.ones_like(action)),
-      "reason": _masked_mean(reason, batch["reason_mask"][:, None] * jnp.ones_like(reason)),
-      "lm": _masked_mean(lm, batch["loss_mask"]),
-  }
+  out_losses = {}
+  if "action" in terms:
+    action = bce(out["action_logits"], batch["actions"])
+    out_losses["action"] = masked_mean(action, batch["action_mask"][:, None]
+                                       * jnp.ones_like(action))
+  if "reason" in terms:
+    reason = bce(out["reason_logits"], batch["reasons"])
+    out_losses["reason"] = masked_mean(reason, batch["reason_mask"][:, None]
+                                       * jnp.ones_like(reason))
+  if "lm" in terms:
+    lm = optax.softmax_cross_entropy_with_integer_labels(out["lm_logits"], batch["targets"])
+    out_losses["lm"] = masked_mean(lm, batch["loss_mask"])
+  return out_losses

@@ -1,0 +1,75 @@
+"""Domain-adversarial alignment at three granularities (DriVLM part 2).
+
+Discriminators on the student's visual tokens tell source from target at the image level
+(the mean of the token map: a global feature of the image, as DA Faster R-CNN's image
+level), the token level (every visual token) and the instance level (tokens pooled inside
+the object boxes), behind a gradient reversal whose strength follows the DANN schedule
+lam(p) = 2 / (1 + exp(-10 p)) - 1. The progress p runs over the steps after `config.da.start`
+(a fraction of training): the discriminators train from step 0, the reversal acts once the
+task features exist. With `da_consistency` the image- and token-level predictions are also
+pulled together.
+
+Config: loss weights `da_image`, `da_token`, `da_instance`, `da_consistency` in `config.loss`;
+`config.da = dict(hidden, focal_gamma, start)`.
+"""
+import dataclasses
+
+import jax.numpy as jnp
+
+from drivlm_jax import adapt
+from drivlm_jax.losses import adversarial
+from drivlm_jax.model import discriminators
+
+LEVELS = ("image", "token", "instance", "consistency")
+
+
+def image_level(visual_tokens):
+  """[B, N, D] -> [B, D]: the image-level feature the image discriminator sees."""
+  return jnp.mean(visual_tokens, axis=1)
+
+
+@adapt.register("alignment")
+@dataclasses.dataclass(frozen=True)
+class Alignment(adapt.Component):
+  dcfg: discriminators.Config
+  weights: dict          # {da_<level>: weight}
+  focal_gamma: float     # > 0: focal loss at the image level
+  start: float           # fraction of training before the reversal ramps up
+  total_steps: int
+  width: int             # visual token width
+  grid: int              # the visual tokens form a grid x grid raster
+  max_boxes: int
+
+  param_key = "discriminators"
+  key_index = 1
+  terms = tuple(f"da_{level}" for level in LEVELS)
+
+  @classmethod
+  def from_config(cls, config, cfg, feats):
+    weights = adapt.weights(config, cls.terms)
+    if not any(w > 0 for w in weights.values()):
+      return None
+    da = config.get("da", {})
+    return cls(discriminators.Config(hidden=da.get("hidden", 256)), weights,
+               float(da.get("focal_gamma", 0.0)), float(da.get("start", 0.0)),
+               int(config.total_steps), cfg.language.hidden_size, cfg.vision.grid,
+               feats.max_boxes)
+
+  def init(self, key):
+    return discriminators.init(self.dcfg, key, self.width, self.grid, self.max_boxes)
+
+  def logical_axes(self):
+    return discriminators.logical_axes(self.dcfg, self.width, self.grid, self.max_boxes)
+
+  def loss(self, ctx: adapt.Context) -> dict:
+    progress = (ctx.step / self.total_steps - self.start) / (1.0 - self.start)
+    lam = adversarial.dann_lambda(jnp.clip(progress, 0.0, 1.0))
+    tokens = ctx.out["visual_tokens"]
+    logits = discriminators.apply(self.dcfg, ctx.params[self.param_key], image_level(tokens),
+                                  tokens, self.grid, ctx.batch["boxes"], ctx.batch["box_mask"],
+                                  lam)
+    losses = discriminators.losses(logits, ctx.batch["domain"], ctx.batch["box_mask"],
+                                   self.focal_gamma or None,
+                                   self.weights["da_consistency"] > 0)
+    ctx.metrics["da_lambda"] = lam
+    return {f"da_{k}": v for k, v in losses.items()}

@@ -1,0 +1,59 @@
+"""Language metrics of the LM's greedy answers (BLEU-1..4, ROUGE-L, CIDEr, accuracy) on the
+first `num` examples of one role and split that have a reference answer. The slow evaluator:
+give it its own `every`."""
+import dataclasses
+
+import jax
+import numpy as np
+
+from drivlm_jax import evals, metrics
+from drivlm_jax.data import pipeline
+from drivlm_jax.data.tokenizer import TextTokenizer
+from drivlm_jax.model import vlm
+
+_generate = jax.jit(vlm.generate, static_argnums=0,
+                    static_argnames=("max_new_tokens", "eos_token_id", "pad_token_id"))
+
+
+def answers(cfg, params, batch, tokenizer, n, max_new_tokens):
+  """Greedy answers for the first `n` examples of `batch` that have one;
+  -> (hypotheses, references)."""
+  rows = [i for i in range(len(batch["loss_mask"])) if batch["loss_mask"][i].any()][:n]
+  if not rows:
+    return [], []
+  lengths = [int(np.argmax(batch["loss_mask"][i] > 0)) + 1 for i in rows]
+  width = max(lengths)
+  ids = np.full((len(rows), width), tokenizer.pad_id, np.int32)
+  mask = np.zeros((len(rows), width), np.int32)
+  for j, (i, n_prompt) in enumerate(zip(rows, lengths)):
+    ids[j, width - n_prompt:] = batch["input_ids"][i, :n_prompt]
+    mask[j, width - n_prompt:] = 1
+  tokens = np.asarray(_generate(cfg, params, batch["image"][rows], ids,
+                                max_new_tokens=max_new_tokens,
+                                instruction_ids=batch["instruction_ids"][rows],
+                                instruction_mask=batch["instruction_mask"][rows],
+                                attention_mask=mask, eos_token_id=tokenizer.eos_id,
+                                pad_token_id=tokenizer.pad_id))[:, width:]
+  hyps = [tokenizer.decode(t[:list(t).index(tokenizer.eos_id)] if tokenizer.eos_id in t else t)
+          for t in tokens]
+  refs = [[tokenizer.decode(batch["targets"][i][batch["loss_mask"][i] > 0])] for i in rows]
+  return hyps, refs
+
+
+@evals.register("generation")
+@dataclasses.dataclass(frozen=True)
+class Generation(evals.Evaluator):
+  num: int = 16              # examples to answer
+  max_new_tokens: int = 32
+
+  def run(self, cfg, params, data, feats) -> dict:
+    tokenizer = TextTokenizer(feats.tokenizer)
+    hyps, refs = [], []
+    if self.num > 0:
+      for batch in pipeline.batches(data[self.role, self.split], feats, self.batch_size,
+                                    train=False, shard_index=0, shard_count=1):
+        h, r = answers(cfg, params, batch, tokenizer, self.num - len(hyps), self.max_new_tokens)
+        hyps, refs = hyps + h, refs + r
+        if len(hyps) >= self.num:
+          break
+    return metrics.language(hyps, refs) if hyps else {}

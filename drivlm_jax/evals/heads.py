@@ -1,0 +1,47 @@
+"""The driving heads on one role and split: action and explanation mAP / F1 (BDD-OIA
+definitions), optionally with the visual tokens pruned as the deployed student runs."""
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+from absl import logging
+
+from drivlm_jax import evals, metrics
+from drivlm_jax.data import pipeline
+from drivlm_jax.model import vlm
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def probabilities(cfg, params, images, instruction_ids, instruction_mask, keep_ratio=1.0):
+  """-> (action [B, 4], reason [B, 21]) probabilities, heads on `keep_ratio` of the tokens."""
+  out = vlm.encode_image(cfg, params, images, instruction_ids, instruction_mask, keep_ratio)
+  return jax.nn.sigmoid(out["action_logits"]), jax.nn.sigmoid(out["reason_logits"])
+
+
+@evals.register("heads")
+@dataclasses.dataclass(frozen=True)
+class Heads(evals.Evaluator):
+  keep_ratio: float = 1.0   # < 1: the heads see only the best-scoring tokens (deployed)
+
+  def run(self, cfg, params, data, feats) -> dict:
+    keep = self.keep_ratio
+    if keep < 1.0 and not cfg.reweight:
+      logging.warning("evals.%s: keep_ratio=%s ignored: the model has no instruction "
+                      "reweighting to prune by (model.reweight=False); evaluating every token",
+                      self.name, keep)
+      keep = 1.0
+    probs, labels = {"action": [], "reason": []}, {"action": [], "reason": []}
+    for batch in pipeline.batches(data[self.role, self.split], feats, self.batch_size,
+                                  train=False, shard_index=0, shard_count=1):
+      action, reason = probabilities(cfg, params, batch["image"], batch["instruction_ids"],
+                                     batch["instruction_mask"], keep)
+      probs["action"].append(np.asarray(action))
+      probs["reason"].append(np.asarray(reason))
+      labels["action"].append(batch["actions"])
+      labels["reason"].append(batch["reasons"])
+    out = {}
+    for kind in ("action", "reason"):
+      out.update(metrics.multilabel(kind, np.concatenate(probs[kind]),
+                                    np.concatenate(labels[kind])))
+    return out

@@ -1,0 +1,227 @@
+"""A run directory: what `drivlm_jax.train` writes, and reading it back.
+
+DIR/config.json, DIR/checkpoints/<step> (Orbax: train state + data position + config),
+DIR/metrics.jsonl, DIR/tb and DIR/eval.json. Any run directory serves as a distillation
+teacher, a warm start (`init_from`), an evaluation target, an export source or a plot source:
+they all read it here. This module also decides, once, which params a run is judged by
+(`EVAL_KEY`: the moving average when the run keeps one).
+"""
+import dataclasses
+import json
+import os
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import flags, logging
+from ml_collections import config_flags
+
+from drivlm_jax.data import pipeline
+from drivlm_jax.data.tokenizer import TextTokenizer
+from drivlm_jax.model import vlm
+
+
+class RunError(FileNotFoundError):
+  pass
+
+
+#### The model and pipeline a config describes
+
+def model_config(config) -> vlm.Config:
+  cfg = vlm.config_from_dict(config.model)
+  if config.get("mixed_precision", False):
+    cfg = dataclasses.replace(
+        cfg, vision=dataclasses.replace(cfg.vision, dtype="bfloat16"),
+        language=dataclasses.replace(cfg.language, dtype="bfloat16"))
+  return cfg
+
+
+def features(config, cfg: vlm.Config, tokenizer: str) -> pipeline.Features:
+  d = config.data
+  tok = TextTokenizer(tokenizer)
+  if tok.image_id != cfg.image_token_id or tok.vocab_size > cfg.language.vocab_size:
+    raise ValueError(
+        f"tokenizer {tokenizer} (<image> id {tok.image_id}, {tok.vocab_size} tokens) does not "
+        f"fit the model (model.image_token_id {cfg.image_token_id}, vocab_size "
+        f"{cfg.language.vocab_size}); set config.data.tokenizer or config.model.image_token_id")
+  return pipeline.Features(tokenizer=tokenizer, family=cfg.vision.family,
+                           image_size=cfg.vision.image_size,
+                           num_image_tokens=cfg.num_visual_tokens, max_len=d.max_len,
+                           resize=d.resize, augment=d.augment)
+
+
+def eval_key(config) -> str:
+  """The state entry a run is evaluated, distilled, warm-started and exported with: "ema"
+  when it keeps a moving average of its params (`ema_decay` > 0), else "params"."""
+  return "ema" if config.get("ema_decay", 0.0) else "params"
+
+
+def define_flags():
+  """The flags of the entry points that take a run: --config (with --config.key=value
+  overrides; unknown keys are errors) and --workdir."""
+  config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory (local or gs://).")
+
+
+def deploy_keep_ratio(config) -> float:
+  """The share of visual tokens the deployed student keeps: the smallest `keep_ratio` of the
+  run's heads evaluators (`config.evals`), else 1.0."""
+  keeps = [e.get("keep_ratio", 1.0) for e in config.get("evals", {}).values()
+           if e.get("type") == "heads"]
+  return min(keeps, default=1.0)
+
+
+#### config.json
+
+def write_config(workdir: str, config):
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise RunError(f"{path} not found: {workdir} is not a run directory of drivlm_jax.train")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _flat(tree, prefix=""):
+  if not isinstance(tree, dict):
+    return {prefix[:-1]: tree}
+  out = {}
+  for key, value in tree.items():
+    out.update(_flat(value, f"{prefix}{key}."))
+  return out
+
+
+def config_changes(workdir: str, config) -> list:
+  """Dotted keys whose value in `config` differs from the run's config.json."""
+  with open(os.path.join(workdir, "config.json")) as f:
+    stored = _flat(json.load(f))
+  current = _flat(json.loads(config.to_json_best_effort()))
+  return sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+
+
+def finished(workdir: str, config) -> bool:
+  """Whether `workdir` holds an evaluation of `config`'s final step (a run to reuse, not
+  retrain). Reusing a run trained with another config says which keys differ."""
+  path = os.path.join(workdir, "eval.json")
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    if json.load(f).get("step") != config.total_steps:
+      return False
+  changes = config_changes(workdir, config)
+  if changes:
+    print(f"warning: reusing the finished run in {workdir}, trained with another config "
+          f"(differs at {', '.join(changes[:8])}{' ...' if len(changes) > 8 else ''}); "
+          f"delete it or use another workdir to retrain", flush=True)
+  return True
+
+
+#### Checkpoints of a training run
+
+class Checkpoints:
+  """The Orbax manager of a training run: the train state plus a JSON meta item (step, data
+  position, config), asynchronous saves, resume from the latest step."""
+
+  def __init__(self, workdir: str, config):
+    self.config = config
+    self.manager = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True,
+                                             enable_async_checkpointing=True))
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def restore(self, state):
+    """The latest checkpoint, onto the shapes, dtypes and shardings of `state`."""
+    step = self.manager.latest_step()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    logging.info("resumed from step %d (data position %d)", step,
+                 restored["meta"]["data_position"])
+    return restored["state"]
+
+  def save(self, step: int, state):
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        meta=ocp.args.JsonSave({"step": step, "data_position": step,
+                                "config": json.loads(self.config.to_json_best_effort())})),
+                      force=True)
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+#### Reading a run back
+
+@dataclasses.dataclass
+class Run:
+  workdir: str
+  config: ml_collections.ConfigDict
+  cfg: vlm.Config
+  params: dict
+  step: int
+
+
+def load_params(workdir: str, cfg: vlm.Config, step: int | None = None):
+  """Model params of the latest (or `step`) checkpoint of `workdir` -> (params, step).
+
+  Optimizer state and extra param groups (discriminators, distillation projection) are
+  skipped. The params are the `eval_key` entry: a run trained with `ema_decay` > 0 gives its
+  moving-average params (what it was evaluated with). Arrays come back on the default device.
+  """
+  key = eval_key(read_config(workdir))
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  manager = ocp.CheckpointManager(directory)
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise RunError(f"{directory} holds no checkpoint")
+    item = {key: jax.eval_shape(lambda k: vlm.init(cfg, k), jax.random.key(0))}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(), item),
+        partial_restore=True)))
+  finally:
+    manager.close()
+  return restored["state"][key], step
+
+
+def load(workdir: str, step: int | None = None) -> Run:
+  """A run's config, model config and evaluation params (latest checkpoint or `step`)."""
+  config = read_config(workdir)
+  cfg = model_config(config)
+  params, step = load_params(workdir, cfg, step)
+  return Run(workdir, config, cfg, params, step)
+
+
+def warm_start(params, run_dir: str):
+  """`params` with every model param that the run `run_dir` also has (same path and shape)
+  taken from its latest checkpoint; the rest (e.g. discriminators, reweighting) stay fresh.
+  Logs what was taken and what was not."""
+  source = load(run_dir)
+  flat = dict(jax.tree_util.tree_flatten_with_path(source.params)[0])
+  taken, fresh = [], []
+
+  def pick(path, x):
+    y = flat.get(path)
+    if y is not None and y.shape == x.shape:
+      taken.append(path)
+      return jax.device_put(y.astype(x.dtype), x.sharding)
+    fresh.append(jax.tree_util.keystr(path))
+    return x
+  params = jax.tree_util.tree_map_with_path(pick, params)
+  if not taken:
+    raise ValueError(f"init_from {run_dir}: no param matches this model (other preset?)")
+  logging.warning("init_from %s (step %d): %d params loaded, %d fresh%s", run_dir, source.step,
+                  len(taken), len(fresh), f": {', '.join(sorted(fresh)[:6])}..." if fresh
+                  else "")
+  return params
