@@ -13,7 +13,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m drivlm_jax.demo
+	$(PY) -m experiments.demo
 
 test: $(VENV)/.installed
 	JAX_NUM_CPU_DEVICES=8 $(PY) -m pytest -q tests

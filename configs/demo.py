@@ -3,7 +3,7 @@ r"""Demo: the tiny DriVLM on CPU with the procedural world as data.
 
 Source domain: day (labelled); target domain: night+fog (same scene distribution, other
 appearance; its labels are used for evaluation only, and by the oracle).
-`python -m drivlm_jax.demo` runs every method; one by one:
+`python -m experiments.demo` runs every method; one by one:
   python -m drivlm_jax.train --config configs/demo.py --workdir runs/so
   python -m drivlm_jax.train --config configs/demo.py:method=drivlm_teacher --workdir runs/t
   python -m drivlm_jax.train --config configs/demo.py:method=drivlm,teacher=runs/t --workdir runs/s

@@ -11,7 +11,7 @@ Each removal is one config flag (what a user passes to drivlm_jax.train):
   no_distillation  --config.loss.kd_heads=0 --config.loss.kd_lm=0 --config.loss.kd_feature=0
   with_clip_finetuning --config.init_from=<clip_finetune run>   (the CLIP stage is off in
                    the default method; this row adds it: the student warm-starts from it,
-                   as `python -m drivlm_jax.demo --clip` does)
+                   as `python -m experiments.demo --clip` does)
 Per seed, the teacher (method=drivlm_teacher) and, for with_clip_finetuning, the CLIP stage
 (method=clip_finetune) are trained once and shared.
 Runs go to <workdir>/seed<s>/<name>; the table (mean ± std over seeds, target and source

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import onnxruntime as ort
 
+from drivlm_jax import timing
 from experiments import bench_pruning
 from export import benchmark, graphs, inputs, to_onnx
 
@@ -37,7 +38,7 @@ def bench_case(name, cfg, params, feeds, keep, iters, tmp):
   session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
   one = {k: v[:1] for k, v in feeds.items()}
   fn = jax.jit(graphs.student(cfg, params, keep))
-  latency = benchmark.time_backends(
+  latency = timing.time_backends(
       {"onnxruntime": lambda: session.run(None, one),
        "jax": lambda: jax.block_until_ready(fn(*one.values()))}, warmup=5, iters=iters)
   return {"student": name, "keep_ratio": keep, "params": benchmark.onnx_params(path),

@@ -16,9 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its t
 import argparse  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
-import statistics  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -27,15 +25,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from configs import common  # noqa: E402
-from drivlm_jax import hf  # noqa: E402
+from drivlm_jax import hf, timing  # noqa: E402
 from drivlm_jax.model import language, vision  # noqa: E402
 from experiments.scaling import lm_flops, vision_flops  # noqa: E402
-
-
-def _timed(fn):
-  t0 = time.perf_counter()
-  fn()
-  return time.perf_counter() - t0
 
 
 def gemm_peak(n=2048, repeats=5):
@@ -43,25 +35,13 @@ def gemm_peak(n=2048, repeats=5):
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   mm = jax.jit(lambda x: x @ x)
   mm(a).block_until_ready()
-  jax_t = min(_timed(lambda: mm(a).block_until_ready()) for _ in range(repeats))
+  jax_t = min(timing.timed(lambda: mm(a).block_until_ready()) for _ in range(repeats))
   b = torch.randn(n, n)
   with torch.inference_mode():
     b @ b
-    torch_t = min(_timed(lambda: b @ b) for _ in range(repeats))
+    torch_t = min(timing.timed(lambda: b @ b) for _ in range(repeats))
   flops = 2 * n ** 3
   return {"jax": flops / jax_t / 1e9, "torch": flops / torch_t / 1e9}
-
-
-def measure(ours, peer, pairs):
-  """Warm-up (compile) each once, then alternate ours/peer `pairs` times."""
-  compile_s, peer_warmup_s = _timed(ours), _timed(peer)
-  a, b = [], []
-  for _ in range(pairs):
-    a.append(_timed(ours))
-    b.append(_timed(peer))
-  return {"ours_ms": 1e3 * statistics.median(a), "peer_ms": 1e3 * statistics.median(b),
-          "ratio_peer_over_ours": statistics.median(y / x for x, y in zip(a, b)),
-          "ours_first_call_s": compile_s, "peer_first_call_s": peer_warmup_s, "pairs": pairs}
 
 
 def bench_vision(tmp, batches, pairs):
@@ -86,7 +66,7 @@ def bench_vision(tmp, batches, pairs):
       with torch.inference_mode():
         peer(pixel_values=xt)
 
-    row = measure(lambda: fwd(params, xj).block_until_ready(), peer_call, pairs)
+    row = timing.paired(lambda: fwd(params, xj).block_until_ready(), peer_call, pairs)
     with torch.inference_mode():
       diff = float(np.abs(np.asarray(fwd(params, xj)) - peer(pixel_values=xt).pooler_output
                           .numpy()).max())
@@ -118,7 +98,7 @@ def bench_lm(tmp, batches, pairs, length=256):
       with torch.inference_mode():
         peer(input_ids=ids_t)
 
-    row = measure(lambda: fwd(params, ids_j).block_until_ready(), peer_call, pairs)
+    row = timing.paired(lambda: fwd(params, ids_j).block_until_ready(), peer_call, pairs)
     with torch.inference_mode():
       diff = float(np.abs(np.asarray(fwd(params, ids_j)[:, -1]) -
                           peer(input_ids=ids_t).logits[:, -1].numpy()).max())

@@ -12,13 +12,12 @@ Writes --out (default bench_pruning.json).
 import argparse
 import dataclasses
 import json
-import time
 
 import jax
 import numpy as np
 
 from configs import common
-from drivlm_jax import run as run_lib
+from drivlm_jax import run as run_lib, timing
 from drivlm_jax.data import sources
 from drivlm_jax.evals import heads
 from drivlm_jax.model import vlm
@@ -36,14 +35,9 @@ def time_ratios(cfg, params, keeps, batch, rounds=15) -> dict:
   ids = jax.device_put(rng.integers(4, 100, size=(batch, 12)).astype(np.int32))
   mask = jax.device_put(np.ones((batch, 12), np.int32))
   fns = {k: _student(cfg, params, k) for k in keeps}
-  for fn in fns.values():
-    jax.block_until_ready(fn(params, x, ids, mask))
-  times = {k: [] for k in keeps}
-  for _ in range(rounds):
-    for k, fn in fns.items():
-      t = time.perf_counter()
-      jax.block_until_ready(fn(params, x, ids, mask))
-      times[k].append(time.perf_counter() - t)
+  calls = {k: (lambda fn=fn: jax.block_until_ready(fn(params, x, ids, mask)))
+           for k, fn in fns.items()}
+  times = timing.interleaved(calls, warmup=1, iters=rounds)
   return {k: 1e3 * float(np.median(v)) for k, v in times.items()}
 
 

@@ -16,8 +16,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -27,7 +25,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from configs import common, demo  # noqa: E402
-from drivlm_jax import train  # noqa: E402
+from drivlm_jax import timing, train  # noqa: E402
 from drivlm_jax.model import vision, vlm  # noqa: E402
 
 
@@ -167,12 +165,6 @@ def case_vit_b16(batch_size):
   return ours, peer, {"batch": batch_size}
 
 
-def _timed(fn):
-  t0 = time.perf_counter()
-  fn()
-  return time.perf_counter() - t0
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--pairs", type=int, default=5)
@@ -182,15 +174,12 @@ def main():
   rows = []
   for name, make in (("vlm_tiny", lambda: case_vlm_tiny(16)), ("vit_b16", lambda: case_vit_b16(8))):
     ours, peer, info = make()
-    first_ours, first_peer = _timed(ours), _timed(peer)
-    a, b = [], []
-    for _ in range(args.pairs):
-      a.append(_timed(ours))
-      b.append(_timed(peer))
+    t = timing.paired(ours, peer, args.pairs)
     batch = info["batch"]
-    row = {"case": name, **info, "ours_examples_per_s": batch / statistics.median(a),
-           "peer_examples_per_s": batch / statistics.median(b),
-           "ratio_ours_over_peer": statistics.median(y / x for x, y in zip(a, b)),
+    first_ours, first_peer = t["ours_first_call_s"], t["peer_first_call_s"]
+    row = {"case": name, **info, "ours_examples_per_s": 1e3 * batch / t["ours_ms"],
+           "peer_examples_per_s": 1e3 * batch / t["peer_ms"],
+           "ratio_ours_over_peer": t["ratio_peer_over_ours"],
            "ours_first_step_s": first_ours, "peer_first_step_s": first_peer}
     rows.append(row)
     print(f"{name:9s} batch {batch:3d}: ours {row['ours_examples_per_s']:8.1f} examples/s, "

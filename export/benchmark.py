@@ -12,11 +12,12 @@ ms. With --peak-tflops, the FPS bound GFLOPs allow at that peak is printed too.
 import argparse
 import json
 import os
-import time
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+
+from drivlm_jax import timing
 
 
 def onnx_params(path: str) -> int:
@@ -38,26 +39,6 @@ def gflops(fn, feeds) -> float:
   cost = fn.lower(*feeds.values()).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", float("nan"))) / 1e9 / len(feeds["image"])
-
-
-def percentiles(seconds) -> dict:
-  ms = 1e3 * np.asarray(seconds)
-  p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-  return {"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "fps": 1e3 / p50}
-
-
-def time_backends(backends: dict, warmup: int, iters: int) -> dict:
-  """{name: percentiles} of `backends` ({name: zero-arg callable}), interleaved."""
-  for fn in backends.values():
-    for _ in range(warmup):
-      fn()
-  times = {name: [] for name in backends}
-  for _ in range(iters):
-    for name, fn in backends.items():
-      start = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - start)
-  return {name: percentiles(t) for name, t in times.items()}
 
 
 def main():
@@ -100,7 +81,7 @@ def main():
     from export import tensorrt_runner  # pylint: disable=import-outside-toplevel
     engine = tensorrt_runner.Engine(args.engine)
     backends["tensorrt"] = lambda: engine(feeds)
-  result["latency"] = time_backends(backends, args.warmup, args.iters)
+  result["latency"] = timing.time_backends(backends, args.warmup, args.iters)
   print(f"{args.onnx}: {result['params'] / 1e6:.2f} M params"
         + (f", {result['gflops_per_frame']:.3f} GFLOPs per frame" if run_dir else ""))
   print(f"{'backend':12s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s} {'FPS':>8s}")

@@ -10,7 +10,7 @@ METHODS = ("source_only", "drivlm_teacher", "drivlm_student", "oracle")
 
 def test_demo_runs_every_method(tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "drivlm_jax.demo", "--steps", "20", "--workdir", str(tmp_path)],
+      [sys.executable, "-m", "experiments.demo", "--steps", "20", "--workdir", str(tmp_path)],
       capture_output=True, text=True, timeout=900, check=False, cwd=ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   results = json.loads((tmp_path / "results.json").read_text())
@@ -26,7 +26,7 @@ def test_demo_runs_every_method(tmp_path):
   # The student was distilled from this seed's teacher and evaluated pruned.
   student = json.loads((tmp_path / "seed0" / "drivlm_student" / "config.json").read_text())
   assert student["distill"]["teacher"] == str(tmp_path / "seed0" / "drivlm_teacher")
-  assert student["eval"]["pruned_keep_ratio"] < 1.0
+  assert student["evals"]["target_pruned"]["keep_ratio"] < 1.0
   pruned = json.loads((tmp_path / "seed0" / "drivlm_student" / "eval.json").read_text())
   assert results["methods"]["drivlm_student"]["target_pruned"] == {
       k: [v] for k, v in pruned["test"]["target_pruned"].items()}

@@ -58,7 +58,10 @@ def test_cross_dataset_config_trains_on_user_folders(folders, tmp_path):
   config.data.update(source_dir=nus, target_dir=bdd, cache_dir=str(tmp_path / "cache"),
                      workers=0, max_len=128)
   config.batch_size, config.mesh.fsdp = 4, 1
-  config.eval.update(batch_size=8, num_generate=2, max_new_tokens=4)
+  for evaluator in config.evals.values():
+    evaluator.batch_size = 8
+  for name in ("source_answers", "target_answers"):
+    config.evals[name].update(num=2, max_new_tokens=4)
   train.train(config, str(tmp_path / "run"))
   result = json.load(open(tmp_path / "run" / "eval.json"))
   assert result["step"] == 2 and set(result["test"]) == {"source", "target"}

@@ -28,7 +28,7 @@ def get_config(arg=None):
   config.log_every_steps = 1
   config.checkpoint_every_steps = 1000
   config.eval_every_steps = 1000
-  config.eval.num_generate = 0
+  config.evals.source_answers.num = config.evals.target_answers.num = 0
   return config
 
 

@@ -1,7 +1,7 @@
 r"""The demo on the embedded default: the procedural world's day domain (source, labelled)
 adapted to night+fog (target, unlabelled), on CPU.
 
-  python -m drivlm_jax.demo [--workdir runs/demo] [--seeds 1] [--steps 1200]
+  python -m experiments.demo [--workdir runs/demo] [--seeds 1] [--steps 1200]
 
 Per seed, runs of `python -m drivlm_jax.train --config configs/demo.py:method=M`:
   source_only      the tiny VLM on labelled source only
@@ -9,7 +9,7 @@ Per seed, runs of `python -m drivlm_jax.train --config configs/demo.py:method=M`
                    and instance level and instruction-guided token reweighting
   drivlm_student   adapted the same way and distilled from the frozen teacher (heads, LM
                    tokens, visual tokens); evaluated with every visual token and pruned to
-                   config.eval.pruned_keep_ratio of them, as deployed ("target_pruned")
+                   the keep ratio of its evals.target_pruned, as deployed ("target_pruned")
   oracle           the tiny VLM on labelled source and labelled target (the upper bound)
 With --clip, the CLIP fine-tuning stage (method=clip_finetune: vision tower + CLIP text tower,
 contrastive on image-caption pairs of both domains, a quarter of the steps) runs first and
@@ -31,9 +31,9 @@ import onnxruntime as ort
 from absl import app, flags, logging
 
 from configs import demo as demo_config
-from drivlm_jax import checkpoints, train, visualize
+from drivlm_jax import run as run_lib, timing, train, visualize
 from experiments import bench_pruning, report
-from export import benchmark, graphs, inputs, to_onnx
+from export import graphs, inputs, to_onnx
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the runs and the report go.")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "Training seeds per method.")
@@ -65,7 +65,7 @@ def _run(method, seed, extra="", init_from=""):
 
 
 def export_student(student_dir, out, batch=8) -> dict:
-  """The seed-0 student, as deployed (keep ratio config.eval.pruned_keep_ratio), exported to
+  """The seed-0 student, as deployed (`run.deploy_keep_ratio`), exported to
   ONNX by export.to_onnx (checked against JAX) and timed at batch 1: onnxruntime vs the
   jitted JAX function; plus the jitted student at keep 1.0 vs that ratio, at `batch`."""
   exported = to_onnx.export_run(student_dir, out)
@@ -74,11 +74,10 @@ def export_student(student_dir, out, batch=8) -> dict:
   one = {k: v[:1] for k, v in inputs.from_run(student_dir, 1).items()}
   session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
   fn = jax.jit(graphs.student(cfg, params, keep))
-  latency = benchmark.time_backends(
+  latency = timing.time_backends(
       {"onnxruntime": lambda: session.run(None, one),
        "jax": lambda: jax.block_until_ready(fn(*one.values()))}, warmup=5, iters=50)
-  config = run_lib.read_config(student_dir)
-  jitted = bench_pruning.time_ratios(run_lib.model_config(config), params,
+  jitted = bench_pruning.time_ratios(cfg, params,
                                      sorted({1.0, keep}, reverse=True), batch)
   return {"onnx": out, "keep_ratio": keep,
           "onnx_max_abs_diff": max(max(d.values()) for d in
@@ -103,10 +102,10 @@ def main(argv):
   root = _WORKDIR.value
   student = os.path.join(root, "seed0", "drivlm_student")
   timing = export_student(student, os.path.join(root, "student.onnx"))
-  notes = (f"Sim day -> night+fog, {_SEEDS.value} seed(s); `python -m drivlm_jax.demo "
+  notes = (f"Sim day -> night+fog, {_SEEDS.value} seed(s); `python -m experiments.demo "
            f"--workdir {root} --seeds {_SEEDS.value}`. The student is evaluated with every "
            f"visual token (target) and as deployed, pruned to keep_ratio "
-           f"{demo_config.get_config('method=drivlm,teacher=x').eval.pruned_keep_ratio} "
+           f"{run_lib.deploy_keep_ratio(demo_config.get_config('method=drivlm,teacher=x'))} "
            f"(target_pruned). "
            f"Student exported to {timing['onnx']} (keep {timing['keep_ratio']:g}; "
            f"onnxruntime vs JAX max |diff| {timing['onnx_max_abs_diff']:.1e}); batch 1 p50: "
