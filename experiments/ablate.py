@@ -8,7 +8,7 @@ Each removal is one config flag (what a user passes to drivlm_jax.train):
   no_token_da      --config.loss.da_token=0
   no_instance_da   --config.loss.da_instance=0
   no_reweighting   --config.model.reweight=False   (no gates, no pruning)
-  no_distillation  --config.loss.kd_heads=0 --config.loss.kd_lm=0 --config.loss.kd_feature=0
+  no_distillation  --config.distill.teacher=       (no teacher)
   with_clip_finetuning --config.init_from=<clip_finetune run>   (the CLIP stage is off in
                    the default method; this row adds it: the student warm-starts from it,
                    as `python -m experiments.demo --clip` does)
@@ -30,7 +30,7 @@ ABLATIONS = {
     "no_token_da": {"loss.da_token": 0.0},
     "no_instance_da": {"loss.da_instance": 0.0},
     "no_reweighting": {"model.reweight": False},
-    "no_distillation": {"loss.kd_heads": 0.0, "loss.kd_lm": 0.0, "loss.kd_feature": 0.0},
+    "no_distillation": {"distill.teacher": ""},
     "with_clip_finetuning": {"init_from": "<clip_finetune run>"},
 }
 CLIP_RUN = "<clip_finetune run>"

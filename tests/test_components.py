@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from drivlm_jax import adapt, run as run_lib, train
+from drivlm_jax import adapt, evaluate, run as run_lib, train
 from drivlm_jax.model import vlm
 from tests.test_train import read_metrics, small_config
 
@@ -114,3 +114,19 @@ def test_the_library_imports_no_scripts_and_has_no_cycle():
     if node not in state:
       visit(node, [node])
   assert "drivlm_jax.adapt.alignment" in graph   # the walk saw the whole tree
+
+
+def test_evaluators_are_built_by_name_with_their_own_schedule(cache):
+  config = small_config(cache, "method=drivlm,teacher=x")
+  config.evals.target_answers = dict(type="generation", role="target", num=4, every=7)
+  built = {e.name: e for e in evaluate.from_config(config)}
+  assert type(built["target"]).__name__ == "Heads" and built["target"].every == 400
+  assert built["target_answers"].every == 7 and built["target_answers"].key == ("test", "target")
+  assert built["target_pruned"].key == ("test", "target_pruned")
+  assert run_lib.deploy_keep_ratio(config) == built["target_pruned"].keep_ratio == 0.25
+  config.evals.bad = dict(type="bleu", role="target")
+  with pytest.raises(ValueError, match=r"config.evals.bad.type is 'bleu'"):
+    evaluate.from_config(config)
+  config.evals.bad = dict(type="heads", role="target", keep=0.5)
+  with pytest.raises(ValueError, match=r"config.evals.bad: unknown key\(s\) \['keep'\]"):
+    evaluate.from_config(config)

@@ -1,7 +1,7 @@
 """Scene-aware teacher-to-student distillation (DriVLM part 4).
 
-A frozen teacher (any run directory of `drivlm_jax.train`, named by `config.distill.teacher`)
-runs on the same batch as the student, on every row: the teacher needs no labels. Terms:
+A frozen teacher (any run directory of `drivlm_jax.train`, named by `config.distill.teacher`;
+empty: distillation is off) runs on the same batch as the student, on every row: the teacher needs no labels. Terms:
   kd_heads    sigmoid KD of the action and explanation heads
   kd_lm       softmax KD of the LM tokens from the image on
   kd_feature  feature KD of the visual tokens (student -> teacher width through a learned
@@ -49,12 +49,12 @@ class Distillation(adapt.Component):
   def from_config(cls, config, cfg, feats):
     del feats
     weights = adapt.weights(config, cls.terms)
+    kd = config.get("distill", {})
     if not any(w > 0 for w in weights.values()):
       return None
-    kd = config.get("distill", {})
-    if not kd.get("teacher"):
-      raise ValueError(f"config.loss weighs {[k for k, w in weights.items() if w > 0]} but "
-                       f"config.distill.teacher is empty: name the teacher's run directory")
+    if not kd.get("teacher"):   # the no_distillation ablation: one flag turns it off
+      logging.warning("distillation off: config.distill.teacher is empty")
+      return None
     return cls(cfg, load_teacher(kd.teacher, cfg), weights, float(kd.get("temperature", 1.0)),
                kd.get("feature_kind", "cosine"))
 
