@@ -1,6 +1,12 @@
 """drivlm-jax: domain adaptation of compact driving VLMs in JAX (DriVLM)."""
 import setuptools
 
+# Run directories and sweeps in a bucket (--workdir gs://...): epath's gcsfs backend, and
+# google-cloud-storage for TensorBoard's gs:// writer.
+CLOUD = ["gcsfs>=2024.2", "google-cloud-storage>=2.14"]
+# JAX -> ONNX -> TensorRT (export/): not needed on the accelerator hosts that train.
+EXPORT = ["onnx>=1.17,<2", "onnxruntime>=1.20,<2", "jax2onnx>=0.17,<0.18"]
+
 setuptools.setup(
     name="drivlm-jax",
     version="0.1.0",
@@ -14,7 +20,7 @@ setuptools.setup(
         "jax>=0.10,<0.13",
         "flax>=0.12,<0.13",
         "optax>=0.2.5,<0.3",
-        "orbax-checkpoint>=0.11,<0.11.37",  # jax2onnx 0.17 pins below 0.11.37
+        "orbax-checkpoint>=0.11",   # [export]'s jax2onnx 0.17 pins it below 0.11.37
         "ml-collections>=1.0,<2",
         "absl-py>=2.0,<3",
         "etils[epath]>=1.7",
@@ -24,20 +30,20 @@ setuptools.setup(
         "tokenizers>=0.21,<1",
         "safetensors>=0.5,<1",
         "numpy>=2.0,<3",
-        "onnx>=1.17,<2",
-        "onnxruntime>=1.20,<2",
-        "jax2onnx>=0.17,<0.18",
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "pillow>=10",
         "importlib_resources>=6",
     ],
     extras_require={
+        "cloud": CLOUD,
+        "export": EXPORT,
         # nuscenes-devkit itself is installed with --no-deps by the Makefile (it pins
         # numpy<2, which jax cannot use); these are the parts of it that it really needs.
         "test": ["pytest>=8", "torch==2.13.0", "scikit-learn>=1.4", "pyquaternion>=0.9",
                  "shapely>=2.0", "matplotlib>=3.8", "opencv-python-headless>=4.9",
-                 "cachetools>=5"],
+                 "cachetools>=5", "gcp-storage-emulator>=2024.8"]   # a local GCS API
+                + CLOUD + EXPORT,
         "tf": ["tensorflow-cpu>=2.18"],
     },
 )

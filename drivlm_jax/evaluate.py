@@ -5,8 +5,6 @@ r"""Evaluates a run: `python -m drivlm_jax.evaluate --config configs/X.py[:arg] 
 BLEU-1..4, ROUGE-L, CIDEr, accuracy}}, "step": N} in points (0-100), and prints it as a table.
 """
 import dataclasses
-import json
-import os
 
 import jax
 from absl import app, flags
@@ -17,16 +15,16 @@ from drivlm_jax.data import sources
 from_config = evals.from_config
 
 
-def run(evaluators, cfg, params, data, feats, workdir, step=None) -> dict:
-  """Runs `evaluators`, writes workdir/eval.json, prints a table; -> {split: {domain: ...}}."""
+def run(evaluators, cfg, params, data, feats, workdir, step=None, place=None) -> dict:
+  """Runs `evaluators` (on every host, batches placed by `place`; see `evals.Evaluator`),
+  writes workdir/eval.json, prints a table; -> {split: {domain: ...}}."""
   result = {}
   for evaluator in evaluators:
     split, domain = evaluator.key
     result.setdefault(split, {}).setdefault(domain, {}).update(
-        evaluator.run(cfg, params, data, feats))
+        evaluator.run(cfg, params, data, feats, place))
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump({**result, "step": step}, f, indent=1)
+    run_lib.write_json(run_lib.path(workdir, "eval.json"), {**result, "step": step})
     print(format_table(result, step))
   return result
 

@@ -14,6 +14,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from drivlm_jax.data import pipeline
@@ -71,21 +72,63 @@ def deploy_keep_ratio(config) -> float:
   return min(keeps, default=1.0)
 
 
+#### Files of a run directory, local or in a bucket (etils.epath)
+
+def path(workdir, *parts) -> epath.Path:
+  """`workdir`/`parts` as an epath.Path: a local folder, or gs://bucket/... on cloud runs."""
+  return epath.Path(str(workdir)).joinpath(*parts)
+
+
+def is_remote(workdir) -> bool:
+  return "://" in str(workdir)
+
+
+def absolute(workdir) -> str:
+  """`workdir` as an absolute local path, or unchanged when it is a URL."""
+  return str(workdir) if is_remote(workdir) else os.path.abspath(workdir)
+
+
+def orbax_dir(workdir) -> str:
+  """The checkpoints folder as Orbax takes it: absolute when local, the URL when remote."""
+  return str(path(absolute(workdir), "checkpoints"))
+
+
+def write_text(file: epath.Path, text: str):
+  file.parent.mkdir(parents=True, exist_ok=True)
+  file.write_text(text)
+
+
+def append_text(file: epath.Path, text: str):
+  """Appends `text` to `file`. Objects in a bucket cannot be appended to (gcsfs's "a" mode
+  replaces them), so there the file is read and written whole."""
+  if is_remote(file):
+    write_text(file, (file.read_text() if file.exists() else "") + text)
+  else:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with file.open("a") as f:
+      f.write(text)
+
+
+def write_json(file: epath.Path, value):
+  write_text(file, json.dumps(value, indent=1))
+
+
+def read_json(file: epath.Path):
+  return json.loads(file.read_text())
+
+
 #### config.json
 
 def write_config(workdir: str, config):
-  os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
+    write_text(path(workdir, "config.json"), config.to_json_best_effort(indent=1))
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise RunError(f"{path} not found: {workdir} is not a run directory of drivlm_jax.train")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  file = path(workdir, "config.json")
+  if not file.exists():
+    raise RunError(f"{file} not found: {workdir} is not a run directory of drivlm_jax.train")
+  return ml_collections.ConfigDict(read_json(file))
 
 
 def _flat(tree, prefix=""):
@@ -99,8 +142,7 @@ def _flat(tree, prefix=""):
 
 def config_changes(workdir: str, config) -> list:
   """Dotted keys whose value in `config` differs from the run's config.json."""
-  with open(os.path.join(workdir, "config.json")) as f:
-    stored = _flat(json.load(f))
+  stored = _flat(read_json(path(workdir, "config.json")))
   current = _flat(json.loads(config.to_json_best_effort()))
   return sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
 
@@ -108,12 +150,9 @@ def config_changes(workdir: str, config) -> list:
 def finished(workdir: str, config) -> bool:
   """Whether `workdir` holds an evaluation of `config`'s final step (a run to reuse, not
   retrain). Reusing a run trained with another config says which keys differ."""
-  path = os.path.join(workdir, "eval.json")
-  if not os.path.exists(path):
+  file = path(workdir, "eval.json")
+  if not file.exists() or read_json(file).get("step") != config.total_steps:
     return False
-  with open(path) as f:
-    if json.load(f).get("step") != config.total_steps:
-      return False
   changes = config_changes(workdir, config)
   if changes:
     print(f"warning: reusing the finished run in {workdir}, trained with another config "
@@ -131,7 +170,7 @@ class Checkpoints:
   def __init__(self, workdir: str, config):
     self.config = config
     self.manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        orbax_dir(workdir),
         options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True,
                                              enable_async_checkpointing=True))
 
@@ -180,7 +219,7 @@ def load_params(workdir: str, cfg: vlm.Config, step: int | None = None):
   moving-average params (what it was evaluated with). Arrays come back on the default device.
   """
   key = eval_key(read_config(workdir))
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  directory = orbax_dir(workdir)
   manager = ocp.CheckpointManager(directory)
   try:
     step = manager.latest_step() if step is None else step

@@ -1,13 +1,14 @@
 r"""Trains a config: `python -m drivlm_jax.train --config configs/X.py[:arg] --workdir DIR
 [--config.key=value ...]`. Re-running the same command resumes from DIR/checkpoints.
 
-One jitted step over a (data, fsdp, tensor) mesh with donated state; Orbax checkpoints
-(async, max_to_keep, train state + data position + config), saved on SIGTERM; a non-finite
-loss stops the run and leaves the last good checkpoint alone. Writes DIR/config.json,
-DIR/metrics.jsonl, TensorBoard events in DIR/tb, and DIR/eval.json.
+One jitted step over a (data, fsdp, tensor) mesh with donated state; the host prepares the
+next batch while a step runs. Orbax checkpoints (async, max_to_keep, train state + data
+position + config), saved on SIGTERM (with several hosts, at a step they all agree on); a
+non-finite loss stops the run and leaves the last good checkpoint alone. Writes
+DIR/config.json, DIR/metrics.jsonl, TensorBoard events in DIR/tb, and DIR/eval.json; DIR may
+be a bucket (gs://...), read and written through etils.epath.
 """
 import json
-import os
 import signal
 import sys
 import time
@@ -15,8 +16,8 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
-import numpy as np
 import optax
 import tqdm
 from absl import app, flags, logging
@@ -138,9 +139,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        donate_argnums=0)
   eval_key = run_lib.eval_key(config)
 
-  def run_evals(step, final):
-    due = [e for e in evaluators if final or step % e.every == 0]
-    return evaluate.run(due, cfg, state[eval_key], data, feats, workdir, step) if due else {}
+  # Several hosts evaluate together, each on its shard, batches placed like training's.
+  eval_place = ((lambda b: parallel.put_batch(b, batch_sharding))
+                if jax.process_count() > 1 else None)
+
+  def evals_due(step, final):
+    return [e for e in evaluators if final or step % e.every == 0]
 
   #### Checkpoints: resume when the workdir has one
   checkpoints = run_lib.Checkpoints(workdir, config)
@@ -151,78 +155,133 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   if start >= config.total_steps:   # a finished run: re-running it re-evaluates it
     checkpoints.close()
-    return run_evals(start, final=True)
+    return evaluate.run(evaluators, cfg, state[eval_key], data, feats, workdir, start,
+                        place=eval_place)
 
   #### Data: batch `i` of the run is `ds[i]`, so resuming at step s continues the same order
   batches = iter(train_batches(config, data, feats, start))
 
-  #### Train loop
-  preempted = []
-  previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
-  metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a") \
-      if jax.process_index() == 0 else None
+  def place(host_batch):
+    return parallel.put_batch({k: host_batch[k] for k in BATCH_KEYS}, batch_sharding)
+
+  #### Train loop. The host never waits for the step it has just dispatched: it prepares the
+  # next batch and writes the log rows of earlier steps while the step runs, and waits only
+  # where it must (checkpoints, evaluation, the end). A non-finite loss is tracked on the
+  # device over every step and checked wherever the host waits.
+  preemption = _Preemption()
+  metrics_file = run_lib.path(workdir, "metrics.jsonl") if jax.process_index() == 0 else None
   writer = _tensorboard(workdir)
   schedule = optim.schedule(config.optimizer, config.total_steps)
   result = {}
+  pending = []   # (step, metrics, tracker) of log steps whose rows are not written yet
+  clock = {"step": start, "time": time.time()}
+
+  def write_rows(rows, tracker):
+    """Writes `rows` up to the first non-finite step (read from `tracker`), then stops the
+    run there, before any checkpoint of that step or a later one."""
+    bad_step, bad_loss = (x.item() for x in tracker)
+    for done, metrics, _ in rows:
+      if bad_step and done >= bad_step:
+        break
+      now = time.time()
+      row = {"step": done, **{k: v.item() for k, v in metrics.items()},
+             "learning_rate": float(schedule(done)),
+             "examples_per_s": (done - clock["step"]) * config.batch_size
+                               / max(now - clock["time"], 1e-9), "time": now}
+      clock.update(step=done, time=now)
+      bar.set_postfix(loss=f"{row['loss']:.4f}")
+      if metrics_file:
+        run_lib.append_text(metrics_file, json.dumps(row) + "\n")
+      if writer:
+        for k, v in row.items():
+          if k not in ("step", "time"):
+            writer.add_scalar(f"train/{k}", v, done)
+    del rows[:]
+    if bad_step:
+      raise NonFiniteLoss(f"non-finite loss ({bad_loss}) at step {bad_step}; stopping. The "
+                          f"last good checkpoint (step {checkpoints.latest_step()}) is kept.")
+
   try:
-    last_log, last_time = start, time.time()
+    tracker = (jnp.int32(0), jnp.float32(0.0))
     bar = tqdm.trange(start, config.total_steps, initial=start, total=config.total_steps,
                       desc="train", disable=jax.process_index() != 0)
+    batch = place(next(batches))
     for step in bar:
-      host_batch = next(batches)
-      batch = parallel.put_batch({k: host_batch[k] for k in BATCH_KEYS}, batch_sharding)
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, metrics = train_step(state, batch, frozen)
       done = step + 1
-      loss = float(metrics["loss"])
-      if not np.isfinite(loss):
-        raise NonFiniteLoss(f"non-finite loss ({loss}) at step {done}; stopping. The last "
-                            f"good checkpoint (step {checkpoints.latest_step()}) is kept.")
-      if done % config.log_every_steps == 0 or done == config.total_steps:
-        now = time.time()
-        row = {"step": done, **{k: float(v) for k, v in metrics.items()},
-               "learning_rate": float(schedule(done)),
-               "examples_per_s": (done - last_log) * config.batch_size / (now - last_time),
-               "time": now}
-        last_log, last_time = done, now
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if metrics_file:
-          metrics_file.write(json.dumps(row) + "\n")
-          metrics_file.flush()
-        if writer:
-          for k, v in row.items():
-            if k not in ("step", "time"):
-              writer.add_scalar(f"train/{k}", v, done)
-      if done % config.checkpoint_every_steps == 0 or done == config.total_steps:
+      tracker = _track_non_finite(tracker, metrics["loss"], done)
+      final = done == config.total_steps
+      stop = preemption.reached(done)   # every host agrees: this step is the last
+      if not (final or stop):
+        batch = place(next(batches))   # the next batch, while this step runs
+      earlier = [p for p in pending if p[0] < done]
+      if earlier:
+        pending[:] = [p for p in pending if p[0] >= done]
+        write_rows(earlier, earlier[-1][2])
+      if done % config.log_every_steps == 0 or final:
+        pending.append((done, metrics, tracker))
+      save = done % config.checkpoint_every_steps == 0 or final or stop
+      due = evals_due(done, final)
+      if save or due:   # the host waits for this step: check it before keeping anything
+        write_rows(pending, tracker)
+      if save and checkpoints.latest_step() != done:
         checkpoints.save(done, state)
-      evaluated = run_evals(done, final=done == config.total_steps)
-      if evaluated:
-        result = evaluated
+      if due:
+        result = evaluate.run(due, cfg, state[eval_key], data, feats, workdir, done,
+                              place=eval_place)
         if writer:
           for split, domains in result.items():
             for domain, values in domains.items():
               for k, v in values.items():
                 writer.add_scalar(f"{split}/{domain}/{k}", v, done)
-      if preempted:
-        if checkpoints.latest_step() != done:
-          checkpoints.save(done, state)
+      if stop:
         logging.warning("SIGTERM: checkpoint of step %d saved; re-run to resume", done)
         break
   finally:
     checkpoints.close()
-    signal.signal(signal.SIGTERM, previous)
-    if metrics_file:
-      metrics_file.close()
+    preemption.close()
     if writer:
       writer.close()
   return result
+
+
+@jax.jit
+def _track_non_finite(tracker, loss, step):
+  """(step, loss) of the first non-finite loss so far; step 0 while there is none."""
+  bad_step, bad_loss = tracker
+  first = (bad_step == 0) & ~jnp.isfinite(loss)
+  return (jnp.where(first, jnp.int32(step), bad_step),
+          jnp.where(first, loss.astype(jnp.float32), bad_loss))
+
+
+class _Preemption:
+  """Whether to stop after a step. One process: a SIGTERM seen by then (the step whose batch
+  is already prepared still runs, then the run saves and exits). Several processes: JAX's
+  preemption sync point, so that every host stops after the same step, whichever host got
+  the signal."""
+
+  def __init__(self):
+    self.multihost = jax.process_count() > 1
+    self.signalled = []
+    if not self.multihost:   # with several hosts JAX's own notifier takes SIGTERM
+      self.previous = signal.signal(signal.SIGTERM, lambda *_: self.signalled.append(True))
+
+  def reached(self, step: int) -> bool:
+    if self.multihost:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return bool(self.signalled)
+
+  def close(self):
+    if not self.multihost:
+      signal.signal(signal.SIGTERM, self.previous)
 
 
 def _tensorboard(workdir):
   if jax.process_index() != 0:
     return None
   from tensorboardX import SummaryWriter
-  return SummaryWriter(os.path.join(workdir, "tb"))
+  return SummaryWriter(str(run_lib.path(workdir, "tb")))   # gs:// through google-cloud-storage
 
 
 def main(argv):

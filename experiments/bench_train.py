@@ -8,6 +8,8 @@ Cases:
              `vlm.apply` + task losses vs transformers' LlavaForConditionalGeneration with
              the same towers plus the same attention-pooling heads in torch.
   vit_b16    CLIP ViT-B/16 at 224 px + a 4-way head, batch 8 (DESIGN's reference case).
+  loop       the demo config's training loop on the sim: the host in lockstep with each
+             step (the old loop) vs overlapped (the trainer's), steps/s side by side.
 torch runs at its best: threads = cores, OMP_WAIT_POLICY=PASSIVE, no autograd anomaly mode.
 """
 import os
@@ -16,6 +18,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import statistics  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -165,6 +168,52 @@ def case_vit_b16(batch_size):
   return ours, peer, {"batch": batch_size}
 
 
+def loop_overlap(steps=20, rounds=3) -> dict:
+  """Steps/s of the demo config's training loop on the sim (real pipeline, real step), with
+  the host in lockstep (read the loss of each step, then prepare the next batch: the old
+  loop) vs overlapped (dispatch the step, prepare the next batch while it runs, read the
+  previous step's loss: `drivlm_jax.train`'s loop); rounds alternate the two."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  from drivlm_jax import run as run_lib  # pylint: disable=import-outside-toplevel
+  from drivlm_jax.data import sources  # pylint: disable=import-outside-toplevel
+  config = demo.get_config("method=source_only")
+  config.data.cache_dir = tempfile.mkdtemp()
+  config.data.source.update(train=64, test=8)
+  config.data.target.update(train=64, test=8)
+  cfg = run_lib.model_config(config)
+  data = sources.prepare(config.data, config.data.cache_dir)
+  feats = run_lib.features(config, cfg, data["tokenizer"])
+  tx = optax.adamw(1e-4)
+  step = jax.jit(train.make_train_step(cfg, tx, dict(config.loss)), donate_argnums=0)
+  params = vlm.init(cfg, jax.random.key(0))
+  state = [{"step": jnp.int32(0), "params": params, "opt_state": tx.init(params)}]
+  place = lambda b: {k: jnp.asarray(b[k]) for k in train.BATCH_KEYS}
+
+  def lockstep():
+    batches = iter(train.train_batches(config, data, feats, 0))
+    for _ in range(steps):
+      state[0], metrics = step(state[0], place(next(batches)), {})
+      float(metrics["loss"])
+
+  def overlapped():
+    batches = iter(train.train_batches(config, data, feats, 0))
+    batch, previous = place(next(batches)), None
+    for i in range(steps):
+      state[0], metrics = step(state[0], batch, {})
+      if i + 1 < steps:
+        batch = place(next(batches))
+      if previous is not None:
+        float(previous["loss"])
+      previous = metrics
+    float(previous["loss"])
+
+  times = timing.interleaved({"lockstep": lockstep, "overlapped": overlapped}, 1, rounds)
+  out = {k: steps / statistics.median(v) for k, v in times.items()}
+  return {"case": "loop", "steps": steps, "rounds": rounds, "batch": config.batch_size,
+          "lockstep_steps_per_s": out["lockstep"], "overlapped_steps_per_s": out["overlapped"],
+          "ratio_overlapped_over_lockstep": out["overlapped"] / out["lockstep"]}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--pairs", type=int, default=5)
@@ -186,6 +235,11 @@ def main():
           f"torch {row['peer_examples_per_s']:8.1f} examples/s, ours/torch "
           f"{row['ratio_ours_over_peer']:.2f} (first step: ours {first_ours:.1f} s incl. "
           f"compile, torch {first_peer:.1f} s)")
+  row = loop_overlap()
+  rows.append(row)
+  print(f"loop (demo config, batch {row['batch']}): lockstep {row['lockstep_steps_per_s']:.1f} "
+        f"steps/s, overlapped {row['overlapped_steps_per_s']:.1f} steps/s, ratio "
+        f"{row['ratio_overlapped_over_lockstep']:.2f}")
   with open(args.out, "w") as f:
     json.dump({"threads": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
                "rows": rows}, f, indent=1)

@@ -22,7 +22,6 @@ report.md, results.csv and plots (training curves, mAP by method, PCA of pooled 
 reweighting heat-maps), exports the seed-0 student to <workdir>/student.onnx (export.to_onnx,
 checked against JAX) and times it in onnxruntime and JAX. Re-running resumes or reuses runs.
 """
-import json
 import os
 import time
 
@@ -101,27 +100,25 @@ def main(argv):
              _run("oracle", seed)]
   root = _WORKDIR.value
   student = os.path.join(root, "seed0", "drivlm_student")
-  timing = export_student(student, os.path.join(root, "student.onnx"))
+  exported = export_student(student, os.path.join(root, "student.onnx"))
   notes = (f"Sim day -> night+fog, {_SEEDS.value} seed(s); `python -m experiments.demo "
            f"--workdir {root} --seeds {_SEEDS.value}`. The student is evaluated with every "
            f"visual token (target) and as deployed, pruned to keep_ratio "
            f"{run_lib.deploy_keep_ratio(demo_config.get_config('method=drivlm,teacher=x'))} "
            f"(target_pruned). "
-           f"Student exported to {timing['onnx']} (keep {timing['keep_ratio']:g}; "
-           f"onnxruntime vs JAX max |diff| {timing['onnx_max_abs_diff']:.1e}); batch 1 p50: "
-           + ", ".join(f"{k} {v:.2f} ms" for k, v in timing["batch1_p50_ms"].items())
-           + f"; jitted, batch {timing['jitted_batch']}: "
-           + ", ".join(f"{k[7:]} {v:.2f}" for k, v in timing.items()
+           f"Student exported to {exported['onnx']} (keep {exported['keep_ratio']:g}; "
+           f"onnxruntime vs JAX max |diff| {exported['onnx_max_abs_diff']:.1e}); batch 1 p50: "
+           + ", ".join(f"{k} {v:.2f} ms" for k, v in exported["batch1_p50_ms"].items())
+           + f"; jitted, batch {exported['jitted_batch']}: "
+           + ", ".join(f"{k[7:]} {v:.2f}" for k, v in exported.items()
                        if k.startswith("jitted_keep")) + ".")
   results = report.write(runs, root, "DriVLM demo", notes)
   visualize.write(os.path.join(root, "seed0"), root)
-  with open(os.path.join(root, "results.json")) as f:
-    saved = json.load(f)
-  saved["student_export"] = timing
-  with open(os.path.join(root, "results.json"), "w") as f:
-    json.dump(saved, f, indent=1)
-  with open(os.path.join(root, "report.md"), "a") as f:
-    f.write("\n![pooled features](pca.png)\n\n![reweighting](reweighting.png)\n")
+  saved = run_lib.read_json(run_lib.path(root, "results.json"))
+  saved["student_export"] = exported
+  run_lib.write_json(run_lib.path(root, "results.json"), saved)
+  run_lib.append_text(run_lib.path(root, "report.md"),
+                      "\n![pooled features](pca.png)\n\n![reweighting](reweighting.png)\n")
   print(f"\nDemo ({time.time() - start:.0f} s): sim day -> night+fog, test split, points; "
         f"mean ± std over {_SEEDS.value} seed(s)")
   print(report.markdown_table(results, "target"))

@@ -68,7 +68,7 @@ def skypilot_yaml(name, config_spec, workdir, overrides, cluster: Cluster) -> st
           f"num_nodes: {cluster.num_nodes}\n"
           f"resources:\n  accelerators: {cluster.accelerators}\n"
           f"workdir: .\n"
-          f"setup: |\n{indent(['pip install -e .'])}\n"
+          f"setup: |\n{indent(['pip install -e ".[cloud]"'])}\n"
           f"run: |\n{indent(run)}\n")
 
 

@@ -11,9 +11,10 @@ import argparse
 import collections
 import csv
 import json
-import os
 
 import numpy as np
+
+from drivlm_jax import run as run_lib
 
 TABLE_METRICS = ("action_mAP", "action_mF1", "reason_mAP", "reason_mF1", "ROUGE-L", "CIDEr")
 
@@ -21,16 +22,12 @@ TABLE_METRICS = ("action_mAP", "action_mF1", "reason_mAP", "reason_mF1", "ROUGE-
 def _method(run_dir: str) -> str:
   """The run's group: its method, plus a sweep run's non-seed overrides (sweep.json), so the
   seeds of one setting are averaged and settings are not."""
-  path = os.path.join(run_dir, "config.json")
-  method = None
-  if os.path.exists(path):
-    with open(path) as f:
-      method = json.load(f).get("method")
-  method = method or os.path.basename(os.path.normpath(run_dir))
-  path = os.path.join(run_dir, "sweep.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      overrides = json.load(f)["overrides"]
+  path = run_lib.path(run_dir, "config.json")
+  method = run_lib.read_json(path).get("method") if path.exists() else None
+  method = method or run_lib.path(run_dir).name
+  path = run_lib.path(run_dir, "sweep.json")
+  if path.exists():
+    overrides = run_lib.read_json(path)["overrides"]
     setting = ",".join(f"{k}={v}" for k, v in sorted(overrides.items()) if k != "seed")
     method += f" ({setting})" if setting else ""
   return method
@@ -40,11 +37,10 @@ def collect(run_dirs, split="test") -> dict:
   """{"methods": {method: {domain: {metric: [value per run]}}}, "runs": {method: [dirs]}}."""
   methods, runs = {}, collections.defaultdict(list)
   for run_dir in run_dirs:
-    path = os.path.join(run_dir, "eval.json")
-    if not os.path.exists(path):
+    path = run_lib.path(run_dir, "eval.json")
+    if not path.exists():
       raise FileNotFoundError(f"{path} not found: has {run_dir} finished training?")
-    with open(path) as f:
-      result = json.load(f)
+    result = run_lib.read_json(path)
     if split not in result:
       raise KeyError(f"{path} has no {split!r} split (has {sorted(result)})")
     method = _method(run_dir)
@@ -78,7 +74,7 @@ def markdown_table(results: dict, domain="target", metrics=TABLE_METRICS) -> str
 
 
 def write_csv(results: dict, path: str):
-  with open(path, "w", newline="") as f:
+  with run_lib.path(path).open("w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(["method", "domain", "metric", "mean", "std", "n", "values"])
     for name, domains in results["methods"].items():
@@ -92,9 +88,9 @@ def write_csv(results: dict, path: str):
 
 def _curve(run_dir, key):
   steps, values = [], []
-  path = os.path.join(run_dir, "metrics.jsonl")
-  if os.path.exists(path):
-    with open(path) as f:
+  path = run_lib.path(run_dir, "metrics.jsonl")
+  if path.exists():
+    with path.open() as f:
       for line in f:
         row = json.loads(line)
         if key in row:
@@ -122,7 +118,8 @@ def plot_curves(results: dict, path: str, keys=("loss_action", "loss_reason")):
     ax.set_title(f"train {key} (source rows; mean over runs)")
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with run_lib.path(path).open("wb") as f:
+    fig.savefig(f, dpi=120, format="png")
   plt.close(fig)
 
 
@@ -141,26 +138,27 @@ def plot_bars(results: dict, path: str, metric="action_mAP"):
   ax.set_ylabel(f"{metric} (test)")
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with run_lib.path(path).open("wb") as f:
+    fig.savefig(f, dpi=120, format="png")
   plt.close(fig)
 
 
 def write(run_dirs, out: str, title="Results", notes="") -> dict:
   """Everything above into `out`; returns the results dict."""
-  os.makedirs(out, exist_ok=True)
+  run_lib.path(out).mkdir(parents=True, exist_ok=True)
   results = collect(run_dirs)
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump({"methods": results["methods"]}, f, indent=1)
-  write_csv(results, os.path.join(out, "results.csv"))
-  plot_curves(results, os.path.join(out, "curves.png"))
-  plot_bars(results, os.path.join(out, "target_mAP.png"))
-  with open(os.path.join(out, "report.md"), "w") as f:
-    f.write(f"# {title}\n\n{notes}\n\nTest split, points (0-100), mean ± std over runs.\n\n"
-            + markdown_table(results, "target") + "\n\n"
-            + (markdown_table(results, "target_pruned") + "\n\n" if any(
-                "target_pruned" in v for v in results["methods"].values()) else "")
-            + markdown_table(results, "source")
-            + "\n\n![training curves](curves.png)\n\n![action mAP](target_mAP.png)\n")
+  run_lib.write_json(run_lib.path(out, "results.json"), {"methods": results["methods"]})
+  write_csv(results, run_lib.path(out, "results.csv"))
+  plot_curves(results, run_lib.path(out, "curves.png"))
+  plot_bars(results, run_lib.path(out, "target_mAP.png"))
+  pruned = any("target_pruned" in v for v in results["methods"].values())
+  run_lib.write_text(
+      run_lib.path(out, "report.md"),
+      f"# {title}\n\n{notes}\n\nTest split, points (0-100), mean ± std over runs.\n\n"
+      + markdown_table(results, "target") + "\n\n"
+      + (markdown_table(results, "target_pruned") + "\n\n" if pruned else "")
+      + markdown_table(results, "source")
+      + "\n\n![training curves](curves.png)\n\n![action mAP](target_mAP.png)\n")
   return results
 
 

@@ -32,7 +32,6 @@ the overrides (stable across invocations) and its workdir is
 import argparse
 import ast
 import inspect
-import json
 import os
 import shlex
 import shutil
@@ -101,6 +100,13 @@ def describe(launcher, name, spec, workdir, overrides, cluster) -> str:
   return launchers.slurm_script(name, spec, workdir, overrides, cluster).rstrip()
 
 
+def _local_log(workdir, name):
+  """The run's output log: in its workdir, or under ./sweeps/<name> when that is a bucket."""
+  folder = os.path.join("sweeps", name) if run_lib.is_remote(workdir) else workdir
+  os.makedirs(folder, exist_ok=True)
+  return open(os.path.join(folder, "sweep.log"), "a")
+
+
 def run_local(spec, planned, parallel: int) -> int:
   """Runs the unfinished runs, `parallel` at a time -> exit status."""
   todo = []
@@ -121,12 +127,11 @@ def run_local(spec, planned, parallel: int) -> int:
     while (todo and not stopped) or procs:
       while todo and not stopped and len(procs) < parallel:
         name, workdir, overrides = todo.pop(0)
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "sweep.json"), "w") as f:   # for experiments.report
-          json.dump({"name": name, "overrides": overrides}, f, indent=1)
-        resumed = os.path.isdir(os.path.join(workdir, "checkpoints"))
+        run_lib.write_json(run_lib.path(workdir, "sweep.json"),   # for experiments.report
+                           {"name": name, "overrides": overrides})
+        resumed = run_lib.path(workdir, "checkpoints").exists()
         print(f"run {name}: {'resuming' if resumed else 'starting'} in {workdir}", flush=True)
-        log = None if parallel == 1 else open(os.path.join(workdir, "sweep.log"), "a")
+        log = None if parallel == 1 else _local_log(workdir, name)
         procs[name] = subprocess.Popen(
             launchers.local_command(spec, workdir, overrides, sys.executable), stdout=log,
             stderr=subprocess.STDOUT if log else None, start_new_session=True)

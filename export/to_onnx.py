@@ -40,10 +40,10 @@ def load(workdir: str | None = None, checkpoint: str | None = None):
   RUN/checkpoints/STEP directory (default: the run's latest)."""
   step = None
   if checkpoint:
-    checkpoint = os.path.abspath(checkpoint.rstrip("/"))
-    if not os.path.basename(checkpoint).isdigit():
+    checkpoint = run_lib.path(run_lib.absolute(checkpoint.rstrip("/")))
+    if not checkpoint.name.isdigit():
       raise run_lib.RunError(f"--checkpoint {checkpoint}: expected RUN/checkpoints/<step>")
-    step, workdir = int(os.path.basename(checkpoint)), os.path.dirname(os.path.dirname(checkpoint))
+    step, workdir = int(checkpoint.name), str(checkpoint.parent.parent)
   if not workdir:
     raise run_lib.RunError("give --workdir RUN or --checkpoint RUN/checkpoints/STEP")
   run = run_lib.load(workdir, step)
@@ -170,7 +170,7 @@ def export_run(workdir, out, *, checkpoint=None, keep_ratio=None, opset=18,
                      "it cannot prune")
   _, data, feats = real_inputs.run_features(workdir)
   feeds = real_inputs.take(data["target", "test"], feats, max(_check_batches(batch)))
-  report = {"run": os.path.abspath(workdir), "step": step, "keep_ratio": keep,
+  report = {"run": run_lib.absolute(workdir), "step": step, "keep_ratio": keep,
             "opset": opset, "batch": batch,
             "student": export_student(cfg, params, out, keep_ratio=keep, feeds=feeds,
                                       opset=opset, batch=batch, atol=atol)}

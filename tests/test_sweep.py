@@ -92,7 +92,7 @@ def test_dry_run_of_every_launcher(config_file, tmp_path):
   task = yaml.safe_load(sky[names[1]])
   assert task["num_nodes"] == 2 and task["resources"] == {"accelerators": "H100:8"}
   assert task["name"] == "learning-rate-0-001-seed-1-" + names[1].rsplit("-", 1)[1]
-  assert "pip install -e ." in task["setup"]
+  assert "pip install -e \".[cloud]\"" in task["setup"]   # gs:// workdirs need [cloud]
   run_lines = task["run"].strip().splitlines()
   assert run_lines[0].startswith("export JAX_COORDINATOR_ADDRESS=")
   assert run_lines[-1] == (f"python3 -m drivlm_jax.train --config {config_file} --workdir "

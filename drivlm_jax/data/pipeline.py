@@ -147,18 +147,31 @@ class ExampleTransform:
     return out
 
 
-def _branch(spec, features, batch, domain, labelled, train, seed, shard_index, shard_count):
+def _branch(spec, features, rows, domain, labelled, train, seed, shard_index, shard_count):
+  """One domain's part of host `shard_index`'s batches, `rows` examples each.
+
+  The global batches (`rows * shard_count` examples of one stream, shuffled and repeated
+  when training) are the same for any number of hosts; host h takes rows [h * rows,
+  (h + 1) * rows) of each, and an example's augmentation follows its position in the global
+  stream. So a run on several hosts sees the batches of a run on one."""
   source, indices = open_source(spec)
-  indices = indices[shard_index::shard_count]
-  if train and len(indices) < batch:
-    raise ValueError(f"{spec.name} {spec.split}: shard {shard_index}/{shard_count} has "
-                     f"{len(indices)} examples, fewer than a batch of {batch}")
-  ds = grain.MapDataset.range(len(indices)).map(
-      lambda i: {**source[int(indices[i])], "example_id": np.int64(indices[i])})
+  total = rows * shard_count
+  if train and len(indices) < total:
+    raise ValueError(f"{spec.name} {spec.split}: {len(indices)} examples, fewer than a global "
+                     f"batch of {total} ({rows} per host x {shard_count})")
+  order = grain.MapDataset.range(len(indices))
   if train:
-    ds = ds.shuffle(seed=seed + 7919 * domain).repeat()
+    order = order.shuffle(seed=seed + 7919 * domain).repeat()
+  full, rest = divmod(len(order), total)
+  length = full * rows + min(rows, max(0, rest - shard_index * rows))
   transform = ExampleTransform(features, domain, labelled, train, seed)
-  return ds.map_with_index(transform).batch(batch, drop_remainder=train)
+
+  def example(q):   # this host's q-th example, at position p of the global stream
+    p = (q // rows) * total + shard_index * rows + q % rows
+    i = int(indices[order[p]])
+    return transform(p, {**source[i], "example_id": np.int64(i)})
+
+  return grain.MapDataset.range(length).map(example).batch(rows, drop_remainder=train)
 
 
 def _concat(*batches):

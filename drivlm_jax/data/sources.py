@@ -88,12 +88,33 @@ def _sim_role(data_config, role, root) -> dict:
   return {split: SourceSpec("bdd_oia", tfds_dir, split) for split in ("train", "test")}
 
 
+def cache_root(data_config, workdir: str) -> str:
+  """Where the built datasets go: `cache_dir`, else <workdir>/data, else (a run directory in
+  a bucket) a local folder named after the workdir: the builders, the sim and grain read
+  and write local files."""
+  root = data_config.get("cache_dir")
+  if root and "://" in root:
+    raise SourceError(f"config.data.cache_dir={root}: the dataset cache must be a local "
+                      f"folder (the builders and grain read local files)")
+  if root:
+    return root
+  if "://" not in str(workdir):
+    return os.path.join(workdir, "data")
+  digest = hashlib.sha256(str(workdir).encode()).hexdigest()[:16]
+  return os.path.join(os.path.expanduser("~"), ".cache", "drivlm_jax", "data", digest)
+
+
 def prepare(data_config, workdir: str) -> dict:
   """-> {"tokenizer": path, ("source"|"target", "train"|"test"): SourceSpec}."""
-  root = data_config.get("cache_dir") or os.path.join(workdir, "data")
+  root = cache_root(data_config, workdir)
   out = {}
   for role in ("source", "target"):
     directory = data_config.get(f"{role}_dir")
+    if directory and "://" in directory:
+      raise SourceError(
+          f"config.data.{role}_dir={directory}: dataset folders are read from local disk. "
+          f"Copy it first (gcloud storage cp -r {directory} /data/{role}) and pass the "
+          f"local folder; the run directory (--workdir) may stay in the bucket")
     if directory:
       specs = build_folder(directory, root, data_config.get("nuscenes_config", "front"))
     elif data_config.get("sim"):

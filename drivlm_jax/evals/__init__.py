@@ -10,6 +10,12 @@ defaults to the role. Adding one is a module that calls `register` and a config 
 """
 import dataclasses
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from drivlm_jax.data import pipeline
+
 REGISTRY: dict = {}
 
 
@@ -35,9 +41,37 @@ class Evaluator:
   def key(self):
     return self.split, self.domain or self.role
 
-  def run(self, cfg, params, data, feats) -> dict:
-    """-> {metric: value} in points; `data` is `sources.prepare`'s dict."""
+  def run(self, cfg, params, data, feats, place=None) -> dict:
+    """-> {metric: value} in points; `data` is `sources.prepare`'s dict; `place` (host batch
+    -> global arrays on the mesh, as in training) shards the batches over every host."""
     raise NotImplementedError
+
+
+def host_batches(spec, feats, batch_size: int):
+  """This host's share of one pass over `spec`, as (batch, valid) with `batch_size /
+  process_count` rows each: every host yields as many batches (the hosts' shards may differ
+  by one example), rows past a host's data repeat its last example with `valid` 0."""
+  count, index = jax.process_count(), jax.process_index()
+  rows = max(1, batch_size // count)
+  shards = [pipeline.batch_dataset(spec, feats, rows, train=False, shard_index=i,
+                                   shard_count=count) for i in range(count)]
+  mine = shards[index]
+  if count == 1:   # one host: batches as they come (the last may be short)
+    for i in range(len(mine)):
+      yield mine[i], np.ones(len(mine[i]["image"]), bool)
+    return
+  pad = lambda x: np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)])
+  last = None
+  for i in range(max(len(ds) for ds in shards)):
+    batch = mine[i] if i < len(mine) else last
+    last = batch
+    n = len(batch["image"]) if i < len(mine) else 0
+    yield {k: pad(v) for k, v in batch.items()}, np.arange(rows) < n
+
+
+def gather(x) -> np.ndarray:
+  """Every host's rows of `x` (a global array, or this host's numpy rows), in one array."""
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def from_config(config) -> list:

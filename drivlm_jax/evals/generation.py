@@ -46,7 +46,9 @@ class Generation(evals.Evaluator):
   num: int = 16              # examples to answer
   max_new_tokens: int = 32
 
-  def run(self, cfg, params, data, feats) -> dict:
+  def run(self, cfg, params, data, feats, place=None) -> dict:
+    """Every host answers the same first `num` examples (inputs replicated)."""
+    del place
     tokenizer = TextTokenizer(feats.tokenizer)
     hyps, refs = [], []
     if self.num > 0:

@@ -8,7 +8,6 @@ import numpy as np
 from absl import logging
 
 from drivlm_jax import evals, metrics
-from drivlm_jax.data import pipeline
 from drivlm_jax.model import vlm
 
 
@@ -24,7 +23,7 @@ def probabilities(cfg, params, images, instruction_ids, instruction_mask, keep_r
 class Heads(evals.Evaluator):
   keep_ratio: float = 1.0   # < 1: the heads see only the best-scoring tokens (deployed)
 
-  def run(self, cfg, params, data, feats) -> dict:
+  def run(self, cfg, params, data, feats, place=None) -> dict:
     keep = self.keep_ratio
     if keep < 1.0 and not cfg.reweight:
       logging.warning("evals.%s: keep_ratio=%s ignored: the model has no instruction "
@@ -32,14 +31,18 @@ class Heads(evals.Evaluator):
                       self.name, keep)
       keep = 1.0
     probs, labels = {"action": [], "reason": []}, {"action": [], "reason": []}
-    for batch in pipeline.batches(data[self.role, self.split], feats, self.batch_size,
-                                  train=False, shard_index=0, shard_count=1):
-      action, reason = probabilities(cfg, params, batch["image"], batch["instruction_ids"],
-                                     batch["instruction_mask"], keep)
-      probs["action"].append(np.asarray(action))
-      probs["reason"].append(np.asarray(reason))
-      labels["action"].append(batch["actions"])
-      labels["reason"].append(batch["reasons"])
+    for batch, valid in evals.host_batches(data[self.role, self.split], feats,
+                                           self.batch_size):
+      x = {k: batch[k] for k in ("image", "instruction_ids", "instruction_mask", "actions",
+                                 "reasons")}
+      x["valid"] = valid.astype(np.int32)
+      x = place(x) if place else x
+      action, reason = probabilities(cfg, params, x["image"], x["instruction_ids"],
+                                     x["instruction_mask"], keep)
+      keep_rows = evals.gather(x["valid"]) > 0
+      for kind, p in (("action", action), ("reason", reason)):
+        probs[kind].append(evals.gather(p)[keep_rows])
+        labels[kind].append(evals.gather(x[f"{kind}s"])[keep_rows])
     out = {}
     for kind in ("action", "reason"):
       out.update(metrics.multilabel(kind, np.concatenate(probs[kind]),

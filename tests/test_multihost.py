@@ -1,0 +1,102 @@
+"""Two hosts: two processes joined by `jax.distributed.initialize` on 127.0.0.1 (CPU, 2
+devices each) train and evaluate as one 4-device process does, and a SIGTERM to one of them
+makes both save the same step and exit."""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.test_train import read_metrics
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 8
+KEYS = ("loss", "loss_action", "loss_reason", "loss_lm", "grad_norm")
+
+
+def _port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _launch(workdir, cache, hosts):
+  """The train CLI on `hosts` processes (4 CPU devices in all) -> the Popen objects."""
+  port, procs = _port(), []
+  for index in range(hosts):
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(4 // hosts)}
+    if hosts > 1:
+      env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(hosts),
+                 JAX_PROCESS_ID=str(index))
+    args = [sys.executable, "-m", "drivlm_jax.train", "--config",
+            f"{ROOT}/configs/demo.py:steps={STEPS}", "--workdir", str(workdir),
+            f"--config.multihost={'true' if hosts > 1 else 'false'}",
+            f"--config.data.cache_dir={cache}", "--config.data.width=128",
+            "--config.data.height=72", "--config.data.source.train=48",
+            "--config.data.target.train=48", "--config.data.source.test=16",
+            "--config.data.target.test=16", "--config.data.target_fraction=0.25",
+            "--config.batch_size=8", "--config.log_every_steps=1",
+            "--config.checkpoint_every_steps=1000", "--config.eval_every_steps=1000",
+            "--config.evals.source.batch_size=8", "--config.evals.target.batch_size=8",
+            "--config.evals.source_answers.num=0", "--config.evals.target_answers.num=0"]
+    procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  return procs
+
+
+def _wait(procs):
+  for p in procs:
+    assert p.wait(timeout=900) == 0, p.stdout.read()[-4000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("multihost")
+  cache = root / "cache"
+  _wait(_launch(root / "one", cache, 1))      # also builds the shared sim cache
+  _wait(_launch(root / "two", cache, 2))
+  return root, cache
+
+
+def test_two_hosts_train_and_evaluate_as_one(runs):
+  root, _ = runs
+  one, two = read_metrics(root / "one"), read_metrics(root / "two")
+  assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+  for step in one:
+    for key in KEYS:
+      assert two[step][key] == pytest.approx(one[step][key], rel=1e-5, abs=1e-6), (step, key)
+  a = json.loads((root / "one" / "eval.json").read_text())
+  b = json.loads((root / "two" / "eval.json").read_text())
+  assert a.keys() == b.keys() and a["test"].keys() == b["test"].keys()
+  for domain, values in a["test"].items():
+    assert values.keys() == b["test"][domain].keys()
+    for k, v in values.items():
+      assert b["test"][domain][k] == pytest.approx(v, abs=1e-4), (domain, k)
+
+
+def test_sigterm_on_one_host_stops_both_at_the_same_step(runs):
+  root, cache = runs
+  workdir = root / "preempted"
+  procs = _launch(workdir, cache, 2)
+  deadline = time.time() + 900
+  while time.time() < deadline and procs[1].poll() is None:
+    metrics = workdir / "metrics.jsonl"
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+      procs[1].send_signal(signal.SIGTERM)      # host 1 only
+      break
+    time.sleep(0.02)
+  _wait(procs)
+  stopped = max(read_metrics(workdir))
+  assert 2 <= stopped < STEPS, f"not preempted mid-run (stopped at {stopped})"
+  assert sorted(os.listdir(workdir / "checkpoints")) == [str(stopped)]   # one step, both hosts
+  _wait(_launch(workdir, cache, 2))
+  a, b = read_metrics(root / "two"), read_metrics(workdir)
+  assert sorted(b) == list(range(1, STEPS + 1))
+  for step in a:
+    for key in KEYS:
+      assert b[step][key] == pytest.approx(a[step][key], rel=1e-6, abs=1e-7), (step, key)
