@@ -59,15 +59,22 @@ def read_metrics(workdir):
   return rows
 
 
+@pytest.fixture(scope="module")
+def single_device_run(cache, tmp_path_factory):
+  """The 5-step run on one device that every mesh is compared with (trained once)."""
+  workdir = tmp_path_factory.mktemp("single")
+  train.train(small_config(cache, **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1}),
+              str(workdir))
+  return workdir
+
+
 @pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
-def test_sharded_training_equals_single_device(cache, tmp_path, mesh):
+def test_sharded_training_equals_single_device(cache, single_device_run, tmp_path, mesh):
   assert jax.device_count() == 8
-  single = small_config(cache, **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1})
-  train.train(single, str(tmp_path / "single"))
   sharded = small_config(cache, **{"mesh.data": mesh[0], "mesh.fsdp": mesh[1],
                                    "mesh.tensor": mesh[2]})
   train.train(sharded, str(tmp_path / "sharded"))
-  a, b = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "sharded")
+  a, b = read_metrics(single_device_run), read_metrics(tmp_path / "sharded")
   assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
   for step in a:
     assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-5, (step, a[step], b[step])
@@ -113,7 +120,7 @@ def _run_cli(workdir, cache, steps, env=None):
 
 
 def test_resume_after_sigterm_repeats_the_same_run(cache, tmp_path):
-  steps = 40
+  steps = 16
   straight = _run_cli(tmp_path / "straight", cache, steps)
   assert straight.wait(timeout=600) == 0, straight.stdout.read()
   interrupted = tmp_path / "interrupted"
@@ -121,13 +128,13 @@ def test_resume_after_sigterm_repeats_the_same_run(cache, tmp_path):
   metrics = interrupted / "metrics.jsonl"
   deadline = time.time() + 600
   while time.time() < deadline and first.poll() is None:
-    if metrics.exists() and len(metrics.read_text().splitlines()) >= 10:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
       first.send_signal(signal.SIGTERM)
       break
     time.sleep(0.005)
   assert first.wait(timeout=600) == 0, first.stdout.read()
   stopped_at = max(read_metrics(interrupted))
-  assert 10 <= stopped_at < steps, f"not preempted mid-run (stopped at {stopped_at})"
+  assert 5 <= stopped_at < steps, f"not preempted mid-run (stopped at {stopped_at})"
   assert sorted(os.listdir(interrupted / "checkpoints")) == [str(stopped_at)]
   second = _run_cli(interrupted, cache, steps)
   assert second.wait(timeout=600) == 0, second.stdout.read()
