@@ -7,6 +7,7 @@ import shlex
 from experiments import runs
 
 LAUNCHERS = ("local", "tpu_vm", "skypilot", "slurm")
+SETUP = 'pip install -e ".[cloud]"'   # run directories in a bucket need the [cloud] extra
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +69,7 @@ def skypilot_yaml(name, config_spec, workdir, overrides, cluster: Cluster) -> st
           f"num_nodes: {cluster.num_nodes}\n"
           f"resources:\n  accelerators: {cluster.accelerators}\n"
           f"workdir: .\n"
-          f"setup: |\n{indent(['pip install -e ".[cloud]"'])}\n"
+          f"setup: |\n{indent([SETUP])}\n"
           f"run: |\n{indent(run)}\n")
 
 

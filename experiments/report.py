@@ -10,6 +10,7 @@ DIR/target_mAP.png (bars with std error bars).
 import argparse
 import collections
 import csv
+import io
 import json
 
 import numpy as np
@@ -74,16 +75,17 @@ def markdown_table(results: dict, domain="target", metrics=TABLE_METRICS) -> str
 
 
 def write_csv(results: dict, path: str):
-  with run_lib.path(path).open("w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["method", "domain", "metric", "mean", "std", "n", "values"])
-    for name, domains in results["methods"].items():
-      for domain, values in domains.items():
-        for metric, v in values.items():
-          v = np.asarray(v, np.float64)
-          writer.writerow([name, domain, metric, f"{v.mean():.3f}",
-                           f"{v.std(ddof=1) if len(v) > 1 else 0.0:.3f}", len(v),
-                           " ".join(f"{x:.3f}" for x in v)])
+  text = io.StringIO()
+  writer = csv.writer(text)
+  writer.writerow(["method", "domain", "metric", "mean", "std", "n", "values"])
+  for name, domains in results["methods"].items():
+    for domain, values in domains.items():
+      for metric, v in values.items():
+        v = np.asarray(v, np.float64)
+        writer.writerow([name, domain, metric, f"{v.mean():.3f}",
+                         f"{v.std(ddof=1) if len(v) > 1 else 0.0:.3f}", len(v),
+                         " ".join(f"{x:.3f}" for x in v)])
+  run_lib.write_text(run_lib.path(path), text.getvalue())
 
 
 def _curve(run_dir, key):
