@@ -62,8 +62,9 @@ def test_epath_and_orbax_round_trip(bucket):
 
 
 @pytest.mark.skip(reason="the trainer's first Orbax save into gcp-storage-emulator fails in "
-                  "tensorstore with 'Malformed StorageGeneration' reading manifest.ocdbt (the "
-                  "round trip above passes); open in issue 14")
+                  "tensorstore with 'Malformed StorageGeneration' reading manifest.ocdbt: the "
+                  "round trip above saves uncommitted arrays and passes, mesh-sharded arrays "
+                  "(every train state) fail; open in issue 14")
 def test_a_bucket_run_resumes_and_keeps_everything_in_the_bucket(bucket, tmp_path):
   del bucket
   cache, cwd = tmp_path / "cache", tmp_path / "cwd"
