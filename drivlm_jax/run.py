@@ -211,14 +211,15 @@ class Run:
   step: int
 
 
-def load_params(workdir: str, cfg: vlm.Config, step: int | None = None):
+def load_params(workdir: str, cfg: vlm.Config, step: int | None = None, config=None):
   """Model params of the latest (or `step`) checkpoint of `workdir` -> (params, step).
 
   Optimizer state and extra param groups (discriminators, distillation projection) are
   skipped. The params are the `eval_key` entry: a run trained with `ema_decay` > 0 gives its
   moving-average params (what it was evaluated with). Arrays come back on the default device.
+  `config`: the run's config when the caller has read it already.
   """
-  key = eval_key(read_config(workdir))
+  key = eval_key(read_config(workdir) if config is None else config)
   directory = orbax_dir(workdir)
   manager = ocp.CheckpointManager(directory)
   try:
@@ -238,7 +239,7 @@ def load(workdir: str, step: int | None = None) -> Run:
   """A run's config, model config and evaluation params (latest checkpoint or `step`)."""
   config = read_config(workdir)
   cfg = model_config(config)
-  params, step = load_params(workdir, cfg, step)
+  params, step = load_params(workdir, cfg, step, config)
   return Run(workdir, config, cfg, params, step)
 
 

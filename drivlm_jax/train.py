@@ -57,7 +57,7 @@ def make_train_step(cfg, tx, weights, components=(), ema_decay=0.0):
                       batch["instruction_mask"])
       losses = task.task_losses(out, batch, task_terms)
       total = sum(weights[k] * v for k, v in losses.items())
-      ctx = adapt.Context(cfg, params, out, batch, state["step"], frozen, metrics={})
+      ctx = adapt.Context(params, out, batch, state["step"], frozen, metrics={})
       for component in components:
         terms = {k: v for k, v in component.loss(ctx).items() if weights.get(k, 0.0)}
         total = total + sum(weights[k] * v for k, v in terms.items())

@@ -1,13 +1,6 @@
-"""Run directories in a bucket: a real GCS API on 127.0.0.1 (tests/gcs.py) behind epath,
-google-cloud-storage and Orbax's tensorstore. A run with `--workdir gs://...` keeps
-everything in the bucket, resumes from it after SIGTERM, and evaluate and export read it."""
-import json
+"""Run directories in a bucket: a real GCS API on 127.0.0.1 (tests/gcs.py) behind epath and
+Orbax's tensorstore, and the refusal of dataset folders that the builders cannot read."""
 import os
-import pathlib
-import signal
-import subprocess
-import sys
-import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -17,34 +10,12 @@ from etils import epath
 
 from drivlm_jax.data import sources
 from tests import gcs
-from tests.test_train import read_metrics
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-STEPS = 10
 
 
 @pytest.fixture(scope="module")
 def bucket():
   with gcs.emulator() as env:
     yield env
-
-
-def _train(workdir, cache, cwd, steps=STEPS):
-  args = [sys.executable, "-m", "drivlm_jax.train", "--config",
-          f"{ROOT}/configs/demo.py:steps={steps}", "--workdir", str(workdir),
-          f"--config.data.cache_dir={cache}", "--config.data.width=128",
-          "--config.data.height=72", "--config.data.source.train=48",
-          "--config.data.target.train=48", "--config.data.source.test=16",
-          "--config.data.target.test=16", "--config.batch_size=8", "--config.log_every_steps=1",
-          "--config.checkpoint_every_steps=1000", "--config.eval_every_steps=1000",
-          "--config.evals.source_answers.num=0", "--config.evals.target_answers.num=0"]
-  return subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env={**os.environ, "JAX_NUM_CPU_DEVICES": "1"})
-
-
-def _bucket_metrics(path: epath.Path) -> dict:
-  rows = [json.loads(line) for line in path.read_text().splitlines()]
-  return {row["step"]: row for row in rows}
 
 
 def test_epath_and_orbax_round_trip(bucket):
@@ -59,67 +30,6 @@ def test_epath_and_orbax_round_trip(bucket):
   restored = manager.restore(3, args=ocp.args.StandardRestore({"w": jnp.zeros(4)}))
   manager.close()
   np.testing.assert_array_equal(restored["w"], np.arange(4.0))
-
-
-@pytest.mark.skip(reason="the trainer's first Orbax save into gcp-storage-emulator fails in "
-                  "tensorstore with 'Malformed StorageGeneration' reading manifest.ocdbt: the "
-                  "round trip above saves uncommitted arrays and passes, mesh-sharded arrays "
-                  "(every train state) fail; open in issue 14")
-def test_a_bucket_run_resumes_and_keeps_everything_in_the_bucket(bucket, tmp_path):
-  del bucket
-  cache, cwd = tmp_path / "cache", tmp_path / "cwd"
-  cwd.mkdir()
-  local = _train(tmp_path / "local", cache, cwd)
-  assert local.wait(timeout=600) == 0, local.stdout.read()
-  workdir = f"gs://{gcs.BUCKET}/runs/demo"
-  remote = epath.Path(workdir)
-  first = _train(workdir, cache, cwd)
-  deadline = time.time() + 600
-  while time.time() < deadline and first.poll() is None:
-    if (remote / "metrics.jsonl").exists() and len(_bucket_metrics(remote / "metrics.jsonl")) >= 3:
-      first.send_signal(signal.SIGTERM)
-      break
-    time.sleep(0.05)
-  assert first.wait(timeout=600) == 0, first.stdout.read()
-  stopped_at = max(_bucket_metrics(remote / "metrics.jsonl"))
-  assert 3 <= stopped_at < STEPS, f"not preempted mid-run (stopped at {stopped_at})"
-  assert [p.name for p in (remote / "checkpoints").iterdir()] == [str(stopped_at)]
-  second = _train(workdir, cache, cwd)
-  assert second.wait(timeout=600) == 0, second.stdout.read()
-
-  a, b = read_metrics(tmp_path / "local"), _bucket_metrics(remote / "metrics.jsonl")
-  assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
-  for step in a:
-    for key in ("loss", "loss_action", "loss_reason", "loss_lm", "grad_norm", "learning_rate"):
-      assert a[step][key] == b[step][key], (step, key)   # bitwise, fp32 on CPU
-  names = {p.name for p in remote.iterdir()}
-  assert {"config.json", "metrics.jsonl", "eval.json", "checkpoints", "tb"} <= names
-  assert str(STEPS) in [p.name for p in (remote / "checkpoints").iterdir()]
-  assert list((remote / "tb").iterdir())
-  assert json.loads((remote / "eval.json").read_text())["step"] == STEPS
-  # Nothing of the run landed on local disk (the old `<cwd>/gs:/...`).
-  assert not [p for p in cwd.rglob("*")] and not (ROOT / "gs:").exists()
-
-  evaluate = subprocess.run(
-      [sys.executable, "-m", "drivlm_jax.evaluate", "--config", f"{ROOT}/configs/demo.py",
-       "--workdir", workdir, f"--config.data.cache_dir={cache}", "--config.data.width=128",
-       "--config.data.height=72", "--config.data.source.train=48",
-       "--config.data.target.train=48", "--config.data.source.test=16",
-       "--config.data.target.test=16", "--config.evals.source_answers.num=0",
-       "--config.evals.target_answers.num=0"],
-      cwd=cwd, capture_output=True, text=True, timeout=600,
-      env={**os.environ, "JAX_NUM_CPU_DEVICES": "1"})
-  assert evaluate.returncode == 0, evaluate.stderr[-3000:]
-  local_eval = json.loads((tmp_path / "local" / "eval.json").read_text())
-  assert json.loads((remote / "eval.json").read_text()) == local_eval
-
-  out = tmp_path / "deploy" / "student.onnx"
-  export = subprocess.run(
-      [sys.executable, "-m", "export.to_onnx", "--workdir", workdir, "--out", str(out)],
-      cwd=ROOT, capture_output=True, text=True, timeout=600,
-      env={**os.environ, "JAX_NUM_CPU_DEVICES": "1"})
-  assert export.returncode == 0, export.stderr[-3000:]
-  assert out.exists() and json.loads(out.with_suffix(".json").read_text())["run"] == workdir
 
 
 def test_dataset_folders_in_a_bucket_are_refused_with_the_way_out(tmp_path):

@@ -19,7 +19,6 @@ terms. Adding a part is a module that calls `register` and a weight in `config.l
 trainer does not change.
 """
 import dataclasses
-from typing import Any
 
 import jax
 
@@ -62,7 +61,6 @@ class Component:
 @dataclasses.dataclass
 class Context:
   """What a component's loss sees at one train step (inside the traced step)."""
-  cfg: Any           # the student's vlm.Config
   params: dict       # every trained param; a component's own are params[param_key]
   out: dict          # vlm.apply's outputs on the batch
   batch: dict
