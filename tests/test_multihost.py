@@ -15,7 +15,7 @@ import pytest
 from tests.test_train import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-STEPS = 8
+STEPS = 12
 KEYS = ("loss", "loss_action", "loss_reason", "loss_lm", "grad_norm")
 
 
