@@ -1,21 +1,70 @@
-"""Run directories in a bucket: a real GCS API on 127.0.0.1 (tests/gcs.py) behind epath and
-Orbax's tensorstore, and the refusal of dataset folders that the builders cannot read."""
+"""Run directories in a bucket: a real GCS API on 127.0.0.1 (tests/gcs.py) behind epath,
+google-cloud-storage and Orbax's tensorstore. A run with `--workdir gs://...` keeps
+everything in the bucket, resumes from it after SIGTERM, and evaluate and export read it;
+dataset folders in a bucket are refused with the way out."""
+import json
 import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
 
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from etils import epath
+from google.cloud import storage
 
 from drivlm_jax.data import sources
 from tests import gcs
+from tests.test_train import read_metrics
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 10
+DATA = ["--config.data.width=128", "--config.data.height=72", "--config.data.source.train=48",
+        "--config.data.target.train=48", "--config.data.source.test=16",
+        "--config.data.target.test=16", "--config.evals.source_answers.num=0",
+        "--config.evals.target_answers.num=0"]
 
 
 @pytest.fixture(scope="module")
 def bucket():
   with gcs.emulator() as env:
     yield env
+
+
+def _cli(module, args, cwd, log):
+  """`python -m module args` with one CPU device; its output goes to the file `log`."""
+  with open(log, "w") as out:
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, stdout=out,
+                            stderr=subprocess.STDOUT,
+                            env={**os.environ, "JAX_NUM_CPU_DEVICES": "1"})
+
+
+def _finish(proc, log) -> None:
+  assert proc.wait(timeout=600) == 0, pathlib.Path(log).read_text()[-4000:]
+
+
+def _train(workdir, cache, cwd, log):
+  return _cli("drivlm_jax.train",
+              ["--config", f"{ROOT}/configs/demo.py:steps={STEPS}", "--workdir", str(workdir),
+               f"--config.data.cache_dir={cache}", *DATA, "--config.batch_size=8",
+               "--config.log_every_steps=1", "--config.checkpoint_every_steps=1000",
+               "--config.eval_every_steps=1000"], cwd, log)
+
+
+def _names(folder: str) -> list[str]:
+  """What is in `folder` (under the bucket) now, read with google-cloud-storage: epath's
+  gcsfs caches listings, and other processes wrote since."""
+  blobs = storage.Client().list_blobs(gcs.BUCKET, prefix=f"{folder}/")
+  return sorted({b.name[len(folder) + 1:].split("/")[0] for b in blobs})
+
+
+def _bucket_metrics(path: epath.Path) -> dict:
+  rows = [json.loads(line) for line in path.read_text().splitlines()]
+  return {row["step"]: row for row in rows}
 
 
 def test_epath_and_orbax_round_trip(bucket):
@@ -30,6 +79,51 @@ def test_epath_and_orbax_round_trip(bucket):
   restored = manager.restore(3, args=ocp.args.StandardRestore({"w": jnp.zeros(4)}))
   manager.close()
   np.testing.assert_array_equal(restored["w"], np.arange(4.0))
+
+
+def test_a_bucket_run_resumes_and_keeps_everything_in_the_bucket(bucket, tmp_path):
+  del bucket
+  cache, cwd, log = tmp_path / "cache", tmp_path / "cwd", tmp_path / "log.txt"
+  cwd.mkdir()
+  _finish(_train(tmp_path / "local", cache, cwd, log), log)
+  run = "runs/demo"
+  workdir = f"gs://{gcs.BUCKET}/{run}"
+  remote = epath.Path(workdir)
+  first = _train(workdir, cache, cwd, log)
+  deadline = time.time() + 600
+  while time.time() < deadline and first.poll() is None:
+    if (remote / "metrics.jsonl").exists() and len(_bucket_metrics(remote / "metrics.jsonl")) >= 3:
+      first.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.05)
+  _finish(first, log)
+  stopped_at = max(_bucket_metrics(remote / "metrics.jsonl"))
+  assert 3 <= stopped_at < STEPS, f"not preempted mid-run (stopped at {stopped_at})"
+  assert _names(f"{run}/checkpoints") == [str(stopped_at)]
+  _finish(_train(workdir, cache, cwd, log), log)
+
+  a, b = read_metrics(tmp_path / "local"), _bucket_metrics(remote / "metrics.jsonl")
+  assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+  for step in a:
+    for key in ("loss", "loss_action", "loss_reason", "loss_lm", "grad_norm", "learning_rate"):
+      assert a[step][key] == b[step][key], (step, key)   # bitwise, fp32 on CPU
+  assert {"config.json", "metrics.jsonl", "eval.json", "checkpoints", "tb"} <= set(_names(run))
+  assert str(STEPS) in _names(f"{run}/checkpoints")
+  assert _names(f"{run}/tb")
+  local_eval = json.loads((tmp_path / "local" / "eval.json").read_text())
+  assert json.loads((remote / "eval.json").read_text()) == local_eval
+  # Nothing of the run landed on local disk (the old `<cwd>/gs:/...`).
+  assert not list(cwd.rglob("*")) and not (ROOT / "gs:").exists()
+
+  (remote / "eval.json").unlink()
+  _finish(_cli("drivlm_jax.evaluate", ["--config", f"{ROOT}/configs/demo.py", "--workdir",
+                                       workdir, f"--config.data.cache_dir={cache}", *DATA],
+               cwd, log), log)
+  assert json.loads((remote / "eval.json").read_text()) == local_eval
+
+  out = tmp_path / "deploy" / "student.onnx"
+  _finish(_cli("export.to_onnx", ["--workdir", workdir, "--out", str(out)], ROOT, log), log)
+  assert out.exists() and json.loads(out.with_suffix(".json").read_text())["run"] == workdir
 
 
 def test_dataset_folders_in_a_bucket_are_refused_with_the_way_out(tmp_path):
