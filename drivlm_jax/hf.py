@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from drivlm_jax.model import language, text, vision
+from drivlm_jax.model import language, layers, text, vision, vlm
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -138,12 +138,13 @@ _SIGLIP_HEAD = [(r"^head\.in_proj\.(weight|bias)$", r"head.attention.in_proj_\1"
 class _Naming:
   """How our flat paths become HF tensor names for one model family.
 
-  `prefix` goes before every name except those of the top-level entries in `unprefixed`
-  (e.g. `lm_head` next to `model.`). Checkpoints differ in prefix (transformers 5 saves a
-  standalone CLIPVisionModel without `vision_model.`), so loaders pick it with `detect`.
+  `prefix` goes before every name, except for top-level entries listed in `own` as
+  (name, prefix) pairs (e.g. `lm_head` with "" next to `model.`). Checkpoints differ in
+  prefix (transformers 5 saves a standalone CLIPVisionModel without `vision_model.`, and
+  LLaVA checkpoints come in two layouts), so loaders pick one with `_detect`.
   """
   prefix: str = ""
-  unprefixed: tuple = ()
+  own: tuple = ()
   subs: tuple = ()
 
   def __call__(self, path):
@@ -151,19 +152,22 @@ class _Naming:
     name = ".".join(parts + [_LEAF_NAMES.get(path[-1], path[-1])])
     for pattern, repl in self.subs:
       name = re.sub(pattern, repl, name)
-    return name if path[0] in self.unprefixed else self.prefix + name
+    return dict(self.own).get(path[0], self.prefix) + name
 
-  def detect(self, tensors, anchor):
-    """This naming with the prefix under which `anchor` is found in the checkpoint."""
-    for prefix in (self.prefix, ""):
-      if prefix + anchor in tensors.keys():
-        return dataclasses.replace(self, prefix=prefix)
-    return self  # the anchor's "missing tensor" error follows
+
+def _detect(tensors, anchor, *namings):
+  """The first naming under whose prefix `anchor` is in the checkpoint (else the first: the
+  anchor's "missing tensor" error follows)."""
+  for naming in namings:
+    if naming.prefix + anchor in tensors.keys():
+      return naming
+  return namings[0]
 
 
 _VISION_NAMES = _Naming(prefix="vision_model.", subs=tuple(_SIGLIP_HEAD))
 _TEXT_NAMES = _Naming()
-_LM_NAMES = _Naming(prefix="model.", unprefixed=("lm_head",))
+_LM_NAMES = _Naming(prefix="model.", own=(("lm_head", ""),))
+_VISION_ANCHOR, _LM_ANCHOR = "embeddings.patch_embedding.weight", "embed_tokens.weight"
 
 
 def _is_stacked(path):
@@ -173,9 +177,9 @@ def _is_stacked(path):
 #### Generic load / save
 
 
-def _load_params(tensors, naming, shapes, ignore):
-  """Reads every leaf of `shapes` (a tree of ShapeDtypeStructs) from `tensors`; tensors that
-  no leaf uses and `ignore(name)` does not excuse are an error."""
+def _read(tensors, naming, shapes):
+  """Every leaf of `shapes` (a tree of ShapeDtypeStructs) from `tensors` -> (params, the
+  tensor names used)."""
   params, used = {}, set()
   for p, sds in traverse_util.flatten_dict(shapes).items():
     name, tr = naming(p), _transform(p)
@@ -188,12 +192,22 @@ def _load_params(tensors, naming, shapes, ignore):
       value = tr.to_ours(tensors.get(name, tr.hf_shape(sds.shape)), sds.shape)
     used.update(names)
     params[p] = jax.numpy.asarray(value, dtype=sds.dtype)
+  return traverse_util.unflatten_dict(params), used
+
+
+def _check_all_used(tensors, used, ignore):
+  """Tensors that no leaf read and `ignore(name)` does not excuse are an error."""
   extra = sorted(k for k in tensors.keys() if k not in used and not ignore(k))
   if extra:
     shown = ", ".join(f"{k} {tensors.shape(k)}" for k in extra[:8])
     raise CheckpointError(f"{tensors.path}: {len(extra)} unexpected tensor(s) the model has no place "
                           f"for: {shown}{' ...' if len(extra) > 8 else ''}")
-  return traverse_util.unflatten_dict(params)
+
+
+def _load_params(tensors, naming, shapes, ignore):
+  params, used = _read(tensors, naming, shapes)
+  _check_all_used(tensors, used, ignore)
+  return params
 
 
 def _to_hf_tensors(params, naming):
@@ -226,9 +240,13 @@ def vision_config(path, **overrides) -> vision.Config:
   hf = _hf_config(path)
   if hf.model_type in ("clip", "siglip"):
     hf = hf.vision_config
+  return _vision_config(hf, f"{path}/config.json", **overrides)
+
+
+def _vision_config(hf, where, **overrides) -> vision.Config:
   if hf.model_type not in ("clip_vision_model", "siglip_vision_model"):
-    raise CheckpointError(f"{path}/config.json: model_type {hf.model_type!r} is not a CLIP or "
-                          f"SigLIP vision model")
+    raise CheckpointError(f"{where}: model_type {hf.model_type!r} is not a CLIP or SigLIP "
+                          f"vision model")
   siglip = hf.model_type == "siglip_vision_model"
   return vision.Config(
       family="siglip" if siglip else "clip", image_size=hf.image_size,
@@ -245,7 +263,8 @@ def load_vision_tower(path, **overrides):
   scan_unroll). Returns (vision.Config, params)."""
   cfg = vision_config(path, **overrides)
   tensors = _Tensors(path)
-  naming = _VISION_NAMES.detect(tensors, "embeddings.patch_embedding.weight")
+  naming = _detect(tensors, _VISION_ANCHOR, _VISION_NAMES,
+                   dataclasses.replace(_VISION_NAMES, prefix=""))
   # A full CLIPModel/SiglipModel also holds the text tower: only our prefix is ours.
   ignore = lambda k: not k.startswith(naming.prefix) or k.endswith(".position_ids")
   params = _load_params(tensors, naming, _shapes(vision.init, cfg), ignore)
@@ -349,8 +368,10 @@ def save_text_tower(cfg: text.Config, params, path, vision_tower=None):
 
 
 def language_config(path, **overrides) -> language.Config:
-  hf = _hf_config(path)
-  where = os.path.join(path, "config.json")
+  return _language_config(_hf_config(path), os.path.join(path, "config.json"), **overrides)
+
+
+def _language_config(hf, where, **overrides) -> language.Config:
   if hf.model_type not in ("llama", "qwen2"):
     raise CheckpointError(f"{where}: model_type {hf.model_type!r} is not supported "
                           f"(llama, qwen2)")
@@ -369,7 +390,8 @@ def language_config(path, **overrides) -> language.Config:
       intermediate_size=hf.intermediate_size, num_layers=hf.num_hidden_layers,
       num_heads=hf.num_attention_heads,
       num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
-      head_dim=getattr(hf, "head_dim", None), rms_norm_eps=hf.rms_norm_eps,
+      head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+      rms_norm_eps=hf.rms_norm_eps,
       rope_theta=float(rope["rope_theta"]), max_position_embeddings=hf.max_position_embeddings,
       qkv_bias=True if qwen2 else bias, o_bias=False if qwen2 else bias,
       mlp_bias=bool(getattr(hf, "mlp_bias", False)),
@@ -382,13 +404,12 @@ def load_language_model(path, **overrides):
   ignore = lambda k: (k.endswith("rotary_emb.inv_freq")
                       or (cfg.tie_word_embeddings and k == "lm_head.weight"))
   tensors = _Tensors(path)
-  naming = _LM_NAMES.detect(tensors, "embed_tokens.weight")
+  naming = _detect(tensors, _LM_ANCHOR, _LM_NAMES, dataclasses.replace(_LM_NAMES, prefix=""))
   params = _load_params(tensors, naming, _shapes(language.init, cfg), ignore)
   return cfg, params
 
 
-def save_language_model(cfg: language.Config, params, path):
-  """Writes an HF `LlamaForCausalLM` / `Qwen2ForCausalLM` directory."""
+def _language_hf_config(cfg: language.Config):
   import transformers
   common = dict(
       vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
@@ -409,4 +430,152 @@ def save_language_model(cfg: language.Config, params, path):
                        "o_bias must match")
     hf = transformers.LlamaConfig(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, **common)
     hf.architectures = ["LlamaForCausalLM"]
-  _save(path, hf, _to_hf_tensors(params, _LM_NAMES))
+  return hf
+
+
+def save_language_model(cfg: language.Config, params, path):
+  """Writes an HF `LlamaForCausalLM` / `Qwen2ForCausalLM` directory."""
+  _save(path, _language_hf_config(cfg), _to_hf_tensors(params, _LM_NAMES))
+
+
+#### LLaVA VLM (vision tower + projector + LM), plus the DriVLM parts beside it
+
+DRIVLM_PARTS = "drivlm.safetensors"   # heads and reweighting scorer, our names, beside LLaVA
+_DRIVLM_FIELDS = ("head_hidden", "num_actions", "num_reasons", "reweight", "reweight_dim",
+                  "reweight_layer")
+# Two layouts: what transformers' save_pretrained writes (first, and what save_vlm writes),
+# and its module names (`model.` ...), which other tools write.
+_LLAVA_VISION = tuple(dataclasses.replace(_VISION_NAMES, prefix=p) for p in (
+    "vision_tower.", "vision_tower.vision_model.", "model.vision_tower.",
+    "model.vision_tower.vision_model."))
+_LLAVA_PROJECTOR = (_Naming(prefix="multi_modal_projector."),
+                    _Naming(prefix="model.multi_modal_projector."))
+_LLAVA_LM = (_Naming(prefix="language_model.model.", own=(("lm_head", "language_model."),)),
+             _Naming(prefix="model.language_model.", own=(("lm_head", ""),)))
+
+
+def vlm_config(path, *, vision_overrides=None, language_overrides=None,
+               **overrides) -> vlm.Config:
+  """The `vlm.Config` of an HF `LlavaForConditionalGeneration` directory. The overrides set
+  non-architectural fields (dtype, remat, scan_unroll; VLM-level: heads, reweighting)."""
+  hf = _hf_config(path)
+  where = os.path.join(path, "config.json")
+  if hf.model_type != "llava":
+    raise CheckpointError(f"{where}: model_type {hf.model_type!r} is not 'llava' (an HF "
+                          f"LlavaForConditionalGeneration directory)")
+  layer = hf.vision_feature_layer
+  if not isinstance(layer, int):
+    raise CheckpointError(f"{where}: vision_feature_layer {layer!r}: only one layer (an int) "
+                          f"is supported")
+  act = hf.projector_hidden_act
+  if act not in layers.ACTIVATIONS:
+    raise CheckpointError(f"{where}: projector_hidden_act {act!r} is not supported "
+                          f"({', '.join(sorted(layers.ACTIVATIONS))})")
+  vcfg = _vision_config(hf.vision_config, f"{where} (vision_config)",
+                        **(vision_overrides or {}))
+  lcfg = _language_config(hf.text_config, f"{where} (text_config)", **(language_overrides or {}))
+  # LLaVA ties lm_head by its own (top-level) flag.
+  lcfg = dataclasses.replace(lcfg, tie_word_embeddings=bool(hf.tie_word_embeddings))
+  parts = _drivlm_fields(path)
+  return vlm.Config(vision=vcfg, language=lcfg, image_token_id=hf.image_token_index,
+                    vision_feature_layer=layer,
+                    vision_feature_select_strategy=hf.vision_feature_select_strategy,
+                    projector_act=act,
+                    projector_bias=bool(getattr(hf, "multimodal_projector_bias", True)),
+                    **{**parts, **overrides})
+
+
+def _drivlm_fields(path) -> dict:
+  file = os.path.join(path, DRIVLM_PARTS)
+  if not os.path.exists(file):
+    return {}
+  from safetensors import safe_open
+  with safe_open(file, framework="numpy") as f:
+    meta = f.metadata() or {}
+  if "drivlm_config" not in meta:
+    raise CheckpointError(f"{file}: no 'drivlm_config' metadata (not written by save_vlm)")
+  return json.loads(meta["drivlm_config"])
+
+
+def load_vlm(path, **overrides):
+  """An HF LLaVA directory -> (vlm.Config, params). The params hold what the directory has:
+  "vision", "projector", "language", and "heads" / "reweighting" when `drivlm.safetensors`
+  (written by `save_vlm`) is beside it; complete them with fresh ones from `vlm.init`.
+  `overrides` as `vlm_config`. Every tensor must fit the model and be used: a mismatch is an
+  error naming the tensor."""
+  cfg = vlm_config(path, **overrides)
+  tensors = _Tensors(path)
+  params, used = {}, set()
+  vision_naming = _detect(tensors, _VISION_ANCHOR, *_LLAVA_VISION)
+  lm_naming = _detect(tensors, _LM_ANCHOR, *_LLAVA_LM)
+  shapes = _shapes(vlm.init, cfg)
+  for part, naming in (("vision", vision_naming), ("language", lm_naming),
+                       ("projector", _detect(tensors, "linear_1.weight", *_LLAVA_PROJECTOR))):
+    params[part], names = _read(tensors, naming, shapes[part])
+    used |= names
+  tied_head = lm_naming(("lm_head", "kernel"))
+  _check_all_used(tensors, used, lambda k: (
+      k.endswith((".position_ids", "rotary_emb.inv_freq"))
+      or (cfg.language.tie_word_embeddings and k == tied_head)))
+  file = os.path.join(path, DRIVLM_PARTS)
+  if os.path.exists(file):
+    params.update(_read_drivlm_parts(file, shapes))
+  return cfg, params
+
+
+def _read_drivlm_parts(file, shapes) -> dict:
+  """`drivlm.safetensors`: our param paths joined by '.', stored as they are. Reads the parts
+  it holds ("heads", "reweighting"); each must be whole and fit `shapes`."""
+  from safetensors.numpy import load_file
+  arrays = load_file(file)
+  tops = {k.split(".")[0] for k in arrays}
+  unknown = tops - {"heads", "reweighting"} or (tops - set(shapes))
+  if unknown:
+    raise CheckpointError(f"{file}: part(s) {sorted(unknown)} the model has no place for "
+                          f"(reweighting needs reweight=True)")
+  flat = traverse_util.flatten_dict({k: shapes[k] for k in tops})
+  params = {}
+  for p, sds in flat.items():
+    name = ".".join(p)
+    if name not in arrays:
+      raise CheckpointError(f"{file}: missing tensor {name!r} (expected shape {sds.shape})")
+    if arrays[name].shape != sds.shape:
+      raise CheckpointError(f"{file}: tensor {name!r} has shape {arrays[name].shape}, the "
+                            f"model expects {sds.shape}")
+    params[p] = jax.numpy.asarray(arrays.pop(name), sds.dtype)
+  if arrays:
+    raise CheckpointError(f"{file}: unexpected tensor(s) {sorted(arrays)[:8]}")
+  return traverse_util.unflatten_dict(params)
+
+
+def _llava_hf_config(cfg: vlm.Config):
+  import transformers
+  text = _language_hf_config(cfg.language)
+  hf = transformers.LlavaConfig(
+      vision_config=_vision_hf_config(cfg.vision).to_dict(), text_config=text.to_dict(),
+      image_token_index=cfg.image_token_id, image_seq_length=cfg.num_visual_tokens,
+      vision_feature_layer=cfg.vision_feature_layer,
+      vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+      projector_hidden_act=cfg.projector_act, multimodal_projector_bias=cfg.projector_bias,
+      tie_word_embeddings=cfg.language.tie_word_embeddings)
+  hf.architectures = ["LlavaForConditionalGeneration"]
+  return hf
+
+
+def save_vlm(cfg: vlm.Config, params, path):
+  """Writes an HF `LlavaForConditionalGeneration` directory (transformers' own layout) and,
+  beside it, the DriVLM heads and reweighting scorer as `drivlm.safetensors` with the
+  VLM-level config in its metadata. LoRA params must be merged first (`lora.merge`)."""
+  from safetensors.numpy import save_file
+  vision_naming, lm_naming, projector_naming = (
+      _LLAVA_VISION[0], _LLAVA_LM[0], _LLAVA_PROJECTOR[0])
+  tensors = {**_to_hf_tensors(params["vision"], vision_naming),
+             **_to_hf_tensors(params["projector"], projector_naming),
+             **_to_hf_tensors(params["language"], lm_naming)}
+  _save(path, _llava_hf_config(cfg), tensors)
+  ours = {k: v for k, v in params.items() if k in ("heads", "reweighting")}
+  flat = {".".join(p): np.ascontiguousarray(np.asarray(v))
+          for p, v in traverse_util.flatten_dict(ours).items()}
+  fields = {f: getattr(cfg, f) for f in _DRIVLM_FIELDS}
+  save_file(flat, os.path.join(path, DRIVLM_PARTS),
+            metadata={"drivlm_config": json.dumps(fields)})

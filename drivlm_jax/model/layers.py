@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -20,9 +20,9 @@ _ACTIVATIONS = {
 
 
 def activation(name: str):
-  if name not in _ACTIVATIONS:
-    raise ValueError(f"Unsupported activation {name!r}; known: {sorted(_ACTIVATIONS)}")
-  return _ACTIVATIONS[name]
+  if name not in ACTIVATIONS:
+    raise ValueError(f"Unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
 
 
 def constrain(x, *axes):

@@ -139,10 +139,11 @@ class VisionTower(nn.Module):
       return x
     post_ln = layers.layer_norm(cfg, "post_layernorm", cfg.layer_norm_eps)
     if cfg.family == "clip":
-      return {"last_hidden_state": x, "pooled": post_ln(x[:, 0]), "patch_features": x[:, 1:]}
+      return {"last_hidden_state": x, "pooled": post_ln(x[:, 0]), "patch_features": x[:, 1:],
+              "hidden": x}
     out = post_ln(x)
     pooled = PoolingHead(cfg, name="head")(out) if cfg.use_head else jnp.mean(out, axis=1)
-    return {"last_hidden_state": out, "pooled": pooled, "patch_features": x}
+    return {"last_hidden_state": out, "pooled": pooled, "patch_features": x, "hidden": x}
 
 
 def init(cfg: Config, key) -> dict:
@@ -157,7 +158,8 @@ def apply(cfg: Config, params: dict, pixel_values) -> dict:
   Returns {"last_hidden_state": [B, N(+1), D], "pooled": [B, D]}, equal to HF's
   `last_hidden_state` and `pooler_output` (CLIP keeps the class token at position 0), and
   "patch_features": [B, N, D], the encoder output at the patches before any post-LayerNorm
-  (HF `hidden_states[-1]` without the class token, what LLaVA-style VLMs project).
+  (HF `hidden_states[-1]` without the class token), and "hidden": [B, N(+1), D], the same
+  with every token (HF `hidden_states[-1]`, from which LLaVA selects what it projects).
   """
   return VisionTower(cfg).apply({"params": params}, pixel_values)
 

@@ -24,7 +24,11 @@ class Config:
   language: language.Config
   image_token_id: int
   vision_feature_layer: int = -1     # HF hidden_states index; LLaVA uses -2
+  # Which tokens of that layer are projected, as HF LLaVA: "default" drops the first token
+  # (CLIP's class token; for SigLIP, the first patch), "full" keeps every token.
+  vision_feature_select_strategy: str = "default"
   projector_act: str = "gelu"
+  projector_bias: bool = True        # HF `multimodal_projector_bias`
   head_hidden: int = 256
   num_actions: int = NUM_ACTIONS
   num_reasons: int = NUM_REASONS
@@ -36,13 +40,17 @@ class Config:
   reweight_layer: int | None = None
 
   def __post_init__(self):
+    if self.vision_feature_select_strategy not in ("default", "full"):
+      raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got "
+                       f"{self.vision_feature_select_strategy!r}")
     if not 0 <= self.image_token_id < self.language.vocab_size:
       raise ValueError(f"image_token_id {self.image_token_id} outside the LM vocabulary "
                        f"({self.language.vocab_size})")
 
   @property
   def num_visual_tokens(self) -> int:
-    return self.vision.num_patches
+    tokens = self.vision.num_patches + (self.vision.family == "clip")
+    return tokens - (self.vision_feature_select_strategy == "default")
 
 
 class Projector(nn.Module):
@@ -52,9 +60,12 @@ class Projector(nn.Module):
   @nn.compact
   def __call__(self, x):
     lm = self.cfg.language
-    h = layers.dense(lm.hidden_size, ("embed_vision",), ("mlp",), cfg=lm, name="linear_1")(x)
+    bias = self.cfg.projector_bias
+    h = layers.dense(lm.hidden_size, ("embed_vision",), ("mlp",), cfg=lm, name="linear_1",
+                     use_bias=bias)(x)
     h = layers.activation(self.cfg.projector_act)(h)
-    h = layers.dense(lm.hidden_size, ("mlp",), ("embed",), cfg=lm, name="linear_2")(h)
+    h = layers.dense(lm.hidden_size, ("mlp",), ("embed",), cfg=lm, name="linear_2",
+                     use_bias=bias)(h)
     return layers.constrain(h, "batch", "length", "embed")
 
 
@@ -184,9 +195,10 @@ def encode_image(cfg: Config, params, images, instruction_ids=None, instruction_
       patches, out["kept_indices"] = reweighting.prune(patches, scores, keep_ratio)
     hidden = jnp.concatenate([hidden[:, :lead], patches], axis=1)
     vout = vision.apply_part(tail_cfg, tail, hidden, "tail")
+  selected = vout["hidden"][:, cfg.vision_feature_select_strategy == "default":]
   out.update(image_pooled=vout["pooled"],            # [B, Dv] vision pooled feature
-             patch_features=vout["patch_features"])  # [B, N or k, Dv]
-  visual_tokens = Projector(cfg).apply({"params": params["projector"]}, vout["patch_features"])
+             patch_features=selected)                # [B, num_visual_tokens or k, Dv]
+  visual_tokens = Projector(cfg).apply({"params": params["projector"]}, selected)
   heads = Heads(cfg).apply({"params": params["heads"]}, visual_tokens)
   return {**out, "visual_tokens": visual_tokens,     # [B, N or k, D]
           **heads}  # pooled_visual [B, D], action_logits [B, 4], reason_logits [B, 21]

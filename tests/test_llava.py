@@ -1,0 +1,136 @@
+"""HF LLaVA directories in and out (`hf.load_vlm` / `hf.save_vlm`) against transformers'
+LlavaForConditionalGeneration on tiny random models with every 0-/1-D parameter perturbed."""
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from drivlm_jax import hf
+from drivlm_jax.model import vlm
+from tests import reference as ref
+
+IMAGE_TOKEN = 7
+CASES = {
+    # SigLIP + Qwen2 (GQA), tied embeddings, every vision token projected, no projector bias.
+    "siglip_qwen2": dict(vision=lambda: ref.siglip_vision(layers=2),
+                         lm=lambda: ref.causal_lm("qwen2", vocab=96, kv_heads=2, tie=True),
+                         layer=-1, strategy="full", bias=False),
+    # CLIP + LLaMA with one KV head, untied, penultimate layer, class token dropped.
+    "clip_llama": dict(vision=lambda: ref.clip_vision(layers=3),
+                       lm=lambda: ref.causal_lm("llama", vocab=96, kv_heads=1, tie=False),
+                       layer=-2, strategy="default", bias=True),
+}
+
+
+def _llava(name):
+  case = CASES[name]
+  vis, lm = case["vision"](), case["lm"]()
+  config = transformers.LlavaConfig(
+      vision_config=vis.config.to_dict(), text_config=lm.config.to_dict(),
+      image_token_index=IMAGE_TOKEN, vision_feature_layer=case["layer"],
+      vision_feature_select_strategy=case["strategy"], projector_hidden_act="gelu",
+      multimodal_projector_bias=case["bias"],
+      tie_word_embeddings=lm.config.tie_word_embeddings)
+  torch.manual_seed(3)
+  return ref.perturb(transformers.LlavaForConditionalGeneration(config), seed=4)
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def llava(request, tmp_path_factory):
+  """(torch model, its directory, our cfg, our full params)."""
+  model = _llava(request.param)
+  path = ref.save(model, tmp_path_factory.mktemp(request.param))
+  cfg, params = hf.load_vlm(path)
+  assert set(params) == {"vision", "projector", "language"}
+  return model, path, cfg, {**vlm.init(cfg, jax.random.key(0)), **params}
+
+
+def _prompt(cfg, seed=0):
+  """Left-padded prompts: [pad..., text, the image's tokens, text]."""
+  rng = np.random.default_rng(seed)
+  n = cfg.num_visual_tokens
+  ids = rng.integers(10, cfg.language.vocab_size, (2, n + 9)).astype(np.int32)
+  ids[:, 3:3 + n] = IMAGE_TOKEN
+  mask = np.ones_like(ids)
+  mask[1, :2] = 0
+  ids[mask == 0] = 0
+  return ids, mask
+
+
+def _hf_logits(model, ids, mask, xt):
+  positions = np.where(mask > 0, np.cumsum(mask, -1) - 1, 1)
+  with torch.inference_mode():
+    return model(input_ids=torch.from_numpy(ids).long(), pixel_values=xt,
+                 attention_mask=torch.from_numpy(mask).long(),
+                 position_ids=torch.from_numpy(positions).long()).logits.numpy()
+
+
+def test_logits_match_transformers(llava):
+  model, _, cfg, params = llava
+  ids, mask = _prompt(cfg)
+  x, xt = ref.images(2, cfg.vision.image_size)
+  ours = np.asarray(vlm.apply(cfg, params, x, ids, mask)["lm_logits"])
+  real = mask > 0
+  assert ref.max_diff(ours[real], _hf_logits(model, ids, mask, xt)[real]) <= 1e-4
+
+
+def test_greedy_generation_matches_transformers(llava):
+  model, _, cfg, params = llava
+  ids, _ = _prompt(cfg, seed=1)
+  x, xt = ref.images(2, cfg.vision.image_size, seed=1)
+  ours = vlm.generate(cfg, params, x, ids, max_new_tokens=6)
+  with torch.inference_mode():
+    theirs = model.generate(input_ids=torch.from_numpy(ids).long(), pixel_values=xt,
+                            attention_mask=torch.ones(ids.shape, dtype=torch.long),
+                            max_new_tokens=6, do_sample=False, pad_token_id=0)
+  np.testing.assert_array_equal(np.asarray(ours), theirs.numpy())
+
+
+def test_save_vlm_loads_in_transformers_and_back(llava, tmp_path):
+  model, _, cfg, params = llava
+  out = tmp_path / "saved"
+  hf.save_vlm(cfg, params, out)
+  again, info = transformers.LlavaForConditionalGeneration.from_pretrained(
+      out, local_files_only=True, output_loading_info=True)
+  assert not any(info.values()), info      # no missing, unexpected or mismatched keys
+  ids, mask = _prompt(cfg, seed=2)
+  x, xt = ref.images(2, cfg.vision.image_size, seed=2)
+  real = mask > 0
+  assert ref.max_diff(_hf_logits(again.eval(), ids, mask, xt)[real],
+                      _hf_logits(model, ids, mask, xt)[real]) <= 1e-5
+  # The DriVLM parts ride along in drivlm.safetensors and come back exactly.
+  cfg2, params2 = hf.load_vlm(out)
+  assert cfg2 == cfg and set(params2) == {"vision", "projector", "language", "heads"}
+  jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+def test_module_named_layout_loads_the_same(llava, tmp_path):
+  """Checkpoints written from the module's state dict (`model.vision_tower...`, `lm_head`)."""
+  model, path, cfg, params = llava
+  (tmp_path / "config.json").write_text((pathlib.Path(path) / "config.json").read_text())
+  state = {k: v.contiguous() for k, v in model.state_dict().items()}
+  if cfg.language.tie_word_embeddings:
+    state.pop("lm_head.weight")
+  save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+  _, loaded = hf.load_vlm(str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, loaded,
+               {k: params[k] for k in ("vision", "projector", "language")})
+
+
+def test_errors_name_the_tensor_or_field(llava, tmp_path):
+  _, path, cfg, params = llava
+  with pytest.raises(hf.CheckpointError, match="model_type 'llava' is not supported"):
+    hf.load_language_model(path)
+  bad = dict(params, projector=jax.tree.map(lambda v: v[..., :-1], params["projector"]))
+  small = jax.tree.map(np.asarray, bad)
+  out = tmp_path / "bad"
+  hf.save_vlm(cfg, small, out)
+  with pytest.raises(hf.CheckpointError,
+                     match=r"tensor .multi_modal_projector\.linear_\d\.\w+. has shape"):
+    hf.load_vlm(str(out))
+  with pytest.raises(hf.CheckpointError, match="is not 'llava'"):
+    hf.load_vlm(ref.save(ref.causal_lm(), tmp_path / "lm"))
