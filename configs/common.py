@@ -120,6 +120,8 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
   drivlm = method.startswith("drivlm")
   config.method = method
   config.init_from = init_from
+  config.init_vision = ""      # HF CLIP/SigLIP directory: the vision tower starts from it
+  config.init_language = ""    # HF LLaMA/Qwen2 directory: the LM starts from it
   config.model.reweight = drivlm
   config.model.reweight_layer = 0     # score right after the patch embedding: pruned tokens
                                       # skip every vision layer

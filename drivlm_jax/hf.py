@@ -83,6 +83,16 @@ class _Tensors:
     return self._handles[self._where[name]].get_tensor(name)
 
 
+def model_type(path) -> str | None:
+  """The `model_type` in `path`/config.json (None when there is none), read without
+  transformers."""
+  file = os.path.join(path, "config.json")
+  if not os.path.isfile(file):
+    return None
+  with open(file) as f:
+    return json.load(f).get("model_type")
+
+
 def _hf_config(path):
   import transformers
   if not os.path.isdir(path):

@@ -2,7 +2,7 @@
 
 DIR/config.json, DIR/checkpoints/<step> (Orbax: train state + data position + config),
 DIR/metrics.jsonl, DIR/tb and DIR/eval.json. Any run directory serves as a distillation
-teacher, a warm start (`init_from`), an evaluation target, an export source or a plot source:
+teacher, a warm start (`init_from`, see `pretrained`), an evaluation target, an export source or a plot source:
 they all read it here. This module also decides, once, which params a run is judged by
 (`EVAL_KEY`: the moving average when the run keeps one).
 """
@@ -18,7 +18,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from drivlm_jax.data import pipeline
-from drivlm_jax.data.tokenizer import TextTokenizer
+from drivlm_jax.data import tokenizer as tokenizer_lib
 from drivlm_jax.model import vlm
 
 
@@ -39,7 +39,7 @@ def model_config(config) -> vlm.Config:
 
 def features(config, cfg: vlm.Config, tokenizer: str) -> pipeline.Features:
   d = config.data
-  tok = TextTokenizer(tokenizer)
+  tok = tokenizer_lib.load(tokenizer)
   if tok.image_id != cfg.image_token_id or tok.vocab_size > cfg.language.vocab_size:
     raise ValueError(
         f"tokenizer {tokenizer} (<image> id {tok.image_id}, {tok.vocab_size} tokens) does not "
@@ -241,27 +241,3 @@ def load(workdir: str, step: int | None = None) -> Run:
   cfg = model_config(config)
   params, step = load_params(workdir, cfg, step, config)
   return Run(workdir, config, cfg, params, step)
-
-
-def warm_start(params, run_dir: str):
-  """`params` with every model param that the run `run_dir` also has (same path and shape)
-  taken from its latest checkpoint; the rest (e.g. discriminators, reweighting) stay fresh.
-  Logs what was taken and what was not."""
-  source = load(run_dir)
-  flat = dict(jax.tree_util.tree_flatten_with_path(source.params)[0])
-  taken, fresh = [], []
-
-  def pick(path, x):
-    y = flat.get(path)
-    if y is not None and y.shape == x.shape:
-      taken.append(path)
-      return jax.device_put(y.astype(x.dtype), x.sharding)
-    fresh.append(jax.tree_util.keystr(path))
-    return x
-  params = jax.tree_util.tree_map_with_path(pick, params)
-  if not taken:
-    raise ValueError(f"init_from {run_dir}: no param matches this model (other preset?)")
-  logging.warning("init_from %s (step %d): %d params loaded, %d fresh%s", run_dir, source.step,
-                  len(taken), len(fresh), f": {', '.join(sorted(fresh)[:6])}..." if fresh
-                  else "")
-  return params

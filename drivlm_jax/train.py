@@ -22,7 +22,7 @@ import optax
 import tqdm
 from absl import app, flags, logging
 
-from drivlm_jax import adapt, evaluate, optim, parallel, run as run_lib
+from drivlm_jax import adapt, evaluate, optim, parallel, pretrained, run as run_lib
 from drivlm_jax.data import pipeline, sources
 from drivlm_jax.losses import task
 from drivlm_jax.model import vlm
@@ -89,6 +89,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The whole run; returns the last evaluation."""
   #### Set up
   parallel.maybe_initialize_distributed(config.get("multihost"))
+  config = pretrained.configure(config)
   run_lib.write_config(workdir, config)
   cfg = run_lib.model_config(config)
   data = sources.prepare(config.data, workdir)
@@ -119,8 +120,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   init = jax.jit(init_params, out_shardings=param_shardings)
   with jax.set_mesh(mesh):
     params = init(jax.random.key(config.seed))
-  if config.get("init_from"):
-    params = run_lib.warm_start(params, config.init_from)
+  params = pretrained.start(params, cfg, config)
   tx = optim.make(config.optimizer, params, config.total_steps)
   opt_shardings = parallel.like_params(jax.eval_shape(tx.init, params), params, mesh)
   with jax.set_mesh(mesh):

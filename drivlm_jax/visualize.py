@@ -11,7 +11,7 @@ import numpy as np
 
 from drivlm_jax import run as run_lib
 from drivlm_jax.data import pipeline, sources
-from drivlm_jax.data.tokenizer import TextTokenizer
+from drivlm_jax.data import tokenizer as tokenizer_lib
 from drivlm_jax.model import vlm
 
 
@@ -74,7 +74,7 @@ def plot_reweighting(run_dir: str, path: str, n=4):
   b = _batch(data["target", "test"], feats, n)
   scores = np.asarray(jax.jit(lambda p: vlm.encode_image(
       cfg, p, b["image"], b["instruction_ids"], b["instruction_mask"])["token_scores"])(params))
-  tokenizer = TextTokenizer(feats.tokenizer)
+  tokenizer = tokenizer_lib.load(feats.tokenizer)
   grid = cfg.vision.grid
   fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.6), squeeze=False)
   for i, ax in enumerate(axes[0]):

@@ -7,7 +7,7 @@ import numpy as np
 
 from drivlm_jax import run as run_lib
 from drivlm_jax.data import pipeline, preprocess, sources
-from drivlm_jax.data.tokenizer import TextTokenizer
+from drivlm_jax.data import tokenizer as tokenizer_lib
 
 
 def raw_pixels(images, family: str):
@@ -50,16 +50,17 @@ def from_dir(directory: str, feats: pipeline.Features, n: int, cache_dir: str,
 
 
 def prompts(tokenizer: str, num_image_tokens: int, instruction_ids, instruction_mask):
-  """LM prompts `<bos> <image> x N <instruction>`, left-padded to 1 + N + L tokens
-  -> (input_ids [B, T] int32, attention_mask [B, T] int32)."""
-  tok = TextTokenizer(tokenizer)
-  b, length = instruction_ids.shape
-  width = 1 + num_image_tokens + length
-  ids = np.full((b, width), tok.pad_id, np.int32)
-  mask = np.zeros((b, width), np.int32)
-  for i in range(b):
-    row = [tok.bos_id] + [tok.image_id] * num_image_tokens + list(
-        instruction_ids[i][instruction_mask[i] > 0])
+  """LM prompts for the instructions, built as the pipeline builds them (the sim's
+  `<bos> <image> x N <instruction>`, or the checkpoint's chat template), left-padded to
+  1 + N + L tokens (the sim's longest, the Jetson runner's width) or to the longest prompt
+  when longer -> (input_ids [B, T] int32, attention_mask [B, T] int32)."""
+  tok = tokenizer_lib.load(tokenizer)
+  rows = [tok.prompt_from_ids(ids[m > 0], num_image_tokens)
+          for ids, m in zip(instruction_ids, instruction_mask)]
+  width = max(1 + num_image_tokens + instruction_ids.shape[1], *map(len, rows))
+  ids = np.full((len(rows), width), tok.pad_id, np.int32)
+  mask = np.zeros((len(rows), width), np.int32)
+  for i, row in enumerate(rows):
     ids[i, width - len(row):] = row
     mask[i, width - len(row):] = 1
   return ids, mask

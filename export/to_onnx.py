@@ -179,8 +179,14 @@ def export_run(workdir, out, *, checkpoint=None, keep_ratio=None, opset=18,
                              tokenizer=feats.tokenizer, max_new_tokens=max_new_tokens,
                              opset=opset, batch=batch, atol=atol)
   out_dir = os.path.dirname(os.path.abspath(out))
-  shutil.copyfile(feats.tokenizer, os.path.join(out_dir, "tokenizer.json"))
-  report["features"] = {**dataclasses.asdict(feats), "tokenizer": "tokenizer.json",
+  if os.path.isdir(feats.tokenizer):   # a checkpoint's own tokenizer: its whole directory
+    tokenizer = "tokenizer"
+    shutil.copytree(feats.tokenizer, os.path.join(out_dir, tokenizer), dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+  else:
+    tokenizer = "tokenizer.json"
+    shutil.copyfile(feats.tokenizer, os.path.join(out_dir, tokenizer))
+  report["features"] = {**dataclasses.asdict(feats), "tokenizer": tokenizer,
                         "image": "RGB float32 0..255, resized as `resize` says; the graph "
                                  "normalises"}
   with open(os.path.splitext(out)[0] + ".json", "w") as f:

@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from configs import demo
-from drivlm_jax import run as run_lib, train
+from drivlm_jax import pretrained, run as run_lib, train
 from drivlm_jax.data import sources
 from drivlm_jax.model import vlm
 
@@ -230,7 +230,7 @@ def test_clip_stage_then_a_warm_started_distilled_student(cache, tmp_path):
 
   cfg = run_lib.model_config(demo.get_config(f"method=drivlm,teacher={clip_dir},init={clip_dir}"))
   params = jax.jit(lambda k: vlm.init(cfg, k))(jax.random.key(5))
-  warm = run_lib.warm_start(params, clip_dir)
+  warm = pretrained.start(params, cfg, {"init_from": clip_dir})
   source, _ = run_lib.load_params(clip_dir, run_lib.model_config(
       run_lib.read_config(clip_dir)))
   for a, b in zip(jax.tree.leaves(warm["vision"]), jax.tree.leaves(source["vision"])):

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 
 import data_builders  # noqa: F401  (registers bdd_oia and nuscenes_drive with tfds)
 from drivlm_jax.data import labels, preprocess
-from drivlm_jax.data.tokenizer import TextTokenizer
+from drivlm_jax.data import tokenizer as tokenizer_lib
 
 DEFAULT_INSTRUCTION = "What should the ego car do?"
 
@@ -80,7 +80,7 @@ class ExampleTransform:
   def __init__(self, features: Features, domain: int, labelled: bool, train: bool, seed: int):
     self.f, self.domain, self.labelled, self.train, self.seed = (features, domain, labelled,
                                                                  train, seed)
-    self.tokenizer = TextTokenizer(features.tokenizer)
+    self.tokenizer = tokenizer_lib.load(features.tokenizer)
 
   def __call__(self, index, example):
     f = self.f

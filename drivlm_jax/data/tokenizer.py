@@ -1,7 +1,12 @@
-"""Prompt/answer tokenization with HF `tokenizers` from a local `tokenizer.json`.
+"""Prompt/answer tokenization: the sim's own `tokenizer.json` (HF `tokenizers`), or a
+checkpoint's own tokenizer and chat template (transformers, offline). `load` picks by path.
 
-A sequence is `<bos> <image> x N <instruction> <answer> <eos> <pad>...` (right-padded to
-`max_len`); `targets` are the next tokens and `loss_mask` covers the answer and `<eos>`.
+A sequence is `prompt answer <pad>...` (right-padded to `max_len`); `targets` are the next
+tokens and `loss_mask` covers exactly the answer tokens (with the end token that closes it).
+The sim's prompt is `<bos> <image> x N <instruction>` and its answer `<answer> <eos>`; a
+checkpoint's is its chat template's user turn (image, then instruction) with the generation
+prompt, the image placeholder expanded to the model's N visual tokens as HF's LLaVA
+processor does, and the answer is the assistant's reply up to its end-of-turn token.
 """
 import os
 
@@ -9,9 +14,54 @@ import numpy as np
 from tokenizers import Tokenizer
 
 SPECIAL = ("<pad>", "<bos>", "<eos>", "<image>")
+# A checkpoint's image placeholder when its processor names none: LLaVA's, then Qwen2's.
+IMAGE_TOKENS = ("<image>", "<|image_pad|>")
 
 
-class TextTokenizer:
+class _Tokenizer:
+  """What the pipeline, evaluation and export use: pad/eos/image ids, vocab_size, encode,
+  decode, and the layout of prompt + answer in `sequence`."""
+  pad_id: int
+  eos_id: int
+  image_id: int
+  vocab_size: int
+
+  def encode(self, text: str) -> list:
+    raise NotImplementedError
+
+  def decode(self, ids) -> str:
+    raise NotImplementedError
+
+  def parts(self, instruction: str, answer: str, num_image_tokens: int) -> tuple:
+    """-> (prompt ids, answer ids) of one example."""
+    raise NotImplementedError
+
+  def prompt_from_ids(self, instruction_ids, num_image_tokens: int) -> list:
+    """The prompt for the (unpadded) instruction ids, as `parts` builds it."""
+    return self.parts(self.decode(instruction_ids), "", num_image_tokens)[0]
+
+  def sequence(self, instruction: str, answer: str, num_image_tokens: int, max_len: int):
+    """-> dict of int32 [max_len] `input_ids`, `targets`, `attention_mask` and float32
+    `loss_mask`. The answer is truncated (never the image tokens) when too long."""
+    prompt, answer_ids = self.parts(instruction, answer, num_image_tokens)
+    room = max_len + 1 - len(prompt)
+    if room < 2:
+      raise ValueError(f"max_len {max_len} leaves no room for an answer after "
+                       f"{len(prompt)} prompt tokens")
+    tokens = prompt + answer_ids[:room]
+    n = len(tokens) - 1
+    input_ids = np.full(max_len, self.pad_id, np.int32)
+    targets = np.full(max_len, self.pad_id, np.int32)
+    input_ids[:n], targets[:n] = tokens[:-1], tokens[1:]
+    loss_mask = np.zeros(max_len, np.float32)
+    loss_mask[len(prompt) - 1:n] = 1.0
+    attention_mask = (np.arange(max_len) < n).astype(np.int32)
+    return {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask,
+            "attention_mask": attention_mask}
+
+
+class TextTokenizer(_Tokenizer):
+  """The sim's byte-level BPE `tokenizer.json` with `<pad> <bos> <eos> <image>`."""
 
   def __init__(self, path: str):
     if not os.path.exists(path):
@@ -31,22 +81,95 @@ class TextTokenizer:
   def decode(self, ids) -> str:
     return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
-  def sequence(self, instruction: str, answer: str, num_image_tokens: int, max_len: int):
-    """-> dict of int32 [max_len] `input_ids`, `targets`, `attention_mask` and float32
-    `loss_mask`. The answer is truncated (never the image tokens) when too long."""
+  def parts(self, instruction, answer, num_image_tokens):
     prompt = [self.bos_id] + [self.image_id] * num_image_tokens + self.encode(instruction)
-    answer_ids = self.encode(answer) + [self.eos_id]
-    room = max_len + 1 - len(prompt)
-    if room < 2:
-      raise ValueError(f"max_len {max_len} leaves no room for an answer after "
-                       f"{len(prompt)} prompt tokens")
-    tokens = prompt + answer_ids[:room]
-    n = len(tokens) - 1
-    input_ids = np.full(max_len, self.pad_id, np.int32)
-    targets = np.full(max_len, self.pad_id, np.int32)
-    input_ids[:n], targets[:n] = tokens[:-1], tokens[1:]
-    loss_mask = np.zeros(max_len, np.float32)
-    loss_mask[len(prompt) - 1:n] = 1.0
-    attention_mask = (np.arange(max_len) < n).astype(np.int32)
-    return {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask,
-            "attention_mask": attention_mask}
+    return prompt, self.encode(answer) + [self.eos_id]
+
+  def prompt_from_ids(self, instruction_ids, num_image_tokens):
+    return [self.bos_id] + [self.image_id] * num_image_tokens + [int(i) for i in instruction_ids]
+
+
+class ChatTokenizer(_Tokenizer):
+  """A checkpoint directory's own tokenizer and chat template, read offline with
+  transformers (`AutoProcessor` when the directory has a processor, else `AutoTokenizer`).
+  The image placeholder is the processor's `image_token` (`<image>` without one)."""
+
+  def __init__(self, path: str):
+    import transformers
+    processor = None
+    if any(os.path.exists(os.path.join(path, f)) for f in ("processor_config.json",
+                                                          "preprocessor_config.json")):
+      processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
+    self.tokenizer = (processor.tokenizer if processor is not None
+                      else transformers.AutoTokenizer.from_pretrained(path, local_files_only=True))
+    self.template = getattr(processor, "chat_template", None) or self.tokenizer.chat_template
+    if not self.template:
+      raise ValueError(f"{path}: the tokenizer has no chat template (chat_template.jinja, "
+                       f"chat_template.json or tokenizer_config.json 'chat_template')")
+    vocab = self.tokenizer.get_vocab()
+    candidates = [getattr(processor, "image_token", None)] + list(IMAGE_TOKENS)
+    self.image_token = next((t for t in candidates if t in vocab), None)
+    if self.image_token is None:
+      raise ValueError(f"{path}: no image token in the tokenizer's vocabulary (tried "
+                       f"{[t for t in candidates if t]}); add one (tokenizer.add_tokens) and "
+                       f"resize the LM's embeddings")
+    self.image_id = vocab[self.image_token]
+    self.eos_id = self.tokenizer.eos_token_id
+    if self.eos_id is None:
+      raise ValueError(f"{path}: the tokenizer has no eos_token (the end of an answer)")
+    pad = self.tokenizer.pad_token_id
+    self.pad_id = self.eos_id if pad is None else pad
+    self.vocab_size = len(self.tokenizer)
+    self.path = path
+
+  def encode(self, text: str) -> list:
+    return self.tokenizer.encode(text, add_special_tokens=False)
+
+  def decode(self, ids) -> str:
+    return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def _render(self, instruction, answer, num_image_tokens) -> list:
+    # Multimodal templates (LLaVA's) take typed content; text-only ones (an LM's own) take a
+    # string, where the image goes first as LLaVA-1.5 puts it: "<image>\n{instruction}".
+    for user, reply in (([{"type": "image"}, {"type": "text", "text": instruction}],
+                         [{"type": "text", "text": answer}]),
+                        (f"{self.image_token}\n{instruction}", answer)):
+      messages = [{"role": "user", "content": user}]
+      if answer is not None:
+        messages.append({"role": "assistant", "content": reply})
+      text = self.tokenizer.apply_chat_template(messages, chat_template=self.template,
+                                                tokenize=False,
+                                                add_generation_prompt=answer is None)
+      if text.count(self.image_token) == 1:
+        break
+    else:
+      raise ValueError(f"{self.path}: the chat template writes {text.count(self.image_token)} "
+                       f"image tokens {self.image_token!r} for one image, not 1")
+    # As the LLaVA processor: the placeholder becomes one token per visual token, and the
+    # text is tokenized with the tokenizer's own special tokens.
+    return self.tokenizer(text.replace(self.image_token, self.image_token * num_image_tokens)
+                          )["input_ids"]
+
+  def parts(self, instruction, answer, num_image_tokens):
+    prompt = self._render(instruction, None, num_image_tokens)
+    if not answer:
+      return prompt, [self.eos_id]
+    full = self._render(instruction, answer, num_image_tokens)
+    if full[:len(prompt)] != prompt:
+      raise ValueError(f"{self.path}: the chat template's answer does not extend its "
+                       f"generation prompt; cannot tell the answer tokens apart")
+    reply = full[len(prompt):]
+    end = reply.index(self.eos_id) + 1 if self.eos_id in reply else len(reply)
+    return prompt, reply[:end]
+
+
+def load(path: str) -> _Tokenizer:
+  """A checkpoint directory -> its `ChatTokenizer`; a `tokenizer.json` file -> the sim's
+  `TextTokenizer`."""
+  if os.path.isdir(path):
+    if not any(os.path.exists(os.path.join(path, f)) for f in (
+        "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+      raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json, "
+                              f"tokenizer_config.json, ...) in the directory")
+    return ChatTokenizer(path)
+  return TextTokenizer(path)

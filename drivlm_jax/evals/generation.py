@@ -8,7 +8,7 @@ import numpy as np
 
 from drivlm_jax import evals, metrics
 from drivlm_jax.data import pipeline
-from drivlm_jax.data.tokenizer import TextTokenizer
+from drivlm_jax.data import tokenizer as tokenizer_lib
 from drivlm_jax.model import vlm
 
 _generate = jax.jit(vlm.generate, static_argnums=0,
@@ -49,7 +49,7 @@ class Generation(evals.Evaluator):
   def run(self, cfg, params, data, feats, place=None) -> dict:
     """Every host answers the same first `num` examples (inputs replicated)."""
     del place
-    tokenizer = TextTokenizer(feats.tokenizer)
+    tokenizer = tokenizer_lib.load(feats.tokenizer)
     hyps, refs = [], []
     if self.num > 0:
       for batch in pipeline.batches(data[self.role, self.split], feats, self.batch_size,

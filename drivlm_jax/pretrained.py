@@ -1,0 +1,165 @@
+"""Where a run's model starts: an HF LLaVA directory or a run directory (`init_from`), and
+separate HF towers (`init_vision`: CLIP/SigLIP, `init_language`: LLaMA/Qwen2) with a fresh
+projector. What a source does not hold (heads, reweighting scorer, discriminators) starts
+fresh; the log says what was loaded and what was not.
+
+A pretrained part must be the model the config describes: `model_fields` reads the model
+config from the checkpoints (the real-scale configs use it), and `start` checks every
+architectural field and every tensor shape, failing with the field or tensor named, never a
+silent fresh init.
+"""
+import dataclasses
+import jax
+from absl import logging
+
+from drivlm_jax import hf
+from drivlm_jax import run as run_lib
+from drivlm_jax.model import language, vlm
+
+# Fields that do not change what the weights mean: the run may set them freely.
+_FREE = {"dtype", "param_dtype", "scan_unroll", "remat", "scan"}
+
+
+def is_llava(path: str) -> bool:
+  return hf.model_type(path) == "llava"
+
+
+_LLAVA_FIELDS = ("image_token_id", "vision_feature_layer", "vision_feature_select_strategy",
+                 "projector_act", "projector_bias")
+
+
+def model_fields(init_from="", init_vision="", init_language="") -> dict:
+  """The model config (nested dicts, for `config.model.update`) that the pretrained sources
+  fix: all of a LLaVA `init_from`, or the vision / language part of separate towers."""
+  fields = {}
+  if init_from and is_llava(init_from):
+    cfg = hf.vlm_config(init_from)
+    fields = {k: getattr(cfg, k) for k in _LLAVA_FIELDS}
+    fields.update(vision=_arch(cfg.vision), language=_arch(cfg.language))
+  if init_vision:
+    fields["vision"] = _arch(hf.vision_config(init_vision))
+  if init_language:
+    fields["language"] = _arch(hf.language_config(init_language))
+  return fields
+
+
+def configure(config):
+  """`config` with `config.model` set from its pretrained sources (`model_fields`), so the
+  model is the checkpoint's whatever preset the config names; logs what changed."""
+  fields = model_fields(config.get("init_from", ""), config.get("init_vision", ""),
+                        config.get("init_language", ""))
+  if not fields:
+    return config
+  config = config.copy_and_resolve_references()
+  before = config.model.to_dict()
+  with config.unlocked():
+    for k, v in fields.items():
+      if isinstance(v, dict):
+        config.model[k].update(v)
+      else:
+        config.model[k] = v
+  changed = []
+  for k, v in fields.items():
+    for f, value in v.items() if isinstance(v, dict) else [(None, v)]:
+      if (before.get(k, {}).get(f) if f else before.get(k)) != value:
+        changed.append(f"{k}.{f}" if f else k)
+  logging.warning("model config from the pretrained checkpoints: %s",
+                  ", ".join(changed) or "already equal")
+  return config
+
+
+def _arch(cfg) -> dict:
+  """The fields that fix what the weights mean (head_dim made explicit)."""
+  if isinstance(cfg, language.Config):
+    cfg = dataclasses.replace(cfg, head_dim=cfg.dim_per_head)
+  return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _FREE}
+
+
+def _differences(cfg, source_cfg, prefix="") -> list:
+  if isinstance(cfg, vlm.Config):
+    return (_differences(cfg.vision, source_cfg.vision, "vision.")
+            + _differences(cfg.language, source_cfg.language, "language.")
+            + _differences({k: getattr(cfg, k) for k in _LLAVA_FIELDS},
+                           {k: getattr(source_cfg, k) for k in _LLAVA_FIELDS}))
+  ours, theirs = (_arch(c) if dataclasses.is_dataclass(c) else c for c in (cfg, source_cfg))
+  return [f"{prefix}{k}: {v!r} in the checkpoint, {ours[k]!r} in the config"
+          for k, v in theirs.items() if ours[k] != v]
+
+
+def _load(params, cfg, source: str, what: str, load, part: str | None, taken: list):
+  """Loads `source` with `load` (-> (its config, params)), checks that it is the configured
+  model (`part` of it, or all), and puts its params in place."""
+  source_cfg, loaded = load(source)
+  diff = _differences(getattr(cfg, part) if part else cfg, source_cfg)
+  if diff:
+    raise hf.CheckpointError(
+        f"{what} {source} does not fit the configured model: {'; '.join(diff)}. Build "
+        f"config.model from the checkpoint (pretrained.model_fields, as configs/common.py "
+        f"does) or set these fields.")
+  params = _place(params, {part: loaded} if part else loaded, source, taken)
+  logging.warning("%s %s: loaded %s", what, source, ", ".join([part] if part else sorted(loaded)))
+  return params
+
+
+def _place(params, loaded: dict, where: str, taken: list) -> dict:
+  """`params` with the leaves of `loaded` (a subtree of the same paths) put in place, on the
+  shardings of `params`; a shape mismatch is an error."""
+  flat = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
+
+  def put(path, x):
+    y = flat.pop(path, None)
+    if y is None:
+      return x
+    if y.shape != x.shape:
+      raise hf.CheckpointError(f"{where}: {jax.tree_util.keystr(path)} has shape {y.shape}, "
+                               f"the model expects {x.shape}")
+    taken.append(path)
+    return jax.device_put(y.astype(x.dtype), x.sharding)
+  out = jax.tree_util.tree_map_with_path(put, params)
+  if flat:
+    raise hf.CheckpointError(f"{where}: {len(flat)} param(s) the model has no place for: "
+                             f"{', '.join(jax.tree_util.keystr(p) for p in list(flat)[:6])}")
+  return out
+
+
+def start(params, cfg: vlm.Config, config):
+  """`params` (fresh, sharded) with the pretrained sources of `config` put in; logs a line
+  per source and which top-level parts stay fresh."""
+  init_from, taken = config.get("init_from", ""), []
+  if init_from and is_llava(init_from):
+    params = _load(params, cfg, init_from, "init_from", hf.load_vlm, None, taken)
+  elif init_from:
+    params = _from_run(params, init_from, taken)
+  for key, load, part in (("init_vision", hf.load_vision_tower, "vision"),
+                          ("init_language", hf.load_language_model, "language")):
+    if config.get(key, ""):
+      params = _load(params, cfg, config.get(key), key, load, part, taken)
+  if taken:
+    parts = lambda paths: {jax.tree_util.keystr(p[:1]) for p in paths}
+    every = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    logging.warning("pretrained: %d params loaded; fresh: %s", len(taken),
+                    ", ".join(sorted(parts(every) - parts(taken))) or "none")
+  return params
+
+
+def _from_run(params, run_dir: str, taken: list):
+  """Every model param that the run `run_dir` also has (same path and shape), from its latest
+  checkpoint; the rest (e.g. discriminators, reweighting) stay fresh."""
+  source = run_lib.load(run_dir)
+  flat = dict(jax.tree_util.tree_flatten_with_path(source.params)[0])
+  fresh = []
+
+  def pick(path, x):
+    y = flat.get(path)
+    if y is not None and y.shape == x.shape:
+      taken.append(path)
+      return jax.device_put(y.astype(x.dtype), x.sharding)
+    fresh.append(jax.tree_util.keystr(path))
+    return x
+  params = jax.tree_util.tree_map_with_path(pick, params)
+  if not taken:
+    raise ValueError(f"init_from {run_dir}: no param matches this model (other preset?)")
+  logging.warning("init_from %s (step %d): %d params loaded, %d fresh%s", run_dir, source.step,
+                  len(taken), len(fresh), f": {', '.join(sorted(fresh)[:6])}..." if fresh
+                  else "")
+  return params

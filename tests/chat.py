@@ -1,0 +1,51 @@
+"""A tiny checkpoint tokenizer with a ChatML chat template and a LLaVA processor, written as
+transformers writes them (the independent reference for prompts built from a checkpoint)."""
+import numpy as np
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+SPECIAL = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>", "<image>"]
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CORPUS = ["What should the car do now?", "Stop, the light is red.",
+          "Turn left, the lane is free.", "Is there a pedestrian ahead? Yes, one on the right.",
+          "user assistant system"]
+
+
+def tokenizer(vocab_size=160) -> transformers.PreTrainedTokenizerFast:
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=SPECIAL,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  fast = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>",
+      extra_special_tokens={"image_token": "<image>"})
+  fast.chat_template = TEMPLATE
+  return fast
+
+
+def processor(image_size=32, patch_size=8, strategy="default"):
+  images = transformers.CLIPImageProcessor(
+      size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+  return transformers.LlavaProcessor(
+      image_processor=images, tokenizer=tokenizer(), patch_size=patch_size,
+      vision_feature_select_strategy=strategy, num_additional_image_tokens=1,
+      chat_template=TEMPLATE, image_token="<image>")
+
+
+def reference_ids(proc, question, answer=None) -> list:
+  """What LlavaProcessor + apply_chat_template make of an (image, question[, answer])."""
+  messages = [{"role": "user", "content": [{"type": "image"},
+                                           {"type": "text", "text": question}]}]
+  if answer is not None:
+    messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+  text = proc.apply_chat_template(messages, tokenize=False,
+                                  add_generation_prompt=answer is None)
+  image = np.zeros((proc.image_processor.crop_size["height"],) * 2 + (3,), np.uint8)
+  return list(proc(text=text, images=image, return_tensors="np")["input_ids"][0])
