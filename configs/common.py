@@ -58,6 +58,32 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(MODEL_PRESETS[preset])
 
 
+# LoRA targets: the LM's attention and MLP kernels (add "|^vision/..." for the vision tower).
+LM_LORA_TARGETS = r"^language/layers/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel$"
+RECIPES = ("full", "freeze_vision", "freeze_lm", "lora_lm", "lora_lm_freeze_vision")
+
+
+def finetune(config, recipe: str, rank: int = 16):
+  """What trains, as config: `config.lora` (rank 0 = off) and frozen `optimizer.parts`.
+
+  full                   every param trains
+  freeze_vision          the vision tower is frozen (no gradients, no AdamW state)
+  freeze_lm              the LM is frozen (the projector, heads and vision tower train)
+  lora_lm                LoRA (rank `rank`, alpha 2 * rank) on the LM's attention and MLP
+                         kernels, which stay frozen; everything else trains
+  lora_lm_freeze_vision  both
+  """
+  if recipe not in RECIPES:
+    raise KeyError(f"unknown finetune recipe {recipe!r}; known: {list(RECIPES)}")
+  lora_on = recipe.startswith("lora")
+  config.lora = ml_collections.ConfigDict(dict(
+      rank=rank if lora_on else 0, alpha=2.0 * rank, targets=LM_LORA_TARGETS))
+  frozen = {"freeze_vision": ["^vision/"], "freeze_lm": ["^language/"],
+            "lora_lm_freeze_vision": ["^vision/"]}.get(recipe, [])
+  config.optimizer.parts = [{"pattern": p, "freeze": True} for p in frozen] + list(
+      config.optimizer.get("parts", []))
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """`"a=1,b=x,runlocal"` -> ConfigDict over `defaults`, with values typed like the defaults
   (a bare name means True). Unknown names are an error, not a silent no-op."""
@@ -201,6 +227,7 @@ def real_config(arg, description: str):
   config.loss = ml_collections.ConfigDict(dict(action=1.0, reason=1.0, lm=1.0))
   config.evals = evals(batch_size=64, num_generate=64, max_new_tokens=48)
   add_method(config, method, arg.teacher, keep_ratio=0.25, init_from=arg.init)
+  finetune(config, arg.tune)
   config.batch_size = 128 if unlabelled_target(config) else 64   # 64 labelled rows a step
   config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   config.rules = None

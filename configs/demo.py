@@ -25,7 +25,7 @@ from configs import common
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, model="", method="source_only", steps=1200, teacher="",
-                         init="")
+                         init="", tune="full")
   method = common.check_method(arg)
   config = ml_collections.ConfigDict()
   config.seed = 0
@@ -56,6 +56,7 @@ def get_config(arg=None):
   config.loss = ml_collections.ConfigDict(dict(action=1.0, reason=1.0, lm=0.5))
   config.evals = common.evals(batch_size=40, num_generate=16, max_new_tokens=32)
   common.add_method(config, method, arg.teacher, keep_ratio=0.25, init_from=arg.init)
+  common.finetune(config, arg.tune)
   # Rows per step, source and target together: 16 labelled source rows for every method.
   config.batch_size = 32 if common.unlabelled_target(config) else 16
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

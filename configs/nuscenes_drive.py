@@ -13,5 +13,6 @@ from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, model="", method="source_only", steps=20000, teacher="", init="")
+  arg = common.parse_arg(arg, model="", method="source_only", steps=20000, teacher="",
+                        init="", tune="full")
   return common.real_config(arg, "nuScenes-Drive -> nuScenes-Drive of another city/condition")

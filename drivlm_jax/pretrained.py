@@ -14,6 +14,7 @@ from absl import logging
 
 from drivlm_jax import hf
 from drivlm_jax import run as run_lib
+from drivlm_jax.data import tokenizer as tokenizer_lib
 from drivlm_jax.model import language, vlm
 
 # Fields that do not change what the weights mean: the run may set them freely.
@@ -45,12 +46,18 @@ def model_fields(init_from="", init_vision="", init_language="") -> dict:
 
 def configure(config):
   """`config` with `config.model` set from its pretrained sources (`model_fields`), so the
-  model is the checkpoint's whatever preset the config names; logs what changed."""
-  fields = model_fields(config.get("init_from", ""), config.get("init_vision", ""),
-                        config.get("init_language", ""))
+  model is the checkpoint's whatever preset the config names, and `data.tokenizer` (when
+  unset) the checkpoint's own tokenizer; logs what changed."""
+  init_from, init_language = config.get("init_from", ""), config.get("init_language", "")
+  fields = model_fields(init_from, config.get("init_vision", ""), init_language)
   if not fields:
     return config
   config = config.copy_and_resolve_references()
+  # The checkpoint's own tokenizer, unless the config names one.
+  for source in (init_from if is_llava(init_from) else "", init_language):
+    if source and not config.data.get("tokenizer") and tokenizer_lib.has_tokenizer(source):
+      config.data.tokenizer = source
+      logging.warning("data.tokenizer: %s (the checkpoint's own)", source)
   before = config.model.to_dict()
   with config.unlocked():
     for k, v in fields.items():

@@ -17,6 +17,7 @@ from absl import flags, logging
 from etils import epath
 from ml_collections import config_flags
 
+from drivlm_jax import lora
 from drivlm_jax.data import pipeline
 from drivlm_jax.data import tokenizer as tokenizer_lib
 from drivlm_jax.model import vlm
@@ -215,24 +216,29 @@ def load_params(workdir: str, cfg: vlm.Config, step: int | None = None, config=N
   """Model params of the latest (or `step`) checkpoint of `workdir` -> (params, step).
 
   Optimizer state and extra param groups (discriminators, distillation projection) are
-  skipped. The params are the `eval_key` entry: a run trained with `ema_decay` > 0 gives its
+  skipped; LoRA params are merged into their kernels. The params are the `eval_key` entry: a run trained with `ema_decay` > 0 gives its
   moving-average params (what it was evaluated with). Arrays come back on the default device.
   `config`: the run's config when the caller has read it already.
   """
-  key = eval_key(read_config(workdir) if config is None else config)
+  config = read_config(workdir) if config is None else config
+  key, lora_config = eval_key(config), config.get("lora")
   directory = orbax_dir(workdir)
   manager = ocp.CheckpointManager(directory)
   try:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise RunError(f"{directory} holds no checkpoint")
-    item = {key: jax.eval_shape(lambda k: vlm.init(cfg, k), jax.random.key(0))}
+    shapes = jax.eval_shape(lambda k: vlm.init(cfg, k), jax.random.key(0))
+    if lora.enabled(lora_config):
+      shapes["lora"] = jax.eval_shape(lambda k: lora.init(lora_config, shapes, k),
+                                      jax.random.key(0))
+    item = {key: shapes}
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item, restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(), item),
         partial_restore=True)))
   finally:
     manager.close()
-  return restored["state"][key], step
+  return lora.merge(restored["state"][key], lora_config), step
 
 
 def load(workdir: str, step: int | None = None) -> Run:

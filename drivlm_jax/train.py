@@ -22,7 +22,7 @@ import optax
 import tqdm
 from absl import app, flags, logging
 
-from drivlm_jax import adapt, evaluate, optim, parallel, pretrained, run as run_lib
+from drivlm_jax import adapt, evaluate, lora, optim, parallel, pretrained, run as run_lib
 from drivlm_jax.data import pipeline, sources
 from drivlm_jax.losses import task
 from drivlm_jax.model import vlm
@@ -36,7 +36,7 @@ class NonFiniteLoss(RuntimeError):
   pass
 
 
-def make_train_step(cfg, tx, weights, components=(), ema_decay=0.0):
+def make_train_step(cfg, tx, weights, components=(), ema_decay=0.0, view=lambda p: p):
   """One optimizer step: `train_step(state, batch, frozen) -> (state, metrics)`.
 
   The loss is `sum(weights[name] * value)` over the task terms (action, reason, lm) and the
@@ -45,13 +45,15 @@ def make_train_step(cfg, tx, weights, components=(), ema_decay=0.0):
   distillation teacher) by component name. With `ema_decay` > 0 the state also carries an
   exponential moving average of the params ("ema"), which evaluation, distillation and warm
   starts use: adversarial training moves the target accuracy a lot from step to step, and
-  the average is what a run is judged by.
+  the average is what a run is judged by. `view` maps the trained params to the ones the
+  model and losses see (frozen parts without gradients, LoRA merged: `model_view`).
   """
   task_terms = tuple(t for t in task.TERMS if weights.get(t, 0.0))
   needs_lm = "lm" in task_terms or any(c.needs_lm for c in components)
 
   def train_step(state, batch, frozen):
-    def loss_fn(params):
+    def loss_fn(trained):
+      params = view(trained)
       out = vlm.apply(cfg, params, batch["image"], batch["input_ids"] if needs_lm else None,
                       batch["attention_mask"], batch["instruction_ids"],
                       batch["instruction_mask"])
@@ -73,6 +75,26 @@ def make_train_step(cfg, tx, weights, components=(), ema_decay=0.0):
       new_state["ema"] = optax.incremental_update(params, state["ema"], 1.0 - ema_decay)
     return new_state, metrics
   return train_step
+
+
+def model_view(config, labels):
+  """params -> what the model sees: parts the optimizer freezes (`labels` "frozen") without
+  gradients, so the backward pass skips their weight gradients, and LoRA merged in."""
+  def view(params):
+    params = jax.tree.map(lambda p, label: jax.lax.stop_gradient(p) if label == "frozen" else p,
+                          params, labels)
+    return lora.merge(params, config.get("lora"))
+  return view
+
+
+def optimizer_config(config, shapes):
+  """config.optimizer, with the kernels LoRA adapts frozen (first in `parts`)."""
+  opt = config.optimizer.copy_and_resolve_references()
+  if lora.enabled(config.get("lora")):
+    with opt.unlocked():
+      opt.parts = [{"pattern": lora.frozen_pattern(lora.targets(config.lora, shapes)),
+                    "freeze": True}] + [dict(p) for p in opt.get("parts", [])]
+  return opt
 
 
 def train_batches(config, data, feats, start: int):
@@ -110,8 +132,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                                            mesh, rules))
   param_shardings = parallel.param_shardings(axes, mesh, rules)
 
+  use_lora = lora.enabled(config.get("lora"))
+  if use_lora:
+    shapes = jax.eval_shape(lambda k: vlm.init(cfg, k), jax.random.key(0))
+    axes["lora"] = lora.logical_axes(config.lora, shapes, axes)
+    param_shardings = parallel.param_shardings(axes, mesh, rules)
+
   def init_params(key):
     params = vlm.init(cfg, key)
+    if use_lora:
+      params["lora"] = lora.init(config.lora, params, jax.random.fold_in(key, lora.KEY_INDEX))
     for c in components:
       if c.param_key:
         params[c.param_key] = c.init(jax.random.fold_in(key, c.key_index))
@@ -121,7 +151,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with jax.set_mesh(mesh):
     params = init(jax.random.key(config.seed))
   params = pretrained.start(params, cfg, config)
-  tx = optim.make(config.optimizer, params, config.total_steps)
+  opt_config = optimizer_config(config, params)
+  tx = optim.make(opt_config, params, config.total_steps)
+  view = model_view(config, optim.part_labels(params, [dict(p) for p in opt_config.parts]))
   opt_shardings = parallel.like_params(jax.eval_shape(tx.init, params), params, mesh)
   with jax.set_mesh(mesh):
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
@@ -132,7 +164,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state["ema"] = jax.tree.map(jnp.copy, params)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding = parallel.batch_sharding(mesh, rules)
-  train_step = jax.jit(make_train_step(cfg, tx, dict(config.loss), components, ema_decay),
+  train_step = jax.jit(make_train_step(cfg, tx, dict(config.loss), components, ema_decay, view),
                        in_shardings=(state_shardings, batch_sharding,
                                      jax.tree.map(lambda x: x.sharding, frozen)),
                        out_shardings=(state_shardings, parallel.replicated(mesh)),
@@ -155,7 +187,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   if start >= config.total_steps:   # a finished run: re-running it re-evaluates it
     checkpoints.close()
-    return evaluate.run(evaluators, cfg, state[eval_key], data, feats, workdir, start,
+    return evaluate.run(evaluators, cfg, view(state[eval_key]), data, feats, workdir, start,
                         place=eval_place)
 
   #### Data: batch `i` of the run is `ds[i]`, so resuming at step s continues the same order
@@ -228,7 +260,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if save and checkpoints.latest_step() != done:
         checkpoints.save(done, state)
       if due:
-        result = evaluate.run(due, cfg, state[eval_key], data, feats, workdir, done,
+        result = evaluate.run(due, cfg, view(state[eval_key]), data, feats, workdir, done,
                               place=eval_place)
         if writer:
           for split, domains in result.items():

@@ -163,12 +163,16 @@ class ChatTokenizer(_Tokenizer):
     return prompt, reply[:end]
 
 
+def has_tokenizer(directory: str) -> bool:
+  return any(os.path.exists(os.path.join(directory, f)) for f in (
+      "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
+
+
 def load(path: str) -> _Tokenizer:
   """A checkpoint directory -> its `ChatTokenizer`; a `tokenizer.json` file -> the sim's
   `TextTokenizer`."""
   if os.path.isdir(path):
-    if not any(os.path.exists(os.path.join(path, f)) for f in (
-        "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+    if not has_tokenizer(path):
       raise FileNotFoundError(f"{path}: no tokenizer files (tokenizer.json, "
                               f"tokenizer_config.json, ...) in the directory")
     return ChatTokenizer(path)
