@@ -572,11 +572,16 @@ def _llava_hf_config(cfg: vlm.Config):
   return hf
 
 
-def save_vlm(cfg: vlm.Config, params, path):
+def save_vlm(cfg: vlm.Config, params, path, tokenizer=None):
   """Writes an HF `LlavaForConditionalGeneration` directory (transformers' own layout) and,
   beside it, the DriVLM heads and reweighting scorer as `drivlm.safetensors` with the
-  VLM-level config in its metadata. LoRA params must be merged first (`lora.merge`)."""
+  VLM-level config in its metadata. LoRA params must be merged first (`lora.merge`).
+  `tokenizer`: a checkpoint directory whose tokenizer, processor and chat template files are
+  copied along, so `AutoProcessor.from_pretrained(path)` works too."""
+  import shutil
   from safetensors.numpy import save_file
+  if "lora" in params:
+    raise ValueError("params hold unmerged LoRA adapters; lora.merge them first")
   vision_naming, lm_naming, projector_naming = (
       _LLAVA_VISION[0], _LLAVA_LM[0], _LLAVA_PROJECTOR[0])
   tensors = {**_to_hf_tensors(params["vision"], vision_naming),
@@ -589,3 +594,11 @@ def save_vlm(cfg: vlm.Config, params, path):
   fields = {f: getattr(cfg, f) for f in _DRIVLM_FIELDS}
   save_file(flat, os.path.join(path, DRIVLM_PARTS),
             metadata={"drivlm_config": json.dumps(fields)})
+  if tokenizer:
+    for name in sorted(os.listdir(tokenizer)):
+      if name in _TOKENIZER_FILES or name.startswith(("tokenizer", "chat_template")):
+        shutil.copy(os.path.join(tokenizer, name), os.path.join(path, name))
+
+
+_TOKENIZER_FILES = ("special_tokens_map.json", "vocab.json", "merges.txt",
+                    "added_tokens.json", "processor_config.json", "preprocessor_config.json")

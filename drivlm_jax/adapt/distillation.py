@@ -16,18 +16,50 @@ import flax.linen as nn
 import jax
 from absl import logging
 
-from drivlm_jax import adapt, run as run_lib
+from drivlm_jax import adapt, hf, pretrained, run as run_lib
+from drivlm_jax.data import tokenizer as tokenizer_lib
 from drivlm_jax.losses import distill
 from drivlm_jax.model import vlm
 
 
-def load_teacher(teacher_dir: str, cfg: vlm.Config) -> run_lib.Run:
-  """The frozen teacher run; its LM must share the student's vocabulary."""
-  teacher = run_lib.load(teacher_dir)
-  if teacher.cfg.language.vocab_size != cfg.language.vocab_size:
-    raise ValueError(f"teacher {teacher_dir} has a {teacher.cfg.language.vocab_size}-token "
-                     f"vocabulary, the student {cfg.language.vocab_size}: LM distillation "
-                     f"needs one tokenizer")
+def _same_tokenizer(teacher: str | None, student: str, student_file: str) -> bool:
+  """"" is the sim's BPE (the same for every run: trained on the sim's own corpus); None is
+  unknown (an HF LLaVA teacher without tokenizer files)."""
+  if teacher == student:
+    return True
+  if not teacher or not student:
+    return False
+  return tokenizer_lib.load(teacher).vocab() == tokenizer_lib.load(student_file).vocab()
+
+
+def load_teacher(teacher_dir: str, cfg: vlm.Config, weights: dict, config,
+                 feats) -> run_lib.Run:
+  """The frozen teacher: a run directory, or an HF LLaVA directory (any size). Heads KD needs
+  trained heads (a run, or `drivlm.safetensors` beside the LLaVA); LM-logit KD needs the
+  student's tokenizer. Heads and feature KD work across tokenizers."""
+  if pretrained.is_llava(teacher_dir):
+    tcfg, params = hf.load_vlm(teacher_dir)
+    if "heads" not in params:
+      if weights["kd_heads"]:
+        raise ValueError(f"teacher {teacher_dir}: an HF LLaVA without DriVLM heads "
+                         f"({hf.DRIVLM_PARTS}) has nothing to teach the heads; set "
+                         f"--config.loss.kd_heads=0")
+      params = {**jax.jit(lambda k: vlm.init(tcfg, k))(jax.random.key(0)), **params}
+    teacher = run_lib.Run(teacher_dir, None, tcfg, params, 0)
+    tokenizer = teacher_dir if tokenizer_lib.has_tokenizer(teacher_dir) else None
+  else:
+    teacher = run_lib.load(teacher_dir)
+    tokenizer = teacher.config.data.get("tokenizer", "")
+  if weights["kd_lm"]:
+    ours = config.data.get("tokenizer", "")
+    same = _same_tokenizer(tokenizer, ours, feats.tokenizer)
+    if not same or teacher.cfg.language.vocab_size != cfg.language.vocab_size:
+      raise ValueError(
+          f"teacher {teacher_dir} (tokenizer {tokenizer or 'the sim BPE'}, "
+          f"{teacher.cfg.language.vocab_size}-token LM) and the student (tokenizer "
+          f"{ours or 'the sim BPE'}, {cfg.language.vocab_size}-token LM) do not share one "
+          f"tokenizer, which LM-logit distillation needs; set --config.loss.kd_lm=0 to "
+          f"distil the heads and visual features only")
   logging.info("teacher: %s at step %d", teacher_dir, teacher.step)
   return teacher
 
@@ -47,7 +79,6 @@ class Distillation(adapt.Component):
 
   @classmethod
   def from_config(cls, config, cfg, feats):
-    del feats
     weights = adapt.weights(config, cls.terms)
     kd = config.get("distill", {})
     if not any(w > 0 for w in weights.values()):
@@ -55,7 +86,8 @@ class Distillation(adapt.Component):
     if not kd.get("teacher"):   # the no_distillation ablation: one flag turns it off
       logging.warning("distillation off: config.distill.teacher is empty")
       return None
-    return cls(cfg, load_teacher(kd.teacher, cfg), weights, float(kd.get("temperature", 1.0)),
+    return cls(cfg, load_teacher(kd.teacher, cfg, weights, config, feats), weights,
+               float(kd.get("temperature", 1.0)),
                kd.get("feature_kind", "cosine"))
 
   @property

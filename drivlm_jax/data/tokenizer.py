@@ -36,6 +36,10 @@ class _Tokenizer:
     """-> (prompt ids, answer ids) of one example."""
     raise NotImplementedError
 
+  def vocab(self) -> dict:
+    """token -> id: two tokenizers with the same vocab give the LM the same ids."""
+    return self.tokenizer.get_vocab()
+
   def prompt_from_ids(self, instruction_ids, num_image_tokens: int) -> list:
     """The prompt for the (unpadded) instruction ids, as `parts` builds it."""
     return self.parts(self.decode(instruction_ids), "", num_image_tokens)[0]
