@@ -173,7 +173,8 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
       loss="siglip" if config.model.vision.family == "siglip" else "clip",
       text=dict(hidden_size=width, intermediate_size=4 * width, num_layers=2,
                 num_heads=max(1, width // 64), max_position_embeddings=64,
-                projection_dim=width)))
+                projection_dim=width),
+      text_tower=""))   # a CLIPModel directory: its text tower and tokenizer instead
   return config
 
 

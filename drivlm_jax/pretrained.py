@@ -1,6 +1,6 @@
 """Where a run's model starts: an HF LLaVA directory or a run directory (`init_from`), and
 separate HF towers (`init_vision`: CLIP/SigLIP, `init_language`: LLaMA/Qwen2) with a fresh
-projector. What a source does not hold (heads, reweighting scorer, discriminators) starts
+projector; the CLIP stage's text tower from `clip.text_tower` (a CLIPModel directory). What a source does not hold (heads, reweighting scorer, discriminators) starts
 fresh; the log says what was loaded and what was not.
 
 A pretrained part must be the model the config describes: `model_fields` reads the model
@@ -141,6 +141,11 @@ def start(params, cfg: vlm.Config, config):
                           ("init_language", hf.load_language_model, "language")):
     if config.get(key, ""):
       params = _load(params, cfg, config.get(key), key, load, part, taken)
+  clip = config.get("clip") or {}
+  if clip.get("text_tower") and (config.get("loss") or {}).get("clip", 0.0) > 0:
+    params = _place(params, {"text": hf.load_text_tower(clip["text_tower"])[1]},
+                    clip["text_tower"], taken)
+    logging.warning("clip.text_tower %s: the CLIP text tower loaded", clip["text_tower"])
   if taken:
     parts = lambda paths: {jax.tree_util.keystr(p[:1]) for p in paths}
     every = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]

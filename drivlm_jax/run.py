@@ -17,7 +17,7 @@ from absl import flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from drivlm_jax import lora
+from drivlm_jax import hf, lora
 from drivlm_jax.data import pipeline
 from drivlm_jax.data import tokenizer as tokenizer_lib
 from drivlm_jax.model import vlm
@@ -46,7 +46,14 @@ def features(config, cfg: vlm.Config, tokenizer: str) -> pipeline.Features:
         f"tokenizer {tokenizer} (<image> id {tok.image_id}, {tok.vocab_size} tokens) does not "
         f"fit the model (model.image_token_id {cfg.image_token_id}, vocab_size "
         f"{cfg.language.vocab_size}); set config.data.tokenizer or config.model.image_token_id")
-  return pipeline.Features(tokenizer=tokenizer, family=cfg.vision.family,
+  clip = config.get("clip") or {}
+  captions = clip.get("text_tower", "") if config.loss.get("clip", 0.0) > 0 else ""
+  caption_len = pipeline.Features.max_caption_len
+  if captions:   # no longer than the text tower's positions
+    caption_len = min(caption_len, hf.text_config(captions).max_position_embeddings)
+  return pipeline.Features(tokenizer=tokenizer, caption_tokenizer=captions,
+                           max_caption_len=caption_len,
+                           family=cfg.vision.family,
                            image_size=cfg.vision.image_size,
                            num_image_tokens=cfg.num_visual_tokens, max_len=d.max_len,
                            resize=d.resize, augment=d.augment)

@@ -49,3 +49,23 @@ def reference_ids(proc, question, answer=None) -> list:
                                   add_generation_prompt=answer is None)
   image = np.zeros((proc.image_processor.crop_size["height"],) * 2 + (3,), np.uint8)
   return list(proc(text=text, images=image, return_tensors="np")["input_ids"][0])
+
+
+def clip_tokenizer(path) -> transformers.PreTrainedTokenizerFast:
+  """A CLIP-style tokenizer (<|startoftext|> ... <|endoftext|>, padded with <|endoftext|>),
+  saved to `path`."""
+  from tokenizers import processors
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<unk>", "<|startoftext|>", "<|endoftext|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.post_processor = processors.TemplateProcessing(
+      single="<|startoftext|> $A <|endoftext|>",
+      special_tokens=[("<|startoftext|>", 1), ("<|endoftext|>", 2)])
+  fast = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, unk_token="<unk>", bos_token="<|startoftext|>",
+      eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+  fast.save_pretrained(path)
+  return fast

@@ -1,19 +1,21 @@
 """Contrastive image-text fine-tuning of the vision tower (DriVLM part 1).
 
-A CLIP text tower over the LM's tokenizer (pooled at the last real token) embeds the
-caption of each image (the driving instruction, on both domains); the loss pulls matching
-image and caption embeddings together: CLIP's symmetric InfoNCE, or SigLIP's pairwise
-sigmoid loss (with its learned bias) for SigLIP towers.
+A CLIP text tower embeds the caption of each image (the driving instruction, on both
+domains); the loss pulls matching image and caption embeddings together: CLIP's symmetric
+InfoNCE, or SigLIP's pairwise sigmoid loss (with its learned bias) for SigLIP towers. The
+text tower is a real CLIP one when `config.clip.text_tower` names a CLIPModel directory
+(its weights, projections and logit scale, and its own tokenizer for the captions), else a
+fresh small one over the LM's tokenizer, pooled at the last real token.
 
 Config: loss weight `clip` in `config.loss`; `config.clip = dict(loss="clip"|"siglip",
-text=dict(text tower sizes))`.
+text=dict(fresh text tower sizes), text_tower="" | CLIPModel directory)`.
 """
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 
-from drivlm_jax import adapt
+from drivlm_jax import adapt, hf
 from drivlm_jax.losses import contrastive
 from drivlm_jax.model import text
 
@@ -34,11 +36,21 @@ class ContrastiveFinetuning(adapt.Component):
     if not adapt.weights(config, cls.terms)["clip"] > 0:
       return None
     clip = config.get("clip", {})
-    tcfg = text.Config(**{**dict(clip.get("text", {})), "vocab_size": cfg.language.vocab_size,
-                          "vision_hidden_size": cfg.vision.hidden_size, "pool": "last"})
     kind = clip.get("loss", "clip")
     if kind not in ("clip", "siglip"):
       raise ValueError(f"config.clip.loss must be 'clip' or 'siglip', got {kind!r}")
+    if clip.get("text_tower"):
+      tcfg = hf.text_config(clip.text_tower)   # its weights: pretrained.start
+      if tcfg.vision_hidden_size != cfg.vision.hidden_size:
+        raise ValueError(f"config.clip.text_tower {clip.text_tower}: its visual_projection "
+                         f"takes width {tcfg.vision_hidden_size}, the vision tower gives "
+                         f"{cfg.vision.hidden_size}")
+      if kind != "clip":
+        raise ValueError(f"config.clip.text_tower {clip.text_tower} is a CLIPModel: set "
+                         f"config.clip.loss='clip'")
+      return cls(tcfg, kind)
+    tcfg = text.Config(**{**dict(clip.get("text", {})), "vocab_size": cfg.language.vocab_size,
+                          "vision_hidden_size": cfg.vision.hidden_size, "pool": "last"})
     return cls(tcfg, kind)
 
   def init(self, key):

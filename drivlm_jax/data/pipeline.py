@@ -37,13 +37,14 @@ class SourceSpec:
 @dataclasses.dataclass(frozen=True)
 class Features:
   """How examples become model inputs."""
-  tokenizer: str                 # path of tokenizer.json
+  tokenizer: str                 # the sim's tokenizer.json, or a checkpoint directory
   family: str = "clip"           # normalisation statistics
   image_size: int = 224
   num_image_tokens: int = 196
   max_len: int = 256
   max_instruction_len: int = 32  # the instruction alone, for instruction-guided reweighting
   max_caption_len: int = 48      # image-text pairs for CLIP fine-tuning
+  caption_tokenizer: str = ""    # a CLIP checkpoint directory: captions in its own tokens
   max_boxes: int = 16
   resize: str = "pad"            # "pad" | "crop"
   augment: bool = True
@@ -81,6 +82,11 @@ class ExampleTransform:
     self.f, self.domain, self.labelled, self.train, self.seed = (features, domain, labelled,
                                                                  train, seed)
     self.tokenizer = tokenizer_lib.load(features.tokenizer)
+    self.captions = None
+    if features.caption_tokenizer:
+      import transformers
+      self.captions = transformers.AutoTokenizer.from_pretrained(features.caption_tokenizer,
+                                                                 local_files_only=True)
 
   def __call__(self, index, example):
     f = self.f
@@ -121,9 +127,15 @@ class ExampleTransform:
     # answer on labelled rows: captions of another form on source than on target rows would
     # teach the tower to tell the domains apart (measured: teachers warm-started from such a
     # stage adapted to 42-56 target mAP, from scratch 74).
-    caption = self.tokenizer.encode(instruction)
-    caption = caption[:f.max_caption_len - 1] + [self.tokenizer.eos_id]
-    text["caption_ids"] = np.full(f.max_caption_len, self.tokenizer.pad_id, np.int32)
+    if self.captions is not None:   # the CLIP tokenizer's own <bos> ... <eos>
+      caption = self.captions(instruction, truncation=True,
+                              max_length=f.max_caption_len)["input_ids"]
+      pad = self.captions.pad_token_id if self.captions.pad_token_id is not None else 0
+    else:
+      caption = self.tokenizer.encode(instruction)
+      caption = caption[:f.max_caption_len - 1] + [self.tokenizer.eos_id]
+      pad = self.tokenizer.pad_id
+    text["caption_ids"] = np.full(f.max_caption_len, pad, np.int32)
     text["caption_ids"][:len(caption)] = caption
     text["caption_mask"] = (np.arange(f.max_caption_len) < len(caption)).astype(np.int32)
 
