@@ -70,7 +70,8 @@ def finetune(config, recipe: str, rank: int = 16):
   freeze_vision          the vision tower is frozen (no gradients, no AdamW state)
   freeze_lm              the LM is frozen (the projector, heads and vision tower train)
   lora_lm                LoRA (rank `rank`, alpha 2 * rank) on the LM's attention and MLP
-                         kernels, which stay frozen; everything else trains
+                         kernels; the whole LM is frozen (embeddings and norms too), the
+                         adapters, projector, heads and vision tower train
   lora_lm_freeze_vision  both
   """
   if recipe not in RECIPES:
@@ -79,7 +80,8 @@ def finetune(config, recipe: str, rank: int = 16):
   config.lora = ml_collections.ConfigDict(dict(
       rank=rank if lora_on else 0, alpha=2.0 * rank, targets=LM_LORA_TARGETS))
   frozen = {"freeze_vision": ["^vision/"], "freeze_lm": ["^language/"],
-            "lora_lm_freeze_vision": ["^vision/"]}.get(recipe, [])
+            "lora_lm": ["^language/"],
+            "lora_lm_freeze_vision": ["^language/", "^vision/"]}.get(recipe, [])
   config.optimizer.parts = [{"pattern": p, "freeze": True} for p in frozen] + list(
       config.optimizer.get("parts", []))
 

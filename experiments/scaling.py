@@ -3,6 +3,9 @@ r"""Memory and compute per device for a model preset on a mesh, before paying fo
   python -m experiments.scaling [--preset clip_b16_qwen05b] [--mesh 8,4,2] [--batch 256]
       [--seq 256] [--dtype bfloat16] [--remat] [--peak-tflops 197] [--mfu 0.4] [--check]
 
+It also prints the finetune recipes (full, frozen vision tower or LM, LoRA on the LM) of
+--preset (default clip_b16_qwen05b): LoRA and frozen parts keep no gradients or AdamW state.
+
 With --peak-tflops (per device), the step time at --mfu of that peak is printed too.
 
 Per device, for AdamW training with fp32 master params: params, gradients and optimizer
@@ -22,11 +25,12 @@ import math  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from configs import common  # noqa: E402
-from drivlm_jax import parallel, train  # noqa: E402
+from drivlm_jax import lora, optim, parallel, train  # noqa: E402
 from drivlm_jax.model import vlm  # noqa: E402
 
 GIB = 2 ** 30
@@ -65,41 +69,70 @@ def _mesh_splits(spec, mesh_sizes: dict, rules) -> list:
   return splits
 
 
-def param_elements_per_device(cfg: vlm.Config, mesh_sizes: dict, rules) -> tuple:
-  """(total params, params held by one device)."""
+def tuned(cfg: vlm.Config, tune: str = "full", rank: int = 16):
+  """(shapes, logical axes, trainable mask) of the params a `configs.common.finetune`
+  recipe trains: LoRA params added, frozen parts marked."""
+  config = ml_collections.ConfigDict(dict(optimizer=dict(parts=[])))
+  common.finetune(config, tune, rank)
   shapes = jax.eval_shape(lambda k: vlm.init(cfg, k), jax.random.key(0))
-  specs = jax.tree.leaves(vlm.logical_axes(cfg),
-                          is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
-  total = shard = 0
-  for leaf, spec in zip(jax.tree.leaves(shapes), specs):
+  axes = vlm.logical_axes(cfg)
+  if lora.enabled(config.lora):
+    axes["lora"] = lora.logical_axes(config.lora, shapes, axes)
+    shapes["lora"] = jax.eval_shape(lambda k: lora.init(config.lora, shapes, k),
+                                    jax.random.key(0))
+  parts = list(train.optimizer_config(config, shapes).parts)
+  labels = optim.part_labels(shapes, parts)
+  return shapes, axes, jax.tree.map(lambda label: label != "frozen", labels)
+
+
+def param_elements_per_device(cfg: vlm.Config, mesh_sizes: dict, rules,
+                              tune: str = "full") -> tuple:
+  """(total params, params held by one device, trainable params held by one device)."""
+  shapes, axes, trainable = tuned(cfg, tune)
+  specs = jax.tree.leaves(axes, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+  total = shard = train_shard = 0
+  for leaf, spec, trains in zip(jax.tree.leaves(shapes), specs, jax.tree.leaves(trainable)):
     total += leaf.size
     splits = _mesh_splits(tuple(spec) + (None,) * (leaf.ndim - len(spec)), mesh_sizes, rules)
-    shard += math.prod(-(-d // s) for d, s in zip(leaf.shape, splits))
-  return total, shard
+    held = math.prod(-(-d // s) for d, s in zip(leaf.shape, splits))
+    shard += held
+    train_shard += held if trains else 0
+  return total, shard, train_shard
 
 
-def activation_bytes(cfg: vlm.Config, seq_len: int, tensor: int, remat: bool) -> float:
-  """Training activations of one example (vision tower + LM + fp32 logits)."""
-  act = 2 if cfg.language.dtype == "bfloat16" else 4
-  total = 0.0
-  for part, s in ((cfg.vision, cfg.vision.num_patches + 1), (cfg.language, seq_len)):
-    h, a = part.hidden_size, part.num_heads
-    layer = s * h * (10 + 24 / tensor + 5 * a * s / (h * tensor)) * act / 2
-    total += (part.num_layers * s * h * act + layer) if remat else part.num_layers * layer
+def _tower_activation_bytes(part, s: int, tensor: int, remat: bool) -> float:
+  """Training activations of one example in one transformer (vision tower or LM) over s
+  tokens (Korthikanti et al. 2022)."""
+  act = 2 if part.dtype == "bfloat16" else 4
+  h, a = part.hidden_size, part.num_heads
+  layer = s * h * (10 + 24 / tensor + 5 * a * s / (h * tensor)) * act / 2
+  return (part.num_layers * s * h * act + layer) if remat else part.num_layers * layer
+
+
+def activation_bytes(cfg: vlm.Config, seq_len: int, tensor: int, remat: bool,
+                     vision: bool = True) -> float:
+  """Training activations of one example (vision tower unless `vision` is False, LM, fp32
+  logits)."""
+  total = _tower_activation_bytes(cfg.language, seq_len, tensor, remat)
+  if vision:
+    total += _tower_activation_bytes(cfg.vision, cfg.vision.num_patches + 1, tensor, remat)
   return total + 2 * seq_len * cfg.language.vocab_size * 4 / tensor
 
 
 def estimate(cfg: vlm.Config, mesh_sizes: dict, global_batch: int, seq_len: int,
-             remat: bool = False, rules=parallel.DEFAULT_RULES) -> dict:
-  """Per-device bytes (params, grads, AdamW state, activations) and FLOPs per example."""
-  total, shard = param_elements_per_device(cfg, mesh_sizes, rules)
+             remat: bool = False, rules=parallel.DEFAULT_RULES, tune: str = "full") -> dict:
+  """Per-device bytes (params, grads, AdamW state, activations) and FLOPs per example, for
+  a finetune recipe (`tune`): gradients and AdamW moments only for what trains; a frozen
+  vision tower keeps no activations for the backward pass."""
+  total, shard, train_shard = param_elements_per_device(cfg, mesh_sizes, rules, tune)
   batch_split = mesh_sizes["data"] * mesh_sizes["fsdp"]
   per_device_batch = global_batch / batch_split
   flops = 3 * (vision_flops(cfg.vision, 1) + lm_flops(cfg.language, 1, seq_len))
-  return {"params": total, "param_bytes": 4 * shard, "grad_bytes": 4 * shard,
-          "optimizer_bytes": 8 * shard,
-          "activation_bytes": per_device_batch * activation_bytes(
-              cfg, seq_len, mesh_sizes["tensor"], remat),
+  activations = activation_bytes(cfg, seq_len, mesh_sizes["tensor"], remat,
+                                 vision=tune not in ("freeze_vision", "lora_lm_freeze_vision"))
+  return {"params": total, "param_bytes": 4 * shard, "grad_bytes": 4 * train_shard,
+          "optimizer_bytes": 8 * train_shard,
+          "activation_bytes": per_device_batch * activations,
           "per_device_batch": per_device_batch, "train_flops_per_example": flops,
           "step_flops_per_device": flops * global_batch / math.prod(mesh_sizes.values())}
 
@@ -129,7 +162,7 @@ def xla_memory(cfg: vlm.Config, mesh_sizes: dict, global_batch: int, seq_len: in
 def _row(name, est, peak, mfu):
   gib = lambda b: b / GIB
   state = est["param_bytes"] + est["grad_bytes"] + est["optimizer_bytes"]
-  line = (f"{name:20s} {est['params'] / 1e6:9.1f} {gib(est['param_bytes']):8.2f} "
+  line = (f"{name:22s} {est['params'] / 1e6:9.1f} {gib(est['param_bytes']):8.2f} "
           f"{gib(est['optimizer_bytes']):8.2f} {gib(est['activation_bytes']):8.2f} "
           f"{gib(state + est['activation_bytes']):8.2f} "
           f"{est['train_flops_per_example'] / 1e12:10.3f}")
@@ -157,12 +190,18 @@ def main():
   presets = [args.preset] if args.preset else sorted(common.MODEL_PRESETS)
   print(f"mesh {mesh} ({devices} devices), global batch {args.batch}, {args.seq} LM tokens, "
         f"{args.dtype} compute, fp32 master params + AdamW, remat {args.remat}")
-  print(f"{'preset':20s} {'M params':>9s} {'params':>8s} {'adam':>8s} {'activ.':>8s} "
+  print(f"{'preset':22s} {'M params':>9s} {'params':>8s} {'adam':>8s} {'activ.':>8s} "
         f"{'total':>8s} {'TFLOP/ex':>10s}" + (f" {'step s':>8s}" if args.peak_tflops else "")
         + "   (GiB per device; total includes gradients)")
   for name in presets:
     cfg = preset_config(name, args.dtype, args.remat)
     print(_row(name, estimate(cfg, mesh, args.batch, args.seq, args.remat),
+               args.peak_tflops, args.mfu))
+  preset = args.preset or "clip_b16_qwen05b"
+  print(f"\nfinetune recipes (configs/common.py finetune, LoRA rank 16) of {preset}:")
+  cfg = preset_config(preset, args.dtype, args.remat)
+  for tune in common.RECIPES:
+    print(_row(tune, estimate(cfg, mesh, args.batch, args.seq, args.remat, tune=tune),
                args.peak_tflops, args.mfu))
   if args.check:
     check_mesh, batch, seq = {"data": 2, "fsdp": 2, "tensor": 2}, 16, 128

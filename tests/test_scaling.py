@@ -74,3 +74,28 @@ def test_flops_per_example_match_xla_cost_analysis():
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   ours = scaling.vision_flops(cfg.vision, 1) + scaling.lm_flops(cfg.language, 1, 96)
   assert 0.9 < ours / cost["flops"] < 1.1, (ours, cost["flops"])
+
+
+@pytest.mark.parametrize("tune", ["freeze_vision", "lora_lm"])
+def test_finetune_recipes_hold_adam_state_only_for_what_trains(tune):
+  """The estimate of a recipe's params and AdamW state per device equals the real optimizer
+  (optim.make with the trainer's frozen parts and LoRA) on an FSDP mesh."""
+  import ml_collections
+  from configs import common
+  from drivlm_jax import optim, train
+  cfg, mesh_sizes = scaling.preset_config("tiny"), {"data": 1, "fsdp": 8, "tensor": 1}
+  shapes, axes, _ = scaling.tuned(cfg, tune)
+  mesh = parallel.make_mesh(mesh_sizes)
+  shardings = parallel.param_shardings(axes, mesh, parallel.DEFAULT_RULES)
+  zeros = lambda s, sh: jax.device_put(np.zeros(s.shape, s.dtype), sh)
+  params = jax.tree.map(zeros, shapes, shardings)
+  config = ml_collections.ConfigDict(dict(optimizer=dict(
+      learning_rate=1e-3, warmup_steps=1, weight_decay=0.1, grad_clip_norm=1.0, parts=[])))
+  common.finetune(config, tune)
+  tx = optim.make(train.optimizer_config(config, params), params, 10)
+  with jax.set_mesh(mesh):
+    state = jax.jit(tx.init, out_shardings=parallel.like_params(
+        jax.eval_shape(tx.init, params), params, mesh))(params)
+  est = scaling.estimate(cfg, mesh_sizes, global_batch=16, seq_len=64, tune=tune)
+  assert est["param_bytes"] == _device0_bytes(params)
+  assert abs(est["optimizer_bytes"] - _device0_bytes(state)) <= 16
