@@ -55,7 +55,12 @@ def configure(config):
   config = config.copy_and_resolve_references()
   # The checkpoint's own tokenizer, unless the config names one.
   for source in (init_from if is_llava(init_from) else "", init_language):
-    if source and not config.data.get("tokenizer") and tokenizer_lib.has_tokenizer(source):
+    if source and not config.data.get("tokenizer"):
+      if not tokenizer_lib.has_tokenizer(source):
+        raise FileNotFoundError(
+            f"{source}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...) beside "
+            f"the checkpoint, and config.data.tokenizer is unset; set "
+            f"--config.data.tokenizer=DIR to the checkpoint's tokenizer")
       config.data.tokenizer = source
       logging.warning("data.tokenizer: %s (the checkpoint's own)", source)
   before = config.model.to_dict()

@@ -101,3 +101,23 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_an_error(checkpoint):
   params = jax.eval_shape(lambda k: vlm.init(cfg, k), jax.random.key(0))
   with pytest.raises(hf.CheckpointError, match="language.num_layers: 2 in the checkpoint, 3 in"):
     pretrained.start(params, cfg, config)
+
+
+def test_one_line_errors_name_the_file_or_key(checkpoint, tmp_path):
+  import shutil
+  bare = tmp_path / "bare"          # the LLaVA weights without their tokenizer
+  bare.mkdir()
+  for name in ("config.json", "model.safetensors"):
+    shutil.copy(os.path.join(checkpoint, name), bare / name)
+  with pytest.raises(FileNotFoundError, match=f"{bare}: no tokenizer files"):
+    pretrained.configure(demo.get_config(f"init={bare}"))
+  pickled = tmp_path / "pickled"    # a pickle-only checkpoint is never read
+  pickled.mkdir()
+  shutil.copy(bare / "config.json", pickled / "config.json")
+  (pickled / "pytorch_model.bin").write_bytes(b"not read")
+  with pytest.raises(hf.CheckpointError, match="pickled holds only pickle weights"):
+    hf.load_vlm(str(pickled))
+  config = pretrained.configure(demo.get_config(f"init={checkpoint}"))
+  config.model.image_token_id = 5   # the tokenizer's <image> is 4
+  with pytest.raises(ValueError, match=r"<image> id 4.*model.image_token_id 5"):
+    run_lib.features(config, run_lib.model_config(config), checkpoint)
