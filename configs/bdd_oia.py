@@ -7,7 +7,9 @@ Source and target are BDD-OIA folders (e.g. split by time of day).
       --workdir gs://BUCKET/bdd_oia/student --config.data.source_dir=SRC --config.data.target_dir=TGT
 
 Variants (`:name=value,...`): method=source_only|drivlm_teacher|drivlm_student|drivlm|oracle,
-teacher=DIR, model=<preset in configs/common.py>, steps=N. Ablations: see common.add_method.
+teacher=DIR (a run or an HF LLaVA directory), model=<preset in configs/common.py>, steps=N,
+init=DIR (a run or an HF LLaVA directory to start from), tune=full|freeze_vision|freeze_lm|
+lora_lm|lora_lm_freeze_vision (common.finetune). Ablations: see common.add_method.
 """
 from configs import common
 

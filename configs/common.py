@@ -210,8 +210,10 @@ def real_config(arg, description: str):
   config.seed = 0
   preset = arg.model or ("clip_l14_qwen15b" if method == "drivlm_teacher" else "clip_b16_qwen05b")
   config.model = model_config(preset)
-  # The default tokenizer is the sim's BPE (<image> = 3); with a checkpoint's own tokenizer
-  # set --config.data.tokenizer and --config.model.image_token_id to match.
+  # The default tokenizer is the sim's BPE (<image> = 3). A pretrained start (init=LLaVA
+  # dir, --config.init_vision/init_language) takes the model config and the tokenizer from
+  # the checkpoints (drivlm_jax/pretrained.py); composed towers set image_token_id to the
+  # tokenizer's image placeholder.
   config.model.image_token_id = 3
   config.mixed_precision = True
   config.ema_decay = 0.999

@@ -13,7 +13,8 @@ appearance; its labels are used for evaluation only, and by the oracle).
 Variants (`:name=value,...`):
   method=source_only|drivlm_teacher|drivlm_student|drivlm|oracle   (see common.add_method)
   teacher=DIR                 the teacher run of drivlm_student
-  init=DIR                    warm-start from a run (the demo: the source-only run)
+  init=DIR                    warm-start from a run or an HF LLaVA directory
+  tune=full|freeze_vision|freeze_lm|lora_lm|lora_lm_freeze_vision   (common.finetune)
   model=tiny|tiny_teacher|clip_b16_qwen05b|...   (default: tiny)
   steps=N                     total training steps
 Own data instead of the sim: --config.data.source_dir=DIR --config.data.target_dir=DIR.

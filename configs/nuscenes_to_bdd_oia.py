@@ -8,7 +8,9 @@ explanations are the shared label space (nuScenes actions come from the ego path
       --workdir gs://BUCKET/nuscenes_to_bdd_oia/student --config.data.source_dir=SRC --config.data.target_dir=TGT
 
 Variants (`:name=value,...`): method=source_only|drivlm_teacher|drivlm_student|drivlm|oracle,
-teacher=DIR, model=<preset in configs/common.py>, steps=N. Ablations: see common.add_method.
+teacher=DIR (a run or an HF LLaVA directory), model=<preset in configs/common.py>, steps=N,
+init=DIR (a run or an HF LLaVA directory to start from), tune=full|freeze_vision|freeze_lm|
+lora_lm|lora_lm_freeze_vision (common.finetune). Ablations: see common.add_method.
 """
 from configs import common
 
