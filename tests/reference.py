@@ -85,6 +85,19 @@ def causal_lm(family="qwen2", vocab=128, hidden=64, heads=4, kv_heads=2, layers=
   return perturb(model, seed)
 
 
+def llava_prompt(cfg, image_token, seed=0):
+  """Left-padded prompts [pad..., text, the image's tokens, text] for a vlm.Config ->
+  (input_ids [2, T] int32, attention_mask [2, T])."""
+  rng = np.random.default_rng(seed)
+  n = cfg.num_visual_tokens
+  ids = rng.integers(10, cfg.language.vocab_size, (2, n + 9)).astype(np.int32)
+  ids[:, 3:3 + n] = image_token
+  mask = np.ones_like(ids)
+  mask[1, :2] = 0
+  ids[mask == 0] = 0
+  return ids, mask
+
+
 def images(batch, size, seed=0):
   """Random normalised NHWC images and the NCHW torch tensor of the same values."""
   x = np.random.default_rng(seed).normal(size=(batch, size, size, 3)).astype(np.float32)

@@ -50,15 +50,7 @@ def llava(request, tmp_path_factory):
 
 
 def _prompt(cfg, seed=0):
-  """Left-padded prompts: [pad..., text, the image's tokens, text]."""
-  rng = np.random.default_rng(seed)
-  n = cfg.num_visual_tokens
-  ids = rng.integers(10, cfg.language.vocab_size, (2, n + 9)).astype(np.int32)
-  ids[:, 3:3 + n] = IMAGE_TOKEN
-  mask = np.ones_like(ids)
-  mask[1, :2] = 0
-  ids[mask == 0] = 0
-  return ids, mask
+  return ref.llava_prompt(cfg, IMAGE_TOKEN, seed)
 
 
 def _hf_logits(model, ids, mask, xt):
