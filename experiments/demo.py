@@ -1,7 +1,7 @@
 r"""The demo on the embedded default: the procedural world's day domain (source, labelled)
 adapted to night+fog (target, unlabelled), on CPU.
 
-  python -m experiments.demo [--workdir runs/demo] [--seeds 1] [--steps 1200]
+  python -m experiments.demo [--workdir runs/demo] [--seeds 1] [--steps 1200] [--smoke]
 
 Per seed, runs of `python -m drivlm_jax.train --config configs/demo.py:method=M`:
   source_only      the tiny VLM on labelled source only
@@ -39,6 +39,19 @@ _SEEDS = flags.DEFINE_integer("seeds", 1, "Training seeds per method.")
 _STEPS = flags.DEFINE_integer("steps", None, "Training steps (default: the config's).")
 _CLIP = flags.DEFINE_bool("clip", False, "Run the CLIP fine-tuning stage and warm-start the "
                           "student from it (the teacher trains from scratch).")
+_SMOKE = flags.DEFINE_bool("smoke", False, "A quick end-to-end check, not a result: small "
+                           "sim data (48 train / 16 test images per domain, 128x72) and 2 "
+                           "generated answers of 8 tokens per evaluation.")
+
+
+def _smoke(config):
+  config.data.width, config.data.height = 128, 72
+  for domain in (config.data.source, config.data.target):
+    domain.update(train=48, test=16)
+  for evaluator in config.evals.values():
+    evaluator.batch_size = 16
+    if evaluator.get("type") == "generation":
+      evaluator.update(num=2, max_new_tokens=8)
 
 
 def _run(method, seed, extra="", init_from=""):
@@ -51,6 +64,8 @@ def _run(method, seed, extra="", init_from=""):
   config.seed = seed
   config.data.cache_dir = os.path.join(root, "data")          # one sim for every run
   config.init_from = init_from
+  if _SMOKE.value:
+    _smoke(config)
   workdir = os.path.join(root, f"seed{seed}", method)
   print(f"== {method} (seed {seed}): python -m drivlm_jax.train --config configs/demo.py:{arg} "
         f"--workdir {workdir} --config.seed={seed} "

@@ -10,7 +10,8 @@ METHODS = ("source_only", "drivlm_teacher", "drivlm_student", "oracle")
 
 def test_demo_runs_every_method(tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "experiments.demo", "--steps", "20", "--workdir", str(tmp_path)],
+      [sys.executable, "-m", "experiments.demo", "--steps", "20", "--smoke", "--workdir",
+       str(tmp_path)],
       capture_output=True, text=True, timeout=900, check=False, cwd=ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   results = json.loads((tmp_path / "results.json").read_text())
