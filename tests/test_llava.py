@@ -15,8 +15,9 @@ from tests import reference as ref
 
 IMAGE_TOKEN = 7
 CASES = {
-    # SigLIP + Qwen2 (GQA), tied embeddings, every vision token projected, no projector bias.
-    "siglip_qwen2": dict(vision=lambda: ref.siglip_vision(layers=2),
+    # SigLIP + Qwen2 (GQA), tied embeddings, every vision token projected, no projector bias;
+    # 36 px in patches of 8 leaves a remainder, as so400m-patch14-384 does (27 x 14 = 378).
+    "siglip_qwen2": dict(vision=lambda: ref.siglip_vision(image_size=36, layers=2),
                          lm=lambda: ref.causal_lm("qwen2", vocab=96, kv_heads=2, tie=True),
                          layer=-1, strategy="full", bias=False),
     # CLIP + LLaMA with one KV head, untied, penultimate layer, class token dropped.

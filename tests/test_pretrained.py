@@ -121,3 +121,19 @@ def test_one_line_errors_name_the_file_or_key(checkpoint, tmp_path):
   config.model.image_token_id = 5   # the tokenizer's <image> is 4
   with pytest.raises(ValueError, match=r"<image> id 4.*model.image_token_id 5"):
     run_lib.features(config, run_lib.model_config(config), checkpoint)
+
+
+def test_an_hf_llava_teacher_and_what_it_can_teach(checkpoint, tmp_path):
+  from drivlm_jax.adapt import distillation
+  from drivlm_jax.data import pipeline
+  from drivlm_jax.sim import tokenizer as sim_tokenizer
+  config = demo.get_config("method=drivlm_student,teacher=x")    # the sim's tokenizer
+  cfg = run_lib.model_config(config)
+  feats = pipeline.Features(tokenizer=sim_tokenizer.write(str(tmp_path)))
+  kd = lambda heads, lm, feature: {"kd_heads": heads, "kd_lm": lm, "kd_feature": feature}
+  with pytest.raises(ValueError, match="without DriVLM heads .* set --config.loss.kd_heads=0"):
+    distillation.load_teacher(checkpoint, cfg, kd(1.0, 0.0, 1.0), config, feats)
+  with pytest.raises(ValueError, match=f"tokenizer {checkpoint}.* the sim BPE.*loss.kd_lm=0"):
+    distillation.load_teacher(checkpoint, cfg, kd(0.0, 1.0, 1.0), config, feats)
+  teacher = distillation.load_teacher(checkpoint, cfg, kd(0.0, 0.0, 1.0), config, feats)
+  assert teacher.cfg.vision.image_size == 32 and {"heads", "vision"} <= set(teacher.params)

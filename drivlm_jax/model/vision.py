@@ -36,9 +36,9 @@ class Config:
   def __post_init__(self):
     if self.family not in ("clip", "siglip"):
       raise ValueError(f"vision family must be 'clip' or 'siglip', got {self.family!r}")
-    if self.image_size % self.patch_size:
-      raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size "
-                       f"{self.patch_size}")
+    if self.patch_size > self.image_size:
+      raise ValueError(f"patch_size {self.patch_size} is larger than image_size "
+                       f"{self.image_size}")
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} not divisible by {self.num_heads} heads")
 
@@ -52,9 +52,12 @@ class Config:
 
 
 def patchify(images, patch_size):
-  """[B, H, W, C] -> [B, H/p * W/p, p * p * C], row-major patches (as a stride-p conv)."""
+  """[B, H, W, C] -> [B, H//p * W//p, p * p * C], row-major patches, as a stride-p "valid"
+  conv: a remainder of the image that fills no whole patch is dropped (SigLIP-so400m-
+  patch14-384: 27 x 27 patches)."""
   b, h, w, c = images.shape
   p = patch_size
+  images = images[:, :h // p * p, :w // p * p]
   x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, (h // p) * (w // p), p * p * c)
 
