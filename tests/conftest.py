@@ -5,3 +5,14 @@ os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# The longest files start first, so the two workers of `make test` (pytest-xdist, a file per
+# worker at a time) finish together instead of one running a long file alone at the end.
+_LONG_FIRST = ("test_demo.py", "test_bucket.py", "test_train.py", "test_pretrained.py",
+               "test_sweep.py", "test_multihost.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = lambda item: (_LONG_FIRST.index(item.path.name) if item.path.name in _LONG_FIRST
+                       else len(_LONG_FIRST))
+  items.sort(key=rank)   # stable: the order within each file is kept
