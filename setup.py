@@ -34,6 +34,7 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "pillow>=10",
         "importlib_resources>=6",
+        "pycocoevalcap>=1.2",   # DriveLM's language scores: its PTB tokenizer (needs java)
     ],
     extras_require={
         "cloud": CLOUD,

@@ -3,13 +3,18 @@
 Multi-label (BDD-OIA): per-class average precision (sklearn's `average_precision_score`:
 sum over thresholds of (R_n - R_{n-1}) P_n), mAP = mean over classes with a positive;
 F1_all = sample-averaged F1 (sklearn `average='samples'`), mF1 = mean per-class F1; all in
-points (0-100). Language (DriveLM): corpus BLEU-1..4, ROUGE-L and CIDEr as pycocoevalcap
-computes them, and exact-match accuracy.
+points (0-100); and BDD-OIA's own script's F1 (`official_f1`: per batch, averaged). Language
+(DriveLM): corpus BLEU-1..4, ROUGE-L and CIDEr as pycocoevalcap computes them, and
+exact-match accuracy; `coco_language` puts pycocoevalcap's PTB tokenizer in front, as the
+DriveLM challenge does, and `drivelm` scores a challenge test set (accuracy, language,
+16 px match, the graph rule, the judge-free part of the final score).
 """
 import collections
 import math
+import re
 
 import numpy as np
+from absl import logging
 
 
 def average_precision(scores, labels) -> float:
@@ -61,12 +66,13 @@ def _ngrams(tokens, n):
   return collections.Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
 
-def bleu(hypotheses, references, max_n=4) -> list:
+def bleu(hypotheses, references, max_n=4, tokenizer=None) -> list:
   """Corpus BLEU-1..max_n (pycocoevalcap: closest reference length, clipped counts)."""
+  tokenizer = tokenizer or tokenize
   hyp_len = ref_len = 0
   matches, totals = [0] * max_n, [0] * max_n
   for hyp, refs in zip(hypotheses, references):
-    h, rs = tokenize(hyp), [tokenize(r) for r in refs]
+    h, rs = tokenizer(hyp), [tokenizer(r) for r in refs]
     hyp_len += len(h)
     ref_len += min((abs(len(r) - len(h)), len(r)) for r in rs)[1]
     for n in range(1, max_n + 1):
@@ -76,12 +82,15 @@ def bleu(hypotheses, references, max_n=4) -> list:
         best |= _ngrams(r, n)
       matches[n - 1] += sum(min(c, best[g]) for g, c in counts.items())
       totals[n - 1] += max(len(h) - n + 1, 0)
-  tiny = 1e-9
-  brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / max(hyp_len, tiny))
-  scores, log_sum = [], 0.0
+  # pycocoevalcap's smoothing: (correct + 1e-15) / (guess + 1e-9) per order, and a brevity
+  # penalty on the ratio (hyp + 1e-15) / (ref + 1e-9).
+  tiny, small = 1e-15, 1e-9
+  ratio = (hyp_len + tiny) / (ref_len + small)
+  brevity = math.exp(1 - 1 / ratio) if ratio < 1 else 1.0
+  scores, product = [], 1.0
   for n in range(max_n):
-    log_sum += math.log((matches[n] + tiny) / (totals[n] + tiny))
-    scores.append(brevity * math.exp(log_sum / (n + 1)))
+    product *= (matches[n] + tiny) / (totals[n] + small)
+    scores.append(brevity * product ** (1 / (n + 1)))
   return scores
 
 
@@ -93,13 +102,13 @@ def _lcs(a, b):
   return table[-1][-1]
 
 
-def rouge_l(hypotheses, references, beta=1.2) -> float:
+def rouge_l(hypotheses, references, beta=1.2, tokenizer=None) -> float:
   """Mean sentence ROUGE-L F (pycocoevalcap: max precision and recall over references)."""
-  scores = []
+  tokenizer, scores = tokenizer or tokenize, []
   for hyp, refs in zip(hypotheses, references):
-    h = tokenize(hyp)
+    h = tokenizer(hyp)
     precisions, recalls = [], []
-    for r in map(tokenize, refs):
+    for r in map(tokenizer, refs):
       lcs = _lcs(h, r)
       precisions.append(lcs / max(len(h), 1))
       recalls.append(lcs / max(len(r), 1))
@@ -108,11 +117,12 @@ def rouge_l(hypotheses, references, beta=1.2) -> float:
   return float(np.mean(scores))
 
 
-def cider(hypotheses, references, n=4, sigma=6.0) -> float:
+def cider(hypotheses, references, n=4, sigma=6.0, tokenizer=None) -> float:
   """CIDEr as pycocoevalcap's `Cider` computes it (TF-IDF n-gram cosine with clipping and a
   Gaussian length penalty, document frequencies from the references, x10)."""
-  refs = [[tokenize(r) for r in rs] for rs in references]
-  hyps = [tokenize(h) for h in hypotheses]
+  tokenizer = tokenizer or tokenize
+  refs = [[tokenizer(r) for r in rs] for rs in references]
+  hyps = [tokenizer(h) for h in hypotheses]
   df = collections.Counter()
   for rs in refs:
     df.update({g for r in rs for k in range(1, n + 1) for g in _ngrams(r, k)})
@@ -148,3 +158,124 @@ def language(hypotheses, references) -> dict:
   return {**{f"BLEU-{i + 1}": 100 * s for i, s in enumerate(b)},
           "ROUGE-L": 100 * rouge_l(hypotheses, references),
           "CIDEr": 100 * cider(hypotheses, references), "accuracy": 100 * float(exact)}
+
+
+def ptb_tokenize(texts) -> list:
+  """Texts as the COCO caption scorers see them: pycocoevalcap's PTBTokenizer (Stanford
+  CoreNLP's PTB tokenizer, run with Java; lowercased, punctuation tokens removed). Without
+  Java it says so and falls back to `tokenize` (lowercase, .,;:!?"'() removed)."""
+  import shutil
+  if shutil.which("java") is None:
+    logging.warning("no java on PATH: DriveLM language metrics use drivlm_jax.metrics."
+                    "tokenize instead of pycocoevalcap's PTB tokenizer (figures may differ)")
+    return [" ".join(tokenize(t)) for t in texts]
+  from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+  tokenized = PTBTokenizer().tokenize({i: [{"caption": t}] for i, t in enumerate(texts)})
+  return [tokenized[i][0] for i in range(len(texts))]
+
+
+def coco_language(hypotheses, references) -> dict:
+  """BLEU-1..4, ROUGE-L and CIDEr as DriveLM's challenge gets them from the COCO caption
+  evaluator: PTB-tokenized text, one reference per hypothesis; fractions (CIDEr x10), keyed
+  as pycocoevalcap keys them."""
+  texts = ptb_tokenize(list(hypotheses) + list(references))
+  hyps, refs = texts[:len(hypotheses)], [[r] for r in texts[len(hypotheses):]]
+  split = str.split
+  scores = {f"Bleu_{n + 1}": b for n, b in enumerate(bleu(hyps, refs, tokenizer=split))}
+  return {**scores, "ROUGE_L": rouge_l(hyps, refs, tokenizer=split),
+          "CIDEr": cider(hyps, refs, tokenizer=split)}
+
+
+#### BDD-OIA as its own evaluation script scores it
+
+
+def official_f1(probabilities, labels, batch_size: int, threshold: float = 0.5) -> float:
+  """F1 as BDD-OIA's `action_prediction/test.py` reports it ("Overall acc"): sigmoid > 0.5,
+  sklearn's samples-F1 of each batch of `batch_size` rows in order (the last one may be
+  smaller), the mean over batches, in points. It equals the dataset-level F1_all only at
+  batch size 1 (and without scores exactly at the threshold, which F1_all counts)."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  predictions, labels = np.asarray(probabilities) > threshold, np.asarray(labels)
+  per_batch = [f1_scores(predictions[i:i + batch_size], labels[i:i + batch_size])[0]
+               for i in range(0, len(labels), batch_size)]
+  return 100 * float(np.mean(per_batch))
+
+
+#### DriveLM challenge scores (OpenDriveLab/DriveLM challenge/evaluation.py)
+
+_DECIMAL = re.compile(r"\d+\.\d+")
+MATCH_PIXELS = 16.0   # an answer's point matches the nearest unmatched GT point within this L1
+
+
+def points(text: str, drop_odd: bool = False) -> np.ndarray:
+  """The (x, y) pairs of the decimal numbers in `text` (c-tags `<c1,CAM_BACK,1088.3,497.5>`),
+  [K, 2]. An odd count is an error, or drops the last number with `drop_odd` (the
+  challenge does that for answers)."""
+  values = [float(v) for v in _DECIMAL.findall(text)]
+  if len(values) % 2:
+    if not drop_odd:
+      raise ValueError(f"an odd number of coordinates in {text!r}")
+    values = values[:-1]
+  return np.asarray(values, np.float64).reshape(-1, 2)
+
+
+def match(answer: str, reference: str) -> tuple:
+  """The challenge's match: each answer point in turn takes the nearest remaining reference
+  point by L1 distance when it is < 16 px (a true positive, removed), else counts as a false
+  positive; unmatched reference points are false negatives -> (matched reference points,
+  F1 with the challenge's 1e-8 terms)."""
+  remaining = list(points(reference))
+  total, matched, false_positives = len(remaining), [], 0
+  for p in points(answer, drop_odd=True):
+    distances = [float(np.abs(p - r).sum()) for r in remaining]
+    if distances and min(distances) < MATCH_PIXELS:
+      matched.append(tuple(remaining.pop(int(np.argmin(distances)))))
+    else:
+      false_positives += 1
+  tp = len(matched)
+  precision = tp / (tp + false_positives + 1e-8)
+  recall = tp / (tp + (total - tp) + 1e-8)
+  return matched, 2 * precision * recall / (precision + recall + 1e-8)
+
+
+def drivelm(frames, language_scores=coco_language) -> dict:
+  """The challenge's scores over `frames`: per frame, its QAs in order (perception,
+  prediction, planning, behavior) as dicts with "question", "answer" (predicted), "gt" and
+  "tag" (a list). The first QA of a frame always counts and its matched points form the
+  frame's graph; a later QA counts only if every point in its question is in that graph.
+  Tag 0: exact-match accuracy; 2: language (`coco_language`, as the challenge's COCO
+  evaluator);
+  3: match F1 (points). Tags 1 and 3 also go to the challenge's GPT judge, which is not
+  run here: "judge_pairs" counts them, and "final_without_judge" is the part of the final
+  score (0.4 GPT + 0.2 language + 0.2 match + 0.2 accuracy, match = (F1 + GPT) / 2) that
+  needs no judge, out of 0.5."""
+  exact, hypotheses, references, f1s, judge_pairs = [], [], [], [], 0
+  for qas in frames:
+    graph = []
+    for i, qa in enumerate(qas):
+      if i == 0:
+        graph = match(qa["answer"], qa["gt"])[0]
+      elif not all(tuple(p) in graph for p in points(qa["question"])):
+        continue
+      tags = set(qa["tag"])
+      if 0 in tags:
+        exact.append(qa["answer"] == qa["gt"])
+      if 2 in tags:
+        hypotheses.append(qa["answer"])
+        references.append(qa["gt"])
+      if 3 in tags:
+        f1s.append(100 * match(qa["answer"], qa["gt"])[1])
+      judge_pairs += (1 in tags) + (3 in tags)
+  out = {"accuracy": float(np.mean(exact)) if exact else None,
+         "match_F1": float(np.mean(f1s)) if f1s else None, "judge_pairs": judge_pairs,
+         "counted": {"accuracy": len(exact), "language": len(hypotheses), "match": len(f1s)}}
+  if hypotheses:
+    scores = language_scores(hypotheses, references)
+    out["language"] = scores
+    out["language_score"] = (sum(scores[f"Bleu_{n}"] for n in range(1, 5)) / 4 / 3
+                             + scores["ROUGE_L"] / 3 + scores["CIDEr"] / 10 / 3)
+  parts = (out.get("language_score"), out["accuracy"], out["match_F1"])
+  out["final_without_judge"] = (None if None in parts else
+                                0.2 * parts[0] + 0.2 * parts[1] + 0.1 * parts[2] / 100)
+  return out

@@ -1,0 +1,120 @@
+"""Benchmarks as they are scored: DriveLM's challenge (language through pycocoevalcap's PTB
+tokenizer and scorers, the 16 px match, the graph rule) and BDD-OIA's per-batch F1 (sklearn),
+each against independent code or numbers worked out here from the definitions."""
+import numpy as np
+import pytest
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+from sklearn.metrics import f1_score
+
+from drivlm_jax import metrics
+from drivlm_jax.sim import labels, scene as scene_lib
+
+HAND = [  # (answer, reference): numbers, punctuation, c-tags, contractions
+    ("There is a car <c1,CAM_FRONT,1088.3,497.5> ahead.",
+     "There is a black sedan <c1,CAM_FRONT,1088.3,497.5> to the front."),
+    ("Yes.", "Yes."), ("No, it's not moving.", "No, it is parked (stationary)."),
+    ("Turn left at 12.5 m/s; slow down!", "Decelerate, then turn left."),
+    ("The ego vehicle should keep going straight...", "Keep going straight."),
+    ("<c2,CAM_BACK,320.0,410.5> and <c3,CAM_FRONT_LEFT,20.1,99.9> are important",
+     "The important objects are <c2,CAM_BACK,320.0,410.5>, <c3,CAM_FRONT_LEFT,20.1,99.9>."),
+]
+
+
+def _sim_pairs(n):
+  """Answer/reference pairs in the sim's DriveLM wording: the answer of one scene against
+  the same question's answer in the next."""
+  pairs = []
+  for i in range(n):
+    qa = []
+    for k in (i, i + 1):
+      scene = scene_lib.sample_scene(np.random.default_rng([7, k]))
+      actions, reasons = labels.actions_and_reasons(scene)
+      qa.append([p["A"] for ps in labels.qa_pairs(scene, actions, reasons).values()
+                 for p in ps])
+    pairs += list(zip(qa[0], qa[1]))
+  return pairs
+
+
+def _pycocoevalcap(pairs):
+  tokenized = PTBTokenizer().tokenize(
+      {**{f"h{i}": [{"caption": a}] for i, (a, _) in enumerate(pairs)},
+       **{f"r{i}": [{"caption": r}] for i, (_, r) in enumerate(pairs)}})
+  res = {i: tokenized[f"h{i}"] for i in range(len(pairs))}
+  gts = {i: tokenized[f"r{i}"] for i in range(len(pairs))}
+  bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+  return {**{f"Bleu_{n + 1}": b for n, b in enumerate(bleu)},
+          "ROUGE_L": Rouge().compute_score(gts, res)[0],
+          "CIDEr": Cider().compute_score(gts, res)[0]}
+
+
+def test_language_scores_equal_pycocoevalcap_after_its_ptb_tokenizer():
+  pairs = _sim_pairs(10)[:60] + HAND
+  assert len(pairs) >= 50
+  ours = metrics.coco_language([a for a, _ in pairs], [r for _, r in pairs])
+  theirs = _pycocoevalcap(pairs)
+  assert set(ours) == set(theirs)
+  for key in theirs:
+    assert ours[key] == pytest.approx(theirs[key], abs=1e-6), key
+
+
+def _challenge_f1(tp, fp, fn):
+  precision, recall = tp / (tp + fp + 1e-8), tp / (tp + fn + 1e-8)
+  return 2 * precision * recall / (precision + recall + 1e-8)
+
+
+def test_match_and_graph_rule_on_a_hand_built_frame():
+  frame = [
+      # The first QA: (105, 204) is 9 px (L1) from (100, 200): matched; (900, 900) is not.
+      {"question": "What are the important objects in the current scene?",
+       "gt": "A car <c1,CAM_FRONT,100.0,200.0> and a man <c2,CAM_BACK,500.0,300.0>.",
+       "answer": "<c1,CAM_FRONT,105.0,204.0> and <c3,CAM_FRONT,900.0,900.0>", "tag": [3]},
+      # Its question's point was matched by the first answer: counted.
+      {"question": "Is <c1,CAM_FRONT,100.0,200.0> moving?", "gt": "Yes.", "answer": "Yes.",
+       "tag": [0]},
+      # (500, 300) was not matched: the graph rule drops this QA (it would score 0).
+      {"question": "Is <c2,CAM_BACK,500.0,300.0> moving?", "gt": "Yes.", "answer": "No.",
+       "tag": [0]},
+      # No point in the question: counted.
+      {"question": "What should the ego vehicle do?", "gt": "Keep going straight.",
+       "answer": "Go straight.", "tag": [2]},
+      # 30 px away: not a match.
+      {"question": "Where will <c1,CAM_FRONT,100.0,200.0> go?",
+       "gt": "<c1,CAM_FRONT,100.0,200.0>", "answer": "<c1,CAM_FRONT,130.0,200.0>",
+       "tag": [1, 3]},
+  ]
+  second = [{"question": "Is it safe?", "gt": "Yes.", "answer": "Yes.", "tag": [0]}]
+  matched, f1 = metrics.match(frame[0]["answer"], frame[0]["gt"])
+  assert matched == [(100.0, 200.0)] and f1 == pytest.approx(_challenge_f1(1, 1, 1), abs=1e-12)
+  scores = metrics.drivelm([frame, second])
+  assert scores["counted"] == {"accuracy": 2, "language": 1, "match": 2}
+  assert scores["accuracy"] == 1.0                    # 0.667 without the graph rule
+  expected_match = 100 * (_challenge_f1(1, 1, 1) + _challenge_f1(0, 1, 1)) / 2
+  assert scores["match_F1"] == pytest.approx(expected_match, abs=1e-9)
+  assert scores["judge_pairs"] == 3                   # tag 3 twice, tag 1 once
+  lang = _pycocoevalcap([("Go straight.", "Keep going straight.")])
+  language = (sum(lang[f"Bleu_{n}"] for n in range(1, 5)) / 12 + lang["ROUGE_L"] / 3
+              + lang["CIDEr"] / 30)
+  assert scores["language_score"] == pytest.approx(language, abs=1e-6)
+  assert scores["final_without_judge"] == pytest.approx(
+      0.2 * language + 0.2 * 1.0 + 0.1 * expected_match / 100, abs=1e-6)
+  with pytest.raises(ValueError, match="odd number of coordinates"):
+    metrics.points("<c1,CAM_FRONT,100.0>")
+
+
+def test_bddoia_official_f1_is_sklearns_samples_f1_averaged_over_batches():
+  rng = np.random.default_rng(0)
+  probs, labels_ = rng.uniform(size=(23, 4)), rng.uniform(size=(23, 4)) < 0.4
+  labels_[3] = False                                   # a row with no label at all
+  for batch in (1, 5, 8, 23):
+    expected = np.mean([f1_score(labels_[i:i + batch], probs[i:i + batch] > 0.5,
+                                 average="samples", zero_division=0)
+                        for i in range(0, 23, batch)])
+    assert metrics.official_f1(probs, labels_, batch) == pytest.approx(100 * expected,
+                                                                      abs=1e-9)
+  # Dataset level (F1_all) equals it at batch size 1 only.
+  f1_all = metrics.multilabel("action", probs, labels_)["action_F1_all"]
+  assert metrics.official_f1(probs, labels_, 1) == pytest.approx(f1_all, abs=1e-9)
+  assert metrics.official_f1(probs, labels_, 5) != pytest.approx(f1_all, abs=1e-3)
