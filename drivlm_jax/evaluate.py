@@ -1,8 +1,9 @@
 r"""Evaluates a run: `python -m drivlm_jax.evaluate --config configs/X.py[:arg] --workdir DIR
 [--split test]`. Restores the latest checkpoint of DIR, runs every evaluator of
 `config.evals` (see `drivlm_jax.evals`) and writes DIR/eval.json:
-{split: {"source"|"target"|...: {action_mAP, action_mF1, action_F1_all, reason_mAP, ...,
-BLEU-1..4, ROUGE-L, CIDEr, accuracy}}, "step": N} in points (0-100), and prints it as a table.
+{split: {"source"|"target"|...: {action_mAP, action_mF1, action_F1_all (dataset level),
+action_F1_official (BDD-OIA's script: per batch, averaged), reason_..., BLEU-1..4, ROUGE-L,
+CIDEr, accuracy}}, "step": N} in points (0-100), and prints it as a table.
 """
 import dataclasses
 

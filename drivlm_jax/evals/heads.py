@@ -1,5 +1,8 @@
 """The driving heads on one role and split: action and explanation mAP / F1 (BDD-OIA
-definitions), optionally with the visual tokens pruned as the deployed student runs."""
+definitions), optionally with the visual tokens pruned as the deployed student runs. Beside
+the dataset-level F1_all, `<kind>_F1_official` is F1 as BDD-OIA's own test script reports
+it: samples-F1 per batch of `official_batch_size` examples (its --batch_size; 1 by
+default, as there), averaged over batches (`metrics.official_f1`)."""
 import dataclasses
 import functools
 
@@ -22,6 +25,7 @@ def probabilities(cfg, params, images, instruction_ids, instruction_mask, keep_r
 @dataclasses.dataclass(frozen=True)
 class Heads(evals.Evaluator):
   keep_ratio: float = 1.0   # < 1: the heads see only the best-scoring tokens (deployed)
+  official_batch_size: int = 1   # the batch of BDD-OIA's test.py for <kind>_F1_official
 
   def run(self, cfg, params, data, feats, place=None) -> dict:
     keep = self.keep_ratio
@@ -45,6 +49,7 @@ class Heads(evals.Evaluator):
         labels[kind].append(evals.gather(x[f"{kind}s"])[keep_rows])
     out = {}
     for kind in ("action", "reason"):
-      out.update(metrics.multilabel(kind, np.concatenate(probs[kind]),
-                                    np.concatenate(labels[kind])))
+      p, y = np.concatenate(probs[kind]), np.concatenate(labels[kind])
+      out.update(metrics.multilabel(kind, p, y))
+      out[f"{kind}_F1_official"] = metrics.official_f1(p, y, self.official_batch_size)
     return out
