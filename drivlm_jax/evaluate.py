@@ -4,13 +4,20 @@ r"""Evaluates a run: `python -m drivlm_jax.evaluate --config configs/X.py[:arg] 
 {split: {"source"|"target"|...: {action_mAP, action_mF1, action_F1_all (dataset level),
 action_F1_official (BDD-OIA's script: per batch, averaged), reason_..., BLEU-1..4, ROUGE-L,
 CIDEr, accuracy}}, "step": N} in points (0-100), and prints it as a table.
+
+`python -m drivlm_jax.evaluate --drivelm_test TEST.json --drivelm_predictions PRED.json
+[--judge CMD] [--workdir DIR]` scores a DriveLM challenge prediction file as the challenge
+does (`evals/drivelm.py`), prints the scores and, with --workdir, adds them to its eval.json
+under "drivelm".
 """
 import dataclasses
+import json
 
 import jax
 from absl import app, flags
 
 from drivlm_jax import evals, run as run_lib
+from drivlm_jax.evals import drivelm
 from drivlm_jax.data import sources
 
 from_config = evals.from_config
@@ -42,8 +49,29 @@ def format_table(result, step=None) -> str:
   return "\n".join(lines)
 
 
+def score_drivelm(test_path, predictions_path, judge_cmd=None, workdir=None) -> dict:
+  with open(test_path) as f:
+    test = json.load(f)
+  with open(predictions_path) as f:
+    predictions = json.load(f)
+  judge = drivelm.judge_command(judge_cmd) if judge_cmd else None
+  scores = drivelm.score(test, predictions, judge)
+  print(json.dumps(scores, indent=1))
+  if workdir:
+    path = run_lib.path(workdir, "eval.json")
+    saved = run_lib.read_json(path) if path.exists() else {}
+    run_lib.write_json(path, {**saved, "drivelm": scores})
+  return scores
+
+
 def main(argv):
   del argv
+  if flags.FLAGS.drivelm_predictions or flags.FLAGS.drivelm_test:
+    if not (flags.FLAGS.drivelm_predictions and flags.FLAGS.drivelm_test):
+      raise app.UsageError("--drivelm_test and --drivelm_predictions go together")
+    score_drivelm(flags.FLAGS.drivelm_test, flags.FLAGS.drivelm_predictions,
+                  flags.FLAGS.judge, flags.FLAGS.workdir)
+    return
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   if config is None or workdir is None:
     raise app.UsageError("--config and --workdir are required")
@@ -63,4 +91,8 @@ def main(argv):
 if __name__ == "__main__":
   run_lib.define_flags()
   flags.DEFINE_string("split", None, "Evaluate this split (default: each evaluator's own).")
+  flags.DEFINE_string("drivelm_test", None, "A DriveLM challenge test JSON to score against.")
+  flags.DEFINE_string("drivelm_predictions", None, "Predictions in the challenge's format.")
+  flags.DEFINE_string("judge", None, "The GPT-score judge: a command reading JSON lines "
+                      "{question, answer, gt} and writing a 0-100 score per line.")
   app.run(main)

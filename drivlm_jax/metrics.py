@@ -239,6 +239,21 @@ def match(answer: str, reference: str) -> tuple:
   return matched, 2 * precision * recall / (precision + recall + 1e-8)
 
 
+def drivelm_counted(frames) -> list:
+  """The QAs the challenge scores (the graph rule): per frame, the first QA, whose matched
+  points form the frame's graph, and each later QA whose question's points are all in it."""
+  counted = []
+  for qas in frames:
+    graph = []
+    for i, qa in enumerate(qas):
+      if i == 0:
+        graph = match(qa["answer"], qa["gt"])[0]
+      elif not all(tuple(p) in graph for p in points(qa["question"])):
+        continue
+      counted.append(qa)
+  return counted
+
+
 def drivelm(frames, language_scores=coco_language) -> dict:
   """The challenge's scores over `frames`: per frame, its QAs in order (perception,
   prediction, planning, behavior) as dicts with "question", "answer" (predicted), "gt" and
@@ -251,22 +266,16 @@ def drivelm(frames, language_scores=coco_language) -> dict:
   score (0.4 GPT + 0.2 language + 0.2 match + 0.2 accuracy, match = (F1 + GPT) / 2) that
   needs no judge, out of 0.5."""
   exact, hypotheses, references, f1s, judge_pairs = [], [], [], [], 0
-  for qas in frames:
-    graph = []
-    for i, qa in enumerate(qas):
-      if i == 0:
-        graph = match(qa["answer"], qa["gt"])[0]
-      elif not all(tuple(p) in graph for p in points(qa["question"])):
-        continue
-      tags = set(qa["tag"])
-      if 0 in tags:
-        exact.append(qa["answer"] == qa["gt"])
-      if 2 in tags:
-        hypotheses.append(qa["answer"])
-        references.append(qa["gt"])
-      if 3 in tags:
-        f1s.append(100 * match(qa["answer"], qa["gt"])[1])
-      judge_pairs += (1 in tags) + (3 in tags)
+  for qa in drivelm_counted(frames):
+    tags = set(qa["tag"])
+    if 0 in tags:
+      exact.append(qa["answer"] == qa["gt"])
+    if 2 in tags:
+      hypotheses.append(qa["answer"])
+      references.append(qa["gt"])
+    if 3 in tags:
+      f1s.append(100 * match(qa["answer"], qa["gt"])[1])
+    judge_pairs += (1 in tags) + (3 in tags)
   out = {"accuracy": float(np.mean(exact)) if exact else None,
          "match_F1": float(np.mean(f1s)) if f1s else None, "judge_pairs": judge_pairs,
          "counted": {"accuracy": len(exact), "language": len(hypotheses), "match": len(f1s)}}

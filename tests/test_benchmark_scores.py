@@ -118,3 +118,56 @@ def test_bddoia_official_f1_is_sklearns_samples_f1_averaged_over_batches():
   f1_all = metrics.multilabel("action", probs, labels_)["action_F1_all"]
   assert metrics.official_f1(probs, labels_, 1) == pytest.approx(f1_all, abs=1e-9)
   assert metrics.official_f1(probs, labels_, 5) != pytest.approx(f1_all, abs=1e-3)
+
+
+JUDGE = ("python -c \"import sys, json; [print(100.0 if json.loads(l)['answer'] == "
+         "json.loads(l)['gt'] else 25.0) for l in sys.stdin]\"")
+
+
+def test_challenge_files_ids_judge_and_final_score(tmp_path):
+  """A test set in DriveLM's schema, predictions written in the challenge's format, scored
+  by the evaluate CLI's scorer with a judge command (100 when the answer is the GT, else
+  25), against the final-score formula worked out here."""
+  import json
+  import subprocess
+  import sys
+  from drivlm_jax.evals import drivelm
+  qa = lambda q, a, tag: {"Q": q, "A": a, "tag": tag}
+  test = {"scene1": {"scene_description": "", "key_frames": {"frameA": {
+      "key_object_infos": {"<c1,CAM_FRONT,100.0,200.0>": {"Category": "Vehicle"}},
+      "QA": {"perception": [qa("What are the important objects?",
+                               "A car <c1,CAM_FRONT,100.0,200.0>.", [3])],
+             "prediction": [qa("Is <c1,CAM_FRONT,100.0,200.0> moving?", "Yes.", [0, 1])],
+             "planning": [qa("What should the ego vehicle do?", "Keep going straight.", [2])],
+             "behavior": [qa("Predict the behavior of the ego vehicle.",
+                             "The ego vehicle is going straight.", [1])]}}}}}
+  answers = {"scene1_frameA_0": "<c1,CAM_FRONT,101.0,201.0>", "scene1_frameA_1": "Yes.",
+             "scene1_frameA_2": "Go straight.",
+             "scene1_frameA_3": "The ego vehicle is slowing down."}
+  (tmp_path / "test.json").write_text(json.dumps(test))
+  drivelm.write_predictions(str(tmp_path / "pred.json"), test, answers)
+  rows = json.loads((tmp_path / "pred.json").read_text())
+  assert [r["id"] for r in rows] == [f"scene1_frameA_{i}" for i in range(4)]
+  assert rows[1] == {"id": "scene1_frameA_1", "question": "Is <c1,CAM_FRONT,100.0,200.0> "
+                     "moving?", "answer": "Yes."}
+  with pytest.raises(KeyError, match="no answer for scene1_frameA_3"):
+    drivelm.write_predictions(str(tmp_path / "x.json"), test,
+                              {k: v for k, v in answers.items() if not k.endswith("3")})
+
+  done = subprocess.run(
+      [sys.executable, "-m", "drivlm_jax.evaluate", f"--drivelm_test={tmp_path / 'test.json'}",
+       f"--drivelm_predictions={tmp_path / 'pred.json'}", f"--judge={JUDGE}",
+       f"--workdir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  scores = json.loads((tmp_path / "run" / "eval.json").read_text())["drivelm"]
+  f1 = _challenge_f1(1, 0, 0)                       # 2 px away: matched
+  gpt = (100.0 + 25.0) / 2                          # tag 1: QA 1 right, QA 3 wrong
+  match_ = (100 * f1 + 25.0) / 2                    # tag 3: F1 and the judge of QA 0
+  lang = _pycocoevalcap([("Go straight.", "Keep going straight.")])
+  language = (sum(lang[f"Bleu_{n}"] for n in range(1, 5)) / 12 + lang["ROUGE_L"] / 3
+              + lang["CIDEr"] / 30)
+  assert scores["gpt"] == pytest.approx(gpt) and scores["match"] == pytest.approx(match_)
+  assert scores["final"] == pytest.approx(
+      0.4 * gpt / 100 + 0.2 * language + 0.2 * match_ / 100 + 0.2 * 1.0, abs=1e-6)
+  no_judge = drivelm.score(test, rows)
+  assert "final" not in no_judge and "no judge" in no_judge["note"]
