@@ -1,4 +1,8 @@
 """nuScenes layout from the sim against nuscenes-devkit, and the nuScenes-Drive builder."""
+import json
+import os
+import re
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -8,6 +12,7 @@ from pyquaternion import Quaternion
 
 import data_builders  # noqa: F401  (registers the builders)
 from data_builders import __main__ as build_cli
+from data_builders.nuscenes_drive import nuscenes_drive_dataset_builder as builder
 from drivlm_jax.data import labels
 from drivlm_jax.sim import nuscenes as sim_nuscenes
 
@@ -122,3 +127,51 @@ def test_action_rule_on_hand_made_paths(speeds, yaw_rate, expected):
   positions, yaw = _path(speeds, yaw_rate)
   np.testing.assert_array_equal(labels.actions_from_ego_path(positions, yaw, 0), expected)
   assert labels.actions_from_ego_path(positions, yaw, len(positions) - 6) is None
+
+
+_CTAG = re.compile(r"<c(\d+),(CAM_[A-Z_]+),(\d+\.\d),(\d+\.\d)>")
+_QA_KEYS = {"Q", "A", "C", "con_up", "con_down", "cluster", "layer", "tag"}
+
+
+def test_drivelm_qa_follows_the_documented_schema_and_the_builder_keeps_it(dataset):
+  """DriveLM's docs/data_prep_nus.md (v1.0 layout) plus v1.1's per-QA tags: {scene_token:
+  {"scene_description", "key_frames": {sample_token: {"key_object_infos": {c-tag:
+  {"Category", "Status", "Visual_description", "2d_bbox"}}, "QA": {stage: [{"Q", "A", "C",
+  "con_up", "con_down", "cluster", "layer", "tag"}]}, "image_paths": {camera: file}}}}}."""
+  root, data_dir, *_, nusc = dataset
+  with open(os.path.join(root, "v1_1_train_nus.json")) as f:
+    drivelm = json.load(f)
+  with_objects = 0
+  for scene_token, scene in drivelm.items():
+    assert nusc.get("scene", scene_token) and isinstance(scene["scene_description"], str)
+    for sample_token, frame in scene["key_frames"].items():
+      assert nusc.get("sample", sample_token)["scene_token"] == scene_token
+      assert set(frame) == {"key_object_infos", "QA", "image_paths"}
+      assert set(frame["image_paths"]) == set(sim_nuscenes.CAMERAS)
+      assert list(frame["QA"]) == ["perception", "prediction", "planning", "behavior"]
+      objects = frame["key_object_infos"]
+      assert len(objects) <= 6
+      with_objects += bool(objects)
+      for k, (tag, info) in enumerate(objects.items()):
+        c, camera, x, y = _CTAG.fullmatch(tag).groups()
+        assert int(c) == k + 1 and camera in sim_nuscenes.CAMERAS
+        assert set(info) == {"Category", "Status", "Visual_description", "2d_bbox"}
+        x1, y1, x2, y2 = info["2d_bbox"]
+        assert 0 <= x1 <= float(x) <= x2 <= 320 and 0 <= y1 <= float(y) <= y2 <= 180
+      for stage, qas in frame["QA"].items():
+        for qa in qas:
+          assert set(qa) == _QA_KEYS and qa["tag"] and set(qa["tag"]) <= {0, 1, 2, 3}
+          for tag in _CTAG.findall(qa["Q"] + qa["A"]):   # every c-tag is a key object
+            assert f"<c{tag[0]},{tag[1]},{tag[2]},{tag[3]}>" in objects
+      first = frame["QA"]["perception"][0]
+      assert first["tag"] == [3] and all(t in first["A"] for t in objects)
+  assert with_objects > 10
+  # The builder keeps every QA in the challenge's order with its tags, and the key objects.
+  source = tfds.data_source("nuscenes_drive/six_cam", data_dir=data_dir, split="train")
+  ex = source[0]
+  frame = next(s["key_frames"][ex["sample_token"].decode()] for s in drivelm.values()
+               if ex["sample_token"].decode() in s["key_frames"])
+  ordered = [qa for stage in frame["QA"].values() for qa in stage]
+  assert [q.decode() for q in ex["qa"]["question"]] == [qa["Q"] for qa in ordered]
+  assert [builder.tags(t) for t in ex["qa"]["tag"]] == [sorted(qa["tag"]) for qa in ordered]
+  assert json.loads(ex["key_objects"]) == frame["key_object_infos"]

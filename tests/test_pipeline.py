@@ -54,14 +54,19 @@ def test_batches_mix_source_and_masked_target(data):
     ids = batch["input_ids"][row][batch["attention_mask"][row] > 0]
     n_image = data["features"].num_image_tokens
     assert ids[0] == tok.bos_id and (ids[1:1 + n_image] == tok.image_id).all()
-    np.testing.assert_array_equal(
-        ids[1 + n_image:], batch["instruction_ids"][row][batch["instruction_mask"][row] > 0])
+    # instruction_ids: the instruction's first max_instruction_len tokens
+    instruction = batch["instruction_ids"][row][batch["instruction_mask"][row] > 0]
+    assert len(instruction) == min(len(ids) - 1 - n_image,
+                                   data["features"].max_instruction_len)
+    np.testing.assert_array_equal(ids[1 + n_image:1 + n_image + len(instruction)], instruction)
   # Captions (CLIP fine-tuning) have one form on every row, so they cannot tell the domain:
-  # the instruction and <eos>.
+  # the instruction (its first max_caption_len - 1 tokens) and <eos>.
   for row in range(len(batch["domain"])):
     caption = batch["caption_ids"][row][batch["caption_mask"][row] > 0]
     instruction = batch["instruction_ids"][row][batch["instruction_mask"][row] > 0]
-    np.testing.assert_array_equal(caption, list(instruction) + [tok.eos_id])
+    n = min(len(caption) - 1, len(instruction))
+    assert caption[-1] == tok.eos_id and n == len(instruction)
+    np.testing.assert_array_equal(caption[:n], instruction)
   # The night filter holds: every target example comes from a night scene.
   import tensorflow_datasets as tfds
   source = tfds.data_source("nuscenes_drive/front", data_dir=data["data_dir"], split="train")

@@ -10,6 +10,7 @@ train/val by scene-name hash.
 """
 import glob
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -89,22 +90,39 @@ def scene_splits(root, scenes):
           else "train" for s in scenes}
 
 
+QA_STAGES = ("perception", "prediction", "planning", "behavior")
+
+
+def tag_mask(tags) -> np.int32:
+  """DriveLM's per-QA tag list (0 accuracy, 1 GPT, 2 language, 3 match) as bits."""
+  return np.int32(sum(1 << int(t) for t in set(tags)))
+
+
+def tags(mask) -> list:
+  return [t for t in range(4) if int(mask) >> t & 1]
+
+
 def drivelm_qa(root):
   qa = {}
   for path in sorted(glob.glob(os.path.join(root, "*_nus.json"))
                      + glob.glob(os.path.join(root, "drivelm*.json"))):
     for scene_token, scene in common.read_json(path).items():
       for sample_token, frame in scene.get("key_frames", {}).items():
-        pairs = [{"type": kind, "question": p["Q"], "answer": p["A"]}
-                 for kind, items in frame.get("QA", {}).items() for p in items]
-        qa[sample_token] = pairs
+        # The challenge's order (perception, prediction, planning, behavior), its tags
+        # (v1.1; none in v1.0) and the frame's key objects by c-tag.
+        pairs = [{"type": kind, "question": p["Q"], "answer": p["A"],
+                  "tag": tag_mask(p.get("tag") or [])}
+                 for kind in QA_STAGES for p in frame.get("QA", {}).get(kind, [])]
+        qa[sample_token] = (pairs, json.dumps(frame.get("key_object_infos", {})))
   return qa
 
 
 class NuscenesDrive(tfds.core.GeneratorBasedBuilder):
   """nuScenes keyframes with driving actions from the ego's future path."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "DriveLM QA in the challenge's order with its tags, and the "
+                            "frame's key_object_infos (JSON text)."}
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name="front", description="CAM_FRONT only"),
       tfds.core.BuilderConfig(name="six_cam", description="all six cameras"),
@@ -118,7 +136,9 @@ class NuscenesDrive(tfds.core.GeneratorBasedBuilder):
   def _info(self):
     qa = tfds.features.Sequence({"type": tfds.features.Text(),
                                  "question": tfds.features.Text(),
-                                 "answer": tfds.features.Text()})
+                                 "answer": tfds.features.Text(),
+                                 # DriveLM's tag list as bits: tag t -> 1 << t
+                                 "tag": tfds.features.Scalar(dtype=np.int32)})
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
             "images": tfds.features.Sequence(
@@ -136,6 +156,7 @@ class NuscenesDrive(tfds.core.GeneratorBasedBuilder):
             "night": tfds.features.Scalar(dtype=np.bool_),
             "rain": tfds.features.Scalar(dtype=np.bool_),
             "qa": qa,
+            "key_objects": tfds.features.Text(),   # DriveLM key_object_infos, JSON
         }),
         homepage="https://www.nuscenes.org/")
 
@@ -203,5 +224,6 @@ class NuscenesDrive(tfds.core.GeneratorBasedBuilder):
         "box_camera": np.asarray(box_camera, np.int32),
         "box_categories": np.asarray(box_categories, np.int32),
         "location": log["location"], "night": "night" in description,
-        "rain": "rain" in description, "qa": qa.get(sample["token"], []),
+        "rain": "rain" in description, "qa": qa.get(sample["token"], ([], "{}"))[0],
+        "key_objects": qa.get(sample["token"], ([], "{}"))[1],
     }

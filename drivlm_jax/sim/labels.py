@@ -51,7 +51,7 @@ def instruction(rng: np.random.Generator, scene: Scene) -> str:
   return str(rng.choice(choices))
 
 
-def _describe(agent) -> str:
+def describe(agent) -> str:
   where = {0: "in the ego lane", -1: "in the left lane", 1: "in the right lane"}.get(
       agent.lane, "on the left side" if agent.lane < 0 else "on the right side")
   state = "stopped " if agent.stopped and agent.category == "car" else ""
@@ -61,7 +61,7 @@ def _describe(agent) -> str:
 def qa_pairs(scene: Scene, actions, reasons) -> dict:
   """DriveLM-style {"perception"|"prediction"|"planning"|"behavior": [{"Q", "A"}]}."""
   near = sorted(scene.agents, key=lambda a: a.distance)[:4]
-  objects = [_describe(a) for a in near]
+  objects = [describe(a) for a in near]
   if scene.light:
     objects.insert(0, f"a {scene.light} traffic light")
   if scene.stop_sign:

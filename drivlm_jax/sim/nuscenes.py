@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from drivlm_jax.data.labels import KEYFRAME_HZ
-from drivlm_jax.sim import domains, labels, render, scene as scene_lib
+from drivlm_jax.sim import domains, drivelm as drivelm_qa, labels, render, scene as scene_lib
 
 VERSION = "v1.0-mini"
 KEYFRAMES = 16
@@ -180,7 +180,7 @@ def write(out: str, domain_name: str, num: int, seed: int, split: str = "train",
             "num_lidar_pts": 10, "num_radar_pts": 0})
       ego_rot = render.yaw_rotation(yaw - yaw0)          # ego -> road frame
       ego_pos = road.T @ (np.array([x, y, 0.0]) - origin)
-      image_paths = {}
+      image_paths, boxes = {}, {}
       for channel, (xyz, cam_yaw) in CAMERAS.items():
         sd = token("sample_data", *run, s, i, channel)
         pose = t.add("ego_pose", {"token": token("ego_pose", *run, s, i, channel),
@@ -189,9 +189,13 @@ def write(out: str, domain_name: str, num: int, seed: int, split: str = "train",
         filename = f"samples/{channel}/{name}__{channel}__{stamp}.jpg"
         rotation = ego_rot @ render.camera_to_ego_rotation(np.radians(cam_yaw))
         translation = ego_pos + ego_rot @ np.asarray(xyz)
-        image, _ = render.render(ground, scenery + moved, lamps,
-                                 render.Pinhole(width, height, variant.fov_deg), rotation,
-                                 translation, domain, look_rng)
+        image, seen = render.render(ground, scenery + moved, lamps,
+                                    render.Pinhole(width, height, variant.fov_deg), rotation,
+                                    translation, domain, look_rng)
+        for index, _, box in seen:   # each agent's largest 2D box over the cameras
+          area = (box[2] - box[0]) * (box[3] - box[1])
+          if index not in boxes or area > boxes[index][2]:
+            boxes[index] = (channel, box, area)
         os.makedirs(os.path.join(out, "samples", channel), exist_ok=True)
         image.save(os.path.join(out, filename), format="JPEG", quality=90)
         image_paths[channel] = filename
@@ -202,13 +206,10 @@ def write(out: str, domain_name: str, num: int, seed: int, split: str = "train",
             "filename": filename,
             "prev": token("sample_data", *run, s, i - 1, channel) if i else "",
             "next": token("sample_data", *run, s, i + 1, channel) if i + 1 < KEYFRAMES else ""})
-      qa = labels.qa_pairs(graph, actions, reasons)
-      qa["behavior"] = [{"Q": "Predict the behavior of the ego vehicle.",
-                         "A": _BEHAVIOUR[maneuver]}]
       qa_frames[sample_tokens[i]] = {
-          "image_paths": image_paths,
-          "QA": {kind: [{**p, "C": None, "con_up": None, "con_down": None, "cluster": None,
-                         "layer": None} for p in pairs] for kind, pairs in qa.items()}}
+          **drivelm_qa.frame(graph, actions, reasons, _BEHAVIOUR[maneuver],
+                             {k: v[:2] for k, v in boxes.items()}),
+          "image_paths": image_paths}
     for a in range(len(agent_cuboids)):
       t.add("instance", {"token": instances[a], "category_token": token(
           "category", _NUSC_CATEGORY[agent_cuboids[a].category]), "nbr_annotations": KEYFRAMES,
