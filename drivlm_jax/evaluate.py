@@ -5,7 +5,9 @@ r"""Evaluates a run: `python -m drivlm_jax.evaluate --config configs/X.py[:arg] 
 action_F1_official (BDD-OIA's script: per batch, averaged), reason_..., BLEU-1..4, ROUGE-L,
 CIDEr, accuracy}}, "step": N} in points (0-100), and prints it as a table.
 
-`python -m drivlm_jax.evaluate --drivelm_test TEST.json --drivelm_predictions PRED.json
+With --drivelm (nuScenes-Drive data with DriveLM QA) it also answers every QA of the target
+test frames, writes DIR/drivelm_predictions.json in the challenge's format and adds the
+challenge's judge-free scores. `python -m drivlm_jax.evaluate --drivelm_test TEST.json --drivelm_predictions PRED.json
 [--judge CMD] [--workdir DIR]` scores a DriveLM challenge prediction file as the challenge
 does (`evals/drivelm.py`), prints the scores and, with --workdir, adds them to its eval.json
 under "drivelm".
@@ -30,7 +32,7 @@ def run(evaluators, cfg, params, data, feats, workdir, step=None, place=None) ->
   for evaluator in evaluators:
     split, domain = evaluator.key
     result.setdefault(split, {}).setdefault(domain, {}).update(
-        evaluator.run(cfg, params, data, feats, place))
+        evaluator.run(cfg, params, data, feats, place, workdir))
   if jax.process_index() == 0:
     run_lib.write_json(run_lib.path(workdir, "eval.json"), {**result, "step": step})
     print(format_table(result, step))
@@ -83,6 +85,9 @@ def main(argv):
   except run_lib.RunError as e:
     raise app.UsageError(str(e)) from None
   evaluators = from_config(config)
+  if flags.FLAGS.drivelm:   # DriveLM's QA of the target test frames, as the challenge scores
+    evaluators.append(drivelm.DriveLM(name="drivelm", every=1, role="target",
+                                      batch_size=config.evals.target.batch_size))
   if flags.FLAGS.split:
     evaluators = [dataclasses.replace(e, split=flags.FLAGS.split) for e in evaluators]
   run(evaluators, cfg, params, data, feats, workdir, step)
@@ -91,6 +96,8 @@ def main(argv):
 if __name__ == "__main__":
   run_lib.define_flags()
   flags.DEFINE_string("split", None, "Evaluate this split (default: each evaluator's own).")
+  flags.DEFINE_bool("drivelm", False, "Also answer every DriveLM QA of the target test "
+                    "frames, write drivelm_predictions.json and score it (evals/drivelm.py).")
   flags.DEFINE_string("drivelm_test", None, "A DriveLM challenge test JSON to score against.")
   flags.DEFINE_string("drivelm_predictions", None, "Predictions in the challenge's format.")
   flags.DEFINE_string("judge", None, "The GPT-score judge: a command reading JSON lines "

@@ -93,15 +93,6 @@ def scene_splits(root, scenes):
 QA_STAGES = ("perception", "prediction", "planning", "behavior")
 
 
-def tag_mask(tags) -> np.int32:
-  """DriveLM's per-QA tag list (0 accuracy, 1 GPT, 2 language, 3 match) as bits."""
-  return np.int32(sum(1 << int(t) for t in set(tags)))
-
-
-def tags(mask) -> list:
-  return [t for t in range(4) if int(mask) >> t & 1]
-
-
 def drivelm_qa(root):
   qa = {}
   for path in sorted(glob.glob(os.path.join(root, "*_nus.json"))
@@ -111,7 +102,7 @@ def drivelm_qa(root):
         # The challenge's order (perception, prediction, planning, behavior), its tags
         # (v1.1; none in v1.0) and the frame's key objects by c-tag.
         pairs = [{"type": kind, "question": p["Q"], "answer": p["A"],
-                  "tag": tag_mask(p.get("tag") or [])}
+                  "tag": labels.drivelm_tag_mask(p.get("tag") or [])}
                  for kind in QA_STAGES for p in frame.get("QA", {}).get(kind, [])]
         qa[sample_token] = (pairs, json.dumps(frame.get("key_object_infos", {})))
   return qa

@@ -69,3 +69,14 @@ def explanation(actions, reasons) -> str:
   why = [REASONS[i] for i in np.flatnonzero(reasons)]
   text = "The ego car can " + " or ".join(doable) if doable else "The ego car must wait"
   return text + (" because: " + "; ".join(why) + "." if why else ".")
+
+
+def drivelm_tag_mask(tags) -> np.int32:
+  """DriveLM's per-QA tag list (0 accuracy, 1 GPT judge, 2 language, 3 match) as bits, as
+  the nuScenes-Drive builder stores it: tag t -> 1 << t."""
+  return np.int32(sum(1 << int(t) for t in set(tags)))
+
+
+def drivelm_tags(mask) -> list:
+  """The inverse of `drivelm_tag_mask`, sorted."""
+  return [t for t in range(4) if int(mask) >> t & 1]

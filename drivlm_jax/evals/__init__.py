@@ -41,9 +41,10 @@ class Evaluator:
   def key(self):
     return self.split, self.domain or self.role
 
-  def run(self, cfg, params, data, feats, place=None) -> dict:
+  def run(self, cfg, params, data, feats, place=None, workdir=None) -> dict:
     """-> {metric: value} in points; `data` is `sources.prepare`'s dict; `place` (host batch
-    -> global arrays on the mesh, as in training) shards the batches over every host."""
+    -> global arrays on the mesh, as in training) shards the batches over every host;
+    `workdir` is where an evaluator may write a file of its own (a benchmark's submission)."""
     raise NotImplementedError
 
 
@@ -93,4 +94,4 @@ def from_config(config) -> list:
 
 
 # The built-in evaluators register themselves on import.
-from drivlm_jax.evals import generation, heads  # noqa: E402,F401  pylint: disable=wrong-import-position
+from drivlm_jax.evals import drivelm, generation, heads  # noqa: E402,F401  pylint: disable=wrong-import-position

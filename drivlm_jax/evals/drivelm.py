@@ -8,11 +8,18 @@ behavior order. The judge (`--judge CMD`) is a command that reads JSON lines
 {"question", "answer", "gt"} on stdin and writes one score in [0, 100] per line; without
 one, the scores that need it are left out and the output says so.
 """
+import dataclasses
 import json
 import shlex
 import subprocess
 
-from drivlm_jax import metrics
+import jax
+import numpy as np
+
+from drivlm_jax import evals, metrics, run as run_lib
+from drivlm_jax.data import labels, preprocess, tokenizer as tokenizer_lib
+from drivlm_jax.data import pipeline
+from drivlm_jax.evals import generation
 
 STAGES = ("perception", "prediction", "planning", "behavior")
 
@@ -90,3 +97,82 @@ def score(test: dict, predictions: list, judge=None) -> dict:
   out["final"] = (None if None in parts else
                   0.4 * parts[0] / 100 + 0.2 * parts[1] + 0.2 * parts[2] / 100 + 0.2 * parts[3])
   return out
+
+
+#### The evaluator: every QA of every test frame answered, the challenge's file, its scores
+
+
+@evals.register("drivelm")
+@dataclasses.dataclass(frozen=True)
+class DriveLM(evals.Evaluator):
+  """Answers every DriveLM QA of each frame of the split (greedy, in the challenge's order,
+  one image per frame: the first camera), writes `<workdir>/drivelm_predictions.json` in the
+  challenge's format, and scores it as the challenge does without a judge (`score`): in
+  points, "drivelm_accuracy", "drivelm_language" (its language score x 100),
+  "drivelm_match_F1" and "drivelm_final_without_judge" (x 100, out of 50). Every host
+  answers every QA (inputs replicated); `num_frames` > 0 takes the first frames only."""
+  max_new_tokens: int = 48
+  num_frames: int = 0
+
+  def run(self, cfg, params, data, feats, place=None, workdir=None) -> dict:
+    del place
+    tok = tokenizer_lib.load(feats.tokenizer)
+    source, indices = pipeline.open_source(data[self.role, self.split])
+    if self.num_frames:
+      indices = indices[:self.num_frames]
+    test, rows = {}, []       # rows: (qa id, image, prompt ids, instruction ids)
+    for i in indices:
+      example = source[int(i)]
+      scene, frame = _text(example["scene_token"]), _text(example["sample_token"])
+      qa = example["qa"]
+      stages = {}
+      image = example["images"][0] if "images" in example else example["image"]
+      image = preprocess.normalize(preprocess.resize(image, feats.image_size, feats.resize)[0],
+                                   feats.family)
+      for k in range(len(qa["question"])):
+        question, answer = _text(qa["question"][k]), _text(qa["answer"][k])
+        stages.setdefault(_text(qa["type"][k]), []).append(
+            {"Q": question, "A": answer, "tag": labels.drivelm_tags(qa["tag"][k])})
+        prompt = tok.parts(question, "", feats.num_image_tokens)[0]
+        rows.append((f"{scene}_{frame}_{k}", image, prompt,
+                     tok.encode(question)[:feats.max_instruction_len]))
+      test.setdefault(scene, {"key_frames": {}})["key_frames"][frame] = {"QA": stages}
+    answers = dict(zip([r[0] for r in rows], self._answer(cfg, params, tok, feats, rows)))
+    predictions = [{"id": qa_id, "question": qa["Q"], "answer": answers[qa_id]}
+                   for qa_id, qa in qas(test)]
+    if workdir is not None and jax.process_index() == 0:
+      run_lib.write_json(run_lib.path(workdir, "drivelm_predictions.json"), predictions)
+    scores = score(test, predictions)
+    points = lambda v, scale=100.0: None if v is None else scale * v
+    return {k: v for k, v in {
+        "drivelm_accuracy": points(scores["accuracy"]),
+        "drivelm_language": points(scores.get("language_score")),
+        "drivelm_match_F1": scores["match_F1"],
+        "drivelm_final_without_judge": points(scores["final_without_judge"])}.items()
+            if v is not None}
+
+  def _answer(self, cfg, params, tok, feats, rows) -> list:
+    """Greedy answers of `rows`, batch by batch, prompts left-padded to one width."""
+    width = max(len(r[2]) for r in rows)
+    out = []
+    for start in range(0, len(rows), self.batch_size):
+      chunk = rows[start:start + self.batch_size]
+      ids = np.full((len(chunk), width), tok.pad_id, np.int32)
+      mask = np.zeros_like(ids)
+      instruction = np.full((len(chunk), feats.max_instruction_len), tok.pad_id, np.int32)
+      instruction_mask = np.zeros_like(instruction)
+      for j, (_, _, prompt, instr) in enumerate(chunk):
+        ids[j, width - len(prompt):], mask[j, width - len(prompt):] = prompt, 1
+        instruction[j, :len(instr)], instruction_mask[j, :len(instr)] = instr, 1
+      tokens = np.asarray(generation.generate(
+          cfg, params, np.stack([r[1] for r in chunk]), ids, max_new_tokens=self.max_new_tokens,
+          instruction_ids=instruction, instruction_mask=instruction_mask,
+          attention_mask=mask, eos_token_id=tok.eos_id,
+          pad_token_id=tok.pad_id))[:, width:]
+      out += [tok.decode(t[:list(t).index(tok.eos_id)] if tok.eos_id in t else t)
+              for t in tokens]
+    return out
+
+
+def _text(value) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)

@@ -11,7 +11,7 @@ from drivlm_jax.data import pipeline
 from drivlm_jax.data import tokenizer as tokenizer_lib
 from drivlm_jax.model import vlm
 
-_generate = jax.jit(vlm.generate, static_argnums=0,
+generate = jax.jit(vlm.generate, static_argnums=0,
                     static_argnames=("max_new_tokens", "eos_token_id", "pad_token_id"))
 
 
@@ -28,7 +28,7 @@ def answers(cfg, params, batch, tokenizer, n, max_new_tokens):
   for j, (i, n_prompt) in enumerate(zip(rows, lengths)):
     ids[j, width - n_prompt:] = batch["input_ids"][i, :n_prompt]
     mask[j, width - n_prompt:] = 1
-  tokens = np.asarray(_generate(cfg, params, batch["image"][rows], ids,
+  tokens = np.asarray(generate(cfg, params, batch["image"][rows], ids,
                                 max_new_tokens=max_new_tokens,
                                 instruction_ids=batch["instruction_ids"][rows],
                                 instruction_mask=batch["instruction_mask"][rows],
@@ -46,7 +46,8 @@ class Generation(evals.Evaluator):
   num: int = 16              # examples to answer
   max_new_tokens: int = 32
 
-  def run(self, cfg, params, data, feats, place=None) -> dict:
+  def run(self, cfg, params, data, feats, place=None, workdir=None) -> dict:
+    del workdir
     """Every host answers the same first `num` examples (inputs replicated)."""
     del place
     tokenizer = tokenizer_lib.load(feats.tokenizer)

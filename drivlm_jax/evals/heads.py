@@ -27,7 +27,8 @@ class Heads(evals.Evaluator):
   keep_ratio: float = 1.0   # < 1: the heads see only the best-scoring tokens (deployed)
   official_batch_size: int = 1   # the batch of BDD-OIA's test.py for <kind>_F1_official
 
-  def run(self, cfg, params, data, feats, place=None) -> dict:
+  def run(self, cfg, params, data, feats, place=None, workdir=None) -> dict:
+    del workdir
     keep = self.keep_ratio
     if keep < 1.0 and not cfg.reweight:
       logging.warning("evals.%s: keep_ratio=%s ignored: the model has no instruction "
