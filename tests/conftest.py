@@ -7,7 +7,8 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # The longest files start first, so the two workers of `make test` (pytest-xdist, a file per
-# worker at a time) finish together instead of one running a long file alone at the end.
+# worker at a time, in this order with --no-loadscope-reorder) finish together instead of one
+# running a long file alone at the end.
 _LONG_FIRST = ("test_demo.py", "test_bucket.py", "test_train.py", "test_pretrained.py",
                "test_sweep.py", "test_multihost.py")
 
