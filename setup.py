@@ -41,9 +41,10 @@ setuptools.setup(
         "export": EXPORT,
         # nuscenes-devkit itself is installed with --no-deps by the Makefile (it pins
         # numpy<2, which jax cannot use); these are the parts of it that it really needs.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "scikit-learn>=1.4", "pyquaternion>=0.9",
-                 "shapely>=2.0", "matplotlib>=3.8", "opencv-python-headless>=4.9",
-                 "cachetools>=5", "gcp-storage-emulator>=2024.8"]   # a local GCS API
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "scikit-learn>=1.4",
+                 "pyquaternion>=0.9", "shapely>=2.0", "matplotlib>=3.8",
+                 "opencv-python-headless>=4.9", "cachetools>=5",
+                 "gcp-storage-emulator>=2024.8"]   # a local GCS API
                 + CLOUD + EXPORT,
         "tf": ["tensorflow-cpu>=2.18"],
     },

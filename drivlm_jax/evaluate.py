@@ -7,8 +7,8 @@ CIDEr, accuracy}}, "step": N} in points (0-100), and prints it as a table.
 
 With --drivelm (nuScenes-Drive data with DriveLM QA) it also answers every QA of the target
 test frames, writes DIR/drivelm_predictions.json in the challenge's format and adds the
-challenge's judge-free scores. `python -m drivlm_jax.evaluate --drivelm_test TEST.json --drivelm_predictions PRED.json
-[--judge CMD] [--workdir DIR]` scores a DriveLM challenge prediction file as the challenge
+challenge's judge-free scores. `python -m drivlm_jax.evaluate --drivelm_test TEST.json
+--drivelm_predictions PRED.json [--judge CMD] [--workdir DIR]` scores a DriveLM challenge prediction file as the challenge
 does (`evals/drivelm.py`), prints the scores and, with --workdir, adds them to its eval.json
 under "drivelm".
 """

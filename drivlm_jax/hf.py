@@ -210,8 +210,8 @@ def _check_all_used(tensors, used, ignore):
   extra = sorted(k for k in tensors.keys() if k not in used and not ignore(k))
   if extra:
     shown = ", ".join(f"{k} {tensors.shape(k)}" for k in extra[:8])
-    raise CheckpointError(f"{tensors.path}: {len(extra)} unexpected tensor(s) the model has no place "
-                          f"for: {shown}{' ...' if len(extra) > 8 else ''}")
+    raise CheckpointError(f"{tensors.path}: {len(extra)} unexpected tensor(s) the model has no "
+                          f"place for: {shown}{' ...' if len(extra) > 8 else ''}")
 
 
 def _load_params(tensors, naming, shapes, ignore):

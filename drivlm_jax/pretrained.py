@@ -1,7 +1,8 @@
 """Where a run's model starts: an HF LLaVA directory or a run directory (`init_from`), and
 separate HF towers (`init_vision`: CLIP/SigLIP, `init_language`: LLaMA/Qwen2) with a fresh
-projector; the CLIP stage's text tower from `clip.text_tower` (a CLIPModel directory). What a source does not hold (heads, reweighting scorer, discriminators) starts
-fresh; the log says what was loaded and what was not.
+projector; the CLIP stage's text tower from `clip.text_tower` (a CLIPModel directory). What
+a source does not hold (heads, reweighting scorer, discriminators) starts fresh; the log
+says what was loaded and what was not.
 
 A pretrained part must be the model the config describes: `model_fields` reads the model
 config from the checkpoints (the real-scale configs use it), and `start` checks every
@@ -9,6 +10,7 @@ architectural field and every tensor shape, failing with the field or tensor nam
 silent fresh init.
 """
 import dataclasses
+
 import jax
 from absl import logging
 

@@ -223,9 +223,10 @@ def load_params(workdir: str, cfg: vlm.Config, step: int | None = None, config=N
   """Model params of the latest (or `step`) checkpoint of `workdir` -> (params, step).
 
   Optimizer state and extra param groups (discriminators, distillation projection) are
-  skipped; LoRA params are merged into their kernels. The params are the `eval_key` entry: a run trained with `ema_decay` > 0 gives its
-  moving-average params (what it was evaluated with). Arrays come back on the default device.
-  `config`: the run's config when the caller has read it already.
+  skipped; LoRA params are merged into their kernels. The params are the `eval_key` entry: a
+  run trained with `ema_decay` > 0 gives its moving-average params (what it was evaluated
+  with). Arrays come back on the default device. `config`: the run's config when the caller
+  has read it already.
   """
   config = read_config(workdir) if config is None else config
   key, lora_config = eval_key(config), config.get("lora")
