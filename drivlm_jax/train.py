@@ -150,7 +150,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   init = jax.jit(init_params, out_shardings=param_shardings)
   with jax.set_mesh(mesh):
     params = init(jax.random.key(config.seed))
-  params = pretrained.start(params, cfg, config)
+  checkpoints = run_lib.Checkpoints(workdir, config)
+  if checkpoints.latest_step() is None:   # resuming restores them: no pretrained load
+    params = pretrained.start(params, cfg, config)
   opt_config = optimizer_config(config, params)
   tx = optim.make(opt_config, params, config.total_steps)
   view = model_view(config, optim.part_labels(params, [dict(p) for p in opt_config.parts]))
@@ -170,6 +172,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        out_shardings=(state_shardings, parallel.replicated(mesh)),
                        donate_argnums=0)
   eval_key = run_lib.eval_key(config)
+  eval_params = lambda s: lora.merge(s[eval_key], config.get("lora"))   # what is evaluated
 
   # Several hosts evaluate together, each on its shard, batches placed like training's.
   eval_place = ((lambda b: parallel.put_batch(b, batch_sharding))
@@ -179,7 +182,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return [e for e in evaluators if final or step % e.every == 0]
 
   #### Checkpoints: resume when the workdir has one
-  checkpoints = run_lib.Checkpoints(workdir, config)
   start = 0
   if checkpoints.latest_step() is not None:
     start = checkpoints.latest_step()
@@ -187,7 +189,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   if start >= config.total_steps:   # a finished run: re-running it re-evaluates it
     checkpoints.close()
-    return evaluate.run(evaluators, cfg, view(state[eval_key]), data, feats, workdir, start,
+    return evaluate.run(evaluators, cfg, eval_params(state), data, feats, workdir, start,
                         place=eval_place)
 
   #### Data: batch `i` of the run is `ds[i]`, so resuming at step s continues the same order
@@ -260,7 +262,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if save and checkpoints.latest_step() != done:
         checkpoints.save(done, state)
       if due:
-        result = evaluate.run(due, cfg, view(state[eval_key]), data, feats, workdir, done,
+        result = evaluate.run(due, cfg, eval_params(state), data, feats, workdir, done,
                               place=eval_place)
         if writer:
           for split, domains in result.items():

@@ -50,14 +50,16 @@ class Features:
   augment: bool = True
 
 
-def _text(value) -> str:
+def as_text(value) -> str:
+  """A tfds text feature (bytes) or a str, as str."""
   return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _matches(example, where) -> bool:
   for key, value in where:
     got = example[key]
-    got = _text(got) if isinstance(got, bytes) else (bool(got) if isinstance(value, bool) else got)
+    got = (as_text(got) if isinstance(got, bytes) else
+           bool(got) if isinstance(value, bool) else got)
     if got != value:
       return False
   return True
@@ -112,9 +114,9 @@ class ExampleTransform:
     qa = example.get("qa")
     if qa is not None and len(qa["question"]):
       k = int(rng.integers(len(qa["question"])))
-      instruction, answer = _text(qa["question"][k]), _text(qa["answer"][k])
+      instruction, answer = as_text(qa["question"][k]), as_text(qa["answer"][k])
     else:
-      instruction = _text(example.get("instruction", b"")) or DEFAULT_INSTRUCTION
+      instruction = as_text(example.get("instruction", b"")) or DEFAULT_INSTRUCTION
       answer = labels.explanation(actions.astype(int), reasons.astype(int))
     text = self.tokenizer.sequence(instruction, answer, f.num_image_tokens, f.max_len)
     instruction_ids = self.tokenizer.encode(instruction)[:f.max_instruction_len]

@@ -125,6 +125,9 @@ class ChatTokenizer(_Tokenizer):
     self.pad_id = self.eos_id if pad is None else pad
     self.vocab_size = len(self.tokenizer)
     self.path = path
+    # A prompt depends on the instruction only, and instructions repeat (DriveLM's questions,
+    # the default instruction): each is rendered once (a dict: grain workers pickle this).
+    self._prompts = {}
 
   def encode(self, text: str) -> list:
     return self.tokenizer.encode(text, add_special_tokens=False)
@@ -155,7 +158,10 @@ class ChatTokenizer(_Tokenizer):
                           )["input_ids"]
 
   def parts(self, instruction, answer, num_image_tokens):
-    prompt = self._render(instruction, None, num_image_tokens)
+    key = (instruction, num_image_tokens)
+    if key not in self._prompts:
+      self._prompts[key] = self._render(instruction, None, num_image_tokens)
+    prompt = list(self._prompts[key])
     if not answer:
       return prompt, [self.eos_id]
     full = self._render(instruction, answer, num_image_tokens)

@@ -35,16 +35,18 @@ def qas(test: dict):
   return out
 
 
-def write_predictions(path: str, test: dict, answers: dict):
-  """`drivelm_predictions.json` in the challenge's format; `answers`: {id: answer}, one for
-  every QA of `test` (a missing one is an error naming it)."""
+def write_predictions(path, test: dict, answers: dict) -> list:
+  """`drivelm_predictions.json` in the challenge's format (a local or bucket path; None:
+  not written) -> its rows; `answers`: {id: answer}, one for every QA of `test` (a missing
+  one is an error naming it)."""
   rows = []
   for qa_id, qa in qas(test):
     if qa_id not in answers:
       raise KeyError(f"no answer for {qa_id} ({qa['Q']!r})")
     rows.append({"id": qa_id, "question": qa["Q"], "answer": answers[qa_id]})
-  with open(path, "w") as f:
-    json.dump(rows, f, indent=1)
+  if path is not None:
+    run_lib.write_json(run_lib.path(str(path)), rows)
+  return rows
 
 
 def judge_command(command: str):
@@ -123,25 +125,25 @@ class DriveLM(evals.Evaluator):
     test, rows = {}, []       # rows: (qa id, image, prompt ids, instruction ids)
     for i in indices:
       example = source[int(i)]
-      scene, frame = _text(example["scene_token"]), _text(example["sample_token"])
+      scene = pipeline.as_text(example["scene_token"])
+      frame = pipeline.as_text(example["sample_token"])
       qa = example["qa"]
       stages = {}
       image = example["images"][0] if "images" in example else example["image"]
       image = preprocess.normalize(preprocess.resize(image, feats.image_size, feats.resize)[0],
                                    feats.family)
       for k in range(len(qa["question"])):
-        question, answer = _text(qa["question"][k]), _text(qa["answer"][k])
-        stages.setdefault(_text(qa["type"][k]), []).append(
+        question, answer = pipeline.as_text(qa["question"][k]), pipeline.as_text(qa["answer"][k])
+        stages.setdefault(pipeline.as_text(qa["type"][k]), []).append(
             {"Q": question, "A": answer, "tag": labels.drivelm_tags(qa["tag"][k])})
         prompt = tok.parts(question, "", feats.num_image_tokens)[0]
         rows.append((f"{scene}_{frame}_{k}", image, prompt,
                      tok.encode(question)[:feats.max_instruction_len]))
       test.setdefault(scene, {"key_frames": {}})["key_frames"][frame] = {"QA": stages}
     answers = dict(zip([r[0] for r in rows], self._answer(cfg, params, tok, feats, rows)))
-    predictions = [{"id": qa_id, "question": qa["Q"], "answer": answers[qa_id]}
-                   for qa_id, qa in qas(test)]
-    if workdir is not None and jax.process_index() == 0:
-      run_lib.write_json(run_lib.path(workdir, "drivelm_predictions.json"), predictions)
+    out = (run_lib.path(workdir, "drivelm_predictions.json")
+           if workdir is not None and jax.process_index() == 0 else None)
+    predictions = write_predictions(out, test, answers)
     scores = score(test, predictions)
     points = lambda v, scale=100.0: None if v is None else scale * v
     return {k: v for k, v in {
@@ -172,7 +174,3 @@ class DriveLM(evals.Evaluator):
       out += [tok.decode(t[:list(t).index(tok.eos_id)] if tok.eos_id in t else t)
               for t in tokens]
     return out
-
-
-def _text(value) -> str:
-  return value.decode() if isinstance(value, bytes) else str(value)
