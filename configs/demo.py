@@ -17,6 +17,11 @@ Variants (`:name=value,...`):
   tune=full|freeze_vision|freeze_lm|lora_lm|lora_lm_freeze_vision   (common.finetune)
   model=tiny|tiny_teacher|clip_b16_qwen05b|...   (default: tiny)
   steps=N                     total training steps
+  dataset=bdd_oia|nuscenes    the sim's layout. nuscenes: six-camera nuScenes-Drive with
+                              DriveLM QA, day Boston -> night+rain Singapore; the model sees
+                              all six cameras (model.num_cameras=6) and learns every DriveLM
+                              QA, and the target test frames' QAs are answered and scored as
+                              the DriveLM challenge scores them (evals.target_drivelm)
 Own data instead of the sim: --config.data.source_dir=DIR --config.data.target_dir=DIR.
 """
 import ml_collections
@@ -26,7 +31,9 @@ from configs import common
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, model="", method="source_only", steps=1200, teacher="",
-                         init="", tune="full")
+                         init="", tune="full", dataset="bdd_oia")
+  if arg.dataset not in ("bdd_oia", "nuscenes"):
+    raise ValueError(f"dataset {arg.dataset!r}: 'bdd_oia' or 'nuscenes'")
   method = common.check_method(arg)
   config = ml_collections.ConfigDict()
   config.seed = 0
@@ -56,6 +63,8 @@ def get_config(arg=None):
       end_lr_ratio=0.05, grad_accum_steps=1, parts=[]))
   config.loss = ml_collections.ConfigDict(dict(action=1.0, reason=1.0, lm=0.5))
   config.evals = common.evals(batch_size=40, num_generate=16, max_new_tokens=32)
+  if arg.dataset == "nuscenes":
+    _nuscenes(config)
   common.add_method(config, method, arg.teacher, keep_ratio=0.25, init_from=arg.init)
   common.finetune(config, arg.tune)
   # Rows per step, source and target together: 16 labelled source rows for every method.
@@ -64,6 +73,20 @@ def get_config(arg=None):
   config.rules = None                      # None: parallel.DEFAULT_RULES
   config.multihost = "auto"                # "auto": from the environment; "true" | "false"
   return config
+
+
+def _nuscenes(config):
+  """Six cameras of 64 x 64 in 16 x 16 patches (96 visual tokens), nuScenes + DriveLM from
+  the sim (counts in scenes of 16 keyframes; about 10 have the 3 s of future an action needs)."""
+  config.model.num_cameras = 6
+  config.model.vision.patch_size = 16
+  config.data.update(sim_layout="nuscenes", nuscenes_config="six_cam", width=128, height=72,
+                     max_len=192)
+  config.data.source = dict(domain="day", location="boston-seaport", seed=0, train=64, test=20)
+  config.data.target = dict(domain="night+rain", location="singapore-onenorth", seed=1,
+                            train=64, test=20)
+  config.evals.target_drivelm = dict(type="drivelm", role="target", batch_size=64,
+                                     max_new_tokens=40, num_frames=40)
 
 
 def sweep(add):

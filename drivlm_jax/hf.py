@@ -450,9 +450,10 @@ def save_language_model(cfg: language.Config, params, path):
 
 #### LLaVA VLM (vision tower + projector + LM), plus the DriVLM parts beside it
 
-DRIVLM_PARTS = "drivlm.safetensors"   # heads and reweighting scorer, our names, beside LLaVA
+DRIVLM_PARTS = "drivlm.safetensors"   # heads, reweighting scorer and camera embeddings,
+_DRIVLM_KEYS = ("heads", "reweighting", "cameras")   # our names, beside LLaVA
 _DRIVLM_FIELDS = ("head_hidden", "num_actions", "num_reasons", "reweight", "reweight_dim",
-                  "reweight_layer")
+                  "reweight_layer", "num_cameras")
 # Two layouts: what transformers' save_pretrained writes (first, and what save_vlm writes),
 # and its module names (`model.` ...), which other tools write.
 _LLAVA_VISION = tuple(dataclasses.replace(_VISION_NAMES, prefix=p) for p in (
@@ -509,7 +510,8 @@ def _drivlm_fields(path) -> dict:
 
 def load_vlm(path, **overrides):
   """An HF LLaVA directory -> (vlm.Config, params). The params hold what the directory has:
-  "vision", "projector", "language", and "heads" / "reweighting" when `drivlm.safetensors`
+  "vision", "projector", "language", and "heads" / "reweighting" / "cameras" when
+  `drivlm.safetensors`
   (written by `save_vlm`) is beside it; complete them with fresh ones from `vlm.init`.
   `overrides` as `vlm_config`. Every tensor must fit the model and be used: a mismatch is an
   error naming the tensor."""
@@ -535,14 +537,14 @@ def load_vlm(path, **overrides):
 
 def _read_drivlm_parts(file, shapes) -> dict:
   """`drivlm.safetensors`: our param paths joined by '.', stored as they are. Reads the parts
-  it holds ("heads", "reweighting"); each must be whole and fit `shapes`."""
+  it holds (`_DRIVLM_KEYS`); each must be whole and fit `shapes`."""
   from safetensors.numpy import load_file
   arrays = load_file(file)
   tops = {k.split(".")[0] for k in arrays}
-  unknown = tops - {"heads", "reweighting"} or (tops - set(shapes))
+  unknown = tops - set(_DRIVLM_KEYS) or (tops - set(shapes))
   if unknown:
     raise CheckpointError(f"{file}: part(s) {sorted(unknown)} the model has no place for "
-                          f"(reweighting needs reweight=True)")
+                          f"(reweighting needs reweight=True, cameras num_cameras > 1)")
   flat = traverse_util.flatten_dict({k: shapes[k] for k in tops})
   params = {}
   for p, sds in flat.items():
@@ -563,7 +565,8 @@ def _llava_hf_config(cfg: vlm.Config):
   text = _language_hf_config(cfg.language)
   hf = transformers.LlavaConfig(
       vision_config=_vision_hf_config(cfg.vision).to_dict(), text_config=text.to_dict(),
-      image_token_index=cfg.image_token_id, image_seq_length=cfg.num_visual_tokens,
+      image_token_index=cfg.image_token_id,
+      image_seq_length=cfg.num_visual_tokens // cfg.num_cameras,   # per image
       vision_feature_layer=cfg.vision_feature_layer,
       vision_feature_select_strategy=cfg.vision_feature_select_strategy,
       projector_hidden_act=cfg.projector_act, multimodal_projector_bias=cfg.projector_bias,
@@ -574,9 +577,9 @@ def _llava_hf_config(cfg: vlm.Config):
 
 def save_vlm(cfg: vlm.Config, params, path, tokenizer=None):
   """Writes an HF `LlavaForConditionalGeneration` directory (transformers' own layout) and,
-  beside it, the DriVLM heads and reweighting scorer as `drivlm.safetensors` with the
-  VLM-level config in its metadata. LoRA params must be merged first (`lora.merge`).
-  `tokenizer`: a checkpoint directory whose tokenizer, processor and chat template files are
+  beside it, the DriVLM heads, reweighting scorer and camera embeddings as
+  `drivlm.safetensors` with the VLM-level config in its metadata. LoRA params must be
+  merged first (`lora.merge`). `tokenizer`: a checkpoint directory whose tokenizer, processor and chat template files are
   copied along, so `AutoProcessor.from_pretrained(path)` works too."""
   import shutil
   from safetensors.numpy import save_file
@@ -588,7 +591,7 @@ def save_vlm(cfg: vlm.Config, params, path, tokenizer=None):
              **_to_hf_tensors(params["projector"], projector_naming),
              **_to_hf_tensors(params["language"], lm_naming)}
   _save(path, _llava_hf_config(cfg), tensors)
-  ours = {k: v for k, v in params.items() if k in ("heads", "reweighting")}
+  ours = {k: v for k, v in params.items() if k in _DRIVLM_KEYS}
   flat = {".".join(p): np.ascontiguousarray(np.asarray(v))
           for p, v in traverse_util.flatten_dict(ours).items()}
   fields = {f: getattr(cfg, f) for f in _DRIVLM_FIELDS}

@@ -29,7 +29,7 @@ from drivlm_jax.model import vlm
 
 BATCH_KEYS = ("image", "input_ids", "attention_mask", "targets", "loss_mask", "actions",
               "reasons", "action_mask", "reason_mask", "instruction_ids", "instruction_mask",
-              "boxes", "box_mask", "domain", "caption_ids", "caption_mask")
+              "boxes", "box_mask", "box_camera", "domain", "caption_ids", "caption_mask")
 
 
 class NonFiniteLoss(RuntimeError):

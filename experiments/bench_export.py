@@ -24,8 +24,7 @@ from export import benchmark, graphs, inputs, to_onnx
 
 def _random_feeds(cfg, n=4):
   rng = np.random.default_rng(0)
-  size = cfg.vision.image_size
-  return {"image": rng.uniform(0, 255, (n, size, size, 3)).astype(np.float32),
+  return {"image": rng.uniform(0, 255, (n, *graphs.image_shape(cfg))).astype(np.float32),
           "instruction_ids": rng.integers(4, 1000, (n, 12)).astype(np.int32),
           "instruction_mask": np.ones((n, 12), np.int32)}
 

@@ -1,8 +1,9 @@
 """The functions that become ONNX graphs: the deployable student (vision tower + instruction
 reweighting/pruning + action and explanation heads) and the LM's prefill and decode step.
 
-Each takes raw RGB frames, float32 [B, H, W, 3] in 0..255 at the model's resolution, and
-normalises them itself, so the device only resizes and casts its camera frames. Layers are
+Each takes raw RGB frames, float32 [B, H, W, 3] (V cameras: [B, V, H, W, 3], V static) in
+0..255 at the model's resolution, and normalises them itself, so the device only resizes and
+casts its camera frames. Layers are
 traced as a loop (`scan=False`): flax's scan cannot trace a symbolic batch, and TensorRT
 optimises an unrolled graph best.
 """
@@ -42,6 +43,12 @@ def normalize(cfg: vlm.Config, image):
   """0..255 RGB -> the tower's normalised input (what the data pipeline feeds in training)."""
   mean, std = (jnp.asarray(v, jnp.float32) for v in preprocess.MEAN_STD[cfg.vision.family])
   return (image / 255.0 - mean) / std
+
+
+def image_shape(cfg: vlm.Config) -> tuple:
+  """One example's frames: (S, S, 3), or (V, S, S, 3) for V cameras (static in the graph)."""
+  size = cfg.vision.image_size
+  return ((size, size, 3) if cfg.num_cameras == 1 else (cfg.num_cameras, size, size, 3))
 
 
 def student_io(cfg: vlm.Config):

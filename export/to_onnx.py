@@ -4,9 +4,9 @@ r"""Exports a trained DriVLM student to ONNX with jax2onnx, then checks it.
       [--checkpoint RUN/checkpoints/STEP] [--opset 18] [--keep-ratio 0.25]
       [--batch dynamic|N] [--image-size 224] [--lm] [--max-new-tokens 16]
 
-Writes OUT (the student: "image" [B, S, S, 3] float32 RGB 0..255, "instruction_ids" and
-"instruction_mask" [B, L] int32 -> "action_probs" [B, 4], "reason_probs" [B, 21],
-"token_scores" [B, N]), OUT's .json sidecar (shapes, preprocessing, parity figures) and the
+Writes OUT (the student: "image" [B, S, S, 3] (V cameras: [B, V, S, S, 3]) float32 RGB
+0..255, "instruction_ids" and "instruction_mask" [B, L] int32 -> "action_probs" [B, 4],
+"reason_probs" [B, 21], "token_scores" [B, V * N]), OUT's .json sidecar (shapes, preprocessing, parity figures) and the
 run's tokenizer.json beside it; with --lm also OUT_prefill.onnx and OUT_decode.onnx, the LM
 that generates explanations on the device (`export.generate.greedy`).
 
@@ -93,9 +93,9 @@ def export_student(cfg, params, path, *, keep_ratio, feeds, opset=18, batch="dyn
                    atol=1e-4) -> dict:
   """The student graph at `keep_ratio`, checked on `feeds` (real inputs by name)."""
   in_names, out_names = graphs.student_io(cfg)
-  b, size = _batch(batch), cfg.vision.image_size
+  b = _batch(batch)
   length = feeds["instruction_ids"].shape[1]
-  specs = [jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)]
+  specs = [jax.ShapeDtypeStruct((b, *graphs.image_shape(cfg)), jnp.float32)]
   specs += [jax.ShapeDtypeStruct((b, length), jnp.int32)] * (len(in_names) - 1)
   fn = graphs.student(cfg, params, keep_ratio)
   convert(fn, specs, in_names, out_names, path, opset)
@@ -107,7 +107,7 @@ def export_lm(cfg, params, prefix, *, feeds, tokenizer, max_new_tokens=16, opset
   """PREFIX_prefill.onnx and PREFIX_decode.onnx (prompts of the `feeds`' instructions),
   each checked for parity with JAX, then checked to generate `vlm.generate`'s greedy
   tokens."""
-  b, size, lm = _batch(batch), cfg.vision.image_size, cfg.language
+  b, lm = _batch(batch), cfg.language
   ids, mask = real_inputs.prompts(tokenizer, cfg.num_visual_tokens, feeds["instruction_ids"],
                                   feeds["instruction_mask"])
   feeds = {**feeds, "input_ids": ids, "attention_mask": mask}
@@ -119,8 +119,8 @@ def export_lm(cfg, params, prefix, *, feeds, tokenizer, max_new_tokens=16, opset
   paths = {n: f"{prefix}_{n}.onnx" for n in ("prefill", "decode")}
 
   prefill = graphs.prefill(cfg, params, max_new_tokens)
-  convert(prefill, [jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32), i32(b, length),
-                    i32(b, length), i32(b, t), i32(b, t)],
+  convert(prefill, [jax.ShapeDtypeStruct((b, *graphs.image_shape(cfg)), jnp.float32),
+                    i32(b, length), i32(b, length), i32(b, t), i32(b, t)],
           graphs.PREFILL_INPUTS, graphs.LM_OUTPUTS, paths["prefill"], opset)
   report = {"prefill": _verify(paths["prefill"], prefill, prompt, atol, _check_batches(batch))}
 

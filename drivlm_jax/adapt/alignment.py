@@ -37,8 +37,9 @@ class Alignment(adapt.Component):
   start: float           # fraction of training before the reversal ramps up
   total_steps: int
   width: int             # visual token width
-  grid: int              # the visual tokens form a grid x grid raster
+  grid: int              # the visual tokens form a grid x grid raster per camera
   max_boxes: int
+  views: int             # cameras; the boxes' `box_camera` says whose grid they lie in
 
   param_key = "discriminators"
   key_index = 1
@@ -53,7 +54,7 @@ class Alignment(adapt.Component):
     return cls(discriminators.Config(hidden=da.get("hidden", 256)), weights,
                float(da.get("focal_gamma", 0.0)), float(da.get("start", 0.0)),
                int(config.total_steps), cfg.language.hidden_size, cfg.vision.grid,
-               feats.max_boxes)
+               feats.max_boxes, cfg.num_cameras)
 
   def init(self, key):
     return discriminators.init(self.dcfg, key, self.width, self.grid, self.max_boxes)
@@ -67,7 +68,7 @@ class Alignment(adapt.Component):
     tokens = ctx.out["visual_tokens"]
     logits = discriminators.apply(self.dcfg, ctx.params[self.param_key], image_level(tokens),
                                   tokens, self.grid, ctx.batch["boxes"], ctx.batch["box_mask"],
-                                  lam)
+                                  lam, ctx.batch["box_camera"], self.views)
     losses = discriminators.losses(logits, ctx.batch["domain"], ctx.batch["box_mask"],
                                    self.focal_gamma or None,
                                    self.weights["da_consistency"] > 0)

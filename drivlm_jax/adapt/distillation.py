@@ -1,7 +1,8 @@
 """Scene-aware teacher-to-student distillation (DriVLM part 4).
 
 A frozen teacher (any run directory of `drivlm_jax.train`, named by `config.distill.teacher`;
-empty: distillation is off) runs on the same batch as the student, on every row: the teacher needs no labels. Terms:
+empty: distillation is off) runs on the same batch as the student, on every row: the
+teacher needs no labels. Terms:
   kd_heads    sigmoid KD of the action and explanation heads
   kd_lm       softmax KD of the LM tokens from the image on
   kd_feature  feature KD of the visual tokens (student -> teacher width through a learned
@@ -14,6 +15,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from absl import logging
 
 from drivlm_jax import adapt, hf, pretrained, run as run_lib
@@ -39,6 +41,9 @@ def load_teacher(teacher_dir: str, cfg: vlm.Config, weights: dict, config,
   student's tokenizer. Heads and feature KD work across tokenizers."""
   if pretrained.is_llava(teacher_dir):
     tcfg, params = hf.load_vlm(teacher_dir)
+    if tcfg.num_cameras == 1 and cfg.num_cameras > 1:   # a one-image LLaVA sees every view,
+      tcfg = dataclasses.replace(tcfg, num_cameras=cfg.num_cameras)   # camera embeddings 0
+      params = {**params, "cameras": jnp.zeros((cfg.num_cameras, tcfg.vision.hidden_size))}
     if "heads" not in params:
       if weights["kd_heads"]:
         raise ValueError(f"teacher {teacher_dir}: an HF LLaVA without DriVLM heads "
@@ -50,6 +55,10 @@ def load_teacher(teacher_dir: str, cfg: vlm.Config, weights: dict, config,
   else:
     teacher = run_lib.load(teacher_dir)
     tokenizer = teacher.config.data.get("tokenizer", "")
+  if teacher.cfg.num_cameras != cfg.num_cameras:
+    raise ValueError(f"teacher {teacher_dir} sees {teacher.cfg.num_cameras} camera(s) per "
+                     f"example, the student {cfg.num_cameras}: distil from a teacher trained "
+                     f"on the student's cameras (model.num_cameras)")
   if weights["kd_lm"]:
     ours = config.data.get("tokenizer", "")
     same = _same_tokenizer(tokenizer, ours, feats.tokenizer)
@@ -124,7 +133,7 @@ class Distillation(adapt.Component):
       losses["kd_lm"] = distill.softmax_kd(out["lm_logits"], t["lm_logits"], temperature, mask)
     if w["kd_feature"]:
       teacher_tokens = distill.match_grid(t["visual_tokens"], tcfg.vision.grid,
-                                          self.cfg.vision.grid)
+                                          self.cfg.vision.grid, self.cfg.num_cameras)
       scores = out.get("token_scores")
       losses["kd_feature"] = distill.feature_kd(
           out["visual_tokens"], teacher_tokens, ctx.params[self.param_key]["projection"],

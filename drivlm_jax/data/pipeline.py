@@ -48,6 +48,7 @@ class Features:
   max_boxes: int = 16
   resize: str = "pad"            # "pad" | "crop"
   augment: bool = True
+  num_cameras: int = 1           # > 1: "image" [V, S, S, 3], the example's first V cameras
 
 
 def as_text(value) -> str:
@@ -77,6 +78,35 @@ def open_source(spec: SourceSpec):
   return source, indices
 
 
+def camera_images(example, num_cameras: int = 1) -> list:
+  """The example's first `num_cameras` camera images (BDD-OIA has one, "image"; nuScenes-
+  Drive a list, "images", six in its six_cam config, CAM_FRONT first)."""
+  images = [example["image"]] if "image" in example else list(example["images"])
+  if len(images) < num_cameras:
+    raise ValueError(f"example {as_text(example.get('sample_token', b'?'))}: "
+                     f"{len(images)} camera image(s), the model takes {num_cameras} "
+                     f"(model.num_cameras); build nuScenes-Drive's six_cam config "
+                     f"(config.data.nuscenes_config='six_cam')")
+  return images[:num_cameras]
+
+
+def model_images(example, features: Features, rng=None):
+  """The example's camera images as the model takes them: resized (randomly when `rng` is
+  given, else deterministically), augmented when `rng` is given and `features.augment`, and
+  normalised: [S, S, 3], or [V, S, S, 3] for V = `features.num_cameras` > 1. Also returns
+  each view's (transform, width, height) for its boxes."""
+  f = features
+  frames, transforms = [], []
+  for image in camera_images(example, f.num_cameras):
+    height, width = image.shape[:2]
+    image, transform = preprocess.resize(image, f.image_size, f.resize, rng)
+    if rng is not None and f.augment:
+      image = preprocess.augment(image, rng)
+    frames.append(preprocess.normalize(image, f.family))
+    transforms.append((transform, width, height))
+  return (frames[0] if f.num_cameras == 1 else np.stack(frames)), transforms
+
+
 class ExampleTransform:
   """One tfds example -> fixed-shape numpy features (labels zeroed when not `labelled`)."""
 
@@ -93,18 +123,20 @@ class ExampleTransform:
   def __call__(self, index, example):
     f = self.f
     rng = np.random.default_rng([self.seed, self.domain, index])
-    image = example["image"] if "image" in example else example["images"][0]
-    height, width = image.shape[:2]
-    image, transform = preprocess.resize(image, f.image_size, f.resize,
-                                         rng if self.train else None)
-    if self.train and f.augment:
-      image = preprocess.augment(image, rng)
-    boxes, categories = example["boxes"], example["box_categories"]
-    if "box_camera" in example:   # nuScenes-Drive: the boxes of the first camera
-      first = example["box_camera"] == 0
-      boxes, categories = boxes[first], categories[first]
-    boxes, keep = preprocess.transform_boxes(boxes, width, height, transform, f.image_size)
-    boxes, categories = boxes[keep][:f.max_boxes], categories[keep][:f.max_boxes]
+    image, transforms = model_images(example, f, rng if self.train else None)
+    # Each view's boxes (nuScenes-Drive: `box_camera` says whose), in camera order.
+    cameras = example.get("box_camera", np.zeros(len(example["boxes"]), np.int32))
+    boxes, box_camera, categories = [], [], []
+    for c, (transform, width, height) in enumerate(transforms):
+      mine = cameras == c
+      b, keep = preprocess.transform_boxes(example["boxes"][mine], width, height, transform,
+                                           f.image_size)
+      boxes.append(b[keep])
+      categories.append(example["box_categories"][mine][keep])
+      box_camera.append(np.full(int(keep.sum()), c, np.int32))
+    boxes = np.concatenate(boxes)[:f.max_boxes]
+    categories = np.concatenate(categories)[:f.max_boxes]
+    box_camera = np.concatenate(box_camera)[:f.max_boxes]
     n = len(boxes)
 
     actions = np.asarray(example["actions"], np.float32)
@@ -142,15 +174,17 @@ class ExampleTransform:
     text["caption_mask"] = (np.arange(f.max_caption_len) < len(caption)).astype(np.int32)
 
     out = {
-        "image": preprocess.normalize(image, f.family), **text,
+        "image": image, **text,
         "actions": actions, "reasons": reasons,
         "action_mask": np.float32(1.0), "reason_mask": np.float32(has_reasons),
         "boxes": np.zeros((f.max_boxes, 4), np.float32),
         "box_mask": (np.arange(f.max_boxes) < n).astype(np.float32),
         "box_categories": np.zeros(f.max_boxes, np.int32),
+        "box_camera": np.zeros(f.max_boxes, np.int32),
         "domain": np.int32(self.domain), "example_id": example["example_id"],
     }
-    out["boxes"][:n], out["box_categories"][:n] = boxes, categories
+    out["boxes"][:n], out["box_categories"][:n], out["box_camera"][:n] = (boxes, categories,
+                                                                         box_camera)
     if not self.labelled:   # unlabelled target: nothing a loss could learn from, and the
       # answer (an explanation, i.e. a label) leaves the LM input too: prompt only.
       out.update(self.tokenizer.sequence(instruction, "", f.num_image_tokens, f.max_len))

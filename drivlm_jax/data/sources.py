@@ -6,7 +6,9 @@ split ("train", "test"):
   `cache_dir/tfds/<builder>-<fingerprint>`; the fingerprint hashes every file's path, size
   and modification time, so an edited folder is rebuilt and an unchanged one reused.
   Training reads the layout's "train" split; evaluation its "test" split, else "val".
-- otherwise, with `config.data.sim`: the procedural world written in the BDD-OIA layout into
+- otherwise, with `config.data.sim`: the procedural world written in the BDD-OIA layout
+  (`config.data.sim_layout` "bdd_oia", counts in images) or the nuScenes + DriveLM layout
+  ("nuscenes", counts in scenes of 16 keyframes x 6 cameras, at the role's `location`) into
   `cache_dir/sim/<role>` (once; a `.done` file holds the sim settings) and built the same way.
 """
 import hashlib
@@ -17,6 +19,7 @@ from data_builders import __main__ as build_cli
 from data_builders.bdd_oia import bdd_oia_dataset_builder as bdd_builder
 from drivlm_jax.data.pipeline import SourceSpec
 from drivlm_jax.sim import bdd_oia as sim_bdd
+from drivlm_jax.sim import nuscenes as sim_nuscenes
 from drivlm_jax.sim import tokenizer as sim_tokenizer
 
 
@@ -70,22 +73,38 @@ def build_folder(directory: str, cache_root: str, nuscenes_config="front") -> di
 
 def _sim_role(data_config, role, root) -> dict:
   spec = data_config[role]
+  layout = data_config.get("sim_layout", "bdd_oia")
+  if layout not in ("bdd_oia", "nuscenes"):
+    raise SourceError(f"config.data.sim_layout={layout!r}: 'bdd_oia' or 'nuscenes'")
   manual = os.path.join(root, "sim", role)
   done = os.path.join(manual, ".done")
   wanted = {k: spec[k] for k in ("domain", "seed", "train", "test")}
   wanted.update(width=data_config.width, height=data_config.height)
+  if layout == "nuscenes":
+    wanted.update(layout=layout, location=spec.get("location", "boston-seaport"))
   if not os.path.exists(done) or json.load(open(done)) != wanted:
     if os.path.exists(manual):
       raise FileExistsError(f"{manual} holds other sim data than {wanted}; remove it or "
                             f"set config.data.cache_dir elsewhere")
     for split in ("train", "test"):
-      sim_bdd.write(manual, spec.domain, spec[split], seed=spec.seed + (split == "test") * 100,
-                    split=split, width=data_config.width, height=data_config.height)
+      kwargs = dict(seed=spec.seed + (split == "test") * 100, split=split,
+                    width=data_config.width, height=data_config.height)
+      if layout == "nuscenes":
+        sim_nuscenes.write(manual, spec.domain, spec[split], location=wanted["location"],
+                           **kwargs)
+      else:
+        sim_bdd.write(manual, spec.domain, spec[split], **kwargs)
     with open(done, "w") as f:
       json.dump(wanted, f)
   tfds_dir = os.path.join(root, "tfds", role)
-  build_cli.build("bdd_oia", manual, tfds_dir)
-  return {split: SourceSpec("bdd_oia", tfds_dir, split) for split in ("train", "test")}
+  if layout == "nuscenes":
+    config = data_config.get("nuscenes_config", "front")
+    build_cli.build("nuscenes_drive", manual, tfds_dir, config)
+    name = f"nuscenes_drive/{config}"
+  else:
+    build_cli.build("bdd_oia", manual, tfds_dir)
+    name = "bdd_oia"
+  return {split: SourceSpec(name, tfds_dir, split) for split in ("train", "test")}
 
 
 def cache_root(data_config, workdir: str) -> str:

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from drivlm_jax import evals, metrics, run as run_lib
-from drivlm_jax.data import labels, preprocess, tokenizer as tokenizer_lib
+from drivlm_jax.data import labels, tokenizer as tokenizer_lib
 from drivlm_jax.data import pipeline
 from drivlm_jax.evals import generation
 
@@ -108,10 +108,10 @@ def score(test: dict, predictions: list, judge=None) -> dict:
 @dataclasses.dataclass(frozen=True)
 class DriveLM(evals.Evaluator):
   """Answers every DriveLM QA of each frame of the split (greedy, in the challenge's order,
-  one image per frame: the first camera), writes `<workdir>/drivelm_predictions.json` in the
-  challenge's format, and scores it as the challenge does without a judge (`score`): in
-  points, "drivelm_accuracy", "drivelm_language" (its language score x 100),
-  "drivelm_match_F1" and "drivelm_final_without_judge" (x 100, out of 50). Every host
+  from the frame's cameras as the model takes them), writes
+  `<workdir>/drivelm_predictions.json` in the challenge's format, and scores it as the
+  challenge does without a judge (`score`): in points, "drivelm_accuracy",
+  "drivelm_language" (its language score x 100), "drivelm_match_F1" and "drivelm_final_without_judge" (x 100, out of 50). Every host
   answers every QA (inputs replicated); `num_frames` > 0 takes the first frames only."""
   max_new_tokens: int = 48
   num_frames: int = 0
@@ -129,9 +129,7 @@ class DriveLM(evals.Evaluator):
       frame = pipeline.as_text(example["sample_token"])
       qa = example["qa"]
       stages = {}
-      image = example["images"][0] if "images" in example else example["image"]
-      image = preprocess.normalize(preprocess.resize(image, feats.image_size, feats.resize)[0],
-                                   feats.family)
+      image = pipeline.model_images(example, feats)[0]
       for k in range(len(qa["question"])):
         question, answer = pipeline.as_text(qa["question"][k]), pipeline.as_text(qa["answer"][k])
         stages.setdefault(pipeline.as_text(qa["type"][k]), []).append(

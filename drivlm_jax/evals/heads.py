@@ -39,18 +39,22 @@ class Heads(evals.Evaluator):
     for batch, valid in evals.host_batches(data[self.role, self.split], feats,
                                            self.batch_size):
       x = {k: batch[k] for k in ("image", "instruction_ids", "instruction_mask", "actions",
-                                 "reasons")}
+                                 "reasons", "reason_mask")}
       x["valid"] = valid.astype(np.int32)
       x = place(x) if place else x
       action, reason = probabilities(cfg, params, x["image"], x["instruction_ids"],
                                      x["instruction_mask"], keep)
-      keep_rows = evals.gather(x["valid"]) > 0
+      valid = evals.gather(x["valid"]) > 0
+      # Explanations only where the dataset has them (nuScenes-Drive has none).
+      rows = {"action": valid, "reason": valid & (evals.gather(x["reason_mask"]) > 0)}
       for kind, p in (("action", action), ("reason", reason)):
-        probs[kind].append(evals.gather(p)[keep_rows])
-        labels[kind].append(evals.gather(x[f"{kind}s"])[keep_rows])
+        probs[kind].append(evals.gather(p)[rows[kind]])
+        labels[kind].append(evals.gather(x[f"{kind}s"])[rows[kind]])
     out = {}
     for kind in ("action", "reason"):
       p, y = np.concatenate(probs[kind]), np.concatenate(labels[kind])
+      if not len(y):
+        continue
       out.update(metrics.multilabel(kind, p, y))
       out[f"{kind}_F1_official"] = metrics.official_f1(p, y, self.official_batch_size)
     return out

@@ -33,13 +33,14 @@ def sigmoid_kd(student_logits, teacher_logits, temperature=1.0, mask=None):
   return masked_mean(jnp.sum(kl, axis=-1), mask) * temperature ** 2
 
 
-def match_grid(tokens, grid_from: int, grid_to: int):
-  """Resamples a [B, g*g, D] token grid to [B, grid_to^2, D] (bilinear)."""
+def match_grid(tokens, grid_from: int, grid_to: int, views: int = 1):
+  """Resamples [B, views * g*g, D] token grids (one per camera view, in turn) to
+  [B, views * grid_to^2, D] (bilinear, view by view)."""
   if grid_from == grid_to:
     return tokens
   b, _, d = tokens.shape
-  x = tokens.reshape(b, grid_from, grid_from, d)
-  return jax.image.resize(x, (b, grid_to, grid_to, d), "bilinear").reshape(b, -1, d)
+  x = tokens.reshape(b * views, grid_from, grid_from, d)
+  return jax.image.resize(x, (b * views, grid_to, grid_to, d), "bilinear").reshape(b, -1, d)
 
 
 def feature_kd(student_tokens, teacher_tokens, projection, weights=None, kind="cosine"):

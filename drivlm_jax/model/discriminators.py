@@ -43,11 +43,12 @@ class Mlp(nn.Module):
     return layers.dense(1, (None,), (None,), cfg=cfg, name="out")(h)[..., 0].astype(jnp.float32)
 
 
-def box_pool(tokens, grid: int, boxes, box_mask):
+def box_pool(tokens, grid: int, boxes, box_mask, box_camera=None, views: int = 1):
   """Mean of the token grid inside each box, weighted by each cell's overlap with the box.
 
-  tokens [B, grid*grid, D] (row-major cells); boxes [B, M, 4] normalised (x1, y1, x2, y2);
-  box_mask [B, M]. Returns [B, M, D]; a masked or empty box gives zeros.
+  tokens [B, views*grid*grid, D] (each view's row-major cells in turn); boxes [B, M, 4]
+  normalised (x1, y1, x2, y2) in the image of view `box_camera` [B, M] (int; None for one
+  view); box_mask [B, M]. Returns [B, M, D]; a masked or empty box gives zeros.
   """
   edges = jnp.arange(grid + 1, dtype=jnp.float32) / grid
   lo, hi = edges[:-1], edges[1:]
@@ -58,6 +59,9 @@ def box_pool(tokens, grid: int, boxes, box_mask):
   wx = overlap(boxes[..., 0], boxes[..., 2])
   wy = overlap(boxes[..., 1], boxes[..., 3])
   weights = (wy[..., :, None] * wx[..., None, :]).reshape(*boxes.shape[:2], grid * grid)
+  if views > 1:   # the box's cells in its own view's grid: [B, M, views * grid * grid]
+    camera = jax.nn.one_hot(box_camera, views, dtype=weights.dtype)
+    weights = (camera[..., None] * weights[..., None, :]).reshape(*boxes.shape[:2], -1)
   weights = weights * box_mask[..., None]
   total = jnp.sum(weights, axis=-1, keepdims=True)
   weights = jnp.where(total > 0, weights / jnp.maximum(total, 1e-12), 0.0)
@@ -66,16 +70,19 @@ def box_pool(tokens, grid: int, boxes, box_mask):
 
 class Discriminators(nn.Module):
   cfg: Any
-  grid: int   # the visual tokens form a grid x grid raster
+  grid: int        # the visual tokens form a grid x grid raster per view
+  views: int = 1
 
   @nn.compact
-  def __call__(self, pooled, tokens, boxes, box_mask, lam):
+  def __call__(self, pooled, tokens, boxes, box_mask, lam, box_camera=None):
     reverse = lambda x: adversarial.grad_reverse(x, lam)
+    cells = self.views * self.grid ** 2   # the last tokens: CLIP's "full" puts class tokens first
+    instances = box_pool(reverse(tokens)[:, -cells:], self.grid, boxes, box_mask, box_camera,
+                         self.views)
     return {
         "image": Mlp(self.cfg, name="image")(reverse(pooled)),
         "token": Mlp(self.cfg, name="token")(reverse(tokens)),
-        "instance": Mlp(self.cfg, name="instance")(box_pool(reverse(tokens), self.grid, boxes,
-                                                            box_mask)),
+        "instance": Mlp(self.cfg, name="instance")(instances),
     }
 
 
@@ -93,11 +100,14 @@ def logical_axes(cfg: Config, width: int, grid: int, max_boxes: int = 1):
                              *_dummy(width, grid, max_boxes))
 
 
-def apply(cfg: Config, params, pooled, tokens, grid, boxes, box_mask, lam) -> dict:
+def apply(cfg: Config, params, pooled, tokens, grid, boxes, box_mask, lam, box_camera=None,
+          views: int = 1) -> dict:
   """-> {"image": [B], "token": [B, N], "instance": [B, M]} domain logits; gradients reaching
-  `pooled` and `tokens` are reversed and scaled by `lam`."""
-  return Discriminators(cfg, grid).apply({"params": params}, pooled, tokens, boxes, box_mask,
-                                         jnp.asarray(lam, jnp.float32))
+  `pooled` and `tokens` are reversed and scaled by `lam`. With `views` > 1 the tokens hold
+  that many views' grids and `box_camera` [B, M] says in which view each box lies."""
+  return Discriminators(cfg, grid, views).apply({"params": params}, pooled, tokens, boxes,
+                                                box_mask, jnp.asarray(lam, jnp.float32),
+                                                box_camera)
 
 
 def losses(logits, domain, box_mask, focal_gamma=None, consistency=True) -> dict:

@@ -124,9 +124,12 @@ class VisionTower(nn.Module):
   """part="all": images -> outputs. The tower can also run in two parts around a point
   between layers (for pruning inside the tower): "stem" (images -> hidden states after
   cfg.num_layers layers) and "tail" (hidden states -> outputs, cfg.num_layers more layers);
-  each part takes its own slice of the stacked layer params (see `split`)."""
+  each part takes its own slice of the stacked layer params (see `split`). A tail may run
+  on the tokens of several camera views together (`views`, CLIP: their class tokens first);
+  CLIP's pooled feature is then the mean of the views' pooled class tokens."""
   cfg: Any
   part: str = "all"
+  views: int = 1
 
   @nn.compact
   def __call__(self, inputs):
@@ -142,7 +145,9 @@ class VisionTower(nn.Module):
       return x
     post_ln = layers.layer_norm(cfg, "post_layernorm", cfg.layer_norm_eps)
     if cfg.family == "clip":
-      return {"last_hidden_state": x, "pooled": post_ln(x[:, 0]), "patch_features": x[:, 1:],
+      pooled = (post_ln(x[:, 0]) if self.views == 1 else
+                jnp.mean(post_ln(x[:, :self.views]), axis=1))
+      return {"last_hidden_state": x, "pooled": pooled, "patch_features": x[:, self.views:],
               "hidden": x}
     out = post_ln(x)
     pooled = PoolingHead(cfg, name="head")(out) if cfg.use_head else jnp.mean(out, axis=1)
@@ -182,10 +187,11 @@ def split(cfg: Config, params: dict, layer: int):
            {**tail, **part(layer, cfg.num_layers)}))
 
 
-def apply_part(cfg: Config, params: dict, inputs, part: str):
+def apply_part(cfg: Config, params: dict, inputs, part: str, views: int = 1):
   """part "stem": images -> hidden states [B, T, D] (CLIP: class token first);
-  part "tail": hidden states -> `apply`'s outputs."""
-  return VisionTower(cfg, part).apply({"params": params}, inputs)
+  part "tail": hidden states -> `apply`'s outputs; with `views` > 1 the hidden states hold
+  that many views' tokens (CLIP: the `views` class tokens first)."""
+  return VisionTower(cfg, part, views).apply({"params": params}, inputs)
 
 
 def logical_axes(cfg: Config):

@@ -2,8 +2,17 @@
 embeddings at the image placeholder token, plus the driving heads.
 
 The action head (4 logits) and explanation head (21 logits) read an attention-pooled summary
-of the visual tokens, so the deployable student (vision + heads) runs without the LM. `apply` returns every
-intermediate feature the adaptation losses need.
+of the visual tokens, so the deployable student (vision + heads) runs without the LM. `apply`
+returns every intermediate feature the adaptation losses need.
+
+Several cameras (`num_cameras` = V > 1, images [B, V, H, W, 3]): the one tower encodes each
+view, a learned camera embedding (zero at init) is added to each view's tokens where the
+views meet (at the reweighting point, else at the tower's output), and the V token groups
+follow each other in camera order: the visual tokens are [B, V * N, D], the heads pool over
+all of them, and the instruction scores and prunes the tokens of all views together (k kept
+overall, as many from one camera as the instruction wants). Tower layers after a scoring
+point inside the tower run on all views' kept tokens jointly (static shapes; CLIP's V class
+tokens are always kept). V = 1 has no camera embedding: the model of a single camera.
 """
 import dataclasses
 from typing import Any
@@ -38,8 +47,16 @@ class Config:
   # (0 = right after the patch embedding; the later layers then run on the kept tokens only),
   # or None = at the feature layer, just before the projector.
   reweight_layer: int | None = None
+  num_cameras: int = 1               # V views per example, images [B, V, H, W, 3] when > 1
 
   def __post_init__(self):
+    if self.num_cameras < 1:
+      raise ValueError(f"num_cameras must be >= 1, got {self.num_cameras}")
+    if (self.num_cameras > 1 and self.vision.family == "siglip"
+        and self.vision_feature_select_strategy == "default"):
+      raise ValueError("vision_feature_select_strategy 'default' drops a SigLIP view's first "
+                       "patch (HF LLaVA), which has no place among several cameras' pruned "
+                       "tokens; with num_cameras > 1 set it to 'full'")
     if self.vision_feature_select_strategy not in ("default", "full"):
       raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', got "
                        f"{self.vision_feature_select_strategy!r}")
@@ -49,8 +66,9 @@ class Config:
 
   @property
   def num_visual_tokens(self) -> int:
+    """All views' tokens: the LM's image placeholders per example."""
     tokens = self.vision.num_patches + (self.vision.family == "clip")
-    return tokens - (self.vision_feature_select_strategy == "default")
+    return self.num_cameras * (tokens - (self.vision_feature_select_strategy == "default"))
 
 
 class Projector(nn.Module):
@@ -131,6 +149,9 @@ def init(cfg: Config, key) -> dict:
   if cfg.reweight:
     params["reweighting"] = reweighting.init(_reweight_config(cfg), kr, cfg.vision.hidden_size,
                                              cfg.language.hidden_size)
+  if cfg.num_cameras > 1:
+    params["cameras"] = jnp.zeros((cfg.num_cameras, cfg.vision.hidden_size),
+                                  cfg.vision.param_dtype)
   return params
 
 
@@ -149,6 +170,8 @@ def logical_axes(cfg: Config):
     text = jnp.zeros((1, 3, cfg.language.hidden_size))
     axes["reweighting"] = layers.logical_axes(reweighting.Scorer(_reweight_config(cfg)).init,
                                               key, patches, text, jnp.ones((1, 3)))
+  if cfg.num_cameras > 1:
+    axes["cameras"] = jax.sharding.PartitionSpec(None, "embed_vision")
   return axes
 
 
@@ -163,39 +186,62 @@ def splice(text_embeds, visual_tokens, is_image):
   return jnp.where(is_image[..., None], gathered.astype(text_embeds.dtype), text_embeds)
 
 
+def _flat_views(cfg: Config, images):
+  """[B, V, H, W, 3] (or [B, H, W, 3] for one camera) -> ([B * V, H, W, 3], B)."""
+  v = cfg.num_cameras
+  if images.ndim == 5 and images.shape[1] == v:
+    return images.reshape(-1, *images.shape[2:]), images.shape[0]
+  if images.ndim == 4 and v == 1:
+    return images, images.shape[0]
+  want = "[B, H, W, 3] or [B, 1, H, W, 3]" if v == 1 else f"[B, {v}, H, W, 3]"
+  raise ValueError(f"images must be {want} for num_cameras={v}, got {list(images.shape)}")
+
+
 def encode_image(cfg: Config, params, images, instruction_ids=None, instruction_mask=None,
                  keep_ratio: float = 1.0) -> dict:
-  """images [B, H, W, 3] -> vision features, visual tokens and head logits (no LM).
+  """images [B, H, W, 3] (or [B, V, H, W, 3]) -> vision features, visual tokens and head
+  logits (no LM).
 
   With `cfg.reweight`, the instruction (ids [B, L] and mask [B, L]) scores the patch tokens
-  ("token_scores" [B, N]) after `cfg.reweight_layer` vision layers (None: at the feature
-  layer); they are gated by 2 sigmoid(score), and `keep_ratio` < 1 keeps only the
-  best-scoring ceil(N * keep_ratio) ("kept_indices"), so the layers after run on fewer tokens.
+  of all views ("token_scores" [B, V * N]) after `cfg.reweight_layer` vision layers (None: at
+  the feature layer); they are gated by 2 sigmoid(score), and `keep_ratio` < 1 keeps only the
+  best-scoring ceil(V * N * keep_ratio) ("kept_indices", into the V * N), so the layers after
+  run on fewer tokens.
   """
   vcfg, vparams = vision.truncate(cfg.vision, params["vision"], cfg.vision_feature_layer)
+  views = cfg.num_cameras
+  flat, b = _flat_views(cfg, images)
   out = {}
-  if not cfg.reweight:
-    if keep_ratio < 1.0:
-      raise ValueError("pruning (keep_ratio < 1) needs cfg.reweight: tokens are kept by score")
-    vout = vision.apply(vcfg, vparams, images)
+  if not cfg.reweight and keep_ratio < 1.0:
+    raise ValueError("pruning (keep_ratio < 1) needs cfg.reweight: tokens are kept by score")
+  if cfg.reweight and instruction_ids is None:
+    raise ValueError("cfg.reweight needs the instruction (instruction_ids, instruction_mask)")
+  if not cfg.reweight and views == 1:
+    vout = vision.apply(vcfg, vparams, flat)
   else:
-    if instruction_ids is None:
-      raise ValueError("cfg.reweight needs the instruction (instruction_ids, instruction_mask)")
-    layer = vcfg.num_layers if cfg.reweight_layer is None else cfg.reweight_layer
+    layer = (cfg.reweight_layer if cfg.reweight and cfg.reweight_layer is not None
+             else vcfg.num_layers)
     (stem_cfg, stem), (tail_cfg, tail) = vision.split(vcfg, vparams, layer)
-    hidden = vision.apply_part(stem_cfg, stem, images, "stem")
-    lead = 1 if vcfg.family == "clip" else 0          # the class token is always kept
-    patches = hidden[:, lead:]
-    text = language.embed_tokens(cfg.language, params["language"], instruction_ids)
-    scores = reweighting.scores(_reweight_config(cfg), params["reweighting"], patches, text,
-                                instruction_mask)
-    patches = reweighting.reweight(patches, scores)
-    out["token_scores"] = scores
-    if keep_ratio < 1.0:
-      patches, out["kept_indices"] = reweighting.prune(patches, scores, keep_ratio)
-    hidden = jnp.concatenate([hidden[:, :lead], patches], axis=1)
-    vout = vision.apply_part(tail_cfg, tail, hidden, "tail")
-  selected = vout["hidden"][:, cfg.vision_feature_select_strategy == "default":]
+    hidden = vision.apply_part(stem_cfg, stem, flat, "stem")
+    hidden = hidden.reshape(b, views, *hidden.shape[1:])            # [B, V, T, Dv]
+    if views > 1:
+      hidden = hidden + params["cameras"][None, :, None].astype(hidden.dtype)
+    lead = 1 if vcfg.family == "clip" else 0          # the class tokens are always kept
+    width = hidden.shape[-1]
+    leads = hidden[:, :, :lead].reshape(b, views * lead, width)
+    patches = hidden[:, :, lead:].reshape(b, -1, width)             # [B, V * N, Dv]
+    if cfg.reweight:
+      text = language.embed_tokens(cfg.language, params["language"], instruction_ids)
+      scores = reweighting.scores(_reweight_config(cfg), params["reweighting"], patches, text,
+                                  instruction_mask)
+      patches = reweighting.reweight(patches, scores)
+      out["token_scores"] = scores
+      if keep_ratio < 1.0:
+        patches, out["kept_indices"] = reweighting.prune(patches, scores, keep_ratio)
+    vout = vision.apply_part(tail_cfg, tail, jnp.concatenate([leads, patches], axis=1), "tail",
+                             views)
+  # "default" drops each view's first token (CLIP: its class token, first in the joint tail).
+  selected = vout["hidden"][:, views * (cfg.vision_feature_select_strategy == "default"):]
   out.update(image_pooled=vout["pooled"],            # [B, Dv] vision pooled feature
              patch_features=selected)                # [B, num_visual_tokens or k, Dv]
   visual_tokens = Projector(cfg).apply({"params": params["projector"]}, selected)
@@ -206,8 +252,8 @@ def encode_image(cfg: Config, params, images, instruction_ids=None, instruction_
 
 def apply(cfg: Config, params, images, input_ids=None, attention_mask=None,
           instruction_ids=None, instruction_mask=None) -> dict:
-  """images [B, H, W, 3] float32 (normalised); input_ids [B, T] int32 holding
-  `cfg.num_visual_tokens` copies of `cfg.image_token_id` per row (left-padded, with
+  """images [B, H, W, 3] (or [B, V, H, W, 3]) float32 (normalised); input_ids [B, T] int32
+  holding `cfg.num_visual_tokens` copies of `cfg.image_token_id` per row (left-padded, with
   `attention_mask`), or None for the image-only path.
 
   Returns `encode_image`'s dict plus, with input_ids, "lm_logits" [B, T, V] and
