@@ -16,7 +16,7 @@ Variants (`:name=value,...`):
   init=DIR                    warm-start from a run or an HF LLaVA directory
   tune=full|freeze_vision|freeze_lm|lora_lm|lora_lm_freeze_vision   (common.finetune)
   model=tiny|tiny_teacher|clip_b16_qwen05b|...   (default: tiny)
-  steps=N                     total training steps
+  steps=N                     total training steps (default 1200; 400 for dataset=nuscenes)
   dataset=bdd_oia|nuscenes    the sim's layout. nuscenes: six-camera nuScenes-Drive with
                               DriveLM QA, day Boston -> night+rain Singapore; the model sees
                               all six cameras (model.num_cameras=6) and learns every DriveLM
@@ -30,7 +30,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, model="", method="source_only", steps=1200, teacher="",
+  arg = common.parse_arg(arg, model="", method="source_only", steps=0, teacher="",
                          init="", tune="full", dataset="bdd_oia")
   if arg.dataset not in ("bdd_oia", "nuscenes"):
     raise ValueError(f"dataset {arg.dataset!r}: 'bdd_oia' or 'nuscenes'")
@@ -41,7 +41,7 @@ def get_config(arg=None):
   config.mixed_precision = False          # True: bf16 compute, fp32 master params
   config.ema_decay = 0.99                  # evaluate the moving average of the params
 
-  config.total_steps = arg.steps
+  config.total_steps = arg.steps or (400 if arg.dataset == "nuscenes" else 1200)
   config.log_every_steps = 10
   config.eval_every_steps = 400
   config.checkpoint_every_steps = 200

@@ -101,5 +101,6 @@ if __name__ == "__main__":
   flags.DEFINE_string("drivelm_test", None, "A DriveLM challenge test JSON to score against.")
   flags.DEFINE_string("drivelm_predictions", None, "Predictions in the challenge's format.")
   flags.DEFINE_string("judge", None, "The GPT-score judge: a command reading JSON lines "
-                      "{question, answer, gt} and writing a 0-100 score per line.")
+                      "{question, answer, gt} and writing a 0-100 score per line; a local "
+                      "LLM: 'python -m drivlm_jax.evals.judge --model DIR'.")
   app.run(main)

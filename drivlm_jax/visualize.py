@@ -64,7 +64,8 @@ def plot_pca(run_dirs: dict, path: str):
 
 
 def plot_reweighting(run_dir: str, path: str, n=4):
-  """Target test images with the instruction's token gates (2 sigmoid(score), in (0, 2)) over them."""
+  """Target test images with the instruction's token gates (2 sigmoid(score), in (0, 2))
+  over them; several cameras side by side, in camera order."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -75,12 +76,14 @@ def plot_reweighting(run_dir: str, path: str, n=4):
   scores = np.asarray(jax.jit(lambda p: vlm.encode_image(
       cfg, p, b["image"], b["instruction_ids"], b["instruction_mask"])["token_scores"])(params))
   tokenizer = tokenizer_lib.load(feats.tokenizer)
-  grid = cfg.vision.grid
-  fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.6), squeeze=False)
-  for i, ax in enumerate(axes[0]):
-    image = b["image"][i]
+  grid, views = cfg.vision.grid, cfg.num_cameras
+  side_by_side = lambda x: np.concatenate(list(x.reshape(views, *x.shape[-3:])), axis=1)
+  rows, cols = (n, 1) if views > 1 else (1, n)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols * views, 3.6 * rows), squeeze=False)
+  for i, ax in enumerate(axes.ravel()):
+    image = side_by_side(b["image"][i])
     image = (image - image.min()) / max(float(image.max() - image.min()), 1e-6)
-    gates = 2 / (1 + np.exp(-scores[i].reshape(grid, grid)))
+    gates = side_by_side(2 / (1 + np.exp(-scores[i].reshape(views, grid, grid, 1))))[..., 0]
     ax.imshow(image)
     ax.imshow(gates, cmap="magma", alpha=0.55, extent=(0, image.shape[1], image.shape[0], 0))
     words = tokenizer.decode(b["instruction_ids"][i][b["instruction_mask"][i] > 0])

@@ -21,6 +21,7 @@ from drivlm_jax import run as run_lib, timing
 from drivlm_jax.data import sources
 from drivlm_jax.evals import heads
 from drivlm_jax.model import vlm
+from export import graphs
 
 
 def _student(cfg, params, keep):
@@ -29,9 +30,8 @@ def _student(cfg, params, keep):
 
 def time_ratios(cfg, params, keeps, batch, rounds=15) -> dict:
   """Median ms per forward at each keep ratio (interleaved rounds)."""
-  size = cfg.vision.image_size
   rng = np.random.default_rng(0)
-  x = jax.device_put(rng.normal(size=(batch, size, size, 3)).astype(np.float32))
+  x = jax.device_put(rng.normal(size=(batch, *graphs.image_shape(cfg))).astype(np.float32))
   ids = jax.device_put(rng.integers(4, 100, size=(batch, 12)).astype(np.int32))
   mask = jax.device_put(np.ones((batch, 12), np.int32))
   fns = {k: _student(cfg, params, k) for k in keeps}

@@ -2,6 +2,11 @@ r"""The demo on the embedded default: the procedural world's day domain (source,
 adapted to night+fog (target, unlabelled), on CPU.
 
   python -m experiments.demo [--workdir runs/demo] [--seeds 1] [--steps 1200] [--smoke]
+  python -m experiments.demo --dataset nuscenes --workdir runs/demo_nuscenes
+
+--dataset nuscenes: the sim in the nuScenes + DriveLM layout, six cameras per example
+(configs/demo.py:dataset=nuscenes), day Boston -> night+rain Singapore; the report adds the
+DriveLM challenge's scores per method on the target test frames (evals.target_drivelm).
 
 Per seed, runs of `python -m drivlm_jax.train --config configs/demo.py:method=M`:
   source_only      the tiny VLM on labelled source only
@@ -39,27 +44,40 @@ _SEEDS = flags.DEFINE_integer("seeds", 1, "Training seeds per method.")
 _STEPS = flags.DEFINE_integer("steps", None, "Training steps (default: the config's).")
 _CLIP = flags.DEFINE_bool("clip", False, "Run the CLIP fine-tuning stage and warm-start the "
                           "student from it (the teacher trains from scratch).")
+_DATASET = flags.DEFINE_enum(
+    "dataset", "bdd_oia", ["bdd_oia", "nuscenes"],
+    "The sim's layout: bdd_oia (one camera, day -> night+fog) or nuscenes (six cameras with "
+    "DriveLM QA, day Boston -> night+rain Singapore, scored as the DriveLM challenge).")
 _SMOKE = flags.DEFINE_bool("smoke", False, "A quick end-to-end check, not a result: small "
                            "sim data (48 train / 16 test images per domain, 128x72) and 2 "
                            "generated answers of 8 tokens per evaluation.")
 
 
+SHIFTS = {"bdd_oia": "day -> night+fog",
+          "nuscenes": "six-camera nuScenes-Drive, day Boston -> night+rain Singapore"}
+DRIVELM_METRICS = ("action_mAP", "drivelm_accuracy", "drivelm_language", "drivelm_match_F1",
+                   "drivelm_final_without_judge")
+
+
 def _smoke(config):
   config.data.width, config.data.height = 128, 72
+  nuscenes = config.data.get("sim_layout") == "nuscenes"   # counts in scenes of ~10 frames
   for domain in (config.data.source, config.data.target):
-    domain.update(train=48, test=16)
+    domain.update(train=5, test=2) if nuscenes else domain.update(train=48, test=16)
   for evaluator in config.evals.values():
     evaluator.batch_size = 16
     if evaluator.get("type") == "generation":
       evaluator.update(num=2, max_new_tokens=8)
+    if evaluator.get("type") == "drivelm":
+      evaluator.update(num_frames=2, max_new_tokens=8)
 
 
 def _run(method, seed, extra="", init_from=""):
   root = _WORKDIR.value
-  steps = _STEPS.value or demo_config.get_config().total_steps
+  steps = _STEPS.value or demo_config.get_config(f"dataset={_DATASET.value}").total_steps
   if method == "clip_finetune":   # a short stage: a quarter of the training steps
     steps = max(1, steps // 4)
-  arg = f"method={method},steps={steps}" + extra
+  arg = f"method={method},steps={steps},dataset={_DATASET.value}" + extra
   config = demo_config.get_config(arg)
   config.seed = seed
   config.data.cache_dir = os.path.join(root, "data")          # one sim for every run
@@ -116,11 +134,12 @@ def main(argv):
   root = _WORKDIR.value
   student = os.path.join(root, "seed0", "drivlm_student")
   exported = export_student(student, os.path.join(root, "student.onnx"))
-  notes = (f"Sim day -> night+fog, {_SEEDS.value} seed(s); `python -m experiments.demo "
-           f"--workdir {root} --seeds {_SEEDS.value}`. The student is evaluated with every "
-           f"visual token (target) and as deployed, pruned to keep_ratio "
-           f"{run_lib.deploy_keep_ratio(demo_config.get_config('method=drivlm,teacher=x'))} "
-           f"(target_pruned). "
+  shift = SHIFTS[_DATASET.value]
+  keep = run_lib.deploy_keep_ratio(demo_config.get_config("method=drivlm,teacher=x"))
+  notes = (f"Sim {shift}, {_SEEDS.value} seed(s); `python -m experiments.demo "
+           f"--dataset {_DATASET.value} --workdir {root} --seeds {_SEEDS.value}`. The "
+           f"student is evaluated with every visual token (target) and as deployed, pruned to "
+           f"keep_ratio {keep} (target_pruned). "
            f"Student exported to {exported['onnx']} (keep {exported['keep_ratio']:g}; "
            f"onnxruntime vs JAX max |diff| {exported['onnx_max_abs_diff']:.1e}); batch 1 p50: "
            + ", ".join(f"{k} {v:.2f} ms" for k, v in exported["batch1_p50_ms"].items())
@@ -134,10 +153,16 @@ def main(argv):
   run_lib.write_json(run_lib.path(root, "results.json"), saved)
   run_lib.append_text(run_lib.path(root, "report.md"),
                       "\n![pooled features](pca.png)\n\n![reweighting](reweighting.png)\n")
-  print(f"\nDemo ({time.time() - start:.0f} s): sim day -> night+fog, test split, points; "
+  print(f"\nDemo ({time.time() - start:.0f} s): sim {shift}, test split, points; "
         f"mean ± std over {_SEEDS.value} seed(s)")
   print(report.markdown_table(results, "target"))
   print(report.markdown_table(results, "target_pruned"))
+  if _DATASET.value == "nuscenes":
+    drivelm = report.markdown_table(results, "target", DRIVELM_METRICS)
+    print("DriveLM challenge scores (no LLM judge: final score without the GPT term, out of "
+          "50):\n" + drivelm)
+    run_lib.append_text(run_lib.path(root, "report.md"),
+                        "\n## DriveLM challenge scores, target test frames\n\n" + drivelm)
   print(notes)
   print(f"Report: {root}/report.md (results.json, curves.png, target_mAP.png, pca.png, "
         f"reweighting.png)")

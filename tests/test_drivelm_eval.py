@@ -2,17 +2,20 @@
 prediction file in the challenge's format, and scores equal to scoring that file against the
 DriveLM JSON the sim released (the challenge's own input), not the builder's copy."""
 import json
+import sys
 
 import jax
 import numpy as np
+import pytest
 
 from configs import common
 from data_builders import __main__ as build_cli
 from drivlm_jax.data import pipeline
-from drivlm_jax.evals import drivelm
+from drivlm_jax.evals import drivelm, judge
 from drivlm_jax.model import vlm
 from drivlm_jax.sim import nuscenes as sim_nuscenes
 from drivlm_jax.sim import tokenizer as sim_tokenizer
+from tests import chat, reference
 
 
 def test_drivelm_evaluator_writes_the_challenge_file_and_scores_it(tmp_path):
@@ -47,3 +50,34 @@ def test_drivelm_evaluator_writes_the_challenge_file_and_scores_it(tmp_path):
                              100 * scores["final_without_judge"])
   assert set(result) == {"drivelm_accuracy", "drivelm_language", "drivelm_match_F1",
                          "drivelm_final_without_judge"}
+
+
+def _judge_dir(path, allowed: str):
+  """A tiny random instruct LM whose generation config lets it write only `allowed`."""
+  tok = chat.tokenizer()
+  model = reference.causal_lm(vocab=len(tok))
+  keep = tok.convert_tokens_to_ids(allowed)
+  model.generation_config.suppress_tokens = [i for i in range(len(tok)) if i != keep]
+  model.save_pretrained(path)
+  tok.save_pretrained(path)
+  return str(path)
+
+
+def test_a_local_model_judges_through_the_command_protocol(tmp_path):
+  """DriveLM's gpt_eval messages put to a local LM, run as `--judge` runs it: a reply of
+  "77" scores 77; a reply without a number is an error naming the answer, never a score."""
+  items = [{"question": "Q1", "answer": "Turn left.", "gt": "Turn left now."},
+           {"question": "Q2", "answer": "Stop.", "gt": "Keep going."}]
+  command = f"{sys.executable} -m drivlm_jax.evals.judge --max_new_tokens 2 --model "
+  sevens = drivelm.judge_command(command + _judge_dir(tmp_path / "sevens", "7"))
+  assert sevens(items) == [77.0, 77.0]
+  words = drivelm.judge_command(command + _judge_dir(tmp_path / "words", "x"))
+  with pytest.raises(RuntimeError, match="no score in 0..100.*'Turn left.'"):
+    words(items)
+  # The challenge's user message: its instruction, then the ground truth, then the answer.
+  chat_ = judge.messages("Stop.", "Keep going.")
+  assert chat_[0] == {"role": "system",
+                      "content": "an evaluator who rates my answer based on the correct answer"}
+  assert chat_[1]["content"].startswith("Rate my answer based on the correct answer out of 100")
+  assert chat_[1]["content"].endswith(
+      "Output the number onlyThis is the correct answer: Keep going.This is my answer: Stop.")
