@@ -105,7 +105,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return result
 
 
-METHODS = ("source_only", "drivlm_teacher", "drivlm_student", "oracle")
+METHODS = ("source_only", "dann", "entmin", "drivlm_teacher", "drivlm_student", "oracle")
 STAGES = ("clip_finetune",)     # trains parts for the methods; not itself compared
 
 
@@ -127,6 +127,10 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
   term in the flat mapping `config.loss` (a weight of 0 turns a term off).
 
   source_only     labelled source only
+  dann            baseline: + unlabelled target, one image-level discriminator behind the
+                  gradient reversal (Ganin & Lempitsky, 2015); no reweighting, no distillation
+  entmin          baseline: + unlabelled target, entropy minimisation of the heads on it
+                  (weight 0.1; drivlm_jax/adapt/entropy.py)
   drivlm_teacher  + unlabelled target; discriminators at the image, token and instance level
                   (weight `da_weight` each, reversal ramped after 25% of training);
                   instruction-guided token reweighting
@@ -143,7 +147,7 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
   It sets: method, init_from, model.reweight(_layer), data.target_fraction,
   data.target_labelled, loss.*, da, distill, clip, and the pruned evaluator of the student
   (`evals.target_pruned`). It never changes `batch_size`: each config sets it (rows per
-  step, source and target together; see `unlabelled_target`).
+  step, source and target together; see `with_target`).
   """
   drivlm = method.startswith("drivlm")
   config.method = method
@@ -160,8 +164,10 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
   clip = method == "clip_finetune"
   if clip:   # the CLIP stage trains the contrastive term only
     config.loss.update(action=0.0, reason=0.0, lm=0.0)
-  config.loss.update(da_image=w, da_token=w, da_instance=w, da_consistency=0.0,
-                     kd_heads=kd, kd_lm=kd, kd_feature=kd, clip=1.0 if clip else 0.0)
+  config.loss.update(da_image=da_weight if method == "dann" else w, da_token=w, da_instance=w,
+                     da_consistency=0.0, kd_heads=kd, kd_lm=kd, kd_feature=kd,
+                     clip=1.0 if clip else 0.0, entmin=0.1 if method == "entmin" else 0.0,
+                     entmin_reason=0.0)
   config.da = ml_collections.ConfigDict(dict(focal_gamma=0.0, hidden=128,
                                              start=0.1 if init_from else 0.25))
   config.distill = ml_collections.ConfigDict(dict(
@@ -180,12 +186,14 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
   return config
 
 
-def unlabelled_target(config) -> bool:
-  """Whether the method adds unlabelled target rows to each step (the DriVLM methods and
-  the CLIP stage). Configs give such methods twice the rows per step, so that every method
-  sees as many labelled source examples per step as source_only (half of a batch was too
-  few: seed 1's teacher then stayed on the plateau and adapted to 51 target mAP, vs 66 so)."""
-  return config.data.target_fraction > 0 and not config.data.target_labelled
+def with_target(config) -> bool:
+  """Whether the method adds target rows to each step (unlabelled: the baselines, the
+  DriVLM methods and the CLIP stage; labelled: the oracle). Configs give such methods twice
+  the rows per step, so that every method sees as many labelled source examples per step as
+  source_only (half of a batch was too few: seed 1's teacher then stayed on the plateau and
+  adapted to 51 target mAP, vs 66 source-only), and the oracle sees those plus as many
+  labelled target rows: an upper bound."""
+  return config.data.target_fraction > 0
 
 
 def evals(batch_size: int, num_generate: int, max_new_tokens: int) -> ml_collections.ConfigDict:
@@ -233,7 +241,7 @@ def real_config(arg, description: str):
   config.evals = evals(batch_size=64, num_generate=64, max_new_tokens=48)
   add_method(config, method, arg.teacher, keep_ratio=0.25, init_from=arg.init)
   finetune(config, arg.tune)
-  config.batch_size = 128 if unlabelled_target(config) else 64   # 64 labelled rows a step
+  config.batch_size = 128 if with_target(config) else 64   # 64 labelled source rows a step
   config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   config.rules = None
   config.multihost = "auto"

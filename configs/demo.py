@@ -17,6 +17,9 @@ Variants (`:name=value,...`):
   tune=full|freeze_vision|freeze_lm|lora_lm|lora_lm_freeze_vision   (common.finetune)
   model=tiny|tiny_teacher|clip_b16_qwen05b|...   (default: tiny)
   steps=N                     total training steps (default 1200; 400 for dataset=nuscenes)
+  shift=night_fog|rain_snow|camera|sensor   the domain shift (SHIFTS; bdd_oia layout):
+                              day -> night+fog, day -> rain and snow (half each), camera
+                              cam_wide -> cam_tele, day -> day through a low-cost sensor
   dataset=bdd_oia|nuscenes    the sim's layout. nuscenes: six-camera nuScenes-Drive with
                               DriveLM QA, day Boston -> night+rain Singapore; the model sees
                               all six cameras (model.num_cameras=6) and learns every DriveLM
@@ -28,10 +31,21 @@ import ml_collections
 
 from configs import common
 
+# shift -> (source domain, target domain) of the sim (drivlm_jax/sim/domains.py; "a,b": a
+# mixture of domains, half each).
+SHIFTS = {
+    "night_fog": ("day", "night+fog"),
+    "rain_snow": ("day", "rain,snow"),
+    "camera": ("cam_wide", "cam_tele"),
+    "sensor": ("day", "day+sensor_lowcost"),
+}
+
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, model="", method="source_only", steps=0, teacher="",
-                         init="", tune="full", dataset="bdd_oia")
+                         init="", tune="full", dataset="bdd_oia", shift="night_fog")
+  if arg.shift not in SHIFTS:
+    raise ValueError(f"shift {arg.shift!r}: known {', '.join(SHIFTS)}")
   if arg.dataset not in ("bdd_oia", "nuscenes"):
     raise ValueError(f"dataset {arg.dataset!r}: 'bdd_oia' or 'nuscenes'")
   method = common.check_method(arg)
@@ -53,8 +67,8 @@ def get_config(arg=None):
       tokenizer="",                        # default: the sim's BPE tokenizer
       cache_dir="",                        # default: <workdir>/data
       width=256, height=144,               # sim image size
-      source=dict(domain="day", seed=0, train=640, test=200),
-      target=dict(domain="night+fog", seed=1, train=640, test=200),
+      source=dict(domain=SHIFTS[arg.shift][0], seed=0, train=640, test=1000),
+      target=dict(domain=SHIFTS[arg.shift][1], seed=1, train=640, test=1000),
       target_fraction=0.0, target_labelled=False,   # set by the method
       max_len=128, resize="pad", augment=True, workers=0))
 
@@ -68,7 +82,7 @@ def get_config(arg=None):
   common.add_method(config, method, arg.teacher, keep_ratio=0.25, init_from=arg.init)
   common.finetune(config, arg.tune)
   # Rows per step, source and target together: 16 labelled source rows for every method.
-  config.batch_size = 32 if common.unlabelled_target(config) else 16
+  config.batch_size = 32 if common.with_target(config) else 16
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.rules = None                      # None: parallel.DEFAULT_RULES
   config.multihost = "auto"                # "auto": from the environment; "true" | "false"

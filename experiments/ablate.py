@@ -1,19 +1,22 @@
 r"""Ablations of the DriVLM student: the full method and each single-component removal.
 
   python -m experiments.ablate [--config configs/demo.py] [--workdir runs/demo] [--seeds 3]
-      [--steps N] [--only a,b]
+      [--steps N] [--only a,b] [--arg shift=camera]
 
-Each removal is one config flag (what a user passes to drivlm_jax.train):
+The full method is the demo's: the student warm-started from the CLIP stage
+(--config.init_from=<clip_finetune run>) and distilled from the larger teacher
+(method=drivlm_teacher,model=tiny_teacher). Each removal is one config flag on it (what a
+user passes to drivlm_jax.train):
+  no_clip_finetuning  --config.init_from=     (a fresh student)
   no_image_da      --config.loss.da_image=0
   no_token_da      --config.loss.da_token=0
   no_instance_da   --config.loss.da_instance=0
   no_reweighting   --config.model.reweight=False   (no gates, no pruning)
   no_distillation  --config.distill.teacher=       (no teacher)
-  with_clip_finetuning --config.init_from=<clip_finetune run>   (the CLIP stage is off in
-                   the default method; this row adds it: the student warm-starts from it,
-                   as `python -m experiments.demo --clip` does)
-Per seed, the teacher (method=drivlm_teacher) and, for with_clip_finetuning, the CLIP stage
-(method=clip_finetune) are trained once and shared.
+The baselines source_only, dann and entmin (methods of their own) are rows too. Per seed,
+the teacher and the CLIP stage (method=clip_finetune, a quarter of the steps) are trained
+once and shared. The report gives each row's paired per-seed difference against the full
+method (drivlm_student) with its 95% interval.
 Runs go to <workdir>/seed<s>/<name>; the table (mean ± std over seeds, target and source
 test split) to <workdir>/ablation/report.md and results.json. Finished runs are reused.
 """
@@ -24,16 +27,18 @@ from drivlm_jax import run as run_lib, train
 from experiments import report
 from experiments.runs import apply_overrides, flag_string, load_config_module
 
-ABLATIONS = {
-    "drivlm_student": {},        # the full method (with --workdir runs/demo: the demo's run)
-    "no_image_da": {"loss.da_image": 0.0},
-    "no_token_da": {"loss.da_token": 0.0},
-    "no_instance_da": {"loss.da_instance": 0.0},
-    "no_reweighting": {"model.reweight": False},
-    "no_distillation": {"distill.teacher": ""},
-    "with_clip_finetuning": {"init_from": "<clip_finetune run>"},
-}
 CLIP_RUN = "<clip_finetune run>"
+_FULL = {"init_from": CLIP_RUN}   # the full method warm-starts from the CLIP stage
+ABLATIONS = {
+    "drivlm_student": _FULL,     # the full method (with --workdir runs/demo: the demo's run)
+    "no_clip_finetuning": {},
+    "no_image_da": {**_FULL, "loss.da_image": 0.0},
+    "no_token_da": {**_FULL, "loss.da_token": 0.0},
+    "no_instance_da": {**_FULL, "loss.da_instance": 0.0},
+    "no_reweighting": {**_FULL, "model.reweight": False},
+    "no_distillation": {**_FULL, "distill.teacher": ""},
+}
+BASELINES = ("source_only", "dann", "entmin")
 
 
 def _train(config, workdir):
@@ -51,26 +56,33 @@ def main():
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=None)
   parser.add_argument("--only", default="", help="comma-separated subset of "
-                      + ",".join(ABLATIONS))
+                      + ",".join((*ABLATIONS, *BASELINES)))
+  parser.add_argument("--arg", default="", help="more config args for every run, e.g. "
+                      "shift=camera (configs/demo.py)")
   args = parser.parse_args()
-  names = [n for n in (args.only.split(",") if args.only else ABLATIONS)]
-  unknown = sorted(set(names) - set(ABLATIONS))
+  names = [n for n in (args.only.split(",") if args.only else (*ABLATIONS, *BASELINES))]
+  unknown = sorted(set(names) - set(ABLATIONS) - set(BASELINES))
   if unknown:
-    parser.error(f"unknown ablation(s) {unknown}; known: {sorted(ABLATIONS)}")
+    parser.error(f"unknown row(s) {unknown}; known: {sorted((*ABLATIONS, *BASELINES))}")
   get_config = load_config_module(args.config)[0].get_config
   total = args.steps or get_config().total_steps
-  steps = f",steps={total}"
+  steps = f",steps={total}" + (f",{args.arg}" if args.arg else "")
   cache = os.path.join(args.workdir, "data")
   runs = []
   for seed in range(args.seeds):
     root = os.path.join(args.workdir, f"seed{seed}")
-    config = get_config("method=drivlm_teacher" + steps)
+    config = get_config("method=drivlm_teacher,model=tiny_teacher" + steps)
     config.seed, config.data.cache_dir = seed, cache
     teacher = _train(config, os.path.join(root, "drivlm_teacher"))
-    for name in names:
+    for name in (n for n in names if n in BASELINES):
+      config = get_config(f"method={name}" + steps)
+      config.seed, config.data.cache_dir = seed, cache
+      runs.append(_train(config, os.path.join(root, name)))
+    for name in (n for n in names if n in ABLATIONS):
       overrides = dict(ABLATIONS[name])
       if overrides.get("init_from") == CLIP_RUN:
-        clip = get_config(f"method=clip_finetune,steps={max(1, total // 4)}")
+        clip = get_config(f"method=clip_finetune,steps={max(1, total // 4)}"
+                          + (f",{args.arg}" if args.arg else ""))
         clip.seed, clip.data.cache_dir = seed, cache
         overrides["init_from"] = _train(clip, os.path.join(root, "clip_finetune"))
       config = get_config(f"method=drivlm_student,teacher={teacher}" + steps)
@@ -85,9 +97,16 @@ def main():
   notes = ("Each row removes one component from the DriVLM student (configs/demo.py, sim "
            "day -> night+fog): " + "; ".join(f"{n}: `{flag_string(o) or '(none)'}`"
                                              for n, o in ABLATIONS.items() if n in names))
-  results = report.write(runs, os.path.join(args.workdir, "ablation"), "DriVLM ablations",
-                         notes)
+  out = os.path.join(args.workdir, "ablation")
+  results = report.write(runs, out, "DriVLM ablations", notes)
+  differences = report.paired_table(
+      results, [(f"{n} - drivlm_student", n, "drivlm_student") for n in names
+                if n != "drivlm_student"])
+  run_lib.append_text(run_lib.path(out, "report.md"),
+                      "\n## Paired differences against the full method\n\n" + differences
+                      + "\n")
   print(report.markdown_table(results, "target"))
+  print(differences)
 
 
 if __name__ == "__main__":

@@ -1,31 +1,37 @@
 r"""The demo on the embedded default: the procedural world's day domain (source, labelled)
 adapted to night+fog (target, unlabelled), on CPU.
 
-  python -m experiments.demo [--workdir runs/demo] [--seeds 1] [--steps 1200] [--smoke]
+  python -m experiments.demo [--workdir runs/demo] [--seeds 1] [--steps 1200] [--noclip]
+      [--shift night_fog|rain_snow|camera|sensor|all] [--smoke]
   python -m experiments.demo --dataset nuscenes --workdir runs/demo_nuscenes
+
+Per seed, runs of `python -m drivlm_jax.train --config configs/demo.py:method=M`:
+  source_only      the tiny VLM on labelled source only
+  dann             baseline: + one image-level domain discriminator (gradient reversal)
+  entmin           baseline: + entropy minimisation on the unlabelled target
+  clip_finetune    the CLIP fine-tuning stage (vision tower + CLIP text tower, contrastive
+                   on image-caption pairs of both domains, a quarter of the steps); --noclip
+                   skips it
+  drivlm_teacher   the larger teacher (model=tiny_teacher: twice the width and depth),
+                   adapted with unlabelled target: domain discriminators at the image, token
+                   and instance level and instruction-guided token reweighting (from scratch:
+                   warm-started from a stage of another model size it cannot be)
+  drivlm_student   the tiny student warm-started from the CLIP stage, adapted the same way
+                   and distilled from the frozen teacher (heads, LM tokens, visual tokens);
+                   evaluated with every visual token and pruned to the keep ratio of its
+                   evals.target_pruned, as deployed ("target_pruned")
+  oracle           the tiny VLM on labelled source and labelled target rows (as many source
+                   rows per step as the others, plus as many target rows: the upper bound)
+Every method is evaluated on the target (and source) test split (1,000 images each). Writes
+<workdir>/results.json, report.md, results.csv and plots (training curves, mAP by method,
+PCA of pooled features, reweighting heat-maps), exports the seed-0 student to
+<workdir>/student.onnx (export.to_onnx, checked against JAX) and times it in onnxruntime and
+JAX. --shift all runs every shift of configs/demo.py (SHIFTS) into <workdir>/<shift> and
+writes one table per shift to <workdir>/shifts.md. Re-running resumes or reuses runs.
 
 --dataset nuscenes: the sim in the nuScenes + DriveLM layout, six cameras per example
 (configs/demo.py:dataset=nuscenes), day Boston -> night+rain Singapore; the report adds the
 DriveLM challenge's scores per method on the target test frames (evals.target_drivelm).
-
-Per seed, runs of `python -m drivlm_jax.train --config configs/demo.py:method=M`:
-  source_only      the tiny VLM on labelled source only
-  drivlm_teacher   adapted with unlabelled target: domain discriminators at the image, token
-                   and instance level and instruction-guided token reweighting
-  drivlm_student   adapted the same way and distilled from the frozen teacher (heads, LM
-                   tokens, visual tokens); evaluated with every visual token and pruned to
-                   the keep ratio of its evals.target_pruned, as deployed ("target_pruned")
-  oracle           the tiny VLM on labelled source and labelled target (the upper bound)
-With --clip, the CLIP fine-tuning stage (method=clip_finetune: vision tower + CLIP text tower,
-contrastive on image-caption pairs of both domains, a quarter of the steps) runs first and
-the student warm-starts from it (--config.init_from); the teacher trains from scratch (warm-
-started, it reached 41.1 target action mAP on seed 0, against 76.5). This is the ablation's
-with_clip_finetuning row: over 3 seeds it kept the pruned student at 69.5 target mAP (53.7
-without it).
-Every method is evaluated on the target (and source) test split. Writes <workdir>/results.json,
-report.md, results.csv and plots (training curves, mAP by method, PCA of pooled features,
-reweighting heat-maps), exports the seed-0 student to <workdir>/student.onnx (export.to_onnx,
-checked against JAX) and times it in onnxruntime and JAX. Re-running resumes or reuses runs.
 """
 import os
 import time
@@ -42,8 +48,12 @@ from export import graphs, inputs, to_onnx
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the runs and the report go.")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "Training seeds per method.")
 _STEPS = flags.DEFINE_integer("steps", None, "Training steps (default: the config's).")
-_CLIP = flags.DEFINE_bool("clip", False, "Run the CLIP fine-tuning stage and warm-start the "
-                          "student from it (the teacher trains from scratch).")
+_CLIP = flags.DEFINE_bool("clip", True, "Run the CLIP fine-tuning stage and warm-start the "
+                          "student from it (the teacher trains from scratch); --noclip skips "
+                          "it.")
+_SHIFT = flags.DEFINE_enum("shift", "night_fog", [*demo_config.SHIFTS, "all"],
+                           "The domain shift (configs/demo.py SHIFTS); all: every shift, one "
+                           "table each, runs in <workdir>/<shift>.")
 _DATASET = flags.DEFINE_enum(
     "dataset", "bdd_oia", ["bdd_oia", "nuscenes"],
     "The sim's layout: bdd_oia (one camera, day -> night+fog) or nuscenes (six cameras with "
@@ -53,8 +63,16 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "A quick end-to-end check, not a resu
                            "generated answers of 8 tokens per evaluation.")
 
 
-SHIFTS = {"bdd_oia": "day -> night+fog",
-          "nuscenes": "six-camera nuScenes-Drive, day Boston -> night+rain Singapore"}
+# The paired differences the report shows: (label, a, b[, a's domain, b's domain]).
+PAIRS = (("student - source-only", "drivlm_student", "source_only"),
+         ("student - DANN", "drivlm_student", "dann"),
+         ("student - entropy min.", "drivlm_student", "entmin"),
+         ("teacher - source-only", "drivlm_teacher", "source_only"),
+         ("oracle - student", "oracle", "drivlm_student"),
+         ("pruned student - student", "drivlm_student", "drivlm_student", "target_pruned",
+          "target"))
+TEACHER = "tiny_teacher"   # the teacher's preset: twice the student's width and depth
+DESCRIPTIONS = {"nuscenes": "six-camera nuScenes-Drive, day Boston -> night+rain Singapore"}
 DRIVELM_METRICS = ("action_mAP", "drivelm_accuracy", "drivelm_language", "drivelm_match_F1",
                    "drivelm_final_without_judge")
 
@@ -72,12 +90,11 @@ def _smoke(config):
       evaluator.update(num_frames=2, max_new_tokens=8)
 
 
-def _run(method, seed, extra="", init_from=""):
-  root = _WORKDIR.value
+def _run(method, seed, root, shift, extra="", init_from=""):
   steps = _STEPS.value or demo_config.get_config(f"dataset={_DATASET.value}").total_steps
   if method == "clip_finetune":   # a short stage: a quarter of the training steps
     steps = max(1, steps // 4)
-  arg = f"method={method},steps={steps},dataset={_DATASET.value}" + extra
+  arg = f"method={method},steps={steps},dataset={_DATASET.value},shift={shift}" + extra
   config = demo_config.get_config(arg)
   config.seed = seed
   config.data.cache_dir = os.path.join(root, "data")          # one sim for every run
@@ -94,6 +111,21 @@ def _run(method, seed, extra="", init_from=""):
     if not run_lib.finished(workdir, config):   # SIGTERM: checkpoint saved
       raise SystemExit(f"{method} (seed {seed}) was interrupted; re-run the demo to resume")
   return workdir
+
+
+def run_methods(root, shift, seeds) -> list:
+  """Every method's run per seed under `root` (finished runs are reused): source-only, the
+  two baselines, the CLIP stage, the larger teacher and the student warm-started from the
+  CLIP stage and distilled from the teacher, the oracle."""
+  runs = []
+  for seed in range(seeds):
+    run = lambda method, *a, **k: _run(method, seed, root, shift, *a, **k)
+    runs += [run("source_only"), run("dann"), run("entmin")]
+    clip = run("clip_finetune") if _CLIP.value else ""
+    teacher = run("drivlm_teacher", f",model={TEACHER}")
+    runs += [teacher, run("drivlm_student", f",teacher={teacher}", init_from=clip),
+             run("oracle")]
+  return runs
 
 
 def export_student(student_dir, out, batch=8) -> dict:
@@ -123,49 +155,65 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   start = time.time()
-  runs = []
-  for seed in range(_SEEDS.value):
-    source_only = _run("source_only", seed)
-    clip = _run("clip_finetune", seed) if _CLIP.value else ""
-    teacher = _run("drivlm_teacher", seed)
-    runs += [source_only, teacher,
-             _run("drivlm_student", seed, f",teacher={teacher}", init_from=clip),
-             _run("oracle", seed)]
-  root = _WORKDIR.value
-  student = os.path.join(root, "seed0", "drivlm_student")
-  exported = export_student(student, os.path.join(root, "student.onnx"))
-  shift = SHIFTS[_DATASET.value]
-  keep = run_lib.deploy_keep_ratio(demo_config.get_config("method=drivlm,teacher=x"))
-  notes = (f"Sim {shift}, {_SEEDS.value} seed(s); `python -m experiments.demo "
-           f"--dataset {_DATASET.value} --workdir {root} --seeds {_SEEDS.value}`. The "
-           f"student is evaluated with every visual token (target) and as deployed, pruned to "
-           f"keep_ratio {keep} (target_pruned). "
-           f"Student exported to {exported['onnx']} (keep {exported['keep_ratio']:g}; "
-           f"onnxruntime vs JAX max |diff| {exported['onnx_max_abs_diff']:.1e}); batch 1 p50: "
-           + ", ".join(f"{k} {v:.2f} ms" for k, v in exported["batch1_p50_ms"].items())
-           + f"; jitted, batch {exported['jitted_batch']}: "
-           + ", ".join(f"{k[7:]} {v:.2f}" for k, v in exported.items()
-                       if k.startswith("jitted_keep")) + ".")
-  results = report.write(runs, root, "DriVLM demo", notes)
-  visualize.write(os.path.join(root, "seed0"), root)
-  saved = run_lib.read_json(run_lib.path(root, "results.json"))
-  saved["student_export"] = exported
-  run_lib.write_json(run_lib.path(root, "results.json"), saved)
-  run_lib.append_text(run_lib.path(root, "report.md"),
-                      "\n![pooled features](pca.png)\n\n![reweighting](reweighting.png)\n")
-  print(f"\nDemo ({time.time() - start:.0f} s): sim {shift}, test split, points; "
-        f"mean ± std over {_SEEDS.value} seed(s)")
-  print(report.markdown_table(results, "target"))
-  print(report.markdown_table(results, "target_pruned"))
+  seeds, root = _SEEDS.value, _WORKDIR.value
   if _DATASET.value == "nuscenes":
-    drivelm = report.markdown_table(results, "target", DRIVELM_METRICS)
-    print("DriveLM challenge scores (no LLM judge: final score without the GPT term, out of "
-          "50):\n" + drivelm)
-    run_lib.append_text(run_lib.path(root, "report.md"),
-                        "\n## DriveLM challenge scores, target test frames\n\n" + drivelm)
-  print(notes)
-  print(f"Report: {root}/report.md (results.json, curves.png, target_mAP.png, pca.png, "
-        f"reweighting.png)")
+    shifts = {"nuscenes": root}
+  elif _SHIFT.value == "all":
+    shifts = {shift: os.path.join(root, shift) for shift in demo_config.SHIFTS}
+  else:
+    shifts = {_SHIFT.value: root}
+  tables = {}
+  for shift, out in shifts.items():
+    runs = run_methods(out, "night_fog" if shift == "nuscenes" else shift, seeds)
+    described = DESCRIPTIONS.get(shift) or " -> ".join(demo_config.SHIFTS[shift])
+    first = os.path.join(out, "seed0", "drivlm_student")
+    exported = export_student(first, os.path.join(out, "student.onnx"))
+    keep = run_lib.deploy_keep_ratio(run_lib.read_config(first))
+    notes = (f"Sim {described}, {seeds} seed(s); `python -m experiments.demo --dataset "
+             f"{_DATASET.value}" + ("" if shift == "nuscenes" else f" --shift {shift}")
+             + f" --workdir {root} --seeds {seeds}`. The student is evaluated with every "
+             f"visual token (target) and as deployed, pruned to keep_ratio {keep} "
+             f"(target_pruned). "
+             f"Student exported to {exported['onnx']} (keep {exported['keep_ratio']:g}; "
+             f"onnxruntime vs JAX max |diff| {exported['onnx_max_abs_diff']:.1e}); batch 1 p50: "
+             + ", ".join(f"{k} {v:.2f} ms" for k, v in exported["batch1_p50_ms"].items())
+             + f"; jitted, batch {exported['jitted_batch']}: "
+             + ", ".join(f"{k[7:]} {v:.2f}" for k, v in exported.items()
+                         if k.startswith("jitted_keep")) + ".")
+    results = report.write(runs, out, f"DriVLM demo: {described}", notes)
+    visualize.write(os.path.join(out, "seed0"), out)
+    saved = run_lib.read_json(run_lib.path(out, "results.json"))
+    saved["student_export"] = exported
+    run_lib.write_json(run_lib.path(out, "results.json"), saved)
+    run_lib.append_text(run_lib.path(out, "report.md"),
+                        "\n![pooled features](pca.png)\n\n![reweighting](reweighting.png)\n")
+    differences = report.paired_table(results, PAIRS)
+    if seeds > 1:
+      run_lib.append_text(run_lib.path(out, "report.md"),
+                          "\n## Paired differences (matched seeds)\n\n" + differences + "\n")
+    print(f"\nSim {described}, test split, points; mean ± std [95% interval] over {seeds} "
+          f"seed(s)")
+    tables[shift] = report.markdown_table(results, "target")
+    print(tables[shift])
+    print(report.markdown_table(results, "target_pruned"))
+    if seeds > 1:
+      print(differences)
+      tables[shift] += "\n\n" + differences
+    if shift == "nuscenes":
+      drivelm = report.markdown_table(results, "target", DRIVELM_METRICS)
+      print("DriveLM challenge scores (no LLM judge: final score without the GPT term, out "
+            "of 50):\n" + drivelm)
+      run_lib.append_text(run_lib.path(out, "report.md"),
+                          "\n## DriveLM challenge scores, target test frames\n\n" + drivelm)
+    print(notes)
+    print(f"Report: {out}/report.md (results.json, curves.png, target_mAP.png, pca.png, "
+          f"reweighting.png)")
+  if len(shifts) > 1:
+    text = "\n\n".join(f"### {' -> '.join(demo_config.SHIFTS[k])}\n\n{v}"
+                         for k, v in tables.items())
+    run_lib.write_text(run_lib.path(root, "shifts.md"), text + "\n")
+    print(f"\nEvery shift: {root}/shifts.md")
+  print(f"Demo: {time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":

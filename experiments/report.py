@@ -3,9 +3,15 @@ r"""Tables and plots from finished runs: `python -m experiments.report RUN_DIR..
 Each run dir is what `drivlm_jax.train` writes (config.json, eval.json, metrics.jsonl). Runs
 are grouped by method (config.json "method", else the dir name) and, for sweep runs, by
 their overrides other than the seed (sweep.json); the runs of one group are seeds. Writes
-DIR/results.json ({"methods": {name: {"target"|"source": {metric: [one value per seed]}}}}),
-DIR/report.md (mean ± std), DIR/results.csv, DIR/curves.png (training loss) and
-DIR/target_mAP.png (bars with std error bars).
+DIR/results.json ({"methods": {name: {"target"|"source": {metric: [one value per seed]}}},
+"seeds": {name: [seed per value]}}), DIR/report.md (mean ± std [95% interval] over seeds,
+and `paired_table`s: differences of matched seeds against a reference method),
+DIR/results.csv, DIR/curves.png (training loss) and DIR/target_mAP.png (bars with std error
+bars).
+
+Intervals are Student-t 95% confidence intervals of the mean over seeds (n - 1 degrees of
+freedom): they say how well a figure is known from these seeds, not how a single run on
+another machine will land (the seeds' spread, ±, says that).
 """
 import argparse
 import collections
@@ -14,6 +20,7 @@ import io
 import json
 
 import numpy as np
+from scipy import stats
 
 from drivlm_jax import run as run_lib
 
@@ -35,8 +42,9 @@ def _method(run_dir: str) -> str:
 
 
 def collect(run_dirs, split="test") -> dict:
-  """{"methods": {method: {domain: {metric: [value per run]}}}, "runs": {method: [dirs]}}."""
-  methods, runs = {}, collections.defaultdict(list)
+  """{"methods": {method: {domain: {metric: [value per run]}}}, "runs": {method: [dirs]},
+  "seeds": {method: [config seed per run]}}."""
+  methods, runs, seeds = {}, collections.defaultdict(list), collections.defaultdict(list)
   for run_dir in run_dirs:
     path = run_lib.path(run_dir, "eval.json")
     if not path.exists():
@@ -46,18 +54,53 @@ def collect(run_dirs, split="test") -> dict:
       raise KeyError(f"{path} has no {split!r} split (has {sorted(result)})")
     method = _method(run_dir)
     runs[method].append(run_dir)
+    seeds[method].append(run_lib.read_config(run_dir).get("seed", 0))
     for domain, values in result[split].items():
       for metric, value in values.items():
         methods.setdefault(method, {}).setdefault(domain, {}).setdefault(metric, []).append(
             value)
-  return {"methods": methods, "runs": dict(runs)}
+  return {"methods": methods, "runs": dict(runs), "seeds": dict(seeds)}
+
+
+def interval(values, level=0.95) -> tuple:
+  """(mean, sample std, low, high): the Student-t interval of the mean."""
+  values = np.asarray(values, np.float64)
+  mean, std = values.mean(), values.std(ddof=1)
+  half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * std / np.sqrt(len(values))
+  return mean, std, mean - half, mean + half
 
 
 def _cell(values) -> str:
   values = np.asarray(values, np.float64)
   if len(values) == 1:
     return f"{values[0]:.1f}"
-  return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
+  mean, std, low, high = interval(values)
+  return f"{mean:.1f} ± {std:.1f} [{low:.1f}, {high:.1f}]"
+
+
+def paired(results, a, b, metric="action_mAP", domain_a="target", domain_b="target"):
+  """Per-seed differences a - b of `metric` over the seeds both methods ran (or None)."""
+  values = lambda m, d: dict(zip(results["seeds"].get(m, []),
+                                 results["methods"].get(m, {}).get(d, {}).get(metric, [])))
+  va, vb = values(a, domain_a), values(b, domain_b)
+  common = sorted(set(va) & set(vb))
+  return np.array([va[s] - vb[s] for s in common]) if common else None
+
+
+def paired_table(results, rows, metric="action_mAP") -> str:
+  """Paired differences, one row per (label, a, b[, domain_a, domain_b]): mean ± std over
+  matched seeds, its 95% interval, and whether the interval includes 0 (then the seeds do
+  not show a difference)."""
+  lines = [f"| difference ({metric}, points) | seeds | mean ± std | 95% interval | "
+           f"interval includes 0 |", "|---|---|---|---|---|"]
+  for label, *pair in rows:
+    d = paired(results, *pair[:2], metric, *pair[2:])
+    if d is None or len(d) < 2:
+      continue
+    mean, std, low, high = interval(d)
+    lines.append(f"| {label} | {len(d)} | {mean:+.1f} ± {std:.1f} | [{low:+.1f}, {high:+.1f}] "
+                 f"| {'yes: no difference shown' if low <= 0 <= high else 'no'} |")
+  return "\n".join(lines)
 
 
 def markdown_table(results: dict, domain="target", metrics=TABLE_METRICS) -> str:
@@ -149,7 +192,8 @@ def write(run_dirs, out: str, title="Results", notes="") -> dict:
   """Everything above into `out`; returns the results dict."""
   run_lib.path(out).mkdir(parents=True, exist_ok=True)
   results = collect(run_dirs)
-  run_lib.write_json(run_lib.path(out, "results.json"), {"methods": results["methods"]})
+  run_lib.write_json(run_lib.path(out, "results.json"), {"methods": results["methods"],
+                                                         "seeds": results["seeds"]})
   write_csv(results, run_lib.path(out, "results.csv"))
   plot_curves(results, run_lib.path(out, "curves.png"))
   plot_bars(results, run_lib.path(out, "target_mAP.png"))

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-METHODS = ("source_only", "drivlm_teacher", "drivlm_student", "oracle")
+METHODS = ("source_only", "dann", "entmin", "drivlm_teacher", "drivlm_student", "oracle")
 
 
 def test_demo_runs_every_method(tmp_path):
@@ -24,9 +24,21 @@ def test_demo_runs_every_method(tmp_path):
       assert results["methods"][method][domain] == {k: [v] for k, v in
                                                     evaluation[domain].items()}
     assert (run / "metrics.jsonl").exists()
-  # The student was distilled from this seed's teacher and evaluated pruned.
+  # The full method: the student warm-started from the CLIP stage, distilled from this
+  # seed's teacher, which is larger than the student, and evaluated pruned.
   student = json.loads((tmp_path / "seed0" / "drivlm_student" / "config.json").read_text())
+  teacher = json.loads((tmp_path / "seed0" / "drivlm_teacher" / "config.json").read_text())
   assert student["distill"]["teacher"] == str(tmp_path / "seed0" / "drivlm_teacher")
+  assert student["init_from"] == str(tmp_path / "seed0" / "clip_finetune")
+  assert (tmp_path / "seed0" / "clip_finetune" / "eval.json").exists()
+  for part in ("vision", "language"):
+    assert teacher["model"][part]["hidden_size"] > student["model"][part]["hidden_size"]
+  # The baselines: DANN's one image-level discriminator; entropy minimisation.
+  dann = json.loads((tmp_path / "seed0" / "dann" / "config.json").read_text())["loss"]
+  assert dann["da_image"] > 0 and dann["da_token"] == dann["da_instance"] == 0
+  entmin = json.loads((tmp_path / "seed0" / "entmin" / "metrics.jsonl").read_text()
+                      .splitlines()[-1])
+  assert "loss_entmin" in entmin
   assert student["evals"]["target_pruned"]["keep_ratio"] < 1.0
   pruned = json.loads((tmp_path / "seed0" / "drivlm_student" / "eval.json").read_text())
   assert results["methods"]["drivlm_student"]["target_pruned"] == {

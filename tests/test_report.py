@@ -4,15 +4,16 @@ import json
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from configs import demo
 from drivlm_jax import run as run_lib
 from experiments import ablate, report
 
 
-def _run(path, method, target_map, step_losses):
+def _run(path, method, target_map, step_losses, seed=0):
   path.mkdir(parents=True)
-  (path / "config.json").write_text(json.dumps({"method": method}))
+  (path / "config.json").write_text(json.dumps({"method": method, "seed": seed}))
   (path / "eval.json").write_text(json.dumps({"test": {
       "target": {"action_mAP": target_map, "ROUGE-L": 10.0},
       "source": {"action_mAP": 90.0, "ROUGE-L": 20.0}}, "step": 5}))
@@ -23,15 +24,18 @@ def _run(path, method, target_map, step_losses):
 
 
 def test_report_means_and_stds_over_seeds(tmp_path):
-  runs = [_run(tmp_path / f"s{s}" / "a", "alpha", v, [1.0, 0.5] * 4)
+  runs = [_run(tmp_path / f"s{s}" / "a", "alpha", v, [1.0, 0.5] * 4, seed=s)
           for s, v in enumerate([60.0, 64.0, 71.0])]
   runs.append(_run(tmp_path / "s0" / "b", "beta", 80.0, [1.0] * 8))
   results = report.write(runs, str(tmp_path / "out"))
   saved = json.loads((tmp_path / "out" / "results.json").read_text())
   assert saved["methods"]["alpha"]["target"]["action_mAP"] == [60.0, 64.0, 71.0]
+  assert saved["seeds"]["alpha"] == [0, 1, 2]
   table = report.markdown_table(results, "target")
   values = np.array([60.0, 64.0, 71.0])
-  assert f"| alpha | 3 | {values.mean():.1f} ± {values.std(ddof=1):.1f} |" in table
+  low, high = stats.t.interval(0.95, 2, loc=values.mean(), scale=stats.sem(values))
+  assert (f"| alpha | 3 | {values.mean():.1f} ± {values.std(ddof=1):.1f} "
+          f"[{low:.1f}, {high:.1f}] |") in table
   assert "| beta | 1 | 80.0 |" in table
   rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
   row = next(r for r in rows if r["method"] == "alpha" and r["domain"] == "target"
@@ -43,9 +47,30 @@ def test_report_means_and_stds_over_seeds(tmp_path):
     report.collect([str(tmp_path / "missing")])
 
 
+def test_paired_differences_match_a_paired_t_test(tmp_path):
+  """Matched seeds (one seed only one method ran is left out), the interval of scipy's
+  paired t-test, and "includes 0" when it does."""
+  a, b, c = [61.0, 70.0, 66.0, 75.0], [58.0, 69.0, 60.0, 71.0, 99.0], [62.0, 69.0, 67.0, 74.0]
+  runs = [_run(tmp_path / f"{m}{s}", m, v, [1.0], seed=s)
+          for m, values in (("a", a), ("b", b), ("c", c)) for s, v in enumerate(values)]
+  results = report.collect(runs)
+  np.testing.assert_allclose(report.paired(results, "a", "b"), np.subtract(a, b[:4]))
+  table = report.paired_table(results, [("a - b", "a", "b"), ("c - a", "c", "a")])
+  for label, x, y in (("a - b", a, b[:4]), ("c - a", c, a)):
+    ci = stats.ttest_rel(x, y).confidence_interval(0.95)
+    d = np.subtract(x, y)
+    zero = "yes: no difference shown" if ci.low <= 0 <= ci.high else "no"
+    assert (f"| {label} | 4 | {d.mean():+.1f} ± {d.std(ddof=1):.1f} | "
+            f"[{ci.low:+.1f}, {ci.high:+.1f}] | {zero} |") in table, table
+  assert "| c - a | 4 | +0.0" in table and "yes" in table.splitlines()[-1]
+  assert table.splitlines()[2].endswith("| no |")
+
+
 def test_each_ablation_is_one_existing_config_key():
+  full = ablate.ABLATIONS["drivlm_student"]
   for name, overrides in ablate.ABLATIONS.items():
-    assert len(overrides) <= 1, name
+    changed = {k for k in {*full, *overrides} if full.get(k) != overrides.get(k)}
+    assert len(changed) == (name != "drivlm_student"), name   # one flag off the full method
     config = demo.get_config("method=drivlm,teacher=/x")
     ablate.apply_overrides(config, overrides)
   with pytest.raises(KeyError, match="no such config key"):

@@ -106,8 +106,9 @@ def test_fsdp_divides_parameter_bytes(cache):
   assert per_device[(1, 4, 2)] < 0.2 * total
 
 
-def _run_cli(workdir, cache, steps, env=None):
-  args = [sys.executable, "-m", "drivlm_jax.train", "--config", f"configs/demo.py:steps={steps}",
+def _run_cli(workdir, cache, steps, method="source_only"):
+  args = [sys.executable, "-m", "drivlm_jax.train", "--config",
+          f"configs/demo.py:steps={steps},method={method}",
           "--workdir", str(workdir), f"--config.data.cache_dir={cache}",
           "--config.data.width=128", "--config.data.height=72",
           "--config.data.source.train=48", "--config.data.target.train=48",
@@ -143,6 +144,22 @@ def test_resume_after_sigterm_repeats_the_same_run(cache, tmp_path):
   for step in a:
     for key in ("loss", "loss_action", "loss_reason", "loss_lm", "grad_norm", "learning_rate"):
       assert a[step][key] == b[step][key], (step, key)   # bitwise, fp32 on CPU
+
+
+def test_the_same_command_gives_byte_identical_results(cache, tmp_path):
+  """Two processes, side by side, run the same 30-step command (the DriVLM teacher: the
+  discriminators, the gradient reversal and the gates too): their eval.json and metrics
+  (less wall-clock fields) are byte-identical."""
+  sources.prepare(small_config(cache).data, str(tmp_path))   # the sim, before both read it
+  runs = [_run_cli(tmp_path / f"run{i}", cache, 30, "drivlm_teacher") for i in range(2)]
+  for run in runs:
+    assert run.wait(timeout=600) == 0, run.stdout.read()
+  first, second = ((tmp_path / f"run{i}" / "eval.json").read_bytes() for i in range(2))
+  assert first == second
+  assert json.loads(first)["test"]["target"]["action_mAP"] > 0
+  rows = [[{k: v for k, v in row.items() if k not in ("time", "examples_per_s")}
+           for row in read_metrics(tmp_path / f"run{i}").values()] for i in range(2)]
+  assert rows[0] == rows[1] and len(rows[0]) == 30
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cache, tmp_path,

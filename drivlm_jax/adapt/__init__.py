@@ -5,6 +5,7 @@
   distillation  scene-aware distillation from a frozen teacher run (heads, LM tokens, visual
                 tokens)
   clip          contrastive image-text fine-tuning of the vision tower (CLIP / SigLIP loss)
+  entropy       entropy minimisation on the unlabelled target (a baseline, not DriVLM)
 
 A component is a class registered here by name. `from_config(config, cfg, feats)` returns it
 when one of its loss terms has a weight > 0 in the flat mapping `config.loss`, else None. It
@@ -90,4 +91,4 @@ def weights(config, terms) -> dict:
 
 
 # The built-in components register themselves on import, in this order.
-from drivlm_jax.adapt import contrastive, alignment, distillation  # noqa: E402,F401  pylint: disable=g-import-not-at-top,wrong-import-position
+from drivlm_jax.adapt import contrastive, alignment, distillation, entropy  # noqa: E402,F401  pylint: disable=g-import-not-at-top,wrong-import-position

@@ -6,10 +6,11 @@ split ("train", "test"):
   `cache_dir/tfds/<builder>-<fingerprint>`; the fingerprint hashes every file's path, size
   and modification time, so an edited folder is rebuilt and an unchanged one reused.
   Training reads the layout's "train" split; evaluation its "test" split, else "val".
-- otherwise, with `config.data.sim`: the procedural world written in the BDD-OIA layout
-  (`config.data.sim_layout` "bdd_oia", counts in images) or the nuScenes + DriveLM layout
-  ("nuscenes", counts in scenes of 16 keyframes x 6 cameras, at the role's `location`) into
-  `cache_dir/sim/<role>` (once; a `.done` file holds the sim settings) and built the same way.
+- otherwise, with `config.data.sim`: the procedural world (`config.data.<role>.domain`, or
+  a mixture of domains joined by "," with the counts split between them) written in the
+  BDD-OIA layout (`config.data.sim_layout` "bdd_oia", counts in images) or the nuScenes +
+  DriveLM layout ("nuscenes", counts in scenes of 16 keyframes x 6 cameras, at the role's
+  `location`) into `cache_dir/sim/<role>` (once; a `.done` file holds the sim settings) and built the same way.
 """
 import hashlib
 import json
@@ -86,14 +87,17 @@ def _sim_role(data_config, role, root) -> dict:
     if os.path.exists(manual):
       raise FileExistsError(f"{manual} holds other sim data than {wanted}; remove it or "
                             f"set config.data.cache_dir elsewhere")
+    # A mixture ("rain,snow") splits each split's count between its domains.
+    mixture = spec.domain.split(",")
     for split in ("train", "test"):
-      kwargs = dict(seed=spec.seed + (split == "test") * 100, split=split,
-                    width=data_config.width, height=data_config.height)
-      if layout == "nuscenes":
-        sim_nuscenes.write(manual, spec.domain, spec[split], location=wanted["location"],
-                           **kwargs)
-      else:
-        sim_bdd.write(manual, spec.domain, spec[split], **kwargs)
+      for i, domain in enumerate(mixture):
+        num = spec[split] // len(mixture) + (i < spec[split] % len(mixture))
+        kwargs = dict(seed=spec.seed + (split == "test") * 100 + 1000 * i, split=split,
+                      width=data_config.width, height=data_config.height)
+        if layout == "nuscenes":
+          sim_nuscenes.write(manual, domain, num, location=wanted["location"], **kwargs)
+        else:
+          sim_bdd.write(manual, domain, num, **kwargs)
     with open(done, "w") as f:
       json.dump(wanted, f)
   tfds_dir = os.path.join(root, "tfds", role)

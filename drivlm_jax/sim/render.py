@@ -241,6 +241,8 @@ def render(ground, cuboids, lamps, pinhole: Pinhole, rotation, translation,
       x, y, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.6, 2.0)
       draw.ellipse([x - r, y - r, x + r, y + r], fill=(245, 245, 250))
   pixels = domains.colour_response(np.asarray(image), domain.camera_variant)
+  if domain.sensor:
+    pixels = domains.sensor_response(pixels, domains.SENSORS[domain.sensor], rng)
   return Image.fromarray(pixels), sorted(boxes)
 
 

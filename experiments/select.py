@@ -1,0 +1,359 @@
+r"""Label-free model selection (DEV) and the proxy A-distance of each alignment level.
+
+  python -m experiments.select RUN_DIR... [--out FILE.json] [--max_examples N]
+
+Each RUN_DIR is what `drivlm_jax.train` writes. The runs are ranked without a target label
+by Deep Embedded Validation (DEV: You, Wang, Chen, Wang and Jordan, "Towards Accurate Model
+Selection in Deep Unsupervised Domain Adaptation", ICML 2019), and the ranking is compared
+with the oracle's: each run's target test action mAP in eval.json, read only to report the
+agreement (Spearman rank correlation, top-1 regret), never to select.
+
+DEV, the paper's Algorithm 1, with features f = the attention-pooled visual feature the
+action head reads ("pooled_visual"):
+  1. F_s = {f(x_j)}: the labelled source validation examples (the source "test" split; source
+     labels are allowed), F_t = {f(x)}: unlabelled target examples (the target "train" split;
+     its labels are never read).
+  2. A domain classifier d(f) = p(target | f) (logistic regression on standardised features)
+     learns F_t (label 1) against F_s (label 0).
+  3. Density ratio of each source validation example:
+       w_j = n_s / n_t * d(f_j) / (1 - d(f_j))   (= n_s / n_t * exp(logit_j))
+     with n_s, n_t the classifier's source and target training counts.
+  4. Weighted losses L_j = w_j * l_j, l_j the per-example loss (here the binary
+     cross-entropy of the action head, mean over the 4 actions).
+  5. Control variate: eta = -Cov(L, W) / Var(W)   (eta = 0 when every w_j is equal).
+  6. R_DEV = mean(L) + eta * mean(W) - eta.  Lower is better.
+The paper fits the classifier on the source training features and weighs the validation
+ones; here the source validation split is cross-fitted instead: it is cut into two fixed
+halves, and each half's w_j comes from a classifier fit on the other half (and every target
+example), so every w_j is predicted on an example the classifier did not see and no training
+example (whose features the model has fit) enters the estimate.
+
+Proxy A-distance (Ben-David et al.): PAD = 2 (1 - 2 eps), eps = the held-out error of a
+linear classifier (the same logistic regression) telling source test from target test
+features on a fixed 50/50 split (half of each domain's images train it; no label is read),
+clipped to eps <= 0.5 so PAD lies in [0, 2]. One PAD per alignment level the discriminators
+see: "image" (the mean of the visual tokens, `alignment.image_level`), "token" (16 fixed
+random token positions per image) and "instance" (`discriminators.box_pool` over the real
+boxes, box_mask > 0). Token and instance rows are split by image, so the rows of one image
+never sit on both sides. Before vs after adaptation: `pad_by_method` averages the runs of
+each config `method` (source_only against the adapted methods).
+
+Prints a markdown table and the agreement lines; --out writes everything as JSON. Every split
+is read in order (no shuffle, no augmentation), up to --max_examples examples, and every
+seed is fixed, so a rerun gives the same numbers. Needs scikit-learn (the [test] extra).
+"""
+import argparse
+import dataclasses
+import functools
+import math
+
+import jax
+import numpy as np
+import tqdm
+from scipy import stats
+from sklearn import linear_model, pipeline as sk_pipeline, preprocessing
+
+from drivlm_jax import metrics, run as run_lib
+from drivlm_jax.adapt import alignment
+from drivlm_jax.data import pipeline
+from drivlm_jax.model import discriminators, vlm
+from export import inputs
+
+SEED = 0
+BATCH_SIZE = 32
+TOKENS_PER_IMAGE = 16
+LEVELS = ("image", "token", "instance")
+MODEL_INPUTS = ("image", "instruction_ids", "instruction_mask", "boxes", "box_mask",
+                "box_camera")
+
+
+#### DEV (You et al., 2019, Algorithm 1)
+
+def dev_risk(losses, weights) -> dict:
+  """Steps 4-6: per-example losses l [n] and density ratios w [n] of the source validation
+  examples -> {"risk": R_DEV, "eta", "weighted_loss": mean(L), "mean_weight": mean(W)}.
+
+  Cov and Var share one normalisation, which cancels in eta; equal weights (Var(W) = 0) give
+  eta = 0, so R_DEV = mean(L) (= the mean loss when every w is 1)."""
+  losses, weights = np.asarray(losses, np.float64), np.asarray(weights, np.float64)
+  weighted = weights * losses
+  centred = weights - weights.mean()
+  var = np.mean(centred ** 2)
+  eta = -np.mean((weighted - weighted.mean()) * centred) / var if var > 0 else 0.0
+  risk = weighted.mean() + eta * weights.mean() - eta
+  return {"risk": float(risk), "eta": float(eta), "weighted_loss": float(weighted.mean()),
+          "mean_weight": float(weights.mean())}
+
+
+def domain_classifier():
+  """The linear domain classifier of DEV and of the PAD: logistic regression (target = 1)
+  on standardised features, fixed seed."""
+  return sk_pipeline.make_pipeline(
+      preprocessing.StandardScaler(),
+      linear_model.LogisticRegression(max_iter=1000, random_state=SEED))
+
+
+def halves(groups, seed: int = SEED) -> np.ndarray:
+  """A fixed split of rows by group (the image each row comes from): a seeded permutation of
+  the distinct groups, whose first ceil(half) are the True side. -> bool [rows]."""
+  groups = np.asarray(groups)
+  distinct = np.unique(groups)
+  if len(distinct) < 2:
+    raise ValueError(f"a 50/50 split needs rows from at least 2 images, got {len(distinct)}")
+  chosen = np.random.default_rng(seed).permutation(distinct)[:(len(distinct) + 1) // 2]
+  return np.isin(groups, chosen)
+
+
+def density_ratios(source, target) -> np.ndarray:
+  """Step 3, cross-fitted: source validation features [n_s, D] and unlabelled target
+  features [n_t, D] -> w [n_s], each half's from a classifier fit on the other half."""
+  first = halves(np.arange(len(source)))
+  weights = np.empty(len(source))
+  for query in (first, ~first):
+    fit = source[~query]
+    x = np.concatenate([fit, target])
+    y = np.r_[np.zeros(len(fit)), np.ones(len(target))]
+    logits = domain_classifier().fit(x, y).decision_function(source[query])
+    weights[query] = np.exp(logits) * len(fit) / len(target)
+  return weights
+
+
+def action_losses(logits, labels) -> np.ndarray:
+  """Binary cross-entropy of the action head, mean over the actions: logits, labels [n, 4]
+  -> [n] (softplus(z) - y z, the stable form of -y log s(z) - (1 - y) log(1 - s(z)))."""
+  z, y = np.asarray(logits, np.float64), np.asarray(labels, np.float64)
+  return np.mean(np.logaddexp(0.0, z) - y * z, axis=1)
+
+
+#### Proxy A-distance
+
+def proxy_a_distance(source, target, source_groups=None, target_groups=None) -> dict:
+  """PAD between source [n_s, D] and target [n_t, D] features -> {"pad", "error"}.
+
+  `*_groups` [n]: the image of each row (default: one image per row). The classifier trains
+  on `halves(source_groups, SEED)` and `halves(target_groups, SEED + 1)` and is scored on the
+  rest; "error" is its held-out error eps (unclipped), "pad" = 2 (1 - 2 min(eps, 0.5))."""
+  source_groups = np.arange(len(source)) if source_groups is None else source_groups
+  target_groups = np.arange(len(target)) if target_groups is None else target_groups
+  x = np.concatenate([source, target])
+  y = np.r_[np.zeros(len(source)), np.ones(len(target))]
+  train = np.r_[halves(source_groups, SEED), halves(target_groups, SEED + 1)]
+  predicted = domain_classifier().fit(x[train], y[train]).predict(x[~train])
+  error = float(np.mean(predicted != y[~train]))
+  return {"pad": 2.0 * (1.0 - 2.0 * min(error, 0.5)), "error": error}
+
+
+#### Features of a run
+
+def token_positions(num_tokens: int) -> np.ndarray:
+  """The fixed random token positions of the token level (the same for every image, domain
+  and run): min(TOKENS_PER_IMAGE, num_tokens) of them, sorted."""
+  rng = np.random.default_rng(SEED)
+  return np.sort(rng.choice(num_tokens, min(TOKENS_PER_IMAGE, num_tokens), replace=False))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _features(cfg: vlm.Config, params, batch) -> dict:
+  """One batch -> "pooled" [B, D] (DEV's f), "action_logits" [B, 4], and the features of each
+  PAD level: "image" [B, D], "token" [B, k, D], "instance" [B, M, D]."""
+  out = vlm.encode_image(cfg, params, batch["image"], batch["instruction_ids"],
+                         batch["instruction_mask"])
+  tokens = out["visual_tokens"]
+  cells = cfg.num_cameras * cfg.vision.grid ** 2   # the grid: the last tokens, as in training
+  instances = discriminators.box_pool(tokens[:, -cells:], cfg.vision.grid, batch["boxes"],
+                                      batch["box_mask"], batch["box_camera"], cfg.num_cameras)
+  return {"pooled": out["pooled_visual"], "action_logits": out["action_logits"],
+          "image": alignment.image_level(tokens),
+          "token": tokens[:, token_positions(tokens.shape[1])], "instance": instances}
+
+
+def extract(cfg, params, spec, feats, max_examples: int, labelled: bool = False) -> dict:
+  """The first `max_examples` examples of `spec` (in order, no augmentation) -> numpy float32
+  `_features` plus "box_mask" [n, M], and "actions" [n, 4] only when `labelled`. Every batch
+  is padded to one shape, so a model compiles once."""
+  rows = min(BATCH_SIZE, max_examples)
+  ds = pipeline.batch_dataset(spec, dataclasses.replace(feats, augment=False), rows,
+                              train=False)
+  keys = ("box_mask", "actions") if labelled else ("box_mask",)
+  parts, n = {}, 0
+  for i in range(len(ds)):
+    if n >= max_examples:
+      break
+    batch = ds[i]
+    count = min(len(batch["image"]), max_examples - n)
+    pad = lambda x: np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)])
+    out = jax.device_get(_features(cfg, params, {k: pad(batch[k]) for k in MODEL_INPUTS}))
+    for key, value in {**out, **{k: batch[k] for k in keys}}.items():
+      parts.setdefault(key, []).append(np.asarray(value[:count], np.float32))
+    n += count
+  if not n:
+    raise ValueError(f"{spec.name} {spec.split} holds no example")
+  return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _level_pads(source, target, name: str, notes: list) -> dict:
+  """{level: proxy_a_distance} of source vs target `extract` outputs; the instance level is
+  None (with a note) when a side has boxes in fewer than 2 images."""
+  out = {}
+  for level in LEVELS:
+    s, t = source[level], target[level]
+    if level == "image":
+      out[level] = proxy_a_distance(s, t)
+    elif level == "token":   # [n, k, D] -> one row per token, grouped by image
+      groups = lambda x: np.repeat(np.arange(len(x)), x.shape[1])
+      out[level] = proxy_a_distance(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]),
+                                    groups(s), groups(t))
+    else:                    # real boxes only, grouped by image
+      real_s, real_t = source["box_mask"] > 0, target["box_mask"] > 0
+      images = min(len(np.unique(np.nonzero(m)[0])) for m in (real_s, real_t))
+      if images < 2:
+        notes.append(f"{name}: instance PAD skipped: boxes in fewer than 2 images of the "
+                     f"source or target test split")
+        out[level] = None
+        continue
+      out[level] = proxy_a_distance(s[real_s], t[real_t], np.nonzero(real_s)[0],
+                                    np.nonzero(real_t)[0])
+  return out
+
+
+#### One run, then the sweep
+
+def oracle_map(run_dir) -> float:
+  """The run's target test action mAP (eval.json), after checking that `run_dir` is a
+  finished run (eval.json and checkpoints present)."""
+  for part in ("eval.json", "checkpoints"):
+    if not run_lib.path(run_dir, part).exists():
+      raise run_lib.RunError(f"{run_dir}: no {part}; is it a finished run of drivlm_jax.train?")
+  result = run_lib.read_json(run_lib.path(run_dir, "eval.json"))
+  try:
+    return float(result["test"]["target"]["action_mAP"])
+  except KeyError as e:
+    raise run_lib.RunError(f"{run_dir}/eval.json has no test/target/action_mAP") from e
+
+
+def score_run(run_dir: str, max_examples: int, notes: list) -> dict:
+  """One run's row: DEV risk, the source validation loss and mAP, PAD per level, oracle."""
+  oracle = oracle_map(run_dir)
+  run = run_lib.load(run_dir)
+  _, data, feats = inputs.run_features(run_dir)
+  get = lambda role, split, labelled=False: extract(run.cfg, run.params, data[role, split],
+                                                    feats, max_examples, labelled)
+  source = get("source", "test", labelled=True)
+  unlabelled = get("target", "train")
+  target_test = get("target", "test")
+  losses = action_losses(source["action_logits"], source["actions"])
+  dev = dev_risk(losses, density_ratios(source["pooled"], unlabelled["pooled"]))
+  probabilities = 1.0 / (1.0 + np.exp(-source["action_logits"].astype(np.float64)))
+  pads = _level_pads(source, target_test, run_dir, notes)
+  return {"run_dir": str(run_dir), "method": run.config.get("method") or "", "step": run.step,
+          "dev_risk": dev["risk"], "dev": dev, "source_loss": float(losses.mean()),
+          "source_mAP": metrics.multilabel("action", probabilities,
+                                           source["actions"])["action_mAP"],
+          "pad": {k: None if v is None else v["pad"] for k, v in pads.items()},
+          "pad_error": {k: None if v is None else v["error"] for k, v in pads.items()},
+          "oracle_target_mAP": oracle,
+          "examples": {"source_test": len(losses), "target_train": len(unlabelled["pooled"]),
+                       "target_test": len(target_test["pooled"])}}
+
+
+def _finite(x):
+  return None if x is None or not math.isfinite(x) else float(x)
+
+
+def agreement(scores, oracle, run_dirs) -> dict:
+  """How a label-free score (higher = better) agrees with the oracle mAP: Spearman's rho
+  (None for fewer than 2 runs or a constant side), the selected run (the highest score, the
+  first on ties) and its top-1 regret = max oracle - oracle of the selected run."""
+  scores, oracle = np.asarray(scores, np.float64), np.asarray(oracle, np.float64)
+  rho = None
+  if len(scores) > 1 and np.ptp(scores) > 0 and np.ptp(oracle) > 0:
+    rho = _finite(stats.spearmanr(scores, oracle).statistic)
+  pick = int(np.argmax(scores))
+  return {"spearman": rho, "selected": run_dirs[pick],
+          "regret": float(oracle.max() - oracle[pick])}
+
+
+def select(run_dirs, max_examples: int = 512) -> dict:
+  """The report of a sweep: {"runs": [row per run, with "dev_rank" (1 = lowest DEV risk)],
+  "agreement": {criterion: agreement}, "pad_by_method": {method: {level: mean PAD}},
+  "notes": [...]}. Criteria: "dev" (-DEV risk, the selection), and the label-free baselines
+  "source_loss" (-loss) and "source_mAP" on the source validation split."""
+  for run_dir in run_dirs:   # fail before any model is loaded
+    oracle_map(run_dir)
+  notes = []
+  rows = [score_run(d, max_examples, notes) for d in tqdm.tqdm(run_dirs, desc="runs")]
+  order = np.argsort([r["dev_risk"] for r in rows], kind="stable")
+  for rank, i in enumerate(order, 1):
+    rows[i]["dev_rank"] = rank
+  oracle, dirs = [r["oracle_target_mAP"] for r in rows], [r["run_dir"] for r in rows]
+  criteria = {"dev": [-r["dev_risk"] for r in rows],
+              "source_loss": [-r["source_loss"] for r in rows],
+              "source_mAP": [r["source_mAP"] for r in rows]}
+  return {"runs": rows, "max_examples": max_examples,
+          "agreement": {k: agreement(v, oracle, dirs) for k, v in criteria.items()},
+          "pad_by_method": pad_by_method(rows), "notes": notes}
+
+
+def pad_by_method(rows) -> dict:
+  """{method: {level: mean PAD over its runs, None where none has one}}: source_only is the
+  feature gap before adaptation, the adapted methods' after."""
+  groups = {}
+  for row in rows:
+    groups.setdefault(row["method"], []).append(row["pad"])
+  out = {}
+  for method, pads in groups.items():
+    out[method] = {}
+    for level in LEVELS:
+      values = [p[level] for p in pads if p[level] is not None]
+      out[method][level] = float(np.mean(values)) if values else None
+  return out
+
+
+#### Output
+
+def _cell(x, digits=3) -> str:
+  return "-" if x is None else f"{x:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+  """The runs table, the PAD by method and the agreement lines."""
+  lines = ["| run | method | DEV risk | source val loss | source mAP | PAD image | PAD token "
+           "| PAD instance | oracle target mAP | DEV rank |", "|" + "---|" * 10]
+  for r in report["runs"]:
+    lines.append(
+        f"| {r['run_dir']} | {r['method']} | {_cell(r['dev_risk'], 4)} | "
+        f"{_cell(r['source_loss'], 4)} | {_cell(r['source_mAP'], 1)} | "
+        + " | ".join(_cell(r["pad"][level]) for level in LEVELS)
+        + f" | {_cell(r['oracle_target_mAP'], 1)} | {r['dev_rank']} |")
+  lines += ["", "| method | PAD image | PAD token | PAD instance |", "|---|---|---|---|"]
+  lines += [f"| {m} | " + " | ".join(_cell(p[level]) for level in LEVELS) + " |"
+            for m, p in report["pad_by_method"].items()]
+  dev = report["agreement"]["dev"]
+  lines += ["", f"Spearman(-DEV risk, oracle target mAP): {_cell(dev['spearman'])}",
+            f"top-1 regret: {dev['regret']:.2f} mAP points (DEV selects {dev['selected']})"]
+  for name in ("source_loss", "source_mAP"):
+    a = report["agreement"][name]
+    lines.append(f"baseline {name}: Spearman {_cell(a['spearman'])}, top-1 regret "
+                 f"{a['regret']:.2f}")
+  return "\n".join(lines + [f"note: {n}" for n in report["notes"]])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("run_dirs", nargs="+")
+  parser.add_argument("--out", default="", help="JSON file for the report (default: print)")
+  parser.add_argument("--max_examples", type=int, default=512,
+                      help="examples read from each split of each run")
+  args = parser.parse_args()
+  try:
+    report = select(args.run_dirs, args.max_examples)
+  except run_lib.RunError as e:
+    raise SystemExit(f"error: {e}")
+  print(markdown(report))
+  if args.out:
+    run_lib.write_json(run_lib.path(args.out), report)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
