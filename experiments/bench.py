@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+from experiments import machine
+
 PARTS = ("model", "train", "input", "export")
 DEMO_STUDENT = "runs/demo/seed0/drivlm_student"
 
@@ -94,8 +96,11 @@ def main():
       with open(os.path.join(tmp, f"{part}.json")) as f:
         results[part] = json.load(f)
   table = rows(results)
+  where = machine.describe()
   with open(args.out, "w") as f:
-    json.dump({"parts": results, "seconds": seconds, "summary": table}, f, indent=1)
+    json.dump({"machine": where, "parts": results, "seconds": seconds, "summary": table}, f,
+              indent=1)
+  print(f"machine: {machine.line(where)}")
   print(markdown(table))
   print(f"wall time per part (s): { {k: round(v) for k, v in seconds.items()} }")
   if failed:

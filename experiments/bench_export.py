@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from drivlm_jax import timing
-from experiments import bench_pruning
+from experiments import bench_pruning, machine
 from export import benchmark, graphs, inputs, to_onnx
 
 
@@ -82,7 +82,7 @@ def main():
               f"{row['gflops_per_frame']:8.3f} {o['p50_ms']:11.2f} {j['p50_ms']:11.2f} "
               f"{o['fps']:8.1f} {j['fps']:8.1f} {o['p50_ms'] / j['p50_ms']:8.2f}", flush=True)
   with open(args.out, "w") as f:
-    json.dump({"device": jax.devices()[0].device_kind, "cores": os.cpu_count(),
+    json.dump({"machine": machine.describe(), "device": jax.devices()[0].device_kind,
                "rows": rows}, f, indent=1)
 
 

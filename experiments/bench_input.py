@@ -26,6 +26,7 @@ from drivlm_jax.data import pipeline
 from drivlm_jax.model import vlm
 from drivlm_jax.sim import bdd_oia as sim_bdd
 from drivlm_jax.sim import tokenizer as sim_tokenizer
+from experiments import machine
 
 
 def _rate(iterator, batches, batch_size):
@@ -44,7 +45,7 @@ def main():
   args = parser.parse_args()
   config = demo.get_config()
   cfg = vlm.config_from_dict(config.model)
-  result = {}
+  result = {"machine": machine.describe()}
   with tempfile.TemporaryDirectory() as tmp:
     specs = {}
     for domain in ("day", "night+rain"):

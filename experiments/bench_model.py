@@ -27,11 +27,13 @@ import transformers  # noqa: E402
 from configs import common  # noqa: E402
 from drivlm_jax import hf, timing  # noqa: E402
 from drivlm_jax.model import language, vision  # noqa: E402
+from experiments import machine  # noqa: E402
 from experiments.scaling import lm_flops, vision_flops  # noqa: E402
 
 
 def gemm_peak(n=2048, repeats=5):
-  """Best fp32 GFLOP/s of an n^3 matmul, in XLA and in torch."""
+  """Best fp32 GFLOP/s of an n^3 matmul in XLA and in torch, and the threads each really
+  ran it on (`machine.busy_threads`)."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   mm = jax.jit(lambda x: x @ x)
   mm(a).block_until_ready()
@@ -40,8 +42,11 @@ def gemm_peak(n=2048, repeats=5):
   with torch.inference_mode():
     b @ b
     torch_t = min(timing.timed(lambda: b @ b) for _ in range(repeats))
+    threads = {"jax": machine.busy_threads(lambda: [mm(a).block_until_ready()
+                                                    for _ in range(repeats)]),
+               "torch": machine.busy_threads(lambda: [b @ b for _ in range(repeats)])}
   flops = 2 * n ** 3
-  return {"jax": flops / jax_t / 1e9, "torch": flops / torch_t / 1e9}
+  return {"jax": flops / jax_t / 1e9, "torch": flops / torch_t / 1e9}, threads
 
 
 def bench_vision(tmp, batches, pairs):
@@ -117,7 +122,8 @@ def main():
   threads = os.cpu_count()
   torch.set_num_threads(threads)
   batches = [int(b) for b in args.batches.split(",")]
-  peak = gemm_peak()
+  peak, busy = gemm_peak()
+  where = machine.describe()
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     if args.only in (None, "vision"):
@@ -128,12 +134,15 @@ def main():
   for row in rows:
     row["ours_gflops"] = row["gflop"] / (row["ours_ms"] / 1e3)
     row["peer_gflops"] = row["gflop"] / (row["peer_ms"] / 1e3)
-  result = {"device": f"{threads} CPU cores", "jax": jax.__version__,
-            "torch": torch.__version__, "transformers": transformers.__version__,
+  result = {"machine": where, "threads_set": threads, "threads_busy": busy,
             "gemm_peak_gflops": peak, "peak_rss_gb": resource.getrusage(
                 resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "rows": rows}
-  print(f"fp32 GEMM 2048^3 peak: jax {peak['jax']:.0f} GFLOP/s, torch {peak['torch']:.0f} "
-        f"GFLOP/s; threads {threads}; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+  theoretical = where["cpu"]["fp32_peak_gflops"]
+  print(f"machine: {machine.line(where)}")
+  print(f"fp32 GEMM 2048^3: jax {peak['jax']:.0f} GFLOP/s on {busy['jax']} busy threads, "
+        f"torch {peak['torch']:.0f} GFLOP/s on {busy['torch']} (set {threads}); theoretical "
+        f"peak {theoretical or float('nan'):.0f} GFLOP/s; "
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
   header = (f"{'case':34s} {'batch':>5s} {'ours ms':>9s} {'torch ms':>9s} {'torch/ours':>10s} "
             f"{'ours %peak':>10s} {'torch %peak':>11s} {'compile s':>9s} {'max|diff|':>9s}")
   print(header)

@@ -30,6 +30,7 @@ import transformers  # noqa: E402
 from configs import common, demo  # noqa: E402
 from drivlm_jax import timing, train  # noqa: E402
 from drivlm_jax.model import vision, vlm  # noqa: E402
+from experiments import machine  # noqa: E402
 
 
 class TorchHeads(torch.nn.Module):
@@ -241,8 +242,8 @@ def main():
         f"steps/s, overlapped {row['overlapped_steps_per_s']:.1f} steps/s, ratio "
         f"{row['ratio_overlapped_over_lockstep']:.2f}")
   with open(args.out, "w") as f:
-    json.dump({"threads": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
-               "rows": rows}, f, indent=1)
+    json.dump({"machine": machine.describe(), "threads_set": os.cpu_count(), "rows": rows},
+              f, indent=1)
 
 
 if __name__ == "__main__":
