@@ -1,0 +1,160 @@
+"""Label-free model selection (experiments.select): DEV against the formulas of You et al.
+(2019, Algorithm 1), the proxy A-distance against sklearn's held-out accuracy, and a sweep of
+three tiny runs ranked end to end."""
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn import linear_model, metrics, pipeline, preprocessing
+
+from drivlm_jax import train
+from experiments import select
+from tests.test_train import small_config
+
+
+def _classifier():
+  """The domain classifier the module documents: logistic regression on standardised
+  features, random_state 0."""
+  return pipeline.make_pipeline(preprocessing.StandardScaler(),
+                                linear_model.LogisticRegression(max_iter=1000, random_state=0))
+
+
+#### DEV
+
+def test_dev_risk_is_the_papers_control_variate_estimate():
+  rng = np.random.default_rng(0)
+  losses, weights = rng.gamma(2.0, 0.3, 64), rng.lognormal(0.0, 0.7, 64)
+  weighted = weights * losses                                   # L
+  eta = -np.cov(weighted, weights)[0, 1] / np.var(weights, ddof=1)
+  expected = weighted.mean() + eta * weights.mean() - eta
+  got = select.dev_risk(losses, weights)
+  assert abs(got["risk"] - expected) <= 1e-9
+  assert abs(got["eta"] - eta) <= 1e-9
+  assert abs(got["weighted_loss"] - weighted.mean()) <= 1e-12
+
+
+def test_dev_risk_with_unit_weights_is_the_mean_loss():
+  losses = np.random.default_rng(1).gamma(2.0, 0.3, 40)
+  assert abs(select.dev_risk(losses, np.ones(40))["risk"] - losses.mean()) <= 1e-12
+
+
+def test_density_ratios_are_cross_fitted_odds():
+  """w = n_s / n_t * p(target | f) / p(source | f), each half of the source validation
+  weighed by a classifier fit on the other half and every target example."""
+  rng = np.random.default_rng(2)
+  source, target = rng.normal(size=(30, 5)), rng.normal(0.5, 1.0, size=(50, 5))
+  first = select.halves(np.arange(30))
+  expected = np.empty(30)
+  for query in (first, ~first):
+    fit = source[~query]
+    clf = _classifier().fit(np.concatenate([fit, target]),
+                            np.r_[np.zeros(len(fit)), np.ones(len(target))])
+    p = clf.predict_proba(source[query])[:, 1]
+    expected[query] = p / (1 - p) * len(fit) / len(target)
+  np.testing.assert_allclose(select.density_ratios(source, target), expected, rtol=1e-9)
+
+
+def test_action_losses_are_binary_cross_entropy():
+  rng = np.random.default_rng(3)
+  logits, labels = rng.normal(0, 2, size=(10, 4)), rng.integers(0, 2, size=(10, 4))
+  p = 1 / (1 + np.exp(-logits))
+  expected = np.mean(-labels * np.log(p) - (1 - labels) * np.log(1 - p), axis=1)
+  np.testing.assert_allclose(select.action_losses(logits, labels), expected, rtol=1e-10)
+
+
+#### Proxy A-distance
+
+def test_pad_of_identical_distributions_is_near_zero():
+  rng = np.random.default_rng(4)
+  assert select.proxy_a_distance(rng.normal(size=(400, 8)), rng.normal(size=(400, 8)))[
+      "pad"] < 0.3
+
+
+def test_pad_of_separated_distributions_is_near_two():
+  rng = np.random.default_rng(5)
+  assert select.proxy_a_distance(rng.normal(size=(400, 8)),
+                                 rng.normal(4.0, 1.0, size=(400, 8)))["pad"] > 1.8
+
+
+def test_pad_error_is_sklearns_held_out_error_on_the_image_split():
+  rng = np.random.default_rng(6)
+  source, target = rng.normal(size=(240, 6)), rng.normal(0.4, 1.0, size=(200, 6))
+  source_groups, target_groups = np.repeat(np.arange(60), 4), np.repeat(np.arange(50), 4)
+  train_s = select.halves(source_groups, select.SEED)
+  train_t = select.halves(target_groups, select.SEED + 1)
+  for groups, side in ((source_groups, train_s), (target_groups, train_t)):
+    assert all(len(set(side[groups == g])) == 1 for g in np.unique(groups))  # images whole
+    assert side.sum() == len(side) // 2                                    # a 50/50 split
+  x, y = np.concatenate([source, target]), np.r_[np.zeros(240), np.ones(200)]
+  train_rows = np.r_[train_s, train_t]
+  clf = _classifier().fit(x[train_rows], y[train_rows])
+  eps = 1 - metrics.accuracy_score(y[~train_rows], clf.predict(x[~train_rows]))
+  got = select.proxy_a_distance(source, target, source_groups, target_groups)
+  assert 0 < eps < 0.5
+  assert got["error"] == pytest.approx(eps, abs=1e-12)
+  assert got["pad"] == pytest.approx(2 * (1 - 2 * eps), abs=1e-12)
+
+
+#### A sweep of three tiny runs
+
+RUNS = {"source_only": ("method=source_only,steps=4", {}),
+        "drivlm_teacher": ("method=drivlm_teacher,steps=4", {}),
+        "source_only_lr": ("method=source_only,steps=4", {"optimizer.learning_rate": 2e-2})}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+  """Three 4-step runs (no moving average, so their params, and oracle mAPs, differ)."""
+  cache = str(tmp_path_factory.mktemp("data"))
+  root = tmp_path_factory.mktemp("sweep")
+  for name, (arg, overrides) in RUNS.items():
+    train.train(small_config(cache, arg, ema_decay=0.0, **overrides), str(root / name))
+  return [str(root / name) for name in RUNS]
+
+
+def _main(monkeypatch, *argv):
+  monkeypatch.setattr(sys, "argv", ["experiments.select", *argv])
+  select.main()
+
+
+def test_select_ranks_the_sweep_without_target_labels(sweep, tmp_path, monkeypatch, capsys):
+  out = tmp_path / "select.json"
+  _main(monkeypatch, *sweep, "--out", str(out), "--max_examples", "16")
+  printed = capsys.readouterr().out
+  report = json.loads(out.read_text())
+  rows = report["runs"]
+  assert [r["run_dir"] for r in rows] == sweep
+  assert [r["method"] for r in rows] == ["source_only", "drivlm_teacher", "source_only"]
+  assert all(run in printed for run in sweep) and "Spearman" in printed
+  assert sorted(r["dev_rank"] for r in rows) == [1, 2, 3]
+  by_rank = sorted(rows, key=lambda r: r["dev_rank"])
+  assert all(a["dev_risk"] <= b["dev_risk"] for a, b in zip(by_rank, by_rank[1:]))
+  for run, row in zip(sweep, rows):
+    with open(f"{run}/eval.json") as f:
+      oracle = json.load(f)
+    assert row["oracle_target_mAP"] == oracle["test"]["target"]["action_mAP"]
+    assert row["examples"] == {"source_test": 16, "target_train": 16, "target_test": 16}
+    assert set(row["pad"]) == {"image", "token", "instance"}
+    assert all(0.0 <= pad <= 2.0 for pad in row["pad"].values() if pad is not None)
+  oracle = [r["oracle_target_mAP"] for r in rows]
+  dev = report["agreement"]["dev"]
+  assert dev["spearman"] is not None
+  assert dev["spearman"] == pytest.approx(
+      stats.spearmanr([-r["dev_risk"] for r in rows], oracle).statistic, abs=1e-12)
+  assert dev["selected"] == by_rank[0]["run_dir"]
+  assert dev["regret"] == pytest.approx(max(oracle) - by_rank[0]["oracle_target_mAP"])
+  assert dev["regret"] >= 0
+  assert set(report["pad_by_method"]) == {"source_only", "drivlm_teacher"}
+
+
+def test_a_run_dir_without_eval_or_checkpoints_is_named(sweep, tmp_path, monkeypatch):
+  unfinished = tmp_path / "unfinished"
+  with pytest.raises(SystemExit, match=f"{unfinished}: no eval.json"):
+    _main(monkeypatch, sweep[0], str(unfinished))
+  unfinished.mkdir()
+  shutil.copy(f"{sweep[0]}/eval.json", unfinished / "eval.json")
+  with pytest.raises(SystemExit, match=f"{unfinished}: no checkpoints"):
+    _main(monkeypatch, sweep[0], str(unfinished))
