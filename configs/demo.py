@@ -16,7 +16,7 @@ Variants (`:name=value,...`):
   init=DIR                    warm-start from a run or an HF LLaVA directory
   tune=full|freeze_vision|freeze_lm|lora_lm|lora_lm_freeze_vision   (common.finetune)
   model=tiny|tiny_teacher|clip_b16_qwen05b|...   (default: tiny)
-  steps=N                     total training steps (default 1200; 400 for dataset=nuscenes)
+  steps=N                     total training steps (default 600; 400 for dataset=nuscenes)
   shift=night_fog|rain_snow|camera|sensor   the domain shift (SHIFTS; bdd_oia layout):
                               day -> night+fog, day -> rain and snow (half each), camera
                               cam_wide -> cam_tele, day -> day through a low-cost sensor
@@ -55,9 +55,9 @@ def get_config(arg=None):
   config.mixed_precision = False          # True: bf16 compute, fp32 master params
   config.ema_decay = 0.99                  # evaluate the moving average of the params
 
-  config.total_steps = arg.steps or (400 if arg.dataset == "nuscenes" else 1200)
+  config.total_steps = arg.steps or (400 if arg.dataset == "nuscenes" else 600)
   config.log_every_steps = 10
-  config.eval_every_steps = 400
+  config.eval_every_steps = 1000           # > total_steps: evaluated once, at the end
   config.checkpoint_every_steps = 200
   config.max_checkpoints = 3
 

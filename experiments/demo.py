@@ -1,7 +1,7 @@
 r"""The demo on the embedded default: the procedural world's day domain (source, labelled)
 adapted to night+fog (target, unlabelled), on CPU.
 
-  python -m experiments.demo [--workdir runs/demo] [--seeds 1] [--steps 1200] [--noclip]
+  python -m experiments.demo [--workdir runs/demo] [--seeds 1] [--steps 600] [--noclip]
       [--nobaselines] [--shift night_fog|rain_snow|camera|sensor|all] [--smoke]
   python -m experiments.demo --dataset nuscenes --nobaselines --workdir runs/demo_nuscenes
 

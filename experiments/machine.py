@@ -1,4 +1,4 @@
-"""Where a benchmark ran: the CPU (vendor, model, vector extensions, cores, clock), its
+"""`python -m experiments.machine`: where a benchmark runs: the CPU (vendor, model, vector extensions, cores, clock), its
 theoretical fp32 peak, the library versions, and the threads each side really used.
 
 Every benchmark puts `describe()` into its JSON and prints `line()`; the README's tables
@@ -97,3 +97,10 @@ def busy_threads(fn, share: float = 0.1) -> int:
   used = [after[t] - before.get(t, 0) for t in after]
   top = max(used, default=0)
   return sum(u >= share * top for u in used) if top else 0
+
+
+if __name__ == "__main__":
+  import json
+  where = describe()
+  print(line(where))
+  print(json.dumps(where, indent=1))
