@@ -3,11 +3,19 @@ and, where present, a TensorRT engine, in one run; plus params and GFLOPs per fr
 cost analysis) to estimate throughput on a device from its peak.
 
   python -m export.benchmark --onnx student.onnx [--engine student.plan] [--jax RUN]
-      [--iters 50] [--warmup 5] [--threads N] [--peak-tflops T] [--out bench.json]
+      [--iters 50] [--warmup 5] [--threads N] [--peak-tflops T] [--answer-tokens 16]
+      [--out bench.json]
 
 --jax defaults to the run recorded in the ONNX's .json sidecar (and its keep ratio). The
 backends are timed in alternation (one call each per round) after warm-up; p50/p90/p99 in
 ms. With --peak-tflops, the FPS bound GFLOPs allow at that peak is printed too.
+
+When the LM graphs are beside the student (`export.to_onnx --lm`: STUDENT_prefill.onnx,
+STUDENT_decode.onnx), the deployed pipeline's latency is broken down as papers report it
+(onnxruntime, batch 1): vision + pruning + heads (the student), LM prefill (the prompt with
+the visual tokens) and one decode step; then frames/s for the heads only (an action and its
+reasons per frame) and for the heads plus an N-token answer (student + prefill + (N - 1)
+decode steps; the prefill gives the first token), N = --answer-tokens.
 """
 import argparse
 import json
@@ -41,6 +49,36 @@ def gflops(fn, feeds) -> float:
   return float(cost.get("flops", float("nan"))) / 1e9 / len(feeds["image"])
 
 
+def lm_latency(prefix: str, options, warmup: int, iters: int) -> dict | None:
+  """{"prefill", "decode_step"} percentiles of PREFIX_prefill.onnx / PREFIX_decode.onnx at
+  batch 1 (inputs of the graphs' shapes; the decode step reads the prefill's cache), or None
+  when the graphs are not there."""
+  paths = {n: f"{prefix}_{n}.onnx" for n in ("prefill", "decode")}
+  if not all(os.path.exists(p) for p in paths.values()):
+    return None
+  prefill, decode = (ort.InferenceSession(paths[n], options, providers=["CPUExecutionProvider"])
+                     for n in ("prefill", "decode"))
+  rng = np.random.default_rng(0)
+  shape = lambda i: [d if isinstance(d, int) else 1 for d in i.shape]
+  feeds = {i.name: (rng.uniform(0, 255, shape(i)).astype(np.float32) if i.name == "image"
+                    else np.ones(shape(i), np.int32)) for i in prefill.get_inputs()}
+  logits, *cache = prefill.run(None, feeds)
+  step = dict(zip([i.name for i in decode.get_inputs()],
+                  [np.argmax(logits, -1).astype(np.int32), *cache,
+                   np.asarray(feeds["input_ids"].shape[1], np.int32)]))
+  return timing.time_backends({"prefill": lambda: prefill.run(None, feeds),
+                               "decode_step": lambda: decode.run(None, step)}, warmup, iters)
+
+
+def deployed(student_ms: float, lm: dict, answer_tokens: int) -> dict:
+  """The deployed pipeline's breakdown (ms) and frames/s, heads only and with an answer."""
+  prefill, step = lm["prefill"]["p50_ms"], lm["decode_step"]["p50_ms"]
+  answer = student_ms + prefill + (answer_tokens - 1) * step
+  return {"vision_heads_ms": student_ms, "lm_prefill_ms": prefill, "decode_ms_per_token": step,
+          "answer_tokens": answer_tokens, "fps_heads": 1e3 / student_ms,
+          "fps_heads_and_answer": 1e3 / answer}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--onnx", required=True)
@@ -50,6 +88,8 @@ def main():
   parser.add_argument("--warmup", type=int, default=5)
   parser.add_argument("--threads", type=int, default=os.cpu_count())
   parser.add_argument("--peak-tflops", type=float, default=None)
+  parser.add_argument("--answer-tokens", type=int, default=16,
+                      help="tokens of the answer in the heads + answer frames/s")
   parser.add_argument("--out", default=None, help="write the figures as JSON")
   args = parser.parse_args()
   sidecar = os.path.splitext(args.onnx)[0] + ".json"
@@ -87,6 +127,15 @@ def main():
   print(f"{'backend':12s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s} {'FPS':>8s}")
   for name, r in result["latency"].items():
     print(f"{name:12s} {r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['p99_ms']:8.2f} {r['fps']:8.1f}")
+  lm = lm_latency(os.path.splitext(args.onnx)[0], options, args.warmup, args.iters)
+  if lm:
+    result["lm_latency"] = lm
+    result["deployed"] = d = deployed(result["latency"]["onnxruntime"]["p50_ms"], lm,
+                                      args.answer_tokens)
+    print(f"deployed (onnxruntime, batch 1, p50): vision + heads {d['vision_heads_ms']:.2f} ms, "
+          f"LM prefill {d['lm_prefill_ms']:.2f} ms, decode {d['decode_ms_per_token']:.2f} "
+          f"ms/token; {d['fps_heads']:.1f} frames/s heads only, "
+          f"{d['fps_heads_and_answer']:.1f} frames/s with a {args.answer_tokens}-token answer")
   if args.peak_tflops and run_dir:
     bound = args.peak_tflops * 1e3 / result["gflops_per_frame"]
     print(f"at {args.peak_tflops} TFLOP/s the compute bound is {bound:.0f} FPS")

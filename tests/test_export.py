@@ -74,6 +74,21 @@ def test_cli_exports_the_demo_student_and_its_lm(run, tmp_path):
     np.testing.assert_allclose(got[1], want[1], atol=ATOL)
     assert got[2].shape == (b, cfg.num_visual_tokens)
 
+  # The deployed latency breakdown: heads only and heads + a 4-token answer, from the
+  # timed parts (the answer: student + prefill + 3 decode steps).
+  bench = tmp_path / "bench.json"
+  result = subprocess.run(
+      [sys.executable, "-m", "export.benchmark", "--onnx", str(out), "--iters", "3",
+       "--warmup", "1", "--answer-tokens", "4", "--out", str(bench)],
+      capture_output=True, text=True, timeout=600, check=False, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  d = json.loads(bench.read_text())["deployed"]
+  assert d["vision_heads_ms"] > 0 and d["lm_prefill_ms"] > 0 and d["decode_ms_per_token"] > 0
+  np.testing.assert_allclose(d["fps_heads"], 1e3 / d["vision_heads_ms"])
+  np.testing.assert_allclose(d["fps_heads_and_answer"], 1e3 / (
+      d["vision_heads_ms"] + d["lm_prefill_ms"] + 3 * d["decode_ms_per_token"]))
+  assert "frames/s with a 4-token answer" in result.stdout
+
   # The LM graphs generate what vlm.generate generates.
   ids, mask = inputs.prompts(str(tmp_path / "tokenizer.json"), cfg.num_visual_tokens,
                              feeds["instruction_ids"], feeds["instruction_mask"])
