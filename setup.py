@@ -35,6 +35,8 @@ setuptools.setup(
         "pillow>=10",
         "importlib_resources>=6",
         "pycocoevalcap>=1.2",   # DriveLM's language scores: its PTB tokenizer (needs java)
+        "scikit-learn>=1.4",    # experiments.select: domain classifiers (DEV, proxy A-distance)
+        "scipy>=1.11",          # report intervals, Spearman
     ],
     extras_require={
         "cloud": CLOUD,

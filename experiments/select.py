@@ -40,7 +40,7 @@ each config `method` (source_only against the adapted methods).
 
 Prints a markdown table and the agreement lines; --out writes everything as JSON. Every split
 is read in order (no shuffle, no augmentation), up to --max_examples examples, and every
-seed is fixed, so a rerun gives the same numbers. Needs scikit-learn (the [test] extra).
+seed is fixed, so a rerun gives the same numbers.
 """
 import argparse
 import dataclasses
@@ -168,12 +168,13 @@ def _features(cfg: vlm.Config, params, batch) -> dict:
 
 
 def extract(cfg, params, spec, feats, max_examples: int, labelled: bool = False) -> dict:
-  """The first `max_examples` examples of `spec` (in order, no augmentation) -> numpy float32
-  `_features` plus "box_mask" [n, M], and "actions" [n, 4] only when `labelled`. Every batch
-  is padded to one shape, so a model compiles once."""
+  """The first `max_examples` examples of `spec` (in order, no augmentation, the whole split
+  on every host) -> numpy float32 `_features` plus "box_mask" [n, M], and "actions" [n, 4]
+  only when `labelled`. Every batch is padded to one shape, so a model compiles once."""
   rows = min(BATCH_SIZE, max_examples)
   ds = pipeline.batch_dataset(spec, dataclasses.replace(feats, augment=False), rows,
-                              train=False)
+                              train=False, shard_index=0, shard_count=1)
+  pad = lambda x: np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)])
   keys = ("box_mask", "actions") if labelled else ("box_mask",)
   parts, n = {}, 0
   for i in range(len(ds)):
@@ -181,7 +182,6 @@ def extract(cfg, params, spec, feats, max_examples: int, labelled: bool = False)
       break
     batch = ds[i]
     count = min(len(batch["image"]), max_examples - n)
-    pad = lambda x: np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)])
     out = jax.device_get(_features(cfg, params, {k: pad(batch[k]) for k in MODEL_INPUTS}))
     for key, value in {**out, **{k: batch[k] for k in keys}}.items():
       parts.setdefault(key, []).append(np.asarray(value[:count], np.float32))
@@ -191,28 +191,31 @@ def extract(cfg, params, spec, feats, max_examples: int, labelled: bool = False)
   return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+def _level_rows(features: dict, level: str):
+  """An `extract` output -> (rows [R, D], the image of each row [R]) of one PAD level: an
+  image each, its fixed tokens, or its real boxes."""
+  x = features[level]
+  if level == "image":
+    return x, np.arange(len(x))
+  if level == "token":
+    return x.reshape(-1, x.shape[-1]), np.repeat(np.arange(len(x)), x.shape[1])
+  real = features["box_mask"] > 0
+  return x[real], np.nonzero(real)[0]
+
+
 def _level_pads(source, target, name: str, notes: list) -> dict:
-  """{level: proxy_a_distance} of source vs target `extract` outputs; the instance level is
-  None (with a note) when a side has boxes in fewer than 2 images."""
+  """{level: proxy_a_distance} of source vs target `extract` outputs; a level is None (with
+  a note) when a side has its rows in fewer than 2 images (the instance level without
+  boxes)."""
   out = {}
   for level in LEVELS:
-    s, t = source[level], target[level]
-    if level == "image":
-      out[level] = proxy_a_distance(s, t)
-    elif level == "token":   # [n, k, D] -> one row per token, grouped by image
-      groups = lambda x: np.repeat(np.arange(len(x)), x.shape[1])
-      out[level] = proxy_a_distance(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]),
-                                    groups(s), groups(t))
-    else:                    # real boxes only, grouped by image
-      real_s, real_t = source["box_mask"] > 0, target["box_mask"] > 0
-      images = min(len(np.unique(np.nonzero(m)[0])) for m in (real_s, real_t))
-      if images < 2:
-        notes.append(f"{name}: instance PAD skipped: boxes in fewer than 2 images of the "
-                     f"source or target test split")
-        out[level] = None
-        continue
-      out[level] = proxy_a_distance(s[real_s], t[real_t], np.nonzero(real_s)[0],
-                                    np.nonzero(real_t)[0])
+    (s, s_groups), (t, t_groups) = _level_rows(source, level), _level_rows(target, level)
+    if min(len(np.unique(s_groups)), len(np.unique(t_groups))) < 2:
+      notes.append(f"{name}: {level} PAD skipped: the source or target test split has "
+                   f"{level} features in fewer than 2 images")
+      out[level] = None
+    else:
+      out[level] = proxy_a_distance(s, t, s_groups, t_groups)
   return out
 
 
@@ -243,6 +246,10 @@ def score_run(run_dir: str, max_examples: int, notes: list) -> dict:
   target_test = get("target", "test")
   losses = action_losses(source["action_logits"], source["actions"])
   dev = dev_risk(losses, density_ratios(source["pooled"], unlabelled["pooled"]))
+  if not 0.5 <= dev["mean_weight"] <= 2.0:   # E_source[w] = 1 for the true density ratio
+    notes.append(f"{run_dir}: DEV's mean density ratio is {dev['mean_weight']:.3g} (1 in "
+                 f"theory): source and target features barely overlap (or the domain "
+                 f"classifier is ill calibrated), so DEV's control variate extrapolates")
   probabilities = 1.0 / (1.0 + np.exp(-source["action_logits"].astype(np.float64)))
   pads = _level_pads(source, target_test, run_dir, notes)
   return {"run_dir": str(run_dir), "method": run.config.get("method") or "", "step": run.step,
@@ -345,6 +352,8 @@ def main():
   parser.add_argument("--max_examples", type=int, default=512,
                       help="examples read from each split of each run")
   args = parser.parse_args()
+  if args.max_examples < 2:
+    parser.error("--max_examples must be at least 2 (the 50/50 splits)")
   try:
     report = select(args.run_dirs, args.max_examples)
   except run_lib.RunError as e:

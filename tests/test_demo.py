@@ -4,11 +4,16 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+from scipy import stats
+
+from experiments import select
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 METHODS = ("source_only", "dann", "entmin", "drivlm_teacher", "drivlm_student", "oracle")
 
 
-def test_demo_runs_every_method(tmp_path):
+def test_demo_runs_every_method(tmp_path, monkeypatch, capsys):
   result = subprocess.run(
       [sys.executable, "-m", "experiments.demo", "--steps", "20", "--smoke", "--workdir",
        str(tmp_path)],
@@ -57,3 +62,30 @@ def test_demo_runs_every_method(tmp_path):
   report = (tmp_path / "report.md").read_text()
   assert all(f"| {m} | 1 |" in report for m in METHODS), report
   assert "| drivlm_student | 1 |" in result.stdout
+
+  # Label-free selection over the demo's six runs: DEV ranks them without target labels,
+  # and its agreement with the oracle ranking is scipy's Spearman and the top-1 regret.
+  runs = [str(tmp_path / "seed0" / m) for m in METHODS]
+  out = tmp_path / "select.json"
+  monkeypatch.setattr(sys, "argv", ["experiments.select", *runs, "--out", str(out),
+                                    "--max_examples", "16"])
+  select.main()
+  printed = capsys.readouterr().out
+  report = json.loads(out.read_text())
+  rows = report["runs"]
+  assert [r["run_dir"] for r in rows] == runs and "Spearman" in printed
+  assert sorted(r["dev_rank"] for r in rows) == list(range(1, len(runs) + 1))
+  by_rank = sorted(rows, key=lambda r: r["dev_rank"])
+  assert all(a["dev_risk"] <= b["dev_risk"] for a, b in zip(by_rank, by_rank[1:]))
+  oracle = [r["oracle_target_mAP"] for r in rows]
+  assert oracle == [results["methods"][m]["target"]["action_mAP"][0] for m in METHODS]
+  dev = report["agreement"]["dev"]
+  rho = stats.spearmanr([-r["dev_risk"] for r in rows], oracle).statistic
+  assert dev["spearman"] == (None if rho != rho else pytest.approx(rho, abs=1e-12))
+  assert dev["selected"] == by_rank[0]["run_dir"]
+  assert dev["regret"] == pytest.approx(max(oracle) - by_rank[0]["oracle_target_mAP"])
+  assert dev["regret"] >= 0
+  for row in rows:
+    assert set(row["pad"]) == {"image", "token", "instance"}
+    assert all(0.0 <= pad <= 2.0 for pad in row["pad"].values() if pad is not None)
+  assert set(report["pad_by_method"]) == set(METHODS)
