@@ -1,4 +1,6 @@
 """The input pipeline: mixing, label masking, determinism, host sharding, tokenization."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -114,6 +116,20 @@ def test_deterministic_for_a_seed_and_workers(data):
   for x, y in zip(a, _take(make(3, workers=2), 3)):
     np.testing.assert_array_equal(x["image"], y["image"])
     np.testing.assert_array_equal(x["example_id"], y["example_id"])
+
+
+def test_cached_frames_give_the_same_batches(data):
+  """Features.cache_examples keeps decoded, resized frames (some, up to its bound): the
+  batches, augmented, with boxes and the nuScenes target, are those of no cache."""
+  cached = dataclasses.replace(data["features"], cache_examples=7)
+  make = lambda f: pipeline.batch_dataset(data["source"], f, 8, target=data["target"],
+                                          seed=2)
+  plain, with_cache = make(data["features"]), make(cached)
+  for step in (0, 1, 5, 0, 9, 5):   # revisits: cached examples come back
+    a, b = plain[step], with_cache[step]
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 @pytest.mark.parametrize("count", [2, 3])

@@ -49,6 +49,9 @@ class Features:
   resize: str = "pad"            # "pad" | "crop"
   augment: bool = True
   num_cameras: int = 1           # > 1: "image" [V, S, S, 3], the example's first V cameras
+  # Keep up to this many examples per domain decoded and resized in memory (resize "pad" or
+  # evaluation only: a deterministic resize); 0: decode and resize every time.
+  cache_examples: int = 0
 
 
 def as_text(value) -> str:
@@ -90,6 +93,27 @@ def camera_images(example, num_cameras: int = 1) -> list:
   return images[:num_cameras]
 
 
+def resized_views(example, features: Features, rng=None) -> list:
+  """[(uint8 [S, S, 3] view, (transform, width, height))] of the example's cameras, resized
+  (randomly when `rng` is given and the mode crops), or the ones `cache` stored."""
+  if "resized_views" in example:
+    return example["resized_views"]
+  out = []
+  for image in camera_images(example, features.num_cameras):
+    height, width = image.shape[:2]
+    image, transform = preprocess.resize(image, features.image_size, features.resize, rng)
+    out.append((image, (transform, width, height)))
+  return out
+
+
+def cache(example, features: Features) -> dict:
+  """The example with its views resized once (`resized_views`) and the encoded originals
+  dropped: what `Features.cache_examples` keeps in memory. Only for a deterministic resize."""
+  views = resized_views(example, features)
+  return {**{k: v for k, v in example.items() if k not in ("image", "images")},
+          "resized_views": views}
+
+
 def model_images(example, features: Features, rng=None):
   """The example's camera images as the model takes them: resized (randomly when `rng` is
   given, else deterministically), augmented when `rng` is given and `features.augment`, and
@@ -97,13 +121,11 @@ def model_images(example, features: Features, rng=None):
   each view's (transform, width, height) for its boxes."""
   f = features
   frames, transforms = [], []
-  for image in camera_images(example, f.num_cameras):
-    height, width = image.shape[:2]
-    image, transform = preprocess.resize(image, f.image_size, f.resize, rng)
+  for image, transform in resized_views(example, f, rng):
     if rng is not None and f.augment:
       image = preprocess.augment(image, rng)
     frames.append(preprocess.normalize(image, f.family))
-    transforms.append((transform, width, height))
+    transforms.append(transform)
   return (frames[0] if f.num_cameras == 1 else np.stack(frames)), transforms
 
 
@@ -213,11 +235,17 @@ def _branch(spec, features, rows, domain, labelled, train, seed, shard_index, sh
   full, rest = divmod(len(order), total)
   length = full * rows + min(rows, max(0, rest - shard_index * rows))
   transform = ExampleTransform(features, domain, labelled, train, seed)
+  cached = {} if features.cache_examples and (features.resize == "pad" or not train) else None
 
   def example(q):   # this host's q-th example, at position p of the global stream
     p = (q // rows) * total + shard_index * rows + q % rows
     i = int(indices[order[p]])
-    return transform(p, {**source[i], "example_id": np.int64(i)})
+    if cached is not None and i in cached:
+      return transform(p, cached[i])
+    decoded = {**source[i], "example_id": np.int64(i)}
+    if cached is not None and len(cached) < features.cache_examples:
+      decoded = cached[i] = cache(decoded, features)
+    return transform(p, decoded)
 
   return grain.MapDataset.range(length).map(example).batch(rows, drop_remainder=train)
 
