@@ -10,7 +10,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # worker at a time, in this order with --no-loadscope-reorder) finish together instead of one
 # running a long file alone at the end.
 _LONG_FIRST = ("test_demo.py", "test_bucket.py", "test_train.py", "test_pretrained.py",
-               "test_sweep.py", "test_multihost.py")
+               "test_multicamera.py", "test_sweep.py", "test_multihost.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -212,3 +212,22 @@ def test_match_grid():
   tokens = jnp.ones((1, 16, 3))
   assert distill.match_grid(tokens, 4, 2).shape == (1, 4, 3)
   np.testing.assert_allclose(distill.match_grid(tokens, 4, 8), 1.0, atol=1e-6)
+
+
+def test_entropy_minimisation_is_the_binary_entropy_of_target_rows():
+  """adapt/entropy.py: sum over classes of H(sigmoid(logit)), scipy's entropy of (p, 1 - p),
+  averaged over the target rows only."""
+  from scipy import stats
+  from drivlm_jax import adapt
+  from drivlm_jax.adapt import entropy
+  rng = np.random.default_rng(0)
+  logits = rng.normal(0, 3, (5, 4)).astype(np.float32)
+  p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  want = stats.entropy(np.stack([p, 1 - p]), axis=0).sum(-1)
+  np.testing.assert_allclose(entropy.binary_entropy(jnp.asarray(logits)), want, rtol=1e-5)
+  domain = np.array([0, 1, 1, 0, 1])
+  ctx = adapt.Context(params={}, out={"action_logits": jnp.asarray(logits),
+                                      "reason_logits": jnp.asarray(logits[:, :2])},
+                      batch={"domain": jnp.asarray(domain)}, step=0, frozen={}, metrics={})
+  got = entropy.EntropyMinimisation().loss(ctx)
+  np.testing.assert_allclose(got["entmin"], want[domain == 1].mean(), rtol=1e-5)

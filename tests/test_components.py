@@ -39,13 +39,16 @@ def test_a_component_registered_from_a_test_file_trains(cache, tmp_path, monkeyp
   monkeypatch.setitem(adapt.REGISTRY, "projector_l2", adapt.register("projector_l2")(ProjectorL2))
   config = small_config(cache, total_steps=3)
   config.loss.projector_l2 = 0.5
+  config.loss.entmin = 0.1        # and a built-in one: the entropy-minimisation baseline
   config.loss.lm = 0.0            # a weight of 0 removes its term: no loss_lm, no LM forward
   train.train(config, str(tmp_path))
   rows = read_metrics(tmp_path)
   assert sorted(rows) == [1, 2, 3]
   for r in rows.values():
-    assert "loss_lm" not in r and r["loss_projector_l2"] > 0
-    total = r["loss_action"] + r["loss_reason"] + 0.5 * r["loss_projector_l2"]
+    assert "loss_lm" not in r and "loss_entmin_reason" not in r
+    assert r["loss_projector_l2"] > 0 and r["loss_entmin"] > 0
+    total = (r["loss_action"] + r["loss_reason"] + 0.5 * r["loss_projector_l2"]
+             + 0.1 * r["loss_entmin"])
     assert r["loss"] == pytest.approx(total, rel=1e-5)
   # Step 1 sees the initial projector: the penalty is its squared norm.
   cfg = run_lib.model_config(config)
@@ -120,7 +123,8 @@ def test_evaluators_are_built_by_name_with_their_own_schedule(cache):
   config = small_config(cache, "method=drivlm,teacher=x")
   config.evals.target_answers = dict(type="generation", role="target", num=4, every=7)
   built = {e.name: e for e in evaluate.from_config(config)}
-  assert type(built["target"]).__name__ == "Heads" and built["target"].every == 400
+  assert type(built["target"]).__name__ == "Heads"
+  assert built["target"].every == config.eval_every_steps   # the config's default schedule
   assert built["target_answers"].every == 7 and built["target_answers"].key == ("test", "target")
   assert built["target_pruned"].key == ("test", "target_pruned")
   assert run_lib.deploy_keep_ratio(config) == built["target_pruned"].keep_ratio == 0.25

@@ -49,3 +49,26 @@ def test_demo_variants_and_errors():
   bad.language.num_layer = 3
   with pytest.raises(KeyError, match=r"\['num_layer'\] in model.language"):
     vlm.config_from_dict(bad)
+
+
+def test_baselines_and_shifts():
+  """DANN: one image-level discriminator, nothing else of DriVLM; entropy minimisation: its
+  term only; both see as many source rows as source-only plus target rows; the oracle too.
+  Each shift names two sim domains the sim accepts (a mixture: each part)."""
+  from configs import demo
+  from drivlm_jax.sim import domains
+  loss = lambda method: demo.get_config(f"method={method}").loss
+  dann, entmin = loss("dann"), loss("entmin")
+  assert dann.da_image > 0 and dann.da_token == dann.da_instance == dann.kd_heads == 0
+  assert entmin.entmin > 0 and entmin.da_image == 0
+  assert not demo.get_config("method=dann").model.reweight
+  rows = {m: demo.get_config(f"method={m}").batch_size
+          for m in ("source_only", "dann", "entmin", "oracle")}
+  assert rows == {"source_only": 16, "dann": 32, "entmin": 32, "oracle": 32}
+  for shift, (source, target) in demo.SHIFTS.items():
+    config = demo.get_config(f"shift={shift}")
+    assert (config.data.source.domain, config.data.target.domain) == (source, target)
+    for name in (*source.split(","), *target.split(",")):
+      domains.parse_domain(name)
+  with pytest.raises(ValueError, match="shift 'fog'"):
+    demo.get_config("shift=fog")

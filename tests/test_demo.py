@@ -10,13 +10,15 @@ from scipy import stats
 from experiments import select
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-METHODS = ("source_only", "dann", "entmin", "drivlm_teacher", "drivlm_student", "oracle")
+# The baselines (dann, entmin) are left out here to keep the suite short; their configs are
+# checked in test_configs, entmin's loss in test_components and test_adaptation.
+METHODS = ("source_only", "drivlm_teacher", "drivlm_student", "oracle")
 
 
 def test_demo_runs_every_method(tmp_path, monkeypatch, capsys):
   result = subprocess.run(
-      [sys.executable, "-m", "experiments.demo", "--steps", "20", "--smoke", "--workdir",
-       str(tmp_path)],
+      [sys.executable, "-m", "experiments.demo", "--steps", "20", "--smoke", "--nobaselines",
+       "--workdir", str(tmp_path)],
       capture_output=True, text=True, timeout=900, check=False, cwd=ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   results = json.loads((tmp_path / "results.json").read_text())
@@ -38,12 +40,6 @@ def test_demo_runs_every_method(tmp_path, monkeypatch, capsys):
   assert (tmp_path / "seed0" / "clip_finetune" / "eval.json").exists()
   for part in ("vision", "language"):
     assert teacher["model"][part]["hidden_size"] > student["model"][part]["hidden_size"]
-  # The baselines: DANN's one image-level discriminator; entropy minimisation.
-  dann = json.loads((tmp_path / "seed0" / "dann" / "config.json").read_text())["loss"]
-  assert dann["da_image"] > 0 and dann["da_token"] == dann["da_instance"] == 0
-  entmin = json.loads((tmp_path / "seed0" / "entmin" / "metrics.jsonl").read_text()
-                      .splitlines()[-1])
-  assert "loss_entmin" in entmin
   assert student["evals"]["target_pruned"]["keep_ratio"] < 1.0
   pruned = json.loads((tmp_path / "seed0" / "drivlm_student" / "eval.json").read_text())
   assert results["methods"]["drivlm_student"]["target_pruned"] == {
@@ -63,7 +59,7 @@ def test_demo_runs_every_method(tmp_path, monkeypatch, capsys):
   assert all(f"| {m} | 1 |" in report for m in METHODS), report
   assert "| drivlm_student | 1 |" in result.stdout
 
-  # Label-free selection over the demo's six runs: DEV ranks them without target labels,
+  # Label-free selection over the demo's runs: DEV ranks them without target labels,
   # and its agreement with the oracle ranking is scipy's Spearman and the top-1 regret.
   runs = [str(tmp_path / "seed0" / m) for m in METHODS]
   out = tmp_path / "select.json"

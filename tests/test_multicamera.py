@@ -123,9 +123,9 @@ def test_siglip_default_selection_is_refused_for_several_cameras():
     dataclasses.replace(_config(family="siglip"), vision_feature_select_strategy="default")
 
 
-@pytest.mark.parametrize("keep_ratio", [1.0, 0.25])
-def test_six_camera_student_exports_with_static_views(tmp_path, keep_ratio):
-  """The V = 6 student in onnxruntime = JAX within 1e-4 (batch 1 and 4, V fixed at 6)."""
+def test_six_camera_student_exports_with_static_views(tmp_path, keep_ratio=0.25):
+  """The V = 6 student, pruned across views, in onnxruntime = JAX within 1e-4 (batch 1 and 4,
+  V fixed at 6)."""
   cfg = _config(views=6)
   params = _randomise(vlm.init(cfg, jax.random.key(1)))
   rng = np.random.default_rng(0)

@@ -95,7 +95,7 @@ def test_pad_error_is_sklearns_held_out_error_on_the_image_split():
 
 
 #### Run directories (the end-to-end ranking of a sweep: tests/test_demo.py, on the demo's
-#### six methods)
+#### runs)
 
 def test_a_run_dir_without_eval_or_checkpoints_is_named(tmp_path, monkeypatch):
   unfinished = tmp_path / "unfinished"
