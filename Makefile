@@ -22,4 +22,4 @@ bench: $(VENV)/.installed
 	$(PY) -m experiments.bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .pytest_xla_cache

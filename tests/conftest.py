@@ -1,6 +1,13 @@
 import os
+import pathlib
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
+# One persistent XLA compilation cache for the whole suite: both xdist workers and the CLI
+# runs the tests start (they inherit the environment) compile a program the others already
+# compiled (the small demo config's step, evaluation, generation) once. Executables are
+# keyed by the program, devices and flags, so a hit runs exactly what a fresh compile would.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_xla_cache"))
 
 import jax  # noqa: E402
 
