@@ -83,7 +83,7 @@ def _smoke(config):
   config.data.width, config.data.height = 128, 72
   nuscenes = config.data.get("sim_layout") == "nuscenes"   # counts in scenes of ~10 frames
   for domain in (config.data.source, config.data.target):
-    domain.update(train=5, test=2) if nuscenes else domain.update(train=48, test=16)
+    domain.update(dict(train=5, test=2) if nuscenes else dict(train=48, test=16))
   for evaluator in config.evals.values():
     evaluator.batch_size = 16
     if evaluator.get("type") == "generation":
