@@ -109,6 +109,14 @@ METHODS = ("source_only", "dann", "entmin", "drivlm_teacher", "drivlm_student", 
 STAGES = ("clip_finetune",)     # trains parts for the methods; not itself compared
 
 
+def stage_steps(method: str, total: int) -> int:
+  """Training steps of `method` in a demo or ablation whose compared methods train `total`:
+  the CLIP stage a quarter (a short contrastive warm-up), the larger teacher half (it costs
+  about four times the student per step, and at its learning rate it leaves the action
+  plateau by step ~120); everything else `total`."""
+  return max(1, total // {"clip_finetune": 4, "drivlm_teacher": 2}.get(method, 1))
+
+
 def check_method(arg) -> str:
   """`arg.method` (drivlm = drivlm_student), validated against `arg.teacher`."""
   method = "drivlm_student" if arg.method == "drivlm" else arg.method

@@ -14,8 +14,8 @@ user passes to drivlm_jax.train):
   no_reweighting   --config.model.reweight=False   (no gates, no pruning)
   no_distillation  --config.distill.teacher=       (no teacher)
 The baselines source_only, dann and entmin (methods of their own) are rows too. Per seed,
-the teacher and the CLIP stage (method=clip_finetune, a quarter of the steps) are trained
-once and shared. The report gives each row's paired per-seed difference against the full
+the teacher (half the steps) and the CLIP stage (method=clip_finetune, a quarter of the
+steps; configs/common.py:stage_steps) are trained once and shared. The report gives each row's paired per-seed difference against the full
 method (drivlm_student) with its 95% interval.
 Runs go to <workdir>/seed<s>/<name>; the table (mean ± std over seeds, target and source
 test split) to <workdir>/ablation/report.md and results.json. Finished runs are reused.
@@ -23,6 +23,7 @@ test split) to <workdir>/ablation/report.md and results.json. Finished runs are 
 import argparse
 import os
 
+from configs import common
 from drivlm_jax import run as run_lib, train
 from experiments import report
 from experiments.runs import apply_overrides, flag_string, load_config_module
@@ -66,12 +67,14 @@ def main():
     parser.error(f"unknown row(s) {unknown}; known: {sorted((*ABLATIONS, *BASELINES))}")
   get_config = load_config_module(args.config)[0].get_config
   total = args.steps or get_config().total_steps
-  steps = f",steps={total}" + (f",{args.arg}" if args.arg else "")
+  extra = f",{args.arg}" if args.arg else ""
+  steps = f",steps={total}" + extra
   cache = os.path.join(args.workdir, "data")
   runs = []
   for seed in range(args.seeds):
     root = os.path.join(args.workdir, f"seed{seed}")
-    config = get_config("method=drivlm_teacher,model=tiny_teacher" + steps)
+    config = get_config("method=drivlm_teacher,model=tiny_teacher"
+                        + f",steps={common.stage_steps('drivlm_teacher', total)}" + extra)
     config.seed, config.data.cache_dir = seed, cache
     teacher = _train(config, os.path.join(root, "drivlm_teacher"))
     for name in (n for n in names if n in BASELINES):
@@ -81,8 +84,8 @@ def main():
     for name in (n for n in names if n in ABLATIONS):
       overrides = dict(ABLATIONS[name])
       if overrides.get("init_from") == CLIP_RUN:
-        clip = get_config(f"method=clip_finetune,steps={max(1, total // 4)}"
-                          + (f",{args.arg}" if args.arg else ""))
+        clip = get_config("method=clip_finetune"
+                          + f",steps={common.stage_steps('clip_finetune', total)}" + extra)
         clip.seed, clip.data.cache_dir = seed, cache
         overrides["init_from"] = _train(clip, os.path.join(root, "clip_finetune"))
       config = get_config(f"method=drivlm_student,teacher={teacher}" + steps)

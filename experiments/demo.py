@@ -1,7 +1,7 @@
 r"""The demo on the embedded default: the procedural world's day domain (source, labelled)
 adapted to night+fog (target, unlabelled), on CPU.
 
-  python -m experiments.demo [--workdir runs/demo] [--seeds 1] [--steps 600] [--noclip]
+  python -m experiments.demo [--workdir runs/demo] [--seeds 1] [--steps 400] [--noclip]
       [--nobaselines] [--shift night_fog|rain_snow|camera|sensor|all] [--smoke]
   python -m experiments.demo --dataset nuscenes --nobaselines --workdir runs/demo_nuscenes
 
@@ -12,7 +12,8 @@ Per seed, runs of `python -m drivlm_jax.train --config configs/demo.py:method=M`
   clip_finetune    the CLIP fine-tuning stage (vision tower + CLIP text tower, contrastive
                    on image-caption pairs of both domains, a quarter of the steps); --noclip
                    skips it
-  drivlm_teacher   the larger teacher (model=tiny_teacher: twice the width and depth),
+  drivlm_teacher   the larger teacher (model=tiny_teacher: twice the width and depth; half
+                   the steps, at its width's learning rate, configs/demo.py:learning_rate),
                    adapted with unlabelled target: domain discriminators at the image, token
                    and instance level and instruction-guided token reweighting (from scratch:
                    warm-started from a stage of another model size it cannot be)
@@ -40,7 +41,7 @@ import jax
 import onnxruntime as ort
 from absl import app, flags, logging
 
-from configs import demo as demo_config
+from configs import common, demo as demo_config
 from drivlm_jax import run as run_lib, timing, train, visualize
 from experiments import bench_pruning, report
 from export import graphs, inputs, to_onnx
@@ -93,9 +94,8 @@ def _smoke(config):
 
 
 def _run(method, seed, root, shift, extra="", init_from=""):
-  steps = _STEPS.value or demo_config.get_config(f"dataset={_DATASET.value}").total_steps
-  if method == "clip_finetune":   # a short stage: a quarter of the training steps
-    steps = max(1, steps // 4)
+  steps = common.stage_steps(
+      method, _STEPS.value or demo_config.get_config(f"dataset={_DATASET.value}").total_steps)
   arg = f"method={method},steps={steps},dataset={_DATASET.value},shift={shift}" + extra
   config = demo_config.get_config(arg)
   config.seed = seed
