@@ -111,10 +111,8 @@ STAGES = ("clip_finetune",)     # trains parts for the methods; not itself compa
 
 def stage_steps(method: str, total: int) -> int:
   """Training steps of `method` in a demo or ablation whose compared methods train `total`:
-  the CLIP stage a quarter (a short contrastive warm-up), the larger teacher half (it costs
-  about four times the student per step, and at its learning rate it leaves the action
-  plateau by step ~120); everything else `total`."""
-  return max(1, total // {"clip_finetune": 4, "drivlm_teacher": 2}.get(method, 1))
+  the CLIP stage a quarter (a short contrastive warm-up), everything else `total`."""
+  return max(1, total // 4) if method == "clip_finetune" else total
 
 
 def check_method(arg) -> str:

@@ -14,9 +14,9 @@ user passes to drivlm_jax.train):
   no_reweighting   --config.model.reweight=False   (no gates, no pruning)
   no_distillation  --config.distill.teacher=       (no teacher)
 The baselines source_only, dann and entmin (methods of their own) are rows too. Per seed,
-the teacher (half the steps) and the CLIP stage (method=clip_finetune, a quarter of the
-steps; configs/common.py:stage_steps) are trained once and shared. The report gives each row's paired per-seed difference against the full
-method (drivlm_student) with its 95% interval.
+the teacher and the CLIP stage (method=clip_finetune, a quarter of the steps;
+configs/common.py:stage_steps) are trained once and shared. The report gives each row's
+paired per-seed difference against the full method (drivlm_student) with its 95% interval.
 Runs go to <workdir>/seed<s>/<name>; the table (mean ± std over seeds, target and source
 test split) to <workdir>/ablation/report.md and results.json. Finished runs are reused.
 """

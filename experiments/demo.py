@@ -12,8 +12,8 @@ Per seed, runs of `python -m drivlm_jax.train --config configs/demo.py:method=M`
   clip_finetune    the CLIP fine-tuning stage (vision tower + CLIP text tower, contrastive
                    on image-caption pairs of both domains, a quarter of the steps); --noclip
                    skips it
-  drivlm_teacher   the larger teacher (model=tiny_teacher: twice the width and depth; half
-                   the steps, at its width's learning rate, configs/demo.py:learning_rate),
+  drivlm_teacher   the larger teacher (model=tiny_teacher: twice the width and depth, at
+                   its width's learning rate, configs/demo.py:learning_rate),
                    adapted with unlabelled target: domain discriminators at the image, token
                    and instance level and instruction-guided token reweighting (from scratch:
                    warm-started from a stage of another model size it cannot be)
