@@ -2,6 +2,7 @@ r"""Training throughput of our jitted step vs an equivalent HF transformers + Py
 same shapes, AdamW, fp32, alternated in one run.
 
   python -m experiments.bench_train [--pairs 5] [--out bench_train.json]
+      [--cases vlm_tiny,vit_b16,loop,demo_loop]
 
 Cases:
   vlm_tiny   the demo config's model (CLIP 64px/8 + Qwen2 2x64, batch 16, 128 tokens): our
@@ -10,6 +11,9 @@ Cases:
   vit_b16    CLIP ViT-B/16 at 224 px + a 4-way head, batch 8 (DESIGN's reference case).
   loop       the demo config's training loop on the sim: the host in lockstep with each
              step (the old loop) vs overlapped (the trainer's), steps/s side by side.
+  demo_loop  the demo's own trainer (`drivlm_jax.train.train`, source_only on the sim:
+             pipeline, placement, EMA, logging) at the examples/s it logs, against vlm_tiny's
+             bare jitted step measured in the same run (same model and batch): their ratio.
 torch runs at its best: threads = cores, OMP_WAIT_POLICY=PASSIVE, no autograd anomaly mode.
 """
 import os
@@ -215,14 +219,46 @@ def loop_overlap(steps=20, rounds=3) -> dict:
           "ratio_overlapped_over_lockstep": out["overlapped"] / out["lockstep"]}
 
 
+def demo_loop(step_examples_per_s: float, steps=150) -> dict:
+  """The trainer's logged examples/s on the demo config (source_only, the sim, `steps` steps;
+  the median over its log windows after the first, which holds the compile) against the bare
+  step's `step_examples_per_s`."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  workdir = tempfile.mkdtemp()
+  config = demo.get_config(f"method=source_only,steps={steps}")
+  config.data.cache_dir = os.path.join(workdir, "data")
+  config.data.source.update(train=256, test=8)
+  config.data.target.update(train=256, test=8)
+  train.train(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rates = [json.loads(line)["examples_per_s"] for line in f][1:]
+  loop = statistics.median(rates)
+  return {"case": "demo_loop", "steps": steps, "batch": config.batch_size,
+          "log_windows": len(rates), "loop_examples_per_s": loop,
+          "step_examples_per_s": step_examples_per_s,
+          "ratio_loop_over_step": loop / step_examples_per_s}
+
+
+CASES = ("vlm_tiny", "vit_b16", "loop", "demo_loop")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--pairs", type=int, default=5)
   parser.add_argument("--out", default="bench_train.json")
+  parser.add_argument("--cases", default=",".join(CASES),
+                      help=f"comma-separated subset of {','.join(CASES)} (demo_loop needs "
+                      "vlm_tiny)")
   args = parser.parse_args()
+  cases = args.cases.split(",")
+  if set(cases) - set(CASES) or ("demo_loop" in cases and "vlm_tiny" not in cases):
+    parser.error(f"--cases {args.cases!r}: a subset of {','.join(CASES)}; demo_loop needs "
+                 "vlm_tiny")
   torch.set_num_threads(os.cpu_count())
   rows = []
   for name, make in (("vlm_tiny", lambda: case_vlm_tiny(16)), ("vit_b16", lambda: case_vit_b16(8))):
+    if name not in cases:
+      continue
     ours, peer, info = make()
     t = timing.paired(ours, peer, args.pairs)
     batch = info["batch"]
@@ -236,11 +272,19 @@ def main():
           f"torch {row['peer_examples_per_s']:8.1f} examples/s, ours/torch "
           f"{row['ratio_ours_over_peer']:.2f} (first step: ours {first_ours:.1f} s incl. "
           f"compile, torch {first_peer:.1f} s)")
-  row = loop_overlap()
-  rows.append(row)
-  print(f"loop (demo config, batch {row['batch']}): lockstep {row['lockstep_steps_per_s']:.1f} "
-        f"steps/s, overlapped {row['overlapped_steps_per_s']:.1f} steps/s, ratio "
-        f"{row['ratio_overlapped_over_lockstep']:.2f}")
+  if "loop" in cases:
+    row = loop_overlap()
+    rows.append(row)
+    print(f"loop (demo config, batch {row['batch']}): lockstep "
+          f"{row['lockstep_steps_per_s']:.1f} steps/s, overlapped "
+          f"{row['overlapped_steps_per_s']:.1f} steps/s, ratio "
+          f"{row['ratio_overlapped_over_lockstep']:.2f}")
+  if "demo_loop" in cases:
+    row = demo_loop(rows[0]["ours_examples_per_s"])
+    rows.append(row)
+    print(f"demo_loop (drivlm_jax.train, batch {row['batch']}): "
+          f"{row['loop_examples_per_s']:.1f} examples/s logged vs the bare step's "
+          f"{row['step_examples_per_s']:.1f}: loop/step {row['ratio_loop_over_step']:.2f}")
   with open(args.out, "w") as f:
     json.dump({"machine": machine.describe(), "threads_set": os.cpu_count(), "rows": rows},
               f, indent=1)
