@@ -1,8 +1,8 @@
 r"""The demo on the embedded default: the procedural world's day domain (source, labelled)
 adapted to night+fog (target, unlabelled), on CPU.
 
-  python -m experiments.demo [--workdir runs/demo] [--seeds 1] [--steps 400] [--noclip]
-      [--nobaselines] [--shift night_fog|rain_snow|camera|sensor|all] [--smoke]
+  python -m experiments.demo [--workdir runs/demo] [--seeds 1] [--first_seed 0] [--steps 400]
+      [--noclip] [--nobaselines] [--shift night_fog|rain_snow|camera|sensor|all] [--smoke]
   python -m experiments.demo --dataset nuscenes --nobaselines --workdir runs/demo_nuscenes
 
 Per seed, runs of `python -m drivlm_jax.train --config configs/demo.py:method=M`:
@@ -25,7 +25,7 @@ Per seed, runs of `python -m drivlm_jax.train --config configs/demo.py:method=M`
                    rows per step as the others, plus as many target rows: the upper bound)
 Every method is evaluated on the target (and source) test split (1,000 images each). Writes
 <workdir>/results.json, report.md, results.csv and plots (training curves, mAP by method,
-PCA of pooled features, reweighting heat-maps), exports the seed-0 student to
+PCA of pooled features, reweighting heat-maps), exports the first seed's student to
 <workdir>/student.onnx (export.to_onnx, checked against JAX) and times it in onnxruntime and
 JAX. --shift all runs every shift of configs/demo.py (SHIFTS) into <workdir>/<shift> and
 writes one table per shift to <workdir>/shifts.md. Re-running resumes or reuses runs.
@@ -48,6 +48,9 @@ from export import graphs, inputs, to_onnx
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the runs and the report go.")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "Training seeds per method.")
+_FIRST_SEED = flags.DEFINE_integer("first_seed", 0, "The seeds are first_seed, ..., "
+                                   "first_seed + seeds - 1: e.g. --first_seed 3 --seeds 2 adds "
+                                   "seeds 3 and 4 to a workdir (a later --seeds 5 reuses them).")
 _STEPS = flags.DEFINE_integer("steps", None, "Training steps (default: the config's).")
 _CLIP = flags.DEFINE_bool("clip", True, "Run the CLIP fine-tuning stage and warm-start the "
                           "student from it (the teacher trains from scratch); --noclip skips "
@@ -115,12 +118,12 @@ def _run(method, seed, root, shift, extra="", init_from=""):
   return workdir
 
 
-def run_methods(root, shift, seeds) -> list:
+def run_methods(root, shift, seeds: range) -> list:
   """Every method's run per seed under `root` (finished runs are reused): source-only, the
   two baselines, the CLIP stage, the larger teacher and the student warm-started from the
   CLIP stage and distilled from the teacher, the oracle."""
   runs = []
-  for seed in range(seeds):
+  for seed in seeds:
     run = lambda method, *a, **k: _run(method, seed, root, shift, *a, **k)
     runs.append(run("source_only"))
     if _BASELINES.value:
@@ -133,7 +136,7 @@ def run_methods(root, shift, seeds) -> list:
 
 
 def export_student(student_dir, out, batch=8) -> dict:
-  """The seed-0 student, as deployed (`run.deploy_keep_ratio`), exported to
+  """A student run, as deployed (`run.deploy_keep_ratio`), exported to
   ONNX by export.to_onnx (checked against JAX) and timed at batch 1: onnxruntime vs the
   jitted JAX function; plus the jitted student at keep 1.0 vs that ratio, at `batch`."""
   exported = to_onnx.export_run(student_dir, out)
@@ -159,7 +162,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   start = time.time()
-  seeds, root = _SEEDS.value, _WORKDIR.value
+  seeds, root = range(_FIRST_SEED.value, _FIRST_SEED.value + _SEEDS.value), _WORKDIR.value
   # Programs every run compiles alike (evaluation, generation, the same step on another
   # seed) are compiled once: XLA's persistent cache, kept in the workdir.
   jax.config.update("jax_compilation_cache_dir", os.path.join(root, "xla_cache"))
@@ -173,14 +176,16 @@ def main(argv):
   for shift, out in shifts.items():
     runs = run_methods(out, "night_fog" if shift == "nuscenes" else shift, seeds)
     described = DESCRIPTIONS.get(shift) or " -> ".join(demo_config.SHIFTS[shift])
-    first = os.path.join(out, "seed0", "drivlm_student")
+    first = os.path.join(out, f"seed{seeds[0]}", "drivlm_student")
     exported = export_student(first, os.path.join(out, "student.onnx"))
     keep = run_lib.deploy_keep_ratio(run_lib.read_config(first))
-    notes = (f"Sim {described}, {seeds} seed(s); `python -m experiments.demo --dataset "
+    notes = (f"Sim {described}, {len(seeds)} seed(s) ({seeds[0]}-{seeds[-1]}); `python -m "
+             f"experiments.demo --dataset "
              f"{_DATASET.value}" + ("" if shift == "nuscenes" else f" --shift {shift}")
-             + f" --workdir {root} --seeds {seeds}`. The student is evaluated with every "
-             f"visual token (target) and as deployed, pruned to keep_ratio {keep} "
-             f"(target_pruned). "
+             + f" --workdir {root} --seeds {len(seeds)}"
+             + (f" --first_seed {seeds[0]}" if seeds[0] else "")
+             + "`. The student is evaluated with every visual token (target) and as deployed, "
+             f"pruned to keep_ratio {keep} (target_pruned). "
              f"Student exported to {exported['onnx']} (keep {exported['keep_ratio']:g}; "
              f"onnxruntime vs JAX max |diff| {exported['onnx_max_abs_diff']:.1e}); batch 1 p50: "
              + ", ".join(f"{k} {v:.2f} ms" for k, v in exported["batch1_p50_ms"].items())
@@ -188,22 +193,22 @@ def main(argv):
              + ", ".join(f"{k[7:]} {v:.2f}" for k, v in exported.items()
                          if k.startswith("jitted_keep")) + ".")
     results = report.write(runs, out, f"DriVLM demo: {described}", notes)
-    visualize.write(os.path.join(out, "seed0"), out)
+    visualize.write(os.path.join(out, f"seed{seeds[0]}"), out)
     saved = run_lib.read_json(run_lib.path(out, "results.json"))
     saved["student_export"] = exported
     run_lib.write_json(run_lib.path(out, "results.json"), saved)
     run_lib.append_text(run_lib.path(out, "report.md"),
                         "\n![pooled features](pca.png)\n\n![reweighting](reweighting.png)\n")
     differences = report.paired_table(results, PAIRS)
-    if seeds > 1:
+    if len(seeds) > 1:
       run_lib.append_text(run_lib.path(out, "report.md"),
                           "\n## Paired differences (matched seeds)\n\n" + differences + "\n")
-    print(f"\nSim {described}, test split, points; mean ± std [95% interval] over {seeds} "
+    print(f"\nSim {described}, test split, points; mean ± std [95% interval] over {len(seeds)} "
           f"seed(s)")
     tables[shift] = report.markdown_table(results, "target")
     print(tables[shift])
     print(report.markdown_table(results, "target_pruned"))
-    if seeds > 1:
+    if len(seeds) > 1:
       print(differences)
       tables[shift] += "\n\n" + differences
     if shift == "nuscenes":
