@@ -147,6 +147,8 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
                   InfoNCE, SigLIP sigmoid for SigLIP towers) on both domains (captions:
                   the instruction, on every row, so the caption never tells the domain)
   `init_from` (a run dir, e.g. the clip_finetune run) warm-starts the model params.
+  `da.objective` is what the features minimise against the discriminators: "reversal" (the
+  paper's gradient reversal of their BCE) or "confusion" (non-saturating; adapt/alignment.py).
   Every part has its own switch (the ablations): --config.loss.da_image=0,
   --config.loss.da_token=0, --config.loss.da_instance=0, --config.model.reweight=False,
   --config.loss.kd_heads=0 (kd_lm, kd_feature).
@@ -174,7 +176,7 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
                      da_consistency=0.0, kd_heads=kd, kd_lm=kd, kd_feature=kd,
                      clip=1.0 if clip else 0.0, entmin=0.1 if method == "entmin" else 0.0,
                      entmin_reason=0.0)
-  config.da = ml_collections.ConfigDict(dict(focal_gamma=0.0, hidden=128,
+  config.da = ml_collections.ConfigDict(dict(focal_gamma=0.0, hidden=128, objective="reversal",
                                              start=0.1 if init_from else 0.25))
   config.distill = ml_collections.ConfigDict(dict(
       teacher=teacher, temperature=2.0, feature_kind="cosine"))

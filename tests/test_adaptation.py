@@ -10,6 +10,8 @@ import pytest
 import torch
 from transformers.models.clip import modeling_clip
 
+from drivlm_jax import adapt
+from drivlm_jax.adapt import alignment
 from drivlm_jax.losses import adversarial, contrastive, distill
 from drivlm_jax.model import discriminators, reweighting
 
@@ -41,6 +43,74 @@ def test_focal_loss_formula():
                                                                                      rel=1e-6)
   assert float(adversarial.domain_focal(logits, domain, gamma=0.0)) == pytest.approx(
       float(adversarial.domain_bce(logits, domain)), rel=1e-6)
+
+
+def test_domain_confusion_formula():
+  logits = jnp.array([[2.0, -1.0, 0.0], [0.5, 3.0, -4.0]])
+  p = 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
+  per_entry = -(np.log(p) + np.log(1 - p)) / 2 - np.log(2)
+  assert float(adversarial.domain_confusion(logits)) == pytest.approx(per_entry.mean(), rel=1e-5)
+  mask = jnp.array([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+  assert float(adversarial.domain_confusion(logits, mask)) == pytest.approx(
+      per_entry[np.asarray(mask) > 0].mean(), rel=1e-5)
+  assert float(adversarial.domain_confusion(jnp.zeros((4,)))) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_confusion_gradient_does_not_vanish_when_the_discriminator_is_confident():
+  """The reason for `da.objective=confusion`: on well separated domains a trained
+  discriminator is confident, and the features' gradient behind the reversal,
+  lam (s(z) - y) dz/df, all but vanishes; the confusion gradient (s(z) - 1/2) dz/df does
+  not, and pushes source and target features towards each other."""
+  cfg = discriminators.Config(hidden=32)
+  pooled, tokens, grid, boxes, box_mask, domain = _separable(jax.random.key(0))
+  pooled, tokens = 3.0 * pooled, 3.0 * tokens
+  params = discriminators.init(cfg, jax.random.key(1), 8, grid, 3)
+  tx = optax.adam(1e-2)
+  state = tx.init(params)
+  bce = lambda p, x, lam: discriminators.losses(discriminators.apply(
+      cfg, p, x, tokens, grid, boxes, box_mask, lam), domain, box_mask)["image"]
+  for _ in range(200):
+    updates, state = tx.update(jax.grad(bce)(params, pooled, 1.0), state, params)
+    params = optax.apply_updates(params, updates)
+  assert float(bce(params, pooled, 1.0)) < 1e-3
+  reversal = jax.grad(bce, argnums=1)(params, pooled, 1.0)
+  confusion = jax.grad(lambda x: discriminators.confusion(discriminators.apply(
+      cfg, params, x, tokens, grid, boxes, box_mask, -1.0), box_mask)["image"])(pooled)
+  assert float(jnp.abs(confusion).mean()) > 100 * float(jnp.abs(reversal).mean())
+  # Descending the confusion gradient moves the two domains' mean features together.
+  gap = lambda x: float(jnp.linalg.norm(x[domain == 1].mean(0) - x[domain == 0].mean(0)))
+  assert gap(pooled - 5.0 * confusion) < gap(pooled)
+
+
+def test_confusion_objective_trains_each_player_on_its_own_loss():
+  """da.objective=confusion: the discriminators' gradient is that of their BCE at every level
+  (features held fixed), the features' gradient is lam(p) times that of the confusion loss
+  (discriminators held fixed)."""
+  cfg = discriminators.Config(hidden=16)
+  _, tokens, grid, boxes, box_mask, domain = _separable(jax.random.key(4))
+  params = discriminators.init(cfg, jax.random.key(5), 8, grid, 3)
+  component = alignment.Alignment(cfg, {f"da_{k}": 1.0 for k in alignment.LEVELS[:3]} | {
+      "da_consistency": 0.0}, 0.0, 0.0, 10, 8, grid, 3, 1, objective="confusion")
+  batch = {"boxes": boxes, "box_mask": box_mask, "box_camera": jnp.zeros_like(box_mask, int),
+           "domain": domain}
+
+  def total(p, tokens):
+    ctx = adapt.Context({"discriminators": p}, {"visual_tokens": tokens}, batch, jnp.int32(5),
+                        {}, {})
+    return sum(component.loss(ctx).values())
+
+  def apply(p, tokens):   # reverse = -1: the plain gradient reaches the features
+    return discriminators.apply(cfg, p, tokens.mean(1), tokens, grid, boxes, box_mask, -1.0)
+
+  bce = lambda p: sum(discriminators.losses(apply(p, tokens), domain, box_mask,
+                                            consistency=False).values())
+  confusion = lambda t: sum(discriminators.confusion(apply(params, t), box_mask).values())
+  got_params, got_tokens = jax.grad(total, argnums=(0, 1))(params, tokens)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got_params,
+               jax.grad(bce)(params))
+  lam = float(adversarial.dann_lambda(0.5))
+  np.testing.assert_allclose(got_tokens, lam * jax.grad(confusion)(tokens), rtol=1e-5,
+                             atol=1e-8)
 
 
 def _separable(key, b=16, grid=4, d=8, m=3):

@@ -4,6 +4,14 @@
 (Ganin & Lempitsky, 2015), so minimising a discriminator's loss through it trains the features
 to confuse the discriminator. `lam` follows lam(p) = 2 / (1 + exp(-10 p)) - 1 over training
 progress p in [0, 1].
+
+`domain_confusion` is the features' side of the non-saturating alternative (Tzeng, Hoffman,
+Darrell and Saenko, "Simultaneous Deep Transfer Across Domains and Tasks", ICCV 2015): the
+features minimise the cross-entropy between the (frozen) discriminator's output and the uniform
+domain distribution, while the discriminator minimises its own BCE on detached features.
+Behind the reversal the features' gradient is lam (sigmoid(z) - y) dz/df, which vanishes once
+the discriminator is confident and right; the confusion gradient, (sigmoid(z) - 1/2) dz/df, is
+largest exactly then.
 """
 import jax
 import jax.numpy as jnp
@@ -28,6 +36,11 @@ def _reverse_bwd(lam, g):
 grad_reverse.defvjp(_reverse_fwd, _reverse_bwd)
 
 
+def grad_scale(x, lam):
+  """The identity forward; the gradient times lam backward."""
+  return grad_reverse(x, -lam)
+
+
 def dann_lambda(progress):
   """2 / (1 + exp(-10 p)) - 1: 0 at the start, -> 1 at the end."""
   return 2.0 / (1.0 + jnp.exp(-10.0 * jnp.asarray(progress, jnp.float32))) - 1.0
@@ -50,3 +63,11 @@ def domain_focal(logits, domain, gamma=5.0, mask=None):
   log_not_p = jax.nn.log_sigmoid(-logits)
   log_pt = labels * log_p + (1 - labels) * log_not_p
   return masked_mean(-((1 - jnp.exp(log_pt)) ** gamma) * log_pt, mask)
+
+
+def domain_confusion(logits, mask=None):
+  """Cross-entropy of domain logits (any shape) against the uniform distribution over the two
+  domains, minus its minimum log 2: -(log s(z) + log(1 - s(z))) / 2 - log 2 >= 0, zero when
+  the discriminator cannot tell (s(z) = 1/2); `mask` drops entries."""
+  half = jnp.full(logits.shape, 0.5, logits.dtype)
+  return masked_mean(optax.sigmoid_binary_cross_entropy(logits, half) - jnp.log(2.0), mask)

@@ -122,3 +122,11 @@ def losses(logits, domain, box_mask, focal_gamma=None, consistency=True) -> dict
     p_image = jax.nn.sigmoid(logits["image"])[:, None]
     out["consistency"] = jnp.mean((jax.nn.sigmoid(logits["token"]) - p_image) ** 2)
   return out
+
+
+def confusion(logits, box_mask) -> dict:
+  """The features' non-saturating domain-confusion loss per level
+  (`adversarial.domain_confusion`; masked boxes drop out at the instance level)."""
+  return {"image": adversarial.domain_confusion(logits["image"]),
+          "token": adversarial.domain_confusion(logits["token"]),
+          "instance": adversarial.domain_confusion(logits["instance"], box_mask)}
