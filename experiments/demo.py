@@ -179,9 +179,9 @@ def main(argv):
     first = os.path.join(out, f"seed{seeds[0]}", "drivlm_student")
     exported = export_student(first, os.path.join(out, "student.onnx"))
     keep = run_lib.deploy_keep_ratio(run_lib.read_config(first))
-    notes = (f"Sim {described}, {len(seeds)} seed(s) ({seeds[0]}-{seeds[-1]}); `python -m "
-             f"experiments.demo --dataset "
-             f"{_DATASET.value}" + ("" if shift == "nuscenes" else f" --shift {shift}")
+    notes = (f"Sim {described}, {len(seeds)} seed(s) ({seeds[0]}-{seeds[-1]}); "
+             f"`python -m experiments.demo --dataset {_DATASET.value}"
+             + ("" if shift == "nuscenes" else f" --shift {shift}")
              + f" --workdir {root} --seeds {len(seeds)}"
              + (f" --first_seed {seeds[0]}" if seeds[0] else "")
              + "`. The student is evaluated with every visual token (target) and as deployed, "

@@ -90,16 +90,15 @@ class Alignment(adapt.Component):
         ctx.batch["box_camera"], self.views)
     consistency = self.weights["da_consistency"] > 0
     if self.objective == "reversal":
-      out = logits(params, pooled, tokens, lam)
+      out, confused = logits(params, pooled, tokens, lam), {}
     else:   # the discriminators on detached features; the features on frozen discriminators
       stop = jax.lax.stop_gradient
       out = logits(params, stop(pooled), stop(tokens), 0.0)
       confused = discriminators.confusion(logits(stop(params), pooled, tokens, -lam), box_mask)
     losses = discriminators.losses(out, ctx.batch["domain"], box_mask, self.focal_gamma or None,
                                    consistency)
-    if self.objective == "confusion":
-      for level, value in confused.items():
-        ctx.metrics[f"da_{level}_confusion"] = value
-        losses[level] = losses[level] + value
+    for level, value in confused.items():
+      ctx.metrics[f"da_{level}_confusion"] = value
+      losses[level] = losses[level] + value
     ctx.metrics["da_lambda"] = lam
     return {f"da_{k}": v for k, v in losses.items()}

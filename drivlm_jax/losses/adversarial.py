@@ -36,11 +36,6 @@ def _reverse_bwd(lam, g):
 grad_reverse.defvjp(_reverse_fwd, _reverse_bwd)
 
 
-def grad_scale(x, lam):
-  """The identity forward; the gradient times lam backward."""
-  return grad_reverse(x, -lam)
-
-
 def dann_lambda(progress):
   """2 / (1 + exp(-10 p)) - 1: 0 at the start, -> 1 at the end."""
   return 2.0 / (1.0 + jnp.exp(-10.0 * jnp.asarray(progress, jnp.float32))) - 1.0
