@@ -172,6 +172,15 @@ def finished(workdir: str, config) -> bool:
 
 #### Checkpoints of a training run
 
+# Orbax writes a replicated array "replica-parallel": one slice per replica, each cut by an
+# eager jitted slice, compiled once per shape. That spreads a large array's write over hosts;
+# for a small one it costs more than it saves (a first save of 200 small replicated arrays on
+# 8 CPU devices: 68 s, against 0.5 s whole). Slices under 1 MiB are written whole.
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=1 << 20),
+    override=True)
+
+
 class Checkpoints:
   """The Orbax manager of a training run: the train state plus a JSON meta item (step, data
   position, config), asynchronous saves, resume from the latest step."""

@@ -17,7 +17,7 @@ METHODS = ("source_only", "drivlm_teacher", "drivlm_student", "oracle")
 
 def test_demo_runs_every_method(tmp_path, monkeypatch, capsys):
   result = subprocess.run(
-      [sys.executable, "-m", "experiments.demo", "--steps", "20", "--smoke", "--nobaselines",
+      [sys.executable, "-m", "experiments.demo", "--steps", "8", "--smoke", "--nobaselines",
        "--workdir", str(tmp_path)],
       capture_output=True, text=True, timeout=900, check=False, cwd=ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
