@@ -63,9 +63,9 @@ def error(fp32_path: str, int8_path: str, feeds: dict, fused: bool = False) -> d
   options = ort.SessionOptions()
   if not fused:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-  runs = [ort.InferenceSession(fp32_path).run(None, feeds),
-          ort.InferenceSession(int8_path, options).run(None, feeds)]
-  names = [o.name for o in ort.InferenceSession(fp32_path).get_outputs()]
+  reference = ort.InferenceSession(fp32_path)
+  runs = [reference.run(None, feeds), ort.InferenceSession(int8_path, options).run(None, feeds)]
+  names = [o.name for o in reference.get_outputs()]
   out = {n: float(np.max(np.abs(a - b))) for n, a, b in zip(names, *runs)}
   out.update({f"{n}_mean": float(np.mean(np.abs(a - b))) for n, a, b in zip(names, *runs)})
   out["top_action_agreement"] = float(np.mean(runs[0][0].argmax(-1) == runs[1][0].argmax(-1)))
