@@ -11,6 +11,7 @@ user passes to drivlm_jax.train):
   no_image_da      --config.loss.da_image=0
   no_token_da      --config.loss.da_token=0
   no_instance_da   --config.loss.da_instance=0
+  no_da            all three levels 0                (no discriminator at all)
   no_reweighting   --config.model.reweight=False   (no gates, no pruning)
   no_distillation  --config.distill.teacher=       (no teacher)
 The baselines source_only, dann and entmin (methods of their own) are rows too. Per seed,
@@ -36,6 +37,7 @@ ABLATIONS = {
     "no_image_da": {**_FULL, "loss.da_image": 0.0},
     "no_token_da": {**_FULL, "loss.da_token": 0.0},
     "no_instance_da": {**_FULL, "loss.da_instance": 0.0},
+    "no_da": {**_FULL, "loss.da_image": 0.0, "loss.da_token": 0.0, "loss.da_instance": 0.0},
     "no_reweighting": {**_FULL, "model.reweight": False},
     "no_distillation": {**_FULL, "distill.teacher": ""},
 }
