@@ -16,7 +16,7 @@ demo: $(VENV)/.installed
 	$(PY) -m experiments.demo
 
 test: $(VENV)/.installed
-	JAX_NUM_CPU_DEVICES=8 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
+	JAX_NUM_CPU_DEVICES=8 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25 tests
 
 bench: $(VENV)/.installed
 	$(PY) -m experiments.bench
