@@ -17,15 +17,21 @@ def timed(fn) -> float:
   return time.perf_counter() - start
 
 
-def interleaved(fns: dict, warmup: int, iters: int) -> dict:
+def interleaved(fns: dict, warmup: int, iters: int, settle: int = 0) -> dict:
   """{name: [seconds per call]} of `fns` ({name: zero-arg callable}) after `warmup` calls of
-  each, one call of each per round for `iters` rounds."""
+  each, one timed call of each per round for `iters` rounds. With `settle` > 0, each timed
+  call follows that many untimed calls of the same callable, so it does not pay for the one
+  before it: onnxruntime's worker threads spin for a while after each run, and a JAX call
+  timed right after one ran 13% (CLIP-B/16 student, batch 1) to 40% (the same, pruned to a
+  quarter) slower than the identical executable timed after a JAX call."""
   for fn in fns.values():
     for _ in range(warmup):
       fn()
   times = {name: [] for name in fns}
   for _ in range(iters):
     for name, fn in fns.items():
+      for _ in range(settle):
+        fn()
       times[name].append(timed(fn))
   return times
 
@@ -37,8 +43,11 @@ def percentiles(seconds) -> dict:
 
 
 def time_backends(backends: dict, warmup: int, iters: int) -> dict:
-  """{name: percentiles} of `backends` ({name: zero-arg callable}), interleaved."""
-  return {name: percentiles(t) for name, t in interleaved(backends, warmup, iters).items()}
+  """{name: percentiles} of `backends` ({name: zero-arg callable}), interleaved, each timed
+  call after one untimed call of its own (`settle`): the latency each backend has when it
+  runs alone, as deployed."""
+  return {name: percentiles(t)
+          for name, t in interleaved(backends, warmup, iters, settle=1).items()}
 
 
 def paired(ours, peer, pairs: int) -> dict:
