@@ -47,8 +47,17 @@ def rows(results: dict) -> list:
     table.append(("model", f"{r['case']}, batch {r['batch']}", r["ours_ms"], r["peer_ms"],
                   "ms (torch)", r["ratio_peer_over_ours"]))
   for r in results.get("train", {}).get("rows", []):
-    table.append(("train step", f"{r['case']}, batch {r['batch']}", r["ours_examples_per_s"],
-                  r["peer_examples_per_s"], "examples/s (torch)", r["ratio_ours_over_peer"]))
+    if r["case"] == "loop":
+      table.append(("train loop", f"host overlapped vs in lockstep, batch {r['batch']}",
+                    r["overlapped_steps_per_s"], r["lockstep_steps_per_s"],
+                    "steps/s (lockstep)", r["ratio_overlapped_over_lockstep"]))
+    elif r["case"] == "demo_loop":
+      table.append(("train loop", f"the demo's trainer vs its bare step, batch {r['batch']}",
+                    r["loop_examples_per_s"], r["step_examples_per_s"],
+                    "examples/s (bare step)", r["ratio_loop_over_step"]))
+    else:
+      table.append(("train step", f"{r['case']}, batch {r['batch']}", r["ours_examples_per_s"],
+                    r["peer_examples_per_s"], "examples/s (torch)", r["ratio_ours_over_peer"]))
   if "input" in results:
     i = results["input"]
     supply = max(i["pipeline_workers0_examples_per_s"], i["pipeline_workers2_examples_per_s"])

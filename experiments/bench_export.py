@@ -6,7 +6,9 @@ GFLOPs per frame (XLA cost analysis) and params, at keep_ratio 1.0 and 0.25, in 
 
 --run: a trained demo student (its target test frames); --vit-b16: a random-weight CLIP
 ViT-B/16-224 student (random frames). Each case is exported with export.to_onnx (checked
-against JAX), then timed by export.benchmark (backends alternated, p50/p90/p99).
+against JAX), the JAX student compiled with this CPU's fastest XLA kernels (export.kernels:
+the choice and each candidate's p50 are printed), then both timed by drivlm_jax.timing
+(backends alternated, each timed call after an untimed one of its own; p50/p90/p99).
 """
 import argparse
 import json
@@ -19,7 +21,7 @@ import onnxruntime as ort
 
 from drivlm_jax import timing
 from experiments import bench_pruning, machine
-from export import benchmark, graphs, inputs, to_onnx
+from export import benchmark, graphs, inputs, kernels, to_onnx
 
 
 def _random_feeds(cfg, n=4):
@@ -36,12 +38,14 @@ def bench_case(name, cfg, params, feeds, keep, iters, tmp):
   options.intra_op_num_threads = os.cpu_count()
   session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
   one = {k: v[:1] for k, v in feeds.items()}
-  fn = jax.jit(graphs.student(cfg, params, keep))
+  fn, kernel, kernels_p50 = kernels.fastest(graphs.student(cfg, params, keep),
+                                            list(one.values()))
   latency = timing.time_backends(
       {"onnxruntime": lambda: session.run(None, one),
        "jax": lambda: jax.block_until_ready(fn(*one.values()))}, warmup=5, iters=iters)
   return {"student": name, "keep_ratio": keep, "params": benchmark.onnx_params(path),
-          "gflops_per_frame": benchmark.gflops(fn, one),
+          "gflops_per_frame": benchmark.gflops(fn, 1), "jax_kernel": kernel,
+          "jax_kernels_p50_ms": kernels_p50,
           "max_abs_diff": max(max(d.values()) for d in report["max_abs_diff"].values()),
           "latency": latency}
 
@@ -71,7 +75,7 @@ def main():
     parser.error("give --run and/or --vit-b16")
   rows = []
   print(f"{'student':26s} {'keep':>5s} {'M params':>9s} {'GFLOPs':>8s} {'ORT p50 ms':>11s} "
-        f"{'JAX p50 ms':>11s} {'ORT FPS':>8s} {'JAX FPS':>8s} {'ORT/JAX':>8s}")
+        f"{'JAX p50 ms':>11s} {'ORT FPS':>8s} {'JAX FPS':>8s} {'ORT/JAX':>8s}  JAX kernels")
   with tempfile.TemporaryDirectory() as tmp:
     for name, cfg, params, feeds in cases:
       for keep in (float(k) for k in args.keep.split(",")):
@@ -80,7 +84,9 @@ def main():
         o, j = row["latency"]["onnxruntime"], row["latency"]["jax"]
         print(f"{name:26s} {keep:5g} {row['params'] / 1e6:9.2f} "
               f"{row['gflops_per_frame']:8.3f} {o['p50_ms']:11.2f} {j['p50_ms']:11.2f} "
-              f"{o['fps']:8.1f} {j['fps']:8.1f} {o['p50_ms'] / j['p50_ms']:8.2f}", flush=True)
+              f"{o['fps']:8.1f} {j['fps']:8.1f} {o['p50_ms'] / j['p50_ms']:8.2f}  {row['jax_kernel']} "
+              f"({', '.join(f'{k} {v:.1f} ms' for k, v in row['jax_kernels_p50_ms'].items())})",
+              flush=True)
   with open(args.out, "w") as f:
     json.dump({"machine": machine.describe(), "device": jax.devices()[0].device_kind,
                "rows": rows}, f, indent=1)

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 from drivlm_jax import hf, run as run_lib, train
 from drivlm_jax.data import preprocess
 from drivlm_jax.model import vlm
-from export import checks, generate, graphs, inputs, quantize, rewrite, to_onnx
+from export import checks, generate, graphs, inputs, kernels, quantize, rewrite, to_onnx
 from tests import reference
 from tests.test_train import small_config
 
@@ -101,6 +101,23 @@ def test_cli_exports_the_demo_student_and_its_lm(run, tmp_path):
                       instruction_ids=feeds["instruction_ids"],
                       instruction_mask=feeds["instruction_mask"], attention_mask=mask)
   np.testing.assert_array_equal(tokens, np.asarray(want)[:, ids.shape[1]:])
+
+
+def test_the_jax_student_on_the_fastest_cpu_kernels_matches_the_training_model(run):
+  _, cfg, params, _ = to_onnx.load(run)
+  feeds = inputs.from_run(run, 1)
+  trained = run_lib.model_config(run_lib.read_config(run))
+  want = _reference_heads(trained, run_lib.load_params(run, trained)[0], feeds, 0.25)
+  student = graphs.student(cfg, params, 0.25)
+  for name, options in kernels.CPU_CANDIDATES.items():   # each kernel library computes it
+    fn, chosen, _ = kernels.fastest(student, list(feeds.values()), {name: options})
+    assert chosen == name
+    np.testing.assert_allclose(fn(*feeds.values())[0], want[0], atol=ATOL)
+  fn, chosen, p50 = kernels.fastest(student, list(feeds.values()), iters=2)
+  assert set(p50) == set(kernels.CPU_CANDIDATES) and chosen == min(p50, key=p50.get)
+  got = fn(*feeds.values())
+  np.testing.assert_allclose(got[0], want[0], atol=ATOL)
+  np.testing.assert_allclose(got[1], want[1], atol=ATOL)
 
 
 @pytest.mark.parametrize("keep_ratio", [1.0, 0.5])

@@ -1,0 +1,41 @@
+"""The deployed JAX student compiled with the fastest of XLA's CPU matmul kernels on this CPU.
+
+XLA's CPU backend runs dots with Eigen by default and can hand dot fusions to YNNPACK
+(`xla_cpu_experimental_ynn_fusion_type`). Which is faster depends on the CPU and the
+shapes: on a 2-core AMD EPYC (Zen 4), the CLIP-B/16 student at batch 1 ran 63.2 ms with
+Eigen and 55.1 ms with YNNPACK when pruned to a quarter of its tokens (50 rows per matmul),
+but 202 ms vs 244 ms unpruned (197 rows). So, as TensorRT's builder does, the choice is
+measured: every candidate is compiled from one lowering and timed on the given inputs
+(settled, alternated), and the fastest is kept. Outputs differ between kernels by float
+rounding only (YNNPACK vs Eigen: 3e-6 on the CLIP-B/16 student's probabilities).
+"""
+import jax
+
+from drivlm_jax import timing
+
+YNNPACK_DOT = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+CPU_CANDIDATES = {"eigen": {}, "ynnpack": YNNPACK_DOT}
+
+
+def fastest(fn, args, candidates: dict = CPU_CANDIDATES, iters: int = 10):
+  """(compiled `fn` at `args`, its kernels' name, {name: p50 ms}): on a CPU backend the
+  fastest of `candidates` ({name: XLA compile options}; each timed `iters` rounds, untimed
+  when only one compiles); elsewhere XLA's default."""
+  lowered = jax.jit(fn).lower(*args)
+  if jax.default_backend() != "cpu":
+    return lowered.compile(), "xla", {}
+  compiled = {}
+  for name, options in candidates.items():
+    try:
+      compiled[name] = lowered.compile(compiler_options=options)
+    except jax.errors.JaxRuntimeError as e:   # an XLA built without this kernel library
+      print(f"export.kernels: {name} unavailable in this jaxlib: {str(e).splitlines()[0]}")
+  if not compiled:
+    raise ValueError(f"none of the XLA kernel options {candidates} compiles here")
+  if len(compiled) == 1:
+    (name, one), = compiled.items()
+    return one, name, {}
+  calls = {name: (lambda c=c: jax.block_until_ready(c(*args))) for name, c in compiled.items()}
+  p50 = {name: t["p50_ms"] for name, t in timing.time_backends(calls, 1, iters).items()}
+  best = min(p50, key=p50.get)
+  return compiled[best], best, p50
