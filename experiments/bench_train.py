@@ -21,6 +21,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 
@@ -76,8 +77,10 @@ def case_vlm_tiny(batch_size, length=128):
   data = fake_batch(cfg, batch_size, length, np.random.default_rng(0))
   params = vlm.init(cfg, jax.random.key(0))
   tx = optax.adamw(1e-4)
-  step = jax.jit(train.make_train_step(cfg, tx, {"action": 1.0, "reason": 1.0, "lm": 1.0}))
-  state = [{"step": 0, "params": params, "opt_state": tx.init(params)}]
+  # The state is donated, as the trainer does: XLA updates it in place, as torch does.
+  step = jax.jit(train.make_train_step(cfg, tx, {"action": 1.0, "reason": 1.0, "lm": 1.0}),
+                 donate_argnums=0)
+  state = [{"step": jnp.int32(0), "params": params, "opt_state": tx.init(params)}]
   jbatch = {k: jnp.asarray(v) for k, v in data.items()}
 
   def ours():
@@ -135,7 +138,7 @@ def case_vit_b16(batch_size):
             "head": {"w": jnp.zeros((cfg.hidden_size, 4)), "b": jnp.zeros(4)}}
   tx = optax.adamw(1e-4)
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(0, 1))   # in place, as the trainer does
   def step(params, opt_state, images, labels):
     def loss(p):
       pooled = vision.apply(cfg, p["tower"], images)["pooled"]
