@@ -31,6 +31,10 @@ def _random_feeds(cfg, n=4):
           "instruction_mask": np.ones((n, 12), np.int32)}
 
 
+def _kernel_times(p50: dict) -> str:
+  return ", ".join(f"{name} {ms:.1f} ms" for name, ms in p50.items())
+
+
 def bench_case(name, cfg, params, feeds, keep, iters, tmp):
   path = os.path.join(tmp, f"{name.replace(' ', '_')}_{keep}.onnx")
   report = to_onnx.export_student(cfg, params, path, keep_ratio=keep, feeds=feeds)
@@ -84,9 +88,8 @@ def main():
         o, j = row["latency"]["onnxruntime"], row["latency"]["jax"]
         print(f"{name:26s} {keep:5g} {row['params'] / 1e6:9.2f} "
               f"{row['gflops_per_frame']:8.3f} {o['p50_ms']:11.2f} {j['p50_ms']:11.2f} "
-              f"{o['fps']:8.1f} {j['fps']:8.1f} {o['p50_ms'] / j['p50_ms']:8.2f}  {row['jax_kernel']} "
-              f"({', '.join(f'{k} {v:.1f} ms' for k, v in row['jax_kernels_p50_ms'].items())})",
-              flush=True)
+              f"{o['fps']:8.1f} {j['fps']:8.1f} {o['p50_ms'] / j['p50_ms']:8.2f}  "
+              f"{row['jax_kernel']} ({_kernel_times(row['jax_kernels_p50_ms'])})", flush=True)
   with open(args.out, "w") as f:
     json.dump({"machine": machine.describe(), "device": jax.devices()[0].device_kind,
                "rows": rows}, f, indent=1)
