@@ -190,7 +190,7 @@ def main(argv):
              f"Student exported to {exported['onnx']} (keep {exported['keep_ratio']:g}; "
              f"onnxruntime vs JAX max |diff| {exported['onnx_max_abs_diff']:.1e}); batch 1 p50: "
              + ", ".join(f"{k} {v:.2f} ms" for k, v in exported["batch1_p50_ms"].items())
-             + f" (JAX with XLA's {exported['jax_kernel']} kernels); "
+             + f" (JAX compiled with XLA's {exported['jax_kernel']} kernel policy); "
              + f"jitted, batch {exported['jitted_batch']}: "
              + ", ".join(f"{k[7:]} {v:.2f}" for k, v in exported.items()
                          if k.startswith("jitted_keep")) + ".")

@@ -1,24 +1,26 @@
-"""The deployed JAX student compiled with the fastest of XLA's CPU matmul kernels on this CPU.
+"""The deployed JAX student compiled with the faster of two XLA CPU kernel policies here.
 
-XLA's CPU backend runs dots with Eigen by default and can hand dot fusions to YNNPACK
-(`xla_cpu_experimental_ynn_fusion_type`). Which is faster depends on the CPU and the
-shapes: on a 2-core AMD EPYC (Zen 4), the CLIP-B/16 student at batch 1 ran 63.2 ms with
-Eigen and 55.1 ms with YNNPACK when pruned to a quarter of its tokens (50 rows per matmul),
-but 202 ms vs 244 ms unpruned (197 rows). So, as TensorRT's builder does, the choice is
-measured: every candidate is compiled from one lowering and timed on the given inputs
-(settled, alternated), and the fastest is kept. Outputs differ between kernels by float
-rounding only (YNNPACK vs Eigen: 3e-6 on the CLIP-B/16 student's probabilities).
+XLA's CPU backend (jaxlib 0.10.2) hands each matmul to YNNPACK on its own by default (the
+profiler shows `ynn_fusion` thunks) and can instead fuse matmuls with the elementwise ops
+around them into larger YNNPACK subgraphs (`xla_cpu_experimental_ynn_fusion_type=
+LIBRARY_FUSION_TYPE_DOT`). Which is faster depends on the CPU and the shapes: on a 2-core
+AMD EPYC (Zen 4), the CLIP-B/16 student at batch 1 ran 63.2 ms by default and 55.1 ms with
+the dot fusions when pruned to a quarter of its tokens (50 rows per matmul), but 202 ms vs
+244 ms unpruned (197 rows). So, as TensorRT's builder does, the choice is measured: every
+candidate is compiled from one lowering and timed on the given inputs (settled,
+alternated), and the fastest is kept. Outputs differ between the two by float rounding only
+(3e-6 on the CLIP-B/16 student's probabilities).
 """
 import jax
 
 from drivlm_jax import timing
 
-YNNPACK_DOT = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
-CPU_CANDIDATES = {"eigen": {}, "ynnpack": YNNPACK_DOT}
+YNN_DOT_FUSIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+CPU_CANDIDATES = {"default": {}, "ynn_dot_fusions": YNN_DOT_FUSIONS}
 
 
 def fastest(fn, args, candidates: dict = CPU_CANDIDATES, iters: int = 10):
-  """(compiled `fn` at `args`, its kernels' name, {name: p50 ms}): on a CPU backend the
+  """(compiled `fn` at `args`, its candidate's name, {name: p50 ms}): on a CPU backend the
   fastest of `candidates` ({name: XLA compile options}; each timed `iters` rounds, untimed
   when only one compiles); elsewhere XLA's default."""
   lowered = jax.jit(fn).lower(*args)
