@@ -30,7 +30,7 @@ def fastest(fn, args, candidates: dict = CPU_CANDIDATES, iters: int = 10):
   for name, options in candidates.items():
     try:
       compiled[name] = lowered.compile(compiler_options=options)
-    except jax.errors.JaxRuntimeError as e:   # an XLA built without this kernel library
+    except jax.errors.JaxRuntimeError as e:   # an XLA without this option
       print(f"export.kernels: {name} unavailable in this jaxlib: {str(e).splitlines()[0]}")
   if not compiled:
     raise ValueError(f"none of the XLA kernel options {candidates} compiles here")

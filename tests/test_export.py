@@ -109,7 +109,7 @@ def test_the_jax_student_on_the_fastest_cpu_kernels_matches_the_training_model(r
   trained = run_lib.model_config(run_lib.read_config(run))
   want = _reference_heads(trained, run_lib.load_params(run, trained)[0], feeds, 0.25)
   student = graphs.student(cfg, params, 0.25)
-  for name, options in kernels.CPU_CANDIDATES.items():   # each kernel library computes it
+  for name, options in kernels.CPU_CANDIDATES.items():   # each policy computes it
     fn, chosen, _ = kernels.fastest(student, list(feeds.values()), {name: options})
     assert chosen == name
     np.testing.assert_allclose(fn(*feeds.values())[0], want[0], atol=ATOL)
