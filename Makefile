@@ -5,14 +5,21 @@ PY := $(VENV)/bin/python
 
 .PHONY: demo test bench clean
 
+# The demo needs less than the tests: its own stamp, so that `make demo` installs only that.
+$(VENV)/.demo-installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq -e ".[demo]"
+	touch $@
+
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --upgrade pip
 	$(PY) -m pip install -qq -e ".[test]"
 	$(PY) -m pip install -qq --no-deps nuscenes-devkit==1.2.0
-	touch $@
+	touch $@ $(VENV)/.demo-installed
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.demo-installed
 	$(PY) -m experiments.demo
 
 test: $(VENV)/.installed

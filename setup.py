@@ -41,6 +41,7 @@ setuptools.setup(
     extras_require={
         "cloud": CLOUD,
         "export": EXPORT,
+        "demo": EXPORT + ["matplotlib>=3.8"],   # `make demo`: the export and the report's plots
         # nuscenes-devkit itself is installed with --no-deps by the Makefile (it pins
         # numpy<2, which jax cannot use); these are the parts of it that it really needs.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "scikit-learn>=1.4",

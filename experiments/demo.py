@@ -3,6 +3,7 @@ adapted to night+fog (target, unlabelled), on CPU.
 
   python -m experiments.demo [--workdir runs/demo] [--seeds 1] [--first_seed 0] [--steps 400]
       [--noclip] [--nobaselines] [--shift night_fog|rain_snow|camera|sensor|all] [--smoke]
+      [--parallel 2]
   python -m experiments.demo --dataset nuscenes --nobaselines --workdir runs/demo_nuscenes
 
 Per seed, runs of `python -m drivlm_jax.train --config configs/demo.py:method=M`:
@@ -23,7 +24,10 @@ Per seed, runs of `python -m drivlm_jax.train --config configs/demo.py:method=M`
                    evals.target_pruned, as deployed ("target_pruned")
   oracle           the tiny VLM on labelled source and labelled target rows (as many source
                    rows per step as the others, plus as many target rows: the upper bound)
-Every method is evaluated on the target (and source) test split (1,000 images each). Writes
+Runs train two at a time (--parallel), each in a worker process of its own
+(`experiments.jobs`, its output in <run>/log.txt), the teacher first; the student starts once
+the teacher and the CLIP stage are done. The results are those of one run at a time, byte for
+byte. Every method is evaluated on the target (and source) test split (1,000 images each). Writes
 <workdir>/results.json, report.md, results.csv and plots (training curves, mAP by method,
 PCA of pooled features, reweighting heat-maps), exports the first seed's student to
 <workdir>/student.onnx (export.to_onnx, checked against JAX) and times it in onnxruntime and
@@ -43,7 +47,8 @@ from absl import app, flags, logging
 
 from configs import common, demo as demo_config
 from drivlm_jax import run as run_lib, timing, train, visualize
-from experiments import bench_pruning, report
+from drivlm_jax.data import sources
+from experiments import bench_pruning, jobs, report
 from export import graphs, inputs, kernels, to_onnx
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the runs and the report go.")
@@ -64,6 +69,10 @@ _DATASET = flags.DEFINE_enum(
     "dataset", "bdd_oia", ["bdd_oia", "nuscenes"],
     "The sim's layout: bdd_oia (one camera, day -> night+fog) or nuscenes (six cameras with "
     "DriveLM QA, day Boston -> night+rain Singapore, scored as the DriveLM challenge).")
+_PARALLEL = flags.DEFINE_integer(
+    "parallel", 2, "Runs trained at a time, each in a worker process of its own "
+    "(experiments.jobs; logs in <run>/log.txt); 1: one after another in this process. The "
+    "results are the same either way.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "A quick end-to-end check, not a result: small "
                            "sim data (48 train / 16 test images per domain, 128x72) and 2 "
                            "generated answers of 8 tokens per evaluation.")
@@ -96,21 +105,28 @@ def _smoke(config):
       evaluator.update(num_frames=2, max_new_tokens=8)
 
 
-def _run(method, seed, root, shift, extra="", init_from=""):
-  steps = common.stage_steps(
-      method, _STEPS.value or demo_config.get_config(f"dataset={_DATASET.value}").total_steps)
-  arg = f"method={method},steps={steps},dataset={_DATASET.value},shift={shift}" + extra
+def _config(method, seed, root, shift, dataset, steps, smoke, extra="", init_from=""):
+  """-> (the run's `python -m drivlm_jax.train --config` arg, its config)."""
+  steps = common.stage_steps(method, steps)
+  arg = f"method={method},steps={steps},dataset={dataset},shift={shift}" + extra
   config = demo_config.get_config(arg)
   config.seed = seed
   config.data.cache_dir = os.path.join(root, "data")          # one sim for every run
   config.init_from = init_from
-  if _SMOKE.value:
+  if smoke:
     _smoke(config)
+  return arg, config
+
+
+def _run(method, seed, root, *args):
+  """One run of the demo (reused when finished); -> its workdir. Plain arguments (those of
+  `_config`), not flags: it also runs in `experiments.jobs`' worker processes."""
+  arg, config = _config(method, seed, root, *args)
   workdir = os.path.join(root, f"seed{seed}", method)
   print(f"== {method} (seed {seed}): python -m drivlm_jax.train --config configs/demo.py:{arg} "
         f"--workdir {workdir} --config.seed={seed} "
         f"--config.data.cache_dir={config.data.cache_dir}"
-        + (f" --config.init_from={init_from}" if init_from else ""), flush=True)
+        + (f" --config.init_from={config.init_from}" if config.init_from else ""), flush=True)
   if not run_lib.finished(workdir, config):
     train.train(config, workdir)
     if not run_lib.finished(workdir, config):   # SIGTERM: checkpoint saved
@@ -118,20 +134,53 @@ def _run(method, seed, root, shift, extra="", init_from=""):
   return workdir
 
 
+def _worker_init(cache_dir):
+  """A worker process of `experiments.jobs`, set up as `main` sets up this one."""
+  logging.set_verbosity(logging.WARNING)
+  jax.config.update("jax_compilation_cache_dir", cache_dir)
+
+
+def _target_map(job, workdir) -> str:
+  del job
+  value = run_lib.read_json(run_lib.path(workdir, "eval.json"))["test"]["target"]
+  return f"target action mAP {value['action_mAP']:.1f}"
+
+
 def run_methods(root, shift, seeds: range) -> list:
-  """Every method's run per seed under `root` (finished runs are reused): source-only, the
-  two baselines, the CLIP stage, the larger teacher and the student warm-started from the
-  CLIP stage and distilled from the teacher, the oracle."""
-  runs = []
+  """Every method's run per seed under `root` (finished runs are reused), `--parallel` at a
+  time: source-only, the two baselines, the CLIP stage, the larger teacher and the student
+  warm-started from the CLIP stage and distilled from the teacher, the oracle; -> the run
+  directories in report order (the CLIP stage is not reported)."""
+  steps = _STEPS.value or demo_config.get_config(f"dataset={_DATASET.value}").total_steps
+  todo, runs = [], []
   for seed in seeds:
-    run = lambda method, *a, **k: _run(method, seed, root, shift, *a, **k)
-    runs.append(run("source_only"))
-    if _BASELINES.value:
-      runs += [run("dann"), run("entmin")]
-    clip = run("clip_finetune") if _CLIP.value else ""
-    teacher = run("drivlm_teacher", f",model={TEACHER}")
-    runs += [teacher, run("drivlm_student", f",teacher={teacher}", init_from=clip),
-             run("oracle")]
+    workdir = lambda method, seed=seed: os.path.join(root, f"seed{seed}", method)
+
+    def job(method, extra="", init_from="", needs=(), seed=seed):
+      return jobs.Job(name=f"{method} (seed {seed})", fn=_run,
+                      args=(method, seed, root, shift, _DATASET.value, steps, _SMOKE.value,
+                            extra, init_from),
+                      needs=tuple(n.name for n in needs), log=workdir(method) + "/log.txt",
+                      metrics=workdir(method) + "/metrics.jsonl",
+                      steps=common.stage_steps(method, steps))
+    # The longest chain (teacher -> student) first.
+    teacher = job("drivlm_teacher", f",model={TEACHER}")
+    clip = [job("clip_finetune")] if _CLIP.value else []
+    student = job("drivlm_student", f",teacher={workdir('drivlm_teacher')}",
+                  workdir("clip_finetune") if clip else "", needs=[teacher, *clip])
+    baselines = ["dann", "entmin"] if _BASELINES.value else []
+    todo += [teacher, *clip, student, job("source_only"), *map(job, baselines), job("oracle")]
+    runs += [workdir(m) for m in ("source_only", *baselines, "drivlm_teacher", "drivlm_student",
+                                  "oracle")]
+  # The sim is written (or checked) once, before runs that read it start side by side.
+  _, config = _config("source_only", seeds[0], root, shift, _DATASET.value, steps, _SMOKE.value)
+  sources.prepare(config.data, root)
+  if _PARALLEL.value > 1:
+    jobs.run(todo, _PARALLEL.value, _worker_init,
+             (jax.config.jax_compilation_cache_dir,), _target_map)
+  else:
+    for j in todo:
+      j.fn(*j.args)
   return runs
 
 

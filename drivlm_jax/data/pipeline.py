@@ -11,6 +11,7 @@ import sys
 import grain
 import jax
 from absl import flags
+from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -217,6 +218,19 @@ class ExampleTransform:
     return out
 
 
+# Decoded, resized examples (`cache`) by dataset and resize, shared by every pipeline of this
+# process that reads them: the runs of one process (the demo's, a sweep's) and each of their
+# evaluation passes decode a frame once. Keyed by the dataset's files too (dataset_info.json's
+# modification time), so a dataset rebuilt in place is read afresh.
+_DECODED: dict = {}
+
+
+def _decoded(spec: SourceSpec, source, features: Features) -> dict:
+  info = epath.Path(source.dataset_info.data_dir) / "dataset_info.json"
+  key = (spec, info.stat().mtime, features.image_size, features.resize, features.num_cameras)
+  return _DECODED.setdefault(key, {})
+
+
 def _branch(spec, features, rows, domain, labelled, train, seed, shard_index, shard_count):
   """One domain's part of host `shard_index`'s batches, `rows` examples each.
 
@@ -235,7 +249,8 @@ def _branch(spec, features, rows, domain, labelled, train, seed, shard_index, sh
   full, rest = divmod(len(order), total)
   length = full * rows + min(rows, max(0, rest - shard_index * rows))
   transform = ExampleTransform(features, domain, labelled, train, seed)
-  cached = {} if features.cache_examples and (features.resize == "pad" or not train) else None
+  cached = (_decoded(spec, source, features)
+            if features.cache_examples and (features.resize == "pad" or not train) else None)
 
   def example(q):   # this host's q-th example, at position p of the global stream
     p = (q // rows) * total + shard_index * rows + q % rows
@@ -272,11 +287,15 @@ def batch_dataset(source: SourceSpec, features: Features, batch_size: int, *, ta
   return grain.MapDataset.range(length).map(lambda i: _concat(*(p[i] for p in parts)))
 
 
-def batches(*args, start: int = 0, workers: int = 0, **kwargs) -> grain.IterDataset:
-  """`batch_dataset(*args, **kwargs)` from batch `start` on, as an iterable, read by
-  `workers` grain processes (0: in this process)."""
+def batches(*args, start: int = 0, workers: int = 0, read_ahead: int = 16,
+            **kwargs) -> grain.IterDataset:
+  """`batch_dataset(*args, **kwargs)` from batch `start` on, as an iterable: up to
+  `read_ahead` batches are prepared ahead, by as many threads (at most 16), in each of
+  `workers` grain processes (0: in this process). Bounded, unlike grain's default of 500: a
+  run's last batches read ahead are work thrown away, taken from the step's cores."""
   ds = batch_dataset(*args, **kwargs)
-  ds = (ds[start:] if start else ds).to_iter_dataset()
+  options = grain.ReadOptions(num_threads=min(16, read_ahead), prefetch_buffer_size=read_ahead)
+  ds = (ds[start:] if start else ds).to_iter_dataset(options)
   if workers:
     if not flags.FLAGS.is_parsed():   # grain's workers read absl flags; outside absl.app
       flags.FLAGS.mark_as_parsed()    # (tests, notebooks) take their defaults

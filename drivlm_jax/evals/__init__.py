@@ -10,6 +10,7 @@ defaults to the role. Adding one is a module that calls `register` and a config 
 """
 import dataclasses
 
+import grain
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -57,9 +58,9 @@ def host_batches(spec, feats, batch_size: int):
   shards = [pipeline.batch_dataset(spec, feats, rows, train=False, shard_index=i,
                                    shard_count=count) for i in range(count)]
   mine = shards[index]
-  if count == 1:   # one host: batches as they come (the last may be short)
-    for i in range(len(mine)):
-      yield mine[i], np.ones(len(mine[i]["image"]), bool)
+  if count == 1:   # one host: batches as they come (the last may be short), read ahead
+    for batch in mine.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)):
+      yield batch, np.ones(len(batch["image"]), bool)
     return
   pad = lambda x: np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)])
   last = None

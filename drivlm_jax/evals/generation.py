@@ -47,14 +47,15 @@ class Generation(evals.Evaluator):
   max_new_tokens: int = 32
 
   def run(self, cfg, params, data, feats, place=None, workdir=None) -> dict:
-    del workdir
     """Every host answers the same first `num` examples (inputs replicated)."""
-    del place
+    del place, workdir
     tokenizer = tokenizer_lib.load(feats.tokenizer)
     hyps, refs = [], []
     if self.num > 0:
-      for batch in pipeline.batches(data[self.role, self.split], feats, self.batch_size,
-                                    train=False, shard_index=0, shard_count=1):
+      ds = pipeline.batch_dataset(data[self.role, self.split], feats, self.batch_size,
+                                  train=False, shard_index=0, shard_count=1)
+      for i in range(len(ds)):   # only the batches it needs are read
+        batch = ds[i]
         h, r = answers(cfg, params, batch, tokenizer, self.num - len(hyps), self.max_new_tokens)
         hyps, refs = hyps + h, refs + r
         if len(hyps) >= self.num:
