@@ -1,7 +1,7 @@
 r"""Ablations of the DriVLM student: the full method and each single-component removal.
 
   python -m experiments.ablate [--config configs/demo.py] [--workdir runs/demo] [--seeds 3]
-      [--steps N] [--only a,b] [--arg shift=camera]
+      [--steps N] [--only a,b] [--arg shift=camera] [--parallel 2]
 
 The full method is the demo's: the student warm-started from the CLIP stage
 (--config.init_from=<clip_finetune run>) and distilled from the larger teacher
@@ -26,7 +26,8 @@ import os
 
 from configs import common
 from drivlm_jax import run as run_lib, train
-from experiments import report
+from drivlm_jax.data import sources
+from experiments import jobs, report
 from experiments.runs import apply_overrides, flag_string, load_config_module
 
 CLIP_RUN = "<clip_finetune run>"
@@ -60,6 +61,9 @@ def main():
   parser.add_argument("--steps", type=int, default=None)
   parser.add_argument("--only", default="", help="comma-separated subset of "
                       + ",".join((*ABLATIONS, *BASELINES)))
+  parser.add_argument("--parallel", type=int, default=2,
+                      help="runs trained at a time, each in a worker process of its own "
+                      "(experiments.jobs; logs in <run>/log.txt); 1: one after another here")
   parser.add_argument("--arg", default="", help="more config args for every run, e.g. "
                       "shift=camera (configs/demo.py)")
   args = parser.parse_args()
@@ -72,33 +76,47 @@ def main():
   extra = f",{args.arg}" if args.arg else ""
   steps = f",steps={total}" + extra
   cache = os.path.join(args.workdir, "data")
-  runs = []
-  for seed in range(args.seeds):
-    root = os.path.join(args.workdir, f"seed{seed}")
-    config = get_config("method=drivlm_teacher,model=tiny_teacher"
-                        + f",steps={common.stage_steps('drivlm_teacher', total)}" + extra)
+  todo, runs = [], []
+
+  def job(name, seed, config, needs=()):
     config.seed, config.data.cache_dir = seed, cache
-    teacher = _train(config, os.path.join(root, "drivlm_teacher"))
-    for name in (n for n in names if n in BASELINES):
-      config = get_config(f"method={name}" + steps)
-      config.seed, config.data.cache_dir = seed, cache
-      runs.append(_train(config, os.path.join(root, name)))
+    workdir = os.path.join(args.workdir, f"seed{seed}", name)
+    return jobs.Job(name=f"{name} (seed {seed})", fn=_train, args=(config, workdir),
+                    needs=tuple(n.name for n in needs), log=os.path.join(workdir, "log.txt"),
+                    metrics=os.path.join(workdir, "metrics.jsonl"), steps=config.total_steps)
+  for seed in range(args.seeds):
+    teacher = job("drivlm_teacher", seed, get_config(
+        "method=drivlm_teacher,model=tiny_teacher"
+        + f",steps={common.stage_steps('drivlm_teacher', total)}" + extra))
+    clip = job("clip_finetune", seed, get_config(
+        "method=clip_finetune" + f",steps={common.stage_steps('clip_finetune', total)}" + extra))
+    todo.append(teacher)
+    if any(ABLATIONS[n].get("init_from") == CLIP_RUN for n in names if n in ABLATIONS):
+      todo.append(clip)
     for name in (n for n in names if n in ABLATIONS):
       overrides = dict(ABLATIONS[name])
+      needs = [teacher]
       if overrides.get("init_from") == CLIP_RUN:
-        clip = get_config("method=clip_finetune"
-                          + f",steps={common.stage_steps('clip_finetune', total)}" + extra)
-        clip.seed, clip.data.cache_dir = seed, cache
-        overrides["init_from"] = _train(clip, os.path.join(root, "clip_finetune"))
-      config = get_config(f"method=drivlm_student,teacher={teacher}" + steps)
-      config.seed, config.data.cache_dir = seed, cache
+        overrides["init_from"], needs = clip.args[1], [teacher, clip]
+      teacher_dir = teacher.args[1]
+      config = get_config(f"method=drivlm_student,teacher={teacher_dir}" + steps)
       apply_overrides(config, overrides)
       config.method = name
-      workdir = os.path.join(root, name)
+      todo.append(job(name, seed, config, needs))
       print(f"== {name} (seed {seed}): python -m drivlm_jax.train --config "
-            f"{args.config}:method=drivlm_student,teacher={teacher}{steps} --workdir {workdir} "
-            f"--config.seed={seed} {flag_string(overrides)}", flush=True)
-      runs.append(_train(config, workdir))
+            f"{args.config}:method=drivlm_student,teacher={teacher_dir}{steps} --workdir "
+            f"{todo[-1].args[1]} --config.seed={seed} {flag_string(overrides)}", flush=True)
+    for name in (n for n in names if n in BASELINES):
+      todo.append(job(name, seed, get_config(f"method={name}" + steps)))
+    runs += [os.path.join(args.workdir, f"seed{seed}", n)
+             for n in (*(n for n in names if n in BASELINES),
+                       *(n for n in names if n in ABLATIONS))]
+  sources.prepare(teacher.args[0].data, args.workdir)   # the sim, once, before any run
+  if args.parallel > 1:
+    jobs.run(todo, args.parallel)
+  else:
+    for j in todo:
+      j.fn(*j.args)
   notes = ("Each row removes one component from the DriVLM student (configs/demo.py, sim "
            "day -> night+fog): " + "; ".join(f"{n}: `{flag_string(o) or '(none)'}`"
                                              for n, o in ABLATIONS.items() if n in names))
