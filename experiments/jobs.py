@@ -6,10 +6,11 @@ Each worker is a process of its own (spawned: JAX does not survive a fork) that 
 after another, so its imports and the decoded frames of `pipeline` stay warm between runs. A
 job's output (its progress bar, evaluation table, warnings) goes to its log file; the parent
 shows one progress bar over every job's steps, read from their metrics.jsonl, and a line per
-finished job. A SIGTERM to the parent reaches every worker: a run saves a checkpoint and
-stops, as it does alone. The results do not depend on the company a run keeps: XLA's CPU
-client splits work by its thread count, not by load (the demo's seven runs gave byte-identical
-eval.json run one at a time and two at a time: README, "Reproducibility").
+finished job. A SIGTERM or Ctrl-C to the parent reaches every worker as a SIGTERM: a run saves
+a checkpoint and stops, as it does alone, and no other run starts. The results do not depend
+on the company a run keeps: XLA's CPU client splits work by its thread count, not by load (the
+demo's seven runs gave byte-identical eval.json run one at a time and two at a time: README,
+"Reproducibility").
 """
 import concurrent.futures
 import dataclasses
@@ -45,8 +46,23 @@ def _steps_done(job: Job) -> int:
     return 0
 
 
+_STOPPED = []   # in a worker: a SIGTERM came between runs
+
+
+def _start_worker(initializer, initargs):
+  """A worker ignores Ctrl-C (the parent turns it into a SIGTERM, so that runs checkpoint) and,
+  between runs, notes a SIGTERM instead of dying with it: a worker killed outright can leave the
+  pool's queues locked. A running `train` takes SIGTERM itself (it checkpoints and stops)."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, lambda *_: _STOPPED.append(True))
+  if initializer:
+    initializer(*initargs)
+
+
 def _call(fn, args, log):
   """In a worker: `fn(*args)` with this process's stdout and stderr (C level too) in `log`."""
+  if _STOPPED:
+    raise SystemExit("stopped (SIGTERM) before it started")
   sys.stdout.flush()
   sys.stderr.flush()
   os.makedirs(os.path.dirname(log), exist_ok=True)
@@ -73,16 +89,23 @@ def run(jobs: list, workers: int, initializer=None, initargs=(), describe=None) 
   pending, running, results = list(jobs), {}, {}
   start = {j.name: 0.0 for j in jobs}
   pool = concurrent.futures.ProcessPoolExecutor(
-      workers, mp_context=multiprocessing.get_context("spawn"), initializer=initializer,
-      initargs=initargs)
-  stop = lambda *_: [os.kill(p.pid, signal.SIGTERM) for p in multiprocessing.active_children()]
+      workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+      initargs=(initializer, initargs))
+  stopping = []
+
+  def stop(*_):
+    """Once: the workers' runs save a checkpoint and stop; no other run starts."""
+    if not stopping:
+      stopping.append(True)
+      for process in multiprocessing.active_children():
+        os.kill(process.pid, signal.SIGTERM)
   previous = signal.signal(signal.SIGTERM, stop)
   bar = tqdm.tqdm(total=sum(j.steps for j in jobs), desc=f"{len(jobs)} runs, {workers} at a "
                   "time", unit="step")
   try:
     while pending or running:
       for job in [j for j in pending if set(j.needs) <= set(results)]:
-        if len(running) == workers:
+        if len(running) == workers or stopping:
           break
         pending.remove(job)
         start[job.name] = time.time()
@@ -94,6 +117,9 @@ def run(jobs: list, workers: int, initializer=None, initargs=(), describe=None) 
         job = running.pop(future)
         try:
           results[job.name] = future.result()
+        except SystemExit as e:   # stopped (SIGTERM): it says so itself
+          bar.write(f"{job.name}: {e}")
+          raise
         except BaseException as e:
           tail = open(job.log, errors="replace").read()[-3000:] if os.path.exists(job.log) else ""
           bar.write(f"{job.name} failed ({type(e).__name__}: {e}); the end of {job.log}:\n{tail}")
@@ -101,10 +127,16 @@ def run(jobs: list, workers: int, initializer=None, initargs=(), describe=None) 
         line = describe(job, results[job.name]) if describe else ""
         bar.write(f"finished {job.name} in {time.time() - start[job.name]:.0f} s" +
                   (f": {line}" if line else ""))
+      if stopping and pending and not running:
+        raise SystemExit(f"stopped (SIGTERM) before {', '.join(j.name for j in pending)} "
+                         "started; the same command runs them")
       done = sum(_steps_done(j) for j in jobs)
       if done > bar.n:
         bar.update(done - bar.n)
-  except BaseException:
+  except BaseException as e:
+    if running:
+      bar.write(f"stopping ({type(e).__name__}): {', '.join(j.name for j in running.values())} "
+                "save a checkpoint; the same command resumes them")
     stop()
     raise
   finally:

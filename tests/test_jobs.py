@@ -2,6 +2,8 @@
 their output goes to their logs, and a failure stops the run with the failing job's log."""
 import json
 import os
+import signal
+import threading
 import time
 
 import pytest
@@ -12,6 +14,7 @@ from experiments import jobs
 def _job(path, seconds, fail=False):
   """Writes start and end times to `path`; prints (to its log) and fails if asked."""
   start = time.time()
+  open(path + ".started", "w").close()
   print(f"job output {os.path.basename(path)}", flush=True)
   time.sleep(seconds)
   if fail:
@@ -57,3 +60,17 @@ def test_a_failing_job_raises_with_its_log_and_its_dependents_never_start(tmp_pa
 def test_a_job_needing_an_unknown_job_is_an_error_naming_both():
   with pytest.raises(ValueError, match="student needs \\['teacher'\\]"):
     jobs.run([jobs.Job(name="student", fn=_job, needs=("teacher",))], workers=2)
+
+
+def test_a_sigterm_lets_running_jobs_end_and_starts_no_other(tmp_path):
+  # A job that is not a training run ends as it would have; the one that needs it never starts.
+  todo = [_make(tmp_path, "teacher", 3.0), _make(tmp_path, "student", 0.1, needs=("teacher",))]
+
+  def sigterm_once_the_teacher_runs():
+    while not (tmp_path / "teacher.json.started").exists():
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+  threading.Thread(target=sigterm_once_the_teacher_runs, daemon=True).start()
+  with pytest.raises(SystemExit, match="before student started"):
+    jobs.run(todo, workers=2)
+  assert (tmp_path / "teacher.json").exists() and not (tmp_path / "student.json").exists()
