@@ -112,11 +112,7 @@ def main():
              for n in (*(n for n in names if n in BASELINES),
                        *(n for n in names if n in ABLATIONS))]
   sources.prepare(teacher.args[0].data, args.workdir)   # the sim, once, before any run
-  if args.parallel > 1:
-    jobs.run(todo, args.parallel)
-  else:
-    for j in todo:
-      j.fn(*j.args)
+  jobs.run(todo, args.parallel)
   notes = ("Each row removes one component from the DriVLM student (configs/demo.py, sim "
            "day -> night+fog): " + "; ".join(f"{n}: `{flag_string(o) or '(none)'}`"
                                              for n, o in ABLATIONS.items() if n in names))

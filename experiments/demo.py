@@ -175,12 +175,8 @@ def run_methods(root, shift, seeds: range) -> list:
   # The sim is written (or checked) once, before runs that read it start side by side.
   _, config = _config("source_only", seeds[0], root, shift, _DATASET.value, steps, _SMOKE.value)
   sources.prepare(config.data, root)
-  if _PARALLEL.value > 1:
-    jobs.run(todo, _PARALLEL.value, _worker_init,
-             (jax.config.jax_compilation_cache_dir,), _target_map)
-  else:
-    for j in todo:
-      j.fn(*j.args)
+  jobs.run(todo, _PARALLEL.value, _worker_init, (jax.config.jax_compilation_cache_dir,),
+           _target_map)
   return runs
 
 

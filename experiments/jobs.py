@@ -80,13 +80,19 @@ def run(jobs: list, workers: int, initializer=None, initargs=(), describe=None) 
   """Runs every job, `workers` at a time (in list order among those whose `needs` are done);
   -> {name: result}. A failing job stops the others (SIGTERM: they save a checkpoint) and
   its error is raised here, with the end of its log. `describe(job, result)` -> the line
-  printed when a job finishes."""
+  printed when a job finishes. `workers` 1: one after another in this process, output here."""
   names = {j.name for j in jobs}
   for job in jobs:
     missing = set(job.needs) - names
     if missing:
       raise ValueError(f"job {job.name} needs {sorted(missing)}, which are not jobs")
   pending, running, results = list(jobs), {}, {}
+  if workers <= 1:
+    while pending:
+      job = next(j for j in pending if set(j.needs) <= set(results))
+      pending.remove(job)
+      results[job.name] = job.fn(*job.args)
+    return results
   start = {j.name: 0.0 for j in jobs}
   pool = concurrent.futures.ProcessPoolExecutor(
       workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
@@ -130,7 +136,8 @@ def run(jobs: list, workers: int, initializer=None, initargs=(), describe=None) 
       if stopping and pending and not running:
         raise SystemExit(f"stopped (SIGTERM) before {', '.join(j.name for j in pending)} "
                          "started; the same command runs them")
-      done = sum(_steps_done(j) for j in jobs)
+      done = (sum(j.steps for j in jobs if j.name in results)
+              + sum(_steps_done(j) for j in running.values()))
       if done > bar.n:
         bar.update(done - bar.n)
   except BaseException as e:
