@@ -25,10 +25,10 @@ import argparse
 import os
 
 from configs import common
-from drivlm_jax import run as run_lib, train
+from drivlm_jax import run as run_lib
 from drivlm_jax.data import sources
 from experiments import jobs, report
-from experiments.runs import apply_overrides, flag_string, load_config_module
+from experiments.runs import apply_overrides, flag_string, load_config_module, train_once
 
 CLIP_RUN = "<clip_finetune run>"
 _FULL = {"init_from": CLIP_RUN}   # the full method warm-starts from the CLIP stage
@@ -43,12 +43,6 @@ ABLATIONS = {
     "no_distillation": {**_FULL, "distill.teacher": ""},
 }
 BASELINES = ("source_only", "dann", "entmin")
-
-
-def _train(config, workdir):
-  if not run_lib.finished(workdir, config):
-    train.train(config, workdir)
-  return workdir
 
 
 def main():
@@ -81,7 +75,7 @@ def main():
   def job(name, seed, config, needs=()):
     config.seed, config.data.cache_dir = seed, cache
     workdir = os.path.join(args.workdir, f"seed{seed}", name)
-    return jobs.Job(name=f"{name} (seed {seed})", fn=_train, args=(config, workdir),
+    return jobs.Job(name=f"{name} (seed {seed})", fn=train_once, args=(config, workdir),
                     needs=tuple(n.name for n in needs), log=os.path.join(workdir, "log.txt"),
                     metrics=os.path.join(workdir, "metrics.jsonl"), steps=config.total_steps)
   for seed in range(args.seeds):

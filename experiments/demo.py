@@ -46,9 +46,10 @@ import onnxruntime as ort
 from absl import app, flags, logging
 
 from configs import common, demo as demo_config
-from drivlm_jax import run as run_lib, timing, train, visualize
+from drivlm_jax import run as run_lib, timing, visualize
 from drivlm_jax.data import sources
 from experiments import bench_pruning, jobs, report
+from experiments.runs import train_once
 from export import graphs, inputs, kernels, to_onnx
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the runs and the report go.")
@@ -92,7 +93,8 @@ DRIVELM_METRICS = ("action_mAP", "drivelm_accuracy", "drivelm_language", "drivel
                    "drivelm_final_without_judge")
 
 
-def _smoke(config):
+def smoke(config):
+  """--smoke: small sim data and short generations (also experiments.defaults --smoke)."""
   config.data.width, config.data.height = 128, 72
   nuscenes = config.data.get("sim_layout") == "nuscenes"   # counts in scenes of ~10 frames
   for domain in (config.data.source, config.data.target):
@@ -114,7 +116,7 @@ def _config(method, seed, root, shift, dataset, steps, smoke, extra="", init_fro
   config.data.cache_dir = os.path.join(root, "data")          # one sim for every run
   config.init_from = init_from
   if smoke:
-    _smoke(config)
+    smoke(config)
   return arg, config
 
 
@@ -127,14 +129,10 @@ def _run(method, seed, root, *args):
         f"--workdir {workdir} --config.seed={seed} "
         f"--config.data.cache_dir={config.data.cache_dir}"
         + (f" --config.init_from={config.init_from}" if config.init_from else ""), flush=True)
-  if not run_lib.finished(workdir, config):
-    train.train(config, workdir)
-    if not run_lib.finished(workdir, config):   # SIGTERM: checkpoint saved
-      raise SystemExit(f"{method} (seed {seed}) was interrupted; re-run the demo to resume")
-  return workdir
+  return train_once(config, workdir, f"{method} (seed {seed})")
 
 
-def _worker_init(cache_dir):
+def worker_init(cache_dir):
   """A worker process of `experiments.jobs`, set up as `main` sets up this one."""
   logging.set_verbosity(logging.WARNING)
   jax.config.update("jax_compilation_cache_dir", cache_dir)
@@ -175,7 +173,7 @@ def run_methods(root, shift, seeds: range) -> list:
   # The sim is written (or checked) once, before runs that read it start side by side.
   _, config = _config("source_only", seeds[0], root, shift, _DATASET.value, steps, _SMOKE.value)
   sources.prepare(config.data, root)
-  jobs.run(todo, _PARALLEL.value, _worker_init, (jax.config.jax_compilation_cache_dir,),
+  jobs.run(todo, _PARALLEL.value, worker_init, (jax.config.jax_compilation_cache_dir,),
            _target_map)
   return runs
 

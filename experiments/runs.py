@@ -1,6 +1,6 @@
 """Runs as a config plus dotted-key overrides: validation, stable names, train commands.
 
-Shared by the sweep launcher and the ablation runner.
+Shared by the sweep launcher, the demo, the ablation runner and experiments.defaults.
 """
 import hashlib
 import importlib.util
@@ -8,6 +8,8 @@ import json
 import os
 import re
 import shlex
+
+from drivlm_jax import run as run_lib, train
 
 SCALARS = (bool, int, float, str)
 
@@ -69,3 +71,14 @@ def train_command(config_spec: str, workdir: str, overrides: dict,
   """argv of `python -m drivlm_jax.train` for one run."""
   return [python, "-m", "drivlm_jax.train", "--config", config_spec, "--workdir", workdir,
           *flag_values(overrides), *extra]
+
+
+def train_once(config, workdir: str, name: str = "") -> str:
+  """Trains `config` into `workdir` unless it is a finished run of that config (then reused;
+  an interrupted one resumes); -> workdir. A run that a SIGTERM stopped (checkpoint saved)
+  raises SystemExit naming it."""
+  if not run_lib.finished(workdir, config):
+    train.train(config, workdir)
+    if not run_lib.finished(workdir, config):
+      raise SystemExit(f"{name or workdir} was interrupted; re-run the same command to resume")
+  return workdir

@@ -1,0 +1,193 @@
+r"""The adaptation defaults, chosen across shifts without a target label.
+
+  python -m experiments.defaults [--workdir runs/defaults] [--shifts all] [--seeds 1]
+      [--weights 0.01,0.03,0.1,0.3] [--levels image+token+instance] [--starts 0.25]
+      [--arg method=drivlm_teacher,model=tiny_teacher] [--steps N] [--parallel 2] [--smoke]
+
+Each candidate is a set of adversarial settings (the product of the grids): the weight of
+every discriminator level that is on (`loss.da_image`, `loss.da_token`, `loss.da_instance`;
+a level that is off gets 0) and the point of training where the reversal starts ramping up
+(`da.start`). Per shift of configs/demo.py (SHIFTS) and per seed, every candidate trains the
+run that the adversarial settings shape most: by default the demo's DriVLM teacher (the
+larger model, adapted from scratch; the student inherits its gain, README "Why the student
+does not gain"). Runs go to <workdir>/<shift>/seed<s>/<candidate>.
+
+Selection (no target label read): each run is scored by Deep Embedded Validation
+(experiments.select: You et al., ICML 2019: the source validation loss importance-weighted by
+a domain classifier's density ratio, with the paper's control variate). DEV risks of
+different shifts are not on one scale, so within each (shift, seed) the candidates are
+ranked by their risk (1 = lowest), and the defaults are the candidate with the lowest mean
+rank over every shift and seed (ties: the first in grid order). This is the label-free
+criterion of the README's "Label-free model selection", used across several shifts at once
+rather than tuned to one.
+
+Reported beside it, read only to report: each run's target test action mAP, the candidate
+that target labels would have chosen (highest mean), the chosen candidate's regret against
+the best per shift, and Spearman(-DEV, target mAP) per (shift, seed). Writes
+<workdir>/defaults.json and defaults.md. Finished runs are reused; interrupted ones resume.
+"""
+import argparse
+import itertools
+import os
+
+import jax
+import numpy as np
+from scipy import stats
+
+from configs import demo as demo_config
+from drivlm_jax import run as run_lib
+from drivlm_jax.data import sources
+from experiments import demo, jobs, select
+from experiments.runs import apply_overrides, flag_string, load_config_module, train_once
+
+LEVELS = ("image", "token", "instance")
+
+
+def candidates(weights, level_sets, starts) -> dict:
+  """The grid -> {name: overrides} in grid order (weights outermost), e.g.
+  "w0.03-image+token+instance-start0.25". A level set is a "+"-joined subset of LEVELS;
+  its levels get the weight, the others 0."""
+  out = {}
+  for weight, levels, start in itertools.product(weights, level_sets, starts):
+    on = set(levels.split("+"))
+    if not on or not on <= set(LEVELS):
+      raise ValueError(f"level set {levels!r}: '+'-joined names of {', '.join(LEVELS)}")
+    out[f"w{weight:g}-{levels}-start{start:g}"] = {
+        **{f"loss.da_{level}": weight if level in on else 0.0 for level in LEVELS},
+        "da.start": start}
+  return out
+
+
+def choose(groups: dict) -> dict:
+  """The label-free choice over {"shift/seed<s>": {candidate: DEV risk}} (every group scores
+  the same candidates). -> {"ranks": {candidate: {group: rank}}, "mean_rank": {candidate:
+  mean}, "chosen": the lowest mean rank (first on ties)}. Ranks: 1 = lowest risk, ties get
+  the mean of their ranks (scipy.stats.rankdata's "average")."""
+  names = list(next(iter(groups.values())))
+  ranks = {name: {} for name in names}
+  for group, risks in groups.items():
+    if list(risks) != names:
+      raise ValueError(f"group {group} scores {list(risks)}, expected {names}")
+    for name, rank in zip(names, stats.rankdata([risks[n] for n in names])):
+      ranks[name][group] = float(rank)
+  mean_rank = {name: float(np.mean(list(r.values()))) for name, r in ranks.items()}
+  return {"ranks": ranks, "mean_rank": mean_rank, "chosen": min(names, key=mean_rank.get)}
+
+
+def _mean(values):
+  return float(np.mean(values)) if values else None
+
+
+def summarise(rows: list, names: list, shifts: list) -> dict:
+  """Runs' select.score_run rows (with "shift", "seed", "candidate") -> the choice and what
+  target labels say of it (reported, never used to choose)."""
+  groups, oracle = {}, {}
+  for row in rows:
+    key = f"{row['shift']}/seed{row['seed']}"
+    groups.setdefault(key, {})[row["candidate"]] = row["dev_risk"]
+    oracle.setdefault(key, {})[row["candidate"]] = row["oracle_target_mAP"]
+  groups = {k: {n: v[n] for n in names} for k, v in groups.items()}
+  result = choose(groups)
+  per_shift = {n: {s: _mean([oracle[k][n] for k in oracle if k.startswith(s + "/")])
+                   for s in shifts} for n in names}
+  mean_map = {n: _mean(list(v.values())) for n, v in per_shift.items()}
+  chosen = result["chosen"]
+  agreement = {k: select.agreement([-groups[k][n] for n in names],
+                                   [oracle[k][n] for n in names], names) for k in groups}
+  return {**result, "target_mAP": per_shift, "mean_target_mAP": mean_map,
+          "by_target_labels": max(names, key=mean_map.get),
+          "regret": {s: max(per_shift[n][s] for n in names) - per_shift[chosen][s]
+                     for s in shifts},
+          "agreement": agreement}
+
+
+def markdown(summary: dict, overrides: dict, shifts: list) -> str:
+  lines = ["| candidate | overrides | mean DEV rank | "
+           + " | ".join(f"target mAP {s}" for s in shifts) + " | mean target mAP |",
+           "|" + "---|" * (4 + len(shifts))]
+  for name, flags in overrides.items():
+    mark = " (chosen)" if name == summary["chosen"] else ""
+    lines.append(f"| {name}{mark} | `{flag_string(flags)}` | {summary['mean_rank'][name]:.2f} | "
+                 + " | ".join(f"{summary['target_mAP'][name][s]:.1f}" for s in shifts)
+                 + f" | {summary['mean_target_mAP'][name]:.1f} |")
+  lines += ["", f"Chosen without target labels (lowest mean DEV rank): {summary['chosen']}.",
+            f"Target labels would choose (highest mean target mAP): "
+            f"{summary['by_target_labels']}.",
+            "Regret of the choice per shift (target mAP points): "
+            + ", ".join(f"{s} {v:.1f}" for s, v in summary["regret"].items()) + ".",
+            "Spearman(-DEV risk, target mAP) per shift and seed: "
+            + ", ".join(f"{g} {'-' if a['spearman'] is None else format(a['spearman'], '.2f')}"
+                        for g, a in summary["agreement"].items()) + "."]
+  return "\n".join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", default="runs/defaults")
+  parser.add_argument("--shifts", default="all",
+                      help="comma-separated shifts of configs/demo.py, or all: "
+                      + ",".join(demo_config.SHIFTS))
+  parser.add_argument("--seeds", type=int, default=1)
+  parser.add_argument("--weights", default="0.01,0.03,0.1,0.3",
+                      help="adversarial weight of each level that is on")
+  parser.add_argument("--levels", default="image+token+instance",
+                      help="comma-separated level sets, each '+'-joined")
+  parser.add_argument("--starts", default="0.25",
+                      help="da.start: fraction of training before the reversal ramps up")
+  parser.add_argument("--arg", default="method=drivlm_teacher,model=tiny_teacher",
+                      help="configs/demo.py args of every run (a method with discriminators)")
+  parser.add_argument("--steps", type=int, default=None)
+  parser.add_argument("--max_examples", type=int, default=512,
+                      help="examples per split that DEV reads (experiments.select)")
+  parser.add_argument("--parallel", type=int, default=2,
+                      help="runs trained at a time (experiments.jobs; logs in <run>/log.txt)")
+  parser.add_argument("--smoke", action="store_true",
+                      help="small sim data (experiments.demo --smoke): a check, not a result")
+  args = parser.parse_args()
+  shifts = list(demo_config.SHIFTS) if args.shifts == "all" else args.shifts.split(",")
+  unknown = sorted(set(shifts) - set(demo_config.SHIFTS))
+  if unknown:
+    parser.error(f"unknown shift(s) {unknown}; known: {', '.join(demo_config.SHIFTS)}")
+  try:
+    overrides = candidates([float(w) for w in args.weights.split(",")], args.levels.split(","),
+                      [float(s) for s in args.starts.split(",")])
+  except ValueError as e:
+    parser.error(str(e))
+  get_config = load_config_module("configs/demo.py")[0].get_config
+  steps = f",steps={args.steps}" if args.steps else ""
+  todo, runs = [], []
+  for shift in shifts:
+    root = os.path.join(args.workdir, shift)
+    for seed, (name, flags) in itertools.product(range(args.seeds), overrides.items()):
+      config = apply_overrides(get_config(f"{args.arg},shift={shift}{steps}"), flags)
+      config.seed, config.data.cache_dir = seed, os.path.join(root, "data")
+      if args.smoke:
+        demo.smoke(config)
+      workdir = os.path.join(root, f"seed{seed}", name)
+      print(f"== {shift} seed {seed} {name}: python -m drivlm_jax.train --config "
+            f"configs/demo.py:{args.arg},shift={shift}{steps} --workdir {workdir} "
+            f"--config.seed={seed} {flag_string(flags)}", flush=True)
+      todo.append(jobs.Job(name=f"{shift} seed {seed} {name}", fn=train_once,
+                           args=(config, workdir), log=os.path.join(workdir, "log.txt"),
+                           metrics=os.path.join(workdir, "metrics.jsonl"),
+                           steps=config.total_steps))
+      runs.append({"shift": shift, "seed": seed, "candidate": name, "run_dir": workdir})
+    sources.prepare(config.data, root)   # each shift's sim, once, before its runs start
+  cache = os.path.join(args.workdir, "xla_cache")   # programs the runs share compile once
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jobs.run(todo, args.parallel, demo.worker_init, (cache,))
+  notes, rows = [], []
+  for run in runs:
+    rows.append({**run, **select.score_run(run["run_dir"], args.max_examples, notes)})
+  summary = summarise(rows, list(overrides), shifts)
+  text = markdown(summary, overrides, shifts)
+  run_lib.write_json(run_lib.path(args.workdir, "defaults.json"),
+                     {**summary, "candidates": overrides, "runs": rows, "notes": notes,
+                      "agreement": summary["agreement"]})
+  run_lib.write_text(run_lib.path(args.workdir, "defaults.md"), text + "\n")
+  print(text)
+  print(f"wrote {args.workdir}/defaults.json and defaults.md")
+
+
+if __name__ == "__main__":
+  main()
