@@ -168,7 +168,7 @@ def main():
       config = apply_overrides(get_config(f"{args.arg},shift={shift}{steps}"), flags)
       config.seed, config.data.cache_dir = seed, os.path.join(root, "data")
       if args.smoke:
-        demo.smoke(config)
+        demo.smoke_config(config)
       workdir = os.path.join(root, f"seed{seed}", name)
       print(f"== {shift} seed {seed} {name}: python -m drivlm_jax.train --config "
             f"configs/demo.py:{args.arg},shift={shift}{steps} --workdir {workdir} "

@@ -93,7 +93,7 @@ DRIVELM_METRICS = ("action_mAP", "drivelm_accuracy", "drivelm_language", "drivel
                    "drivelm_final_without_judge")
 
 
-def smoke(config):
+def smoke_config(config):
   """--smoke: small sim data and short generations (also experiments.defaults --smoke)."""
   config.data.width, config.data.height = 128, 72
   nuscenes = config.data.get("sim_layout") == "nuscenes"   # counts in scenes of ~10 frames
@@ -116,7 +116,7 @@ def _config(method, seed, root, shift, dataset, steps, smoke, extra="", init_fro
   config.data.cache_dir = os.path.join(root, "data")          # one sim for every run
   config.init_from = init_from
   if smoke:
-    smoke(config)
+    smoke_config(config)
   return arg, config
 
 
