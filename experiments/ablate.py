@@ -28,7 +28,7 @@ from configs import common
 from drivlm_jax import run as run_lib
 from drivlm_jax.data import sources
 from experiments import jobs, report
-from experiments.runs import apply_overrides, flag_string, load_config_module, train_once
+from experiments.runs import apply_overrides, flag_string, load_config_module, train_job
 
 CLIP_RUN = "<clip_finetune run>"
 _FULL = {"init_from": CLIP_RUN}   # the full method warm-starts from the CLIP stage
@@ -75,9 +75,7 @@ def main():
   def job(name, seed, config, needs=()):
     config.seed, config.data.cache_dir = seed, cache
     workdir = os.path.join(args.workdir, f"seed{seed}", name)
-    return jobs.Job(name=f"{name} (seed {seed})", fn=train_once, args=(config, workdir),
-                    needs=tuple(n.name for n in needs), log=os.path.join(workdir, "log.txt"),
-                    metrics=os.path.join(workdir, "metrics.jsonl"), steps=config.total_steps)
+    return train_job(f"{name} (seed {seed})", config, workdir, [n.name for n in needs])
   for seed in range(args.seeds):
     teacher = job("drivlm_teacher", seed, get_config(
         "method=drivlm_teacher,model=tiny_teacher"

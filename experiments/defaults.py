@@ -39,9 +39,9 @@ from configs import demo as demo_config
 from drivlm_jax import run as run_lib
 from drivlm_jax.data import sources
 from experiments import demo, jobs, select
-from experiments.runs import apply_overrides, flag_string, load_config_module, train_once
+from experiments.runs import apply_overrides, flag_string, load_config_module, train_job
 
-LEVELS = ("image", "token", "instance")
+LEVELS = select.LEVELS   # the discriminator levels, as the PAD names them
 
 
 def candidates(weights, level_sets, starts) -> dict:
@@ -173,10 +173,7 @@ def main():
       print(f"== {shift} seed {seed} {name}: python -m drivlm_jax.train --config "
             f"configs/demo.py:{args.arg},shift={shift}{steps} --workdir {workdir} "
             f"--config.seed={seed} {flag_string(flags)}", flush=True)
-      todo.append(jobs.Job(name=f"{shift} seed {seed} {name}", fn=train_once,
-                           args=(config, workdir), log=os.path.join(workdir, "log.txt"),
-                           metrics=os.path.join(workdir, "metrics.jsonl"),
-                           steps=config.total_steps))
+      todo.append(train_job(f"{shift} seed {seed} {name}", config, workdir))
       runs.append({"shift": shift, "seed": seed, "candidate": name, "run_dir": workdir})
     sources.prepare(config.data, root)   # each shift's sim, once, before its runs start
   cache = os.path.join(args.workdir, "xla_cache")   # programs the runs share compile once

@@ -10,6 +10,7 @@ import re
 import shlex
 
 from drivlm_jax import run as run_lib, train
+from experiments import jobs
 
 SCALARS = (bool, int, float, str)
 
@@ -82,3 +83,11 @@ def train_once(config, workdir: str, name: str = "") -> str:
     if not run_lib.finished(workdir, config):
       raise SystemExit(f"{name or workdir} was interrupted; re-run the same command to resume")
   return workdir
+
+
+def train_job(name: str, config, workdir: str, needs=()) -> jobs.Job:
+  """`train_once(config, workdir)` as an `experiments.jobs` Job: its log and metrics in the
+  run's workdir, its steps the config's."""
+  return jobs.Job(name=name, fn=train_once, args=(config, workdir), needs=tuple(needs),
+                  log=os.path.join(workdir, "log.txt"),
+                  metrics=os.path.join(workdir, "metrics.jsonl"), steps=config.total_steps)
