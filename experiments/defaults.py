@@ -3,6 +3,7 @@ r"""The adaptation defaults, chosen across shifts without a target label.
   python -m experiments.defaults [--workdir runs/defaults] [--shifts all] [--seeds 1]
       [--weights 0.01,0.03,0.1,0.3] [--levels image+token+instance] [--starts 0.25]
       [--arg method=drivlm_teacher,model=tiny_teacher] [--steps N] [--parallel 2] [--smoke]
+      [--report defaults]
 
 Each candidate is a set of adversarial settings (the product of the grids): the weight of
 every discriminator level that is on (`loss.da_image`, `loss.da_token`, `loss.da_instance`;
@@ -24,7 +25,10 @@ rather than tuned to one.
 Reported beside it, read only to report: each run's target test action mAP, the candidate
 that target labels would have chosen (highest mean), the chosen candidate's regret against
 the best per shift, and Spearman(-DEV, target mAP) per (shift, seed). Writes
-<workdir>/defaults.json and defaults.md. Finished runs are reused; interrupted ones resume.
+<workdir>/<report>.json and <report>.md. Finished runs are reused; interrupted ones resume,
+so grids searched one coordinate at a time (e.g. `--levels` at the chosen weight, then
+`--starts` at the chosen levels, each with its own `--report`) share the runs they have in
+common.
 """
 import argparse
 import itertools
@@ -147,6 +151,8 @@ def main():
                       help="examples per split that DEV reads (experiments.select)")
   parser.add_argument("--parallel", type=int, default=2,
                       help="runs trained at a time (experiments.jobs; logs in <run>/log.txt)")
+  parser.add_argument("--report", default="defaults",
+                      help="the report's name: <workdir>/<report>.json and .md")
   parser.add_argument("--smoke", action="store_true",
                       help="small sim data (experiments.demo --smoke): a check, not a result")
   args = parser.parse_args()
@@ -184,11 +190,11 @@ def main():
     rows.append({**run, **select.score_run(run["run_dir"], args.max_examples, notes)})
   summary = summarise(rows, list(overrides), shifts)
   text = markdown(summary, overrides, shifts)
-  run_lib.write_json(run_lib.path(args.workdir, "defaults.json"),
+  run_lib.write_json(run_lib.path(args.workdir, f"{args.report}.json"),
                      {**summary, "candidates": overrides, "runs": rows, "notes": notes})
-  run_lib.write_text(run_lib.path(args.workdir, "defaults.md"), text + "\n")
+  run_lib.write_text(run_lib.path(args.workdir, f"{args.report}.md"), text + "\n")
   print(text)
-  print(f"wrote {args.workdir}/defaults.json and defaults.md")
+  print(f"wrote {args.workdir}/{args.report}.json and .md")
 
 
 if __name__ == "__main__":
