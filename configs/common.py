@@ -181,7 +181,7 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
   config.da = ml_collections.ConfigDict(dict(focal_gamma=0.0, hidden=128, objective="reversal",
                                              start=0.1 if init_from else 0.25))
   config.distill = ml_collections.ConfigDict(dict(
-      teacher=teacher, temperature=2.0, feature_kind="cosine"))
+      teacher=teacher, temperature=2.0, feature_kind="cosine", rows="all"))
   if method == "drivlm_student":   # also evaluated as deployed: pruned to `keep_ratio`
     config.evals.target_pruned = dict(type="heads", role="target", domain="target_pruned",
                                       keep_ratio=keep_ratio,

@@ -1,4 +1,4 @@
-r"""Ablations of the DriVLM student: the full method and each single-component removal.
+r"""Ablations of the DriVLM student: the full method, each single-component removal, variants.
 
   python -m experiments.ablate [--config configs/demo.py] [--workdir runs/demo] [--seeds 3]
       [--steps N] [--only a,b] [--arg shift=camera] [--parallel 2]
@@ -14,6 +14,9 @@ user passes to drivlm_jax.train):
   no_da            all three levels 0                (no discriminator at all)
   no_reweighting   --config.model.reweight=False   (no gates, no pruning)
   no_distillation  --config.distill.teacher=       (no teacher)
+and one variant:
+  kd_target_rows   --config.distill.rows=target    (the teacher teaches the unlabelled target
+                                                   rows only; source rows learn from labels)
 The baselines source_only, dann and entmin (methods of their own) are rows too. Per seed,
 the teacher and the CLIP stage (method=clip_finetune, a quarter of the steps;
 configs/common.py:stage_steps) are trained once and shared. The report gives each row's
@@ -41,6 +44,7 @@ ABLATIONS = {
     "no_da": {**_FULL, "loss.da_image": 0.0, "loss.da_token": 0.0, "loss.da_instance": 0.0},
     "no_reweighting": {**_FULL, "model.reweight": False},
     "no_distillation": {**_FULL, "distill.teacher": ""},
+    "kd_target_rows": {**_FULL, "distill.rows": "target"},
 }
 BASELINES = ("source_only", "dann", "entmin")
 
@@ -105,9 +109,10 @@ def main():
                        *(n for n in names if n in ABLATIONS))]
   sources.prepare(teacher.args[0].data, args.workdir)   # the sim, once, before any run
   jobs.run(todo, args.parallel)
-  notes = ("Each row removes one component from the DriVLM student (configs/demo.py, sim "
-           "day -> night+fog): " + "; ".join(f"{n}: `{flag_string(o) or '(none)'}`"
-                                             for n, o in ABLATIONS.items() if n in names))
+  notes = ("Each row removes one component from the DriVLM student or changes it "
+           f"({args.config}, {args.arg or 'its default shift'}): "
+           + "; ".join(f"{n}: `{flag_string(o) or '(none)'}`"
+                       for n, o in ABLATIONS.items() if n in names))
   out = os.path.join(args.workdir, "ablation")
   results = report.write(runs, out, "DriVLM ablations", notes)
   differences = report.paired_table(

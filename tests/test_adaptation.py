@@ -1,5 +1,6 @@
 """DriVLM's parts against the papers' formulas: gradient reversal, DANN schedule,
 discriminators, box pooling, reweighting/pruning, contrastive and distillation losses."""
+import dataclasses
 import math
 
 import jax
@@ -309,3 +310,43 @@ def test_entropy_minimisation_is_the_binary_entropy_of_target_rows():
                       batch={"domain": jnp.asarray(domain)}, step=0, frozen={}, metrics={})
   got = entropy.EntropyMinimisation().loss(ctx)
   np.testing.assert_allclose(got["entmin"], want[domain == 1].mean(), rtol=1e-5)
+
+
+def test_distillation_on_target_rows_is_the_loss_of_those_rows_alone():
+  """config.distill.rows="target": every KD term over a mixed batch equals the same term on
+  its target rows alone (the source rows add nothing), and differs from distilling all rows."""
+  from configs import common
+  from drivlm_jax import run as run_lib
+  from drivlm_jax.adapt import distillation
+  from drivlm_jax.model import vlm
+  # with the instruction gates, as the demo's student: feature KD weighs tokens by them
+  cfg = dataclasses.replace(vlm.config_from_dict(common.model_config("tiny")), reweight=True,
+                            reweight_layer=0)
+  student, teacher = (vlm.init(cfg, jax.random.key(k)) for k in (0, 1))
+  rng = np.random.default_rng(0)
+  n, size = cfg.num_visual_tokens, cfg.vision.image_size
+  batch = {"image": jnp.asarray(rng.normal(size=(4, size, size, 3)), jnp.float32),
+           "input_ids": jnp.asarray(np.concatenate(
+               [np.full((4, n), cfg.image_token_id), rng.integers(10, 100, (4, 6))], 1),
+               jnp.int32),
+           "attention_mask": jnp.ones((4, n + 6), jnp.int32),
+           "instruction_ids": jnp.asarray(rng.integers(10, 100, (4, 5)), jnp.int32),
+           "instruction_mask": jnp.ones((4, 5), jnp.int32),
+           "domain": jnp.asarray([0, 1, 0, 1], jnp.int32)}
+  weights = {"kd_heads": 1.0, "kd_lm": 1.0, "kd_feature": 1.0}
+
+  def losses(rows, batch):
+    kd = distillation.Distillation(cfg, run_lib.Run("teacher", None, cfg, teacher, 0), weights,
+                                   2.0, "cosine", rows)
+    out = vlm.apply(cfg, student, batch["image"], batch["input_ids"], batch["attention_mask"],
+                    batch["instruction_ids"], batch["instruction_mask"])
+    assert "token_scores" in out
+    params = {**student, "distill": kd.init(jax.random.key(2))}
+    return kd.loss(adapt.Context(params=params, out=out, batch=batch, step=0,
+                                 frozen={"distillation": teacher}, metrics={}))
+
+  target_only = {k: v[1::2] for k, v in batch.items()}
+  got, alone, every = losses("target", batch), losses("all", target_only), losses("all", batch)
+  for term in weights:
+    assert float(got[term]) == pytest.approx(float(alone[term]), rel=1e-5), term
+    assert abs(float(got[term]) - float(every[term])) > 1e-4, term

@@ -8,7 +8,9 @@ teacher needs no labels. Terms:
   kd_feature  feature KD of the visual tokens (student -> teacher width through a learned
               projection), weighted by the student's instruction scores
 with temperature `config.distill.temperature` and feature distance
-`config.distill.feature_kind` ("cosine" or "mse").
+`config.distill.feature_kind` ("cosine" or "mse"). `config.distill.rows` says which rows
+distil: "all" (the default), or "target": the unlabelled target rows only, so the labelled
+source rows learn from their labels alone and the teacher teaches only where no label exists.
 """
 import dataclasses
 from typing import Any
@@ -81,6 +83,7 @@ class Distillation(adapt.Component):
   weights: dict          # {kd_<kind>: weight}
   temperature: float
   feature_kind: str
+  rows: str = "all"     # "all" or "target"
 
   param_key = "distill"
   key_index = 2
@@ -95,9 +98,11 @@ class Distillation(adapt.Component):
     if not kd.get("teacher"):   # the no_distillation ablation: one flag turns it off
       logging.warning("distillation off: config.distill.teacher is empty")
       return None
+    rows = kd.get("rows", "all")
+    if rows not in ("all", "target"):
+      raise ValueError(f"config.distill.rows={rows!r}: 'all' or 'target'")
     return cls(cfg, load_teacher(kd.teacher, cfg, weights, config, feats), weights,
-               float(kd.get("temperature", 1.0)),
-               kd.get("feature_kind", "cosine"))
+               float(kd.get("temperature", 1.0)), kd.get("feature_kind", "cosine"), rows)
 
   @property
   def needs_lm(self):
@@ -123,19 +128,25 @@ class Distillation(adapt.Component):
                             b["input_ids"] if self.needs_lm else None, b["attention_mask"],
                             b["instruction_ids"], b["instruction_mask"])
     t, out = jax.lax.stop_gradient(teacher_out), ctx.out
+    # [B] 0/1: the rows that distil (None: all, as plain means)
+    rows = None if self.rows == "all" else (b["domain"] == 1).astype(jnp.float32)
+    per_row = lambda mask: mask if rows is None else mask * rows[:, None]   # [B, N] masks
     losses = {}
     if w["kd_heads"]:
       losses["kd_heads"] = (
-          distill.sigmoid_kd(out["action_logits"], t["action_logits"], temperature)
-          + distill.sigmoid_kd(out["reason_logits"], t["reason_logits"], temperature))
+          distill.sigmoid_kd(out["action_logits"], t["action_logits"], temperature, rows)
+          + distill.sigmoid_kd(out["reason_logits"], t["reason_logits"], temperature, rows))
     if w["kd_lm"]:
-      mask = b["attention_mask"] * (b["input_ids"] != self.cfg.image_token_id)
+      mask = per_row(b["attention_mask"] * (b["input_ids"] != self.cfg.image_token_id))
       losses["kd_lm"] = distill.softmax_kd(out["lm_logits"], t["lm_logits"], temperature, mask)
     if w["kd_feature"]:
       teacher_tokens = distill.match_grid(t["visual_tokens"], tcfg.vision.grid,
                                           self.cfg.vision.grid, self.cfg.num_cameras)
       scores = out.get("token_scores")
+      weights = None if scores is None else jax.nn.sigmoid(scores)
+      if rows is not None and weights is None:
+        weights = jnp.ones(out["visual_tokens"].shape[:2])
       losses["kd_feature"] = distill.feature_kd(
           out["visual_tokens"], teacher_tokens, ctx.params[self.param_key]["projection"],
-          None if scores is None else jax.nn.sigmoid(scores), self.feature_kind)
+          per_row(weights), self.feature_kind)
     return losses
