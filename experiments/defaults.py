@@ -22,9 +22,11 @@ rank over every shift and seed (ties: the first in grid order). This is the labe
 criterion of the README's "Label-free model selection", used across several shifts at once
 rather than tuned to one.
 
-Reported beside it, read only to report: each run's target test action mAP, the candidate
-that target labels would have chosen (highest mean), the chosen candidate's regret against
-the best per shift, and Spearman(-DEV, target mAP) per (shift, seed). Writes
+Reported beside it: the choices the label-free baselines of experiments.select would make
+(source validation loss; source validation mAP), and, read only to report, each run's
+target test action mAP, the candidate that target labels would have chosen (highest mean),
+the chosen candidate's regret against the best per shift, and Spearman(-DEV, target mAP)
+per (shift, seed). Writes
 <workdir>/<report>.json and <report>.md. Finished runs are reused; interrupted ones resume,
 so grids searched one coordinate at a time (e.g. `--levels` at the chosen weight, then
 `--starts` at the chosen levels, each with its own `--report`) share the runs they have in
@@ -83,16 +85,25 @@ def _mean(values):
   return float(np.mean(values)) if values else None
 
 
+# Label-free criteria as risks (lower = better) of a run's select.score_run row: DEV chooses;
+# the other two, the baselines of experiments.select, are reported beside it.
+CRITERIA = {"DEV": lambda row: row["dev_risk"],
+            "source val loss": lambda row: row["source_loss"],
+            "source val mAP": lambda row: -row["source_mAP"]}
+
+
 def summarise(rows: list, names: list, shifts: list) -> dict:
   """Runs' select.score_run rows (with "shift", "seed", "candidate") -> the choice and what
   target labels say of it (reported, never used to choose)."""
-  groups, oracle = {}, {}
+  oracle, risks = {}, {criterion: {} for criterion in CRITERIA}
   for row in rows:
     key = f"{row['shift']}/seed{row['seed']}"
-    groups.setdefault(key, {})[row["candidate"]] = row["dev_risk"]
     oracle.setdefault(key, {})[row["candidate"]] = row["oracle_target_mAP"]
-  groups = {k: {n: v[n] for n in names} for k, v in groups.items()}
-  result = choose(groups)
+    for criterion, risk in CRITERIA.items():
+      risks[criterion].setdefault(key, {})[row["candidate"]] = risk(row)
+  choices = {c: choose({k: {n: v[n] for n in names} for k, v in groups.items()})
+             for c, groups in risks.items()}
+  result, groups = choices["DEV"], risks["DEV"]
   per_shift = {n: {s: _mean([oracle[k][n] for k in oracle if k.startswith(s + "/")])
                    for s in shifts} for n in names}
   mean_map = {n: _mean(list(v.values())) for n, v in per_shift.items()}
@@ -102,6 +113,7 @@ def summarise(rows: list, names: list, shifts: list) -> dict:
                                    [oracle[k][n] for n in names], names) for k in groups}
   return {**result, "source_mAP": source, "target_mAP": per_shift, "mean_target_mAP": mean_map,
           "by_target_labels": max(names, key=mean_map.get),
+          "by_criterion": {c: choice["chosen"] for c, choice in choices.items()},
           "regret": {s: max(per_shift[n][s] for n in names) - per_shift[chosen][s]
                      for s in shifts},
           "agreement": agreement}
@@ -123,6 +135,10 @@ def markdown(summary: dict, overrides: dict, shifts: list) -> str:
             f"Chosen without target labels (lowest mean DEV rank): {summary['chosen']}.",
             f"Target labels would choose (highest mean target mAP): "
             f"{summary['by_target_labels']}.",
+            "The other label-free criteria of experiments.select (lowest mean rank) would "
+            "choose: " + "; ".join(
+                f"{c}: {n} ({summary['mean_target_mAP'][n]:.1f} mean target mAP)"
+                for c, n in summary["by_criterion"].items() if c != "DEV") + ".",
             "Regret of the choice per shift (target mAP points): "
             + ", ".join(f"{s} {v:.1f}" for s, v in summary["regret"].items()) + ".",
             "Spearman(-DEV risk, target mAP) per shift and seed: "
