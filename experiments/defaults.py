@@ -18,9 +18,9 @@ Selection (no target label read): each run is scored by Deep Embedded Validation
 a domain classifier's density ratio, with the paper's control variate). DEV risks of
 different shifts are not on one scale, so within each (shift, seed) the candidates are
 ranked by their risk (1 = lowest), and the defaults are the candidate with the lowest mean
-rank over every shift and seed (ties: the first in grid order). This is the label-free
-criterion of the README's "Label-free model selection", used across several shifts at once
-rather than tuned to one.
+rank over every shift and seed (ties: the lower mean rank of the source validation loss, then
+the first in grid order). This is the label-free criterion of the README's "Label-free model
+selection", used across several shifts at once rather than tuned to one.
 
 Reported beside it: the choices the label-free baselines of experiments.select would make
 (source validation loss; source validation mAP), and, read only to report, each run's
@@ -65,11 +65,13 @@ def candidates(weights, level_sets, starts) -> dict:
   return out
 
 
-def choose(groups: dict) -> dict:
+def choose(groups: dict, tiebreak: dict | None = None) -> dict:
   """The label-free choice over {"shift/seed<s>": {candidate: DEV risk}} (every group scores
   the same candidates). -> {"ranks": {candidate: {group: rank}}, "mean_rank": {candidate:
-  mean}, "chosen": the lowest mean rank (first on ties)}. Ranks: 1 = lowest risk, ties get
-  the mean of their ranks (scipy.stats.rankdata's "average")."""
+  mean}, "chosen": the lowest mean rank}. Ranks: 1 = lowest risk, ties get the mean of their
+  ranks (scipy.stats.rankdata's "average"). Candidates tied on the lowest mean rank are
+  told apart by `tiebreak` ({candidate: value}, lowest wins; e.g. another criterion's mean
+  rank), then by grid order."""
   names = list(next(iter(groups.values())))
   ranks = {name: {} for name in names}
   for group, risks in groups.items():
@@ -78,7 +80,10 @@ def choose(groups: dict) -> dict:
     for name, rank in zip(names, stats.rankdata([risks[n] for n in names])):
       ranks[name][group] = float(rank)
   mean_rank = {name: float(np.mean(list(r.values()))) for name, r in ranks.items()}
-  return {"ranks": ranks, "mean_rank": mean_rank, "chosen": min(names, key=mean_rank.get)}
+  best = min(mean_rank.values())
+  tied = [name for name in names if mean_rank[name] == best]
+  chosen = min(tied, key=lambda name: (tiebreak or {}).get(name, 0.0))
+  return {"ranks": ranks, "mean_rank": mean_rank, "chosen": chosen}
 
 
 def _mean(values):
@@ -101,8 +106,11 @@ def summarise(rows: list, names: list, shifts: list) -> dict:
     oracle.setdefault(key, {})[row["candidate"]] = row["oracle_target_mAP"]
     for criterion, risk in CRITERIA.items():
       risks[criterion].setdefault(key, {})[row["candidate"]] = risk(row)
-  choices = {c: choose({k: {n: v[n] for n in names} for k, v in groups.items()})
+  ordered = {c: {k: {n: v[n] for n in names} for k, v in groups.items()}
              for c, groups in risks.items()}
+  choices = {c: choose(groups) for c, groups in ordered.items() if c != "DEV"}
+  # DEV chooses; its ties go to the source validation loss's lower mean rank
+  choices["DEV"] = choose(ordered["DEV"], choices["source val loss"]["mean_rank"])
   result, groups = choices["DEV"], risks["DEV"]
   per_shift = {n: {s: _mean([oracle[k][n] for k in oracle if k.startswith(s + "/")])
                    for s in shifts} for n in names}
