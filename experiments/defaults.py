@@ -26,11 +26,10 @@ Reported beside it: the choices the label-free baselines of experiments.select w
 (source validation loss; source validation mAP), and, read only to report, each run's
 target test action mAP, the candidate that target labels would have chosen (highest mean),
 the chosen candidate's regret against the best per shift, and Spearman(-DEV, target mAP)
-per (shift, seed). Writes
-<workdir>/<report>.json and <report>.md. Finished runs are reused; interrupted ones resume,
-so grids searched one coordinate at a time (e.g. `--levels` at the chosen weight, then
-`--starts` at the chosen levels, each with its own `--report`) share the runs they have in
-common.
+per (shift, seed). Writes <workdir>/<report>.json and <report>.md. Finished runs are reused;
+interrupted ones resume, so grids searched one coordinate at a time (e.g. `--levels` at the
+chosen weight, then `--starts` at the chosen levels, each with its own `--report`) share the
+runs they have in common.
 """
 import argparse
 import itertools
