@@ -138,10 +138,10 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
   entmin          baseline: + unlabelled target, entropy minimisation of the heads on it
                   (weight 0.1; drivlm_jax/adapt/entropy.py)
   drivlm_teacher  + unlabelled target; discriminators at the image, token and instance level
-                  (weight `da_weight` each, reversal ramped after 25% of training; the
-                  weight 0.03 and the three levels are what `python -m experiments.defaults`
-                  chose over four shifts without target labels; its ramp start tied 0.1
-                  with 0.25: README "The adversarial defaults");
+                  (weight `da_weight` each, reversal ramped after 25% of training: the
+                  weight 0.03, the three levels and the start 0.25 are what `python -m
+                  experiments.defaults` chose over four shifts without target labels,
+                  README "The adversarial defaults");
                   instruction-guided token reweighting
   drivlm_student  as the teacher, + distillation from the `teacher` run (heads, LM tokens,
                   visual tokens); evaluated with every token and pruned to `keep_ratio`

@@ -110,7 +110,7 @@ def summarise(rows: list, names: list, shifts: list) -> dict:
   choices = {c: choose(groups) for c, groups in ordered.items() if c != "DEV"}
   # DEV chooses; its ties go to the source validation loss's lower mean rank
   choices["DEV"] = choose(ordered["DEV"], choices["source val loss"]["mean_rank"])
-  result, groups = choices["DEV"], risks["DEV"]
+  result, groups = choices["DEV"], ordered["DEV"]
   per_shift = {n: {s: _mean([oracle[k][n] for k in oracle if k.startswith(s + "/")])
                    for s in shifts} for n in names}
   mean_map = {n: _mean(list(v.values())) for n, v in per_shift.items()}
