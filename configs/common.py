@@ -128,7 +128,7 @@ def check_method(arg) -> str:
 
 
 def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: float = 0.03,
-               init_from: str = ""):
+               init_from: str = "", fda_beta: float = 0.0, fda_fraction: float = 1.0):
   """The DriVLM stages as config: what each method trains on, and the weight of every loss
   term in the flat mapping `config.loss` (a weight of 0 turns a term off).
 
@@ -142,7 +142,11 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
                   weight 0.03, the three levels and the start 0.25 are what `python -m
                   experiments.defaults` chose over four shifts without target labels,
                   README "The adversarial defaults");
-                  instruction-guided token reweighting
+                  instruction-guided token reweighting; with `fda_beta` > 0 also Fourier
+                  domain adaptation (Yang & Soatto, 2020; adapt/fourier.py): a share
+                  `fda_fraction` of the source rows restyled with a target row's
+                  low-frequency amplitude. Off by default: the label-free criteria reject
+                  it (README "Fourier domain adaptation")
   drivlm_student  as the teacher, + distillation from the `teacher` run (heads, LM tokens,
                   visual tokens); evaluated with every token and pruned to `keep_ratio`
   oracle          labelled source + labelled target (the upper bound)
@@ -154,9 +158,9 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
   paper's gradient reversal of their BCE) or "confusion" (non-saturating; adapt/alignment.py).
   Every part has its own switch (the ablations): --config.loss.da_image=0,
   --config.loss.da_token=0, --config.loss.da_instance=0, --config.model.reweight=False,
-  --config.loss.kd_heads=0 (kd_lm, kd_feature).
+  --config.loss.kd_heads=0 (kd_lm, kd_feature), --config.fda.beta=0.
   It sets: method, init_from, model.reweight(_layer), data.target_fraction,
-  data.target_labelled, loss.*, da, distill, clip, and the pruned evaluator of the student
+  data.target_labelled, loss.*, da, distill, fda, clip, and the pruned evaluator of the student
   (`evals.target_pruned`). It never changes `batch_size`: each config sets it (rows per
   step, source and target together; see `with_target`).
   """
@@ -183,6 +187,8 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
                                              start=0.1 if init_from else 0.25))
   config.distill = ml_collections.ConfigDict(dict(
       teacher=teacher, temperature=2.0, feature_kind="cosine", rows="all"))
+  config.fda = ml_collections.ConfigDict(dict(beta=fda_beta if drivlm else 0.0,
+                                             fraction=fda_fraction))
   if method == "drivlm_student":   # also evaluated as deployed: pruned to `keep_ratio`
     config.evals.target_pruned = dict(type="heads", role="target", domain="target_pruned",
                                       keep_ratio=keep_ratio,

@@ -17,6 +17,10 @@ Variants (`:name=value,...`):
   tune=full|freeze_vision|freeze_lm|lora_lm|lora_lm_freeze_vision   (common.finetune)
   model=tiny|tiny_teacher|clip_b16_qwen05b|...   (default: tiny)
   steps=N                     total training steps (default 400)
+  fda=BETA,fda_fraction=F     Fourier domain adaptation in the DriVLM runs (teacher and
+                              student; off: 0): a share F of the source rows restyled with a
+                              target row's low-frequency amplitude, window BETA
+                              (adapt/fourier.py)
   shift=night_fog|rain_snow|camera|sensor   the domain shift (SHIFTS; bdd_oia layout):
                               day -> night+fog, day -> rain and snow (half each), camera
                               cam_wide -> cam_tele, day -> day through a low-cost sensor
@@ -43,7 +47,8 @@ SHIFTS = {
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, model="", method="source_only", steps=0, teacher="",
-                         init="", tune="full", dataset="bdd_oia", shift="night_fog")
+                         init="", tune="full", dataset="bdd_oia", shift="night_fog",
+                         fda=0.0, fda_fraction=1.0)
   if arg.shift not in SHIFTS:
     raise ValueError(f"shift {arg.shift!r}: known {', '.join(SHIFTS)}")
   if arg.dataset not in ("bdd_oia", "nuscenes"):
@@ -80,7 +85,8 @@ def get_config(arg=None):
   config.evals = common.evals(batch_size=40, num_generate=16, max_new_tokens=32)
   if arg.dataset == "nuscenes":
     _nuscenes(config)
-  common.add_method(config, method, arg.teacher, keep_ratio=0.25, init_from=arg.init)
+  common.add_method(config, method, arg.teacher, keep_ratio=0.25, init_from=arg.init,
+                    fda_beta=arg.fda, fda_fraction=arg.fda_fraction)
   common.finetune(config, arg.tune)
   # Rows per step, source and target together: 16 labelled source rows for every method.
   config.batch_size = 32 if common.with_target(config) else 16

@@ -23,6 +23,7 @@ import tqdm
 from absl import app, flags, logging
 
 from drivlm_jax import adapt, evaluate, lora, optim, parallel, pretrained, run as run_lib
+from drivlm_jax.adapt import fourier
 from drivlm_jax.data import pipeline, sources
 from drivlm_jax.losses import task
 from drivlm_jax.model import vlm
@@ -36,7 +37,8 @@ class NonFiniteLoss(RuntimeError):
   pass
 
 
-def make_train_step(cfg, tx, weights, components=(), ema_decay=0.0, view=lambda p: p):
+def make_train_step(cfg, tx, weights, components=(), ema_decay=0.0, view=lambda p: p,
+                    restyle=None):
   """One optimizer step: `train_step(state, batch, frozen) -> (state, metrics)`.
 
   The loss is `sum(weights[name] * value)` over the task terms (action, reason, lm) and the
@@ -47,11 +49,17 @@ def make_train_step(cfg, tx, weights, components=(), ema_decay=0.0, view=lambda 
   starts use: adversarial training moves the target accuracy a lot from step to step, and
   the average is what a run is judged by. `view` maps the trained params to the ones the
   model and losses see (frozen parts without gradients, LoRA merged: `model_view`).
+  `restyle(images, domain) -> images`, if given, redraws the batch's images first (Fourier
+  domain adaptation: source rows in a target row's style, `adapt.fourier`); the task, every
+  component and the teacher see the restyled batch.
   """
   task_terms = tuple(t for t in task.TERMS if weights.get(t, 0.0))
   needs_lm = "lm" in task_terms or any(c.needs_lm for c in components)
 
   def train_step(state, batch, frozen):
+    if restyle is not None:
+      batch = {**batch, "image": restyle(batch["image"], batch["domain"])}
+
     def loss_fn(trained):
       params = view(trained)
       out = vlm.apply(cfg, params, batch["image"], batch["input_ids"] if needs_lm else None,
@@ -166,7 +174,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state["ema"] = jax.tree.map(jnp.copy, params)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   batch_sharding = parallel.batch_sharding(mesh, rules)
-  train_step = jax.jit(make_train_step(cfg, tx, dict(config.loss), components, ema_decay, view),
+  train_step = jax.jit(make_train_step(cfg, tx, dict(config.loss), components, ema_decay, view,
+                                       fourier.from_config(config, cfg)),
                        in_shardings=(state_shardings, batch_sharding,
                                      jax.tree.map(lambda x: x.sharding, frozen)),
                        out_shardings=(state_shardings, parallel.replicated(mesh)),

@@ -350,3 +350,72 @@ def test_distillation_on_target_rows_is_the_loss_of_those_rows_alone():
   for term in weights:
     assert float(got[term]) == pytest.approx(float(alone[term]), rel=1e-5), term
     assert abs(float(got[term]) - float(every[term])) > 1e-4, term
+
+
+def _fda_reference(source, target, beta):
+  """One [H, W, C] image in the style of another, as the FDA authors' numpy code does it
+  (Yang & Soatto 2020, `FDA_source_to_target_np` / `low_freq_mutate_np`): channels first,
+  fft2 over the last two axes, the centred window of the shifted amplitudes swapped."""
+  src, trg = np.transpose(source, (2, 0, 1)), np.transpose(target, (2, 0, 1))
+  fft_src, fft_trg = np.fft.fft2(src, axes=(-2, -1)), np.fft.fft2(trg, axes=(-2, -1))
+  amp_src, pha_src, amp_trg = np.abs(fft_src), np.angle(fft_src), np.abs(fft_trg)
+  a_src = np.fft.fftshift(amp_src, axes=(-2, -1))
+  a_trg = np.fft.fftshift(amp_trg, axes=(-2, -1))
+  _, h, w = a_src.shape
+  b = int(np.floor(np.amin((h, w)) * beta))
+  c_h, c_w = int(np.floor(h / 2.0)), int(np.floor(w / 2.0))
+  a_src[:, c_h - b:c_h + b + 1, c_w - b:c_w + b + 1] = a_trg[:, c_h - b:c_h + b + 1,
+                                                             c_w - b:c_w + b + 1]
+  amp = np.fft.ifftshift(a_src, axes=(-2, -1))
+  out = np.real(np.fft.ifft2(amp * np.exp(1j * pha_src), axes=(-2, -1)))
+  return np.transpose(out, (1, 2, 0))
+
+
+@pytest.mark.parametrize("beta,shape", [(0.05, (64, 64)), (0.09, (36, 64)), (0.01, (64, 64)),
+                                        (0.1, (15, 20))])
+def test_fourier_swap_matches_the_authors_formula(beta, shape):
+  from drivlm_jax.adapt import fourier
+  rng = np.random.default_rng(0)
+  source, target = (rng.uniform(size=(2, *shape, 3)) for _ in range(2))
+  got = np.asarray(fourier.swap_low_frequencies(jnp.asarray(source, jnp.float32),
+                                                jnp.asarray(target, jnp.float32), beta))
+  for i in range(2):
+    np.testing.assert_allclose(got[i], _fda_reference(source[i], target[i], beta), atol=2e-5)
+  # the window takes the target's low-frequency amplitude and keeps the source's phase
+  spectrum = np.fft.fftshift(np.fft.fft2(got[0], axes=(0, 1)), axes=(0, 1))
+  want = np.abs(np.fft.fftshift(np.fft.fft2(target[0], axes=(0, 1)), axes=(0, 1)))
+  b, (ch, cw) = fourier.window(beta, *shape), (shape[0] // 2, shape[1] // 2)
+  np.testing.assert_allclose(np.abs(spectrum)[ch - b:ch + b + 1, cw - b:cw + b + 1],
+                             want[ch - b:ch + b + 1, cw - b:cw + b + 1], rtol=1e-3, atol=1e-3)
+
+
+def test_fourier_restyles_source_rows_with_target_rows_of_the_batch():
+  """The k-th source row takes the (k mod n)-th target row; pixels are restyled unnormalised and
+  clipped to [0, 1]; target rows, and batches without a target row, are unchanged."""
+  from drivlm_jax.adapt import fourier
+  from drivlm_jax.data import preprocess
+  mean, std = (np.asarray(v) for v in preprocess.MEAN_STD["clip"])
+  rng = np.random.default_rng(1)
+  pixels = rng.uniform(size=(5, 2, 16, 16, 3))      # 5 rows, 2 camera views each
+  pixels[3] *= 0.2                                   # a dark target row
+  images = ((pixels - mean) / std).astype(np.float32)
+  domain = np.array([0, 1, 0, 1, 0])
+  got = np.asarray(fourier.restyle(jnp.asarray(images), jnp.asarray(domain), 0.1, "clip"))
+  for row, partner in ((0, 1), (2, 3), (4, 1)):   # source ranks 0, 1, 2; n = 2
+    want = np.clip(_fda_reference_views(pixels[row], pixels[partner], 0.1), 0, 1)
+    np.testing.assert_allclose(got[row], (want - mean) / std, atol=1e-4)
+  np.testing.assert_array_equal(got[[1, 3]], images[[1, 3]])
+  assert got[2].mean() < images[2].mean()            # darker after the dark row's spectrum
+  same = fourier.restyle(jnp.asarray(images), jnp.zeros(5, jnp.int32), 0.1, "clip")
+  np.testing.assert_array_equal(np.asarray(same), images)
+  # fraction 0.5 of 4 source rows: the two of source rank 0 and 1
+  half = np.asarray(fourier.restyle(jnp.asarray(images), jnp.array([0, 1, 0, 0, 0]), 0.1,
+                                    "clip", fraction=0.5))
+  np.testing.assert_allclose(half[[0, 2]], [
+      (np.clip(_fda_reference_views(pixels[r], pixels[1], 0.1), 0, 1) - mean) / std
+      for r in (0, 2)], atol=1e-4)
+  np.testing.assert_array_equal(half[[1, 3, 4]], images[[1, 3, 4]])
+
+
+def _fda_reference_views(source, target, beta):
+  return np.stack([_fda_reference(s, t, beta) for s, t in zip(source, target)])

@@ -16,6 +16,7 @@ import pytest
 
 from configs import demo
 from drivlm_jax import pretrained, run as run_lib, train
+from drivlm_jax.adapt import fourier
 from drivlm_jax.data import sources
 from drivlm_jax.model import vlm
 
@@ -275,3 +276,29 @@ def test_ema_is_the_moving_average_of_the_params(cache):
   for e0, p1, e1 in zip(jax.tree.leaves(ema), jax.tree.leaves(new["params"]),
                         jax.tree.leaves(new["ema"])):
     np.testing.assert_allclose(e1, 0.75 * np.asarray(e0) + 0.25 * np.asarray(p1), atol=1e-6)
+
+
+def test_fda_restyles_the_batch_before_the_step(cache):
+  """`config.fda` on: the step is the plain step on the restyled batch (source rows in the
+  style of target rows), not the step on the batch as read."""
+  config = small_config(cache, "method=drivlm_teacher,steps=5,fda=0.1")
+  cfg = run_lib.model_config(config)
+  params = vlm.init(cfg, jax.random.key(0))
+  tx = optax.sgd(0.1)
+  state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params)}
+  data = sources.prepare(config.data, cache)
+  feats = run_lib.features(config, cfg, data["tokenizer"])
+  batch = next(iter(train.train_batches(config, data, feats, 0)))
+  batch = {k: batch[k] for k in train.BATCH_KEYS}
+  assert 0 < batch["domain"].sum() < len(batch["domain"])
+  restyle = fourier.from_config(config, cfg)
+  weights = {"action": 1.0, "reason": 1.0}
+  _, fda = jax.jit(train.make_train_step(cfg, tx, weights, restyle=restyle))(state, batch, {})
+  plain = jax.jit(train.make_train_step(cfg, tx, weights))
+  _, restyled = plain(state, {**batch, "image": restyle(batch["image"], batch["domain"])}, {})
+  _, as_read = plain(state, batch, {})
+  np.testing.assert_allclose(fda["loss"], restyled["loss"], rtol=1e-6)
+  assert abs(float(fda["loss"]) - float(as_read["loss"])) > 1e-4
+  assert fourier.from_config(demo.get_config("method=drivlm_teacher"), cfg) is None
+  with pytest.raises(ValueError, match="config.fda.fraction"):
+    fourier.from_config(demo.get_config("method=drivlm_teacher,fda=0.1,fda_fraction=0"), cfg)
