@@ -1,14 +1,15 @@
 r"""The adaptation defaults, chosen across shifts without a target label.
 
   python -m experiments.defaults [--workdir runs/defaults] [--shifts all] [--seeds 1]
-      [--weights 0.01,0.03,0.1,0.3] [--levels image+token+instance] [--starts 0.25]
+      [--weights 0.01,0.03,0.1,0.3] [--levels image+token+instance] [--starts 0.25] [--fda 0]
       [--arg method=drivlm_teacher,model=tiny_teacher] [--steps N] [--parallel 2] [--smoke]
       [--report defaults]
 
 Each candidate is a set of adversarial settings (the product of the grids): the weight of
 every discriminator level that is on (`loss.da_image`, `loss.da_token`, `loss.da_instance`;
 a level that is off gets 0) and the point of training where the reversal starts ramping up
-(`da.start`). Per shift of configs/demo.py (SHIFTS) and per seed, every candidate trains the
+(`da.start`), and optionally Fourier domain adaptation (`--fda`: its window and the share of
+source rows it restyles; adapt/fourier.py). Per shift of configs/demo.py (SHIFTS) and per seed, every candidate trains the
 run that the adversarial settings shape most: by default the demo's DriVLM teacher (the
 larger model, adapted from scratch; the student inherits its gain, README "Why the student
 does not gain"). Runs go to <workdir>/<shift>/seed<s>/<candidate>.
@@ -49,19 +50,38 @@ from experiments.runs import apply_overrides, flag_string, load_config_module, t
 LEVELS = select.LEVELS   # the discriminator levels, as the PAD names them
 
 
-def candidates(weights, level_sets, starts) -> dict:
+def candidates(weights, level_sets, starts, fdas=((0.0, 1.0),)) -> dict:
   """The grid -> {name: overrides} in grid order (weights outermost), e.g.
   "w0.03-image+token+instance-start0.25". A level set is a "+"-joined subset of LEVELS;
-  its levels get the weight, the others 0."""
+  its levels get the weight, the others 0. `fdas`: (beta, fraction) pairs of Fourier domain
+  adaptation (`fda.*`); one with beta > 0 adds "-fda<beta>x<fraction>" to the name (off: the
+  name is as before FDA existed, so earlier runs are reused)."""
   out = {}
-  for weight, levels, start in itertools.product(weights, level_sets, starts):
+  for weight, levels, start, (beta, fraction) in itertools.product(weights, level_sets,
+                                                                   starts, fdas):
     on = set(levels.split("+"))
     if not on or not on <= set(LEVELS):
       raise ValueError(f"level set {levels!r}: '+'-joined names of {', '.join(LEVELS)}")
-    out[f"w{weight:g}-{levels}-start{start:g}"] = {
-        **{f"loss.da_{level}": weight if level in on else 0.0 for level in LEVELS},
-        "da.start": start}
+    if beta < 0 or not 0 < fraction <= 1:
+      raise ValueError(f"fda {beta:g}x{fraction:g}: beta >= 0, fraction in (0, 1]")
+    name = f"w{weight:g}-{levels}-start{start:g}" + (f"-fda{beta:g}x{fraction:g}" if beta
+                                                      else "")
+    out[name] = {**{f"loss.da_{level}": weight if level in on else 0.0 for level in LEVELS},
+                 "da.start": start,
+                 **({"fda.beta": beta, "fda.fraction": fraction} if beta else {})}
   return out
+
+
+def parse_fdas(text: str) -> list:
+  """"0,0.05x0.5" -> [(0.0, 1.0), (0.05, 0.5)]: beta, or beta x fraction (default 1)."""
+  pairs = []
+  for item in text.split(","):
+    beta, _, fraction = item.partition("x")
+    try:
+      pairs.append((float(beta), float(fraction or 1.0)))
+    except ValueError:
+      raise ValueError(f"fda {item!r}: BETA or BETAxFRACTION, e.g. 0.05x0.5") from None
+  return pairs
 
 
 def choose(groups: dict, tiebreak: dict | None = None) -> dict:
@@ -167,6 +187,9 @@ def main():
                       help="comma-separated level sets, each '+'-joined")
   parser.add_argument("--starts", default="0.25",
                       help="da.start: fraction of training before the reversal ramps up")
+  parser.add_argument("--fda", default="0",
+                      help="Fourier domain adaptation settings, comma-separated BETA or "
+                      "BETAxFRACTION (0: off; configs/demo.py fda=, fda_fraction=)")
   parser.add_argument("--arg", default="method=drivlm_teacher,model=tiny_teacher",
                       help="configs/demo.py args of every run (a method with discriminators)")
   parser.add_argument("--steps", type=int, default=None)
@@ -185,7 +208,7 @@ def main():
     parser.error(f"unknown shift(s) {unknown}; known: {', '.join(demo_config.SHIFTS)}")
   try:
     overrides = candidates([float(w) for w in args.weights.split(",")], args.levels.split(","),
-                      [float(s) for s in args.starts.split(",")])
+                           [float(s) for s in args.starts.split(",")], parse_fdas(args.fda))
   except ValueError as e:
     parser.error(str(e))
   get_config = load_config_module("configs/demo.py")[0].get_config

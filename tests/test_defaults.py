@@ -16,6 +16,16 @@ def test_candidates_are_the_grid_with_levels_off_at_zero():
                                           "loss.da_instance": 0.0, "da.start": 0.25}
   with pytest.raises(ValueError, match="'pixel'"):
     defaults.candidates([0.1], ["pixel"], [0.25])
+  fda = defaults.candidates([0.03], ["image"], [0.25], defaults.parse_fdas("0,0.05x0.5,0.09"))
+  assert list(fda) == ["w0.03-image-start0.25", "w0.03-image-start0.25-fda0.05x0.5",
+                       "w0.03-image-start0.25-fda0.09x1"]
+  assert fda["w0.03-image-start0.25"] == grid["w0.03-image-start0.25"]   # off: as before
+  assert fda["w0.03-image-start0.25-fda0.05x0.5"] == {
+      **grid["w0.03-image-start0.25"], "fda.beta": 0.05, "fda.fraction": 0.5}
+  with pytest.raises(ValueError, match="'0.05y'"):
+    defaults.parse_fdas("0.05y")
+  with pytest.raises(ValueError, match="fraction"):
+    defaults.candidates([0.03], ["image"], [0.25], [(0.05, 0.0)])
 
 
 def test_choice_is_the_lowest_mean_rank_over_shifts_first_on_ties():
