@@ -9,10 +9,10 @@ Each candidate is a set of adversarial settings (the product of the grids): the 
 every discriminator level that is on (`loss.da_image`, `loss.da_token`, `loss.da_instance`;
 a level that is off gets 0) and the point of training where the reversal starts ramping up
 (`da.start`), and optionally Fourier domain adaptation (`--fda`: its window and the share of
-source rows it restyles; adapt/fourier.py). Per shift of configs/demo.py (SHIFTS) and per seed, every candidate trains the
-run that the adversarial settings shape most: by default the demo's DriVLM teacher (the
-larger model, adapted from scratch; the student inherits its gain, README "Why the student
-does not gain"). Runs go to <workdir>/<shift>/seed<s>/<candidate>.
+source rows it restyles; adapt/fourier.py). Per shift of configs/demo.py (SHIFTS) and per
+seed, every candidate trains the run that the adversarial settings shape most: by default
+the demo's DriVLM teacher (the larger model, adapted from scratch; the student inherits its
+gain, README "Why the student does not gain"). Runs go to <workdir>/<shift>/seed<s>/<candidate>.
 
 Selection (no target label read): each run is scored by Deep Embedded Validation
 (experiments.select: You et al., ICML 2019: the source validation loss importance-weighted by

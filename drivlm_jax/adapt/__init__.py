@@ -7,7 +7,7 @@
   clip          contrastive image-text fine-tuning of the vision tower (CLIP / SigLIP loss)
   entropy       entropy minimisation on the unlabelled target (a baseline, not DriVLM)
   fourier       Fourier domain adaptation: source rows redrawn in a target row's style before
-                the step (an input transform, not a loss; `make_train_step(fda_beta=...)`)
+                the step (an input transform, not a loss; `make_train_step(restyle=...)`)
 
 A component is a class registered here by name. `from_config(config, cfg, feats)` returns it
 when one of its loss terms has a weight > 0 in the flat mapping `config.loss`, else None. It

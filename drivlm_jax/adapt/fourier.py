@@ -19,8 +19,8 @@ min(H, W)) swaps the mean colour only. With `fraction` < 1 only that share of th
 rows is restyled, so the model also keeps seeing the source as it is.
 
 The k-th source row of a batch takes its (k mod n)-th target row (n target rows, both in
-batch order): batches are shuffled, so the pairs change from step to step, and the whole transform is a
-deterministic function of the batch.
+batch order): batches are shuffled, so the pairs change from step to step, and the whole
+transform is a deterministic function of the batch.
 """
 import jax
 import jax.numpy as jnp
