@@ -145,8 +145,8 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
                   instruction-guided token reweighting; with `fda_beta` > 0 also Fourier
                   domain adaptation (Yang & Soatto, 2020; adapt/fourier.py): a share
                   `fda_fraction` of the source rows restyled with a target row's
-                  low-frequency amplitude. Off by default: the label-free criteria reject
-                  it (README "Fourier domain adaptation")
+                  low-frequency amplitude. Off by default: the label-free rule of
+                  experiments.defaults keeps it off (README "Fourier domain adaptation")
   drivlm_student  as the teacher, + distillation from the `teacher` run (heads, LM tokens,
                   visual tokens); evaluated with every token and pruned to `keep_ratio`
   oracle          labelled source + labelled target (the upper bound)
