@@ -1,14 +1,18 @@
 r"""Training throughput of our jitted step vs an equivalent HF transformers + PyTorch step,
-same shapes, AdamW, fp32, alternated in one run.
+same shapes, AdamW, fp32 (one case in bf16 mixed precision on both sides), alternated in one
+run.
 
   python -m experiments.bench_train [--pairs 5] [--out bench_train.json]
-      [--cases vlm_tiny,vit_b16,loop,demo_loop]
+      [--cases vlm_tiny,vit_b16,vit_b16_bf16,loop,demo_loop]
 
 Cases:
   vlm_tiny   the demo config's model (CLIP 64px/8 + Qwen2 2x64, batch 16, 128 tokens): our
              `vlm.apply` + task losses vs transformers' LlavaForConditionalGeneration with
              the same towers plus the same attention-pooling heads in torch.
   vit_b16    CLIP ViT-B/16 at 224 px + a 4-way head, batch 8 (DESIGN's reference case).
+  vit_b16_bf16  the same in mixed precision, same dtype against same dtype: our bf16
+             compute with fp32 params and optimizer (`config.mixed_precision`) vs torch's
+             `autocast(bfloat16)` with fp32 params (its CPU AMP recipe).
   loop       the demo config's training loop on the sim: the host in lockstep with each
              step (the old loop) vs overlapped (the trainer's), steps/s side by side.
   demo_loop  the demo's own trainer (`drivlm_jax.train.train`, source_only on the sim:
@@ -129,8 +133,8 @@ def case_vlm_tiny(batch_size, length=128):
   return ours, peer, {"batch": batch_size, "tokens": length}
 
 
-def case_vit_b16(batch_size):
-  cfg = vision.Config(**common.MODEL_PRESETS["clip_b16_qwen05b"]["vision"])
+def case_vit_b16(batch_size, dtype="float32"):
+  cfg = vision.Config(**common.MODEL_PRESETS["clip_b16_qwen05b"]["vision"], dtype=dtype)
   rng = np.random.default_rng(0)
   images = rng.normal(size=(batch_size, 224, 224, 3)).astype(np.float32)
   labels = rng.integers(0, 2, (batch_size, 4)).astype(np.float32)
@@ -167,13 +171,14 @@ def case_vit_b16(batch_size):
   tl = torch.from_numpy(labels)
 
   def peer():
-    logits = head(model(pixel_values=ti).pooler_output)
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, tl)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+      logits = head(model(pixel_values=ti).pooler_output)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), tl)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
 
-  return ours, peer, {"batch": batch_size}
+  return ours, peer, {"batch": batch_size, "compute_dtype": dtype}
 
 
 def loop_overlap(steps=20, rounds=3) -> dict:
@@ -242,7 +247,7 @@ def demo_loop(step_examples_per_s: float, steps=150) -> dict:
           "ratio_loop_over_step": loop / step_examples_per_s}
 
 
-CASES = ("vlm_tiny", "vit_b16", "loop", "demo_loop")
+CASES = ("vlm_tiny", "vit_b16", "vit_b16_bf16", "loop", "demo_loop")
 
 
 def main():
@@ -259,7 +264,8 @@ def main():
                  "vlm_tiny")
   torch.set_num_threads(os.cpu_count())
   rows = []
-  for name, make in (("vlm_tiny", lambda: case_vlm_tiny(16)), ("vit_b16", lambda: case_vit_b16(8))):
+  for name, make in (("vlm_tiny", lambda: case_vlm_tiny(16)), ("vit_b16", lambda: case_vit_b16(8)),
+                     ("vit_b16_bf16", lambda: case_vit_b16(8, "bfloat16"))):
     if name not in cases:
       continue
     ours, peer, info = make()
@@ -271,7 +277,7 @@ def main():
            "ratio_ours_over_peer": t["ratio_peer_over_ours"],
            "ours_first_step_s": first_ours, "peer_first_step_s": first_peer}
     rows.append(row)
-    print(f"{name:9s} batch {batch:3d}: ours {row['ours_examples_per_s']:8.1f} examples/s, "
+    print(f"{name:12s} batch {batch:3d}: ours {row['ours_examples_per_s']:8.1f} examples/s, "
           f"torch {row['peer_examples_per_s']:8.1f} examples/s, ours/torch "
           f"{row['ratio_ours_over_peer']:.2f} (first step: ours {first_ours:.1f} s incl. "
           f"compile, torch {first_peer:.1f} s)")

@@ -1,4 +1,7 @@
 """Vision tower parity against transformers (CLIP and SigLIP), loading and round trip."""
+import dataclasses
+
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -78,3 +81,17 @@ def test_wrong_image_shape_is_a_clear_error(tmp_path):
   cfg, params = hf.load_vision_tower(ref.save(ref.clip_vision(), tmp_path))
   with pytest.raises(ValueError, match=r"NHWC"):
     vision.apply(cfg, params, np.zeros((1, 3, 32, 32), np.float32))
+
+
+def test_bf16_compute_stays_close_to_transformers_fp32(tmp_path):
+  """The mixed-precision path (bf16 compute, fp32 params; matmuls accumulate in fp32): within
+  bf16 rounding of HF's fp32 output, and bf16 where the compute dtype says."""
+  model = ref.clip_vision(image_size=28, patch_size=7, hidden=32, heads=2, layers=3)
+  cfg, params = hf.load_vision_tower(ref.save(model, tmp_path))
+  x, xt = ref.images(2, cfg.image_size)
+  ours = vision.apply(dataclasses.replace(cfg, dtype="bfloat16"), params, x)
+  with torch.inference_mode():
+    theirs = model(pixel_values=xt).last_hidden_state.numpy()
+  assert ours["last_hidden_state"].dtype == jnp.bfloat16
+  err = ref.max_diff(ours["last_hidden_state"].astype(jnp.float32), theirs)
+  assert 1e-4 < err <= 3e-2 * np.abs(theirs).max(), (err, np.abs(theirs).max())

@@ -131,8 +131,10 @@ class Decoder(nn.Module):
     x, kv_cache = stack(layers.constrain(x, "batch", "length", "embed"), rope, mask,
                         kv_cache, cache_index)
     x = layers.rms_norm(cfg, "norm", cfg.rms_norm_eps)(x)
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and x.dtype == jnp.float32:
       logits = embed.attend(x)
+    elif cfg.tie_word_embeddings:   # low precision: float32 logits (see layers.einsum)
+      logits = layers.einsum("btd,vd->btv", x, embed.embedding.astype(cfg.dtype), jnp.float32)
     else:
       logits = layers.dense(cfg.vocab_size, ("embed",), ("vocab",), cfg=cfg, name="lm_head",
                             use_bias=False)(x)

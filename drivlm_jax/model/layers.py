@@ -4,6 +4,7 @@ Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv_heads`,
 `vocab`, `layers`) and the main activations carry (`batch`, `length`, ...); `parallel.py`
 maps these names onto a device mesh. Without rules in scope the annotations are no-ops.
 """
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -56,13 +57,60 @@ class Dense(nn.Module):
                                         out_axis=tuple(range(n_in, n_in + n_out)))
     kernel = self.param("kernel", _init(init, self.in_axes + self.out_axes),
                         x.shape[-n_in:] + self.features, self.param_dtype)
-    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    y = contract_last(x, kernel, n_in)
     if self.use_bias:
       bias = self.param("bias", _init(nn.initializers.zeros, self.out_axes), self.features,
                         self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
+
+
+def contract_last(x, kernel, n_in):
+  """x [..., *in] . kernel [*in, *out] -> [..., *out], the last n_in dims of x contracted:
+  a plain matmul in float32, else `einsum`'s low-precision one."""
+  if x.dtype == jnp.float32:
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    return jax.lax.dot_general(x, kernel, (contract, ((), ())))
+  letters = "abcdefghijklmnopqrstuvwxyz"
+  lead, ins, outs = (letters[:x.ndim - n_in], letters[x.ndim - n_in:x.ndim],
+                     letters[x.ndim:x.ndim + kernel.ndim - n_in])
+  return einsum(f"{lead}{ins},{ins}{outs}->{lead}{outs}", x, kernel)
+
+
+def einsum(spec, a, b, out_dtype=None):
+  """`jnp.einsum` of two operands of one dtype, accumulated in float32, the result in
+  `out_dtype` (default: the operands' dtype). For bf16 (or fp16) operands a custom gradient
+  keeps every matmul of the backward low-precision too, accumulating in float32, as torch's
+  autocast does: JAX's own transpose of a float32-accumulating matmul takes the float32
+  cotangent, and XLA's CPU backend runs such mixed matmuls in float32 (measured: the bf16
+  ViT-B/16 step no faster than the float32 one). `spec` must name every index in two of its
+  three terms (a matmul, batched or not)."""
+  if a.dtype == jnp.float32:
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype or a.dtype)
+  return _low_precision_einsum(spec, jnp.dtype(out_dtype or a.dtype), a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _low_precision_einsum(spec, out_dtype, a, b):
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _low_precision_fwd(spec, out_dtype, a, b):
+  return _low_precision_einsum(spec, out_dtype, a, b), (a, b)
+
+
+def _low_precision_bwd(spec, out_dtype, residuals, g):
+  del out_dtype
+  a, b = residuals
+  (sa, sb), so = spec.split("->")[0].split(","), spec.split("->")[1]
+  g = g.astype(a.dtype)
+  da = jnp.einsum(f"{so},{sb}->{sa}", g, b, preferred_element_type=jnp.float32)
+  db = jnp.einsum(f"{sa},{so}->{sb}", a, g, preferred_element_type=jnp.float32)
+  return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_low_precision_einsum.defvjp(_low_precision_fwd, _low_precision_bwd)
 
 
 def dense(features, in_axes, out_axes, *, cfg, name, use_bias=True, axis=-1):
@@ -112,12 +160,12 @@ def attention(q, k, v, mask=None, scale=None):
   # the einsums over [B, T, N, Dh] on a 2-core CPU, forward and backward).
   q = (q * scale).reshape(b, t, kh, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, dh)
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-  scores = jnp.einsum("bkqd,bksd->bkqs", q, k).astype(jnp.float32)
+  scores = einsum("bkqd,bksd->bkqs", q, k, out_dtype=jnp.float32)
   if mask is not None:
     mask = jnp.broadcast_to(mask[:, None, None], (b, 1, g, t, mask.shape[-1]))
     scores = jnp.where(mask.reshape(b, 1, g * t, -1), scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkqs,bksd->bkqd", probs, v)
+  out = einsum("bkqs,bksd->bkqd", probs, v)
   return out.reshape(b, kh, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, n, dh)
 
 
