@@ -156,8 +156,9 @@ def attention(q, k, v, mask=None, scale=None):
   kh, g = k.shape[2], n // k.shape[2]
   scale = dh ** -0.5 if scale is None else scale
   # Heads-first, with a kv head's g query heads stacked along the rows: two batched matmuls
-  # of [g*T, Dh] x [Dh, S] per (batch, kv head), no transposes between them (2.5x faster than
-  # the einsums over [B, T, N, Dh] on a 2-core CPU, forward and backward).
+  # of [g*T, Dh] x [Dh, S] per (batch, kv head), no transposes between them (at ViT-B/16's
+  # shapes on a 2-core CPU, 2.5x faster forward and 1.7x forward + backward than einsums
+  # over the [B, T, N, Dh] layout).
   q = (q * scale).reshape(b, t, kh, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, dh)
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   scores = einsum("bkqd,bksd->bkqs", q, k, out_dtype=jnp.float32)
