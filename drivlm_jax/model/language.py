@@ -131,9 +131,7 @@ class Decoder(nn.Module):
     x, kv_cache = stack(layers.constrain(x, "batch", "length", "embed"), rope, mask,
                         kv_cache, cache_index)
     x = layers.rms_norm(cfg, "norm", cfg.rms_norm_eps)(x)
-    if cfg.tie_word_embeddings and x.dtype == jnp.float32:
-      logits = embed.attend(x)
-    elif cfg.tie_word_embeddings:   # low precision: float32 logits (see layers.einsum)
+    if cfg.tie_word_embeddings:   # float32 logits, accumulated in float32 (layers.einsum)
       logits = layers.einsum("btd,vd->btv", x, embed.embedding.astype(cfg.dtype), jnp.float32)
     else:
       logits = layers.dense(cfg.vocab_size, ("embed",), ("vocab",), cfg=cfg, name="lm_head",
