@@ -186,7 +186,7 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
   config.da = ml_collections.ConfigDict(dict(focal_gamma=0.0, hidden=128, objective="reversal",
                                              start=0.1 if init_from else 0.25))
   config.distill = ml_collections.ConfigDict(dict(
-      teacher=teacher, temperature=2.0, feature_kind="cosine", rows="all"))
+      teacher=teacher, temperature=2.0, feature_kind="cosine", rows="all", heads="sum"))
   config.fda = ml_collections.ConfigDict(dict(beta=fda_beta if drivlm else 0.0,
                                              fraction=fda_fraction))
   if method == "drivlm_student":   # also evaluated as deployed: pruned to `keep_ratio`

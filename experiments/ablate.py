@@ -14,9 +14,11 @@ user passes to drivlm_jax.train):
   no_da            all three levels 0                (no discriminator at all)
   no_reweighting   --config.model.reweight=False   (no gates, no pruning)
   no_distillation  --config.distill.teacher=       (no teacher)
-and one variant:
+and variants:
   kd_target_rows   --config.distill.rows=target    (the teacher teaches the unlabelled target
                                                    rows only; source rows learn from labels)
+  kd_heads_mean    --config.distill.heads=mean     (the heads' KD averaged over their classes,
+                                                   as their BCE is, not summed)
 The baselines source_only, dann and entmin (methods of their own) are rows too. Per seed,
 the teacher and the CLIP stage (method=clip_finetune, a quarter of the steps;
 configs/common.py:stage_steps) are trained once and shared. The report gives each row's
@@ -45,6 +47,7 @@ ABLATIONS = {
     "no_reweighting": {**_FULL, "model.reweight": False},
     "no_distillation": {**_FULL, "distill.teacher": ""},
     "kd_target_rows": {**_FULL, "distill.rows": "target"},
+    "kd_heads_mean": {**_FULL, "distill.heads": "mean"},
 }
 BASELINES = ("source_only", "dann", "entmin")
 

@@ -267,6 +267,11 @@ def test_sigmoid_kd_is_the_binary_kl():
       expected, rel=1e-5)
   assert float(distill.sigmoid_kd(jnp.asarray(t), jnp.asarray(t), T)) == pytest.approx(
       0.0, abs=1e-6)
+  # "mean": over the classes as well, as the heads' BCE on the labels; with a row mask
+  mask = np.array([1.0, 0.0, 1.0, 1.0])
+  expected = (kl.mean(-1) * mask).sum() / mask.sum() * T * T
+  got = distill.sigmoid_kd(jnp.asarray(s), jnp.asarray(t), T, jnp.asarray(mask), "mean")
+  assert float(got) == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["cosine", "mse"])

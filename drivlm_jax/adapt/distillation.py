@@ -11,6 +11,8 @@ with temperature `config.distill.temperature` and feature distance
 `config.distill.feature_kind` ("cosine" or "mse"). `config.distill.rows` says which rows
 distil: "all" (the default), or "target": the unlabelled target rows only, so the labelled
 source rows learn from their labels alone and the teacher teaches only where no label exists.
+`config.distill.heads` reduces the heads' KD over their classes: "sum" (the default) or
+"mean", as the heads' BCE on the labels does (`losses.distill.sigmoid_kd`).
 """
 import dataclasses
 from typing import Any
@@ -84,6 +86,7 @@ class Distillation(adapt.Component):
   temperature: float
   feature_kind: str
   rows: str = "all"     # "all" or "target"
+  heads: str = "sum"    # the heads' KD over their classes: "sum" or "mean"
 
   param_key = "distill"
   key_index = 2
@@ -101,8 +104,12 @@ class Distillation(adapt.Component):
     rows = kd.get("rows", "all")
     if rows not in ("all", "target"):
       raise ValueError(f"config.distill.rows={rows!r}: 'all' or 'target'")
+    heads = kd.get("heads", "sum")
+    if heads not in ("sum", "mean"):
+      raise ValueError(f"config.distill.heads={heads!r}: 'sum' or 'mean'")
     return cls(cfg, load_teacher(kd.teacher, cfg, weights, config, feats), weights,
-               float(kd.get("temperature", 1.0)), kd.get("feature_kind", "cosine"), rows)
+               float(kd.get("temperature", 1.0)), kd.get("feature_kind", "cosine"), rows,
+               heads)
 
   @property
   def needs_lm(self):
@@ -134,8 +141,10 @@ class Distillation(adapt.Component):
     losses = {}
     if w["kd_heads"]:
       losses["kd_heads"] = (
-          distill.sigmoid_kd(out["action_logits"], t["action_logits"], temperature, rows)
-          + distill.sigmoid_kd(out["reason_logits"], t["reason_logits"], temperature, rows))
+          distill.sigmoid_kd(out["action_logits"], t["action_logits"], temperature, rows,
+                             self.heads)
+          + distill.sigmoid_kd(out["reason_logits"], t["reason_logits"], temperature, rows,
+                               self.heads))
     if w["kd_lm"]:
       mask = per_row(b["attention_mask"] * (b["input_ids"] != self.cfg.image_token_id))
       losses["kd_lm"] = distill.softmax_kd(out["lm_logits"], t["lm_logits"], temperature, mask)

@@ -1,9 +1,11 @@
 """Scene-aware knowledge distillation from a frozen teacher VLM.
 
 softmax_kd:  KL(softmax(t / T) || softmax(s / T)) * T^2 per LM token (Hinton et al., 2015).
-sigmoid_kd:  the binary KL of the multi-label heads, sum_c KL(sigmoid(t_c / T) ||
-             sigmoid(s_c / T)) * T^2, i.e. BCE against the teacher's soft labels minus their
-             entropy, so it vanishes when student == teacher.
+sigmoid_kd:  the binary KL of the multi-label heads, KL(sigmoid(t_c / T) || sigmoid(s_c / T))
+             * T^2 per class c, i.e. BCE against the teacher's soft labels minus their
+             entropy, so it vanishes when student == teacher; summed over the classes
+             ("sum") or averaged over them ("mean", as the task's BCE is: then a weight of 1
+             puts the teacher's soft labels level with the true ones).
 feature_kd:  distance between the student's visual tokens (through a learned projection)
              and the teacher's, per token weighted by the reweighting scores (the scene parts
              the instruction cares about count most); cosine or MSE.
@@ -22,14 +24,17 @@ def softmax_kd(student_logits, teacher_logits, temperature=2.0, mask=None):
   return masked_mean(kl, mask) * temperature ** 2
 
 
-def sigmoid_kd(student_logits, teacher_logits, temperature=1.0, mask=None):
-  """logits [B, C] of multi-label heads; mask [B] selects examples."""
+def sigmoid_kd(student_logits, teacher_logits, temperature=1.0, mask=None, classes="sum"):
+  """logits [B, C] of multi-label heads; mask [B] selects examples; `classes`: "sum" or
+  "mean" over the C classes."""
   p = jax.nn.sigmoid(teacher_logits / temperature)
   log_p, log_1p = jax.nn.log_sigmoid(teacher_logits / temperature), jax.nn.log_sigmoid(
       -teacher_logits / temperature)
   log_q, log_1q = jax.nn.log_sigmoid(student_logits / temperature), jax.nn.log_sigmoid(
       -student_logits / temperature)
   kl = p * (log_p - log_q) + (1 - p) * (log_1p - log_1q)
+  if classes == "mean":
+    return masked_mean(kl, None if mask is None else mask[:, None]) * temperature ** 2
   return masked_mean(jnp.sum(kl, axis=-1), mask) * temperature ** 2
 
 
