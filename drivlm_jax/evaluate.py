@@ -18,7 +18,7 @@ import json
 import jax
 from absl import app, flags
 
-from drivlm_jax import evals, run as run_lib
+from drivlm_jax import evals, host, run as run_lib
 from drivlm_jax.evals import drivelm
 from drivlm_jax.data import sources
 
@@ -94,6 +94,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host.restart_with_huge_pages()
   run_lib.define_flags()
   flags.DEFINE_string("split", None, "Evaluate this split (default: each evaluator's own).")
   flags.DEFINE_bool("drivelm", False, "Also answer every DriveLM QA of the target test "

@@ -22,7 +22,7 @@ import optax
 import tqdm
 from absl import app, flags, logging
 
-from drivlm_jax import adapt, evaluate, lora, optim, parallel, pretrained, run as run_lib
+from drivlm_jax import adapt, evaluate, host, lora, optim, parallel, pretrained, run as run_lib
 from drivlm_jax.adapt import fourier
 from drivlm_jax.data import pipeline, sources
 from drivlm_jax.losses import task
@@ -343,5 +343,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host.restart_with_huge_pages()
   run_lib.define_flags()
   app.run(main)

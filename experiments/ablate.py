@@ -30,7 +30,7 @@ import argparse
 import os
 
 from configs import common
-from drivlm_jax import run as run_lib
+from drivlm_jax import host, run as run_lib
 from drivlm_jax.data import sources
 from experiments import jobs, report
 from experiments.runs import apply_overrides, flag_string, load_config_module, train_job
@@ -129,4 +129,5 @@ def main():
 
 
 if __name__ == "__main__":
+  host.restart_with_huge_pages()
   main()

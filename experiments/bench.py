@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 
+from drivlm_jax import host
 from experiments import machine
 
 PARTS = ("model", "train", "input", "export")
@@ -118,4 +119,5 @@ def main():
 
 
 if __name__ == "__main__":
+  host.restart_with_huge_pages()
   main()

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import onnxruntime as ort
 
-from drivlm_jax import timing
+from drivlm_jax import host, timing
 from experiments import bench_pruning, machine
 from export import benchmark, graphs, inputs, kernels, to_onnx
 
@@ -96,4 +96,5 @@ def main():
 
 
 if __name__ == "__main__":
+  host.restart_with_huge_pages()
   main()

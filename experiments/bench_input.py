@@ -21,7 +21,7 @@ import optax
 
 from configs import demo
 from data_builders import __main__ as build_cli
-from drivlm_jax import train
+from drivlm_jax import host, train
 from drivlm_jax.data import pipeline
 from drivlm_jax.model import vlm
 from drivlm_jax.sim import bdd_oia as sim_bdd
@@ -103,4 +103,5 @@ def _take(ds, n):
 
 
 if __name__ == "__main__":
+  host.restart_with_huge_pages()
   main()

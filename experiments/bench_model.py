@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from configs import common  # noqa: E402
-from drivlm_jax import hf, timing  # noqa: E402
+from drivlm_jax import hf, host, timing  # noqa: E402
 from drivlm_jax.model import language, vision  # noqa: E402
 from experiments import machine  # noqa: E402
 from experiments.scaling import lm_flops, vision_flops  # noqa: E402
@@ -157,4 +157,5 @@ def main():
 
 
 if __name__ == "__main__":
+  host.restart_with_huge_pages()
   main()

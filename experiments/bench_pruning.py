@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from configs import common
-from drivlm_jax import run as run_lib, timing
+from drivlm_jax import host, run as run_lib, timing
 from drivlm_jax.data import sources
 from drivlm_jax.evals import heads
 from drivlm_jax.model import vlm
@@ -102,4 +102,5 @@ def main():
 
 
 if __name__ == "__main__":
+  host.restart_with_huge_pages()
   main()

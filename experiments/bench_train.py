@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from configs import common, demo  # noqa: E402
-from drivlm_jax import timing, train  # noqa: E402
+from drivlm_jax import host, timing, train  # noqa: E402
 from drivlm_jax.model import vision, vlm  # noqa: E402
 from experiments import machine  # noqa: E402
 
@@ -300,4 +300,5 @@ def main():
 
 
 if __name__ == "__main__":
+  host.restart_with_huge_pages()
   main()

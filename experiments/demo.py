@@ -46,7 +46,7 @@ import onnxruntime as ort
 from absl import app, flags, logging
 
 from configs import common, demo as demo_config
-from drivlm_jax import run as run_lib, timing, visualize
+from drivlm_jax import host, run as run_lib, timing, visualize
 from drivlm_jax.data import sources
 from experiments import bench_pruning, jobs, report
 from experiments.runs import train_once
@@ -274,4 +274,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host.restart_with_huge_pages()
   app.run(main)

@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 
-from drivlm_jax import run as run_lib
+from drivlm_jax import host, run as run_lib
 from experiments import launchers, runs
 
 
@@ -220,4 +220,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  host.restart_with_huge_pages()
   sys.exit(main())
