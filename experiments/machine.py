@@ -5,13 +5,29 @@ Every benchmark puts `describe()` into its JSON and prints `line()`; the README'
 name the machine from it. The fp32 peak is cores x clock x FLOP/cycle: 2 FMA pipes x 2 FLOP
 x the fp32 lanes of the widest vector an FMA pipe executes at full rate (512-bit AVX-512 on
 Intel server cores, 16 lanes: 64 FLOP/cycle; AMD Zen 4 runs AVX-512 on 256-bit pipes, and
-AVX2 cores have 256-bit ones, 8 lanes: 32 FLOP/cycle). The clock is /proc/cpuinfo's "cpu
-MHz" (the frequency the kernel reports, not the turbo a core may reach under load).
+AVX2 cores have 256-bit ones, 8 lanes: 32 FLOP/cycle). The clock is measured
+(`measured_mhz`): every core runs a chain of dependent register adds (one cycle each on
+x86-64 cores), so cycles / seconds is the clock the cores really run at under load. In a
+virtual machine /proc/cpuinfo's "cpu MHz" is the nominal clock (2600 MHz on a Xeon whose cores
+ran at 3900, where torch's GEMM reached 130% of the "peak" at 2600); it is kept beside the
+measured one, and the peak falls back to it off x86-64 Linux.
 `busy_threads(fn)` counts the threads of this process that did real work during `fn()`,
 from the kernel's per-thread CPU time: what a thread pool uses, not what it was told.
 """
+import ctypes
 import importlib.metadata
+import mmap
 import os
+import platform
+import threading
+import time
+
+# mov rcx, rdi; xor eax, eax; mov edx, 1; then `ADDS` x `add rax, rdx` (each waits for the
+# one before: 1 cycle apiece; not `add rax, imm`, which newer Intel cores fold at rename);
+# dec rcx; jnz back to the adds; ret.
+ADDS = 16
+_CHAIN = (bytes.fromhex("4889f9" "31c0" "ba01000000") + bytes.fromhex("4801d0") * ADDS
+          + bytes.fromhex("48ffc9") + bytes([0x75, -(3 * ADDS + 5) & 0xFF]) + b"\xc3")
 
 
 def _cpuinfo() -> dict:
@@ -44,12 +60,54 @@ def flop_per_cycle(vendor: str, flags: set) -> int:
   return 16
 
 
+def add_chain():
+  """`_CHAIN` as a callable (`chain(loops)` runs `ADDS * loops` dependent adds and returns
+  that count), or None off x86-64 Linux or where executable memory cannot be mapped."""
+  if platform.machine() != "x86_64" or not os.path.exists("/proc/self"):
+    return None
+  try:
+    page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+  except (OSError, ValueError, AttributeError):
+    return None
+  page.write(_CHAIN)
+  chain = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long)(
+      ctypes.addressof(ctypes.c_char.from_buffer(page)))
+  chain.page = page                  # the code lives as long as the callable
+  return chain if chain(3) == 3 * ADDS else None
+
+
+def measured_mhz(cores: int, seconds: float = 0.5) -> float | None:
+  """The clock (MHz) `cores` threads run at, each timing its own chain of dependent adds,
+  all at once (the rate all cores keep together); the mean over threads. None where
+  `add_chain` is."""
+  chain = add_chain()
+  if chain is None:
+    return None
+  start = time.perf_counter()
+  chain(1_000_000)
+  loops = max(1, int(seconds / (time.perf_counter() - start) * 1_000_000))
+  rates = []
+
+  def run():                         # ctypes releases the GIL: the threads run in parallel
+    start = time.perf_counter()
+    chain(loops)
+    rates.append(ADDS * loops / (time.perf_counter() - start) / 1e6)
+
+  threads = [threading.Thread(target=run) for _ in range(cores)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  return sum(rates) / len(rates)
+
+
 def describe() -> dict:
   info = _cpuinfo()
   vendor = info.get("vendor_id", "unknown")
   flags = set(info.get("flags", "").split())
   cores = len(os.sched_getaffinity(0))
-  mhz = float(info["cpu MHz"]) if "cpu MHz" in info else None
+  nominal = float(info["cpu MHz"]) if "cpu MHz" in info else None
+  mhz = measured_mhz(cores) or nominal
   per_cycle = flop_per_cycle(vendor, flags)
   wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16",
             "amx_int8")
@@ -57,6 +115,7 @@ def describe() -> dict:
       "cpu": {"vendor": vendor, "model_name": info.get("model name"),
               "family": info.get("cpu family"), "model": info.get("model"),
               "flags": sorted(flags & set(wanted)), "cores": cores, "mhz": mhz,
+              "nominal_mhz": nominal,
               "fp32_flop_per_cycle": per_cycle,
               "fp32_peak_gflops": cores * mhz * per_cycle / 1e3 if mhz else None},
       "versions": {p: _version(p) for p in ("jax", "jaxlib", "torch", "transformers",
@@ -65,12 +124,17 @@ def describe() -> dict:
   }
 
 
+def _mhz(value) -> str:
+  return f"{value:.0f} MHz" if value else "? MHz"
+
+
 def line(machine: dict) -> str:
   """One line naming the machine, for a benchmark's output and the README's tables."""
   cpu = machine["cpu"]
   peak = cpu["fp32_peak_gflops"]
   return (f"{cpu['vendor']} {cpu['model_name']} (family {cpu['family']} model {cpu['model']}), "
-          f"{cpu['cores']} cores at {cpu['mhz'] or '?'} MHz, "
+          f"{cpu['cores']} cores at {_mhz(cpu['mhz'])} measured ({_mhz(cpu['nominal_mhz'])} "
+          f"nominal), "
           f"{'/'.join(cpu['flags']) or 'no AVX'}, fp32 peak "
           f"{f'{peak:.0f} GFLOP/s' if peak else 'unknown'}; "
           + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v))
