@@ -12,13 +12,17 @@ challenge's judge-free scores. `python -m drivlm_jax.evaluate --drivelm_test TES
 does (`evals/drivelm.py`), prints the scores and, with --workdir, adds them to its eval.json
 under "drivelm".
 """
+if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
+  from drivlm_jax import host
+  host.restart_with_huge_pages()
+
 import dataclasses
 import json
 
 import jax
 from absl import app, flags
 
-from drivlm_jax import evals, host, run as run_lib
+from drivlm_jax import evals, run as run_lib
 from drivlm_jax.evals import drivelm
 from drivlm_jax.data import sources
 
@@ -94,7 +98,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  host.restart_with_huge_pages()
   run_lib.define_flags()
   flags.DEFINE_string("split", None, "Evaluate this split (default: each evaluator's own).")
   flags.DEFINE_bool("drivelm", False, "Also answer every DriveLM QA of the target test "

@@ -11,7 +11,8 @@ per step on a 2-core Intel Xeon (`python -m experiments.bench_train --cases vit_
 default; "always" needs nothing, "never" gives nothing). glibc reads it only when a process
 starts, hence `restart_with_huge_pages`.
 
-Entry points call it first thing under `if __name__ == "__main__"`; library code never does.
+Entry points call it in an `if __name__ == "__main__"` block above their imports, so the
+restarted process is the only one that loads JAX; library code never does.
 An explicit `glibc.malloc.hugetlb=...` in GLIBC_TUNABLES (0 turns it off) is left alone.
 """
 import os
@@ -42,10 +43,14 @@ def _glibc_has_tunable() -> bool:
     return False
 
 
-def huge_pages_environ(environ) -> dict | None:
-  """The environment to restart with, or None when there is nothing to gain or it is set."""
+def can_use_huge_pages() -> bool:
+  return _thp_mode() == "madvise" and _glibc_has_tunable()
+
+
+def with_huge_pages(environ) -> dict | None:
+  """`environ` with the tunable added to GLIBC_TUNABLES, or None when it names it already."""
   tunables = environ.get("GLIBC_TUNABLES", "")
-  if TUNABLE in tunables or _thp_mode() != "madvise" or not _glibc_has_tunable():
+  if TUNABLE in tunables:
     return None
   return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, f"{TUNABLE}=1")))}
 
@@ -53,8 +58,8 @@ def huge_pages_environ(environ) -> dict | None:
 def restart_with_huge_pages():
   """Replaces this process with the same command line plus `glibc.malloc.hugetlb=1`, once
   (the restarted process finds it set); a no-op where glibc or the kernel cannot use it."""
-  environ = huge_pages_environ(os.environ)
-  if environ is None or not getattr(sys, "orig_argv", None):
+  environ = with_huge_pages(os.environ)
+  if environ is None or not can_use_huge_pages() or not getattr(sys, "orig_argv", None):
     return
   sys.stdout.flush()
   sys.stderr.flush()

@@ -8,6 +8,10 @@ non-finite loss stops the run and leaves the last good checkpoint alone. Writes
 DIR/config.json, DIR/metrics.jsonl, TensorBoard events in DIR/tb, and DIR/eval.json; DIR may
 be a bucket (gs://...), read and written through etils.epath.
 """
+if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
+  from drivlm_jax import host
+  host.restart_with_huge_pages()
+
 import json
 import signal
 import sys
@@ -22,7 +26,7 @@ import optax
 import tqdm
 from absl import app, flags, logging
 
-from drivlm_jax import adapt, evaluate, host, lora, optim, parallel, pretrained, run as run_lib
+from drivlm_jax import adapt, evaluate, lora, optim, parallel, pretrained, run as run_lib
 from drivlm_jax.adapt import fourier
 from drivlm_jax.data import pipeline, sources
 from drivlm_jax.losses import task
@@ -343,6 +347,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  host.restart_with_huge_pages()
   run_lib.define_flags()
   app.run(main)

@@ -26,11 +26,15 @@ paired per-seed difference against the full method (drivlm_student) with its 95%
 Runs go to <workdir>/seed<s>/<name>; the table (mean ± std over seeds, target and source
 test split) to <workdir>/ablation/report.md and results.json. Finished runs are reused.
 """
+if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
+  from drivlm_jax import host
+  host.restart_with_huge_pages()
+
 import argparse
 import os
 
 from configs import common
-from drivlm_jax import host, run as run_lib
+from drivlm_jax import run as run_lib
 from drivlm_jax.data import sources
 from experiments import jobs, report
 from experiments.runs import apply_overrides, flag_string, load_config_module, train_job
@@ -129,5 +133,4 @@ def main():
 
 
 if __name__ == "__main__":
-  host.restart_with_huge_pages()
   main()

@@ -15,6 +15,10 @@ r"""Every benchmark in one command, each side by side with its peer, into one ta
 Each part runs in its own process (same rules: alternated pairs, medians, torch at its best)
 and writes its JSON; bench.json gathers them with the table printed at the end.
 """
+if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
+  from drivlm_jax import host
+  host.restart_with_huge_pages()
+
 import argparse
 import json
 import os
@@ -23,7 +27,6 @@ import sys
 import tempfile
 import time
 
-from drivlm_jax import host
 from experiments import machine
 
 PARTS = ("model", "train", "input", "export")
@@ -119,5 +122,4 @@ def main():
 
 
 if __name__ == "__main__":
-  host.restart_with_huge_pages()
   main()

@@ -11,6 +11,10 @@ config's training step consumes.
 4. consumption: examples/s of a jitted AdamW step of the demo config's model on those
    batches (task losses), i.e. what the pipeline has to keep up with.
 """
+if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
+  from drivlm_jax import host
+  host.restart_with_huge_pages()
+
 import argparse
 import json
 import tempfile
@@ -21,7 +25,7 @@ import optax
 
 from configs import demo
 from data_builders import __main__ as build_cli
-from drivlm_jax import host, train
+from drivlm_jax import train
 from drivlm_jax.data import pipeline
 from drivlm_jax.model import vlm
 from drivlm_jax.sim import bdd_oia as sim_bdd
@@ -103,5 +107,4 @@ def _take(ds, n):
 
 
 if __name__ == "__main__":
-  host.restart_with_huge_pages()
   main()

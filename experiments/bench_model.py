@@ -9,6 +9,10 @@ threads = cores, OMP_WAIT_POLICY=PASSIVE), ours and the peer alternated A B A B,
 the median per-pair ratio, warm-up/compile time apart, peak RSS, and achieved GFLOP/s against
 this machine's fp32 GEMM peak (2048^3) measured in the same run.
 """
+if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
+  from drivlm_jax import host
+  host.restart_with_huge_pages()
+
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
@@ -25,7 +29,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from configs import common  # noqa: E402
-from drivlm_jax import hf, host, timing  # noqa: E402
+from drivlm_jax import hf, timing  # noqa: E402
 from drivlm_jax.model import language, vision  # noqa: E402
 from experiments import machine  # noqa: E402
 from experiments.scaling import lm_flops, vision_flops  # noqa: E402
@@ -157,5 +161,4 @@ def main():
 
 
 if __name__ == "__main__":
-  host.restart_with_huge_pages()
   main()

@@ -9,6 +9,10 @@ ratio. --vit-b16 adds a random-weight CLIP ViT-B/16-224 student (speed only). Ti
 interleaved (each round times every ratio once) and the median over rounds is reported.
 Writes --out (default bench_pruning.json).
 """
+if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
+  from drivlm_jax import host
+  host.restart_with_huge_pages()
+
 import argparse
 import dataclasses
 import json
@@ -17,7 +21,7 @@ import jax
 import numpy as np
 
 from configs import common
-from drivlm_jax import host, run as run_lib, timing
+from drivlm_jax import run as run_lib, timing
 from drivlm_jax.data import sources
 from drivlm_jax.evals import heads
 from drivlm_jax.model import vlm
@@ -102,5 +106,4 @@ def main():
 
 
 if __name__ == "__main__":
-  host.restart_with_huge_pages()
   main()

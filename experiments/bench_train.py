@@ -20,6 +20,10 @@ Cases:
              bare jitted step measured in the same run (same model and batch): their ratio.
 torch runs at its best: threads = cores, OMP_WAIT_POLICY=PASSIVE, no autograd anomaly mode.
 """
+if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
+  from drivlm_jax import host
+  host.restart_with_huge_pages()
+
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -37,7 +41,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from configs import common, demo  # noqa: E402
-from drivlm_jax import host, timing, train  # noqa: E402
+from drivlm_jax import timing, train  # noqa: E402
 from drivlm_jax.model import vision, vlm  # noqa: E402
 from experiments import machine  # noqa: E402
 
@@ -300,5 +304,4 @@ def main():
 
 
 if __name__ == "__main__":
-  host.restart_with_huge_pages()
   main()

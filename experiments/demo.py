@@ -38,6 +38,10 @@ writes one table per shift to <workdir>/shifts.md. Re-running resumes or reuses 
 (configs/demo.py:dataset=nuscenes), day Boston -> night+rain Singapore; the report adds the
 DriveLM challenge's scores per method on the target test frames (evals.target_drivelm).
 """
+if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
+  from drivlm_jax import host
+  host.restart_with_huge_pages()
+
 import os
 import time
 
@@ -46,7 +50,7 @@ import onnxruntime as ort
 from absl import app, flags, logging
 
 from configs import common, demo as demo_config
-from drivlm_jax import host, run as run_lib, timing, visualize
+from drivlm_jax import run as run_lib, timing, visualize
 from drivlm_jax.data import sources
 from experiments import bench_pruning, jobs, report
 from experiments.runs import train_once
@@ -274,5 +278,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  host.restart_with_huge_pages()
   app.run(main)

@@ -107,7 +107,8 @@ def describe() -> dict:
   flags = set(info.get("flags", "").split())
   cores = len(os.sched_getaffinity(0))
   nominal = float(info["cpu MHz"]) if "cpu MHz" in info else None
-  mhz = measured_mhz(cores) or nominal
+  measured = measured_mhz(cores)
+  mhz = measured or nominal
   per_cycle = flop_per_cycle(vendor, flags)
   wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16",
             "amx_int8")
@@ -115,7 +116,7 @@ def describe() -> dict:
       "cpu": {"vendor": vendor, "model_name": info.get("model name"),
               "family": info.get("cpu family"), "model": info.get("model"),
               "flags": sorted(flags & set(wanted)), "cores": cores, "mhz": mhz,
-              "nominal_mhz": nominal,
+              "clock": "measured" if measured else "nominal", "nominal_mhz": nominal,
               "fp32_flop_per_cycle": per_cycle,
               "fp32_peak_gflops": cores * mhz * per_cycle / 1e3 if mhz else None},
       "versions": {p: _version(p) for p in ("jax", "jaxlib", "torch", "transformers",
@@ -132,10 +133,11 @@ def line(machine: dict) -> str:
   """One line naming the machine, for a benchmark's output and the README's tables."""
   cpu = machine["cpu"]
   peak = cpu["fp32_peak_gflops"]
+  clock = f"{_mhz(cpu['mhz'])} {cpu['clock']}"
+  if cpu["clock"] == "measured":
+    clock += f" ({_mhz(cpu['nominal_mhz'])} nominal)"
   return (f"{cpu['vendor']} {cpu['model_name']} (family {cpu['family']} model {cpu['model']}), "
-          f"{cpu['cores']} cores at {_mhz(cpu['mhz'])} measured ({_mhz(cpu['nominal_mhz'])} "
-          f"nominal), "
-          f"{'/'.join(cpu['flags']) or 'no AVX'}, fp32 peak "
+          f"{cpu['cores']} cores at {clock}, {'/'.join(cpu['flags']) or 'no AVX'}, fp32 peak "
           f"{f'{peak:.0f} GFLOP/s' if peak else 'unknown'}; "
           + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v))
 

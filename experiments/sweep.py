@@ -29,6 +29,10 @@ the overrides (stable across invocations) and its workdir is
 --dry-run prints, per run, a line "run NAME" and then what would be launched: the command
 (local, tpu_vm), the task YAML (skypilot) or the sbatch script (slurm); no cloud CLI needed.
 """
+if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
+  from drivlm_jax import host
+  host.restart_with_huge_pages()
+
 import argparse
 import ast
 import inspect
@@ -40,7 +44,7 @@ import subprocess
 import sys
 import time
 
-from drivlm_jax import host, run as run_lib
+from drivlm_jax import run as run_lib
 from experiments import launchers, runs
 
 
@@ -220,5 +224,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  host.restart_with_huge_pages()
   sys.exit(main())

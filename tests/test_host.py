@@ -32,7 +32,7 @@ def _huge_kib(tunables):
   return int(out.stdout.split()[-1])
 
 
-@pytest.mark.skipif(host.huge_pages_environ({}) is None,
+@pytest.mark.skipif(not host.can_use_huge_pages(),
                     reason="needs glibc >= 2.35 and the kernel's THP mode 'madvise'")
 def test_the_restart_puts_large_mallocs_on_huge_pages():
   assert _huge_kib(None) >= 32 << 10                       # restarted with the tunable
@@ -40,8 +40,7 @@ def test_the_restart_puts_large_mallocs_on_huge_pages():
 
 
 def test_the_environment_adds_the_tunable_once():
-  env = host.huge_pages_environ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "A": "1"})
-  if env is None:
-    pytest.skip("needs glibc >= 2.35 and the kernel's THP mode 'madvise'")
+  env = host.with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "A": "1"})
   assert env == {"A": "1", "GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{host.TUNABLE}=1"}
-  assert host.huge_pages_environ(env) is None
+  assert host.with_huge_pages(env) is None
+  assert host.with_huge_pages({})["GLIBC_TUNABLES"] == f"{host.TUNABLE}=1"
