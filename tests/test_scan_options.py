@@ -1,12 +1,15 @@
-"""`remat` and `scan_unroll` change how layers run, never what they compute."""
+"""`remat`, `scan_unroll` and the train step's compile options change how layers run, never
+what they compute."""
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from configs import common
-from drivlm_jax.model import vlm
+from drivlm_jax import train
+from drivlm_jax.model import vision, vlm
 
 
 def test_remat_and_unroll_keep_outputs_and_gradients():
@@ -30,3 +33,31 @@ def test_remat_and_unroll_keep_outputs_and_gradients():
     np.testing.assert_allclose(got_loss, expected_loss, rtol=1e-6)
     for g, e in zip(jax.tree.leaves(got_grads), jax.tree.leaves(expected_grads)):
       np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6)
+
+
+def _while_stacks(hlo: str, num_layers: int) -> list:
+  """Per while loop over layers in a compiled HLO text (one with [num_layers, ...]
+  operands), the dtypes of those operands."""
+  loops = (re.findall(rf"\b(f32|bf16)\[{num_layers},", shapes)
+           for shapes in re.findall(r"= \((.*?)\) while\(", hlo))
+  return [stacks for stacks in loops if stacks]
+
+
+def test_bf16_step_options_keep_saved_activations_bf16_into_the_backward():
+  """`train.step_compiler_options` for bf16 on CPU: the bf16 activations the forward layer
+  loop saves reach the backward loop as bf16 (XLA's invariant code motion would convert
+  each whole stack to float32 before it), and the gradients are the same."""
+  cfg = vision.Config(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                      num_heads=2, num_layers=3, dtype="bfloat16")
+  params = vision.init(cfg, jax.random.key(0))
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  loss = lambda p: vision.apply(cfg, p, x)["pooled"].astype(jnp.float32).sum()
+  options = train.step_compiler_options("float32", "bfloat16")
+  assert train.step_compiler_options("float32") == {}
+  compiled = {name: jax.jit(jax.grad(loss), compiler_options=o).lower(params).compile()
+              for name, o in (("default", {}), ("options", options))}
+  forward, backward = _while_stacks(compiled["options"].as_text(), cfg.num_layers)
+  assert forward.count("bf16") > 0 and backward.count("bf16") == forward.count("bf16")
+  got, expected = (compiled[n](params) for n in ("options", "default"))
+  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(g, e)

@@ -132,7 +132,7 @@ class Decoder(nn.Module):
                         kv_cache, cache_index)
     x = layers.rms_norm(cfg, "norm", cfg.rms_norm_eps)(x)
     if cfg.tie_word_embeddings:   # float32 logits, accumulated in float32 (layers.einsum)
-      logits = layers.einsum("btd,vd->btv", x, embed.embedding.astype(cfg.dtype), jnp.float32)
+      logits = layers.einsum("btd,vd->btv", x, embed.embedding, jnp.float32)
     else:
       logits = layers.dense(cfg.vocab_size, ("embed",), ("vocab",), cfg=cfg, name="lm_head",
                             use_bias=False)(x)
