@@ -152,7 +152,9 @@ def xla_memory(cfg: vlm.Config, mesh_sizes: dict, global_batch: int, seq_len: in
              "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params)}
   batch = bench_train.fake_batch(cfg, global_batch, seq_len, np.random.default_rng(0))
   batch = parallel.put_batch(batch, parallel.batch_sharding(mesh, rules))
-  step = jax.jit(train.make_train_step(cfg, tx, {"action": 1.0, "reason": 1.0, "lm": 1.0}))
+  step = jax.jit(train.make_train_step(cfg, tx, {"action": 1.0, "reason": 1.0, "lm": 1.0}),
+                 compiler_options=train.step_compiler_options(cfg.vision.dtype,
+                                                              cfg.language.dtype))
   stats = step.lower(state, batch, {}).compile().memory_analysis()
   batch_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(batch))
   return {"argument_bytes": stats.argument_size_in_bytes, "batch_bytes": batch_bytes,

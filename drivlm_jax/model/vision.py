@@ -95,8 +95,8 @@ class PatchEmbedding(nn.Module):
     patches = patchify(images, p).astype(cfg.dtype)
     x = layers.contract_last(patches, kernel.reshape(p * p * c, d), 1)
     if cfg.family == "siglip":
-      x = x + layers.param(self, "bias", (d,), ("embed",), init=nn.initializers.zeros,
-                           dtype=cfg.param_dtype).astype(cfg.dtype)
+      x = layers.add_bias(x, layers.param(self, "bias", (d,), ("embed",),
+                                          init=nn.initializers.zeros, dtype=cfg.param_dtype))
     return layers.constrain(x, "batch", "length", "embed")
 
 
