@@ -84,7 +84,9 @@ def main():
   params = vlm.init(cfg, jax.random.key(0))
   tx = optax.adamw(1e-3)
   state = {"step": 0, "params": params, "opt_state": tx.init(params)}
-  step = jax.jit(train.make_train_step(cfg, tx, dict(config.loss)))
+  step = jax.jit(train.make_train_step(cfg, tx, dict(config.loss)),
+                 compiler_options=train.step_compiler_options(cfg.vision.dtype,
+                                                              cfg.language.dtype))
   device_batches = [{k: jax.numpy.asarray(b[k]) for k in train.BATCH_KEYS} for b in batches]
   state, _ = step(state, device_batches[0], {})
   jax.block_until_ready(state)

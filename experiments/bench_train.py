@@ -87,7 +87,8 @@ def case_vlm_tiny(batch_size, length=128):
   tx = optax.adamw(1e-4)
   # The state is donated, as the trainer does: XLA updates it in place, as torch does.
   step = jax.jit(train.make_train_step(cfg, tx, {"action": 1.0, "reason": 1.0, "lm": 1.0}),
-                 donate_argnums=0)
+                 donate_argnums=0, compiler_options=train.step_compiler_options(
+                     cfg.vision.dtype, cfg.language.dtype))
   state = [{"step": jnp.int32(0), "params": params, "opt_state": tx.init(params)}]
   jbatch = {k: jnp.asarray(v) for k, v in data.items()}
 
@@ -203,7 +204,9 @@ def loop_overlap(steps=20, rounds=3) -> dict:
   data = sources.prepare(config.data, config.data.cache_dir)
   feats = run_lib.features(config, cfg, data["tokenizer"])
   tx = optax.adamw(1e-4)
-  step = jax.jit(train.make_train_step(cfg, tx, dict(config.loss)), donate_argnums=0)
+  step = jax.jit(train.make_train_step(cfg, tx, dict(config.loss)), donate_argnums=0,
+                 compiler_options=train.step_compiler_options(cfg.vision.dtype,
+                                                              cfg.language.dtype))
   params = vlm.init(cfg, jax.random.key(0))
   state = [{"step": jnp.int32(0), "params": params, "opt_state": tx.init(params)}]
   place = lambda b: {k: jnp.asarray(b[k]) for k in train.BATCH_KEYS}

@@ -107,19 +107,28 @@ def test_bf16_gradients_stay_close_to_transformers_fp32(tmp_path, make):
   model = make(image_size=28, patch_size=7, hidden=32, heads=2, layers=3)
   cfg, params = hf.load_vision_tower(ref.save(model, tmp_path / "model"))
   x, xt = ref.images(2, cfg.image_size)
-  shape = vision.apply(cfg, params, x)["last_hidden_state"].shape
-  w = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+  out = vision.apply(cfg, params, x)
+  rng = np.random.default_rng(1)
+  w = {k: rng.normal(size=out[k].shape).astype(np.float32) for k in ("last_hidden_state", "pooled")}
   bf16 = dataclasses.replace(cfg, dtype="bfloat16")
-  grads = jax.grad(lambda p: jnp.sum(
-      vision.apply(bf16, p, x)["last_hidden_state"].astype(jnp.float32) * w))(params)
+
+  def loss(p):   # both outputs: the pooled one reaches SigLIP's attention-pooling head
+    out = vision.apply(bf16, p, x)
+    return sum(jnp.sum(out[k].astype(jnp.float32) * w[k]) for k in w)
+
+  grads = jax.grad(loss)(params)
   assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
-  (model(pixel_values=xt).last_hidden_state * torch.from_numpy(w)).sum().backward()
+  theirs = model(pixel_values=xt)
+  (sum((getattr(theirs, name) * torch.from_numpy(w[k])).sum()
+       for k, name in (("last_hidden_state", "last_hidden_state"), ("pooled", "pooler_output")))
+   .backward())
   hf.save_vision_tower(cfg, grads, str(tmp_path / "grads"))   # our grads under HF's names
   ours = safetensors.numpy.load_file(str(tmp_path / "grads" / hf.SAFETENSORS))
   ours = {k.removeprefix("vision_model."): v for k, v in ours.items()}
   theirs = {n: p.grad.numpy() for n, p in model.named_parameters() if p.grad is not None}
   assert set(theirs) <= set(ours) and len(theirs) > 30
-  # Relative to each tensor's own scale; where the true gradient is zero (the key biases:
+  # Relative to each tensor's own scale (bf16 rounding through 3 layers and the head: up to
+  # 3.3% here, 3.6% before the custom bias gradient); where the true gradient is zero (the key biases:
   # softmax ignores a shift shared by all keys) both sides are rounding noise, small
   # against the largest gradient.
   largest = max(np.abs(g).max() for g in theirs.values())
@@ -128,4 +137,4 @@ def test_bf16_gradients_stay_close_to_transformers_fp32(tmp_path, make):
     if scale < 1e-5 * largest:
       assert err <= 1e-3 * largest, (name, err, largest)
     else:
-      assert err <= 3e-2 * scale, (name, err, scale)
+      assert err <= 5e-2 * scale, (name, err, scale)

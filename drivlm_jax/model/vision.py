@@ -92,8 +92,7 @@ class PatchEmbedding(nn.Module):
     p, c, d = cfg.patch_size, cfg.num_channels, cfg.hidden_size
     kernel = layers.param(self, "kernel", (p, p, c, d), (None, None, None, "embed"),
                           init=nn.initializers.lecun_normal(), dtype=cfg.param_dtype)
-    patches = patchify(images, p).astype(cfg.dtype)
-    x = layers.contract_last(patches, kernel.reshape(p * p * c, d), 1)
+    x = layers.contract_last(patchify(images, p), kernel.reshape(p * p * c, d), 1)
     if cfg.family == "siglip":
       x = layers.add_bias(x, layers.param(self, "bias", (d,), ("embed",),
                                           init=nn.initializers.zeros, dtype=cfg.param_dtype))
