@@ -50,8 +50,9 @@ def step_compiler_options(*compute_dtypes) -> dict:
   of the backward's layer loop: whole stacks converted before it starts (0.5 GB of copies
   for CLIP ViT-B/16 at batch 8) instead of one layer's slice per iteration. Measured on a
   2-core Intel Xeon: that step 2.6 -> 2.4 s alone, 3.8 -> 2.6 s alternated with torch's
-  (`python -m experiments.bench_train --cases vit_b16_bf16`). In float32 nothing is
-  converted and the pass pays: the demo VLM's step is 12% slower without it.
+  (`python -m experiments.bench_train --cases vit_b16_bf16`); the demo VLM's step in bf16
+  269 -> 300 examples/s. In float32 nothing is converted and the pass pays: the demo VLM's
+  float32 step is 12% slower without it.
   """
   low_precision = any(jnp.dtype(d) != jnp.float32 for d in compute_dtypes)
   if jax.default_backend() == "cpu" and low_precision:
