@@ -119,10 +119,10 @@ _low_precision_einsum.defvjp(_low_precision_fwd, _low_precision_bwd)
 
 
 def add_bias(y, bias):
-  """y + bias in y's dtype, bias [*features] = y's trailing dims. For a bf16
-  (or fp16) y, the bias gradient is a float32-accumulating matmul of the cotangent with
-  ones: XLA's CPU backend would otherwise convert the whole cotangent to float32 and sum it
-  by a reduce-window tree (the bf16 CLIP ViT-B/16 gradient at batch 8: 2.94 -> 2.78 s)."""
+  """y + bias in y's dtype, bias [*features] being y's trailing dims. For a bf16 (or fp16)
+  y, the bias gradient is a float32-accumulating matmul of the cotangent with ones: XLA's
+  CPU backend would otherwise convert the whole cotangent to float32 and sum it by a
+  reduce-window tree (the bf16 CLIP ViT-B/16 gradient at batch 8: 2.94 -> 2.78 s)."""
   if bias.shape != y.shape[y.ndim - bias.ndim:]:
     raise ValueError(f"bias {bias.shape} is not the trailing dims of {y.shape}")
   if y.dtype == jnp.float32:
