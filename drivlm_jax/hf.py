@@ -386,9 +386,17 @@ def _language_config(hf, where, **overrides) -> language.Config:
     raise CheckpointError(f"{where}: model_type {hf.model_type!r} is not supported "
                           f"(llama, qwen2)")
   rope = dict(hf.rope_parameters or {})
-  if rope.get("rope_type", "default") != "default":
-    raise CheckpointError(f"{where}: rope_parameters.rope_type {rope['rope_type']!r} is not "
-                          f"supported; only 'default' RoPE is implemented")
+  rope.pop("type", None)   # the old spelling of rope_type, which transformers has copied
+  theta = float(rope.pop("rope_theta"))
+  if float(rope.pop("partial_rotary_factor", 1.0)) != 1.0:
+    raise CheckpointError(f"{where}: rope_parameters.partial_rotary_factor != 1 is not "
+                          f"supported (RoPE over the whole head)")
+  if rope.get("rope_type", "default") == "default":
+    rope = {}
+  try:
+    language.Config(rope_scaling=rope)
+  except ValueError as e:
+    raise CheckpointError(f"{where}: rope_parameters: {e}") from None
   if hf.hidden_act != "silu":
     raise CheckpointError(f"{where}: hidden_act {hf.hidden_act!r} is not supported (silu)")
   if getattr(hf, "use_sliding_window", False):
@@ -402,7 +410,7 @@ def _language_config(hf, where, **overrides) -> language.Config:
       num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
       head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
       rms_norm_eps=hf.rms_norm_eps,
-      rope_theta=float(rope["rope_theta"]), max_position_embeddings=hf.max_position_embeddings,
+      rope_theta=theta, rope_scaling=rope, max_position_embeddings=hf.max_position_embeddings,
       qkv_bias=True if qwen2 else bias, o_bias=False if qwen2 else bias,
       mlp_bias=bool(getattr(hf, "mlp_bias", False)),
       tie_word_embeddings=bool(hf.tie_word_embeddings), **overrides)
@@ -427,7 +435,8 @@ def _language_hf_config(cfg: language.Config):
       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
       head_dim=cfg.dim_per_head, rms_norm_eps=cfg.rms_norm_eps,
       max_position_embeddings=cfg.max_position_embeddings,
-      rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+      rope_parameters={"rope_type": "default", **dict(cfg.rope_scaling),
+                       "rope_theta": cfg.rope_theta},
       tie_word_embeddings=cfg.tie_word_embeddings)
   if cfg.family == "qwen2":
     if not cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias:

@@ -1,4 +1,6 @@
 """LLaMA/Qwen2 parity against transformers: logits, hidden states, padding, KV cache, generate."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -176,9 +178,43 @@ def test_gradients_match(lm, tmp_path):
     assert ref.max_diff(ours[name], g) <= 2e-5 * max(np.abs(g).max(), 1e-3), name
 
 
-def test_non_default_rope_is_a_clear_error(tmp_path):
+SCALED_ROPE = {   # positions up to 40 against an "original" context of 32 or 16
+    "llama3": ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "linear": ("llama", {"rope_type": "linear", "factor": 2.5}),
+    "yarn": ("qwen2", {"rope_type": "yarn", "factor": 4.0,
+                       "original_max_position_embeddings": 16}),
+    "yarn_mscale": ("qwen2", {"rope_type": "yarn", "factor": 3.0, "beta_fast": 16,
+                              "beta_slow": 2, "mscale": 1.0, "mscale_all_dim": 0.5,
+                              "truncate": False, "original_max_position_embeddings": 16}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SCALED_ROPE))
+def test_scaled_rope_matches(case, tmp_path):
+  """Llama 3.1's, linear and YaRN RoPE scaling as transformers computes them; a save loads
+  back in transformers with the same rope_parameters."""
+  family, scaling = SCALED_ROPE[case]
+  model = ref.causal_lm(family=family, rope={**scaling, "rope_theta": 5000.0})
+  cfg, params = hf.load_language_model(ref.save(model, tmp_path / "in"))
+  assert dict(cfg.rope_scaling) == scaling
+  ids = _ids(2, 40, cfg.vocab_size, seed=8)
+  with torch.inference_mode():
+    theirs = model(torch.from_numpy(ids).long()).logits
+  assert ref.max_diff(language.apply(cfg, params, ids), theirs) <= TOL
+  plain = dataclasses.replace(cfg, rope_scaling=())   # the scaling matters at these lengths
+  assert ref.max_diff(language.apply(plain, params, ids), theirs) > 1e-3
+  hf.save_language_model(cfg, params, str(tmp_path / "out"))
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+  assert {k: v for k, v in reloaded.config.rope_parameters.items()
+          if k in scaling} == scaling
+  with torch.inference_mode():
+    assert ref.max_diff(reloaded(torch.from_numpy(ids).long()).logits, theirs) <= TOL
+
+
+def test_unsupported_rope_is_a_clear_error(tmp_path):
   model = ref.causal_lm(family="llama")
-  model.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0}
+  model.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 5000.0}
   path = ref.save(model, tmp_path)
-  with pytest.raises(hf.CheckpointError, match=r"rope_type 'linear'"):
+  with pytest.raises(hf.CheckpointError, match=r"config.json: rope_parameters: .*'dynamic'"):
     hf.load_language_model(path)

@@ -6,6 +6,7 @@ the same row computes unpadded. The KV cache is an explicit pytree (see `init_ca
 """
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -27,6 +28,10 @@ class Config:
   head_dim: int | None = None       # default hidden_size // num_heads
   rms_norm_eps: float = 1e-6
   rope_theta: float = 1_000_000.0
+  # HF's `rope_parameters` beyond rope_theta, as sorted (key, value) pairs (a dict is taken):
+  # () for plain RoPE, else ("rope_type", "linear" | "llama3" | "yarn") and that type's keys
+  # (`ROPE_KEYS`), read as transformers' modeling_rope_utils reads them.
+  rope_scaling: tuple = ()
   max_position_embeddings: int = 32768
   qkv_bias: bool = True             # Qwen2: True; LLaMA: attention_bias
   o_bias: bool = False              # LLaMA attention_bias also biases o_proj
@@ -44,18 +49,91 @@ class Config:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads {self.num_heads} not a multiple of num_kv_heads "
                        f"{self.num_kv_heads}")
+    scaling = dict(self.rope_scaling)
+    object.__setattr__(self, "rope_scaling", tuple(sorted(scaling.items())))
+    if scaling:
+      kind = scaling.get("rope_type")
+      if kind not in ROPE_KEYS:
+        raise ValueError(f"rope_scaling rope_type {kind!r} is not supported; known: "
+                         f"{sorted(ROPE_KEYS)}")
+      required, optional = ROPE_KEYS[kind]
+      missing, unknown = required - set(scaling), set(scaling) - required - optional - {"rope_type"}
+      if missing or unknown:
+        raise ValueError(f"rope_scaling for rope_type {kind!r}: missing {sorted(missing)}, "
+                         f"unknown {sorted(unknown)}")
 
   @property
   def dim_per_head(self) -> int:
     return self.head_dim or self.hidden_size // self.num_heads
 
 
-def rope_tables(positions, head_dim, theta):
+# rope_type -> (required, optional) keys of its rope_scaling, as transformers reads them.
+ROPE_KEYS = {
+    "linear": ({"factor"}, set()),
+    "llama3": ({"factor", "low_freq_factor", "high_freq_factor",
+                "original_max_position_embeddings"}, set()),
+    "yarn": ({"factor", "original_max_position_embeddings"},
+             {"attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+              "truncate"}),
+}
+
+
+def rope_frequencies(cfg: Config):
+  """(inv_freq [head_dim // 2] float32, the factor on cos and sin) of `cfg`'s RoPE: plain,
+  linear (Chen et al., 2023), Llama 3.1's wavelength-banded scaling or YaRN (Peng et al.,
+  2023), each in float32 as transformers' `modeling_rope_utils` computes it."""
+  dim = cfg.dim_per_head
+  powers = cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+  inv_freq = 1.0 / powers
+  p = dict(cfg.rope_scaling)
+  kind = p.get("rope_type", "default")
+  if kind == "default":
+    return inv_freq, 1.0
+  if kind == "linear":
+    return inv_freq / p["factor"], 1.0
+  if kind == "llama3":
+    factor, old_len = p["factor"], p["original_max_position_embeddings"]
+    low, high = p["low_freq_factor"], p["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(medium, smoothed, scaled), 1.0
+  # YaRN: interpolate the low frequencies, keep the high ones, ramp between; scale cos/sin.
+  old_len = p["original_max_position_embeddings"]
+  factor = p["factor"] or cfg.max_position_embeddings / old_len
+
+  def mscale(scale, m=1.0):
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+  attention_factor = p.get("attention_factor")
+  if attention_factor is None:
+    m, m_all = p.get("mscale"), p.get("mscale_all_dim")
+    attention_factor = (mscale(factor, m) / mscale(factor, m_all) if m and m_all
+                        else mscale(factor))
+
+  def correction_dim(rotations):
+    return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+  lo, hi = correction_dim(p.get("beta_fast") or 32), correction_dim(p.get("beta_slow") or 1)
+  if p.get("truncate", True):
+    lo, hi = math.floor(lo), math.ceil(hi)
+  lo, hi = max(lo, 0), min(hi, dim - 1)
+  hi = hi + 0.001 if lo == hi else hi
+  keep = 1 - jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - lo) / (hi - lo), 0, 1)
+  interpolated = 1.0 / (factor * powers)
+  return interpolated * (1 - keep) + inv_freq * keep, float(attention_factor)
+
+
+def rope_tables(positions, cfg: Config):
   """positions [B, T] int -> (cos, sin), each [B, T, 1, head_dim] float32 (HF rotate_half)."""
-  inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  inv_freq, scale = rope_frequencies(cfg)
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq
   emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-  return jnp.cos(emb), jnp.sin(emb)
+  if scale == 1.0:
+    return jnp.cos(emb), jnp.sin(emb)
+  return jnp.cos(emb) * scale, jnp.sin(emb) * scale
 
 
 def apply_rope(x, cos, sin):
@@ -130,7 +208,7 @@ class Decoder(nn.Module):
     cfg = self.cfg
     embed = layers.embed(cfg.vocab_size, cfg.hidden_size, cfg=cfg, name="embed_tokens")
     x = embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(cfg.dtype)
-    rope = rope_tables(positions, cfg.dim_per_head, cfg.rope_theta)
+    rope = rope_tables(positions, cfg)
     stack = layers.stack_layers(DecoderLayer, cfg, cfg.num_layers, "layers",
                                 in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast))
     x, kv_cache = stack(layers.constrain(x, "batch", "length", "embed"), rope, mask,
