@@ -83,10 +83,12 @@ def configure(config):
 
 
 def _arch(cfg) -> dict:
-  """The fields that fix what the weights mean (head_dim made explicit)."""
+  """The fields that fix what the weights mean (head_dim made explicit; RoPE scaling as a
+  dict, which a ConfigDict shows and overrides key by key)."""
+  fields = dataclasses.asdict(cfg)
   if isinstance(cfg, language.Config):
-    cfg = dataclasses.replace(cfg, head_dim=cfg.dim_per_head)
-  return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _FREE}
+    fields.update(head_dim=cfg.dim_per_head, rope_scaling=dict(cfg.rope_scaling))
+  return {k: v for k, v in fields.items() if k not in _FREE}
 
 
 def _differences(cfg, source_cfg, prefix="") -> list:

@@ -1,4 +1,5 @@
-"""LLaMA/Qwen2 parity against transformers: logits, hidden states, padding, KV cache, generate."""
+"""LLaMA/Qwen2 parity against transformers: logits, hidden states, gradients, padding, KV cache,
+generate, RoPE scaling."""
 import dataclasses
 
 import jax
@@ -10,7 +11,8 @@ import safetensors.numpy
 import torch
 import transformers
 
-from drivlm_jax import hf
+from configs import demo
+from drivlm_jax import hf, pretrained, run as run_lib
 from drivlm_jax.model import language
 from tests import reference as ref
 
@@ -210,6 +212,21 @@ def test_scaled_rope_matches(case, tmp_path):
           if k in scaling} == scaling
   with torch.inference_mode():
     assert ref.max_diff(reloaded(torch.from_numpy(ids).long()).logits, theirs) <= TOL
+
+
+def test_scaled_rope_reaches_a_run_config(tmp_path):
+  """`init_language` with Llama 3.1 RoPE: the run's config.json keeps the scaling (a dict),
+  and the model config read back from it has it."""
+  family, scaling = SCALED_ROPE["llama3"]
+  path = ref.save(ref.causal_lm(family=family, rope={**scaling, "rope_theta": 5000.0}),
+                  tmp_path / "lm")
+  config = demo.get_config()
+  with config.unlocked():
+    config.init_language, config.data.tokenizer = path, str(tmp_path / "tokenizer")
+  run_lib.write_config(str(tmp_path / "run"), pretrained.configure(config))
+  config = run_lib.read_config(str(tmp_path / "run"))
+  assert config.model.language.rope_scaling.to_dict() == scaling
+  assert dict(run_lib.model_config(config).language.rope_scaling) == scaling
 
 
 def test_unsupported_rope_is_a_clear_error(tmp_path):
