@@ -48,7 +48,7 @@ def multilabel(prefix: str, probabilities, labels, threshold=0.5) -> dict:
   """{prefix_mAP, prefix_mF1, prefix_F1_all} in points."""
   probabilities, labels = np.asarray(probabilities), np.asarray(labels)
   aps = [average_precision(probabilities[:, c], labels[:, c]) for c in range(labels.shape[1])]
-  f1_all, mf1 = f1_scores(probabilities >= threshold, labels)
+  f1_all, mf1 = f1_scores(probabilities > threshold, labels)   # BDD-OIA's test.py: > 0.5
   return {f"{prefix}_mAP": 100 * float(np.nanmean(aps)) if not np.all(np.isnan(aps)) else 0.0,
           f"{prefix}_mF1": 100 * mf1, f"{prefix}_F1_all": 100 * f1_all}
 
@@ -178,8 +178,11 @@ def coco_language(hypotheses, references) -> dict:
   """BLEU-1..4, ROUGE-L and CIDEr as DriveLM's challenge gets them from the COCO caption
   evaluator: PTB-tokenized text, one reference per hypothesis; fractions (CIDEr x10), keyed
   as pycocoevalcap keys them."""
-  texts = ptb_tokenize(list(hypotheses) + list(references))
-  hyps, refs = texts[:len(hypotheses)], [[r] for r in texts[len(hypotheses):]]
+  # Two tokenizer runs, as COCOEvalCap makes (references, then hypotheses): the PTB tokenizer
+  # splits a text at a line break (\r, \u2028), which shifts the texts after it in the same
+  # run, so a generated answer must never shift the references.
+  refs = [[r] for r in ptb_tokenize(list(references))]
+  hyps = ptb_tokenize(list(hypotheses))
   split = str.split
   scores = {f"Bleu_{n + 1}": b for n, b in enumerate(bleu(hyps, refs, tokenizer=split))}
   return {**scores, "ROUGE_L": rouge_l(hyps, refs, tokenizer=split),
@@ -193,7 +196,7 @@ def official_f1(probabilities, labels, batch_size: int, threshold: float = 0.5) 
   """F1 as BDD-OIA's `action_prediction/test.py` reports it ("Overall acc"): sigmoid > 0.5,
   sklearn's samples-F1 of each batch of `batch_size` rows in order (the last one may be
   smaller), the mean over batches, in points. It equals the dataset-level F1_all only at
-  batch size 1 (and without scores exactly at the threshold, which F1_all counts)."""
+  batch size 1."""
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   predictions, labels = np.asarray(probabilities) > threshold, np.asarray(labels)

@@ -20,6 +20,9 @@ HAND = [  # (answer, reference): numbers, punctuation, c-tags, contractions
     ("The ego vehicle should keep going straight...", "Keep going straight."),
     ("<c2,CAM_BACK,320.0,410.5> and <c3,CAM_FRONT_LEFT,20.1,99.9> are important",
      "The important objects are <c2,CAM_BACK,320.0,410.5>, <c3,CAM_FRONT_LEFT,20.1,99.9>."),
+    # A generated line break: the tokenizer splits the text there, shifting the texts after
+    # it in its run, so it must not share a run with the references.
+    ("Turn left.\rThen stop.", "Turn left, then stop."), ("Stop.", "Stop now."),
 ]
 
 
@@ -39,11 +42,9 @@ def _sim_pairs(n):
 
 
 def _pycocoevalcap(pairs):
-  tokenized = PTBTokenizer().tokenize(
-      {**{f"h{i}": [{"caption": a}] for i, (a, _) in enumerate(pairs)},
-       **{f"r{i}": [{"caption": r}] for i, (_, r) in enumerate(pairs)}})
-  res = {i: tokenized[f"h{i}"] for i in range(len(pairs))}
-  gts = {i: tokenized[f"r{i}"] for i in range(len(pairs))}
+  # As COCOEvalCap.evaluate does: the references, then the hypotheses, each its own run.
+  gts = PTBTokenizer().tokenize({i: [{"caption": r}] for i, (_, r) in enumerate(pairs)})
+  res = PTBTokenizer().tokenize({i: [{"caption": a}] for i, (a, _) in enumerate(pairs)})
   bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
   return {**{f"Bleu_{n + 1}": b for n, b in enumerate(bleu)},
           "ROUGE_L": Rouge().compute_score(gts, res)[0],
