@@ -4,10 +4,10 @@ The format is the one the dataset's own loader reads (`action_prediction/
 DataLoader_together.py` of the BDD-OIA project):
 - `<split>_25k_images_actions.json`: `{"images": [{"file_name", "id", ...}], "annotations":
   [{"category": [4 or 5 ints]}]}`. The annotations carry no id: the list is indexed by the
-  image's id, so an image's actions are `annotations[image["id"]]["category"]`. Re-packaged
-  copies whose every annotation carries `id` / `image_id` are joined on that instead; a file
-  mixing both forms is an error. A 5th value of 1 marks a "confusing" frame: it is dropped and
-  counted (a 5th value of 0 keeps the frame).
+  image's id, so an image's actions are `annotations[image["id"]]["category"]`, by position
+  also where annotations carry ids (a warning counts ids that disagree with the position). A
+  5th value of 1 marks a "confusing" frame: it is dropped and counted (a 5th value of 0 keeps
+  the frame).
 - `<split>_25k_images_reasons.json`: `[{"file_name", "reason": [21 ints]}]`, joined by file
   name (the loader pairs both lists sorted by file name).
 - images: `lastframe/data/<file_name>` (or `data/`). An image whose file is missing is skipped
@@ -17,6 +17,7 @@ The JSON files may sit in `lastframe/`, `lastframe/data/`, `lastframe/labels/`, 
 `sim_<split>_extras.json` adds boxes and instructions (the real archive has neither: its
 examples get none).
 """
+import logging
 import os
 
 import numpy as np
@@ -147,53 +148,37 @@ def read_split(actions_path, reasons_path, image_dir, skips):
 def _categories(path, images, annotations):
   """-> {file_name: (category [4 or 5 values], row description)}.
 
-  The released files index `annotations` by the image's id (`annotations[image["id"]]`);
-  re-packaged copies whose every annotation carries `id` / `image_id` are joined on that
-  instead. A file that mixes the two forms is an error.
+  As the dataset's own loader reads them: `annotations[image["id"]]`, always by position. Ids
+  an annotation may carry (`image_id`, else `id`) are not read by that loader; where they name
+  another image than the one their position gives, the labels still follow the position, and
+  a warning counts those rows (re-packaged copies may have reordered the list).
   """
   for i, ann in enumerate(annotations):
     if not isinstance(ann, dict) or "category" not in ann:
       raise common.BuildError(f"{path}: annotations[{i}] lacks 'category'")
-  carries_id = ["id" in ann or "image_id" in ann for ann in annotations]
-  if any(carries_id) and not all(carries_id):
-    raise common.BuildError(
-        f"{path}: annotations mix two forms: annotations[{carries_id.index(True)}] carries an "
-        f"id and annotations[{carries_id.index(False)}] does not (either every annotation "
-        f"names its image by 'id'/'image_id', or none does and the list is indexed by the "
-        f"image id, as in the released archive)")
-  ids = {}
+  seen, out = set(), {}
   for name, (i, image_id) in images.items():
-    if image_id in ids:
+    if image_id in seen:
       raise common.BuildError(f"{path}: images[{i}] ({name}) repeats id {image_id!r}")
-    ids[image_id] = name
-  row_of = {}
-  if any(carries_id):
-    for i, ann in enumerate(annotations):
-      image_id = ann.get("id", ann.get("image_id"))
-      if image_id not in ids:
-        raise common.BuildError(f"{path}: annotations[{i}]: id {image_id!r} matches no image")
-      if ids[image_id] in row_of:
-        raise common.BuildError(f"{path}: annotations[{i}] repeats id {image_id!r}")
-      row_of[ids[image_id]] = i
-    missing = sorted(set(images) - set(row_of))
-    if missing:
-      raise common.BuildError(f"{path}: {len(missing)} image(s) without an annotation, "
-                              f"e.g. {missing[0]}")
-  else:
-    for name, (i, image_id) in images.items():
-      if (not isinstance(image_id, int) or isinstance(image_id, bool)
-          or not 0 <= image_id < len(annotations)):
-        raise common.BuildError(
-            f"{path}: images[{i}] ({name}) has id {image_id!r}, outside the 'annotations' "
-            f"list of length {len(annotations)} (the released form reads "
-            f"annotations[image id])")
-      row_of[name] = image_id
-  out = {}
-  for name, row in row_of.items():
-    where = f"{path}: annotations[{row}]"
-    category = annotations[row]["category"]
+    seen.add(image_id)
+    if (not isinstance(image_id, int) or isinstance(image_id, bool)
+        or not 0 <= image_id < len(annotations)):
+      raise common.BuildError(
+          f"{path}: images[{i}] ({name}) has id {image_id!r}, outside the 'annotations' list "
+          f"of length {len(annotations)} (the dataset's loader reads annotations[image id])")
+    where = f"{path}: annotations[{image_id}]"
+    category = annotations[image_id]["category"]
     five = isinstance(category, list) and len(category) == ACTIONS + 1
     out[name] = (common.binary_labels(category, ACTIONS + 1 if five else ACTIONS, where), where)
+  named = [(row, ann.get("image_id", ann.get("id"))) for row, ann in enumerate(annotations)
+           if ann.get("image_id", ann.get("id")) is not None]
+  other = [(row, own) for row, own in named if own != row and row in seen]
+  if other:
+    row, own = other[0]
+    logging.warning(
+        "%s: %d annotation(s) carry an image id other than their position (e.g. annotations"
+        "[%d] says %r); labels follow the position, as the dataset's loader "
+        "(DataLoader_together.py) reads them", path, len(other), row, own)
   return out
 
 
