@@ -23,7 +23,7 @@ import jax
 from absl import app, flags
 
 from drivlm_jax import evals, run as run_lib
-from drivlm_jax.evals import drivelm
+from drivlm_jax.evals import drivelm, drivelm_questions
 from drivlm_jax.data import sources
 
 from_config = evals.from_config
@@ -57,7 +57,10 @@ def format_table(result, step=None) -> str:
 
 def score_drivelm(test_path, predictions_path, judge_cmd=None, workdir=None) -> dict:
   with open(test_path) as f:
-    test = json.load(f)
+    test = drivelm_questions.test_set(json.load(f), test_path)
+  if not any(qa["tag"] for _, qa in drivelm.qas(test)):
+    raise ValueError(f"{test_path}: no QA to score (a released DriveLM file with answers, or "
+                     f"one in the challenge's test_eval.json form)")
   with open(predictions_path) as f:
     predictions = json.load(f)
   judge = drivelm.judge_command(judge_cmd) if judge_cmd else None

@@ -2,6 +2,8 @@
 prediction file in the challenge's format, and scores equal to scoring that file against the
 DriveLM JSON the sim released (the challenge's own input), not the builder's copy."""
 import json
+import os
+import random
 import sys
 
 import jax
@@ -11,11 +13,11 @@ import pytest
 from configs import common
 from data_builders import __main__ as build_cli
 from drivlm_jax.data import pipeline
-from drivlm_jax.evals import drivelm, judge
+from drivlm_jax.evals import drivelm, drivelm_questions, judge
 from drivlm_jax.model import vlm
 from drivlm_jax.sim import nuscenes as sim_nuscenes
 from drivlm_jax.sim import tokenizer as sim_tokenizer
-from tests import chat, reference
+from tests import chat, drivelm_reference, reference
 
 
 def test_drivelm_evaluator_writes_the_challenge_file_and_scores_it(tmp_path):
@@ -35,11 +37,15 @@ def test_drivelm_evaluator_writes_the_challenge_file_and_scores_it(tmp_path):
   predictions = json.loads((tmp_path / "run" / "drivelm_predictions.json").read_text())
   with open(f"{root}/v1_1_val_nus.json") as f:
     released = json.load(f)
-  # The first 3 frames of the split, with every QA of each, in the challenge's order.
+  # The first 3 frames of the split, with the test questions the challenge's scripts derive
+  # from the released (untagged) file, in the challenge's order.
   frames = {p["id"].rsplit("_", 1)[0] for p in predictions}
   assert len(frames) == 3
-  test = {s: {"key_frames": {f: v for f, v in scene["key_frames"].items()
-                             if f"{s}_{f}" in frames}} for s, scene in released.items()}
+  test = {s: {"key_frames": {f: {"QA": drivelm_reference.convert_frame(
+      drivelm_reference.extract_frame(v), random.Random(drivelm_questions.frame_seed(f)))}
+      for f, v in scene["key_frames"].items() if f"{s}_{f}" in frames}}
+      for s, scene in released.items()}
+  assert {tuple(qa["tag"]) for _, qa in drivelm.qas(test)} == {(0,), (1,), (2,), (3,)}
   # The challenge keys predictions by id (frames may come in any order).
   assert {p["id"]: p["question"] for p in predictions} == {
       i: qa["Q"] for i, qa in drivelm.qas(test)}
@@ -50,6 +56,51 @@ def test_drivelm_evaluator_writes_the_challenge_file_and_scores_it(tmp_path):
                              100 * scores["final_without_judge"])
   assert set(result) == {"drivelm_accuracy", "drivelm_language", "drivelm_match_F1",
                          "drivelm_final_without_judge"}
+
+
+def _evaluate_one_scene(tmp_path, edit):
+  """The evaluator on a 1-scene sim split whose DriveLM file `edit(path)` has changed."""
+  root, data_dir = str(tmp_path / "nus"), str(tmp_path / "tfds")
+  sim_nuscenes.write(root, "day", 1, seed=4, split="val", width=96, height=64)
+  edit(f"{root}/v1_1_val_nus.json")
+  build_cli.build("nuscenes_drive", root, data_dir, config="front")
+  cfg = vlm.config_from_dict(common.model_config("tiny"))
+  feats = pipeline.Features(tokenizer=sim_tokenizer.write(str(tmp_path)),
+                            image_size=cfg.vision.image_size,
+                            num_image_tokens=cfg.num_visual_tokens, max_len=160)
+  data = {("target", "test"): pipeline.SourceSpec("nuscenes_drive/front", data_dir, "val")}
+  evaluator = drivelm.DriveLM(name="drivelm", every=1, role="target", batch_size=64,
+                              max_new_tokens=2, num_frames=2)
+  evaluator.run(cfg, vlm.init(cfg, jax.random.key(0)), data, feats,
+                workdir=str(tmp_path / "run"))
+  with open(f"{root}/v1_1_val_nus.json") as f:
+    released = json.load(f)
+  return released, json.loads((tmp_path / "run" / "drivelm_predictions.json").read_text())
+
+
+def test_a_tagged_file_is_scored_as_it_is_and_a_split_without_qa_is_an_error(tmp_path):
+  """A QA file that carries the challenge's tags (its test_eval.json form) is asked as it
+  stands; a split whose frames have no DriveLM QA has nothing to score: an error."""
+  def tag_the_first_qa(path):
+    with open(path) as f:
+      released = json.load(f)
+    for scene in released.values():
+      for frame in scene["key_frames"].values():
+        frame["QA"]["perception"][0]["tag"] = [2]
+    with open(path, "w") as f:
+      json.dump(released, f)
+
+  released, predictions = _evaluate_one_scene(tmp_path / "tagged", tag_the_first_qa)
+  frames = {p["id"].rsplit("_", 1)[0] for p in predictions}
+  test = {s: {"key_frames": {f: v for f, v in scene["key_frames"].items()
+                             if f"{s}_{f}" in frames}} for s, scene in released.items()}
+  assert len(frames) == 2   # every QA of both frames, as the file words it
+  assert len(predictions) == len(drivelm.qas(test))
+  assert {p["id"]: p["question"] for p in predictions} == {
+      i: qa["Q"] for i, qa in drivelm.qas(test)}
+  with pytest.raises(ValueError, match=r"DriveLM evaluation of the target test split: no QA "
+                                       r"to score in 2 frame\(s\)"):
+    _evaluate_one_scene(tmp_path / "none", os.remove)
 
 
 def _judge_dir(path, allowed: str):

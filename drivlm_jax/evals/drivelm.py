@@ -19,7 +19,7 @@ import numpy as np
 from drivlm_jax import evals, metrics, run as run_lib
 from drivlm_jax.data import labels, tokenizer as tokenizer_lib
 from drivlm_jax.data import pipeline
-from drivlm_jax.evals import generation
+from drivlm_jax.evals import drivelm_questions, generation
 
 STAGES = ("perception", "prediction", "planning", "behavior")
 
@@ -107,12 +107,16 @@ def score(test: dict, predictions: list, judge=None) -> dict:
 @evals.register("drivelm")
 @dataclasses.dataclass(frozen=True)
 class DriveLM(evals.Evaluator):
-  """Answers every DriveLM QA of each frame of the split (greedy, in the challenge's order,
-  from the frame's cameras as the model takes them), writes
-  `<workdir>/drivelm_predictions.json` in the challenge's format, and scores it as the
+  """Answers the DriveLM challenge's test questions of each frame of the split (greedy, in
+  the challenge's order, from the frame's cameras as the model takes them): the tagged QAs of
+  a QA file that carries the challenge's tags, else those the challenge's scripts pick from a
+  released file (`drivelm_questions`, multiple choice included). Writes
+  `<workdir>/drivelm_predictions.json` in the challenge's format and scores it as the
   challenge does without a judge (`score`): in points, "drivelm_accuracy",
-  "drivelm_language" (its language score x 100), "drivelm_match_F1" and "drivelm_final_without_judge" (x 100, out of 50). Every host
-  answers every QA (inputs replicated); `num_frames` > 0 takes the first frames only."""
+  "drivelm_language" (its language score x 100), "drivelm_match_F1" and
+  "drivelm_final_without_judge" (x 100, out of 50). A split with nothing to score is an
+  error. Every host answers every QA (inputs replicated); `num_frames` > 0 takes the first
+  frames only."""
   max_new_tokens: int = 48
   num_frames: int = 0
 
@@ -127,17 +131,18 @@ class DriveLM(evals.Evaluator):
       example = source[int(i)]
       scene = pipeline.as_text(example["scene_token"])
       frame = pipeline.as_text(example["sample_token"])
-      qa = example["qa"]
-      stages = {}
+      stages = self._test_questions(example, f"{self.split} frame {scene}_{frame}")
       image = pipeline.model_images(example, feats)[0]
-      for k in range(len(qa["question"])):
-        question, answer = pipeline.as_text(qa["question"][k]), pipeline.as_text(qa["answer"][k])
-        stages.setdefault(pipeline.as_text(qa["type"][k]), []).append(
-            {"Q": question, "A": answer, "tag": labels.drivelm_tags(qa["tag"][k])})
+      ordered = [qa["Q"] for stage in STAGES for qa in stages.get(stage, [])]
+      for k, question in enumerate(ordered):
         prompt = tok.parts(question, "", feats.num_image_tokens)[0]
         rows.append((f"{scene}_{frame}_{k}", image, prompt,
                      tok.encode(question)[:feats.max_instruction_len]))
       test.setdefault(scene, {"key_frames": {}})["key_frames"][frame] = {"QA": stages}
+    if not any(qa["tag"] for _, qa in qas(test)):
+      raise ValueError(f"DriveLM evaluation of the {self.role} {self.split} split: no QA to "
+                       f"score in {len(indices)} frame(s) (a DriveLM-nuScenes file with "
+                       f"answers, *_nus.json, beside the nuScenes tables when it was built?)")
     answers = dict(zip([r[0] for r in rows], self._answer(cfg, params, tok, feats, rows)))
     out = (run_lib.path(workdir, "drivelm_predictions.json")
            if workdir is not None and jax.process_index() == 0 else None)
@@ -150,6 +155,20 @@ class DriveLM(evals.Evaluator):
         "drivelm_match_F1": scores["match_F1"],
         "drivelm_final_without_judge": points(scores["final_without_judge"])}.items()
             if v is not None}
+
+  @staticmethod
+  def _test_questions(example, where) -> dict:
+    """The frame's test QAs {stage: [{"Q", "A", "tag"}]}: as stored where the QA file carries
+    the challenge's tags (a test_eval.json), else picked and converted as the challenge's
+    scripts do from a released file (`drivelm_questions`)."""
+    qa, stages = example["qa"], {}
+    for k in range(len(qa["question"])):
+      stages.setdefault(pipeline.as_text(qa["type"][k]), []).append(
+          {"Q": pipeline.as_text(qa["question"][k]), "A": pipeline.as_text(qa["answer"][k]),
+           "tag": labels.drivelm_tags(qa["tag"][k])})
+    return drivelm_questions.frame_questions(
+        stages, json.loads(pipeline.as_text(example["key_objects"])),
+        pipeline.as_text(example["sample_token"]), where)
 
   def _answer(self, cfg, params, tok, feats, rows) -> list:
     """Greedy answers of `rows`, batch by batch, prompts left-padded to one width."""

@@ -207,7 +207,7 @@ def write(out: str, domain_name: str, num: int, seed: int, split: str = "train",
             "prev": token("sample_data", *run, s, i - 1, channel) if i else "",
             "next": token("sample_data", *run, s, i + 1, channel) if i + 1 < KEYFRAMES else ""})
       qa_frames[sample_tokens[i]] = {
-          **drivelm_qa.frame(graph, actions, reasons, _BEHAVIOUR[maneuver],
+          **drivelm_qa.frame(graph, actions, reasons, _DRIVELM_BEHAVIOUR[maneuver],
                              {k: v[:2] for k, v in boxes.items()}),
           "image_paths": image_paths}
     for a in range(len(agent_cuboids)):
@@ -229,6 +229,12 @@ def write(out: str, domain_name: str, num: int, seed: int, split: str = "train",
           "width": width, "height": height}
 
 
+# The ego's behaviour in DriveLM's words (two of its 21 phrases per answer).
+_DRIVELM_BEHAVIOUR = {
+    "forward": "The ego vehicle is going straight. The ego vehicle is driving with normal speed.",
+    "stop": "The ego vehicle is going straight. The ego vehicle is driving slowly.",
+    "left": "The ego vehicle is steering to the left. The ego vehicle is driving slowly.",
+    "right": "The ego vehicle is steering to the right. The ego vehicle is driving slowly."}
 _BEHAVIOUR = {"forward": "The ego vehicle is going straight at a steady speed.",
               "stop": "The ego vehicle is slowing down to a stop.",
               "left": "The ego vehicle is turning left.",
