@@ -23,8 +23,8 @@ import jax
 from absl import app, flags
 
 from drivlm_jax import evals, run as run_lib
-from drivlm_jax.evals import drivelm, drivelm_questions
-from drivlm_jax.data import sources
+from drivlm_jax.evals import drivelm
+from drivlm_jax.data import drivelm_questions, sources
 
 from_config = evals.from_config
 

@@ -12,8 +12,8 @@ import pytest
 
 from configs import common
 from data_builders import __main__ as build_cli
-from drivlm_jax.data import pipeline
-from drivlm_jax.evals import drivelm, drivelm_questions, judge
+from drivlm_jax.data import drivelm_questions, pipeline
+from drivlm_jax.evals import drivelm, judge
 from drivlm_jax.model import vlm
 from drivlm_jax.sim import nuscenes as sim_nuscenes
 from drivlm_jax.sim import tokenizer as sim_tokenizer

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from drivlm_jax.evals import drivelm_questions
+from drivlm_jax.data import drivelm_questions
 from drivlm_jax.sim import drivelm as sim_drivelm
 from drivlm_jax.sim import labels as sim_labels
 from drivlm_jax.sim import nuscenes as sim_nuscenes

@@ -17,9 +17,9 @@ import jax
 import numpy as np
 
 from drivlm_jax import evals, metrics, run as run_lib
-from drivlm_jax.data import labels, tokenizer as tokenizer_lib
+from drivlm_jax.data import drivelm_questions, labels, tokenizer as tokenizer_lib
 from drivlm_jax.data import pipeline
-from drivlm_jax.evals import drivelm_questions, generation
+from drivlm_jax.evals import generation
 
 STAGES = ("perception", "prediction", "planning", "behavior")
 

@@ -21,6 +21,7 @@ import hashlib
 import random
 
 MOVING_QUESTION = "what is the moving status of object"
+CHOICES_PROMPT = "Please select the correct answer from the following options:"
 MOVING = ("Going ahead.", "Turn right.", "Turn left.", "Stopped.", "Back up.",
           "Reverse parking.")
 # convert_data.py's 21 behaviours, in its order (its draws depend on the order).
@@ -66,8 +67,7 @@ def multiple_choice(question: str, answer: str, options, rng: random.Random, whe
   choices = rng.sample(others, 3) + [answer]
   rng.shuffle(choices)
   listed = " ".join(f"{letter}. {c}" for letter, c in zip("ABCD", choices))
-  return (f"{question} Please select the correct answer from the following options: {listed}",
-          "ABCD"[choices.index(answer)])
+  return f"{question} {CHOICES_PROMPT} {listed}", "ABCD"[choices.index(answer)]
 
 
 def test_questions(qa: dict, key_objects: dict, seed: int, where: str = "frame") -> dict:
