@@ -214,6 +214,22 @@ def test_scaled_rope_matches(case, tmp_path):
     assert ref.max_diff(reloaded(torch.from_numpy(ids).long()).logits, theirs) <= TOL
 
 
+@pytest.mark.parametrize("case", ["default"] + sorted(SCALED_ROPE))
+def test_jitted_rope_tables_match_transformers_at_long_positions(case, tmp_path):
+  """cos/sin up to position 100000 from a jitted function: the table must not drift there
+  (computed inside jit, XLA's rewrites put frequencies an ulp off: 1e-2 at 100000)."""
+  family, scaling = SCALED_ROPE.get(case, ("qwen2", {}))
+  rope = {"rope_type": "default", **scaling, "rope_theta": 1_000_000.0}
+  model = ref.causal_lm(family=family, rope=rope)
+  cfg, _ = hf.load_language_model(ref.save(model, tmp_path))
+  positions = np.array([[0, 7, 1000, 8000, 32000, 100000]], np.int32)
+  cos, sin = jax.jit(lambda p: language.rope_tables(p, cfg))(positions)
+  x = torch.zeros(1, positions.shape[1], cfg.hidden_size)
+  their_cos, their_sin = model.model.rotary_emb(x, torch.from_numpy(positions).long())
+  assert ref.max_diff(cos[:, :, 0], their_cos) <= 1e-6
+  assert ref.max_diff(sin[:, :, 0], their_sin) <= 1e-6
+
+
 def test_scaled_rope_reaches_a_run_config(tmp_path):
   """`init_language` with Llama 3.1 RoPE: the run's config.json keeps the scaling (a dict),
   and the model config read back from it has it."""

@@ -12,6 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from drivlm_jax.model import layers
 
@@ -81,25 +82,30 @@ ROPE_KEYS = {
 def rope_frequencies(cfg: Config):
   """(inv_freq [head_dim // 2] float32, the factor on cos and sin) of `cfg`'s RoPE: plain,
   linear (Chen et al., 2023), Llama 3.1's wavelength-banded scaling or YaRN (Peng et al.,
-  2023), each in float32 as transformers' `modeling_rope_utils` computes it."""
+  2023), each in float32 as transformers' `modeling_rope_utils` computes it. Built with numpy
+  from the static config, so the table enters XLA as a constant: computed inside a jitted
+  function, XLA's rewrites of its pow and divisions put up to half of the frequencies an ulp
+  off, which shows in the logits at long positions (Qwen2 shapes at position 32000: 3e-4)."""
+  f32 = np.float32
   dim = cfg.dim_per_head
-  powers = cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
-  inv_freq = 1.0 / powers
+  exponents = (np.arange(0, dim, 2, dtype=f32) / f32(dim)).astype(np.float64)
+  powers = (np.float64(cfg.rope_theta) ** exponents).astype(f32)
+  inv_freq = f32(1.0) / powers
   p = dict(cfg.rope_scaling)
   kind = p.get("rope_type", "default")
   if kind == "default":
     return inv_freq, 1.0
   if kind == "linear":
-    return inv_freq / p["factor"], 1.0
+    return (inv_freq / f32(p["factor"])).astype(f32), 1.0
   if kind == "llama3":
-    factor, old_len = p["factor"], p["original_max_position_embeddings"]
-    low, high = p["low_freq_factor"], p["high_freq_factor"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    factor, old_len = f32(p["factor"]), f32(p["original_max_position_embeddings"])
+    low, high = f32(p["low_freq_factor"]), f32(p["high_freq_factor"])
+    wavelen = f32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
     smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    smoothed = (f32(1) - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return jnp.where(medium, smoothed, scaled), 1.0
+    return np.where(medium, smoothed, scaled).astype(f32), 1.0
   # YaRN: interpolate the low frequencies, keep the high ones, ramp between; scale cos/sin.
   old_len = p["original_max_position_embeddings"]
   factor = p["factor"] or cfg.max_position_embeddings / old_len
@@ -121,9 +127,10 @@ def rope_frequencies(cfg: Config):
     lo, hi = math.floor(lo), math.ceil(hi)
   lo, hi = max(lo, 0), min(hi, dim - 1)
   hi = hi + 0.001 if lo == hi else hi
-  keep = 1 - jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - lo) / (hi - lo), 0, 1)
-  interpolated = 1.0 / (factor * powers)
-  return interpolated * (1 - keep) + inv_freq * keep, float(attention_factor)
+  keep = f32(1) - np.clip((np.arange(dim // 2, dtype=f32) - f32(lo)) / f32(hi - lo), 0, 1)
+  interpolated = f32(1.0) / (f32(factor) * powers)
+  return ((interpolated * (f32(1) - keep) + inv_freq * keep).astype(f32),
+          float(attention_factor))
 
 
 def rope_tables(positions, cfg: Config):
