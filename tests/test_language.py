@@ -245,6 +245,22 @@ def test_scaled_rope_reaches_a_run_config(tmp_path):
   assert dict(run_lib.model_config(config).language.rope_scaling) == scaling
 
 
+def test_qwen2_sliding_window_loads_where_no_layer_slides(tmp_path):
+  """Qwen2's use_sliding_window slides the layers from max_window_layers on (its
+  layer_types): none here, so it is full attention as in transformers; a sliding layer is an
+  error naming it."""
+  model = ref.causal_lm(family="qwen2")
+  model.config.update(dict(use_sliding_window=True, sliding_window=4, max_window_layers=2))
+  cfg, params = hf.load_language_model(ref.save(model, tmp_path / "full"))
+  ids = _ids(1, 11, cfg.vocab_size, seed=9)
+  with torch.inference_mode():
+    theirs = model(torch.from_numpy(ids).long()).logits
+  assert ref.max_diff(language.apply(cfg, params, ids), theirs) <= TOL
+  model.config.layer_types = ["full_attention", "sliding_attention"]
+  with pytest.raises(hf.CheckpointError, match=r"sliding-window attention \(layers \[1\]\)"):
+    hf.load_language_model(ref.save(model, tmp_path / "sliding"))
+
+
 def test_unsupported_rope_is_a_clear_error(tmp_path):
   model = ref.causal_lm(family="llama")
   model.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 5000.0}

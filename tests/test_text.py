@@ -84,3 +84,12 @@ def test_text_round_trip_without_vision_keeps_everything(tmp_path):
   np.testing.assert_array_equal(params2["visual_projection"]["kernel"],
                                 params["visual_projection"]["kernel"])
   np.testing.assert_array_equal(params2["logit_scale"], params["logit_scale"])
+
+
+def test_text_longer_than_the_position_table_is_an_error(tmp_path):
+  """As transformers refuses it (a lookup past the table would give NaN here)."""
+  cfg, params = hf.load_text_tower(ref.save(ref.clip_model(), tmp_path / "src"))
+  ids = np.ones((1, cfg.max_position_embeddings + 1), np.int32)
+  with pytest.raises(ValueError, match=rf"{cfg.max_position_embeddings + 1} tokens: .* at most "
+                                       rf"max_position_embeddings = {cfg.max_position_embeddings}"):
+    text.apply(cfg, params, ids, np.ones_like(ids))

@@ -49,6 +49,9 @@ class TextEmbeddings(nn.Module):
   @nn.compact
   def __call__(self, input_ids):
     cfg = self.cfg
+    if input_ids.shape[1] > cfg.max_position_embeddings:
+      raise ValueError(f"{input_ids.shape[1]} tokens: the CLIP text tower takes at most "
+                       f"max_position_embeddings = {cfg.max_position_embeddings}")
     tok = layers.embed(cfg.vocab_size, cfg.hidden_size, cfg=cfg, name="token_embedding")
     pos = layers.embed(cfg.max_position_embeddings, cfg.hidden_size, cfg=cfg,
                        name="position_embedding", axes=(None, "embed"))
