@@ -3,7 +3,7 @@ same shapes, AdamW, fp32 (one case in bf16 mixed precision on both sides), alter
 run.
 
   python -m experiments.bench_train [--pairs 5] [--out bench_train.json]
-      [--cases vlm_tiny,vit_b16,vit_b16_bf16,loop,demo_loop]
+      [--cases vlm_tiny,vit_b16,vit_b16_bf16,loop,demo_loop,qwen2_6l,qwen2_6l_bf16]
 
 Cases:
   vlm_tiny   the demo config's model (CLIP 64px/8 + Qwen2 2x64, batch 16, 128 tokens): our
@@ -13,6 +13,9 @@ Cases:
   vit_b16_bf16  the same in mixed precision, same dtype against same dtype: our bf16
              compute with fp32 params and optimizer (`config.mixed_precision`) vs torch's
              `autocast(bfloat16)` with fp32 params (its CPU AMP recipe).
+  qwen2_6l   next-token training of a Qwen2-0.5B-shaped decoder (6 of its 24 layers, vocab
+             8192), batch 4 x 256 tokens, vs transformers' Qwen2ForCausalLM; qwen2_6l_bf16
+             the same in mixed precision vs autocast. On request only.
   loop       the demo config's training loop on the sim: the host in lockstep with each
              step (the old loop) vs overlapped (the trainer's), steps/s side by side.
   demo_loop  the demo's own trainer (`drivlm_jax.train.train`, source_only on the sim:
@@ -42,7 +45,7 @@ import transformers  # noqa: E402
 
 from configs import common, demo  # noqa: E402
 from drivlm_jax import timing, train  # noqa: E402
-from drivlm_jax.model import vision, vlm  # noqa: E402
+from drivlm_jax.model import language, vision, vlm  # noqa: E402
 from experiments import machine  # noqa: E402
 
 
@@ -188,6 +191,56 @@ def case_vit_b16(batch_size, dtype="float32"):
   return ours, peer, {"batch": batch_size, "compute_dtype": dtype}
 
 
+def case_lm(batch_size, length=256, num_layers=6, dtype="float32"):
+  """Next-token training of a Qwen2-0.5B-shaped decoder: `num_layers` of its 24 layers, its
+  widths and heads, an 8192-token vocabulary (the tied head would otherwise dominate)."""
+  lang = {**common.MODEL_PRESETS["clip_b16_qwen05b"]["language"], "vocab_size": 8192,
+          "num_layers": num_layers}
+  cfg = language.Config(**lang, dtype=dtype)
+  ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch_size, length))
+  params = language.init(cfg, jax.random.key(0))
+  tx = optax.adamw(1e-4)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1),
+                     compiler_options=train.step_compiler_options(dtype))
+  def step(params, opt_state, ids):
+    def loss(p):
+      logits = language.apply(cfg, p, ids)[:, :-1]
+      return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+    grads = jax.grad(loss)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  state, jids = [params, tx.init(params)], jnp.asarray(ids, jnp.int32)
+
+  def ours():
+    state[:] = step(state[0], state[1], jids)
+    jax.block_until_ready(state[0])
+
+  model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+      intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+      rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings,
+      rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})).train()
+  assert sum(p.numel() for p in model.parameters()) == sum(
+      x.size for x in jax.tree.leaves(params)), "models differ in size"
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+  tids = torch.from_numpy(ids)
+
+  def peer():
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+      logits = model(tids).logits[:, :-1]
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
+                                             tids[:, 1:].flatten())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+  return ours, peer, {"batch": batch_size, "tokens": length, "layers": num_layers,
+                      "compute_dtype": dtype}
+
+
 def loop_overlap(steps=20, rounds=3) -> dict:
   """Steps/s of the demo config's training loop on the sim (real pipeline, real step), with
   the host in lockstep (read the loss of each step, then prepare the next batch: the old
@@ -257,24 +310,28 @@ def demo_loop(step_examples_per_s: float, steps=150) -> dict:
 
 
 CASES = ("vlm_tiny", "vit_b16", "vit_b16_bf16", "loop", "demo_loop")
+EXTRA_CASES = ("qwen2_6l", "qwen2_6l_bf16")   # on request only (not in `experiments.bench`)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--pairs", type=int, default=5)
   parser.add_argument("--out", default="bench_train.json")
+  known = CASES + EXTRA_CASES
   parser.add_argument("--cases", default=",".join(CASES),
-                      help=f"comma-separated subset of {','.join(CASES)} (demo_loop needs "
-                      "vlm_tiny)")
+                      help=f"comma-separated subset of {','.join(known)} (default: "
+                      f"{','.join(CASES)}; demo_loop needs vlm_tiny)")
   args = parser.parse_args()
   cases = args.cases.split(",")
-  if set(cases) - set(CASES) or ("demo_loop" in cases and "vlm_tiny" not in cases):
-    parser.error(f"--cases {args.cases!r}: a subset of {','.join(CASES)}; demo_loop needs "
+  if set(cases) - set(known) or ("demo_loop" in cases and "vlm_tiny" not in cases):
+    parser.error(f"--cases {args.cases!r}: a subset of {','.join(known)}; demo_loop needs "
                  "vlm_tiny")
   torch.set_num_threads(os.cpu_count())
   rows = []
   for name, make in (("vlm_tiny", lambda: case_vlm_tiny(16)), ("vit_b16", lambda: case_vit_b16(8)),
-                     ("vit_b16_bf16", lambda: case_vit_b16(8, "bfloat16"))):
+                     ("vit_b16_bf16", lambda: case_vit_b16(8, "bfloat16")),
+                     ("qwen2_6l", lambda: case_lm(4)),
+                     ("qwen2_6l_bf16", lambda: case_lm(4, dtype="bfloat16"))):
     if name not in cases:
       continue
     ours, peer, info = make()

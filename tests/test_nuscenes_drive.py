@@ -176,4 +176,3 @@ def test_drivelm_qa_follows_the_documented_schema_and_the_builder_keeps_it(datas
   assert [q.decode() for q in ex["qa"]["question"]] == [qa["Q"] for qa in ordered]
   assert [labels.drivelm_tags(t) for t in ex["qa"]["tag"]] == [[]] * len(ordered)
   assert json.loads(ex["key_objects"]) == frame["key_object_infos"]
-
