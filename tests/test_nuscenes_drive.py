@@ -12,6 +12,7 @@ from pyquaternion import Quaternion
 
 import data_builders  # noqa: F401  (registers the builders)
 from data_builders import __main__ as build_cli
+from data_builders.common import BuildError
 from drivlm_jax.data import labels
 from drivlm_jax.sim import nuscenes as sim_nuscenes
 
@@ -176,3 +177,22 @@ def test_drivelm_qa_follows_the_documented_schema_and_the_builder_keeps_it(datas
   assert [q.decode() for q in ex["qa"]["question"]] == [qa["Q"] for qa in ordered]
   assert [labels.drivelm_tags(t) for t in ex["qa"]["tag"]] == [[]] * len(ordered)
   assert json.loads(ex["key_objects"]) == frame["key_object_infos"]
+
+
+def test_a_missing_camera_image_is_a_counted_skip_or_strict_error(tmp_path):
+  """A partial download (some images absent): the devkit loads the tables all the same; the
+  sample is skipped and counted, or with --strict an error naming it."""
+  root = str(tmp_path / "nus")
+  sim_nuscenes.write(root, "day", 1, seed=2, width=64, height=36)
+  nusc = NuScenes(version="v1.0-mini", dataroot=root, verbose=False)
+  sample = nusc.sample[0]
+  gone = nusc.get("sample_data", sample["data"]["CAM_BACK_LEFT"])["filename"]
+  os.remove(os.path.join(root, gone))
+  full, _ = build_cli.build("nuscenes_drive", root, str(tmp_path / "front"), config="front")
+  splits, skipped = build_cli.build("nuscenes_drive", root, str(tmp_path / "six"),
+                                    config="six_cam")
+  assert skipped["image file missing"] == 1 and splits["train"] == full["train"] - 1
+  with pytest.raises(BuildError, match=rf"{sample['token']} \({re.escape(gone)}\): image file "
+                                       rf"missing"):
+    build_cli.build("nuscenes_drive", root, str(tmp_path / "strict"), config="six_cam",
+                    strict=True)

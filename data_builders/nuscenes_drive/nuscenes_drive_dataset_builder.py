@@ -177,6 +177,14 @@ class NuscenesDrive(tfds.core.GeneratorBasedBuilder):
         if actions is None:
           self.skips("less than 3 s of future", f"{scene['name']}/{sample['token']}")
           continue
+        # Partial downloads are common (the tables with some of the blob archives, or
+        # DriveLM's keyframe images only): the devkit never checks files; we count the skip.
+        missing = [self._data(tables, sample, c)["filename"] for c in cameras
+                   if not os.path.exists(os.path.join(tables.root,
+                                                      self._data(tables, sample, c)["filename"]))]
+        if missing:
+          self.skips("image file missing", f"{scene['name']}/{sample['token']} ({missing[0]})")
+          continue
         yield sample["token"], self._example(tables, sample, scene, log, cameras, actions,
                                              labels.ego_speed(positions, i), description, qa)
     self.skips.log(f"nuscenes_drive {split}")
