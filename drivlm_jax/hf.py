@@ -9,6 +9,7 @@ flattened, everything else is copied. Pickle checkpoints (`*.bin`, `*.pt`) are n
 """
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -421,13 +422,30 @@ def _language_config(hf, where, **overrides) -> language.Config:
       tie_word_embeddings=bool(hf.tie_word_embeddings), **overrides)
 
 
+def _untied_by_its_head(cfg: language.Config, tensors, naming) -> language.Config:
+  """`cfg` untied where the file stores an lm_head that differs from the embedding although
+  the config ties them: transformers then keeps both ("both are present in the checkpoints
+  with different values, so we will NOT tie them"), and so do we, saying so."""
+  head, embed = naming(("lm_head", "kernel")), naming(("embed_tokens", "embedding"))
+  if not cfg.tie_word_embeddings or head not in tensors.keys():
+    return cfg
+  shape = tensors.shape(embed)
+  if tensors.shape(head) == shape and np.array_equal(tensors.get(head, shape),
+                                                     tensors.get(embed, shape)):
+    return cfg
+  logging.warning("%s: tie_word_embeddings is set, but %s differs from %s: loaded untied, as "
+                  "transformers loads it", tensors.path, head, embed)
+  return dataclasses.replace(cfg, tie_word_embeddings=False)
+
+
 def load_language_model(path, **overrides):
   """A LLaMA or Qwen2 causal LM from a local HF directory. Returns (language.Config, params)."""
   cfg = language_config(path, **overrides)
-  ignore = lambda k: (k.endswith("rotary_emb.inv_freq")
-                      or (cfg.tie_word_embeddings and k == "lm_head.weight"))
   tensors = _Tensors(path)
   naming = _detect(tensors, _LM_ANCHOR, _LM_NAMES, dataclasses.replace(_LM_NAMES, prefix=""))
+  cfg = _untied_by_its_head(cfg, tensors, naming)
+  ignore = lambda k: (k.endswith("rotary_emb.inv_freq")
+                      or (cfg.tie_word_embeddings and k == "lm_head.weight"))
   params = _load_params(tensors, naming, _shapes(language.init, cfg), ignore)
   return cfg, params
 
@@ -534,6 +552,7 @@ def load_vlm(path, **overrides):
   params, used = {}, set()
   vision_naming = _detect(tensors, _VISION_ANCHOR, *_LLAVA_VISION)
   lm_naming = _detect(tensors, _LM_ANCHOR, *_LLAVA_LM)
+  cfg = dataclasses.replace(cfg, language=_untied_by_its_head(cfg.language, tensors, lm_naming))
   shapes = _shapes(vlm.init, cfg)
   for part, naming in (("vision", vision_naming), ("language", lm_naming),
                        ("projector", _detect(tensors, "linear_1.weight", *_LLAVA_PROJECTOR))):

@@ -1,6 +1,7 @@
 """LLaMA/Qwen2 parity against transformers: logits, hidden states, gradients, padding, KV cache,
 generate, RoPE scaling."""
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -267,3 +268,28 @@ def test_unsupported_rope_is_a_clear_error(tmp_path):
   path = ref.save(model, tmp_path)
   with pytest.raises(hf.CheckpointError, match=r"config.json: rope_parameters: .*'dynamic'"):
     hf.load_language_model(path)
+
+
+def test_a_tied_config_with_another_stored_head_loads_untied_as_transformers(tmp_path):
+  """tie_word_embeddings set, but the file stores an lm_head that differs from the
+  embedding (an untied fine-tune that kept its base config): transformers keeps the stored
+  head, so do we; a stored head equal to the embedding stays tied."""
+  def saved_as_tied(model, name):
+    path = ref.save(model, tmp_path / name)
+    config = json.loads((tmp_path / name / "config.json").read_text())
+    (tmp_path / name / "config.json").write_text(json.dumps({**config,
+                                                             "tie_word_embeddings": True}))
+    return path
+
+  path = saved_as_tied(ref.causal_lm(family="qwen2", tie=False), "other_head")
+  theirs_model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+  cfg, params = hf.load_language_model(path)
+  assert not cfg.tie_word_embeddings
+  ids = _ids(2, 9, cfg.vocab_size, seed=10)
+  with torch.inference_mode():
+    theirs = theirs_model(torch.from_numpy(ids).long()).logits
+  assert ref.max_diff(language.apply(cfg, params, ids), theirs) <= TOL
+  same = ref.causal_lm(family="qwen2", tie=False)
+  with torch.no_grad():
+    same.lm_head.weight.copy_(same.model.embed_tokens.weight)
+  assert hf.load_language_model(saved_as_tied(same, "same_head"))[0].tie_word_embeddings

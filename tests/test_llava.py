@@ -1,5 +1,6 @@
 """HF LLaVA directories in and out (`hf.load_vlm` / `hf.save_vlm`) against transformers'
 LlavaForConditionalGeneration on tiny random models with every 0-/1-D parameter perturbed."""
+import json
 import pathlib
 
 import jax
@@ -127,3 +128,23 @@ def test_errors_name_the_tensor_or_field(llava, tmp_path):
     hf.load_vlm(str(out))
   with pytest.raises(hf.CheckpointError, match="is not 'llava'"):
     hf.load_vlm(ref.save(ref.causal_lm(), tmp_path / "lm"))
+
+
+def test_a_tied_config_with_another_stored_head_loads_untied_as_transformers(tmp_path):
+  """An untied LLaVA whose config.json says tied: transformers keeps the stored lm_head (it
+  differs from the embedding), and so does `load_vlm`."""
+  path = ref.save(_llava("clip_llama"), tmp_path / "llava")
+  config_file = pathlib.Path(path) / "config.json"
+  config = json.loads(config_file.read_text())
+  config["tie_word_embeddings"] = True
+  config["text_config"]["tie_word_embeddings"] = True
+  config_file.write_text(json.dumps(config))
+  model = transformers.LlavaForConditionalGeneration.from_pretrained(path).eval()
+  cfg, params = hf.load_vlm(path)
+  assert not cfg.language.tie_word_embeddings
+  params = {**vlm.init(cfg, jax.random.key(0)), **params}
+  ids, mask = _prompt(cfg)
+  x, xt = ref.images(2, cfg.vision.image_size)
+  ours = np.asarray(vlm.apply(cfg, params, x, ids, mask)["lm_logits"])
+  real = mask > 0
+  assert ref.max_diff(ours[real], _hf_logits(model, ids, mask, xt)[real]) <= 1e-4
