@@ -21,22 +21,8 @@ from tests import chat, drivelm_reference, reference
 
 
 def test_drivelm_evaluator_writes_the_challenge_file_and_scores_it(tmp_path):
-  root, data_dir = str(tmp_path / "nus"), str(tmp_path / "tfds")
-  sim_nuscenes.write(root, "day", 1, seed=3, split="val", width=160, height=96)
-  build_cli.build("nuscenes_drive", root, data_dir, config="front")
-  cfg = vlm.config_from_dict(common.model_config("tiny"))
-  params = vlm.init(cfg, jax.random.key(0))
-  feats = pipeline.Features(tokenizer=sim_tokenizer.write(str(tmp_path)),
-                            image_size=cfg.vision.image_size,
-                            num_image_tokens=cfg.num_visual_tokens, max_len=160)
-  data = {("target", "test"): pipeline.SourceSpec("nuscenes_drive/front", data_dir, "val")}
-  evaluator = drivelm.DriveLM(name="drivelm", every=1, role="target", batch_size=64,
-                              max_new_tokens=4, num_frames=3)
-  result = evaluator.run(cfg, params, data, feats, workdir=str(tmp_path / "run"))
-
-  predictions = json.loads((tmp_path / "run" / "drivelm_predictions.json").read_text())
-  with open(f"{root}/v1_1_val_nus.json") as f:
-    released = json.load(f)
+  released, predictions, result = _evaluate_sim(tmp_path, seed=3, size=(160, 96), frames=3,
+                                                 max_new_tokens=4)
   # The first 3 frames of the split, with the test questions the challenge's scripts derive
   # from the released (untagged) file, in the challenge's order.
   frames = {p["id"].rsplit("_", 1)[0] for p in predictions}
@@ -58,11 +44,13 @@ def test_drivelm_evaluator_writes_the_challenge_file_and_scores_it(tmp_path):
                          "drivelm_final_without_judge"}
 
 
-def _evaluate_one_scene(tmp_path, edit):
-  """The evaluator on a 1-scene sim split whose DriveLM file `edit(path)` has changed."""
+def _evaluate_sim(tmp_path, seed, size, frames, max_new_tokens, edit=None):
+  """The evaluator on the first `frames` frames of a 1-scene sim val split whose DriveLM
+  file `edit(path)` may change -> (that file, the predictions written, the result)."""
   root, data_dir = str(tmp_path / "nus"), str(tmp_path / "tfds")
-  sim_nuscenes.write(root, "day", 1, seed=4, split="val", width=96, height=64)
-  edit(f"{root}/v1_1_val_nus.json")
+  sim_nuscenes.write(root, "day", 1, seed=seed, split="val", width=size[0], height=size[1])
+  if edit:
+    edit(f"{root}/v1_1_val_nus.json")
   build_cli.build("nuscenes_drive", root, data_dir, config="front")
   cfg = vlm.config_from_dict(common.model_config("tiny"))
   feats = pipeline.Features(tokenizer=sim_tokenizer.write(str(tmp_path)),
@@ -70,12 +58,13 @@ def _evaluate_one_scene(tmp_path, edit):
                             num_image_tokens=cfg.num_visual_tokens, max_len=160)
   data = {("target", "test"): pipeline.SourceSpec("nuscenes_drive/front", data_dir, "val")}
   evaluator = drivelm.DriveLM(name="drivelm", every=1, role="target", batch_size=64,
-                              max_new_tokens=2, num_frames=2)
-  evaluator.run(cfg, vlm.init(cfg, jax.random.key(0)), data, feats,
-                workdir=str(tmp_path / "run"))
+                              max_new_tokens=max_new_tokens, num_frames=frames)
+  result = evaluator.run(cfg, vlm.init(cfg, jax.random.key(0)), data, feats,
+                         workdir=str(tmp_path / "run"))
   with open(f"{root}/v1_1_val_nus.json") as f:
     released = json.load(f)
-  return released, json.loads((tmp_path / "run" / "drivelm_predictions.json").read_text())
+  return (released, json.loads((tmp_path / "run" / "drivelm_predictions.json").read_text()),
+          result)
 
 
 def test_a_tagged_file_is_scored_as_it_is_and_a_split_without_qa_is_an_error(tmp_path):
@@ -90,7 +79,8 @@ def test_a_tagged_file_is_scored_as_it_is_and_a_split_without_qa_is_an_error(tmp
     with open(path, "w") as f:
       json.dump(released, f)
 
-  released, predictions = _evaluate_one_scene(tmp_path / "tagged", tag_the_first_qa)
+  released, predictions, _ = _evaluate_sim(tmp_path / "tagged", 4, (96, 64), 2, 2,
+                                           tag_the_first_qa)
   frames = {p["id"].rsplit("_", 1)[0] for p in predictions}
   test = {s: {"key_frames": {f: v for f, v in scene["key_frames"].items()
                              if f"{s}_{f}" in frames}} for s, scene in released.items()}
@@ -100,7 +90,7 @@ def test_a_tagged_file_is_scored_as_it_is_and_a_split_without_qa_is_an_error(tmp
       i: qa["Q"] for i, qa in drivelm.qas(test)}
   with pytest.raises(ValueError, match=r"DriveLM evaluation of the target test split: no QA "
                                        r"to score in 2 frame\(s\)"):
-    _evaluate_one_scene(tmp_path / "none", os.remove)
+    _evaluate_sim(tmp_path / "none", 4, (96, 64), 2, 2, os.remove)
 
 
 def _judge_dir(path, allowed: str):
