@@ -5,9 +5,10 @@ r"""Evaluates a run: `python -m drivlm_jax.evaluate --config configs/X.py[:arg] 
 action_F1_official (BDD-OIA's script: per batch, averaged), reason_..., BLEU-1..4, ROUGE-L,
 CIDEr, accuracy}}, "step": N} in points (0-100), and prints it as a table.
 
-With --drivelm (nuScenes-Drive data with DriveLM QA) it also answers every QA of the target
-test frames, writes DIR/drivelm_predictions.json in the challenge's format and adds the
-challenge's judge-free scores. `python -m drivlm_jax.evaluate --drivelm_test TEST.json
+With --drivelm (nuScenes-Drive data with DriveLM QA) it also answers the DriveLM challenge's
+test questions of the target test frames (`data/drivelm_questions.py`), writes
+DIR/drivelm_predictions.json in the challenge's format and adds the challenge's judge-free
+scores. `python -m drivlm_jax.evaluate --drivelm_test TEST.json
 --drivelm_predictions PRED.json [--judge CMD] [--workdir DIR]` scores a DriveLM challenge prediction file as the challenge
 does (`evals/drivelm.py`), prints the scores and, with --workdir, adds them to its eval.json
 under "drivelm".
@@ -103,9 +104,11 @@ def main(argv):
 if __name__ == "__main__":
   run_lib.define_flags()
   flags.DEFINE_string("split", None, "Evaluate this split (default: each evaluator's own).")
-  flags.DEFINE_bool("drivelm", False, "Also answer every DriveLM QA of the target test "
-                    "frames, write drivelm_predictions.json and score it (evals/drivelm.py).")
-  flags.DEFINE_string("drivelm_test", None, "A DriveLM challenge test JSON to score against.")
+  flags.DEFINE_bool("drivelm", False, "Also answer the DriveLM challenge's test questions of "
+                    "the target test frames, write drivelm_predictions.json and score it "
+                    "(evals/drivelm.py).")
+  flags.DEFINE_string("drivelm_test", None, "A DriveLM QA file to score against: released "
+                      "(its test questions derived) or in test_eval.json form.")
   flags.DEFINE_string("drivelm_predictions", None, "Predictions in the challenge's format.")
   flags.DEFINE_string("judge", None, "The GPT-score judge: a command reading JSON lines "
                       "{question, answer, gt} and writing a 0-100 score per line; a local "
