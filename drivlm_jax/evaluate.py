@@ -59,9 +59,7 @@ def format_table(result, step=None) -> str:
 def score_drivelm(test_path, predictions_path, judge_cmd=None, workdir=None) -> dict:
   with open(test_path) as f:
     test = drivelm_questions.test_set(json.load(f), test_path)
-  if not any(qa["tag"] for _, qa in drivelm.qas(test)):
-    raise ValueError(f"{test_path}: no QA to score (a released DriveLM file with answers, or "
-                     f"one in the challenge's test_eval.json form)")
+  drivelm.check_scorable(test, test_path)
   with open(predictions_path) as f:
     predictions = json.load(f)
   judge = drivelm.judge_command(judge_cmd) if judge_cmd else None

@@ -395,16 +395,16 @@ def _language_config(hf, where, **overrides) -> language.Config:
   if rope.get("rope_type", "default") == "default":
     rope = {}
   try:
-    language.Config(rope_scaling=rope)
+    language.check_rope_scaling(rope)
   except ValueError as e:
     raise CheckpointError(f"{where}: rope_parameters: {e}") from None
   if hf.hidden_act != "silu":
     raise CheckpointError(f"{where}: hidden_act {hf.hidden_act!r} is not supported (silu)")
   # Qwen2's use_sliding_window slides only the layers from max_window_layers on, as its
   # layer_types say (none when max_window_layers >= the layer count).
-  sliding = [i for i, kind in enumerate(getattr(hf, "layer_types", None) or [])
-             if kind == "sliding_attention"]
-  if getattr(hf, "use_sliding_window", False) and (sliding or not hf.layer_types):
+  layer_types = getattr(hf, "layer_types", None)
+  sliding = [i for i, kind in enumerate(layer_types or []) if kind == "sliding_attention"]
+  if getattr(hf, "use_sliding_window", False) and (sliding or not layer_types):
     raise CheckpointError(f"{where}: sliding-window attention (layers {sliding}) is not "
                           f"supported")
   qwen2 = hf.model_type == "qwen2"

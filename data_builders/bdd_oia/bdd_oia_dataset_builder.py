@@ -170,9 +170,8 @@ def _categories(path, images, annotations):
     category = annotations[image_id]["category"]
     five = isinstance(category, list) and len(category) == ACTIONS + 1
     out[name] = (common.binary_labels(category, ACTIONS + 1 if five else ACTIONS, where), where)
-  named = [(row, ann.get("image_id", ann.get("id"))) for row, ann in enumerate(annotations)
-           if ann.get("image_id", ann.get("id")) is not None]
-  other = [(row, own) for row, own in named if own != row and row in seen]
+  own_ids = ((row, ann.get("image_id", ann.get("id"))) for row, ann in enumerate(annotations))
+  other = [(row, own) for row, own in own_ids if own is not None and own != row and row in seen]
   if other:
     row, own = other[0]
     logging.warning(

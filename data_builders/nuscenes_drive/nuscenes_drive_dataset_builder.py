@@ -179,9 +179,8 @@ class NuscenesDrive(tfds.core.GeneratorBasedBuilder):
           continue
         # Partial downloads are common (the tables with some of the blob archives, or
         # DriveLM's keyframe images only): the devkit never checks files; we count the skip.
-        missing = [self._data(tables, sample, c)["filename"] for c in cameras
-                   if not os.path.exists(os.path.join(tables.root,
-                                                      self._data(tables, sample, c)["filename"]))]
+        files = [self._data(tables, sample, c)["filename"] for c in cameras]
+        missing = [f for f in files if not os.path.exists(os.path.join(tables.root, f))]
         if missing:
           self.skips("image file missing", f"{scene['name']}/{sample['token']} ({missing[0]})")
           continue

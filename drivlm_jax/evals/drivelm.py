@@ -35,6 +35,15 @@ def qas(test: dict):
   return out
 
 
+def check_scorable(test: dict, where: str):
+  """A ValueError naming `where` unless some QA of `test` carries a challenge tag."""
+  if not any(qa["tag"] for _, qa in qas(test)):
+    frames = sum(len(scene["key_frames"]) for scene in test.values())
+    raise ValueError(f"{where}: no QA to score in {frames} frame(s) (a released "
+                     f"DriveLM-nuScenes file with answers, *_nus.json, or one in the "
+                     f"challenge's test_eval.json form)")
+
+
 def write_predictions(path, test: dict, answers: dict) -> list:
   """`drivelm_predictions.json` in the challenge's format (a local or bucket path; None:
   not written) -> its rows; `answers`: {id: answer}, one for every QA of `test` (a missing
@@ -139,10 +148,7 @@ class DriveLM(evals.Evaluator):
         rows.append((f"{scene}_{frame}_{k}", image, prompt,
                      tok.encode(question)[:feats.max_instruction_len]))
       test.setdefault(scene, {"key_frames": {}})["key_frames"][frame] = {"QA": stages}
-    if not any(qa["tag"] for _, qa in qas(test)):
-      raise ValueError(f"DriveLM evaluation of the {self.role} {self.split} split: no QA to "
-                       f"score in {len(indices)} frame(s) (a DriveLM-nuScenes file with "
-                       f"answers, *_nus.json, beside the nuScenes tables when it was built?)")
+    check_scorable(test, f"DriveLM evaluation of the {self.role} {self.split} split")
     answers = dict(zip([r[0] for r in rows], self._answer(cfg, params, tok, feats, rows)))
     out = (run_lib.path(workdir, "drivelm_predictions.json")
            if workdir is not None and jax.process_index() == 0 else None)

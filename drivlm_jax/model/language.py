@@ -51,17 +51,8 @@ class Config:
       raise ValueError(f"num_heads {self.num_heads} not a multiple of num_kv_heads "
                        f"{self.num_kv_heads}")
     scaling = dict(self.rope_scaling)
+    check_rope_scaling(scaling)
     object.__setattr__(self, "rope_scaling", tuple(sorted(scaling.items())))
-    if scaling:
-      kind = scaling.get("rope_type")
-      if kind not in ROPE_KEYS:
-        raise ValueError(f"rope_scaling rope_type {kind!r} is not supported; known: "
-                         f"{sorted(ROPE_KEYS)}")
-      required, optional = ROPE_KEYS[kind]
-      missing, unknown = required - set(scaling), set(scaling) - required - optional - {"rope_type"}
-      if missing or unknown:
-        raise ValueError(f"rope_scaling for rope_type {kind!r}: missing {sorted(missing)}, "
-                         f"unknown {sorted(unknown)}")
 
   @property
   def dim_per_head(self) -> int:
@@ -77,6 +68,21 @@ ROPE_KEYS = {
              {"attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
               "truncate"}),
 }
+
+
+def check_rope_scaling(scaling: dict):
+  """A ValueError unless `scaling` is {} or names a `ROPE_KEYS` type with its keys."""
+  if not scaling:
+    return
+  kind = scaling.get("rope_type")
+  if kind not in ROPE_KEYS:
+    raise ValueError(f"rope_scaling rope_type {kind!r} is not supported; known: "
+                     f"{sorted(ROPE_KEYS)}")
+  required, optional = ROPE_KEYS[kind]
+  missing, unknown = required - set(scaling), set(scaling) - required - optional - {"rope_type"}
+  if missing or unknown:
+    raise ValueError(f"rope_scaling for rope_type {kind!r}: missing {sorted(missing)}, "
+                     f"unknown {sorted(unknown)}")
 
 
 def rope_frequencies(cfg: Config):
