@@ -61,14 +61,15 @@ def with_other_ids(actions, reasons):
     ann["image_id"] = len(actions["annotations"]) - 1 - row
 
 
-def write_archive(root, json_dir="lastframe", edit=None, missing=MISSING):
+def write_archive(root, json_dir="lastframe", edit=None, missing=MISSING,
+                  image_dir="lastframe/data"):
   """A tiny `lastframe` archive without the image `missing`; `edit(actions, reasons)` alters
   the JSON before writing."""
-  os.makedirs(os.path.join(root, "lastframe", "data"), exist_ok=True)
+  os.makedirs(os.path.join(root, image_dir), exist_ok=True)
   os.makedirs(os.path.join(root, json_dir), exist_ok=True)
   for i, name in enumerate(NAMES):
     if name != missing:
-      with open(os.path.join(root, "lastframe", "data", name), "wb") as f:
+      with open(os.path.join(root, image_dir, name), "wb") as f:
         f.write(_jpeg((40 * i, 80, 120)))
   actions, reasons = released_json()
   if edit:
@@ -85,11 +86,14 @@ def _read(data_dir):
   return {source[i]["file_name"].decode(): source[i] for i in range(len(source))}
 
 
-@pytest.mark.parametrize("json_dir", ["lastframe", "lastframe/data", "lastframe/labels", "data",
-                                      "labels"])
-def test_released_form_gives_the_official_labels(tmp_path, json_dir):
-  manual = write_archive(tmp_path / "m", json_dir)
-  expected = official_labels(manual, json_dir)
+@pytest.mark.parametrize("json_dir,image_dir", [
+    ("lastframe", "lastframe/data"), ("lastframe/data", "lastframe/data"),
+    ("lastframe/labels", "lastframe/data"), ("data", "lastframe/data"),
+    ("labels", "lastframe/data"), ("annotations", "data"),
+    ("info", "lastframe")])   # the authors' test.py: info/*.json, images in lastframe/
+def test_released_form_gives_the_official_labels(tmp_path, json_dir, image_dir):
+  manual = write_archive(tmp_path / "m", json_dir, image_dir=image_dir)
+  expected = official_labels(manual, json_dir, image_dir=image_dir)
   assert sorted(expected) == sorted([NAMES[1], NAMES[2], NAMES[3], NAMES[4]])   # the fixture
   splits, skipped = build_cli.build("bdd_oia", manual, str(tmp_path / "d"))
   assert splits == {"train": len(expected)}

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from nuscenes.nuscenes import NuScenes
+from nuscenes.scripts import export_2d_annotations_as_json as export_2d
 from nuscenes.utils.geometry_utils import view_points
 from pyquaternion import Quaternion
 
 import data_builders  # noqa: F401  (registers the builders)
 from data_builders import __main__ as build_cli
 from data_builders.common import BuildError
-from drivlm_jax.data import labels
+from drivlm_jax.data import geometry, labels
 from drivlm_jax.sim import nuscenes as sim_nuscenes
 
 
@@ -30,7 +31,8 @@ def dataset(tmp_path_factory):
 
 
 def _devkit_box(nusc, ann_token, sd_token):
-  """The 2D box by the devkit's own geometry: global -> ego -> camera, then view_points."""
+  """The 2D box as the devkit's `export_2d_annotations_as_json.get_2d_boxes` makes it
+  (global -> ego -> camera, corners with z > 0, `post_process_coords`), normalised."""
   sd = nusc.get("sample_data", sd_token)
   cs = nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
   pose = nusc.get("ego_pose", sd["ego_pose_token"])
@@ -40,15 +42,46 @@ def _devkit_box(nusc, ann_token, sd_token):
   box.translate(-np.array(cs["translation"]))
   box.rotate(Quaternion(cs["rotation"]).inverse)
   corners = box.corners()
-  front = corners[:, corners[2] > 0.1]
-  if front.shape[1] == 0:
+  corners = corners[:, corners[2] > 0]
+  uv = view_points(corners, np.array(cs["camera_intrinsic"]), normalize=True)[:2]
+  found = _devkit_post_process(uv.T.tolist(), (sd["width"], sd["height"]))
+  if found is None:
     return None
-  uv = view_points(front, np.array(cs["camera_intrinsic"]), normalize=True)[:2]
-  x1, y1 = np.clip(uv.min(1), 0, [sd["width"], sd["height"]])
-  x2, y2 = np.clip(uv.max(1), 0, [sd["width"], sd["height"]])
-  if x2 - x1 < 1 or y2 - y1 < 1:
+  return np.array(found) / [sd["width"], sd["height"], sd["width"], sd["height"]]
+
+
+def _devkit_post_process(corner_coords, imsize):
+  """The devkit's `post_process_coords`, or None where it fails: a hull that is a point or a
+  line, or one that only touches the image, has no `exterior`."""
+  if len(corner_coords) == 0:
     return None
-  return np.array([x1, y1, x2, y2]) / [sd["width"], sd["height"], sd["width"], sd["height"]]
+  try:
+    return export_2d.post_process_coords(corner_coords, imsize)
+  except AttributeError:
+    return None
+
+
+def test_2d_box_is_the_devkits():
+  """`geometry.box_in_image` against the devkit's `post_process_coords` on random boxes around
+  a nuScenes front camera: partly behind it, straddling the image's edges, outside it."""
+  intrinsic = np.array([[1266.4, 0, 816.3], [0, 1266.4, 491.5], [0, 0, 1]])
+  rng = np.random.default_rng(0)
+  outcomes = {"box": 0, "none": 0}
+  for _ in range(400):
+    centre = rng.uniform([-25, -6, -4], [25, 6, 30])
+    corners = geometry.box_corners(centre, rng.uniform(0.5, 8, 3),
+                                   Quaternion(axis=rng.normal(size=3), angle=rng.uniform(0, 6.3))
+                                   .elements)
+    front = corners[corners[:, 2] > 0].T
+    want = _devkit_post_process(view_points(front, intrinsic, normalize=True)[:2].T.tolist(),
+                                (1600, 900)) if front.size else None
+    got = geometry.box_in_image(corners, intrinsic, 1600, 900)
+    if want is None:
+      assert got is None
+    else:
+      np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-6)
+    outcomes["none" if want is None else "box"] += 1
+  assert min(outcomes.values()) > 50, outcomes
 
 
 def test_devkit_loads_and_builder_agrees(dataset):

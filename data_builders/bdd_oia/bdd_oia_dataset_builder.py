@@ -10,10 +10,11 @@ DataLoader_together.py` of the BDD-OIA project):
   the frame).
 - `<split>_25k_images_reasons.json`: `[{"file_name", "reason": [21 ints]}]`, joined by file
   name (the loader pairs both lists sorted by file name).
-- images: `lastframe/data/<file_name>` (or `data/`). An image whose file is missing is skipped
-  and counted, as the loader skips it.
-The JSON files may sit in `lastframe/`, `lastframe/data/`, `lastframe/labels/`, `data/` or
-`labels/`. `strict` (`--strict`) turns every counted skip into an error. A sim-written
+- images: `lastframe/data/<file_name>` (or `data/`, or `lastframe/` itself as the authors'
+  `test.py` reads them: the first of these that holds a .jpg). An image whose file is missing
+  is skipped and counted, as the loader skips it.
+The JSON files may sit in `lastframe/`, `lastframe/data/`, `lastframe/labels/`, `data/`,
+`labels/`, `info/` (`test.py`'s default) or `annotations/`. `strict` (`--strict`) turns every counted skip into an error. A sim-written
 `sim_<split>_extras.json` adds boxes and instructions (the real archive has neither: its
 examples get none).
 """
@@ -26,8 +27,9 @@ import tensorflow_datasets as tfds
 from data_builders import common
 
 ACTIONS, REASONS = 4, 21
-_JSON_DIRS = ("lastframe", "lastframe/data", "lastframe/labels", "data", "labels", ".")
-_IMAGE_DIRS = ("lastframe/data", "data")
+_JSON_DIRS = ("lastframe", "lastframe/data", "lastframe/labels", "data", "labels", "info",
+              "annotations", ".")
+_IMAGE_DIRS = ("lastframe/data", "data", "lastframe")
 
 
 def find(manual_dir, name, dirs):
@@ -36,6 +38,13 @@ def find(manual_dir, name, dirs):
     if os.path.exists(path):
       return path
   return None
+
+
+def _holds_jpeg(folder) -> bool:
+  if not os.path.isdir(folder):
+    return False
+  with os.scandir(folder) as entries:
+    return any(e.name.lower().endswith((".jpg", ".jpeg")) and e.is_file() for e in entries)
 
 
 class BddOia(tfds.core.GeneratorBasedBuilder):
@@ -81,9 +90,9 @@ class BddOia(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, manual, split, actions_path, reasons_path):
     skips = common.Skips(self.strict)
     image_dir = next((os.path.join(manual, d) for d in _IMAGE_DIRS
-                      if os.path.isdir(os.path.join(manual, d))), None)
+                      if _holds_jpeg(os.path.join(manual, d))), None)
     if image_dir is None:
-      raise common.BuildError(f"{manual}: no image folder ({' or '.join(_IMAGE_DIRS)})")
+      raise common.BuildError(f"{manual}: no folder of .jpg images ({', '.join(_IMAGE_DIRS)})")
     images = read_split(actions_path, reasons_path, image_dir, skips)
     extras_path = find(manual, f"sim_{split}_extras.json", _JSON_DIRS)
     extras = common.read_json(extras_path) if extras_path else {}

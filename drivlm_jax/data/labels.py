@@ -13,7 +13,7 @@ REASONS = (
 FORWARD, STOP, LEFT, RIGHT = range(4)
 
 FUTURE_S = 3.0          # horizon of the action rule
-TURN_OFFSET_M = 2.0     # UniAD/VAD command rule: lateral offset at the horizon
+TURN_OFFSET_M = 2.0     # lateral offset at the horizon, the threshold of VAD's command
 KEYFRAME_HZ = 2.0
 
 
@@ -31,6 +31,12 @@ def actions_from_ego_path(positions, yaw, index, dt=1 / KEYFRAME_HZ):
   gives turn_left, <= -2 m turn_right; a mean future speed below max(1 m/s, 0.7 x the
   current speed) gives stop_or_slow, otherwise forward.
   Returns int32 [4], or None when fewer than 3 s of future exist.
+
+  This is DESIGN.md's rule (the ego origin, in the ego frame). VAD's converter
+  (`vad_nuscenes_converter.py`) takes its command from the same +-2 m threshold on the
+  LIDAR_TOP sensor's position 3 s ahead in the t0 lidar frame, and pads a path shorter than
+  3 s: the lidar sits ~0.9 m ahead of the ego origin, so in a turn its offset is larger by
+  ~0.9 m x sin(heading change), and a turn near the threshold can differ.
   """
   steps = int(round(FUTURE_S / dt))
   positions = np.asarray(positions, np.float64)
