@@ -76,6 +76,7 @@ def get_config(arg=None):
       target=dict(domain=SHIFTS[arg.shift][1], seed=1, train=640, test=1000),
       target_fraction=0.0, target_labelled=False,   # set by the method
       max_len=128, resize="pad", augment=True, workers=0,
+      drivelm_questions="released",        # nuScenes: the QAs trained on (pipeline.Features)
       cache_examples=4096))                # decoded, resized frames kept in memory (~12 KB each)
 
   config.optimizer = ml_collections.ConfigDict(dict(
@@ -115,8 +116,10 @@ def _nuscenes(config):
   the sim (counts in scenes of 16 keyframes; about 10 have the 3 s of future an action needs)."""
   config.model.num_cameras = 6
   config.model.vision.patch_size = 16
+  # Trained on the DriveLM challenge's own questions (multiple choice included), whose
+  # ~100-token prompts need 256 positions beside the 96 visual tokens.
   config.data.update(sim_layout="nuscenes", nuscenes_config="six_cam", width=128, height=72,
-                     max_len=192)
+                     max_len=256, drivelm_questions="challenge")
   config.data.source = dict(domain="day", location="boston-seaport", seed=0, train=64, test=20)
   config.data.target = dict(domain="night+rain", location="singapore-onenorth", seed=1,
                             train=64, test=20)

@@ -57,7 +57,8 @@ def features(config, cfg: vlm.Config, tokenizer: str) -> pipeline.Features:
                            image_size=cfg.vision.image_size,
                            num_image_tokens=cfg.num_visual_tokens, max_len=d.max_len,
                            resize=d.resize, augment=d.augment, num_cameras=cfg.num_cameras,
-                           cache_examples=d.get("cache_examples", 0))
+                           cache_examples=d.get("cache_examples", 0),
+                           drivelm_questions=d.get("drivelm_questions", "released"))
 
 
 def eval_key(config) -> str:

@@ -1,6 +1,8 @@
 """nuScenes layout from the sim against nuscenes-devkit, and the nuScenes-Drive builder."""
+import glob
 import json
 import os
+import random
 import re
 
 import numpy as np
@@ -14,8 +16,9 @@ from pyquaternion import Quaternion
 import data_builders  # noqa: F401  (registers the builders)
 from data_builders import __main__ as build_cli
 from data_builders.common import BuildError
-from drivlm_jax.data import geometry, labels
+from drivlm_jax.data import drivelm_questions, geometry, labels, pipeline
 from drivlm_jax.sim import nuscenes as sim_nuscenes
+from tests import drivelm_reference
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +232,32 @@ def test_a_missing_camera_image_is_a_counted_skip_or_strict_error(tmp_path):
                                        rf"missing"):
     build_cli.build("nuscenes_drive", root, str(tmp_path / "strict"), config="six_cam",
                     strict=True)
+
+
+def test_training_questions_in_the_challenges_form(dataset):
+  """`Features.drivelm_questions`: "released" trains on every QA of the frame, "challenge" on
+  the questions the challenge's extract_data.py + convert_data.py derive from them (run by
+  tests/drivelm_reference.py on the released file), multiple choice included."""
+  root, data_dir, _, _, _ = dataset
+  frames = {}
+  for path in glob.glob(os.path.join(root, "*_nus.json")):
+    with open(path) as f:
+      for scene in json.load(f).values():
+        frames.update(scene["key_frames"])
+  source = tfds.data_source("nuscenes_drive/six_cam", data_dir=data_dir, split="train")
+  multiple_choice = 0
+  for i in range(len(source)):
+    ex = source[i]
+    token = ex["sample_token"].decode()
+    frame = frames[token]
+    released = [(q["Q"], q["A"]) for stage in ("perception", "prediction", "planning",
+                                               "behavior") for q in frame["QA"].get(stage, [])]
+    assert pipeline.qa_pairs(ex, "released") == released
+    official = drivelm_reference.convert_frame(
+        drivelm_reference.extract_frame(frame),
+        random.Random(drivelm_questions.frame_seed(token)))
+    want = [(q["Q"], q["A"]) for qas in official.values() for q in qas]
+    got = pipeline.qa_pairs(ex, "challenge")
+    assert got == want, token
+    multiple_choice += sum(a in ("A", "B", "C", "D") for _, a in got)
+  assert multiple_choice >= len(source)   # a behaviour question per frame at least

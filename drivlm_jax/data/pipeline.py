@@ -6,6 +6,7 @@ them. Each host reads a disjoint shard (`shard_index::shard_count`, by default
 `jax.process_index()::jax.process_count()`); order and augmentation are fixed by the seed.
 """
 import dataclasses
+import json
 import sys
 
 import grain
@@ -16,7 +17,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 import data_builders  # noqa: F401  (registers bdd_oia and nuscenes_drive with tfds)
-from drivlm_jax.data import labels, preprocess
+from drivlm_jax.data import drivelm_questions, labels, preprocess
 from drivlm_jax.data import tokenizer as tokenizer_lib
 
 DEFAULT_INSTRUCTION = "What should the ego car do?"
@@ -53,6 +54,36 @@ class Features:
   # Keep up to this many examples per domain decoded and resized in memory (resize "pad" or
   # evaluation only: a deterministic resize); 0: decode and resize every time.
   cache_examples: int = 0
+  # The DriveLM QAs a nuScenes-Drive example trains on: "released", every QA of the frame as
+  # the file has it; "challenge", the questions the challenge asks of the frame (picked,
+  # tagged and partly made multiple choice by its extract_data.py / convert_data.py, which
+  # its baseline fine-tunes on: `drivelm_questions`).
+  drivelm_questions: str = "released"
+
+  def __post_init__(self):
+    if self.drivelm_questions not in QA_FORMS:
+      raise ValueError(f"drivelm_questions {self.drivelm_questions!r}: one of {QA_FORMS}")
+
+
+QA_FORMS = ("released", "challenge")
+
+
+def qa_pairs(example, form: str) -> list:
+  """[(question, answer)] an example trains on (`Features.drivelm_questions`): its stored
+  QAs, or in the "challenge" form the frame's test questions derived from them."""
+  qa = example.get("qa")
+  if qa is None or not len(qa["question"]):
+    return []
+  pairs = [(as_text(q), as_text(a)) for q, a in zip(qa["question"], qa["answer"])]
+  if form == "released":
+    return pairs
+  by_stage = {}
+  for stage, (q, a) in zip(qa["type"], pairs):
+    by_stage.setdefault(as_text(stage), []).append({"Q": q, "A": a})
+  frame = as_text(example["sample_token"])
+  asked = drivelm_questions.frame_questions(
+      by_stage, json.loads(as_text(example["key_objects"])), frame, f"sample {frame}")
+  return [(p["Q"], p["A"]) for stage in asked.values() for p in stage]
 
 
 def as_text(value) -> str:
@@ -166,10 +197,9 @@ class ExampleTransform:
     has_reasons = "reasons" in example
     reasons = np.asarray(example["reasons"], np.float32) if has_reasons else np.zeros(21,
                                                                                      np.float32)
-    qa = example.get("qa")
-    if qa is not None and len(qa["question"]):
-      k = int(rng.integers(len(qa["question"])))
-      instruction, answer = as_text(qa["question"][k]), as_text(qa["answer"][k])
+    pairs = qa_pairs(example, f.drivelm_questions)
+    if pairs:
+      instruction, answer = pairs[int(rng.integers(len(pairs)))]
     else:
       instruction = as_text(example.get("instruction", b"")) or DEFAULT_INSTRUCTION
       answer = labels.explanation(actions.astype(int), reasons.astype(int))
