@@ -113,8 +113,8 @@ def test_devkit_loads_and_builder_agrees(dataset):
         assert len(got) == len(expected)
         if expected:
           scale = np.array([320, 180, 320, 180])
-          np.testing.assert_allclose(np.sort(got * scale, 0), np.sort(np.array(expected) * scale, 0),
-                                     atol=1.0)
+          np.testing.assert_allclose(np.sort(got * scale, 0),
+                                     np.sort(np.array(expected) * scale, 0), atol=1e-3)
           checked_boxes += len(expected)
       scene = nusc.get("scene", sample["scene_token"])
       log = nusc.get("log", scene["log_token"])
