@@ -116,10 +116,10 @@ def _nuscenes(config):
   the sim (counts in scenes of 16 keyframes; about 10 have the 3 s of future an action needs)."""
   config.model.num_cameras = 6
   config.model.vision.patch_size = 16
-  # Trained on the DriveLM challenge's own questions (multiple choice included), whose
-  # ~100-token prompts need 256 positions beside the 96 visual tokens.
+  # Trained on the DriveLM challenge's own questions (multiple choice included): with the
+  # 96 visual tokens their prompts take up to 287 positions in the sim's tokens.
   config.data.update(sim_layout="nuscenes", nuscenes_config="six_cam", width=128, height=72,
-                     max_len=256, drivelm_questions="challenge")
+                     max_len=320, drivelm_questions="challenge")
   config.data.source = dict(domain="day", location="boston-seaport", seed=0, train=64, test=20)
   config.data.target = dict(domain="night+rain", location="singapore-onenorth", seed=1,
                             train=64, test=20)

@@ -203,7 +203,12 @@ class ExampleTransform:
     else:
       instruction = as_text(example.get("instruction", b"")) or DEFAULT_INSTRUCTION
       answer = labels.explanation(actions.astype(int), reasons.astype(int))
-    text = self.tokenizer.sequence(instruction, answer, f.num_image_tokens, f.max_len)
+    try:
+      text = self.tokenizer.sequence(instruction, answer, f.num_image_tokens, f.max_len)
+    except ValueError as e:
+      name = as_text(example.get("sample_token", example.get("file_name", b"?")))
+      raise ValueError(f"example {name}, question {instruction[:80]!r}...: {e} "
+                       f"(raise config.data.max_len)") from e
     instruction_ids = self.tokenizer.encode(instruction)[:f.max_instruction_len]
     text["instruction_ids"] = np.full(f.max_instruction_len, self.tokenizer.pad_id, np.int32)
     text["instruction_ids"][:len(instruction_ids)] = instruction_ids
