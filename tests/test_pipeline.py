@@ -4,6 +4,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
 from configs import common
@@ -167,3 +168,13 @@ def test_resize_keeps_boxes_on_their_pixels(mode):
   white = out[..., 0] > 128
   assert white[y1 + 1:y2 - 1, x1 + 1:x2 - 1].all()
   assert white.sum() <= (x2 - x1 + 2) * (y2 - y1 + 2)
+
+
+def test_a_prompt_longer_than_max_len_names_its_example(data):
+  source = tfds.data_source("nuscenes_drive/front", data_dir=data["data_dir"], split="train")
+  example = source[0]
+  short = dataclasses.replace(data["features"], max_len=data["features"].num_image_tokens + 4)
+  transform = pipeline.ExampleTransform(short, 0, labelled=True, train=True, seed=0)
+  with pytest.raises(ValueError, match=rf"example {example['sample_token'].decode()}, "
+                                       r"question .*config.data.max_len"):
+    transform(0, example)
