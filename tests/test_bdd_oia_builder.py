@@ -188,3 +188,17 @@ def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
                     str(tmp_path / "d"), "--strict"])
   assert e.value.code == 1
   assert "image file missing" in capsys.readouterr().err
+
+
+def test_the_image_folder_is_the_one_holding_the_splits_images(tmp_path):
+  """A stray .jpg in an earlier candidate folder (data/) does not win over lastframe/, which
+  holds the split's images; no folder holding any is an error naming the JSON."""
+  manual = write_archive(tmp_path / "m", "info", image_dir="lastframe")
+  os.makedirs(os.path.join(manual, "data"))
+  with open(os.path.join(manual, "data", "stray.jpg"), "wb") as f:
+    f.write(_jpeg((1, 2, 3)))
+  splits, _ = build_cli.build("bdd_oia", manual, str(tmp_path / "d"))
+  assert splits == {"train": len(official_labels(manual, "info", image_dir="lastframe"))}
+  empty = write_archive(tmp_path / "e", "info", image_dir="elsewhere")
+  with pytest.raises(BuildError, match=rf"train_25k_images_actions.json: none of its {len(NAMES)} images"):
+    build_cli.build("bdd_oia", empty, str(tmp_path / "d2"))

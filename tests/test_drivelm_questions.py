@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from drivlm_jax.data import drivelm_questions
+from drivlm_jax.data import drivelm_questions, labels, pipeline
 from drivlm_jax.sim import drivelm as sim_drivelm
 from drivlm_jax.sim import labels as sim_labels
 from drivlm_jax.sim import nuscenes as sim_nuscenes
@@ -101,3 +101,30 @@ def test_an_answer_outside_the_options_is_an_error_naming_the_frame():
   with pytest.raises(ValueError, match=r"scene_frame: behavior\[0\]: answer 'The ego vehicle "
                                        r"is flying\.' is not one of the challenge's options"):
     drivelm_questions.test_questions(frame["QA"], {}, 0, "scene_frame")
+
+
+def _example(stages, tags):
+  """A nuScenes-Drive example's QA features as the builder stores them."""
+  rows = [(stage, q, a, t) for (stage, q, a), t in zip(stages, tags)]
+  return {"qa": {"type": [r[0].encode() for r in rows], "question": [r[1].encode() for r in rows],
+                 "answer": [r[2].encode() for r in rows],
+                 "tag": np.array([labels.drivelm_tag_mask(r[3]) for r in rows], np.int32)},
+          "key_objects": b"{}", "sample_token": b"frame-1"}
+
+
+def test_training_questions_of_a_tagged_file_are_its_own():
+  """A file in the challenge's test_eval.json form (tags, multiple choice already made):
+  the "challenge" training form takes its QAs as they stand, as the evaluator does."""
+  asked = (f"Predict the behavior of the ego vehicle. {drivelm_questions.CHOICES_PROMPT} "
+           + " ".join(f"{k}. {b}" for k, b in zip("ABCD", ref.BEHAVIOURS)))
+  stages = [("planning", "What actions could the ego vehicle take?", "Keep going."),
+            ("behavior", asked, "A")]
+  tagged = _example(stages, [[1], [0]])
+  want = [(q, a) for _, q, a in stages]
+  assert pipeline.qa_pairs(tagged, "challenge") == want
+  assert pipeline.qa_pairs(tagged, "released") == want
+  assert pipeline.frame_test_questions(tagged, "w") == {
+      "planning": [{"Q": stages[0][1], "A": stages[0][2], "tag": [1]}],
+      "behavior": [{"Q": asked, "A": "A", "tag": [0]}]}
+  with pytest.raises(ValueError, match="frame-1.*'A' is not one of the challenge's options"):
+    pipeline.qa_pairs(_example(stages, [[], []]), "challenge")   # untagged: converted again

@@ -87,6 +87,25 @@ def test_2d_box_is_the_devkits():
   assert min(outcomes.values()) > 50, outcomes
 
 
+@pytest.mark.parametrize("points", [
+    [(-3e15, 2e15), (800, 450), (810, 460)],          # a corner just in front of the camera
+    [(-100, 50), (50, -100), (-100, -100)],           # a hull beside the image, missing it
+    [(-50, 100), (0, 100), (0, 400), (-50, 400)],     # touching the left edge only
+    [(100, 100), (200, 200), (300, 300)],             # collinear
+    [(100, 100), (100, 100), (400, 100), (400, 100), (250, 300)],   # repeated corners
+    [(-10, -10), (1700, -10), (1700, 1000), (-10, 1000)],           # covering the image
+    [(0, 0), (1600, 0), (800, 900)],                  # on the border
+    [(1599.5, 300), (1700, 300), (1700, 301)],        # a sliver inside the right edge
+])
+def test_2d_box_corner_cases_are_the_devkits(points):
+  want = _devkit_post_process([list(p) for p in points], (1600, 900))
+  got = geometry.hull_in_image(np.array(points, np.float64), 1600, 900)
+  if want is None:
+    assert got is None
+  else:
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-9)
+
+
 def test_devkit_loads_and_builder_agrees(dataset):
   root, data_dir, splits, skipped, nusc = dataset
   assert len(nusc.scene) == 4 and len(nusc.sample) == 4 * sim_nuscenes.KEYFRAMES

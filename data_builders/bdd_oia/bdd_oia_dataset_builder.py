@@ -11,8 +11,8 @@ DataLoader_together.py` of the BDD-OIA project):
 - `<split>_25k_images_reasons.json`: `[{"file_name", "reason": [21 ints]}]`, joined by file
   name (the loader pairs both lists sorted by file name).
 - images: `lastframe/data/<file_name>` (or `data/`, or `lastframe/` itself as the authors'
-  `test.py` reads them: the first of these that holds a .jpg). An image whose file is missing
-  is skipped and counted, as the loader skips it.
+  `test.py` reads them: the first of these that holds any of the split's images). An image
+  whose file is missing is skipped and counted, as the loader skips it.
 The JSON files may sit in `lastframe/`, `lastframe/data/`, `lastframe/labels/`, `data/`,
 `labels/`, `info/` (`test.py`'s default) or `annotations/`. `strict` (`--strict`) turns every counted skip into an error. A sim-written
 `sim_<split>_extras.json` adds boxes and instructions (the real archive has neither: its
@@ -38,13 +38,6 @@ def find(manual_dir, name, dirs):
     if os.path.exists(path):
       return path
   return None
-
-
-def _holds_jpeg(folder) -> bool:
-  if not os.path.isdir(folder):
-    return False
-  with os.scandir(folder) as entries:
-    return any(e.name.lower().endswith((".jpg", ".jpeg")) and e.is_file() for e in entries)
 
 
 class BddOia(tfds.core.GeneratorBasedBuilder):
@@ -89,11 +82,8 @@ class BddOia(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, manual, split, actions_path, reasons_path):
     skips = common.Skips(self.strict)
-    image_dir = next((os.path.join(manual, d) for d in _IMAGE_DIRS
-                      if _holds_jpeg(os.path.join(manual, d))), None)
-    if image_dir is None:
-      raise common.BuildError(f"{manual}: no folder of .jpg images ({', '.join(_IMAGE_DIRS)})")
-    images = read_split(actions_path, reasons_path, image_dir, skips)
+    images, image_dir = read_split(actions_path, reasons_path,
+                                   [os.path.join(manual, d) for d in _IMAGE_DIRS], skips)
     extras_path = find(manual, f"sim_{split}_extras.json", _JSON_DIRS)
     extras = common.read_json(extras_path) if extras_path else {}
     for name, (actions, reasons, row) in images.items():
@@ -113,8 +103,9 @@ class BddOia(tfds.core.GeneratorBasedBuilder):
     self.skips.merge(skips)
 
 
-def read_split(actions_path, reasons_path, image_dir, skips):
-  """-> {file_name: (actions [4], reasons [21], row description)} of the usable images.
+def read_split(actions_path, reasons_path, image_dirs, skips):
+  """-> ({file_name: (actions [4], reasons [21], row description)} of the usable images, the
+  image folder): the first of `image_dirs` that holds any of the split's images.
 
   Follows the dataset's own loader (`action_prediction/DataLoader_together.py`): images in
   `file_name` order, the label of an image is `annotations[image["id"]]["category"]`, a row of
@@ -134,6 +125,11 @@ def read_split(actions_path, reasons_path, image_dir, skips):
     if image["file_name"] in images:
       raise common.BuildError(f"{actions_path}: images[{i}] repeats {image['file_name']}")
     images[image["file_name"]] = (i, image["id"])
+  image_dir = next((d for d in image_dirs
+                    if any(os.path.isfile(os.path.join(d, name)) for name in images)), None)
+  if image_dir is None:
+    raise common.BuildError(f"{actions_path}: none of its {len(images)} images is in "
+                            f"{' or '.join(image_dirs)}")
   categories = _categories(actions_path, images, actions_json["annotations"])
   reasons = _reasons(reasons_path, actions_path, images)
   out = {}
@@ -151,7 +147,7 @@ def read_split(actions_path, reasons_path, image_dir, skips):
       skips("no reasons row", name)
       continue
     out[name] = (category, reasons[name], where)
-  return out
+  return out, image_dir
 
 
 def _categories(path, images, annotations):

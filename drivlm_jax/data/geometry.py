@@ -39,7 +39,13 @@ def box_in_image(corners_cam, intrinsic, width, height):
   if len(front) == 0:
     return None
   uv = front @ intrinsic.T
-  polygon = _clip_to_rectangle(_convex_hull(uv[:, :2] / uv[:, 2:3]), width, height)
+  return hull_in_image(uv[:, :2] / uv[:, 2:3], width, height)
+
+
+def hull_in_image(points, width, height):
+  """Pixel points [N, 2] -> [x1, y1, x2, y2], the bounds of their convex hull cut to the
+  image [0, width] x [0, height]; None where that has no area."""
+  polygon = _clip_to_rectangle(_convex_hull(points), width, height)
   if len(polygon) < 3 or _area(polygon) <= 0:
     return None
   (x1, y1), (x2, y2) = polygon.min(0), polygon.max(0)
@@ -78,8 +84,12 @@ def _clip_to_rectangle(polygon, width, height):
     for i in range(len(polygon)):
       p, q = polygon[i - 1], polygon[i]
       if inside[i - 1] != inside[i]:
-        t = (bound - p[axis]) / (q[axis] - p[axis])
-        out.append(p + t * (q - p))
+        # From the inside end: from a far outside one (a corner just in front of the camera
+        # projects to ~1e15 px) the difference would cancel the digits.
+        a, b = (p, q) if inside[i - 1] else (q, p)
+        cut = a + (bound - a[axis]) / (b[axis] - a[axis]) * (b - a)
+        cut[axis] = bound
+        out.append(cut)
       if inside[i]:
         out.append(q)
     polygon = np.array(out).reshape(-1, 2)

@@ -70,20 +70,33 @@ QA_FORMS = ("released", "challenge")
 
 def qa_pairs(example, form: str) -> list:
   """[(question, answer)] an example trains on (`Features.drivelm_questions`): its stored
-  QAs, or in the "challenge" form the frame's test questions derived from them."""
+  QAs, or in the "challenge" form the frame's test questions (`frame_test_questions`); a
+  frame of which the challenge asks nothing trains on its stored QAs."""
   qa = example.get("qa")
   if qa is None or not len(qa["question"]):
     return []
   pairs = [(as_text(q), as_text(a)) for q, a in zip(qa["question"], qa["answer"])]
-  if form == "released":
-    return pairs
-  by_stage = {}
-  for stage, (q, a) in zip(qa["type"], pairs):
-    by_stage.setdefault(as_text(stage), []).append({"Q": q, "A": a})
-  frame = as_text(example["sample_token"])
-  asked = drivelm_questions.frame_questions(
-      by_stage, json.loads(as_text(example["key_objects"])), frame, f"sample {frame}")
-  return [(p["Q"], p["A"]) for stage in asked.values() for p in stage]
+  if form == "challenge":
+    frame = as_text(example["sample_token"])
+    asked = frame_test_questions(example, f"sample {frame}")
+    pairs = [(p["Q"], p["A"]) for stage in asked.values() for p in stage] or pairs
+  return pairs
+
+
+def frame_test_questions(example, where: str) -> dict:
+  """A nuScenes-Drive example's DriveLM test QAs {stage: [{"Q", "A", "tag"}]}: as stored
+  where its QA file carries the challenge's tags (a test_eval.json), else picked and
+  converted as the challenge's scripts do from a released file (`drivelm_questions`; an
+  answer outside the challenge's options is an error naming the frame, as the scripts
+  fail)."""
+  qa, stages = example["qa"], {}
+  for k in range(len(qa["question"])):
+    stages.setdefault(as_text(qa["type"][k]), []).append(
+        {"Q": as_text(qa["question"][k]), "A": as_text(qa["answer"][k]),
+         "tag": labels.drivelm_tags(qa["tag"][k])})
+  return drivelm_questions.frame_questions(
+      stages, json.loads(as_text(example["key_objects"])), as_text(example["sample_token"]),
+      where)
 
 
 def as_text(value) -> str:

@@ -17,8 +17,7 @@ import jax
 import numpy as np
 
 from drivlm_jax import evals, metrics, run as run_lib
-from drivlm_jax.data import drivelm_questions, labels, tokenizer as tokenizer_lib
-from drivlm_jax.data import pipeline
+from drivlm_jax.data import pipeline, tokenizer as tokenizer_lib
 from drivlm_jax.evals import generation
 
 STAGES = ("perception", "prediction", "planning", "behavior")
@@ -140,7 +139,7 @@ class DriveLM(evals.Evaluator):
       example = source[int(i)]
       scene = pipeline.as_text(example["scene_token"])
       frame = pipeline.as_text(example["sample_token"])
-      stages = self._test_questions(example, f"{self.split} frame {scene}_{frame}")
+      stages = pipeline.frame_test_questions(example, f"{self.split} frame {scene}_{frame}")
       image = pipeline.model_images(example, feats)[0]
       ordered = [qa["Q"] for stage in STAGES for qa in stages.get(stage, [])]
       for k, question in enumerate(ordered):
@@ -161,20 +160,6 @@ class DriveLM(evals.Evaluator):
         "drivelm_match_F1": scores["match_F1"],
         "drivelm_final_without_judge": points(scores["final_without_judge"])}.items()
             if v is not None}
-
-  @staticmethod
-  def _test_questions(example, where) -> dict:
-    """The frame's test QAs {stage: [{"Q", "A", "tag"}]}: as stored where the QA file carries
-    the challenge's tags (a test_eval.json), else picked and converted as the challenge's
-    scripts do from a released file (`drivelm_questions`)."""
-    qa, stages = example["qa"], {}
-    for k in range(len(qa["question"])):
-      stages.setdefault(pipeline.as_text(qa["type"][k]), []).append(
-          {"Q": pipeline.as_text(qa["question"][k]), "A": pipeline.as_text(qa["answer"][k]),
-           "tag": labels.drivelm_tags(qa["tag"][k])})
-    return drivelm_questions.frame_questions(
-        stages, json.loads(pipeline.as_text(example["key_objects"])),
-        pipeline.as_text(example["sample_token"]), where)
 
   def _answer(self, cfg, params, tok, feats, rows) -> list:
     """Greedy answers of `rows`, batch by batch, prompts left-padded to one width."""

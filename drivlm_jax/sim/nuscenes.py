@@ -193,6 +193,8 @@ def write(out: str, domain_name: str, num: int, seed: int, split: str = "train",
                                     render.Pinhole(width, height, variant.fov_deg), rotation,
                                     translation, domain, look_rng)
         for index, _, box in seen:   # each agent's largest 2D box over the cameras
+          if min(box[2] - box[0], box[3] - box[1]) < 1:
+            continue   # a sliver at an image's edge: no key object anyone can see
           area = (box[2] - box[0]) * (box[3] - box[1])
           if index not in boxes or area > boxes[index][2]:
             boxes[index] = (channel, box, area)
