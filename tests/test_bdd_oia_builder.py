@@ -200,5 +200,6 @@ def test_the_image_folder_is_the_one_holding_the_splits_images(tmp_path):
   splits, _ = build_cli.build("bdd_oia", manual, str(tmp_path / "d"))
   assert splits == {"train": len(official_labels(manual, "info", image_dir="lastframe"))}
   empty = write_archive(tmp_path / "e", "info", image_dir="elsewhere")
-  with pytest.raises(BuildError, match=rf"train_25k_images_actions.json: none of its {len(NAMES)} images"):
+  with pytest.raises(BuildError,
+                     match=rf"train_25k_images_actions.json: none of its {len(NAMES)} images"):
     build_cli.build("bdd_oia", empty, str(tmp_path / "d2"))

@@ -14,9 +14,9 @@ DataLoader_together.py` of the BDD-OIA project):
   `test.py` reads them: the first of these that holds any of the split's images). An image
   whose file is missing is skipped and counted, as the loader skips it.
 The JSON files may sit in `lastframe/`, `lastframe/data/`, `lastframe/labels/`, `data/`,
-`labels/`, `info/` (`test.py`'s default) or `annotations/`. `strict` (`--strict`) turns every counted skip into an error. A sim-written
-`sim_<split>_extras.json` adds boxes and instructions (the real archive has neither: its
-examples get none).
+`labels/`, `info/` (`test.py`'s default) or `annotations/`. `strict` (`--strict`) turns
+every counted skip into an error. A sim-written `sim_<split>_extras.json` adds boxes and
+instructions (the real archive has neither: its examples get none).
 """
 import logging
 import os
