@@ -1,25 +1,39 @@
-"""Settings of the host process that must be in place before it starts: large buffers on
-transparent huge pages.
+"""Settings of the host process that must be in place before it starts: XLA's large CPU
+buffers on transparent huge pages, and kept for the next call instead of mapped afresh.
 
-XLA's CPU runtime allocates a step's temporaries afresh on every call (2.1 GB for the CLIP
-ViT-B/16 train step at batch 8), and glibc maps a block that large with `mmap` on 4 KiB
-pages, so the step first-touches every page: 590,000 page faults and a second of kernel time
-per step on a 2-core Intel Xeon (`python -m experiments.bench_train --cases vit_b16`: 0.49
--> 0.55 of torch's examples/s with huge pages). glibc's `glibc.malloc.hugetlb=1` tunable
-(glibc >= 2.35) has malloc ask the kernel for transparent huge pages on those mappings
-(10,000 faults) where the kernel gives them only on request (THP mode "madvise", the common
-default; "always" needs nothing, "never" gives nothing). glibc reads it only when a process
-starts, hence `restart_with_huge_pages`.
+XLA's CPU runtime allocates a computation's temporaries on every call (2.0 GB for the CLIP
+ViT-B/16 train step at batch 8) and frees them after it. glibc maps a block that large with
+`mmap` and unmaps it on free, so every step first-touches every page again: on 4 KiB pages
+590,000 page faults and a second of kernel time per step on a 2-core Intel Xeon. Three
+glibc tunables, read only when a process starts (hence `restart_with_tunables`), fix this:
 
-Entry points call it in an `if __name__ == "__main__"` block above their imports, so the
-restarted process is the only one that loads JAX; library code never does.
-An explicit `glibc.malloc.hugetlb=...` in GLIBC_TUNABLES (0 turns it off) is left alone.
+  glibc.malloc.hugetlb=1            large mappings on transparent huge pages where the
+                                    kernel gives them only on request (THP mode "madvise",
+                                    the common default; glibc >= 2.35): 10,000 faults
+  glibc.malloc.mmap_threshold=4 GiB blocks below 4 GiB come from the heap ...
+  glibc.malloc.trim_threshold=16 GiB ... and a freed one stays there for the next call
+
+The last two work only for blocks malloc'd on the main thread: a worker thread's arena maps
+anything over 64 MB afresh whatever the threshold. XLA allocates a computation's buffers on
+the thread that runs it, which with JAX's asynchronous CPU dispatch is a worker, so the
+restarted process also dispatches single-device CPU computations inline, on the calling
+thread (`jax_cpu_enable_async_dispatch=False`). Measured (`python -m experiments.bench_train`,
+2026-12-02, the Intel Xeon above): the ViT-B/16 step 0 page faults instead of 1,000-1,600
+per call; ours/torch fp32 0.55 -> 0.66-0.74, the demo model's bare step 260 -> 330-365
+examples/s, the demo's own trainer unchanged (the pipeline runs ahead in its own threads).
+The cost: a process keeps its largest step's buffers until it exits.
+
+Entry points call `restart_with_tunables` in an `if __name__ == "__main__"` block above their
+imports, so the restarted process is the only one that loads JAX; library code never does.
+A tunable already named in GLIBC_TUNABLES (e.g. `glibc.malloc.hugetlb=0`) is left alone.
 """
 import os
 import platform
 import sys
 
-TUNABLE = "glibc.malloc.hugetlb"
+HUGE_PAGES = "glibc.malloc.hugetlb"
+KEEP_FREED = {"glibc.malloc.mmap_threshold": str(4 << 30),
+              "glibc.malloc.trim_threshold": str(16 << 30)}
 THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -33,7 +47,8 @@ def _thp_mode() -> str | None:
   return text[text.index("[") + 1:text.index("]")] if "[" in text else None
 
 
-def _glibc_has_tunable() -> bool:
+def _glibc_has_tunables() -> bool:
+  """glibc >= 2.35: `glibc.malloc.hugetlb`, and thresholds above 32 MiB through tunables."""
   name, version = platform.libc_ver()
   if name != "glibc":
     return False
@@ -43,24 +58,35 @@ def _glibc_has_tunable() -> bool:
     return False
 
 
-def can_use_huge_pages() -> bool:
-  return _thp_mode() == "madvise" and _glibc_has_tunable()
+def tunables() -> dict:
+  """The tunables this machine can use: none without glibc >= 2.35; huge pages only where
+  the kernel gives them on request."""
+  if not _glibc_has_tunables():
+    return {}
+  return {**({HUGE_PAGES: "1"} if _thp_mode() == "madvise" else {}), **KEEP_FREED}
 
 
-def with_huge_pages(environ) -> dict | None:
-  """`environ` with the tunable added to GLIBC_TUNABLES, or None when it names it already."""
-  tunables = environ.get("GLIBC_TUNABLES", "")
-  if TUNABLE in tunables:
+def with_tunables(environ, wanted: dict) -> dict | None:
+  """`environ` with the `wanted` tunables that GLIBC_TUNABLES does not name yet added, or
+  None when it names them all."""
+  current = environ.get("GLIBC_TUNABLES", "")
+  named = {item.split("=")[0] for item in current.split(":")}
+  missing = [f"{k}={v}" for k, v in wanted.items() if k not in named]
+  if not missing:
     return None
-  return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, f"{TUNABLE}=1")))}
+  return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (current, *missing)))}
 
 
-def restart_with_huge_pages():
-  """Replaces this process with the same command line plus `glibc.malloc.hugetlb=1`, once
-  (the restarted process finds it set); a no-op where glibc or the kernel cannot use it."""
-  environ = with_huge_pages(os.environ)
-  if environ is None or not can_use_huge_pages() or not getattr(sys, "orig_argv", None):
-    return
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os.execve(sys.executable, sys.orig_argv, environ)
+def restart_with_tunables():
+  """Replaces this process with the same command line plus `tunables()`, once (the
+  restarted process finds them set); then, where the process runs with `KEEP_FREED`'s
+  tunables, has JAX dispatch CPU computations inline. A no-op without glibc >= 2.35."""
+  wanted = tunables()
+  environ = with_tunables(os.environ, wanted) if wanted else None
+  if environ is not None and getattr(sys, "orig_argv", None):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, environ)
+  if with_tunables(os.environ, KEEP_FREED) is None:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update("jax_cpu_enable_async_dispatch", False)

@@ -10,7 +10,7 @@ be a bucket (gs://...), read and written through etils.epath.
 """
 if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
   from drivlm_jax import host
-  host.restart_with_huge_pages()
+  host.restart_with_tunables()
 
 import json
 import signal
@@ -235,7 +235,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   #### Train loop. The host never waits for the step it has just dispatched: it prepares the
   # next batch and writes the log rows of earlier steps while the step runs, and waits only
   # where it must (checkpoints, evaluation, the end). A non-finite loss is tracked on the
-  # device over every step and checked wherever the host waits.
+  # device over every step and checked wherever the host waits. (On one CPU device the entry
+  # point runs the step inline, on this thread, so that glibc keeps its buffers:
+  # `drivlm_jax.host`; the input pipeline's threads still prepare batches meanwhile.)
   preemption = _Preemption()
   metrics_file = run_lib.path(workdir, "metrics.jsonl") if jax.process_index() == 0 else None
   writer = _tensorboard(workdir)

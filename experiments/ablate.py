@@ -28,7 +28,7 @@ test split) to <workdir>/ablation/report.md and results.json. Finished runs are 
 """
 if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
   from drivlm_jax import host
-  host.restart_with_huge_pages()
+  host.restart_with_tunables()
 
 import argparse
 import os

@@ -17,7 +17,7 @@ and writes its JSON; bench.json gathers them with the table printed at the end.
 """
 if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
   from drivlm_jax import host
-  host.restart_with_huge_pages()
+  host.restart_with_tunables()
 
 import argparse
 import json

@@ -12,7 +12,7 @@ the choice and each candidate's p50 are printed), then both timed by drivlm_jax.
 """
 if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
   from drivlm_jax import host
-  host.restart_with_huge_pages()
+  host.restart_with_tunables()
 
 import argparse
 import json

@@ -11,7 +11,7 @@ this machine's fp32 GEMM peak (2048^3) measured in the same run.
 """
 if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
   from drivlm_jax import host
-  host.restart_with_huge_pages()
+  host.restart_with_tunables()
 
 import os
 

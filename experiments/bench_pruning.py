@@ -11,7 +11,7 @@ Writes --out (default bench_pruning.json).
 """
 if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
   from drivlm_jax import host
-  host.restart_with_huge_pages()
+  host.restart_with_tunables()
 
 import argparse
 import dataclasses

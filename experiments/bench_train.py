@@ -17,7 +17,9 @@ Cases:
              8192), batch 4 x 256 tokens, vs transformers' Qwen2ForCausalLM; qwen2_6l_bf16
              the same in mixed precision vs autocast. On request only.
   loop       the demo config's training loop on the sim: the host in lockstep with each
-             step (the old loop) vs overlapped (the trainer's), steps/s side by side.
+             step (the old loop) vs overlapped (the trainer's), steps/s side by side. On one
+             CPU device the restarted process runs each step inline (`drivlm_jax.host`), so
+             only the pipeline's own threads overlap with it, in both.
   demo_loop  the demo's own trainer (`drivlm_jax.train.train`, source_only on the sim:
              pipeline, placement, EMA, logging) at the examples/s it logs, against vlm_tiny's
              bare jitted step measured in the same run (same model and batch): their ratio.
@@ -25,7 +27,7 @@ torch runs at its best: threads = cores, OMP_WAIT_POLICY=PASSIVE, no autograd an
 """
 if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
   from drivlm_jax import host
-  host.restart_with_huge_pages()
+  host.restart_with_tunables()
 
 import os
 

@@ -40,7 +40,7 @@ DriveLM challenge's scores per method on the target test frames (evals.target_dr
 """
 if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
   from drivlm_jax import host
-  host.restart_with_huge_pages()
+  host.restart_with_tunables()
 
 import os
 import time

@@ -31,7 +31,7 @@ the overrides (stable across invocations) and its workdir is
 """
 if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
   from drivlm_jax import host
-  host.restart_with_huge_pages()
+  host.restart_with_tunables()
 
 import argparse
 import ast
