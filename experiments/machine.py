@@ -122,6 +122,7 @@ def describe() -> dict:
       "versions": {p: _version(p) for p in ("jax", "jaxlib", "torch", "transformers",
                                             "onnxruntime")},
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),   # drivlm_jax.host's restart
   }
 
 
