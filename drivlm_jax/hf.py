@@ -506,10 +506,8 @@ def vlm_config(path, *, vision_overrides=None, language_overrides=None,
   if hf.model_type != "llava":
     raise CheckpointError(f"{where}: model_type {hf.model_type!r} is not 'llava' (an HF "
                           f"LlavaForConditionalGeneration directory)")
-  layer = hf.vision_feature_layer
-  if not isinstance(layer, int):
-    raise CheckpointError(f"{where}: vision_feature_layer {layer!r}: only one layer (an int) "
-                          f"is supported")
+  layer = hf.vision_feature_layer       # an int or (transformers checks) a list of ints
+  layer = layer if isinstance(layer, int) else tuple(layer)
   act = hf.projector_hidden_act
   if act not in layers.ACTIVATIONS:
     raise CheckpointError(f"{where}: projector_hidden_act {act!r} is not supported "
@@ -520,12 +518,15 @@ def vlm_config(path, *, vision_overrides=None, language_overrides=None,
   # LLaVA ties lm_head by its own (top-level) flag.
   lcfg = dataclasses.replace(lcfg, tie_word_embeddings=bool(hf.tie_word_embeddings))
   parts = _drivlm_fields(path)
-  return vlm.Config(vision=vcfg, language=lcfg, image_token_id=hf.image_token_index,
-                    vision_feature_layer=layer,
-                    vision_feature_select_strategy=hf.vision_feature_select_strategy,
-                    projector_act=act,
-                    projector_bias=bool(getattr(hf, "multimodal_projector_bias", True)),
-                    **{**parts, **overrides})
+  try:
+    return vlm.Config(vision=vcfg, language=lcfg, image_token_id=hf.image_token_index,
+                      vision_feature_layer=layer,
+                      vision_feature_select_strategy=hf.vision_feature_select_strategy,
+                      projector_act=act,
+                      projector_bias=bool(getattr(hf, "multimodal_projector_bias", True)),
+                      **{**parts, **overrides})
+  except ValueError as e:
+    raise CheckpointError(f"{where}: {e}") from e
 
 
 def _drivlm_fields(path) -> dict:
@@ -600,7 +601,8 @@ def _llava_hf_config(cfg: vlm.Config):
       vision_config=_vision_hf_config(cfg.vision).to_dict(), text_config=text.to_dict(),
       image_token_index=cfg.image_token_id,
       image_seq_length=cfg.num_visual_tokens // cfg.num_cameras,   # per image
-      vision_feature_layer=cfg.vision_feature_layer,
+      vision_feature_layer=(cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, int)
+                            else list(cfg.vision_feature_layer)),
       vision_feature_select_strategy=cfg.vision_feature_select_strategy,
       projector_hidden_act=cfg.projector_act, multimodal_projector_bias=cfg.projector_bias,
       tie_word_embeddings=cfg.language.tie_word_embeddings)

@@ -25,6 +25,11 @@ CASES = {
     "clip_llama": dict(vision=lambda: ref.clip_vision(layers=3),
                        lm=lambda: ref.causal_lm("llama", vocab=96, kv_heads=1, tie=False),
                        layer=-2, strategy="default", bias=True),
+    # Several feature layers (the embeddings, the last, the first), concatenated in that
+    # order for the projector (HF LLaVA's list form).
+    "clip_qwen2_layers": dict(vision=lambda: ref.clip_vision(layers=3),
+                              lm=lambda: ref.causal_lm("qwen2", vocab=96, kv_heads=2, tie=False),
+                              layer=[0, -1, 1], strategy="default", bias=True),
 }
 
 
@@ -148,3 +153,13 @@ def test_a_tied_config_with_another_stored_head_loads_untied_as_transformers(tmp
   ours = np.asarray(vlm.apply(cfg, params, x, ids, mask)["lm_logits"])
   real = mask > 0
   assert ref.max_diff(ours[real], _hf_logits(model, ids, mask, xt)[real]) <= 1e-4
+
+
+def test_feature_layers_that_do_not_fit_name_the_file(tmp_path):
+  path = ref.save(_llava("clip_llama"), tmp_path / "llava")
+  config_file = pathlib.Path(path) / "config.json"
+  config = json.loads(config_file.read_text())
+  config_file.write_text(json.dumps({**config, "vision_feature_layer": [0, 7]}))
+  with pytest.raises(hf.CheckpointError,
+                     match=r"config\.json: feature_layer 7 is outside a 3-layer tower"):
+    hf.load_vlm(path)

@@ -129,6 +129,44 @@ def test_pruning_inside_the_tower_runs_later_layers_on_the_kept_tokens():
   assert out["visual_tokens"].shape == (2, 16, cfg.language.hidden_size)
 
 
+def test_several_feature_layers_take_the_kept_tokens_of_each():
+  """Features of layers before, at and after the pruning point, concatenated in the config's
+  order: the earlier ones ungated at the kept tokens, the pruning point's gated."""
+  from configs import common
+  import dataclasses
+  base = vlm.config_from_dict(common.model_config("tiny"))
+  assert base.vision.num_layers >= 2
+  cfg = dataclasses.replace(base, reweight=True, reweight_dim=32, reweight_layer=1,
+                            vision_feature_layer=[0, -1, 1])
+  assert cfg.vision_feature_layer == (0, -1, 1)
+  params = vlm.init(cfg, jax.random.key(0))
+  assert params["projector"]["linear_1"]["kernel"].shape[0] == 3 * cfg.vision.hidden_size
+  params["reweighting"]["gain"] = jnp.float32(1.0)
+  images = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
+  instruction = np.array([[20, 21, 22, 0], [30, 31, 0, 0]], np.int32)
+  mask = (instruction > 0).astype(np.int32)
+  out = vlm.encode_image(cfg, params, images, instruction, mask, keep_ratio=0.25)
+  # Reference from the split tower (checked against HF's hidden states above).
+  stem0 = vision.apply_part(*vision.split(cfg.vision, params["vision"], 0)[0], images, "stem")
+  (stem_cfg, stem), (tail_cfg, tail) = vision.split(cfg.vision, params["vision"], 1)
+  hidden1 = np.asarray(vision.apply_part(stem_cfg, stem, images, "stem"))
+  scores = np.asarray(out["token_scores"])
+  top = np.sort(np.argsort(-scores, axis=1)[:, :16], axis=1)
+  np.testing.assert_array_equal(out["kept_indices"], top)
+  take = lambda h: np.take_along_axis(np.asarray(h)[:, 1:], top[..., None], 1)
+  gated = np.concatenate([hidden1[:, :1], hidden1[:, 1:] * 2 / (1 + np.exp(-scores[..., None]))],
+                         1)
+  last = vision.apply_part(tail_cfg, tail, np.concatenate([gated[:, :1], take(gated)], 1),
+                           "tail")["patch_features"]
+  expected = np.concatenate([take(stem0), last, take(gated)], axis=-1)
+  np.testing.assert_allclose(out["patch_features"], expected, atol=1e-5)
+  assert out["visual_tokens"].shape == (2, 16, cfg.language.hidden_size)
+  with pytest.raises(ValueError, match="reweight_layer 3 is outside the 2 vision layers"):
+    dataclasses.replace(cfg, vision_feature_layer=(0, 2), reweight_layer=3)
+  with pytest.raises(ValueError, match="outside a"):
+    dataclasses.replace(cfg, vision_feature_layer=(0, 9))
+
+
 def test_instruction_reweighting_and_pruning_path():
   from configs import common
   import dataclasses

@@ -194,18 +194,34 @@ def apply_part(cfg: Config, params: dict, inputs, part: str, views: int = 1):
   return VisionTower(cfg, part, views).apply({"params": params}, inputs)
 
 
+def apply_layers(cfg: Config, params: dict, hidden, lo: int, hi: int):
+  """Encoder layers lo..hi-1 of the tower on hidden states [B, T, D] (nothing else)."""
+  if hi == lo:
+    return hidden
+  stacked = jax.tree.map(lambda x: x[lo:hi], params["encoder"]["layers"])
+  return layers.Encoder(dataclasses.replace(cfg, num_layers=hi - lo)).apply(
+      {"params": {"layers": stacked}}, hidden)
+
+
 def logical_axes(cfg: Config):
   """Logical PartitionSpec per parameter (same tree as `init`)."""
   images = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
   return layers.logical_axes(VisionTower(cfg).init, jax.random.key(0), images)
 
 
-def truncate(cfg: Config, params: dict, feature_layer: int):
-  """The tower up to HF `hidden_states[feature_layer]` (-1 = all layers, -2 = all but the
-  last, k >= 0 = the first k): a (Config, params) pair whose stacked layers are sliced."""
+def layer_position(cfg: Config, feature_layer: int) -> int:
+  """How many layers HF `hidden_states[feature_layer]` has run (-1 = all, -2 = all but the
+  last, k >= 0 = the first k)."""
   n = feature_layer if feature_layer >= 0 else cfg.num_layers + 1 + feature_layer
   if not 0 <= n <= cfg.num_layers:
     raise ValueError(f"feature_layer {feature_layer} is outside a {cfg.num_layers}-layer tower")
+  return n
+
+
+def truncate(cfg: Config, params: dict, feature_layer: int):
+  """The tower up to HF `hidden_states[feature_layer]` (`layer_position`): a (Config, params)
+  pair whose stacked layers are sliced."""
+  n = layer_position(cfg, feature_layer)
   if n == cfg.num_layers:
     return cfg, params
   encoder = {"layers": jax.tree.map(lambda x: x[:n], params["encoder"]["layers"])}

@@ -32,7 +32,9 @@ class Config:
   vision: vision.Config
   language: language.Config
   image_token_id: int
-  vision_feature_layer: int = -1     # HF hidden_states index; LLaVA uses -2
+  # HF hidden_states index; LLaVA uses -2. Several (a tuple): their features concatenated
+  # along the width, in that order (HF LLaVA with a list), the projector taking them all.
+  vision_feature_layer: int | tuple[int, ...] = -1
   # Which tokens of that layer are projected, as HF LLaVA: "default" drops the first token
   # (CLIP's class token; for SigLIP, the first patch), "full" keeps every token.
   vision_feature_select_strategy: str = "default"
@@ -50,6 +52,14 @@ class Config:
   num_cameras: int = 1               # V views per example, images [B, V, H, W, 3] when > 1
 
   def __post_init__(self):
+    if not isinstance(self.vision_feature_layer, int):   # a list (config.json): hashable
+      object.__setattr__(self, "vision_feature_layer", tuple(self.vision_feature_layer))
+      if not self.vision_feature_layer:
+        raise ValueError("vision_feature_layer: an empty list names no layer")
+    deepest = max(self.feature_positions)          # each within the tower, or an error
+    if self.reweight_layer is not None and not 0 <= self.reweight_layer <= deepest:
+      raise ValueError(f"reweight_layer {self.reweight_layer} is outside the {deepest} vision "
+                       f"layers up to the feature layer")
     if self.num_cameras < 1:
       raise ValueError(f"num_cameras must be >= 1, got {self.num_cameras}")
     if (self.num_cameras > 1 and self.vision.family == "siglip"
@@ -63,6 +73,13 @@ class Config:
     if not 0 <= self.image_token_id < self.language.vocab_size:
       raise ValueError(f"image_token_id {self.image_token_id} outside the LM vocabulary "
                        f"({self.language.vocab_size})")
+
+  @property
+  def feature_positions(self) -> tuple[int, ...]:
+    """How many vision layers each feature layer has run, in the config's order."""
+    layers_ = self.vision_feature_layer
+    return tuple(vision.layer_position(self.vision, l)
+                 for l in ((layers_,) if isinstance(layers_, int) else layers_))
 
   @property
   def num_visual_tokens(self) -> int:
@@ -134,7 +151,8 @@ class Heads(nn.Module):
 
 
 def _dummy(cfg: Config):
-  return (jnp.zeros((1, 1, cfg.vision.hidden_size), jnp.float32),
+  width = cfg.vision.hidden_size * len(cfg.feature_positions)
+  return (jnp.zeros((1, 1, width), jnp.float32),
           jnp.zeros((1, 1, cfg.language.hidden_size), jnp.float32))
 
 
@@ -204,11 +222,13 @@ def encode_image(cfg: Config, params, images, instruction_ids=None, instruction_
 
   With `cfg.reweight`, the instruction (ids [B, L] and mask [B, L]) scores the patch tokens
   of all views ("token_scores" [B, V * N]) after `cfg.reweight_layer` vision layers (None: at
-  the feature layer); they are gated by 2 sigmoid(score), and `keep_ratio` < 1 keeps only the
-  best-scoring ceil(V * N * keep_ratio) ("kept_indices", into the V * N), so the layers after
-  run on fewer tokens.
+  the (deepest) feature layer); they are gated by 2 sigmoid(score), and `keep_ratio` < 1
+  keeps only the best-scoring ceil(V * N * keep_ratio) ("kept_indices", into the V * N), so
+  the layers after run on fewer tokens. A feature layer before that point contributes its
+  (ungated) hidden states at the kept tokens.
   """
-  vcfg, vparams = vision.truncate(cfg.vision, params["vision"], cfg.vision_feature_layer)
+  positions = cfg.feature_positions
+  vcfg, vparams = vision.truncate(cfg.vision, params["vision"], max(positions))
   views = cfg.num_cameras
   flat, b = _flat_views(cfg, images)
   out = {}
@@ -216,20 +236,32 @@ def encode_image(cfg: Config, params, images, instruction_ids=None, instruction_
     raise ValueError("pruning (keep_ratio < 1) needs cfg.reweight: tokens are kept by score")
   if cfg.reweight and instruction_ids is None:
     raise ValueError("cfg.reweight needs the instruction (instruction_ids, instruction_mask)")
-  if not cfg.reweight and views == 1:
+  if not cfg.reweight and views == 1 and len(positions) == 1:
     vout = vision.apply(vcfg, vparams, flat)
+    hidden_at = {positions[0]: vout["hidden"]}
   else:
     layer = (cfg.reweight_layer if cfg.reweight and cfg.reweight_layer is not None
              else vcfg.num_layers)
-    (stem_cfg, stem), (tail_cfg, tail) = vision.split(vcfg, vparams, layer)
-    hidden = vision.apply_part(stem_cfg, stem, flat, "stem")
-    hidden = hidden.reshape(b, views, *hidden.shape[1:])            # [B, V, T, Dv]
-    if views > 1:
-      hidden = hidden + params["cameras"][None, :, None].astype(hidden.dtype)
+    # Per view up to `layer`, keeping the hidden states of earlier feature layers.
+    cuts = sorted({p for p in positions if p < layer}) + [layer]
+    (stem_cfg, stem), _ = vision.split(vcfg, vparams, cuts[0])
+    per_view = {cuts[0]: vision.apply_part(stem_cfg, stem, flat, "stem")}
+    for lo, hi in zip(cuts, cuts[1:]):
+      per_view[hi] = vision.apply_layers(vcfg, vparams, per_view[lo], lo, hi)
     lead = 1 if vcfg.family == "clip" else 0          # the class tokens are always kept
-    width = hidden.shape[-1]
-    leads = hidden[:, :, :lead].reshape(b, views * lead, width)
-    patches = hidden[:, :, lead:].reshape(b, -1, width)             # [B, V * N, Dv]
+
+    def joint(hidden):
+      """[B * V, T, Dv] -> the views' leading tokens [B, V * lead, Dv] and patches [B, V * N,
+      Dv], each view tagged by its camera embedding."""
+      hidden = hidden.reshape(b, views, *hidden.shape[1:])
+      if views > 1:
+        hidden = hidden + params["cameras"][None, :, None].astype(hidden.dtype)
+      width = hidden.shape[-1]
+      return (hidden[:, :, :lead].reshape(b, views * lead, width),
+              hidden[:, :, lead:].reshape(b, -1, width))
+
+    leads, patches = joint(per_view[layer])
+    kept = None
     if cfg.reweight:
       text = language.embed_tokens(cfg.language, params["language"], instruction_ids)
       scores = reweighting.scores(_reweight_config(cfg), params["reweighting"], patches, text,
@@ -237,13 +269,26 @@ def encode_image(cfg: Config, params, images, instruction_ids=None, instruction_
       patches = reweighting.reweight(patches, scores)
       out["token_scores"] = scores
       if keep_ratio < 1.0:
-        patches, out["kept_indices"] = reweighting.prune(patches, scores, keep_ratio)
-    vout = vision.apply_part(tail_cfg, tail, jnp.concatenate([leads, patches], axis=1), "tail",
-                             views)
+        patches, kept = reweighting.prune(patches, scores, keep_ratio)
+        out["kept_indices"] = kept
+    hidden_at = {}
+    for p in cuts[:-1]:
+      early_leads, early = joint(per_view[p])
+      if kept is not None:
+        early = jnp.take_along_axis(early, kept[..., None], axis=1)
+      hidden_at[p] = jnp.concatenate([early_leads, early], axis=1)
+    # The views together from `layer` on, keeping the hidden states of the later ones.
+    x, done = jnp.concatenate([leads, patches], axis=1), layer
+    for p in sorted({p for p in positions if p >= layer}):
+      hidden_at[p] = x = vision.apply_layers(vcfg, vparams, x, done, p)
+      done = p
+    _, (tail_cfg, tail) = vision.split(vcfg, vparams, vcfg.num_layers)
+    vout = vision.apply_part(tail_cfg, tail, x, "tail", views)
   # "default" drops each view's first token (CLIP: its class token, first in the joint tail).
-  selected = vout["hidden"][:, views * (cfg.vision_feature_select_strategy == "default"):]
+  drop = views * (cfg.vision_feature_select_strategy == "default")
+  selected = jnp.concatenate([hidden_at[p][:, drop:] for p in positions], axis=-1)
   out.update(image_pooled=vout["pooled"],            # [B, Dv] vision pooled feature
-             patch_features=selected)                # [B, num_visual_tokens or k, Dv]
+             patch_features=selected)                # [B, num_visual_tokens or k, Dv * F]
   visual_tokens = Projector(cfg).apply({"params": params["projector"]}, selected)
   heads = Heads(cfg).apply({"params": params["heads"]}, visual_tokens)
   return {**out, "visual_tokens": visual_tokens,     # [B, N or k, D]
