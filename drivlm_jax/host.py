@@ -17,11 +17,13 @@ The last two work only for blocks malloc'd on the main thread: a worker thread's
 anything over 64 MB afresh whatever the threshold. XLA allocates a computation's buffers on
 the thread that runs it, which with JAX's asynchronous CPU dispatch is a worker, so the
 restarted process also dispatches single-device CPU computations inline, on the calling
-thread (`jax_cpu_enable_async_dispatch=False`). Measured (`python -m experiments.bench_train`,
-2026-12-02, the Intel Xeon above): the ViT-B/16 step 0 page faults instead of 1,000-1,600
-per call; ours/torch fp32 0.55 -> 0.66-0.74, the demo model's bare step 260 -> 330-365
-examples/s, the demo's own trainer unchanged (the pipeline runs ahead in its own threads).
-The cost: a process keeps its largest step's buffers until it exits.
+thread (`jax_cpu_enable_async_dispatch=False`; `JAX_CPU_ENABLE_ASYNC_DISPATCH=true` keeps
+them asynchronous), as do the worker processes it spawns (`experiments.jobs`). Measured
+(`python -m experiments.bench_train`, 2026-12-02, the Intel Xeon above): the ViT-B/16 step
+0-50 page faults instead of 1,000-1,600 per call; ours/torch fp32 0.55 -> 0.66-0.74, the demo
+model's bare step 260 -> 330-365 examples/s, the demo's own trainer unchanged (the pipeline
+runs ahead in its own threads). The cost: a process keeps its largest step's buffers until
+it exits.
 
 Entry points call `restart_with_tunables` in an `if __name__ == "__main__"` block above their
 imports, so the restarted process is the only one that loads JAX; library code never does.
@@ -77,16 +79,40 @@ def with_tunables(environ, wanted: dict) -> dict | None:
   return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (current, *missing)))}
 
 
+def _keeps_freed(environ) -> bool:
+  """Whether GLIBC_TUNABLES sets both `KEEP_FREED` thresholds at least as high as ours."""
+  named = dict(item.split("=", 1) for item in environ.get("GLIBC_TUNABLES", "").split(":")
+               if "=" in item)
+  try:
+    return all(int(named.get(k, 0)) >= int(v) for k, v in KEEP_FREED.items())
+  except ValueError:
+    return False
+
+
+def dispatch_inline_where_kept(environ=None):
+  """Has JAX run single-device CPU computations on the calling thread where glibc keeps the
+  freed blocks (`_keeps_freed`). JAX_CPU_ENABLE_ASYNC_DISPATCH (true/false), which JAX itself
+  does not read, decides instead where it is set. Call before JAX creates its CPU client: in
+  the restarted process (`restart_with_tunables`) and in each process it spawns."""
+  environ = os.environ if environ is None else environ
+  explicit = environ.get("JAX_CPU_ENABLE_ASYNC_DISPATCH", "").strip().lower()
+  if explicit:
+    inline = explicit in ("0", "false", "f", "no", "n", "off")
+  else:
+    inline = _keeps_freed(environ)
+  if inline or explicit:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update("jax_cpu_enable_async_dispatch", not inline)
+
+
 def restart_with_tunables():
   """Replaces this process with the same command line plus `tunables()`, once (the
-  restarted process finds them set); then, where the process runs with `KEEP_FREED`'s
-  tunables, has JAX dispatch CPU computations inline. A no-op without glibc >= 2.35."""
+  restarted process finds them set); then `dispatch_inline_where_kept`. A no-op without
+  glibc >= 2.35."""
   wanted = tunables()
   environ = with_tunables(os.environ, wanted) if wanted else None
   if environ is not None and getattr(sys, "orig_argv", None):
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, environ)
-  if with_tunables(os.environ, KEEP_FREED) is None:
-    import jax  # pylint: disable=import-outside-toplevel
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
+  dispatch_inline_where_kept()

@@ -71,6 +71,8 @@ def configure(config):
       if isinstance(v, dict):
         config.model[k].update(v)
       else:
+        if k in config.model and type(config.model[k]) is not type(v):
+          del config.model[k]   # a ConfigDict keeps a field's type: a list of layers, not an int
         config.model[k] = v
   changed = []
   for k, v in fields.items():

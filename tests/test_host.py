@@ -33,9 +33,9 @@ if sys.argv[1] == "restart":
 import jax, jax.numpy as jnp
 f = jax.jit(jax.grad(lambda w, x: jnp.tanh(jnp.tanh(x @ w) @ w).sum()))
 w, x = jnp.full((512, 512), 0.01), jnp.ones((16384, 512))
+temp = f.lower(w, x).compile().memory_analysis().temp_size_in_bytes
 for _ in range(2):
   f(w, x).block_until_ready()
-temp = f.lower(w, x).compile().memory_analysis().temp_size_in_bytes
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = type("mallinfo2", (ctypes.Structure,), {"_fields_": [
     (k, ctypes.c_size_t) for k in ("arena ordblks smblks hblks hblkhd usmblks fsmblks "
@@ -44,8 +44,26 @@ print(libc.mallinfo2().fordblks, temp, jax.config.values["jax_cpu_enable_async_d
 """
 
 
-def _child(code, tunables=None, *args):
-  env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+# Runs one job in an `experiments.jobs` worker and prints its CPU dispatch mode.
+JOBS = """
+import os, sys, tempfile
+from experiments import jobs
+from tests.test_host import dispatch_mode
+log = os.path.join(tempfile.mkdtemp(), "a.txt")
+print(jobs.run([jobs.Job("a", dispatch_mode, (), log=log)], 2)["a"])
+"""
+
+
+def dispatch_mode():
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.config.values["jax_cpu_enable_async_dispatch"]
+
+
+def _child(code, tunables=None, *args, **extra_env):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("GLIBC_TUNABLES", "JAX_CPU_ENABLE_ASYNC_DISPATCH")
+         and not k.startswith("MALLOC_")}
+  env.update(extra_env)
   if tunables is not None:
     env["GLIBC_TUNABLES"] = tunables
   out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
@@ -66,6 +84,16 @@ def test_the_restart_keeps_xla_temporaries_for_the_next_call():
   plain, _, plain_async = _child(STEP, None, "plain")
   assert (async_dispatch, plain_async) == ("False", "True")
   assert int(kept) >= int(temp) > int(plain)          # 96 MiB: ~225 MB kept vs ~25 MB
+  # A user's lower threshold, or an explicit JAX_CPU_ENABLE_ASYNC_DISPATCH, wins.
+  assert _child(STEP, "glibc.malloc.mmap_threshold=131072", "restart")[-1] == "True"
+  assert _child(STEP, None, "restart", JAX_CPU_ENABLE_ASYNC_DISPATCH="true")[-1] == "True"
+
+
+def test_jobs_workers_dispatch_as_their_parent():
+  """`experiments.jobs` spawns its workers, which skip the entry point's restart."""
+  tunables = ":".join(f"{k}={v}" for k, v in host.KEEP_FREED.items())
+  assert _child(JOBS, tunables)[-1] == "False"
+  assert _child(JOBS, None)[-1] == "True"
 
 
 def test_the_environment_adds_each_tunable_once():

@@ -163,3 +163,15 @@ def test_feature_layers_that_do_not_fit_name_the_file(tmp_path):
   with pytest.raises(hf.CheckpointError,
                      match=r"config\.json: feature_layer 7 is outside a 3-layer tower"):
     hf.load_vlm(path)
+
+
+def test_a_run_takes_the_checkpoints_list_of_layers_over_its_presets_int(tmp_path):
+  import ml_collections
+  from configs import common
+  from drivlm_jax import pretrained
+  path = ref.save(_llava("clip_qwen2_layers"), tmp_path / "llava")
+  config = ml_collections.ConfigDict({"model": common.model_config("clip_b16_qwen05b"),
+                                      "init_from": path, "data": {"tokenizer": "unused"}})
+  assert config.model.vision_feature_layer == -2
+  cfg = vlm.config_from_dict(pretrained.configure(config).model)
+  assert cfg.vision_feature_layer == (0, -1, 1) and cfg.vision == hf.vlm_config(path).vision
