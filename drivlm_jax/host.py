@@ -89,17 +89,16 @@ def _keeps_freed(environ) -> bool:
     return False
 
 
-def dispatch_inline_where_kept(environ=None):
+def dispatch_inline_where_kept():
   """Has JAX run single-device CPU computations on the calling thread where glibc keeps the
   freed blocks (`_keeps_freed`). JAX_CPU_ENABLE_ASYNC_DISPATCH (true/false), which JAX itself
   does not read, decides instead where it is set. Call before JAX creates its CPU client: in
   the restarted process (`restart_with_tunables`) and in each process it spawns."""
-  environ = os.environ if environ is None else environ
-  explicit = environ.get("JAX_CPU_ENABLE_ASYNC_DISPATCH", "").strip().lower()
+  explicit = os.environ.get("JAX_CPU_ENABLE_ASYNC_DISPATCH", "").strip().lower()
   if explicit:
     inline = explicit in ("0", "false", "f", "no", "n", "off")
   else:
-    inline = _keeps_freed(environ)
+    inline = _keeps_freed(os.environ)
   if inline or explicit:
     import jax  # pylint: disable=import-outside-toplevel
     jax.config.update("jax_cpu_enable_async_dispatch", not inline)
@@ -107,8 +106,8 @@ def dispatch_inline_where_kept(environ=None):
 
 def restart_with_tunables():
   """Replaces this process with the same command line plus `tunables()`, once (the
-  restarted process finds them set); then `dispatch_inline_where_kept`. A no-op without
-  glibc >= 2.35."""
+  restarted process finds them set; none without glibc >= 2.35), then
+  `dispatch_inline_where_kept`."""
   wanted = tunables()
   environ = with_tunables(os.environ, wanted) if wanted else None
   if environ is not None and getattr(sys, "orig_argv", None):
