@@ -68,11 +68,16 @@ def tunables() -> dict:
   return {**({HUGE_PAGES: "1"} if _thp_mode() == "madvise" else {}), **KEEP_FREED}
 
 
+def _named(environ) -> dict:
+  """GLIBC_TUNABLES as {name: value}."""
+  return dict(item.split("=", 1) for item in environ.get("GLIBC_TUNABLES", "").split(":")
+              if "=" in item)
+
+
 def with_tunables(environ, wanted: dict) -> dict | None:
   """`environ` with the `wanted` tunables that GLIBC_TUNABLES does not name yet added, or
   None when it names them all."""
-  current = environ.get("GLIBC_TUNABLES", "")
-  named = {item.split("=")[0] for item in current.split(":")}
+  current, named = environ.get("GLIBC_TUNABLES", ""), _named(environ)
   missing = [f"{k}={v}" for k, v in wanted.items() if k not in named]
   if not missing:
     return None
@@ -81,8 +86,7 @@ def with_tunables(environ, wanted: dict) -> dict | None:
 
 def _keeps_freed(environ) -> bool:
   """Whether GLIBC_TUNABLES sets both `KEEP_FREED` thresholds at least as high as ours."""
-  named = dict(item.split("=", 1) for item in environ.get("GLIBC_TUNABLES", "").split(":")
-               if "=" in item)
+  named = _named(environ)
   try:
     return all(int(named.get(k, 0)) >= int(v) for k, v in KEEP_FREED.items())
   except ValueError:

@@ -57,7 +57,7 @@ def _start_worker(initializer, initargs):
   pool's queues locked. A running `train` takes SIGTERM itself (it checkpoints and stops)."""
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   signal.signal(signal.SIGTERM, lambda *_: _STOPPED.append(True))
-  host.dispatch_inline_where_kept()   # as the parent: spawned, it skipped the entry point's
+  host.dispatch_inline_where_kept()   # spawned, it skipped its entry point's restart
   if initializer:
     initializer(*initargs)
 
