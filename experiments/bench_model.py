@@ -53,6 +53,23 @@ def gemm_peak(n=2048, repeats=5):
   return {"jax": flops / jax_t / 1e9, "torch": flops / torch_t / 1e9}, threads
 
 
+def attention_matmul_rate(batch=8, heads=12, tokens=197, head_dim=64, repeats=20):
+  """Best fp32 GFLOP/s of the attention scores' batched matmul (q k^T per batch and head)
+  at ViT-B/16's shapes, in XLA and in torch: small matmuls, batched, where the libraries
+  differ most (see the README's "Where we lose on Intel")."""
+  q, k = (jax.random.normal(jax.random.key(i), (batch, heads, tokens, head_dim))
+          for i in range(2))
+  scores = jax.jit(lambda a, b: jnp.einsum("bhqd,bhkd->bhqk", a, b))
+  scores(q, k).block_until_ready()
+  jax_t = min(timing.timed(lambda: scores(q, k).block_until_ready()) for _ in range(repeats))
+  tq, tk = (torch.from_numpy(np.asarray(x)) for x in (q, k))
+  with torch.inference_mode():
+    tq @ tk.transpose(-1, -2)
+    torch_t = min(timing.timed(lambda: tq @ tk.transpose(-1, -2)) for _ in range(repeats))
+  flops = 2 * batch * heads * tokens ** 2 * head_dim
+  return {"jax": flops / jax_t / 1e9, "torch": flops / torch_t / 1e9}
+
+
 def bench_vision(tmp, batches, pairs):
   preset = common.MODEL_PRESETS["clip_b16_qwen05b"]["vision"]
   hf_cfg = transformers.CLIPVisionConfig(
@@ -127,6 +144,7 @@ def main():
   torch.set_num_threads(threads)
   batches = [int(b) for b in args.batches.split(",")]
   peak, busy = gemm_peak()
+  attention = attention_matmul_rate()
   where = machine.describe()
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
@@ -139,7 +157,7 @@ def main():
     row["ours_gflops"] = row["gflop"] / (row["ours_ms"] / 1e3)
     row["peer_gflops"] = row["gflop"] / (row["peer_ms"] / 1e3)
   result = {"machine": where, "threads_set": threads, "threads_busy": busy,
-            "gemm_peak_gflops": peak, "peak_rss_gb": resource.getrusage(
+            "gemm_peak_gflops": peak, "attention_matmul_gflops": attention, "peak_rss_gb": resource.getrusage(
                 resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "rows": rows}
   theoretical = where["cpu"]["fp32_peak_gflops"]
   print(f"machine: {machine.line(where)}")
@@ -147,6 +165,8 @@ def main():
         f"torch {peak['torch']:.0f} GFLOP/s on {busy['torch']} (set {threads}); theoretical "
         f"peak {theoretical or float('nan'):.0f} GFLOP/s; "
         f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+  print(f"attention scores, 96 batched 197x64x197 fp32 matmuls: jax {attention['jax']:.0f}, "
+        f"torch {attention['torch']:.0f} GFLOP/s")
   header = (f"{'case':34s} {'batch':>5s} {'ours ms':>9s} {'torch ms':>9s} {'torch/ours':>10s} "
             f"{'ours %peak':>10s} {'torch %peak':>11s} {'compile s':>9s} {'max|diff|':>9s}")
   print(header)
