@@ -157,8 +157,9 @@ def main():
     row["ours_gflops"] = row["gflop"] / (row["ours_ms"] / 1e3)
     row["peer_gflops"] = row["gflop"] / (row["peer_ms"] / 1e3)
   result = {"machine": where, "threads_set": threads, "threads_busy": busy,
-            "gemm_peak_gflops": peak, "attention_matmul_gflops": attention, "peak_rss_gb": resource.getrusage(
-                resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "rows": rows}
+            "gemm_peak_gflops": peak, "attention_matmul_gflops": attention,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+            "rows": rows}
   theoretical = where["cpu"]["fp32_peak_gflops"]
   print(f"machine: {machine.line(where)}")
   print(f"fp32 GEMM 2048^3: jax {peak['jax']:.0f} GFLOP/s on {busy['jax']} busy threads, "
