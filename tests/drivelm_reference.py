@@ -6,7 +6,7 @@ import copy
 import json
 
 MOVING = ["Going ahead.", "Turn right.", "Turn left.", "Stopped.", "Back up.",
-          "Reverse parking."]
+          "Reverse parking.", "Drive backward."]   # rule_based1's list at DriveLM 1de72a7
 BEHAVIOURS = [  # convert_data.py's rule_based2 list, in its order
     "The ego vehicle is slightly steering to the left. The ego vehicle is driving very fast.",
     "The ego vehicle is steering to the left. The ego vehicle is driving with normal speed.",

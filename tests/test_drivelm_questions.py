@@ -95,6 +95,18 @@ def test_hand_built_frame_gives_the_scripts_test_questions(seed):
   assert ours["perception"][1]["A"] in "ABCD" and "D. " in ours["perception"][1]["Q"]
 
 
+@pytest.mark.parametrize("status", ref.MOVING)
+def test_every_moving_status_of_the_scripts_list_converts_as_there(status):
+  """All seven of convert_data.py's options (its later commits added "Drive backward."), each
+  as the answer: the same options drawn, in the same order, as the script's."""
+  frame = {"key_object_infos": HAND["key_object_infos"], "QA": {
+      "perception": [_qa("What is the moving status of object <c1,CAM_FRONT,100.0,200.0>?",
+                         status)],
+      "prediction": [], "planning": [], "behavior": []}}
+  for seed in range(4):
+    assert _as_reference(_ours(frame, seed)) == _strip(_official(frame, seed))
+
+
 def test_an_answer_outside_the_options_is_an_error_naming_the_frame():
   frame = {"key_object_infos": {}, "QA": {"behavior": [
       _qa("Predict the behavior of the ego vehicle.", "The ego vehicle is flying.")]}}

@@ -22,8 +22,10 @@ import random
 
 MOVING_QUESTION = "what is the moving status of object"
 CHOICES_PROMPT = "Please select the correct answer from the following options:"
+# convert_data.py's rule_based1 list, in its order ("Drive backward." since its commit
+# bb7fefc, 2024-03-18, "Fix convert part").
 MOVING = ("Going ahead.", "Turn right.", "Turn left.", "Stopped.", "Back up.",
-          "Reverse parking.")
+          "Reverse parking.", "Drive backward.")
 # convert_data.py's 21 behaviours, in its order (its draws depend on the order).
 BEHAVIOURS = tuple(
     f"The ego vehicle is {steer}. The ego vehicle is {speed}." for steer, speed in (
