@@ -176,16 +176,19 @@ def ptb_tokenize(texts) -> list:
 
 def coco_language(hypotheses, references) -> dict:
   """BLEU-1..4, ROUGE-L and CIDEr as DriveLM's challenge gets them from the COCO caption
-  evaluator: PTB-tokenized text, one reference per hypothesis; fractions (CIDEr x10), keyed
+  evaluator (language_evaluation's CocoEvaluator): "_UNK" in a reference renamed
+  "_UNKNOWN", PTB-tokenized text, one reference per hypothesis; fractions (CIDEr x10), keyed
   as pycocoevalcap keys them."""
   # Two tokenizer runs, as COCOEvalCap makes (references, then hypotheses): the PTB tokenizer
   # splits a text at a line break (\r, \u2028), which shifts the texts after it in the same
   # run, so a generated answer must never shift the references.
-  refs = [[r] for r in ptb_tokenize(list(references))]
+  refs = [[r] for r in ptb_tokenize([r.replace("_UNK", "_UNKNOWN") for r in references])]
   hyps = ptb_tokenize(list(hypotheses))
   split = str.split
   scores = {f"Bleu_{n + 1}": b for n, b in enumerate(bleu(hyps, refs, tokenizer=split))}
-  return {**scores, "ROUGE_L": rouge_l(hyps, refs, tokenizer=split),
+  # pycocoevalcap's Rouge splits on " " (an emptied text is one empty token), its Bleu and
+  # Cider on whitespace runs.
+  return {**scores, "ROUGE_L": rouge_l(hyps, refs, tokenizer=lambda t: t.split(" ")),
           "CIDEr": cider(hyps, refs, tokenizer=split)}
 
 

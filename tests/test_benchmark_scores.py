@@ -23,6 +23,10 @@ HAND = [  # (answer, reference): numbers, punctuation, c-tags, contractions
     # A generated line break: the tokenizer splits the text there, shifting the texts after
     # it in its run, so it must not share a run with the references.
     ("Turn left.\rThen stop.", "Turn left, then stop."), ("Stop.", "Stop now."),
+    # language_evaluation's CocoEvaluator (which DriveLM's evaluation.py calls) renames its
+    # unknown token in the references only; texts the tokenizer empties (ROUGE-L splits on
+    # " ", so two empty texts match).
+    ("the _UNK is moving", "the _UNK is moving"), (".", "."), ("?", "Stop."), ("Stop.", "!"),
 ]
 
 
@@ -42,8 +46,11 @@ def _sim_pairs(n):
 
 
 def _pycocoevalcap(pairs):
-  # As COCOEvalCap.evaluate does: the references, then the hypotheses, each its own run.
-  gts = PTBTokenizer().tokenize({i: [{"caption": r}] for i, (_, r) in enumerate(pairs)})
+  # As language_evaluation's CocoEvaluator (bckim92/language-evaluation) renames "_UNK" in
+  # the references, then COCOEvalCap.evaluate tokenizes the references and the hypotheses,
+  # each in its own run.
+  gts = PTBTokenizer().tokenize({i: [{"caption": r.replace("_UNK", "_UNKNOWN")}]
+                                 for i, (_, r) in enumerate(pairs)})
   res = PTBTokenizer().tokenize({i: [{"caption": a}] for i, (a, _) in enumerate(pairs)})
   bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
   return {**{f"Bleu_{n + 1}": b for n, b in enumerate(bleu)},
