@@ -20,13 +20,14 @@ HAND = [  # (answer, reference): numbers, punctuation, c-tags, contractions
     ("The ego vehicle should keep going straight...", "Keep going straight."),
     ("<c2,CAM_BACK,320.0,410.5> and <c3,CAM_FRONT_LEFT,20.1,99.9> are important",
      "The important objects are <c2,CAM_BACK,320.0,410.5>, <c3,CAM_FRONT_LEFT,20.1,99.9>."),
-    # A generated line break: the tokenizer splits the text there, shifting the texts after
-    # it in its run, so it must not share a run with the references.
-    ("Turn left.\rThen stop.", "Turn left, then stop."), ("Stop.", "Stop now."),
     # language_evaluation's CocoEvaluator (which DriveLM's evaluation.py calls) renames its
     # unknown token in the references only; texts the tokenizer empties (ROUGE-L splits on
     # " ", so two empty texts match).
     ("the _UNK is moving", "the _UNK is moving"), (".", "."), ("?", "Stop."), ("Stop.", "!"),
+    # A generated line break: the tokenizer splits the text there, shifting the texts after
+    # it in its run, so it must not share a run with the references (last: the texts after it
+    # are compared shifted).
+    ("Turn left.\rThen stop.", "Turn left, then stop."), ("Stop.", "Stop now."),
 ]
 
 
