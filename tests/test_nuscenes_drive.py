@@ -11,11 +11,13 @@ import tensorflow_datasets as tfds
 from nuscenes.nuscenes import NuScenes
 from nuscenes.scripts import export_2d_annotations_as_json as export_2d
 from nuscenes.utils.geometry_utils import view_points
+from nuscenes.utils.splits import create_splits_scenes
 from pyquaternion import Quaternion
 
 import data_builders  # noqa: F401  (registers the builders)
 from data_builders import __main__ as build_cli
 from data_builders.common import BuildError
+from data_builders.nuscenes_drive import nuscenes_drive_dataset_builder as nuscenes_builder
 from drivlm_jax.data import drivelm_questions, geometry, labels, pipeline
 from drivlm_jax.sim import nuscenes as sim_nuscenes
 from tests import drivelm_reference
@@ -280,3 +282,23 @@ def test_training_questions_in_the_challenges_form(dataset):
     assert got == want, token
     multiple_choice += sum(a in ("A", "B", "C", "D") for _, a in got)
   assert multiple_choice >= len(source)   # a behaviour question per frame at least
+
+
+@pytest.mark.parametrize("version", ["v1.0-mini", "v1.0-trainval"])
+def test_scene_splits_are_the_devkits_for_the_table_version(version, tmp_path):
+  """The devkit pairs v1.0-mini with its mini_train / mini_val only (whose scenes are also in
+  trainval's lists, some of them in another split there), v1.0-trainval with train / val."""
+  official = create_splits_scenes(verbose=False)
+  pairs = ({"mini_train": "train", "mini_val": "val"} if version.endswith("mini")
+           else {"train": "train", "val": "val"})
+  want = {name: ours for theirs, ours in pairs.items() for name in official[theirs]}
+  scenes = [{"name": name} for name in want]
+  assert nuscenes_builder.scene_splits(str(tmp_path), version, scenes) == want
+  if version.endswith("mini"):   # the devkit's mini scenes that trainval puts elsewhere
+    assert any(want[n] != ("val" if n in official["val"] else "train") for n in want)
+  # A custom splits.json where the devkit reads one (<dataroot>/<version>/) wins.
+  os.makedirs(tmp_path / version)
+  (tmp_path / version / "splits.json").write_text(json.dumps(
+      {"train": [scenes[0]["name"]], "val": [s["name"] for s in scenes[1:]]}))
+  custom = nuscenes_builder.scene_splits(str(tmp_path), version, scenes)
+  assert custom == {s["name"]: "train" if i == 0 else "val" for i, s in enumerate(scenes)}

@@ -4,8 +4,9 @@ Actions come from the ego's future path (`drivlm_jax.data.labels.actions_from_eg
 keyframes without 3 s of future are dropped and counted. Boxes are the sample_annotations
 projected into each camera. `location`, `night` and `rain` come from the log and the scene
 description; DriveLM QA (`*_nus.json` or `drivelm*.json` in the manual dir) is joined by
-sample token. Splits: `splits.json` ({split: [scene names]}) when the manual dir has one,
-else the devkit's official scene splits when nuscenes-devkit is installed, else 85/15
+sample token. Splits: `splits.json` ({split: [scene names]}) in `<version>/` (where the
+devkit reads custom splits) or the manual dir, else the devkit's official scene splits of the
+table version (v1.0-mini: mini_train / mini_val) when nuscenes-devkit is installed, else 85/15
 train/val by scene-name hash.
 """
 import glob
@@ -74,15 +75,26 @@ class Tables:
     return samples
 
 
-def scene_splits(root, scenes):
-  path = os.path.join(root, "splits.json")
-  if os.path.exists(path):
-    return {name: split for split, names in common.read_json(path).items() for name in names}
+# The devkit's official scene lists per table version, as its loaders pair them
+# (`nuscenes.utils.splits`: v1.0-mini takes only mini_train / mini_val).
+OFFICIAL_SPLITS = {"mini": {"mini_train": "train", "mini_val": "val"},
+                   "trainval": {"train": "train", "val": "val"}, "test": {"test": "test"}}
+
+
+def scene_splits(root, version, scenes):
+  """{scene name: split}. A custom `splits.json` ({split: [scene names]}) where the devkit
+  reads one (`<root>/<version>/splits.json`) or in the manual dir itself; else the devkit's
+  official splits of this table version when nuscenes-devkit is installed and names every
+  scene; else 85/15 train/val by scene-name hash."""
+  for path in (os.path.join(root, version, "splits.json"), os.path.join(root, "splits.json")):
+    if os.path.exists(path):
+      return {name: split for split, names in common.read_json(path).items() for name in names}
   try:
     from nuscenes.utils.splits import create_splits_scenes
-    official = {name: split for split, names in create_splits_scenes().items()
-                if split in ("train", "val", "test") for name in names}
-    if all(s["name"] in official for s in scenes):
+    ours = OFFICIAL_SPLITS.get(version.rsplit("-", 1)[-1], {})
+    official = {name: ours[split] for split, names in create_splits_scenes(verbose=False).items()
+                if split in ours for name in names}
+    if official and all(s["name"] in official for s in scenes):
       return official
   except ImportError:
     pass
@@ -155,7 +167,7 @@ class NuscenesDrive(tfds.core.GeneratorBasedBuilder):
     root = str(dl_manager.manual_dir)
     self.skips = common.Skips(self.strict)
     tables = Tables(root)
-    splits = scene_splits(root, tables.scene.values())
+    splits = scene_splits(root, tables.version, tables.scene.values())
     names = sorted({splits.get(s["name"], "train") for s in tables.scene.values()})
     return {split: self._generate_examples(tables, splits, split) for split in names}
 
