@@ -254,10 +254,19 @@ def vision_config(path, **overrides) -> vision.Config:
   return _vision_config(hf, f"{path}/config.json", **overrides)
 
 
+def _activation(name, where, key="hidden_act"):
+  """`name` when the model has that activation, else a CheckpointError naming the file."""
+  if name not in layers.ACTIVATIONS:
+    raise CheckpointError(f"{where}: {key} {name!r} is not supported "
+                          f"({', '.join(sorted(layers.ACTIVATIONS))})")
+  return name
+
+
 def _vision_config(hf, where, **overrides) -> vision.Config:
   if hf.model_type not in ("clip_vision_model", "siglip_vision_model"):
     raise CheckpointError(f"{where}: model_type {hf.model_type!r} is not a CLIP or SigLIP "
                           f"vision model")
+  _activation(hf.hidden_act, where)
   siglip = hf.model_type == "siglip_vision_model"
   return vision.Config(
       family="siglip" if siglip else "clip", image_size=hf.image_size,
@@ -320,8 +329,9 @@ def text_config(path, **overrides) -> text.Config:
       vocab_size=tc.vocab_size, max_position_embeddings=tc.max_position_embeddings,
       hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size,
       num_layers=tc.num_hidden_layers, num_heads=tc.num_attention_heads,
-      layer_norm_eps=tc.layer_norm_eps, hidden_act=tc.hidden_act, eos_token_id=tc.eos_token_id,
-      projection_dim=projection_dim, vision_hidden_size=vision_hidden,
+      layer_norm_eps=tc.layer_norm_eps,
+      hidden_act=_activation(tc.hidden_act, f"{path}/config.json (text_config)"),
+      eos_token_id=tc.eos_token_id, projection_dim=projection_dim, vision_hidden_size=vision_hidden,
       logit_scale_init=scale, **overrides)
 
 
@@ -398,7 +408,7 @@ def _language_config(hf, where, **overrides) -> language.Config:
     language.check_rope_scaling(rope)
   except ValueError as e:
     raise CheckpointError(f"{where}: rope_parameters: {e}") from None
-  if hf.hidden_act != "silu":
+  if layers.ACTIVATIONS.get(hf.hidden_act) is not jax.nn.silu:   # SwiGLU: silu (or "swish")
     raise CheckpointError(f"{where}: hidden_act {hf.hidden_act!r} is not supported (silu)")
   # Qwen2's use_sliding_window slides only the layers from max_window_layers on, as its
   # layer_types say (none when max_window_layers >= the layer count).
@@ -419,7 +429,9 @@ def _language_config(hf, where, **overrides) -> language.Config:
       rope_theta=theta, rope_scaling=rope, max_position_embeddings=hf.max_position_embeddings,
       qkv_bias=True if qwen2 else bias, o_bias=False if qwen2 else bias,
       mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-      tie_word_embeddings=bool(hf.tie_word_embeddings), **overrides)
+      tie_word_embeddings=bool(hf.tie_word_embeddings),
+      **{k: getattr(hf, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+      **overrides)
 
 
 def _untied_by_its_head(cfg: language.Config, tensors, naming) -> language.Config:
@@ -460,7 +472,9 @@ def _language_hf_config(cfg: language.Config):
       max_position_embeddings=cfg.max_position_embeddings,
       rope_parameters={"rope_type": "default", **dict(cfg.rope_scaling),
                        "rope_theta": cfg.rope_theta},
-      tie_word_embeddings=cfg.tie_word_embeddings)
+      tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=cfg.bos_token_id,
+      eos_token_id=(list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple)
+                    else cfg.eos_token_id), pad_token_id=cfg.pad_token_id)
   if cfg.family == "qwen2":
     if not cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias:
       raise ValueError("Qwen2 has q/k/v biases only; set family='llama' for other bias layouts")
@@ -508,10 +522,7 @@ def vlm_config(path, *, vision_overrides=None, language_overrides=None,
                           f"LlavaForConditionalGeneration directory)")
   layer = hf.vision_feature_layer       # an int or (transformers checks) a list of ints
   layer = layer if isinstance(layer, int) else tuple(layer)
-  act = hf.projector_hidden_act
-  if act not in layers.ACTIVATIONS:
-    raise CheckpointError(f"{where}: projector_hidden_act {act!r} is not supported "
-                          f"({', '.join(sorted(layers.ACTIVATIONS))})")
+  act = _activation(hf.projector_hidden_act, where, "projector_hidden_act")
   vcfg = _vision_config(hf.vision_config, f"{where} (vision_config)",
                         **(vision_overrides or {}))
   lcfg = _language_config(hf.text_config, f"{where} (text_config)", **(language_overrides or {}))

@@ -22,12 +22,13 @@ def save(model, path, **kwargs):
   return str(path)
 
 
-def clip_vision(image_size=32, patch_size=8, hidden=48, heads=4, layers=2, seed=0):
+def clip_vision(image_size=32, patch_size=8, hidden=48, heads=4, layers=2, act="quick_gelu",
+                seed=0):
   torch.manual_seed(seed)
   cfg = transformers.CLIPVisionConfig(
       image_size=image_size, patch_size=patch_size, hidden_size=hidden,
       intermediate_size=2 * hidden + 8, num_attention_heads=heads, num_hidden_layers=layers,
-      layer_norm_eps=3e-5)
+      layer_norm_eps=3e-5, hidden_act=act)
   return perturb(transformers.CLIPVisionModel(cfg), seed)
 
 

@@ -262,6 +262,22 @@ def test_qwen2_sliding_window_loads_where_no_layer_slides(tmp_path):
     hf.load_language_model(ref.save(model, tmp_path / "sliding"))
 
 
+def test_swish_is_silu_as_in_transformers_and_another_activation_an_error(tmp_path):
+  model = ref.causal_lm(family="llama")
+  model.config.hidden_act = "swish"          # ACT2FN["swish"] is SiLU
+  model = transformers.LlamaForCausalLM(model.config).eval()
+  ref.perturb(model)
+  cfg, params = hf.load_language_model(ref.save(model, tmp_path / "swish"))
+  ids = _ids(2, 9, cfg.vocab_size)
+  with torch.inference_mode():
+    theirs = model(input_ids=torch.from_numpy(ids).long()).logits
+  assert ref.max_diff(language.apply(cfg, params, ids), theirs) <= TOL
+  model.config.hidden_act = "gelu"
+  path = ref.save(transformers.LlamaForCausalLM(model.config), tmp_path / "gelu")
+  with pytest.raises(hf.CheckpointError, match=r"config.json: hidden_act 'gelu' is not"):
+    hf.load_language_model(path)
+
+
 def test_unsupported_rope_is_a_clear_error(tmp_path):
   model = ref.causal_lm(family="llama")
   model.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 5000.0}
@@ -293,3 +309,16 @@ def test_a_tied_config_with_another_stored_head_loads_untied_as_transformers(tmp
   with torch.no_grad():
     same.lm_head.weight.copy_(same.model.embed_tokens.weight)
   assert hf.load_language_model(saved_as_tied(same, "same_head"))[0].tie_word_embeddings
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_special_token_ids_survive_load_and_save(family, tmp_path):
+  """LlamaConfig would otherwise write its defaults (bos 1, eos 2), and transformers'
+  generate on the saved model would stop elsewhere than on the source."""
+  model = ref.causal_lm(family, vocab=96)
+  model.config.update(dict(bos_token_id=3, eos_token_id=[7, 9], pad_token_id=5))
+  cfg, params = hf.load_language_model(ref.save(model, tmp_path / "source"))
+  assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (3, (7, 9), 5)
+  hf.save_language_model(cfg, params, str(tmp_path / "saved"))
+  again = transformers.AutoConfig.from_pretrained(str(tmp_path / "saved"))
+  assert (again.bos_token_id, again.eos_token_id, again.pad_token_id) == (3, [7, 9], 5)

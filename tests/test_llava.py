@@ -11,6 +11,7 @@ import transformers
 from safetensors.torch import save_file
 
 from drivlm_jax import hf
+from drivlm_jax.evals import generation
 from drivlm_jax.model import vlm
 from tests import reference as ref
 
@@ -96,6 +97,8 @@ def test_save_vlm_loads_in_transformers_and_back(llava, tmp_path):
   again, info = transformers.LlavaForConditionalGeneration.from_pretrained(
       out, local_files_only=True, output_loading_info=True)
   assert not any(info.values()), info      # no missing, unexpected or mismatched keys
+  for key in ("bos_token_id", "eos_token_id", "pad_token_id"):   # not LlamaConfig's defaults
+    assert getattr(again.config.text_config, key) == getattr(model.config.text_config, key)
   ids, mask = _prompt(cfg, seed=2)
   x, xt = ref.images(2, cfg.vision.image_size, seed=2)
   real = mask > 0
@@ -118,6 +121,22 @@ def test_module_named_layout_loads_the_same(llava, tmp_path):
   _, loaded = hf.load_vlm(str(tmp_path))
   jax.tree.map(np.testing.assert_array_equal, loaded,
                {k: params[k] for k in ("vision", "projector", "language")})
+
+
+def test_a_row_without_its_placeholders_is_an_error_as_in_transformers(llava):
+  """One placeholder short in row 1: transformers raises, and so do we (splicing would
+  otherwise repeat a visual token, silently)."""
+  model, _, cfg, params = llava
+  ids, mask = _prompt(cfg)
+  ids[1, np.flatnonzero(ids[1] == IMAGE_TOKEN)[0]] = 1
+  x, xt = ref.images(2, cfg.vision.image_size)
+  with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+    _hf_logits(model, ids, mask, xt)
+  want = rf"row\(s\) \[1\] hold \[{cfg.num_visual_tokens - 1}\] image placeholders"
+  with pytest.raises(ValueError, match=want):
+    vlm.apply(cfg, params, x, ids, mask)
+  with pytest.raises(ValueError, match=want):
+    generation.generate(cfg, params, x, ids, max_new_tokens=2, attention_mask=mask)
 
 
 def test_errors_name_the_tensor_or_field(llava, tmp_path):

@@ -32,6 +32,7 @@ def _check(model, path, batch=2):
     dict(),
     dict(image_size=28, patch_size=7, hidden=32, heads=2, layers=3),
     dict(image_size=16, patch_size=4, hidden=24, heads=3, layers=1),
+    dict(act="relu"), dict(act="gelu_python"), dict(act="gelu_new"),
 ])
 def test_clip_vision_matches_transformers(tmp_path, kwargs):
   model = ref.clip_vision(**kwargs)
@@ -77,6 +78,12 @@ def test_save_round_trip_loads_in_transformers(tmp_path, make):
     theirs = reloaded(pixel_values=xt)
   assert ref.max_diff(ours["last_hidden_state"], theirs.last_hidden_state) <= TOL
   assert ref.max_diff(ours["pooled"], theirs.pooler_output) <= TOL
+
+
+def test_an_activation_we_lack_is_an_error_naming_the_config(tmp_path):
+  path = ref.save(ref.clip_vision(act="mish"), tmp_path)   # in transformers' ACT2FN
+  with pytest.raises(hf.CheckpointError, match=r"config.json: hidden_act 'mish' is not "):
+    hf.load_vision_tower(path)
 
 
 def test_wrong_image_shape_is_a_clear_error(tmp_path):

@@ -11,8 +11,14 @@ from drivlm_jax.data import pipeline
 from drivlm_jax.data import tokenizer as tokenizer_lib
 from drivlm_jax.model import vlm
 
-generate = jax.jit(vlm.generate, static_argnums=0,
+_generate = jax.jit(vlm.generate, static_argnums=0,
                     static_argnames=("max_new_tokens", "eos_token_id", "pad_token_id"))
+
+
+def generate(cfg, params, images, input_ids, **kwargs):
+  """`vlm.generate`, jitted, its prompts' image placeholders checked on the host first."""
+  vlm.check_image_tokens(cfg, input_ids)
+  return _generate(cfg, params, images, input_ids, **kwargs)
 
 
 def answers(cfg, params, batch, tokenizer, n, max_new_tokens):

@@ -38,6 +38,12 @@ class Config:
   o_bias: bool = False              # LLaMA attention_bias also biases o_proj
   mlp_bias: bool = False
   tie_word_embeddings: bool = True
+  # The checkpoint's special token ids (its config.json), carried to what `hf.save_*` writes
+  # so that transformers' generate stops where the source's does; our generation takes eos
+  # from the tokenizer. eos may be several ids (a tuple).
+  bos_token_id: int | None = None
+  eos_token_id: int | tuple | None = None
+  pad_token_id: int | None = None
   dtype: str = "float32"
   param_dtype: str = "float32"
   scan_unroll: int = 1
@@ -53,6 +59,8 @@ class Config:
     scaling = dict(self.rope_scaling)
     check_rope_scaling(scaling)
     object.__setattr__(self, "rope_scaling", tuple(sorted(scaling.items())))
+    if isinstance(self.eos_token_id, list):   # config.json / a ConfigDict: a list
+      object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
 
   @property
   def dim_per_head(self) -> int:

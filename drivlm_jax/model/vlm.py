@@ -20,6 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from drivlm_jax.model import language, layers, reweighting, vision
 
@@ -193,6 +194,20 @@ def logical_axes(cfg: Config):
   return axes
 
 
+def check_image_tokens(cfg: Config, input_ids):
+  """A ValueError unless every row of `input_ids` holds exactly `cfg.num_visual_tokens`
+  image placeholders (`splice` needs it; transformers' LLaVA raises the same), naming the
+  rows. Traced ids (inside jit) cannot be checked: the jitted callers check on the host."""
+  if input_ids is None or isinstance(input_ids, jax.core.Tracer):
+    return
+  counts = (np.asarray(input_ids) == cfg.image_token_id).sum(axis=-1).reshape(-1)
+  bad = np.flatnonzero(counts != cfg.num_visual_tokens)[:8]
+  if bad.size:
+    raise ValueError(f"input_ids row(s) {bad.tolist()} hold {counts[bad].tolist()} image "
+                     f"placeholders (token {cfg.image_token_id}); every row needs exactly "
+                     f"num_visual_tokens = {cfg.num_visual_tokens}, one per visual token")
+
+
 def splice(text_embeds, visual_tokens, is_image):
   """Puts visual token j at the j-th placeholder of each row.
 
@@ -304,6 +319,7 @@ def apply(cfg: Config, params, images, input_ids=None, attention_mask=None,
   Returns `encode_image`'s dict plus, with input_ids, "lm_logits" [B, T, V] and
   "lm_hidden_states" [B, T, D] (after the LM's final norm).
   """
+  check_image_tokens(cfg, input_ids)
   out = encode_image(cfg, params, images, instruction_ids, instruction_mask)
   if input_ids is not None:
     embeds = language.embed_tokens(cfg.language, params["language"], input_ids)
@@ -318,6 +334,7 @@ def generate(cfg: Config, params, images, input_ids, max_new_tokens=16, *,
              instruction_ids=None, instruction_mask=None, **kwargs):
   """Answers/explanations: the prompt with visual tokens spliced in, decoded by
   `language.generate` (same keyword arguments). Returns [B, T + max_new_tokens]."""
+  check_image_tokens(cfg, input_ids)
   visual = encode_image(cfg, params, images, instruction_ids, instruction_mask)["visual_tokens"]
   embeds = language.embed_tokens(cfg.language, params["language"], input_ids)
   embeds = splice(embeds, visual, input_ids == cfg.image_token_id)
