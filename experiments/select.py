@@ -175,7 +175,7 @@ def extract(cfg, params, spec, feats, max_examples: int, labelled: bool = False)
   ds = pipeline.batch_dataset(spec, dataclasses.replace(feats, augment=False), rows,
                               train=False, shard_index=0, shard_count=1)
   pad = lambda x: np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)])
-  keys = ("box_mask", "actions") if labelled else ("box_mask",)
+  keys = ("box_mask", "actions", "action_mask") if labelled else ("box_mask",)
   parts, n = {}, 0
   for i in range(len(ds)):
     if n >= max_examples:
@@ -188,7 +188,11 @@ def extract(cfg, params, spec, feats, max_examples: int, labelled: bool = False)
     n += count
   if not n:
     raise ValueError(f"{spec.name} {spec.split} holds no example")
-  return {k: np.concatenate(v) for k, v in parts.items()}
+  out = {k: np.concatenate(v) for k, v in parts.items()}
+  if labelled:   # only the rows with actions (nuScenes-Drive: not a scene's last 3 s)
+    rows = out.pop("action_mask") > 0
+    out = {k: v[rows] for k, v in out.items()}
+  return out
 
 
 def _level_rows(features: dict, level: str):

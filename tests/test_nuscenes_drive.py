@@ -5,6 +5,7 @@ import os
 import random
 import re
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -13,13 +14,18 @@ from nuscenes.scripts import export_2d_annotations_as_json as export_2d
 from nuscenes.utils.geometry_utils import view_points
 from nuscenes.utils.splits import create_splits_scenes
 from pyquaternion import Quaternion
+from sklearn.metrics import average_precision_score
 
 import data_builders  # noqa: F401  (registers the builders)
+from configs import common
 from data_builders import __main__ as build_cli
 from data_builders.common import BuildError
 from data_builders.nuscenes_drive import nuscenes_drive_dataset_builder as nuscenes_builder
 from drivlm_jax.data import drivelm_questions, geometry, labels, pipeline
+from drivlm_jax.evals import heads
+from drivlm_jax.model import vlm
 from drivlm_jax.sim import nuscenes as sim_nuscenes
+from drivlm_jax.sim import tokenizer as sim_tokenizer
 from tests import drivelm_reference
 
 
@@ -111,15 +117,27 @@ def test_2d_box_corner_cases_are_the_devkits(points):
 def test_devkit_loads_and_builder_agrees(dataset):
   root, data_dir, splits, skipped, nusc = dataset
   assert len(nusc.scene) == 4 and len(nusc.sample) == 4 * sim_nuscenes.KEYFRAMES
-  keep = sim_nuscenes.KEYFRAMES - 6   # 3 s of future at 2 Hz
-  assert splits == {"train": 3 * keep, "val": keep}
-  assert skipped == {"less than 3 s of future": 4 * 6}
+  # DriveLM asks about every sim keyframe, so those in a scene's last 3 s (6 at 2 Hz) stay,
+  # without actions: the challenge scores every frame of its file.
+  assert splits == {"train": 3 * sim_nuscenes.KEYFRAMES, "val": sim_nuscenes.KEYFRAMES}
+  assert skipped == {}
+  asked = set()
+  for path in glob.glob(os.path.join(root, "*_nus.json")):
+    with open(path) as f:
+      asked |= {frame for scene in json.load(f).values() for frame in scene["key_frames"]}
+  built = set()
   checked_boxes = 0
   for split in splits:
     source = tfds.data_source("nuscenes_drive/six_cam", data_dir=data_dir, split=split)
     for i in range(len(source)):
       ex = source[i]
+      built.add(ex["sample_token"].decode())
       sample = nusc.get("sample", ex["sample_token"].decode())
+      ahead, token = 0, sample["next"]
+      while token and ahead < 6:
+        ahead, token = ahead + 1, nusc.get("sample", token)["next"]
+      assert bool(ex["has_actions"]) == (ahead == 6)
+      assert ex["has_actions"] or not ex["actions"].any()
       cameras = [c.decode() for c in ex["cameras"]]
       assert len(cameras) == 6
       for c, (channel, name) in enumerate(zip(cameras, ex["file_names"])):
@@ -144,6 +162,7 @@ def test_devkit_loads_and_builder_agrees(dataset):
       assert bool(ex["rain"]) == ("rain" in scene["description"])
       assert len(ex["qa"]["question"]) >= 3
   assert checked_boxes > 20
+  assert asked <= built       # every frame the DriveLM file asks about is there to answer
 
 
 def test_actions_follow_the_manoeuvre(dataset):
@@ -153,6 +172,8 @@ def test_actions_follow_the_manoeuvre(dataset):
     ex = source[i]
     scene = nusc.get("scene", nusc.get("sample", ex["sample_token"].decode())["scene_token"])
     a = ex["actions"]
+    if not ex["has_actions"]:
+      continue
     if "turning left" in scene["description"]:
       assert a[2] and not a[3]
     elif "turning right" in scene["description"]:
@@ -255,6 +276,26 @@ def test_a_missing_camera_image_is_a_counted_skip_or_strict_error(tmp_path):
                     strict=True)
 
 
+def test_a_frame_without_future_or_drivelm_qa_is_a_counted_skip(tmp_path):
+  """Kept without actions only where DriveLM asks about it; otherwise skipped and counted."""
+  root = str(tmp_path / "nus")
+  sim_nuscenes.write(root, "day", 1, seed=3, width=64, height=36)
+  nusc = NuScenes(version="v1.0-mini", dataroot=root, verbose=False)
+  last = [s["token"] for s in nusc.sample if not s["next"]]
+  path, = glob.glob(os.path.join(root, "*_nus.json"))
+  with open(path) as f:
+    qa = json.load(f)
+  for scene in qa.values():
+    for token in last:
+      scene["key_frames"].pop(token, None)
+  with open(path, "w") as f:
+    json.dump(qa, f)
+  splits, skipped = build_cli.build("nuscenes_drive", root, str(tmp_path / "tfds"),
+                                    config="front")
+  assert skipped == {"less than 3 s of future": 1}
+  assert splits["train"] == sim_nuscenes.KEYFRAMES - 1
+
+
 def test_training_questions_in_the_challenges_form(dataset):
   """`Features.drivelm_questions`: "released" trains on every QA of the frame, "challenge" on
   the questions the challenge's extract_data.py + convert_data.py derive from them (run by
@@ -302,3 +343,30 @@ def test_scene_splits_are_the_devkits_for_the_table_version(version, tmp_path):
       {"train": [scenes[0]["name"]], "val": [s["name"] for s in scenes[1:]]}))
   custom = nuscenes_builder.scene_splits(str(tmp_path), version, scenes)
   assert custom == {s["name"]: "train" if i == 0 else "val" for i, s in enumerate(scenes)}
+
+
+def test_frames_without_actions_train_and_score_no_action(tmp_path):
+  """A scene's last 3 s, kept for DriveLM: the batch masks their action loss, and the heads'
+  action metrics are those of the other frames alone (sklearn's average precision)."""
+  root, data_dir = str(tmp_path / "nus"), str(tmp_path / "tfds")
+  sim_nuscenes.write(root, "day", 1, seed=4, split="val", width=64, height=36)
+  build_cli.build("nuscenes_drive", root, data_dir, config="front")
+  cfg = vlm.config_from_dict(common.model_config("tiny"))
+  feats = pipeline.Features(tokenizer=sim_tokenizer.write(str(tmp_path)),
+                            image_size=cfg.vision.image_size,
+                            num_image_tokens=cfg.num_visual_tokens, max_len=160)
+  spec = pipeline.SourceSpec("nuscenes_drive/front", data_dir, "val")
+  batch = pipeline.batch_dataset(spec, feats, 64, train=False, shard_index=0, shard_count=1)[0]
+  source = tfds.data_source("nuscenes_drive/front", data_dir=data_dir, split="val")
+  has = np.array([bool(source[i]["has_actions"]) for i in range(len(source))])
+  assert 0 < has.sum() < len(has)
+  np.testing.assert_array_equal(batch["action_mask"], has.astype(np.float32))
+  params = vlm.init(cfg, jax.random.key(0))
+  result = heads.Heads(name="heads", every=1, role="target", batch_size=64).run(
+      cfg, params, {("target", "test"): spec}, feats)
+  probs = np.asarray(heads.probabilities(cfg, params, batch["image"], batch["instruction_ids"],
+                                         batch["instruction_mask"])[0])[has]
+  labels_ = batch["actions"][has]
+  aps = [average_precision_score(labels_[:, c], probs[:, c]) for c in range(4)
+         if labels_[:, c].any()]
+  assert result["action_mAP"] == pytest.approx(100 * np.mean(aps), abs=1e-4)

@@ -1,7 +1,9 @@
 """nuScenes-Drive: one example per nuScenes keyframe, read from the `v1.0-*` JSON tables.
 
 Actions come from the ego's future path (`drivlm_jax.data.labels.actions_from_ego_path`);
-keyframes without 3 s of future are dropped and counted. Boxes are the sample_annotations
+keyframes without 3 s of future are dropped and counted, unless DriveLM asks about them: the
+challenge scores every frame of its QA file, so those stay, `has_actions` False (their
+`actions` zeros, which no action loss or metric reads). Boxes are the sample_annotations
 projected into each camera. `location`, `night` and `rain` come from the log and the scene
 description; DriveLM QA (`*_nus.json` or `drivelm*.json` in the manual dir) is joined by
 sample token. Splits: `splits.json` ({split: [scene names]}) in `<version>/` (where the
@@ -123,9 +125,11 @@ def drivelm_qa(root):
 class NuscenesDrive(tfds.core.GeneratorBasedBuilder):
   """nuScenes keyframes with driving actions from the ego's future path."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {"1.1.0": "DriveLM QA in the challenge's order with its tags, and the "
-                            "frame's key_object_infos (JSON text)."}
+                            "frame's key_object_infos (JSON text).",
+                   "1.2.0": "Keyframes without 3 s of future that DriveLM asks about, "
+                            "has_actions False."}
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name="front", description="CAM_FRONT only"),
       tfds.core.BuilderConfig(name="six_cam", description="all six cameras"),
@@ -152,6 +156,7 @@ class NuscenesDrive(tfds.core.GeneratorBasedBuilder):
             "scene_token": tfds.features.Text(),
             "ego_speed": tfds.features.Scalar(dtype=np.float32),
             "actions": tfds.features.Tensor(shape=(4,), dtype=np.int32),
+            "has_actions": tfds.features.Scalar(dtype=np.bool_),
             "boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
             "box_camera": tfds.features.Tensor(shape=(None,), dtype=np.int32),
             "box_categories": tfds.features.Tensor(shape=(None,), dtype=np.int32),
@@ -186,7 +191,7 @@ class NuscenesDrive(tfds.core.GeneratorBasedBuilder):
       for i, sample in enumerate(samples):
         yaw = labels.yaw_from_quaternion(poses[i]["rotation"])
         actions = labels.actions_from_ego_path(positions, yaw, i)
-        if actions is None:
+        if actions is None and not qa.get(sample["token"], ([],))[0]:
           self.skips("less than 3 s of future", f"{scene['name']}/{sample['token']}")
           continue
         # Partial downloads are common (the tables with some of the blob archives, or
@@ -229,7 +234,8 @@ class NuscenesDrive(tfds.core.GeneratorBasedBuilder):
     return {
         "images": images, "cameras": list(cameras), "file_names": files,
         "sample_token": sample["token"], "scene_token": scene["token"],
-        "ego_speed": np.float32(speed), "actions": actions,
+        "ego_speed": np.float32(speed), "has_actions": actions is not None,
+        "actions": np.zeros(4, np.int32) if actions is None else actions,
         "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
         "box_camera": np.asarray(box_camera, np.int32),
         "box_categories": np.asarray(box_categories, np.int32),

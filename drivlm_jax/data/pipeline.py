@@ -247,7 +247,9 @@ class ExampleTransform:
     out = {
         "image": image, **text,
         "actions": actions, "reasons": reasons,
-        "action_mask": np.float32(1.0), "reason_mask": np.float32(has_reasons),
+        # nuScenes-Drive keeps frames DriveLM asks about without their actions.
+        "action_mask": np.float32(example.get("has_actions", True)),
+        "reason_mask": np.float32(has_reasons),
         "boxes": np.zeros((f.max_boxes, 4), np.float32),
         "box_mask": (np.arange(f.max_boxes) < n).astype(np.float32),
         "box_categories": np.zeros(f.max_boxes, np.int32),

@@ -39,14 +39,16 @@ class Heads(evals.Evaluator):
     for batch, valid in evals.host_batches(data[self.role, self.split], feats,
                                            self.batch_size):
       x = {k: batch[k] for k in ("image", "instruction_ids", "instruction_mask", "actions",
-                                 "reasons", "reason_mask")}
+                                 "reasons", "action_mask", "reason_mask")}
       x["valid"] = valid.astype(np.int32)
       x = place(x) if place else x
       action, reason = probabilities(cfg, params, x["image"], x["instruction_ids"],
                                      x["instruction_mask"], keep)
       valid = evals.gather(x["valid"]) > 0
-      # Explanations only where the dataset has them (nuScenes-Drive has none).
-      rows = {"action": valid, "reason": valid & (evals.gather(x["reason_mask"]) > 0)}
+      # Labels only where the dataset has them (nuScenes-Drive has no explanations, and no
+      # actions for the frames DriveLM asks about in a scene's last 3 s).
+      rows = {kind: valid & (evals.gather(x[f"{kind}_mask"]) > 0)
+              for kind in ("action", "reason")}
       for kind, p in (("action", action), ("reason", reason)):
         probs[kind].append(evals.gather(p)[rows[kind]])
         labels[kind].append(evals.gather(x[f"{kind}s"])[rows[kind]])
