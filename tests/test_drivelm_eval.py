@@ -61,8 +61,10 @@ def _evaluate_sim(tmp_path, seed, size, frames, max_new_tokens, edit=None):
                               max_new_tokens=max_new_tokens, num_frames=frames)
   result = evaluator.run(cfg, vlm.init(cfg, jax.random.key(0)), data, feats,
                          workdir=str(tmp_path / "run"))
-  with open(f"{root}/v1_1_val_nus.json") as f:
-    released = json.load(f)
+  released = None
+  if os.path.exists(f"{root}/v1_1_val_nus.json"):
+    with open(f"{root}/v1_1_val_nus.json") as f:
+      released = json.load(f)
   return (released, json.loads((tmp_path / "run" / "drivelm_predictions.json").read_text()),
           result)
 
@@ -91,6 +93,29 @@ def test_a_tagged_file_is_scored_as_it_is_and_a_split_without_qa_is_an_error(tmp
   with pytest.raises(ValueError, match=r"DriveLM evaluation of the target test split: no QA "
                                        r"to score in 2 frame\(s\)"):
     _evaluate_sim(tmp_path / "none", 4, (96, 64), 2, 2, os.remove)
+
+
+def test_the_challenges_questions_only_file_is_answered_not_scored(tmp_path):
+  """The released val questions (v1_1_val_nus_q_only.json: the challenge's test questions,
+  tagged, every answer empty) are read, answered into the challenge's file and not scored;
+  nothing trains on an empty answer."""
+  def questions_only(path):
+    with open(path) as f:
+      released = json.load(f)
+    for scene in released.values():
+      for frame in scene["key_frames"].values():
+        for stage in frame["QA"].values():
+          for qa in stage:
+            qa.update(A="", tag=[2])
+    os.remove(path)
+    with open(path.replace("_nus.json", "_nus_q_only.json"), "w") as f:
+      json.dump(released, f)
+
+  _, predictions, result = _evaluate_sim(tmp_path, 4, (96, 64), 2, 2, questions_only)
+  assert result == {} and len({p["id"].rsplit("_", 1)[0] for p in predictions}) == 2
+  source = pipeline.open_source(pipeline.SourceSpec("nuscenes_drive/front",
+                                                    str(tmp_path / "tfds"), "val"))[0]
+  assert len(source[0]["qa"]["question"]) and not pipeline.qa_pairs(source[0], "released")
 
 
 def _judge_dir(path, allowed: str):

@@ -5,7 +5,7 @@ keyframes without 3 s of future are dropped and counted, unless DriveLM asks abo
 challenge scores every frame of its QA file, so those stay, `has_actions` False (their
 `actions` zeros, which no action loss or metric reads). Boxes are the sample_annotations
 projected into each camera. `location`, `night` and `rain` come from the log and the scene
-description; DriveLM QA (`*_nus.json` or `drivelm*.json` in the manual dir) is joined by
+description; DriveLM QA (`*_nus*.json` or `drivelm*.json` in the manual dir) is joined by
 sample token. Splits: `splits.json` ({split: [scene names]}) in `<version>/` (where the
 devkit reads custom splits) or the manual dir, else the devkit's official scene splits of the
 table version (v1.0-mini: mini_train / mini_val) when nuscenes-devkit is installed, else 85/15
@@ -108,9 +108,12 @@ QA_STAGES = ("perception", "prediction", "planning", "behavior")
 
 
 def drivelm_qa(root):
+  """{sample token: (QA pairs, key_object_infos JSON)} of the DriveLM-nuScenes files in the
+  manual dir: the released names (v1_1_train_nus.json; v1_1_val_nus_q_only.json, the
+  challenge's questions with empty answers) or drivelm*.json."""
   qa = {}
-  for path in sorted(glob.glob(os.path.join(root, "*_nus.json"))
-                     + glob.glob(os.path.join(root, "drivelm*.json"))):
+  for path in sorted(set(glob.glob(os.path.join(root, "*_nus*.json"))
+                         + glob.glob(os.path.join(root, "drivelm*.json")))):
     for scene_token, scene in common.read_json(path).items():
       for sample_token, frame in scene.get("key_frames", {}).items():
         # The challenge's order (perception, prediction, planning, behavior), its tags
@@ -136,7 +139,7 @@ class NuscenesDrive(tfds.core.GeneratorBasedBuilder):
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Extract nuScenes (v1.0-mini or v1.0-trainval: tables + samples/) into the manual dir, "
-      "optionally with DriveLM-nuScenes QA (*_nus.json), or run `python -m drivlm_jax.sim "
+      "optionally with DriveLM-nuScenes QA (*_nus*.json), or run `python -m drivlm_jax.sim "
       "--layout nuscenes ...` to write the same layout.")
   strict = False
 

@@ -80,7 +80,7 @@ def qa_pairs(example, form: str) -> list:
     frame = as_text(example["sample_token"])
     asked = frame_test_questions(example, f"sample {frame}")
     pairs = [(p["Q"], p["A"]) for stage in asked.values() for p in stage] or pairs
-  return pairs
+  return [(q, a) for q, a in pairs if a]   # a questions-only file has nothing to learn
 
 
 def frame_test_questions(example, where: str) -> dict:

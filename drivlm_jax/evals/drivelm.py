@@ -15,6 +15,7 @@ import subprocess
 
 import jax
 import numpy as np
+from absl import logging
 
 from drivlm_jax import evals, metrics, run as run_lib
 from drivlm_jax.data import pipeline, tokenizer as tokenizer_lib
@@ -147,11 +148,17 @@ class DriveLM(evals.Evaluator):
         rows.append((f"{scene}_{frame}_{k}", image, prompt,
                      tok.encode(question)[:feats.max_instruction_len]))
       test.setdefault(scene, {"key_frames": {}})["key_frames"][frame] = {"QA": stages}
-    check_scorable(test, f"DriveLM evaluation of the {self.role} {self.split} split")
+    where = f"DriveLM evaluation of the {self.role} {self.split} split"
+    check_scorable(test, where)
     answers = dict(zip([r[0] for r in rows], self._answer(cfg, params, tok, feats, rows)))
     out = (run_lib.path(workdir, "drivelm_predictions.json")
            if workdir is not None and jax.process_index() == 0 else None)
     predictions = write_predictions(out, test, answers)
+    if not any(qa["A"] for _, qa in qas(test)):
+      logging.warning("%s: the questions have no answers (a questions-only file, as the "
+                      "challenge's v1_1_val_nus_q_only.json): %d answers written to %s for "
+                      "the challenge's server, nothing scored", where, len(predictions), out)
+      return {}
     scores = score(test, predictions)
     points = lambda v, scale=100.0: None if v is None else scale * v
     return {k: v for k, v in {
