@@ -3,11 +3,11 @@
 The format is the one the dataset's own loader reads (`action_prediction/
 DataLoader_together.py` of the BDD-OIA project):
 - `<split>_25k_images_actions.json`: `{"images": [{"file_name", "id", ...}], "annotations":
-  [{"category": [4 or 5 ints]}]}`. The annotations carry no id: the list is indexed by the
+  [{"category": [4 or more ints]}]}`. The annotations carry no id: the list is indexed by the
   image's id, so an image's actions are `annotations[image["id"]]["category"]`, by position
   also where annotations carry ids (a warning counts ids that disagree with the position). A
-  5th value of 1 marks a "confusing" frame: it is dropped and counted (a 5th value of 0 keeps
-  the frame).
+  5th value other than 0 marks a "confusing" frame: it is dropped and counted (a 5th value of
+  0 keeps the frame; values after the 5th are not read, as the loader reads none).
 - `<split>_25k_images_reasons.json`: `[{"file_name", "reason": [21 ints]}]`, joined by file
   name (the loader pairs both lists sorted by file name).
 - images: `lastframe/data/<file_name>` (or `data/`, or `lastframe/` itself as the authors'
@@ -108,8 +108,8 @@ def read_split(actions_path, reasons_path, image_dirs, skips):
   image folder): the first of `image_dirs` that holds any of the split's images.
 
   Follows the dataset's own loader (`action_prediction/DataLoader_together.py`): images in
-  `file_name` order, the label of an image is `annotations[image["id"]]["category"]`, a row of
-  5 values whose 5th is 1 ("confusing") is dropped, an image whose file is missing is skipped,
+  `file_name` order, the label of an image is `annotations[image["id"]]["category"]`, a row
+  whose 5th value is not 0 ("confusing") is dropped, an image whose file is missing is skipped,
   and reasons are joined by `file_name`.
   """
   actions_json = common.read_json(actions_path)
@@ -135,9 +135,9 @@ def read_split(actions_path, reasons_path, image_dirs, skips):
   out = {}
   for name in sorted(images):
     category, where = categories[name]
-    if len(category) == ACTIONS + 1:
-      if category[-1] == 1:
-        skips("confusing frame (5th action value 1)", name)
+    if len(category) > ACTIONS:   # as the loader: kept only where the 5th value is 0
+      if category[ACTIONS] != 0:
+        skips("confusing frame (5th action value not 0)", name)
         continue
       category = category[:ACTIONS]
     if not os.path.isfile(os.path.join(image_dir, name)):
@@ -173,8 +173,16 @@ def _categories(path, images, annotations):
           f"of length {len(annotations)} (the dataset's loader reads annotations[image id])")
     where = f"{path}: annotations[{image_id}]"
     category = annotations[image_id]["category"]
-    five = isinstance(category, list) and len(category) == ACTIONS + 1
-    out[name] = (common.binary_labels(category, ACTIONS + 1 if five else ACTIONS, where), where)
+    # The loader reads [:4] as the actions and [4] as the "confusing" flag (more values, as
+    # in test.py's default val_25k_image_action_6.json, it never reads).
+    if isinstance(category, list) and len(category) > ACTIONS:
+      common.binary_labels(category[:ACTIONS], ACTIONS, where)
+      if isinstance(category[ACTIONS], bool) or not isinstance(category[ACTIONS], (int, float)):
+        raise common.BuildError(f"{where}: the 5th value (the 'confusing' flag) must be a "
+                                f"number, got {category!r}")
+    else:
+      common.binary_labels(category, ACTIONS, where)
+    out[name] = (category, where)
   own_ids = ((row, ann.get("image_id", ann.get("id"))) for row, ann in enumerate(annotations))
   other = [(row, own) for row, own in own_ids if own is not None and own != row and row in seen]
   if other:
