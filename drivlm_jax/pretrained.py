@@ -68,12 +68,14 @@ def configure(config):
   before = config.model.to_dict()
   with config.unlocked():
     for k, v in fields.items():
-      if isinstance(v, dict):
-        config.model[k].update(v)
-      else:
-        if k in config.model and type(config.model[k]) is not type(v):
-          del config.model[k]   # a ConfigDict keeps a field's type: a list of layers, not an int
-        config.model[k] = v
+      # A ConfigDict keeps a field's type (a list of layers is not an int, several eos ids
+      # not one): a field of another type is replaced.
+      where, items = (config.model[k], v.items()) if isinstance(v, dict) else (config.model,
+                                                                               [(k, v)])
+      for f, value in items:
+        if where.get(f) is not None and type(where[f]) is not type(value):
+          del where[f]
+        where[f] = value
   changed = []
   for k, v in fields.items():
     for f, value in v.items() if isinstance(v, dict) else [(None, v)]:

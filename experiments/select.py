@@ -188,11 +188,7 @@ def extract(cfg, params, spec, feats, max_examples: int, labelled: bool = False)
     n += count
   if not n:
     raise ValueError(f"{spec.name} {spec.split} holds no example")
-  out = {k: np.concatenate(v) for k, v in parts.items()}
-  if labelled:   # only the rows with actions (nuScenes-Drive: not a scene's last 3 s)
-    rows = out.pop("action_mask") > 0
-    out = {k: v[rows] for k, v in out.items()}
-  return out
+  return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 def _level_rows(features: dict, level: str):
@@ -248,18 +244,22 @@ def score_run(run_dir: str, max_examples: int, notes: list) -> dict:
   source = get("source", "test", labelled=True)
   unlabelled = get("target", "train")
   target_test = get("target", "test")
-  losses = action_losses(source["action_logits"], source["actions"])
-  dev = dev_risk(losses, density_ratios(source["pooled"], unlabelled["pooled"]))
+  # The risk over the rows with actions (nuScenes-Drive: not a scene's last 3 s); PAD below
+  # compares every row.
+  rows = source["action_mask"] > 0
+  labelled = {k: source[k][rows] for k in ("action_logits", "actions", "pooled")}
+  losses = action_losses(labelled["action_logits"], labelled["actions"])
+  dev = dev_risk(losses, density_ratios(labelled["pooled"], unlabelled["pooled"]))
   if not 0.5 <= dev["mean_weight"] <= 2.0:   # E_source[w] = 1 for the true density ratio
     notes.append(f"{run_dir}: DEV's mean density ratio is {dev['mean_weight']:.3g} (1 in "
                  f"theory): source and target features barely overlap (or the domain "
                  f"classifier is ill calibrated), so DEV's control variate extrapolates")
-  probabilities = 1.0 / (1.0 + np.exp(-source["action_logits"].astype(np.float64)))
+  probabilities = 1.0 / (1.0 + np.exp(-labelled["action_logits"].astype(np.float64)))
   pads = _level_pads(source, target_test, run_dir, notes)
   return {"run_dir": str(run_dir), "method": run.config.get("method") or "", "step": run.step,
           "dev_risk": dev["risk"], "dev": dev, "source_loss": float(losses.mean()),
           "source_mAP": metrics.multilabel("action", probabilities,
-                                           source["actions"])["action_mAP"],
+                                           labelled["actions"])["action_mAP"],
           "pad": {k: None if v is None else v["pad"] for k, v in pads.items()},
           "pad_error": {k: None if v is None else v["error"] for k, v in pads.items()},
           "oracle_target_mAP": oracle,

@@ -12,6 +12,7 @@ import pytest
 
 from configs import common
 from data_builders import __main__ as build_cli
+from drivlm_jax import evaluate
 from drivlm_jax.data import drivelm_questions, pipeline
 from drivlm_jax.evals import drivelm, judge
 from drivlm_jax.model import vlm
@@ -113,9 +114,18 @@ def test_the_challenges_questions_only_file_is_answered_not_scored(tmp_path):
 
   _, predictions, result = _evaluate_sim(tmp_path, 4, (96, 64), 2, 2, questions_only)
   assert result == {} and len({p["id"].rsplit("_", 1)[0] for p in predictions}) == 2
-  source = pipeline.open_source(pipeline.SourceSpec("nuscenes_drive/front",
-                                                    str(tmp_path / "tfds"), "val"))[0]
+  spec = pipeline.SourceSpec("nuscenes_drive/front", str(tmp_path / "tfds"), "val")
+  source = pipeline.open_source(spec)[0]
   assert len(source[0]["qa"]["question"]) and not pipeline.qa_pairs(source[0], "released")
+  # A frame with neither answers nor actions (a scene's last 3 s) gives the LM nothing to
+  # learn; the others learn the explanation of their actions, as frames without QA do.
+  feats = pipeline.Features(tokenizer=sim_tokenizer.write(str(tmp_path)), image_size=32,
+                            num_image_tokens=4, max_len=160)
+  batch = pipeline.batch_dataset(spec, feats, 64, train=False, shard_index=0,
+                                 shard_count=1)[0]
+  has = np.array([bool(source[i]["has_actions"]) for i in range(len(source))])
+  assert has.any() and not has.all()
+  np.testing.assert_array_equal(batch["loss_mask"].any(axis=1), has)
 
 
 def _judge_dir(path, allowed: str):
@@ -147,3 +157,21 @@ def test_a_local_model_judges_through_the_command_protocol(tmp_path):
   assert chat_[1]["content"].startswith("Rate my answer based on the correct answer out of 100")
   assert chat_[1]["content"].endswith(
       "Output the number onlyThis is the correct answer: Keep going.This is my answer: Stop.")
+
+
+def test_frames_without_answers_are_left_out_of_the_scores(tmp_path, caplog):
+  """A test set mixing answered frames with questions-only ones scores the answered frames
+  only (ids unchanged); a questions-only file given to the scorer is an error."""
+  qa = lambda answer: {"Q": "Is it moving?", "A": answer, "tag": [0]}
+  test = {"s": {"key_frames": {"f1": {"QA": {"perception": [qa("Yes.")]}},
+                               "f2": {"QA": {"perception": [qa("")]}}}}}
+  kept = drivelm.with_answers(test, "mixed")
+  assert list(kept["s"]["key_frames"]) == ["f1"] and "1 frame(s) without answers" in caplog.text
+  predictions = [{"id": "s_f1_0", "question": "Is it moving?", "answer": "Yes."},
+                 {"id": "s_f2_0", "question": "Is it moving?", "answer": "No."}]
+  assert drivelm.score(kept, predictions)["accuracy"] == 1.0
+  path = tmp_path / "q_only.json"
+  path.write_text(json.dumps({"s": {"key_frames": {"f2": test["s"]["key_frames"]["f2"]}}}))
+  (tmp_path / "p.json").write_text(json.dumps(predictions[1:]))
+  with pytest.raises(ValueError, match=r"q_only.json: every answer is empty"):
+    evaluate.score_drivelm(str(path), str(tmp_path / "p.json"))

@@ -370,3 +370,27 @@ def test_frames_without_actions_train_and_score_no_action(tmp_path):
   aps = [average_precision_score(labels_[:, c], probs[:, c]) for c in range(4)
          if labels_[:, c].any()]
   assert result["action_mAP"] == pytest.approx(100 * np.mean(aps), abs=1e-4)
+
+
+def test_drivelm_files_a_frame_in_two_and_a_file_of_another_form(tmp_path):
+  """A frame in the answered file and the questions-only one keeps its answers (whatever
+  the order the files sort in); answered in two files is an error naming both; a file of
+  another form (DriveLM's llama-format list) under a QA file's name is an error naming it."""
+  def write(name, answer):
+    frame = {"QA": {"perception": [{"Q": "Is it moving?", "A": answer}]}}
+    (tmp_path / name).write_text(json.dumps({"scene": {"key_frames": {"frame": frame}}}))
+
+  write("v1_1_val_nus.json", "Yes.")
+  write("v1_1_val_nus_q_only.json", "")
+  assert nuscenes_builder.drivelm_qa(str(tmp_path))["frame"][0][0]["answer"] == "Yes."
+  (tmp_path / "v1_1_val_nus.json").rename(tmp_path / "z_nus.json")
+  assert nuscenes_builder.drivelm_qa(str(tmp_path))["frame"][0][0]["answer"] == "Yes."
+  write("drivelm_extra.json", "No.")
+  with pytest.raises(BuildError, match=r"z_nus.json: frame frame is also in "
+                                       r".*drivelm_extra.json, both with answers"):
+    nuscenes_builder.drivelm_qa(str(tmp_path))
+  for name in ("drivelm_extra.json", "z_nus.json"):
+    (tmp_path / name).unlink()
+  (tmp_path / "v1_0_train_nus.json").write_text(json.dumps([{"id": 0, "conversations": []}]))
+  with pytest.raises(BuildError, match=r"v1_0_train_nus.json: expected DriveLM-nuScenes QA"):
+    nuscenes_builder.drivelm_qa(str(tmp_path))

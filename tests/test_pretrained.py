@@ -137,3 +137,14 @@ def test_an_hf_llava_teacher_and_what_it_can_teach(checkpoint, tmp_path):
     distillation.load_teacher(checkpoint, cfg, kd(0.0, 1.0, 1.0), config, feats)
   teacher = distillation.load_teacher(checkpoint, cfg, kd(0.0, 0.0, 1.0), config, feats)
   assert teacher.cfg.vision.image_size == 32 and {"heads", "vision"} <= set(teacher.params)
+  # Same tokenizer, but the student's prompts hold one placeholder more than the teacher
+  # splices (its class token kept): LM-logit distillation cannot feed them to the teacher.
+  config = pretrained.configure(demo.get_config(f"method=drivlm_student,teacher=x,"
+                                                f"init={checkpoint}"))
+  same = run_lib.model_config(config)
+  distillation.load_teacher(checkpoint, same, kd(0.0, 1.0, 1.0), config, feats)
+  full = dataclasses.replace(same, vision_feature_select_strategy="full")
+  with pytest.raises(ValueError, match=rf"splices {same.num_visual_tokens} visual tokens at "
+                                       rf"token 4, the student's prompts hold "
+                                       rf"{same.num_visual_tokens + 1}"):
+    distillation.load_teacher(checkpoint, full, kd(0.0, 1.0, 1.0), config, feats)

@@ -151,7 +151,7 @@ def read_split(actions_path, reasons_path, image_dirs, skips):
 
 
 def _categories(path, images, annotations):
-  """-> {file_name: (category [4 or 5 values], row description)}.
+  """-> {file_name: (category [4 or more values], row description)}.
 
   As the dataset's own loader reads them: `annotations[image["id"]]`, always by position. Ids
   an annotation may carry (`image_id`, else `id`) are not read by that loader; where they name

@@ -5,8 +5,8 @@ keyframes without 3 s of future are dropped and counted, unless DriveLM asks abo
 challenge scores every frame of its QA file, so those stay, `has_actions` False (their
 `actions` zeros, which no action loss or metric reads). Boxes are the sample_annotations
 projected into each camera. `location`, `night` and `rain` come from the log and the scene
-description; DriveLM QA (`*_nus*.json` or `drivelm*.json` in the manual dir) is joined by
-sample token. Splits: `splits.json` ({split: [scene names]}) in `<version>/` (where the
+description; DriveLM QA (`*_nus.json`, `*_nus_q_only.json` or `drivelm*.json` in the
+manual dir) is joined by sample token. Splits: `splits.json` ({split: [scene names]}) in `<version>/` (where the
 devkit reads custom splits) or the manual dir, else the devkit's official scene splits of the
 table version (v1.0-mini: mini_train / mini_val) when nuscenes-devkit is installed, else 85/15
 train/val by scene-name hash.
@@ -107,21 +107,39 @@ def scene_splits(root, version, scenes):
 QA_STAGES = ("perception", "prediction", "planning", "behavior")
 
 
+DRIVELM_FILES = ("*_nus.json", "*_nus_q_only.json", "drivelm*.json")
+
+
 def drivelm_qa(root):
   """{sample token: (QA pairs, key_object_infos JSON)} of the DriveLM-nuScenes files in the
   manual dir: the released names (v1_1_train_nus.json; v1_1_val_nus_q_only.json, the
-  challenge's questions with empty answers) or drivelm*.json."""
-  qa = {}
-  for path in sorted(set(glob.glob(os.path.join(root, "*_nus*.json"))
-                         + glob.glob(os.path.join(root, "drivelm*.json")))):
-    for scene_token, scene in common.read_json(path).items():
+  challenge's questions with empty answers) or drivelm*.json. A frame in two files is taken
+  from the one with answers; in two with answers, an error naming both."""
+  qa, source = {}, {}
+  paths = sorted({p for pattern in DRIVELM_FILES for p in glob.glob(os.path.join(root, pattern))})
+  for path in paths:
+    scenes = common.read_json(path)
+    if not isinstance(scenes, dict) or not all(
+        isinstance(scene, dict) and isinstance(scene.get("key_frames", {}), dict)
+        for scene in scenes.values()):
+      raise common.BuildError(f"{path}: expected DriveLM-nuScenes QA, {{scene token: "
+                              f"{{\"key_frames\": {{sample token: {{\"QA\": ...}}}}}}}}")
+    for scene in scenes.values():
       for sample_token, frame in scene.get("key_frames", {}).items():
         # The challenge's order (perception, prediction, planning, behavior), its tags
         # (v1.1; none in v1.0) and the frame's key objects by c-tag.
-        pairs = [{"type": kind, "question": p["Q"], "answer": p["A"],
+        pairs = [{"type": kind, "question": p["Q"], "answer": p.get("A") or "",
                   "tag": labels.drivelm_tag_mask(p.get("tag") or [])}
                  for kind in QA_STAGES for p in frame.get("QA", {}).get(kind, [])]
+        answered = any(p["answer"] for p in pairs)
+        if sample_token in qa:
+          if answered and source[sample_token][1]:
+            raise common.BuildError(f"{path}: frame {sample_token} is also in "
+                                    f"{source[sample_token][0]}, both with answers")
+          if not answered:
+            continue
         qa[sample_token] = (pairs, json.dumps(frame.get("key_object_infos", {})))
+        source[sample_token] = (path, answered)
   return qa
 
 
@@ -139,7 +157,7 @@ class NuscenesDrive(tfds.core.GeneratorBasedBuilder):
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Extract nuScenes (v1.0-mini or v1.0-trainval: tables + samples/) into the manual dir, "
-      "optionally with DriveLM-nuScenes QA (*_nus*.json), or run `python -m drivlm_jax.sim "
+      "optionally with DriveLM-nuScenes QA (*_nus.json, *_nus_q_only.json), or run `python -m drivlm_jax.sim "
       "--layout nuscenes ...` to write the same layout.")
   strict = False
 

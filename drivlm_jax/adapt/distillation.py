@@ -73,6 +73,14 @@ def load_teacher(teacher_dir: str, cfg: vlm.Config, weights: dict, config,
           f"{ours or 'the sim BPE'}, {cfg.language.vocab_size}-token LM) do not share one "
           f"tokenizer, which LM-logit distillation needs; set --config.loss.kd_lm=0 to "
           f"distil the heads and visual features only")
+    # The teacher's LM reads the student's prompts: their image placeholders must be its own.
+    theirs = (teacher.cfg.num_visual_tokens, teacher.cfg.image_token_id)
+    if theirs != (cfg.num_visual_tokens, cfg.image_token_id):
+      raise ValueError(
+          f"teacher {teacher_dir} splices {theirs[0]} visual tokens at token {theirs[1]}, the "
+          f"student's prompts hold {cfg.num_visual_tokens} at token {cfg.image_token_id}; "
+          f"LM-logit distillation feeds the teacher the student's prompts, so set "
+          f"--config.loss.kd_lm=0 or use a teacher with the student's image grid")
   logging.info("teacher: %s at step %d", teacher_dir, teacher.step)
   return teacher
 

@@ -210,12 +210,14 @@ class ExampleTransform:
     has_reasons = "reasons" in example
     reasons = np.asarray(example["reasons"], np.float32) if has_reasons else np.zeros(21,
                                                                                      np.float32)
+    has_actions = bool(example.get("has_actions", True))
     pairs = qa_pairs(example, f.drivelm_questions)
     if pairs:
       instruction, answer = pairs[int(rng.integers(len(pairs)))]
-    else:
+    else:   # the explanation of the labels; none for a frame without actions (no answer)
       instruction = as_text(example.get("instruction", b"")) or DEFAULT_INSTRUCTION
-      answer = labels.explanation(actions.astype(int), reasons.astype(int))
+      answer = (labels.explanation(actions.astype(int), reasons.astype(int)) if has_actions
+                else "")
     try:
       text = self.tokenizer.sequence(instruction, answer, f.num_image_tokens, f.max_len)
     except ValueError as e:
@@ -248,7 +250,7 @@ class ExampleTransform:
         "image": image, **text,
         "actions": actions, "reasons": reasons,
         # nuScenes-Drive keeps frames DriveLM asks about without their actions.
-        "action_mask": np.float32(example.get("has_actions", True)),
+        "action_mask": np.float32(has_actions),
         "reason_mask": np.float32(has_reasons),
         "boxes": np.zeros((f.max_boxes, 4), np.float32),
         "box_mask": (np.arange(f.max_boxes) < n).astype(np.float32),
@@ -260,10 +262,11 @@ class ExampleTransform:
                                                                          box_camera)
     if not self.labelled:   # unlabelled target: nothing a loss could learn from, and the
       # answer (an explanation, i.e. a label) leaves the LM input too: prompt only.
-      out.update(self.tokenizer.sequence(instruction, "", f.num_image_tokens, f.max_len))
       out.update(actions=np.zeros_like(actions), reasons=np.zeros_like(reasons),
-                 action_mask=np.float32(0), reason_mask=np.float32(0),
-                 targets=np.full_like(text["targets"], self.tokenizer.pad_id),
+                 action_mask=np.float32(0), reason_mask=np.float32(0))
+    if not self.labelled or not answer:   # (or no answer to learn): prompt only
+      out.update(self.tokenizer.sequence(instruction, "", f.num_image_tokens, f.max_len))
+      out.update(targets=np.full_like(text["targets"], self.tokenizer.pad_id),
                  loss_mask=np.zeros_like(text["loss_mask"]))
     return out
 

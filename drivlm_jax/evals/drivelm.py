@@ -44,6 +44,23 @@ def check_scorable(test: dict, where: str):
                      f"challenge's test_eval.json form)")
 
 
+def with_answers(test: dict, where: str):
+  """`test` without the frames whose answers are all empty (a questions-only file such as
+  the challenge's v1_1_val_nus_q_only.json: its server holds them), saying how many it left
+  out; None when no frame is left."""
+  kept, dropped = {}, 0
+  for scene_id, scene in test.items():
+    for frame_id, frame in scene["key_frames"].items():
+      if any(qa["A"] for stage in frame["QA"].values() for qa in stage):
+        kept.setdefault(scene_id, {"key_frames": {}})["key_frames"][frame_id] = frame
+      else:
+        dropped += 1
+  if dropped:
+    logging.warning("%s: %d frame(s) without answers (questions only) are not scored",
+                    where, dropped)
+  return kept or None
+
+
 def write_predictions(path, test: dict, answers: dict) -> list:
   """`drivelm_predictions.json` in the challenge's format (a local or bucket path; None:
   not written) -> its rows; `answers`: {id: answer}, one for every QA of `test` (a missing
@@ -154,12 +171,12 @@ class DriveLM(evals.Evaluator):
     out = (run_lib.path(workdir, "drivelm_predictions.json")
            if workdir is not None and jax.process_index() == 0 else None)
     predictions = write_predictions(out, test, answers)
-    if not any(qa["A"] for _, qa in qas(test)):
-      logging.warning("%s: the questions have no answers (a questions-only file, as the "
-                      "challenge's v1_1_val_nus_q_only.json): %d answers written to %s for "
-                      "the challenge's server, nothing scored", where, len(predictions), out)
+    scorable = with_answers(test, where)
+    if scorable is None:   # answers for the challenge's server only
+      logging.warning("%s: %d answers written to %s, nothing to score", where,
+                      len(predictions), out or "the workdir of process 0")
       return {}
-    scores = score(test, predictions)
+    scores = score(scorable, predictions)
     points = lambda v, scale=100.0: None if v is None else scale * v
     return {k: v for k, v in {
         "drivelm_accuracy": points(scores["accuracy"]),
