@@ -6,10 +6,10 @@ challenge scores every frame of its QA file, so those stay, `has_actions` False 
 `actions` zeros, which no action loss or metric reads). Boxes are the sample_annotations
 projected into each camera. `location`, `night` and `rain` come from the log and the scene
 description; DriveLM QA (`*_nus.json`, `*_nus_q_only.json` or `drivelm*.json` in the
-manual dir) is joined by sample token. Splits: `splits.json` ({split: [scene names]}) in `<version>/` (where the
-devkit reads custom splits) or the manual dir, else the devkit's official scene splits of the
-table version (v1.0-mini: mini_train / mini_val) when nuscenes-devkit is installed, else 85/15
-train/val by scene-name hash.
+manual dir) is joined by sample token. Splits: `splits.json` ({split: [scene names]}) in
+`<version>/` (where the devkit reads custom splits) or the manual dir, else the devkit's
+official scene splits of the table version (v1.0-mini: mini_train / mini_val) when
+nuscenes-devkit is installed, else 85/15 train/val by scene-name hash.
 """
 import glob
 import hashlib
@@ -157,8 +157,8 @@ class NuscenesDrive(tfds.core.GeneratorBasedBuilder):
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Extract nuScenes (v1.0-mini or v1.0-trainval: tables + samples/) into the manual dir, "
-      "optionally with DriveLM-nuScenes QA (*_nus.json, *_nus_q_only.json), or run `python -m drivlm_jax.sim "
-      "--layout nuscenes ...` to write the same layout.")
+      "optionally with DriveLM-nuScenes QA (*_nus.json, *_nus_q_only.json), or run "
+      "`python -m drivlm_jax.sim --layout nuscenes ...` to write the same layout.")
   strict = False
 
   def _info(self):
