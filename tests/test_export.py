@@ -150,6 +150,45 @@ def test_hf_clip_student_round_trips_with_a_dynamic_batch(tmp_path, keep_ratio):
     np.testing.assert_allclose(got[1], want[1], atol=ATOL)
 
 
+@pytest.mark.parametrize("strategy,keep_ratio,reweight_layer", [
+    ("default", 1.0, None), ("default", 0.05, 1), ("full", 0.25, 0)])
+def test_siglip_student_exports_and_default_never_keeps_a_dropped_patch(
+    tmp_path, strategy, keep_ratio, reweight_layer):
+  """SigLIP has no class token: the exported graph holds no empty tensor (an empty Reshape
+  reads as "copy the input dim" in ONNX: one token too many per view, or a failed run with
+  the graph optimiser off), and "default" drops each view's first patch, so pruning never
+  keeps it: keep 0.05 of 16 patches still gives a visual token. onnxruntime with and without
+  its graph optimiser against the training model."""
+  reference.save(reference.siglip_vision(image_size=32, patch_size=8), tmp_path / "siglip")
+  vcfg, vparams = hf.load_vision_tower(str(tmp_path / "siglip"))
+  demo = run_lib.model_config(small_config(str(tmp_path), "method=drivlm,teacher=none"))
+  cfg = dataclasses.replace(demo, vision=vcfg, reweight=True, reweight_layer=reweight_layer,
+                            vision_feature_select_strategy=strategy)
+  params = {**vlm.init(cfg, jax.random.key(1)), "vision": vparams}
+  rng = np.random.default_rng(0)
+  params["reweighting"] = jax.tree.map(lambda a: a + rng.normal(size=a.shape).astype(a.dtype),
+                                       params["reweighting"])
+  feeds = {"image": rng.uniform(0, 255, (4, 32, 32, 3)).astype(np.float32),
+           "instruction_ids": rng.integers(4, 200, (4, 6)).astype(np.int32),
+           "instruction_mask": (np.arange(6) < rng.integers(2, 7, (4, 1))).astype(np.int32)}
+  out = vlm.encode_image(cfg, params, np.zeros((1, 32, 32, 3), np.float32),
+                         feeds["instruction_ids"][:1], feeds["instruction_mask"][:1], keep_ratio)
+  assert out["visual_tokens"].shape[1] >= 1
+  if keep_ratio < 1 and strategy == "default":
+    assert 0 not in np.asarray(out["kept_indices"])   # the patch "default" drops
+  path = str(tmp_path / "siglip_student.onnx")
+  to_onnx.export_student(graphs.for_export(cfg), graphs.constants(params), path,
+                         keep_ratio=keep_ratio, feeds=feeds)
+  want = _reference_heads(cfg, params, feeds, keep_ratio)
+  for level in ("ORT_ENABLE_ALL", "ORT_DISABLE_ALL"):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    got = session.run(["action_probs", "reason_probs"], feeds)
+    np.testing.assert_allclose(got[0], want[0], atol=ATOL)
+    np.testing.assert_allclose(got[1], want[1], atol=ATOL)
+
+
 def _model(nodes, inputs_, outputs, opset, initializers=()):
   graph = helper.make_graph(nodes, "g", inputs_, outputs, initializer=list(initializers))
   return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])

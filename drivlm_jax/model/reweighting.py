@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from drivlm_jax.model import layers
 
@@ -63,16 +64,26 @@ def reweight(tokens, token_scores):
 
 
 def num_kept(num_tokens: int, keep_ratio: float) -> int:
+  """ceil(N * keep_ratio), at least 1 (the product rounded to 9 digits first: 100 * 0.07 is
+  7.000000000000001 in floats, 7 tokens, not 8)."""
   if not 0 < keep_ratio <= 1:
     raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-  return max(1, math.ceil(num_tokens * keep_ratio))
+  return max(1, math.ceil(round(num_tokens * keep_ratio, 9)))
+
+
+def top_k(token_scores, keep_ratio: float, candidates=None):
+  """Indices [B, k] int32 (into the N tokens, in their order) of the k best-scoring tokens,
+  k = `num_kept` of the candidates (an index array; default: all N)."""
+  if candidates is None:
+    candidates = np.arange(token_scores.shape[1])
+  k = num_kept(len(candidates), keep_ratio)
+  _, top = jax.lax.top_k(token_scores[:, candidates], k)
+  return jnp.sort(jnp.asarray(candidates, jnp.int32)[top], axis=-1)
 
 
 def prune(tokens, token_scores, keep_ratio: float):
   """Keeps the top-k tokens by score, k = ceil(N * keep_ratio), in their original order.
 
   Returns (tokens [B, k, D], indices [B, k] int32 into the N tokens)."""
-  k = num_kept(tokens.shape[1], keep_ratio)
-  _, top = jax.lax.top_k(token_scores, k)
-  indices = jnp.sort(top, axis=-1)
+  indices = top_k(token_scores, keep_ratio)
   return jnp.take_along_axis(tokens, indices[..., None], axis=1), indices

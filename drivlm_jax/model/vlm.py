@@ -251,7 +251,8 @@ def encode_image(cfg: Config, params, images, instruction_ids=None, instruction_
     raise ValueError("pruning (keep_ratio < 1) needs cfg.reweight: tokens are kept by score")
   if cfg.reweight and instruction_ids is None:
     raise ValueError("cfg.reweight needs the instruction (instruction_ids, instruction_mask)")
-  if not cfg.reweight and views == 1 and len(positions) == 1:
+  one_pass = not cfg.reweight and views == 1 and len(positions) == 1
+  if one_pass:
     vout = vision.apply(vcfg, vparams, flat)
     hidden_at = {positions[0]: vout["hidden"]}
   else:
@@ -263,44 +264,60 @@ def encode_image(cfg: Config, params, images, instruction_ids=None, instruction_
     per_view = {cuts[0]: vision.apply_part(stem_cfg, stem, flat, "stem")}
     for lo, hi in zip(cuts, cuts[1:]):
       per_view[hi] = vision.apply_layers(vcfg, vparams, per_view[lo], lo, hi)
-    lead = 1 if vcfg.family == "clip" else 0          # the class tokens are always kept
+    clip = vcfg.family == "clip"          # CLIP's class tokens are always kept, first
+    # SigLIP has no class token: "default" drops each view's first patch (after the tower,
+    # as HF LLaVA does), which pruning therefore never keeps (`candidates`: the patches that
+    # can end up selected).
+    n = per_view[layer].shape[1] - clip
+    first = (not clip and cfg.vision_feature_select_strategy == "default")
+    candidates = np.array([i for i in range(views * n) if not (first and i % n == 0)])
 
     def joint(hidden):
-      """[B * V, T, Dv] -> the views' leading tokens [B, V * lead, Dv] and patches [B, V * N,
-      Dv], each view tagged by its camera embedding."""
+      """[B * V, T, Dv] -> the views' patches [B, V * N, Dv] behind their class tokens (CLIP:
+      [B, V + V * N, Dv]), each view tagged by its camera embedding."""
       hidden = hidden.reshape(b, views, *hidden.shape[1:])
       if views > 1:
         hidden = hidden + params["cameras"][None, :, None].astype(hidden.dtype)
       width = hidden.shape[-1]
-      return (hidden[:, :, :lead].reshape(b, views * lead, width),
-              hidden[:, :, lead:].reshape(b, -1, width))
+      patches = hidden[:, :, clip:].reshape(b, -1, width)
+      return jnp.concatenate([hidden[:, :, 0], patches], axis=1) if clip else patches
 
-    leads, patches = joint(per_view[layer])
-    kept = None
+    def behind_leads(tokens, patches):   # (no empty concatenation: ONNX mishandles one)
+      return jnp.concatenate([tokens[:, :views], patches], axis=1) if clip else patches
+
+    def select(tokens, kept):
+      """The kept patches of `joint`'s tokens (all where none are pruned), behind the class
+      tokens."""
+      if kept is None:
+        return tokens
+      patches = tokens[:, views * clip:]
+      return behind_leads(tokens, jnp.take_along_axis(patches, kept[..., None], axis=1))
+
+    x, kept = joint(per_view[layer]), None
     if cfg.reweight:
       text = language.embed_tokens(cfg.language, params["language"], instruction_ids)
+      patches = x[:, views * clip:]
       scores = reweighting.scores(_reweight_config(cfg), params["reweighting"], patches, text,
                                   instruction_mask)
-      patches = reweighting.reweight(patches, scores)
       out["token_scores"] = scores
+      x = behind_leads(x, reweighting.reweight(patches, scores))
       if keep_ratio < 1.0:
-        patches, kept = reweighting.prune(patches, scores, keep_ratio)
+        kept = reweighting.top_k(scores, keep_ratio, candidates)
         out["kept_indices"] = kept
-    hidden_at = {}
-    for p in cuts[:-1]:
-      early_leads, early = joint(per_view[p])
-      if kept is not None:
-        early = jnp.take_along_axis(early, kept[..., None], axis=1)
-      hidden_at[p] = jnp.concatenate([early_leads, early], axis=1)
+    hidden_at = {p: select(joint(per_view[p]), kept) for p in cuts[:-1]}
     # The views together from `layer` on, keeping the hidden states of the later ones.
-    x, done = jnp.concatenate([leads, patches], axis=1), layer
+    x, done = select(x, kept), layer
     for p in sorted({p for p in positions if p >= layer}):
       hidden_at[p] = x = vision.apply_layers(vcfg, vparams, x, done, p)
       done = p
     _, (tail_cfg, tail) = vision.split(vcfg, vparams, vcfg.num_layers)
     vout = vision.apply_part(tail_cfg, tail, x, "tail", views)
-  # "default" drops each view's first token (CLIP: its class token, first in the joint tail).
-  drop = views * (cfg.vision_feature_select_strategy == "default")
+    if first and kept is None:
+      hidden_at = {p: h[:, candidates] for p, h in hidden_at.items()}
+  # "default" drops each view's first token: CLIP's class tokens, first in the joint tail;
+  # SigLIP's first patches: here in the one-pass path, above (`candidates`) in the other.
+  default = cfg.vision_feature_select_strategy == "default"
+  drop = views * default if cfg.vision.family == "clip" or one_pass else 0
   selected = jnp.concatenate([hidden_at[p][:, drop:] for p in positions], axis=-1)
   out.update(image_pooled=vout["pooled"],            # [B, Dv] vision pooled feature
              patch_features=selected)                # [B, num_visual_tokens or k, Dv * F]
