@@ -252,8 +252,12 @@ def load_params(workdir: str, cfg: vlm.Config, step: int | None = None, config=N
       shapes["lora"] = jax.eval_shape(lambda k: lora.init(lora_config, shapes, k),
                                       jax.random.key(0))
     item = {key: shapes}
+    # On this process's first device, whatever devices (or hosts) saved it: a run trained on a
+    # mesh is evaluated, exported or distilled from on one machine.
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(), item),
+        item=item, restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=here),
+                                             item),
         partial_restore=True)))
   finally:
     manager.close()

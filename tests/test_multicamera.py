@@ -3,6 +3,9 @@ embeddings, cross-view pruning, the six-camera nuScenes-Drive sim trained on a m
 V-camera student in ONNX."""
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -171,6 +174,16 @@ def test_six_cameras_train_on_a_mesh_as_on_one_device(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
     train.train(_nuscenes_config(cache, mesh), workdir)
     runs[mesh] = read_metrics(workdir)
+  # The mesh's checkpoint read back by a process with one device (evaluate, export, a
+  # teacher on another machine): its arrays land on that device.
+  code = ("from drivlm_jax import run; r = run.load(%r); "
+          "import jax; print(r.step, {str(d) for a in jax.tree.leaves(r.params) "
+          "for d in a.devices()})" % workdir)
+  env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1"}
+  done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.split("\n")[-2] == "3 {'cpu:0'}", done.stdout
   a, b = runs.values()
   assert sorted(a) == sorted(b) == [1, 2, 3]
   for step in a:

@@ -42,7 +42,8 @@ def _launch(workdir, cache, hosts):
             "--config.data.target.test=16", "--config.data.target_fraction=0.25",
             "--config.batch_size=8", "--config.log_every_steps=1",
             "--config.checkpoint_every_steps=1000", "--config.eval_every_steps=1000",
-            "--config.evals.source.batch_size=8", "--config.evals.target.batch_size=8",
+            # target: 16 examples in one batch of 40, so host 1 of 2 has none of them
+            "--config.evals.source.batch_size=8", "--config.evals.target.batch_size=40",
             "--config.evals.source_answers.num=0", "--config.evals.target_answers.num=0"]
     procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))

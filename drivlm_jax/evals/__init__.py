@@ -63,7 +63,9 @@ def host_batches(spec, feats, batch_size: int):
       yield batch, np.ones(len(batch["image"]), bool)
     return
   pad = lambda x: np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)])
-  last = None
+  # A host past the data (a split smaller than the hosts' rows) pads with another shard's
+  # first batch, all rows invalid: every host must join each gather.
+  last = mine[0] if len(mine) else next(ds[0] for ds in shards if len(ds))
   for i in range(max(len(ds) for ds in shards)):
     batch = mine[i] if i < len(mine) else last
     last = batch
