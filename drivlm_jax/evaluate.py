@@ -57,15 +57,14 @@ def format_table(result, step=None) -> str:
 
 
 def score_drivelm(test_path, predictions_path, judge_cmd=None, workdir=None) -> dict:
-  with open(test_path) as f:
-    test = drivelm_questions.test_set(json.load(f), test_path)
+  # Local or bucket paths (a bucket run writes its drivelm_predictions.json there).
+  test = drivelm_questions.test_set(json.loads(run_lib.path(test_path).read_text()), test_path)
   drivelm.check_scorable(test, test_path)
   test = drivelm.with_answers(test, test_path)
   if test is None:
     raise ValueError(f"{test_path}: every answer is empty (questions only, as the challenge's "
                      f"v1_1_val_nus_q_only.json): its answers are on the challenge's server")
-  with open(predictions_path) as f:
-    predictions = json.load(f)
+  predictions = json.loads(run_lib.path(predictions_path).read_text())
   judge = drivelm.judge_command(judge_cmd) if judge_cmd else None
   scores = drivelm.score(test, predictions, judge)
   print(json.dumps(scores, indent=1))

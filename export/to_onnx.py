@@ -53,8 +53,10 @@ def load(workdir: str | None = None, checkpoint: str | None = None):
 def convert(fn, specs, input_names, output_names, path: str, opset: int):
   """jax2onnx `fn` (traced at `specs`), dense Einsums rewritten as MatMul, saved to `path`
   (weights in PATH.data when the graph would pass protobuf's 2 GB limit)."""
-  if not 9 <= opset <= checks.MAX_OPSET:
-    raise ValueError(f"--opset {opset}: TensorRT 10.3 parses opsets 9-{checks.MAX_OPSET}")
+  # jax2onnx writes Squeeze/Unsqueeze in their opset-13 form (axes as an input).
+  if not 13 <= opset <= checks.MAX_OPSET:
+    raise ValueError(f"--opset {opset}: the export writes opsets 13-{checks.MAX_OPSET} "
+                     f"(TensorRT 10.3 parses up to {checks.MAX_OPSET})")
   logging.getLogger("onnx_ir").setLevel(logging.ERROR)   # per-value type notes, not errors
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   model = to_onnx(fn, specs, model_name=os.path.splitext(os.path.basename(path))[0],
@@ -157,8 +159,11 @@ def export_run(workdir, out, *, checkpoint=None, keep_ratio=None, opset=18,
   """Everything `python -m export.to_onnx` does: the student (and with `lm` the LM graphs)
   of a run, checked on its target test frames, with the .json sidecar and tokenizer.json
   beside `out`. Returns the sidecar's report."""
-  if batch != "dynamic" and not str(batch).isdigit():
+  if batch != "dynamic" and not (str(batch).isdigit() and int(batch) > 0):
     raise ValueError(f"batch {batch!r}: 'dynamic' or a positive integer")
+  if run_lib.is_remote(out):
+    raise ValueError(f"--out {out}: the ONNX files are written to a local folder; copy them "
+                     f"to the bucket after (gcloud storage cp -r DIR {os.path.dirname(out)})")
   workdir, cfg, params, step = load(workdir, checkpoint)
   if image_size not in (None, cfg.vision.image_size):
     raise ValueError(f"image size {image_size}: the model was trained at "

@@ -275,3 +275,14 @@ def test_tensorrt_engine(run, tmp_path):
   got = tensorrt_runner.Engine(engine)(feeds)
   want = _session(onnx_path).run(None, feeds)
   np.testing.assert_allclose(got["action_probs"], want[0], atol=1e-3)
+
+
+def test_arguments_the_export_cannot_honour_are_refused_up_front(tmp_path):
+  """Before any model is loaded: an --out in a bucket (the files are written locally), a
+  batch of 0, and opsets below 13 (jax2onnx writes Squeeze with its axes as an input)."""
+  with pytest.raises(ValueError, match=r"--out gs://b/s.onnx: .* local folder"):
+    to_onnx.export_run(str(tmp_path), "gs://b/s.onnx")
+  with pytest.raises(ValueError, match=r"batch 0: 'dynamic' or a positive integer"):
+    to_onnx.export_run(str(tmp_path), str(tmp_path / "s.onnx"), batch=0)
+  with pytest.raises(ValueError, match=r"--opset 12: the export writes opsets 13-"):
+    to_onnx.convert(lambda x: x, [], ["x"], ["y"], str(tmp_path / "s.onnx"), 12)
