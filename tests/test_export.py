@@ -120,22 +120,29 @@ def test_the_jax_student_on_the_fastest_cpu_kernels_matches_the_training_model(r
   np.testing.assert_allclose(got[1], want[1], atol=ATOL)
 
 
-@pytest.mark.parametrize("keep_ratio", [1.0, 0.5])
-def test_hf_clip_student_round_trips_with_a_dynamic_batch(tmp_path, keep_ratio):
-  """A CLIP vision tower loaded from an HF checkpoint, pruned before the projector."""
-  reference.save(reference.clip_vision(image_size=32, patch_size=8), tmp_path / "clip")
-  vcfg, vparams = hf.load_vision_tower(str(tmp_path / "clip"))
+def _hf_tower_student(tmp_path, tower, **changes):
+  """(cfg, params, feeds [4 frames]): the demo student on an HF vision tower (32 px),
+  reweighting with random gates (fresh ones have gain 0: every score ties and top-k may pick
+  any token; trained ones do not tie)."""
+  vcfg, vparams = hf.load_vision_tower(reference.save(tower, tmp_path / "tower"))
   demo = run_lib.model_config(small_config(str(tmp_path), "method=drivlm,teacher=none"))
-  cfg = dataclasses.replace(demo, vision=vcfg, reweight=True, reweight_layer=None)
+  cfg = dataclasses.replace(demo, vision=vcfg, reweight=True,
+                            **{"reweight_layer": None, **changes})
   params = {**vlm.init(cfg, jax.random.key(1)), "vision": vparams}
   rng = np.random.default_rng(0)
-  # Fresh gates have gain 0: every score ties and top-k may pick any token. Trained ones do
-  # not tie; give these random values.
   params["reweighting"] = jax.tree.map(lambda a: a + rng.normal(size=a.shape).astype(a.dtype),
                                        params["reweighting"])
   feeds = {"image": rng.uniform(0, 255, (4, 32, 32, 3)).astype(np.float32),
            "instruction_ids": rng.integers(4, 200, (4, 6)).astype(np.int32),
            "instruction_mask": (np.arange(6) < rng.integers(2, 7, (4, 1))).astype(np.int32)}
+  return cfg, params, feeds
+
+
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.5])
+def test_hf_clip_student_round_trips_with_a_dynamic_batch(tmp_path, keep_ratio):
+  """A CLIP vision tower loaded from an HF checkpoint, pruned before the projector."""
+  cfg, params, feeds = _hf_tower_student(tmp_path, reference.clip_vision(image_size=32,
+                                                                         patch_size=8))
   path = str(tmp_path / "clip_student.onnx")
   report = to_onnx.export_student(graphs.for_export(cfg), graphs.constants(params), path,
                                   keep_ratio=keep_ratio, feeds=feeds)
@@ -159,18 +166,9 @@ def test_siglip_student_exports_and_default_never_keeps_a_dropped_patch(
   the graph optimiser off), and "default" drops each view's first patch, so pruning never
   keeps it: keep 0.05 of 16 patches still gives a visual token. onnxruntime with and without
   its graph optimiser against the training model."""
-  reference.save(reference.siglip_vision(image_size=32, patch_size=8), tmp_path / "siglip")
-  vcfg, vparams = hf.load_vision_tower(str(tmp_path / "siglip"))
-  demo = run_lib.model_config(small_config(str(tmp_path), "method=drivlm,teacher=none"))
-  cfg = dataclasses.replace(demo, vision=vcfg, reweight=True, reweight_layer=reweight_layer,
-                            vision_feature_select_strategy=strategy)
-  params = {**vlm.init(cfg, jax.random.key(1)), "vision": vparams}
-  rng = np.random.default_rng(0)
-  params["reweighting"] = jax.tree.map(lambda a: a + rng.normal(size=a.shape).astype(a.dtype),
-                                       params["reweighting"])
-  feeds = {"image": rng.uniform(0, 255, (4, 32, 32, 3)).astype(np.float32),
-           "instruction_ids": rng.integers(4, 200, (4, 6)).astype(np.int32),
-           "instruction_mask": (np.arange(6) < rng.integers(2, 7, (4, 1))).astype(np.int32)}
+  cfg, params, feeds = _hf_tower_student(
+      tmp_path, reference.siglip_vision(image_size=32, patch_size=8),
+      reweight_layer=reweight_layer, vision_feature_select_strategy=strategy)
   out = vlm.encode_image(cfg, params, np.zeros((1, 32, 32, 3), np.float32),
                          feeds["instruction_ids"][:1], feeds["instruction_mask"][:1], keep_ratio)
   assert out["visual_tokens"].shape[1] >= 1
