@@ -76,9 +76,12 @@ def skypilot_yaml(name, config_spec, workdir, overrides, cluster: Cluster) -> st
 def slurm_script(name, config_spec, workdir, overrides, cluster: Cluster) -> str:
   """sbatch script: one task per host (`srun`); JAX detects Slurm and initialises
   jax.distributed from its environment."""
+  # Slurm opens its log on the node's file system: beside the run, or (a bucket run) in the
+  # directory sbatch is called from, named by the job.
+  log = "slurm-%x-%j.out" if "://" in str(workdir) else f"{workdir}/slurm-%j.out"
   lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --nodes={cluster.num_nodes}",
            "#SBATCH --ntasks-per-node=1", f"#SBATCH --time={cluster.time}",
-           f"#SBATCH --output={workdir}/slurm-%j.out"]
+           f"#SBATCH --output={log}"]
   if cluster.gpus_per_node:
     lines.append(f"#SBATCH --gpus-per-node={cluster.gpus_per_node}")
   if cluster.partition:

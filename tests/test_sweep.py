@@ -104,7 +104,8 @@ def test_dry_run_of_every_launcher(config_file, tmp_path):
   script = slurm[names[0]].splitlines()
   assert script[0] == "#!/bin/bash"
   for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
-               "#SBATCH --partition=gpu", f"#SBATCH --job-name={names[0]}"):
+               "#SBATCH --partition=gpu", f"#SBATCH --job-name={names[0]}",
+               "#SBATCH --output=slurm-%x-%j.out"):   # a local log for a bucket run
     assert line in script
   assert script[-1] == (f"srun python3 -m drivlm_jax.train --config {config_file} --workdir "
                         f"{workdirs[0]} --config.seed=0 --config.multihost=true")
