@@ -186,14 +186,15 @@ def test_pruning_keeps_exactly_the_top_k():
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.normal(size=(3, 20, 4)), jnp.float32)
   scores = jnp.asarray(rng.normal(size=(3, 20)), jnp.float32)
-  kept, idx = reweighting.prune(tokens, scores, 0.25)
+  idx = reweighting.top_k(scores, 0.25)
+  kept = jnp.take_along_axis(tokens, idx[..., None], axis=1)
   assert kept.shape == (3, 5, 4)
   for b in range(3):
     expected = np.sort(np.argsort(-np.asarray(scores[b]))[:5])
     np.testing.assert_array_equal(idx[b], expected)
     np.testing.assert_array_equal(kept[b], np.asarray(tokens[b])[expected])
   with pytest.raises(ValueError, match="keep_ratio"):
-    reweighting.prune(tokens, scores, 0.0)
+    reweighting.top_k(scores, 0.0)
 
 
 def test_reweighting_scores_follow_the_instruction():

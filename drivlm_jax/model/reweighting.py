@@ -80,10 +80,3 @@ def top_k(token_scores, keep_ratio: float, candidates=None):
   _, top = jax.lax.top_k(token_scores[:, candidates], k)
   return jnp.sort(jnp.asarray(candidates, jnp.int32)[top], axis=-1)
 
-
-def prune(tokens, token_scores, keep_ratio: float):
-  """Keeps the top-k tokens by score, k = ceil(N * keep_ratio), in their original order.
-
-  Returns (tokens [B, k, D], indices [B, k] int32 into the N tokens)."""
-  indices = top_k(token_scores, keep_ratio)
-  return jnp.take_along_axis(tokens, indices[..., None], axis=1), indices
