@@ -1,6 +1,10 @@
 """User folders as data: layout detection, content-fingerprint caching, training on them."""
 import json
 import os
+import pathlib
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -48,6 +52,43 @@ def test_folders_build_once_and_rebuild_when_changed(folders, tmp_path):
   finally:
     os.remove(extra)
   assert sources.fingerprint(bdd) == first
+
+
+_PREPARE = """
+import json, os, sys, time
+from configs import demo
+from drivlm_jax.data import sources
+config = demo.get_config("steps=1").data
+config.update(width=64, height=36, cache_dir=sys.argv[1])
+config.source.update(train=8, test=4)
+config.target.update(train=8, test=4)
+open(sys.argv[2] + "." + sys.argv[3], "w").close()     # ready
+while not os.path.exists(sys.argv[2]):
+  time.sleep(0.01)
+data = sources.prepare(config, "unused")
+print(json.dumps({str(k): str(v) for k, v in data.items()}))
+"""
+
+
+def test_processes_sharing_a_cache_build_it_once(tmp_path):
+  """Hosts of one run on a shared filesystem prepare the same cache at the same moment: all
+  succeed with the same datasets (without the lock, the later ones find a half-written sim)."""
+  cache, go = tmp_path / "cache", tmp_path / "go"
+  root = pathlib.Path(__file__).resolve().parents[1]
+  procs = [subprocess.Popen([sys.executable, "-c", _PREPARE, str(cache), str(go), str(i)],
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(3)]
+  deadline = time.time() + 300
+  while time.time() < deadline and not all(os.path.exists(f"{go}.{i}") for i in range(3)):
+    time.sleep(0.01)
+  go.touch()                                   # all three start preparing at once
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), "\n---\n".join(o[-2000:] for o in outputs)
+  lines = [o.strip().splitlines()[-1] for o in outputs]
+  assert lines[0] == lines[1] == lines[2]
+  assert sum("waiting for another process" in o for o in outputs) >= 1
+  for role in ("source", "target"):
+    assert (cache / "sim" / role / ".done").exists()
 
 
 def test_cross_dataset_config_trains_on_user_folders(folders, tmp_path):

@@ -127,7 +127,6 @@ def test_the_same_command_is_byte_identical_and_a_resumed_run_repeats_it(cache, 
   mid-run and run again: it resumes from its checkpoint, and the two runs' eval.json and
   logged rows (less wall-clock fields) are byte-identical."""
   steps, method = 30, "drivlm_teacher"
-  sources.prepare(small_config(cache).data, str(tmp_path))   # the sim, before both read it
   straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
   runs = [_run_cli(straight, cache, steps, method), _run_cli(interrupted, cache, steps, method)]
   metrics = interrupted / "metrics.jsonl"

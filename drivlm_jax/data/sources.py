@@ -10,8 +10,15 @@ split ("train", "test"):
   a mixture of domains joined by "," with the counts split between them) written in the
   BDD-OIA layout (`config.data.sim_layout` "bdd_oia", counts in images) or the nuScenes +
   DriveLM layout ("nuscenes", counts in scenes of 16 keyframes x 6 cameras, at the role's
-  `location`) into `cache_dir/sim/<role>` (once; a `.done` file holds the sim settings) and built the same way.
+  `location`) into `cache_dir/sim/<role>` (once; a `.done` file holds the sim settings)
+  and built the same way.
+
+Processes that share a cache folder (hosts of one run on a shared filesystem, runs of a
+sweep) take turns on it through a lock file, `cache_dir/.lock`: the first builds, the others
+wait and reuse what it built.
 """
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -84,9 +91,12 @@ def _sim_role(data_config, role, root) -> dict:
   if layout == "nuscenes":
     wanted.update(layout=layout, location=spec.get("location", "boston-seaport"))
   if not os.path.exists(done) or json.load(open(done)) != wanted:
-    if os.path.exists(manual):
+    if os.path.exists(done):
       raise FileExistsError(f"{manual} holds other sim data than {wanted}; remove it or "
                             f"set config.data.cache_dir elsewhere")
+    if os.path.exists(manual):
+      raise FileExistsError(f"{manual} is an unfinished sim (no .done file: a run stopped "
+                            f"while writing it?); remove it to write it again")
     # A mixture ("rain,snow") splits each split's count between its domains.
     mixture = spec.domain.split(",")
     for split in ("train", "test"):
@@ -127,9 +137,33 @@ def cache_root(data_config, workdir: str) -> str:
   return os.path.join(os.path.expanduser("~"), ".cache", "drivlm_jax", "data", digest)
 
 
+@contextlib.contextmanager
+def _locked(root: str):
+  """Holds an exclusive lock on `root`/.lock (fcntl, which NFS and local disks honour)."""
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, ".lock"), "a") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f"{root}: waiting for another process building this data cache", flush=True)
+      fcntl.flock(f, fcntl.LOCK_EX)
+    except OSError as e:
+      raise SourceError(f"{root}: cannot lock the data cache ({e}); set "
+                        f"config.data.cache_dir to a local folder") from e
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def prepare(data_config, workdir: str) -> dict:
   """-> {"tokenizer": path, ("source"|"target", "train"|"test"): SourceSpec}."""
   root = cache_root(data_config, workdir)
+  with _locked(root):
+    return _prepare(data_config, root)
+
+
+def _prepare(data_config, root: str) -> dict:
   out = {}
   for role in ("source", "target"):
     directory = data_config.get(f"{role}_dir")
