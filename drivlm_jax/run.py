@@ -93,6 +93,16 @@ def is_remote(workdir) -> bool:
   return "://" in str(workdir)
 
 
+def local_dir(workdir) -> str:
+  """Where a run keeps what stays on local disk (logs written as they grow, the built data,
+  XLA's compilation cache): `workdir` itself, or for a workdir in a bucket a local folder
+  named after it, ~/.cache/drivlm_jax/<bucket>/<path>."""
+  if not is_remote(workdir):
+    return str(workdir)
+  return os.path.join(os.path.expanduser("~"), ".cache", "drivlm_jax",
+                      str(workdir).split("://", 1)[1].strip("/"))
+
+
 def absolute(workdir) -> str:
   """`workdir` as an absolute local path, or unchanged when it is a URL."""
   return str(workdir) if is_remote(workdir) else os.path.abspath(workdir)

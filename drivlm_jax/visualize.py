@@ -59,7 +59,8 @@ def plot_pca(run_dirs: dict, path: str):
     ax.set_title(f"{name}: pooled visual features (PCA)", fontsize=9)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with run_lib.path(path).open("wb") as f:
+    fig.savefig(f, dpi=120, format="png")
   plt.close(fig)
 
 
@@ -90,7 +91,8 @@ def plot_reweighting(run_dir: str, path: str, n=4):
     ax.set_title(words[:40], fontsize=7)
     ax.axis("off")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with run_lib.path(path).open("wb") as f:
+    fig.savefig(f, dpi=120, format="png")
   plt.close(fig)
 
 

@@ -24,7 +24,9 @@ the teacher and the CLIP stage (method=clip_finetune, a quarter of the steps;
 configs/common.py:stage_steps) are trained once and shared. The report gives each row's
 paired per-seed difference against the full method (drivlm_student) with its 95% interval.
 Runs go to <workdir>/seed<s>/<name>; the table (mean ± std over seeds, target and source
-test split) to <workdir>/ablation/report.md and results.json. Finished runs are reused.
+test split) to <workdir>/ablation/report.md and results.json. Finished runs are reused. A
+gs:// workdir keeps all of that in the bucket; the runs' logs and the built data stay on
+local disk (under ~/.cache/drivlm_jax/<bucket>/<path>).
 """
 if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
   from drivlm_jax import host
@@ -80,7 +82,7 @@ def main():
   total = args.steps or get_config().total_steps
   extra = f",{args.arg}" if args.arg else ""
   steps = f",steps={total}" + extra
-  cache = os.path.join(args.workdir, "data")
+  cache = sources.cache_root({}, args.workdir)   # local: <workdir>/data or ~/.cache/...
   todo, runs = [], []
 
   def job(name, seed, config, needs=()):
@@ -93,7 +95,8 @@ def main():
         + f",steps={common.stage_steps('drivlm_teacher', total)}" + extra))
     clip = job("clip_finetune", seed, get_config(
         "method=clip_finetune" + f",steps={common.stage_steps('clip_finetune', total)}" + extra))
-    todo.append(teacher)
+    if any(n in ABLATIONS for n in names):   # the baselines need neither
+      todo.append(teacher)
     if any(ABLATIONS[n].get("init_from") == CLIP_RUN for n in names if n in ABLATIONS):
       todo.append(clip)
     for name in (n for n in names if n in ABLATIONS):

@@ -218,7 +218,7 @@ def main():
     root = os.path.join(args.workdir, shift)
     for seed, (name, flags) in itertools.product(range(args.seeds), overrides.items()):
       config = apply_overrides(get_config(f"{args.arg},shift={shift}{steps}"), flags)
-      config.seed, config.data.cache_dir = seed, os.path.join(root, "data")
+      config.seed, config.data.cache_dir = seed, sources.cache_root({}, root)
       if args.smoke:
         demo.smoke_config(config)
       workdir = os.path.join(root, f"seed{seed}", name)
@@ -228,7 +228,8 @@ def main():
       todo.append(train_job(f"{shift} seed {seed} {name}", config, workdir))
       runs.append({"shift": shift, "seed": seed, "candidate": name, "run_dir": workdir})
     sources.prepare(config.data, root)   # each shift's sim, once, before its runs start
-  cache = os.path.join(args.workdir, "xla_cache")   # programs the runs share compile once
+  # Programs the runs share compile once (a local folder, for a gs:// workdir too).
+  cache = os.path.join(run_lib.local_dir(args.workdir), "xla_cache")
   jax.config.update("jax_compilation_cache_dir", cache)
   jobs.run(todo, args.parallel, demo.worker_init, (cache,))
   notes, rows = [], []

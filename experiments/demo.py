@@ -32,7 +32,9 @@ byte. Every method is evaluated on the target (and source) test split (1,000 ima
 PCA of pooled features, reweighting heat-maps), exports the first seed's student to
 <workdir>/student.onnx (export.to_onnx, checked against JAX) and times it in onnxruntime and
 JAX. --shift all runs every shift of configs/demo.py (SHIFTS) into <workdir>/<shift> and
-writes one table per shift to <workdir>/shifts.md. Re-running resumes or reuses runs.
+writes one table per shift to <workdir>/shifts.md. Re-running resumes or reuses runs. A
+gs:// workdir keeps runs and reports in the bucket; the logs, the built data, XLA's cache and
+the ONNX files stay on local disk (under ~/.cache/drivlm_jax/<bucket>/<path>).
 
 --dataset nuscenes: the sim in the nuScenes + DriveLM layout, six cameras per example
 (configs/demo.py:dataset=nuscenes), day Boston -> night+rain Singapore; the report adds the
@@ -53,7 +55,7 @@ from configs import common, demo as demo_config
 from drivlm_jax import run as run_lib, timing, visualize
 from drivlm_jax.data import sources
 from experiments import bench_pruning, jobs, report
-from experiments.runs import train_once
+from experiments.runs import log_file, train_once
 from export import graphs, inputs, kernels, to_onnx
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the runs and the report go.")
@@ -117,7 +119,7 @@ def _config(method, seed, root, shift, dataset, steps, smoke, extra="", init_fro
   arg = f"method={method},steps={steps},dataset={dataset},shift={shift}" + extra
   config = demo_config.get_config(arg)
   config.seed = seed
-  config.data.cache_dir = os.path.join(root, "data")          # one sim for every run
+  config.data.cache_dir = sources.cache_root({}, root)          # one sim for every run
   config.init_from = init_from
   if smoke:
     smoke_config(config)
@@ -162,8 +164,8 @@ def run_methods(root, shift, seeds: range) -> list:
       return jobs.Job(name=f"{method} (seed {seed})", fn=_run,
                       args=(method, seed, root, shift, _DATASET.value, steps, _SMOKE.value,
                             extra, init_from),
-                      needs=tuple(n.name for n in needs), log=workdir(method) + "/log.txt",
-                      metrics=workdir(method) + "/metrics.jsonl",
+                      needs=tuple(n.name for n in needs), log=log_file(workdir(method)),
+                      metrics=str(run_lib.path(workdir(method), "metrics.jsonl")),
                       steps=common.stage_steps(method, steps))
     # The longest chain (teacher -> student) first.
     teacher = job("drivlm_teacher", f",model={TEACHER}")
@@ -212,8 +214,9 @@ def main(argv):
   start = time.time()
   seeds, root = range(_FIRST_SEED.value, _FIRST_SEED.value + _SEEDS.value), _WORKDIR.value
   # Programs every run compiles alike (evaluation, generation, the same step on another
-  # seed) are compiled once: XLA's persistent cache, kept in the workdir.
-  jax.config.update("jax_compilation_cache_dir", os.path.join(root, "xla_cache"))
+  # seed) are compiled once: XLA's persistent cache, kept in the workdir (on local disk).
+  jax.config.update("jax_compilation_cache_dir",
+                    os.path.join(run_lib.local_dir(root), "xla_cache"))
   if _DATASET.value == "nuscenes":
     shifts = {"nuscenes": root}
   elif _SHIFT.value == "all":
@@ -225,7 +228,7 @@ def main(argv):
     runs = run_methods(out, "night_fog" if shift == "nuscenes" else shift, seeds)
     described = DESCRIPTIONS.get(shift) or " -> ".join(demo_config.SHIFTS[shift])
     first = os.path.join(out, f"seed{seeds[0]}", "drivlm_student")
-    exported = export_student(first, os.path.join(out, "student.onnx"))
+    exported = export_student(first, os.path.join(run_lib.local_dir(out), "student.onnx"))
     keep = run_lib.deploy_keep_ratio(run_lib.read_config(first))
     notes = (f"Sim {described}, {len(seeds)} seed(s) ({seeds[0]}-{seeds[-1]}); "
              f"`python -m experiments.demo --dataset {_DATASET.value}"

@@ -22,9 +22,10 @@ import sys
 import time
 from typing import Callable
 
-from drivlm_jax import host
-
 import tqdm
+from etils import epath
+
+from drivlm_jax import host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +40,10 @@ class Job:
 
 
 def _steps_done(job: Job) -> int:
+  """The last step in the job's metrics.jsonl (a local file or one in a bucket), 0 if none."""
   try:
-    with open(job.metrics, "rb") as f:
-      f.seek(max(0, os.path.getsize(job.metrics) - 4096))
+    with epath.Path(job.metrics).open("rb") as f:
+      f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
       last = f.read().splitlines()[-1]
     return min(job.steps, int(json.loads(last)["step"]))
   except (OSError, ValueError, IndexError, KeyError):

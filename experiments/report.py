@@ -1,4 +1,5 @@
-r"""Tables and plots from finished runs: `python -m experiments.report RUN_DIR... --out DIR`.
+r"""Tables and plots from finished runs: `python -m experiments.report RUN_DIR... --out DIR`
+(a RUN_DIR may be a quoted glob, "gs://b/sweeps/demo/*" too).
 
 Each run dir is what `drivlm_jax.train` writes (config.json, eval.json, metrics.jsonl). Runs
 are grouped by method (config.json "method", else the dir name) and, for sweep runs, by
@@ -16,6 +17,7 @@ another machine will land (the seeds' spread, ±, says that).
 import argparse
 import collections
 import csv
+import glob
 import io
 import json
 
@@ -208,13 +210,31 @@ def write(run_dirs, out: str, title="Results", notes="") -> dict:
   return results
 
 
+def expand(run_dirs) -> list:
+  """The command line's run dirs, a quoted glob expanded here (the shell cannot expand
+  "gs://b/sweeps/demo/*"): its matching folders, sorted. A glob matching none is an error."""
+  out = []
+  for pattern in run_dirs:
+    if not glob.has_magic(pattern):
+      out.append(pattern)
+      continue
+    parts = pattern.split("/")
+    first = next(i for i, p in enumerate(parts) if glob.has_magic(p))
+    base = run_lib.path("/".join(parts[:first]) or ".")
+    found = sorted(str(p) for p in base.glob("/".join(parts[first:])) if p.is_dir())
+    if not found:
+      raise FileNotFoundError(f"{pattern} matches no folder")
+    out += found
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("run_dirs", nargs="+")
+  parser.add_argument("run_dirs", nargs="+", help="run folders, or globs (quote a gs:// one)")
   parser.add_argument("--out", required=True)
   args = parser.parse_args()
   try:
-    results = write(args.run_dirs, args.out)
+    results = write(expand(args.run_dirs), args.out)
   except (FileNotFoundError, KeyError) as e:
     raise SystemExit(f"error: {e}")
   print(markdown_table(results, "target"))

@@ -85,9 +85,15 @@ def train_once(config, workdir: str, name: str = "") -> str:
   return workdir
 
 
+def log_file(workdir: str) -> str:
+  """A run's log.txt, written as the run goes: in its workdir, or for a workdir in a bucket
+  (where a file cannot grow) in `run.local_dir(workdir)`."""
+  return os.path.join(run_lib.local_dir(workdir), "log.txt")
+
+
 def train_job(name: str, config, workdir: str, needs=()) -> jobs.Job:
-  """`train_once(config, workdir)` as an `experiments.jobs` Job: its log and metrics in the
-  run's workdir, its steps the config's."""
+  """`train_once(config, workdir)` as an `experiments.jobs` Job: its log in `log_file`, its
+  metrics in the run's workdir, its steps the config's."""
   return jobs.Job(name=name, fn=train_once, args=(config, workdir), needs=tuple(needs),
-                  log=os.path.join(workdir, "log.txt"),
-                  metrics=os.path.join(workdir, "metrics.jsonl"), steps=config.total_steps)
+                  log=log_file(workdir), metrics=str(run_lib.path(workdir, "metrics.jsonl")),
+                  steps=config.total_steps)

@@ -18,7 +18,7 @@ the overrides (stable across invocations) and its workdir is
 
 - local: runs one after another (or --parallel N at a time), skips finished runs, and
   resumes interrupted ones (the trainer resumes from the workdir). Each workdir gets a
-  sweep.json (name, overrides): `python -m experiments.report <root>/<group>/* --out DIR`
+  sweep.json (name, overrides): `python -m experiments.report "<root>/<group>/*" --out DIR`
   then averages seeds per setting. SIGTERM/Ctrl-C stop the
   sweep after its runs save a checkpoint; the same command resumes it.
 - tpu_vm: `gcloud compute tpus tpu-vm ssh NAME --worker=all --command ...` per run (every host

@@ -1,7 +1,8 @@
 """Run directories in a bucket: a real GCS API on 127.0.0.1 (tests/gcs.py) behind epath,
 google-cloud-storage and Orbax's tensorstore. A run with `--workdir gs://...` keeps
 everything in the bucket, resumes from it after SIGTERM, and evaluate and export read it;
-dataset folders in a bucket are refused with the way out."""
+ablations and reports run there too; dataset folders in a bucket are refused with the way
+out."""
 import json
 import os
 import pathlib
@@ -35,12 +36,12 @@ def bucket():
     yield env
 
 
-def _cli(module, args, cwd, log):
+def _cli(module, args, cwd, log, env=None):
   """`python -m module args` with one CPU device; its output goes to the file `log`."""
   with open(log, "w") as out:
     return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, stdout=out,
                             stderr=subprocess.STDOUT,
-                            env={**os.environ, "JAX_NUM_CPU_DEVICES": "1"})
+                            env={**os.environ, "JAX_NUM_CPU_DEVICES": "1", **(env or {})})
 
 
 def _finish(proc, log) -> None:
@@ -135,3 +136,46 @@ def test_dataset_folders_in_a_bucket_are_refused_with_the_way_out(tmp_path):
   with pytest.raises(sources.SourceError, match="cache_dir=gs://b/c: .* local folder"):
     sources.cache_root({"cache_dir": "gs://b/c"}, "runs/x")
   assert sources.cache_root({}, "gs://bucket/run").startswith(os.path.expanduser("~"))
+
+
+_SMALL_DEMO = """
+from configs import demo
+from experiments.demo import smoke_config
+
+
+def get_config(arg=None):
+  config = demo.get_config(arg)
+  smoke_config(config)
+  return config
+"""
+
+
+def test_ablations_and_their_report_run_in_a_bucket(bucket, tmp_path):
+  """experiments.ablate with a gs:// workdir: runs, ablation report in the bucket; logs and
+  data on local disk (~/.cache/drivlm_jax/<bucket>/<path>); experiments.report expands a
+  quoted gs:// glob."""
+  del bucket
+  config, log = tmp_path / "small_demo.py", tmp_path / "log.txt"
+  config.write_text(_SMALL_DEMO)
+  workdir = f"gs://{gcs.BUCKET}/ablate"
+  home = {"HOME": str(tmp_path / "home")}
+  _finish(_cli("experiments.ablate", ["--config", str(config), "--workdir", workdir,
+                                      "--seeds", "1", "--steps", "2", "--parallel", "2",
+                                      "--only", "source_only,dann"], ROOT, log, home), log)
+  remote = epath.Path(workdir)
+  for name in ("source_only", "dann"):
+    assert {"config.json", "metrics.jsonl", "eval.json"} <= set(_names(f"ablate/seed0/{name}"))
+    local = tmp_path / "home" / ".cache" / "drivlm_jax" / gcs.BUCKET / "ablate" / "seed0" / name
+    assert "target" in (local / "log.txt").read_text()        # its evaluation table
+  assert (tmp_path / "home" / ".cache" / "drivlm_jax" / gcs.BUCKET / "ablate" / "data" / "sim"
+          / "target" / ".done").exists()
+  ablation = json.loads((remote / "ablation" / "results.json").read_text())
+  assert set(ablation["methods"]) == {"source_only", "dann"}   # no teacher: none needed
+
+  out = f"{workdir}/report"
+  _finish(_cli("experiments.report", [f"{workdir}/seed*/*", "--out", out], ROOT, log), log)
+  results = json.loads((epath.Path(out) / "results.json").read_text())
+  assert results["methods"] == ablation["methods"]
+  evaluation = json.loads((remote / "seed0" / "dann" / "eval.json").read_text())["test"]
+  assert results["methods"]["dann"]["target"] == {k: [v] for k, v in
+                                                     evaluation["target"].items()}

@@ -25,6 +25,7 @@ import os
 
 from data_builders import __main__ as build_cli
 from data_builders.bdd_oia import bdd_oia_dataset_builder as bdd_builder
+from drivlm_jax import run as run_lib
 from drivlm_jax.data.pipeline import SourceSpec
 from drivlm_jax.sim import bdd_oia as sim_bdd
 from drivlm_jax.sim import nuscenes as sim_nuscenes
@@ -122,19 +123,14 @@ def _sim_role(data_config, role, root) -> dict:
 
 
 def cache_root(data_config, workdir: str) -> str:
-  """Where the built datasets go: `cache_dir`, else <workdir>/data, else (a run directory in
-  a bucket) a local folder named after the workdir: the builders, the sim and grain read
-  and write local files."""
+  """Where the built datasets go: `cache_dir`, else <workdir>/data, or for a run directory
+  in a bucket <run.local_dir(workdir)>/data: the builders, the sim and grain read and write
+  local files."""
   root = data_config.get("cache_dir")
   if root and "://" in root:
     raise SourceError(f"config.data.cache_dir={root}: the dataset cache must be a local "
                       f"folder (the builders and grain read local files)")
-  if root:
-    return root
-  if "://" not in str(workdir):
-    return os.path.join(workdir, "data")
-  digest = hashlib.sha256(str(workdir).encode()).hexdigest()[:16]
-  return os.path.join(os.path.expanduser("~"), ".cache", "drivlm_jax", "data", digest)
+  return root or os.path.join(run_lib.local_dir(workdir), "data")
 
 
 @contextlib.contextmanager
