@@ -17,6 +17,7 @@ from typing import Callable
 
 import jax
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
 from drivlm_jax.model import language, layers, text, vision, vlm
@@ -86,16 +87,19 @@ class _Tensors:
 
 def model_type(path) -> str | None:
   """The `model_type` in `path`/config.json (None when there is none), read without
-  transformers."""
-  file = os.path.join(path, "config.json")
-  if not os.path.isfile(file):
+  transformers; `path` may be in a bucket."""
+  file = epath.Path(str(path)) / "config.json"
+  if not file.is_file():
     return None
-  with open(file) as f:
-    return json.load(f).get("model_type")
+  return json.loads(file.read_text()).get("model_type")
 
 
 def _hf_config(path):
   import transformers
+  if "://" in str(path):
+    raise CheckpointError(
+        f"{path}: Hugging Face checkpoints are read from a local folder. Copy it first "
+        f"(gcloud storage cp -r {path} /models/) and pass the local folder")
   if not os.path.isdir(path):
     raise CheckpointError(f"{path} is not a directory")
   if not os.path.exists(os.path.join(path, "config.json")):

@@ -18,6 +18,7 @@ import pytest
 from etils import epath
 from google.cloud import storage
 
+from drivlm_jax import hf, pretrained
 from drivlm_jax.data import sources
 from tests import gcs
 from tests.test_train import read_metrics
@@ -179,3 +180,19 @@ def test_ablations_and_their_report_run_in_a_bucket(bucket, tmp_path):
   evaluation = json.loads((remote / "seed0" / "dann" / "eval.json").read_text())["test"]
   assert results["methods"]["dann"]["target"] == {k: [v] for k, v in
                                                      evaluation["target"].items()}
+
+
+def test_hf_checkpoints_in_a_bucket_are_refused_with_the_way_out(bucket):
+  """A LLaVA or a vision tower in a bucket (init_from, init_vision, a teacher) is named, with
+  the command that copies it, not read as a run directory."""
+  del bucket
+  for name, model_type in (("llava", "llava"), ("clip", "clip_vision_model")):
+    (epath.Path(f"gs://{gcs.BUCKET}/models/{name}") / "config.json").write_text(
+        json.dumps({"model_type": model_type}))
+  llava, clip = f"gs://{gcs.BUCKET}/models/llava", f"gs://{gcs.BUCKET}/models/clip"
+  assert hf.model_type(llava) == "llava" and pretrained.is_llava(llava)
+  way_out = r"read from a local folder.*gcloud storage cp -r {}"
+  with pytest.raises(hf.CheckpointError, match=way_out.format(llava)):
+    pretrained.model_fields(init_from=llava)
+  with pytest.raises(hf.CheckpointError, match=way_out.format(clip)):
+    pretrained.model_fields(init_vision=clip)
