@@ -218,6 +218,9 @@ class ExampleTransform:
       instruction = as_text(example.get("instruction", b"")) or DEFAULT_INSTRUCTION
       answer = (labels.explanation(actions.astype(int), reasons.astype(int)) if has_actions
                 else "")
+    # Unlabelled target rows: the answer (an explanation, i.e. a label) leaves the LM input
+    # too, prompt only; so do rows with no answer to learn.
+    answer = answer if self.labelled else ""
     try:
       text = self.tokenizer.sequence(instruction, answer, f.num_image_tokens, f.max_len)
     except ValueError as e:
@@ -260,12 +263,10 @@ class ExampleTransform:
     }
     out["boxes"][:n], out["box_categories"][:n], out["box_camera"][:n] = (boxes, categories,
                                                                          box_camera)
-    if not self.labelled:   # unlabelled target: nothing a loss could learn from, and the
-      # answer (an explanation, i.e. a label) leaves the LM input too: prompt only.
+    if not self.labelled:   # unlabelled target: nothing a loss could learn from
       out.update(actions=np.zeros_like(actions), reasons=np.zeros_like(reasons),
                  action_mask=np.float32(0), reason_mask=np.float32(0))
-    if not self.labelled or not answer:   # (or no answer to learn): prompt only
-      out.update(self.tokenizer.sequence(instruction, "", f.num_image_tokens, f.max_len))
+    if not answer:
       out.update(targets=np.full_like(text["targets"], self.tokenizer.pad_id),
                  loss_mask=np.zeros_like(text["loss_mask"]))
     return out
