@@ -9,9 +9,9 @@ With --drivelm (nuScenes-Drive data with DriveLM QA) it also answers the DriveLM
 test questions of the target test frames (`data/drivelm_questions.py`), writes
 DIR/drivelm_predictions.json in the challenge's format and adds the challenge's judge-free
 scores. `python -m drivlm_jax.evaluate --drivelm_test TEST.json
---drivelm_predictions PRED.json [--judge CMD] [--workdir DIR]` scores a DriveLM challenge prediction file as the challenge
-does (`evals/drivelm.py`), prints the scores and, with --workdir, adds them to its eval.json
-under "drivelm".
+--drivelm_predictions PRED.json [--judge CMD] [--workdir DIR]` scores a DriveLM challenge
+prediction file as the challenge does (`evals/drivelm.py`), prints the scores and, with
+--workdir, adds them to its eval.json under "drivelm".
 """
 if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
   from drivlm_jax import host

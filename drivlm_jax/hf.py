@@ -629,8 +629,9 @@ def save_vlm(cfg: vlm.Config, params, path, tokenizer=None):
   """Writes an HF `LlavaForConditionalGeneration` directory (transformers' own layout) and,
   beside it, the DriVLM heads, reweighting scorer and camera embeddings as
   `drivlm.safetensors` with the VLM-level config in its metadata. LoRA params must be
-  merged first (`lora.merge`). `tokenizer`: a checkpoint directory whose tokenizer, processor and chat template files are
-  copied along, so `AutoProcessor.from_pretrained(path)` works too."""
+  merged first (`lora.merge`). `tokenizer`: a checkpoint directory whose tokenizer, processor
+  and chat template files are copied along, so `AutoProcessor.from_pretrained(path)` works
+  too."""
   import shutil
   from safetensors.numpy import save_file
   if "lora" in params:

@@ -3,8 +3,8 @@
 DIR/config.json, DIR/checkpoints/<step> (Orbax: train state + data position + config),
 DIR/metrics.jsonl, DIR/tb and DIR/eval.json. Any run directory serves as a distillation
 teacher, a warm start (`init_from`, see `pretrained`), an evaluation target, an export
-source or a plot source: they all read it here. This module also decides, once, which params a run is judged by
-(`EVAL_KEY`: the moving average when the run keeps one).
+source or a plot source: they all read it here. This module also decides, once, which
+params a run is judged by (`EVAL_KEY`: the moving average when the run keeps one).
 """
 import dataclasses
 import json

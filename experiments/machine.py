@@ -1,5 +1,6 @@
-"""`python -m experiments.machine`: where a benchmark runs: the CPU (vendor, model, vector extensions, cores, clock), its
-theoretical fp32 peak, the library versions, and the threads each side really used.
+"""`python -m experiments.machine`: where a benchmark runs: the CPU (vendor, model, vector
+extensions, cores, clock), its theoretical fp32 peak, the library versions, and the threads
+each side really used.
 
 Every benchmark puts `describe()` into its JSON and prints `line()`; the README's tables
 name the machine from it. The fp32 peak is cores x clock x FLOP/cycle: 2 FMA pipes x 2 FLOP

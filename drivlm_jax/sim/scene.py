@@ -78,10 +78,12 @@ def sample_scene(rng: np.random.Generator, require: str | None = None) -> Scene:
   elif require in ("forward", "left", "right"):
     light, stop_sign = rng.choice([None, "green"]), False
   if require == "left":
-    ego_lane, lanes_left = ("left_turn", 0) if rng.random() < 0.5 else ("normal", max(1, lanes_left))
+    ego_lane, lanes_left = (("left_turn", 0) if rng.random() < 0.5
+                            else ("normal", max(1, lanes_left)))
     left_line = "solid" if ego_lane == "left_turn" else "dashed"
   if require == "right":
-    ego_lane, lanes_right = ("right_turn", 0) if rng.random() < 0.5 else ("normal", max(1, lanes_right))
+    ego_lane, lanes_right = (("right_turn", 0) if rng.random() < 0.5
+                             else ("normal", max(1, lanes_right)))
     right_line = "solid" if ego_lane == "right_turn" else "dashed"
 
   agents = []
