@@ -7,8 +7,9 @@ r"""Exports a trained DriVLM student to ONNX with jax2onnx, then checks it.
 Writes OUT (the student: "image" [B, S, S, 3] (V cameras: [B, V, S, S, 3]) float32 RGB
 0..255, "instruction_ids" and "instruction_mask" [B, L] int32 -> "action_probs" [B, 4],
 "reason_probs" [B, 21], "token_scores" [B, V * N]), OUT's .json sidecar (shapes,
-preprocessing, parity figures) and the run's tokenizer.json beside it; with --lm also OUT_prefill.onnx and OUT_decode.onnx, the LM
-that generates explanations on the device (`export.generate.greedy`).
+preprocessing, parity figures) and the run's tokenizer.json beside it; with --lm also
+OUT_prefill.onnx and OUT_decode.onnx, the LM that generates explanations on the device
+(`export.generate.greedy`).
 
 Every graph passes onnx.checker's full check and the TensorRT 10.3 operator check, and
 onnxruntime must match the JAX function within --atol (1e-4) on real examples of the run's
