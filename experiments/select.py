@@ -159,9 +159,9 @@ def _features(cfg: vlm.Config, params, batch) -> dict:
   out = vlm.encode_image(cfg, params, batch["image"], batch["instruction_ids"],
                          batch["instruction_mask"])
   tokens = out["visual_tokens"]
-  cells = cfg.num_cameras * cfg.vision.grid ** 2   # the grid: the last tokens, as in training
-  instances = discriminators.box_pool(tokens[:, -cells:], cfg.vision.grid, batch["boxes"],
-                                      batch["box_mask"], batch["box_camera"], cfg.num_cameras)
+  cells, valid = vlm.on_grid(cfg, tokens)   # the patch grids, as in training
+  instances = discriminators.box_pool(cells, cfg.vision.grid, batch["boxes"], batch["box_mask"],
+                                      batch["box_camera"], cfg.num_cameras, valid)
   return {"pooled": out["pooled_visual"], "action_logits": out["action_logits"],
           "image": alignment.image_level(tokens),
           "token": tokens[:, token_positions(tokens.shape[1])], "instance": instances}

@@ -11,10 +11,11 @@ import pytest
 import torch
 from transformers.models.clip import modeling_clip
 
-from drivlm_jax import adapt
-from drivlm_jax.adapt import alignment
+from configs import common
+from drivlm_jax import adapt, run as run_lib
+from drivlm_jax.adapt import alignment, distillation
 from drivlm_jax.losses import adversarial, contrastive, distill
-from drivlm_jax.model import discriminators, reweighting
+from drivlm_jax.model import discriminators, reweighting, vlm
 
 
 def test_grad_reverse_is_minus_lambda_times_identity():
@@ -69,7 +70,7 @@ def test_confusion_gradient_does_not_vanish_when_the_discriminator_is_confident(
   tx = optax.adam(1e-2)
   state = tx.init(params)
   bce = lambda p, x, lam: discriminators.losses(discriminators.apply(
-      cfg, p, x, tokens, grid, boxes, box_mask, lam), domain, box_mask)["image"]
+      cfg, p, x, tokens, tokens, grid, boxes, box_mask, lam), domain, box_mask)["image"]
 
   @jax.jit
   def step(params, state):
@@ -81,7 +82,7 @@ def test_confusion_gradient_does_not_vanish_when_the_discriminator_is_confident(
   assert float(bce(params, pooled, 1.0)) < 1e-3
   reversal = jax.grad(bce, argnums=1)(params, pooled, 1.0)
   confusion = jax.grad(lambda x: discriminators.confusion(discriminators.apply(
-      cfg, params, x, tokens, grid, boxes, box_mask, -1.0), box_mask)["image"])(pooled)
+      cfg, params, x, tokens, tokens, grid, boxes, box_mask, -1.0), box_mask)["image"])(pooled)
   assert float(jnp.abs(confusion).mean()) > 100 * float(jnp.abs(reversal).mean())
   # Descending the confusion gradient moves the two domains' mean features together.
   gap = lambda x: float(jnp.linalg.norm(x[domain == 1].mean(0) - x[domain == 0].mean(0)))
@@ -96,7 +97,8 @@ def test_confusion_objective_trains_each_player_on_its_own_loss():
   _, tokens, grid, boxes, box_mask, domain = _separable(jax.random.key(4))
   params = discriminators.init(cfg, jax.random.key(5), 8, grid, 3)
   component = alignment.Alignment(cfg, {f"da_{k}": 1.0 for k in alignment.LEVELS[:3]} | {
-      "da_consistency": 0.0}, 0.0, 0.0, 10, 8, grid, 3, 1, objective="confusion")
+      "da_consistency": 0.0}, 0.0, 0.0, 10, 8, grid, 3, 1,
+      _layout_cfg("clip", "default", 1), objective="confusion")   # (its tokens are the cells)
   batch = {"boxes": boxes, "box_mask": box_mask, "box_camera": jnp.zeros_like(box_mask, int),
            "domain": domain}
 
@@ -106,7 +108,8 @@ def test_confusion_objective_trains_each_player_on_its_own_loss():
     return sum(component.loss(ctx).values())
 
   def apply(p, tokens):   # reverse = -1: the plain gradient reaches the features
-    return discriminators.apply(cfg, p, tokens.mean(1), tokens, grid, boxes, box_mask, -1.0)
+    return discriminators.apply(cfg, p, tokens.mean(1), tokens, tokens, grid, boxes, box_mask,
+                                -1.0)
 
   bce = lambda p: sum(discriminators.losses(apply(p, tokens), domain, box_mask,
                                             consistency=False).values())
@@ -140,7 +143,7 @@ def test_each_discriminator_learns_separable_domains(level):
   state = tx.init(params)
 
   def loss(p):
-    logits = discriminators.apply(cfg, p, pooled, tokens, grid, boxes, box_mask, 1.0)
+    logits = discriminators.apply(cfg, p, pooled, tokens, tokens, grid, boxes, box_mask, 1.0)
     return discriminators.losses(logits, domain, box_mask, consistency=False)[level]
 
   @jax.jit
@@ -160,7 +163,7 @@ def test_masked_boxes_contribute_nothing():
   params = discriminators.init(cfg, jax.random.key(3), 8, grid, 3)
 
   def instance_loss(tokens, boxes):
-    logits = discriminators.apply(cfg, params, pooled, tokens, grid, boxes, box_mask, 1.0)
+    logits = discriminators.apply(cfg, params, pooled, tokens, tokens, grid, boxes, box_mask, 1.0)
     return discriminators.losses(logits, domain, box_mask)["instance"]
 
   moved = boxes.at[:, -1].set(jnp.array([0.0, 0.0, 1.0, 1.0]))   # only masked boxes change
@@ -169,7 +172,7 @@ def test_masked_boxes_contribute_nothing():
   g2 = jax.grad(instance_loss)(tokens, moved)
   np.testing.assert_array_equal(g1, g2)
   none = jnp.zeros_like(box_mask)
-  logits = discriminators.apply(cfg, params, pooled, tokens, grid, boxes, none, 1.0)
+  logits = discriminators.apply(cfg, params, pooled, tokens, tokens, grid, boxes, none, 1.0)
   assert float(discriminators.losses(logits, domain, none)["instance"]) == 0.0
 
 
@@ -425,3 +428,88 @@ def test_fourier_restyles_source_rows_with_target_rows_of_the_batch():
 
 def _fda_reference_views(source, target, beta):
   return np.stack([_fda_reference(s, t, beta) for s, t in zip(source, target)])
+
+
+def _layout_cfg(family, strategy, views, model="tiny"):
+  d = common.model_config(model)
+  d.reweight, d.vision_feature_select_strategy, d.num_cameras = True, strategy, views
+  if family == "siglip":
+    d.vision.family, d.vision.hidden_act = "siglip", "gelu_pytorch_tanh"
+  return vlm.config_from_dict(d)
+
+
+LAYOUTS = [("clip", "default", 1), ("clip", "full", 2), ("siglip", "default", 1),
+           ("siglip", "full", 2)]   # (SigLIP's "default" takes one camera: vlm.Config)
+
+
+@pytest.mark.parametrize("family,strategy,views", LAYOUTS)
+def test_instance_and_feature_terms_on_every_token_layout(family, strategy, views):
+  """The instance discriminators and feature KD place the visual tokens on the patch grids
+  (`vlm.on_grid`) whatever the layout: CLIP's "full" class tokens in front, SigLIP's
+  "default" without each view's first patch (both crashed before). Reference: the "full"
+  layout of the same weights holds every patch; "default" must agree on the patches it keeps,
+  and feature KD equals plain `feature_kd` over the full grids with the missing cells at
+  weight 0."""
+  cfg = _layout_cfg(family, strategy, views)
+  full_cfg = dataclasses.replace(cfg, vision_feature_select_strategy="full")
+  params = jax.jit(lambda k: vlm.init(cfg, k))(jax.random.key(0))
+  b, n = 2, cfg.vision.num_patches
+  size = cfg.vision.image_size
+  images = jax.random.uniform(jax.random.key(1), (b, views, size, size, 3)) * 255
+  ids, mask = jnp.ones((b, 5), jnp.int32), jnp.ones((b, 5), jnp.int32)
+  encode = lambda c: vlm.encode_image(c, params, images if views > 1 else images[:, 0], ids,
+                                      mask)
+  out, full = encode(cfg), encode(full_cfg)
+  assert out["visual_tokens"].shape[1] == cfg.num_visual_tokens
+  cells, valid = vlm.on_grid(cfg, out["visual_tokens"])
+  full_cells, _ = vlm.on_grid(full_cfg, full["visual_tokens"])
+  assert cells.shape == (b, views * n, cfg.language.hidden_size)
+  missing = family == "siglip" and strategy == "default"
+  want_valid = np.array([0.0 if missing and i % n == 0 else 1.0 for i in range(views * n)])
+  np.testing.assert_array_equal(np.ones(views * n) if valid is None else valid, want_valid)
+  np.testing.assert_allclose(cells * want_valid[:, None], full_cells * want_valid[:, None],
+                             atol=1e-5)
+  if cfg.vision.family == "clip" and strategy == "full":   # class tokens are not cells
+    assert out["visual_tokens"].shape[1] == views * (n + 1)
+
+  batch = {"image": images if views > 1 else images[:, 0], "attention_mask": mask,
+           "instruction_ids": ids, "instruction_mask": mask, "domain": jnp.array([0, 1]),
+           "boxes": jnp.array([[[0.0, 0.0, 0.5, 0.5]] * 2] * b),
+           "box_mask": jnp.ones((b, 2)), "box_camera": jnp.zeros((b, 2), jnp.int32)}
+  # A teacher of another layout: SigLIP "default" (one camera) or CLIP "full".
+  teacher_layout = ("siglip", "default") if views == 1 else ("clip", "full")
+  teacher_cfg = _layout_cfg(*teacher_layout, views, "tiny_teacher")
+  teacher = run_lib.Run("", None, teacher_cfg, vlm.init(teacher_cfg, jax.random.key(2)), 0)
+  kd = distillation.Distillation(cfg, teacher, {"kd_heads": 0.0, "kd_lm": 0.0,
+                                                "kd_feature": 1.0}, 1.0, "cosine")
+  da = alignment.Alignment(discriminators.Config(hidden=16),
+                           {t: 1.0 for t in alignment.Alignment.terms}, 0.0, 0.0, 10,
+                           cfg.language.hidden_size, cfg.vision.grid, 2, views, cfg)
+  own = {"distill": kd.init(jax.random.key(3)), "discriminators": da.init(jax.random.key(4))}
+  ctx = adapt.Context(own, out, batch, jnp.int32(5), {kd.name: teacher.params}, {})
+  losses = {**kd.loss(ctx), **da.loss(ctx)}
+  assert all(np.isfinite(float(v)) for v in losses.values()), losses
+
+  teacher_out = vlm.encode_image(dataclasses.replace(teacher_cfg,
+                                                     vision_feature_select_strategy="full"),
+                                 teacher.params, batch["image"], ids, mask)
+  lead = views if views > 1 else 0   # the CLIP "full" teacher's class tokens
+  teacher_cells = distill.match_grid(teacher_out["visual_tokens"][:, lead:],
+                                     teacher_cfg.vision.grid, cfg.vision.grid, views)
+  teacher_valid = distill.match_grid(
+      jnp.asarray([0.0 if views == 1 and i % teacher_cfg.vision.num_patches == 0 else 1.0
+                   for i in range(views * teacher_cfg.vision.num_patches)])[None, :, None],
+      teacher_cfg.vision.grid, cfg.vision.grid, views)[0, :, 0]
+  want = distill.feature_kd(full_cells, teacher_cells, own["distill"]["projection"],
+                            jax.nn.sigmoid(out["token_scores"]) * want_valid * teacher_valid)
+  np.testing.assert_allclose(float(losses["kd_feature"]), float(want), rtol=1e-5)
+
+
+def test_box_pooling_skips_cells_without_a_token():
+  """A box over a cell no token holds (SigLIP's dropped first patch) pools the cells that
+  hold one, and a box over that cell alone pools nothing."""
+  grid, tokens = 2, jnp.arange(1.0, 5.0)[None, :, None] * jnp.ones((1, 4, 3))
+  valid = np.array([0.0, 1.0, 1.0, 1.0])
+  boxes = jnp.array([[[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 1.0, 0.5]]])   # cell 0; cells 0-1
+  pooled = discriminators.box_pool(tokens, grid, boxes, jnp.ones((1, 2)), valid=valid)
+  np.testing.assert_allclose(pooled[0, :, 0], [0.0, 2.0])

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from drivlm_jax import adapt
 from drivlm_jax.losses import adversarial
-from drivlm_jax.model import discriminators
+from drivlm_jax.model import discriminators, vlm
 
 LEVELS = ("image", "token", "instance", "consistency")
 OBJECTIVES = ("reversal", "confusion")
@@ -51,6 +51,7 @@ class Alignment(adapt.Component):
   grid: int              # the visual tokens form a grid x grid raster per camera
   max_boxes: int
   views: int             # cameras; the boxes' `box_camera` says whose grid they lie in
+  model: vlm.Config      # where the visual tokens lie on the grids (vlm.on_grid)
   objective: str = "reversal"   # OBJECTIVES
 
   param_key = "discriminators"
@@ -69,7 +70,7 @@ class Alignment(adapt.Component):
     return cls(discriminators.Config(hidden=da.get("hidden", 256)), weights,
                float(da.get("focal_gamma", 0.0)), float(da.get("start", 0.0)),
                int(config.total_steps), cfg.language.hidden_size, cfg.vision.grid,
-               feats.max_boxes, cfg.num_cameras, objective)
+               feats.max_boxes, cfg.num_cameras, cfg, objective)
 
   def init(self, key):
     return discriminators.init(self.dcfg, key, self.width, self.grid, self.max_boxes)
@@ -84,10 +85,13 @@ class Alignment(adapt.Component):
     pooled = image_level(tokens)
     params = ctx.params[self.param_key]
     box_mask = ctx.batch["box_mask"]
-    # `apply` multiplies the gradient reaching the features by -reverse.
-    logits = lambda params, pooled, tokens, reverse: discriminators.apply(
-        self.dcfg, params, pooled, tokens, self.grid, ctx.batch["boxes"], box_mask, reverse,
-        ctx.batch["box_camera"], self.views)
+
+    def logits(params, pooled, tokens, reverse):
+      """`apply` multiplies the gradient reaching the features by -reverse."""
+      cells, valid = vlm.on_grid(self.model, tokens)
+      return discriminators.apply(self.dcfg, params, pooled, tokens, cells, self.grid,
+                                  ctx.batch["boxes"], box_mask, reverse,
+                                  ctx.batch["box_camera"], self.views, valid)
     consistency = self.weights["da_consistency"] > 0
     if self.objective == "reversal":
       out, confused = logits(params, pooled, tokens, lam), {}

@@ -157,13 +157,23 @@ class Distillation(adapt.Component):
       mask = per_row(b["attention_mask"] * (b["input_ids"] != self.cfg.image_token_id))
       losses["kd_lm"] = distill.softmax_kd(out["lm_logits"], t["lm_logits"], temperature, mask)
     if w["kd_feature"]:
-      teacher_tokens = distill.match_grid(t["visual_tokens"], tcfg.vision.grid,
-                                          self.cfg.vision.grid, self.cfg.num_cameras)
+      # Patch by patch on the student's grids (class tokens left out; `token_scores` lie on
+      # the same cells), where both hold a token.
+      student_tokens, valid = vlm.on_grid(self.cfg, out["visual_tokens"])
+      teacher_tokens, teacher_valid = vlm.on_grid(tcfg, t["visual_tokens"])
+      match = lambda x: distill.match_grid(x, tcfg.vision.grid, self.cfg.vision.grid,
+                                           self.cfg.num_cameras)
+      teacher_tokens = match(teacher_tokens)
+      if teacher_valid is not None:   # a cell resampled mostly from a missing one counts less
+        teacher_valid = match(jnp.asarray(teacher_valid)[None, :, None])[0, :, 0]
+        valid = teacher_valid if valid is None else valid * teacher_valid
       scores = out.get("token_scores")
       weights = None if scores is None else jax.nn.sigmoid(scores)
-      if rows is not None and weights is None:
-        weights = jnp.ones(out["visual_tokens"].shape[:2])
+      if weights is None and (rows is not None or valid is not None):
+        weights = jnp.ones(student_tokens.shape[:2])
+      if valid is not None:
+        weights = weights * valid
       losses["kd_feature"] = distill.feature_kd(
-          out["visual_tokens"], teacher_tokens, ctx.params[self.param_key]["projection"],
+          student_tokens, teacher_tokens, ctx.params[self.param_key]["projection"],
           per_row(weights), self.feature_kind)
     return losses

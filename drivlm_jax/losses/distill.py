@@ -50,9 +50,10 @@ def match_grid(tokens, grid_from: int, grid_to: int, views: int = 1):
 
 def feature_kd(student_tokens, teacher_tokens, projection, weights=None, kind="cosine"):
   """student_tokens [B, N, Ds] @ projection [Ds, Dt] vs teacher_tokens [B, N, Dt];
-  weights [B, N] (e.g. sigmoid of the reweighting scores) or None for uniform."""
-  projected = student_tokens @ projection.astype(student_tokens.dtype)
-  teacher = jax.lax.stop_gradient(teacher_tokens)
+  weights [B, N] (e.g. sigmoid of the reweighting scores) or None for uniform. In float32
+  whatever the tokens' dtype: a cosine distance near 0 has no digits left in bfloat16."""
+  projected = student_tokens.astype(jnp.float32) @ projection.astype(jnp.float32)
+  teacher = jax.lax.stop_gradient(teacher_tokens).astype(jnp.float32)
   if kind == "cosine":
     unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
     per_token = 1.0 - jnp.sum(unit(projected) * unit(teacher), axis=-1)

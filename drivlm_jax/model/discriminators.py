@@ -43,12 +43,14 @@ class Mlp(nn.Module):
     return layers.dense(1, (None,), (None,), cfg=cfg, name="out")(h)[..., 0].astype(jnp.float32)
 
 
-def box_pool(tokens, grid: int, boxes, box_mask, box_camera=None, views: int = 1):
+def box_pool(tokens, grid: int, boxes, box_mask, box_camera=None, views: int = 1,
+             valid=None):
   """Mean of the token grid inside each box, weighted by each cell's overlap with the box.
 
   tokens [B, views*grid*grid, D] (each view's row-major cells in turn); boxes [B, M, 4]
   normalised (x1, y1, x2, y2) in the image of view `box_camera` [B, M] (int; None for one
-  view); box_mask [B, M]. Returns [B, M, D]; a masked or empty box gives zeros.
+  view); box_mask [B, M]; valid [views*grid*grid] 0/1, the cells that hold a token (None:
+  all). Returns [B, M, D]; a masked or empty box gives zeros.
   """
   edges = jnp.arange(grid + 1, dtype=jnp.float32) / grid
   lo, hi = edges[:-1], edges[1:]
@@ -63,6 +65,8 @@ def box_pool(tokens, grid: int, boxes, box_mask, box_camera=None, views: int = 1
     camera = jax.nn.one_hot(box_camera, views, dtype=weights.dtype)
     weights = (camera[..., None] * weights[..., None, :]).reshape(*boxes.shape[:2], -1)
   weights = weights * box_mask[..., None]
+  if valid is not None:
+    weights = weights * valid
   total = jnp.sum(weights, axis=-1, keepdims=True)
   weights = jnp.where(total > 0, weights / jnp.maximum(total, 1e-12), 0.0)
   return jnp.einsum("bmn,bnd->bmd", weights.astype(tokens.dtype), tokens)
@@ -70,15 +74,14 @@ def box_pool(tokens, grid: int, boxes, box_mask, box_camera=None, views: int = 1
 
 class Discriminators(nn.Module):
   cfg: Any
-  grid: int        # the visual tokens form a grid x grid raster per view
+  grid: int        # `cells` is a grid x grid raster per view
   views: int = 1
 
   @nn.compact
-  def __call__(self, pooled, tokens, boxes, box_mask, lam, box_camera=None):
+  def __call__(self, pooled, tokens, cells, boxes, box_mask, lam, box_camera=None, valid=None):
     reverse = lambda x: adversarial.grad_reverse(x, lam)
-    cells = self.views * self.grid ** 2   # the last tokens: CLIP's "full" puts class tokens first
-    instances = box_pool(reverse(tokens)[:, -cells:], self.grid, boxes, box_mask, box_camera,
-                         self.views)
+    instances = box_pool(reverse(cells), self.grid, boxes, box_mask, box_camera, self.views,
+                         valid)
     return {
         "image": Mlp(self.cfg, name="image")(reverse(pooled)),
         "token": Mlp(self.cfg, name="token")(reverse(tokens)),
@@ -87,8 +90,9 @@ class Discriminators(nn.Module):
 
 
 def _dummy(width, grid, max_boxes):
-  return (jnp.zeros((1, width)), jnp.zeros((1, grid * grid, width)),
-          jnp.zeros((1, max_boxes, 4)), jnp.zeros((1, max_boxes)), jnp.float32(1.0))
+  tokens = jnp.zeros((1, grid * grid, width))
+  return (jnp.zeros((1, width)), tokens, tokens, jnp.zeros((1, max_boxes, 4)),
+          jnp.zeros((1, max_boxes)), jnp.float32(1.0))
 
 
 def init(cfg: Config, key, width: int, grid: int, max_boxes: int = 1) -> dict:
@@ -100,14 +104,15 @@ def logical_axes(cfg: Config, width: int, grid: int, max_boxes: int = 1):
                              *_dummy(width, grid, max_boxes))
 
 
-def apply(cfg: Config, params, pooled, tokens, grid, boxes, box_mask, lam, box_camera=None,
-          views: int = 1) -> dict:
+def apply(cfg: Config, params, pooled, tokens, cells, grid, boxes, box_mask, lam,
+          box_camera=None, views: int = 1, valid=None) -> dict:
   """-> {"image": [B], "token": [B, N], "instance": [B, M]} domain logits; gradients reaching
-  `pooled` and `tokens` are reversed and scaled by `lam`. With `views` > 1 the tokens hold
-  that many views' grids and `box_camera` [B, M] says in which view each box lies."""
-  return Discriminators(cfg, grid, views).apply({"params": params}, pooled, tokens, boxes,
-                                                box_mask, jnp.asarray(lam, jnp.float32),
-                                                box_camera)
+  `pooled`, `tokens` and `cells` (the tokens on the patch grids, `vlm.on_grid`, with `valid`
+  its cells that hold one) are reversed and scaled by `lam`. With `views` > 1 the grids are
+  that many views' and `box_camera` [B, M] says in which view each box lies."""
+  return Discriminators(cfg, grid, views).apply({"params": params}, pooled, tokens, cells,
+                                                boxes, box_mask, jnp.asarray(lam, jnp.float32),
+                                                box_camera, valid)
 
 
 def losses(logits, domain, box_mask, focal_gamma=None, consistency=True) -> dict:

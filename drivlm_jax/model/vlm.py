@@ -89,6 +89,35 @@ class Config:
     return self.num_cameras * (tokens - (self.vision_feature_select_strategy == "default"))
 
 
+def patch_layout(cfg: Config) -> tuple[int, np.ndarray | None]:
+  """Where the (unpruned) visual tokens lie on the views' patch grids, [V * N] cells view
+  after view: (the class tokens in front, each later token's cell; None when every cell is
+  there, in order). CLIP's "full" keeps each view's class token in front; SigLIP's "default"
+  drops each view's first patch (as HF LLaVA does)."""
+  n = cfg.vision.num_patches
+  default = cfg.vision_feature_select_strategy == "default"
+  if cfg.vision.family == "clip":
+    return (0 if default else cfg.num_cameras), None
+  if default:
+    return 0, np.array([i for i in range(cfg.num_cameras * n) if i % n])
+  return 0, None
+
+
+def on_grid(cfg: Config, tokens):
+  """Visual tokens [B, T, D] -> ([B, V * N, D] on the views' patch grids, each view's cells
+  row-major, [V * N] float 0/1 of the cells that hold a token (None: all do)); class tokens
+  are left out, a cell without a token is zeros."""
+  lead, cells = patch_layout(cfg)
+  tokens = tokens[:, lead:]
+  if cells is None:
+    return tokens, None
+  size = cfg.num_cameras * cfg.vision.num_patches
+  grid = jnp.zeros((tokens.shape[0], size, tokens.shape[-1]), tokens.dtype)
+  valid = np.zeros(size, np.float32)
+  valid[cells] = 1.0
+  return grid.at[:, cells].set(tokens), valid
+
+
 class Projector(nn.Module):
   """LLaVA projector: linear_1 -> act -> linear_2 ([B, N, Dv] -> [B, N, D])."""
   cfg: Any
@@ -268,9 +297,9 @@ def encode_image(cfg: Config, params, images, instruction_ids=None, instruction_
     # SigLIP has no class token: "default" drops each view's first patch (after the tower,
     # as HF LLaVA does), which pruning therefore never keeps (`candidates`: the patches that
     # can end up selected).
-    n = per_view[layer].shape[1] - clip
-    first = (not clip and cfg.vision_feature_select_strategy == "default")
-    candidates = np.array([i for i in range(views * n) if not (first and i % n == 0)])
+    _, cells = patch_layout(cfg)
+    first = cells is not None
+    candidates = cells if first else np.arange(views * vcfg.num_patches)
 
     def joint(hidden):
       """[B * V, T, Dv] -> the views' patches [B, V * N, Dv] behind their class tokens (CLIP:
