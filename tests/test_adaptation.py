@@ -513,3 +513,24 @@ def test_box_pooling_skips_cells_without_a_token():
   boxes = jnp.array([[[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 1.0, 0.5]]])   # cell 0; cells 0-1
   pooled = discriminators.box_pool(tokens, grid, boxes, jnp.ones((1, 2)), valid=valid)
   np.testing.assert_allclose(pooled[0, :, 0], [0.0, 2.0])
+
+
+def test_feature_kd_of_bf16_tokens_is_computed_in_float32():
+  """Mixed precision hands feature KD bf16 tokens; a cosine distance near 0 (a student close
+  to its teacher) keeps its digits only in float32: the loss and its gradient equal the
+  float32 formula on the same (bf16-rounded) values."""
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  teacher = jax.random.normal(k1, (4, 16, 48)).astype(jnp.bfloat16)
+  projection = jax.random.normal(k2, (32, 48)) / 6
+  student = (teacher.astype(jnp.float32) @ jnp.linalg.pinv(projection)
+             + 1e-3 * jax.random.normal(k3, (4, 16, 32))).astype(jnp.bfloat16)
+  f32 = lambda x: x.astype(jnp.float32)
+
+  def reference(s, p):
+    a, b = f32(s) @ p, f32(teacher)
+    cos = jnp.sum(a * b, -1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1))
+    return jnp.mean(1.0 - cos)
+  got = jax.value_and_grad(lambda p: distill.feature_kd(student, teacher, p))(projection)
+  want = jax.value_and_grad(lambda p: reference(student, p))(projection)
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-4)
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-3, atol=1e-7)
