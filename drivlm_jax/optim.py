@@ -6,6 +6,11 @@ config.optimizer:
   grad_accum_steps (default 1), b1, b2 (optional),
   parts: [{"pattern": regex on "vision/encoder/...", "lr_mult": float, "freeze": bool}, ...]
   (first matching pattern wins; unmatched params train at the base rate).
+
+Steps count batches. With grad_accum_steps k, an update every k of them applies the mean of
+their gradients (optax.MultiSteps; each batch's loss is a mean over its own rows and tokens,
+so a micro-batch with few answer tokens weighs its tokens more than one k-times batch would)
+at the learning rate of its first batch: warmup and decay keep their length in batches.
 """
 import re
 
@@ -33,8 +38,21 @@ def schedule(opt_config, total_steps: int, mult: float = 1.0):
       end_value=peak * opt_config.get("end_lr_ratio", 0.0))
 
 
+def update_rate(opt_config, total_steps: int, mult: float = 1.0):
+  """update count -> its learning rate: `schedule` at the update's first batch."""
+  accum = opt_config.get("grad_accum_steps", 1)
+  steps = schedule(opt_config, total_steps, mult)
+  return steps if accum == 1 else lambda count: steps(count * accum)
+
+
+def rate_at(opt_config, total_steps: int, done: int) -> float:
+  """The learning rate of the last update applied by the time `done` batches have run."""
+  accum = opt_config.get("grad_accum_steps", 1)
+  return float(schedule(opt_config, total_steps)(max(done - 1, 0) // accum * accum))
+
+
 def make(opt_config, params, total_steps: int) -> optax.GradientTransformation:
-  adamw = lambda mult: optax.adamw(schedule(opt_config, total_steps, mult),
+  adamw = lambda mult: optax.adamw(update_rate(opt_config, total_steps, mult),
                                    b1=opt_config.get("b1", 0.9),
                                    b2=opt_config.get("b2", 0.999),
                                    weight_decay=opt_config.weight_decay)

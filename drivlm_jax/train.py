@@ -103,9 +103,19 @@ def make_train_step(cfg, tx, weights, components=(), ema_decay=0.0, view=lambda 
                "grad_norm": optax.tree.norm(grads)}
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
     if ema_decay:
-      new_state["ema"] = optax.incremental_update(params, state["ema"], 1.0 - ema_decay)
+      new_state["ema"] = update_ema(tx, state["ema"], params, opt_state, ema_decay)
     return new_state, metrics
   return train_step
+
+
+def update_ema(tx, ema, params, opt_state, decay: float):
+  """The moving average after a step: moved towards `params` when the step applied an update
+  (every step; with gradient accumulation, every k-th: the decay is per update)."""
+  moved = optax.incremental_update(params, ema, 1.0 - decay)
+  if not isinstance(tx, optax.MultiSteps):
+    return moved
+  updated = tx.has_updated(opt_state)
+  return jax.tree.map(lambda new, old: jnp.where(updated, new, old), moved, ema)
 
 
 def model_view(config, labels):
@@ -241,7 +251,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   preemption = _Preemption()
   metrics_file = run_lib.path(workdir, "metrics.jsonl") if jax.process_index() == 0 else None
   writer = _tensorboard(workdir)
-  schedule = optim.schedule(config.optimizer, config.total_steps)
   result = {}
   pending = []   # (step, metrics, tracker) of log steps whose rows are not written yet
   clock = {"step": start, "time": time.time()}
@@ -255,7 +264,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         break
       now = time.time()
       row = {"step": done, **{k: v.item() for k, v in metrics.items()},
-             "learning_rate": float(schedule(done)),
+             "learning_rate": optim.rate_at(config.optimizer, config.total_steps, done),
              "examples_per_s": (done - clock["step"]) * config.batch_size
                                / max(now - clock["time"], 1e-9), "time": now}
       clock.update(step=done, time=now)

@@ -3,8 +3,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
-from drivlm_jax import optim
+from drivlm_jax import optim, train
 
 
 def _config(**kw):
@@ -52,3 +53,36 @@ def test_schedule_warms_up_then_decays():
   s = optim.schedule(_config(warmup_steps=10, end_lr_ratio=0.1), 110)
   assert float(s(0)) == 0.0 and abs(float(s(10)) - 0.1) < 1e-7
   assert abs(float(s(110)) - 0.01) < 1e-7 and float(s(60)) < 0.1
+
+
+def test_accumulated_updates_keep_the_schedule_in_batches():
+  """k = 4, 100 batches: 25 updates, each at the schedule's rate of its first batch (before,
+  the optimizer's update count read the batch schedule: the run ended at 1/4 of it)."""
+  config = _config(grad_accum_steps=4, parts=[], warmup_steps=8, end_lr_ratio=0.05)
+  tx = optim.make(config, PARAMS, total_steps=100)
+  schedule = optim.schedule(config, 100)
+  grads = jax.tree.map(jnp.ones_like, PARAMS)
+  state, rates = tx.init(PARAMS), []
+  for step in range(100):
+    updates, state = tx.update(grads, state, PARAMS)
+    if (step + 1) % 4 == 0:   # constant gradients: Adam moves each coordinate by the rate
+      rates.append(float(-updates["vision"]["w"].ravel()[0]))
+      assert optim.rate_at(config, 100, step + 1) == pytest.approx(float(schedule(step - 3)))
+    else:
+      assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(updates))
+  np.testing.assert_allclose(rates, [float(schedule(4 * u)) for u in range(25)], rtol=1e-4,
+                             atol=1e-9)
+  assert rates[-1] < 0.1 * max(rates)   # decayed to the end of the schedule
+
+
+def test_the_moving_average_moves_once_per_update():
+  tx = optim.make(_config(grad_accum_steps=2, parts=[]), PARAMS, total_steps=10)
+  ema = jax.tree.map(jnp.zeros_like, PARAMS)
+  state = tx.init(PARAMS)
+  grads = jax.tree.map(jnp.ones_like, PARAMS)
+  _, state = tx.update(grads, state, PARAMS)            # accumulating: no update yet
+  same = train.update_ema(tx, ema, PARAMS, state, 0.9)
+  assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(same))
+  _, state = tx.update(grads, state, PARAMS)            # the update
+  moved = train.update_ema(tx, ema, PARAMS, state, 0.9)
+  jax.tree.map(lambda m, p: np.testing.assert_allclose(m, 0.1 * p, rtol=1e-6), moved, PARAMS)
