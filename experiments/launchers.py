@@ -74,18 +74,21 @@ def skypilot_yaml(name, config_spec, workdir, overrides, cluster: Cluster) -> st
 
 
 def slurm_script(name, config_spec, workdir, overrides, cluster: Cluster) -> str:
-  """sbatch script: one task per host (`srun`); JAX detects Slurm and initialises
-  jax.distributed from its environment."""
+  """sbatch script: one task per GPU (one per host without GPUs), started by `srun`; JAX
+  detects Slurm and initialises jax.distributed from its environment, each task on the GPU
+  of its SLURM_LOCALID (JAX's rule under Slurm: one process per GPU)."""
   # Slurm opens its log on the node's file system: beside the run, or (a bucket run) in the
   # directory sbatch is called from, named by the job.
   log = "slurm-%x-%j.out" if "://" in str(workdir) else f"{workdir}/slurm-%j.out"
+  tasks = cluster.gpus_per_node or 1
   lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --nodes={cluster.num_nodes}",
-           "#SBATCH --ntasks-per-node=1", f"#SBATCH --time={cluster.time}",
+           f"#SBATCH --ntasks-per-node={tasks}", f"#SBATCH --time={cluster.time}",
            f"#SBATCH --output={log}"]
   if cluster.gpus_per_node:
     lines.append(f"#SBATCH --gpus-per-node={cluster.gpus_per_node}")
   if cluster.partition:
     lines.append(f"#SBATCH --partition={cluster.partition}")
   lines += ["set -euo pipefail", f"cd {cluster.repo_dir}",
-            "srun " + _train_line(config_spec, workdir, overrides, cluster.num_nodes > 1)]
+            "srun " + _train_line(config_spec, workdir, overrides,
+                                  cluster.num_nodes * tasks > 1)]
   return "\n".join(lines) + "\n"

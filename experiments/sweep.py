@@ -82,6 +82,11 @@ def collect(config_spec: str, workdir_root: str, common: dict | None = None) -> 
     group += "_" + "".join(c if c.isalnum() or c in "=-." else "_" for c in arg)
   out, seen = [], {}
   for own in added:
+    clash = sorted(set(common or {}) & set(own))
+    if clash:
+      raise ValueError(f"--set {', '.join(clash)}: {path}'s sweep() sets "
+                       f"{'it' if len(clash) == 1 else 'them'} per run ({own}); change the "
+                       f"sweep, or drop the --set")
     overrides = {**(common or {}), **own}
     config = runs.apply_overrides(module.get_config(arg), overrides)
     name = runs.run_name(own)
@@ -166,6 +171,8 @@ def execute(launcher, planned, spec, cluster) -> int:
     return 2
   for name, workdir, overrides, _ in planned:
     print(f"run {name}", flush=True)
+    run_lib.write_json(run_lib.path(workdir, "sweep.json"),   # for experiments.report
+                       {"name": name, "overrides": overrides})
     if launcher == "tpu_vm":
       argv = launchers.tpu_vm_command(spec, workdir, overrides, cluster)
     else:

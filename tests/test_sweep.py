@@ -9,8 +9,9 @@ import time
 
 import pytest
 import yaml
+from jax._src import clusters
 
-from experiments import report, runs, sweep
+from experiments import launchers, report, runs, sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -63,7 +64,7 @@ def test_run_names_are_stable_and_come_from_the_overrides():
   assert runs.run_name(a) != runs.run_name({"seed": 1, "optimizer.learning_rate": 0.002})
 
 
-def test_dry_run_of_every_launcher(config_file, tmp_path):
+def test_dry_run_of_every_launcher(config_file, tmp_path, monkeypatch):
   root = "gs://bucket/sweeps"
   names = [runs.run_name({"seed": 0}),
            runs.run_name({"seed": 1, "optimizer.learning_rate": 1e-3})]
@@ -103,12 +104,25 @@ def test_dry_run_of_every_launcher(config_file, tmp_path):
                       "--partition", "gpu")
   script = slurm[names[0]].splitlines()
   assert script[0] == "#!/bin/bash"
-  for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+  for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                "#SBATCH --partition=gpu", f"#SBATCH --job-name={names[0]}",
                "#SBATCH --output=slurm-%x-%j.out"):   # a local log for a bucket run
     assert line in script
   assert script[-1] == (f"srun python3 -m drivlm_jax.train --config {config_file} --workdir "
                         f"{workdirs[0]} --config.seed=0 --config.multihost=true")
+  # JAX's own Slurm detection gives each task the GPU of its SLURM_LOCALID: the node's 8
+  # tasks use its 8 GPUs (with one task per node, 7 would stay idle).
+  gpus = set()
+  for local in range(8):
+    env = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "gpu[01-04]", "SLURM_NTASKS": "32",
+           "SLURM_PROCID": str(8 + local), "SLURM_LOCALID": str(local)}
+    for key, value in env.items():
+      monkeypatch.setenv(key, value)
+    _, processes, _, devices = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+        None, None, None, None, "slurm", None)
+    assert processes == 32
+    gpus.update(devices)
+  assert gpus == set(range(8))
 
 
 def test_a_sweep_with_an_unknown_key_is_an_error(tmp_path):
@@ -117,6 +131,30 @@ def test_a_sweep_with_an_unknown_key_is_an_error(tmp_path):
                   "  add(**{'optimizer.learnign_rate': 1e-3})\n")
   with pytest.raises(KeyError, match="optimizer.learnign_rate"):
     sweep.collect(str(path), str(tmp_path))
+
+
+def test_a_set_of_a_swept_key_is_an_error(config_file, tmp_path):
+  """`--set seed=7` on a sweep that sets the seed per run would be dropped silently."""
+  with pytest.raises(ValueError, match="--set seed: .* sets it per run"):
+    sweep.collect(config_file, str(tmp_path), {"seed": 7})
+
+
+def test_cluster_runs_carry_their_sweep_json(config_file, tmp_path, monkeypatch):
+  """Runs launched on a cluster group by setting in experiments.report as local ones do:
+  each workdir has its sweep.json before the job starts (`sbatch` here a script that
+  accepts the job)."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "sbatch").write_text("#!/bin/sh\nexit 0\n")
+  (bin_dir / "sbatch").chmod(0o755)
+  monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+  monkeypatch.chdir(tmp_path)
+  planned = sweep.collect(config_file, str(tmp_path / "runs"))
+  assert sweep.execute("slurm", planned, config_file, launchers.Cluster()) == 0
+  for name, workdir, overrides, _ in planned:
+    assert json.loads((pathlib.Path(workdir) / "sweep.json").read_text()) == {
+        "name": name, "overrides": overrides}
+    assert (pathlib.Path(workdir) / "sbatch.sh").exists()
 
 
 def _sweep(config_file, root):
