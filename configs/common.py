@@ -217,7 +217,8 @@ def evals(batch_size: int, num_generate: int, max_new_tokens: int) -> ml_collect
   """The standard evaluators (`drivlm_jax.evals`): the heads on the source and target test
   splits, and the LM's answers on `num_generate` examples of each, every
   `config.eval_every_steps` (give one an `every` of its own to change that)."""
-  heads = lambda role: dict(type="heads", role=role, batch_size=batch_size)
+  heads = lambda role: dict(type="heads", role=role, batch_size=batch_size,
+                            official_batch_size=1)   # BDD-OIA test.py's --batch_size
   answers = lambda role: dict(type="generation", role=role, num=num_generate,
                               max_new_tokens=max_new_tokens, batch_size=batch_size)
   return ml_collections.ConfigDict(dict(

@@ -24,6 +24,9 @@ def test_config_builds_its_model(name):
               "checkpoint_every_steps"):
     assert key in config, f"configs/{name}.py lacks {key}"
   assert set(config.mesh) == {"data", "fsdp", "tensor"}
+  # The README's `--config.evals.target.official_batch_size=N` (a flag sets existing keys only).
+  assert all("official_batch_size" in spec for spec in config.evals.values()
+             if spec.type == "heads"), name
   assert _param_count(vlm.config_from_dict(config.model)) > 0
 
 
