@@ -32,14 +32,18 @@ from_config = evals.from_config
 
 def run(evaluators, cfg, params, data, feats, workdir, step=None, place=None) -> dict:
   """Runs `evaluators` (on every host, batches placed by `place`; see `evals.Evaluator`),
-  writes workdir/eval.json, prints a table; -> {split: {domain: ...}}."""
+  writes workdir/eval.json, prints a table; -> {split: {domain: ...}}. eval.json keeps what
+  it holds of the same step (other splits, DriveLM scores) and drops an older step's."""
   result = {}
   for evaluator in evaluators:
     split, domain = evaluator.key
     result.setdefault(split, {}).setdefault(domain, {}).update(
         evaluator.run(cfg, params, data, feats, place, workdir))
   if jax.process_index() == 0:
-    run_lib.write_json(run_lib.path(workdir, "eval.json"), {**result, "step": step})
+    path = run_lib.path(workdir, "eval.json")
+    saved = run_lib.read_json(path) if path.exists() else {}
+    kept = saved if saved.get("step") == step else {}
+    run_lib.write_json(path, {**kept, **result, "step": step})
     print(format_table(result, step))
   return result
 
@@ -87,12 +91,12 @@ def main(argv):
   if config is None or workdir is None:
     raise app.UsageError("--config and --workdir are required")
   cfg = run_lib.model_config(config)
-  data = sources.prepare(config.data, workdir)
-  feats = run_lib.features(config, cfg, data["tokenizer"])
-  try:
+  try:   # before the data: a folder that is not a run gets nothing written into it
     params, step = run_lib.load_params(workdir, cfg)
   except run_lib.RunError as e:
     raise app.UsageError(str(e)) from None
+  data = sources.prepare(config.data, workdir)
+  feats = run_lib.features(config, cfg, data["tokenizer"])
   evaluators = from_config(config)
   if flags.FLAGS.drivelm:   # DriveLM's QA of the target test frames, as the challenge scores
     evaluators.append(drivelm.DriveLM(name="drivelm", every=1, role="target",

@@ -6,7 +6,8 @@ cost analysis) to estimate throughput on a device from its peak.
       [--iters 50] [--warmup 5] [--threads N] [--peak-tflops T] [--answer-tokens 16]
       [--out bench.json]
 
---jax defaults to the run recorded in the ONNX's .json sidecar (and its keep ratio). The
+--jax defaults to the run recorded in the ONNX's .json sidecar (and its keep ratio) when that
+run is on this machine; without it (on the device) the frames are random. The
 backends are timed in alternation (one call each per round) after warm-up; p50/p90/p99 in
 ms. With --peak-tflops, the FPS bound GFLOPs allow at that peak is printed too.
 
@@ -84,7 +85,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--onnx", required=True)
   parser.add_argument("--engine")
-  parser.add_argument("--jax", help="the run dir (default: from the ONNX's .json sidecar)")
+  parser.add_argument("--jax", help="the run dir (default: the ONNX's .json sidecar's, when "
+                      "it is on this machine); --jax '' times without JAX")
   parser.add_argument("--iters", type=int, default=50)
   parser.add_argument("--warmup", type=int, default=5)
   parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -98,7 +100,14 @@ def main():
   if os.path.exists(sidecar):
     with open(sidecar) as f:
       meta = json.load(f)
-  run_dir = args.jax or meta.get("run")
+  run_dir = args.jax
+  if run_dir is None and meta.get("run"):
+    # On the device (a copied deploy/ folder, no JAX) the training run is not there.
+    if os.path.exists(os.path.join(meta["run"], "config.json")):
+      run_dir = meta["run"]
+    else:
+      print(f"{meta['run']} (the run in {sidecar}) is not on this machine: timing without "
+            f"JAX, on random frames of the graph's shape")
   options = ort.SessionOptions()
   options.intra_op_num_threads = args.threads
   session = ort.InferenceSession(args.onnx, options, providers=["CPUExecutionProvider"])

@@ -3,6 +3,8 @@ weights, and the layering of the library (no import cycles, no imports of script
 import ast
 import json
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -134,3 +136,32 @@ def test_evaluators_are_built_by_name_with_their_own_schedule(cache):
   config.evals.bad = dict(type="heads", role="target", keep=0.5)
   with pytest.raises(ValueError, match=r"config.evals.bad: unknown key\(s\) \['keep'\]"):
     evaluate.from_config(config)
+
+
+def test_eval_json_keeps_other_splits_of_the_same_step(tmp_path):
+  """`evaluate --split train` on a finished run adds its split; the test split and DriveLM
+  scores of that step stay (experiments.report reads them); an older step's go."""
+  path = tmp_path / "eval.json"
+  path.write_text(json.dumps({"test": {"target": {"action_mAP": 50.0}},
+                              "drivelm": {"final_without_judge": 30.0}, "step": 5}))
+
+  class Train:   # an evaluator of the train split (evals.Evaluator's interface)
+    key = ("train", "target")
+
+    def run(self, *args):
+      del args
+      return {"action_mAP": 70.0}
+  evaluate.run([Train()], None, None, None, None, str(tmp_path), step=5)
+  assert json.loads(path.read_text()) == {
+      "test": {"target": {"action_mAP": 50.0}}, "drivelm": {"final_without_judge": 30.0},
+      "train": {"target": {"action_mAP": 70.0}}, "step": 5}
+  evaluate.run([Train()], None, None, None, None, str(tmp_path), step=6)
+  assert json.loads(path.read_text()) == {"train": {"target": {"action_mAP": 70.0}}, "step": 6}
+
+
+def test_evaluate_on_a_folder_that_is_not_a_run_writes_nothing_there(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "drivlm_jax.evaluate", "--config",
+                           "configs/demo.py", "--workdir", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode != 0 and "is not a run directory" in result.stderr
+  assert not list(tmp_path.iterdir())

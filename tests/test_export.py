@@ -3,6 +3,7 @@ import dataclasses
 import importlib.util
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -88,6 +89,19 @@ def test_cli_exports_the_demo_student_and_its_lm(run, tmp_path):
   np.testing.assert_allclose(d["fps_heads_and_answer"], 1e3 / (
       d["vision_heads_ms"] + d["lm_prefill_ms"] + 3 * d["decode_ms_per_token"]))
   assert "frames/s with a 4-token answer" in result.stdout
+  # On the device: the deploy folder without the training run times without JAX.
+  device = tmp_path / "device"
+  device.mkdir()
+  shutil.copy(out, device / "student.onnx")
+  sidecar = json.loads(out.with_suffix(".json").read_text())
+  (device / "student.json").write_text(json.dumps({**sidecar, "run": "/elsewhere/run"}))
+  result = subprocess.run(
+      [sys.executable, "-m", "export.benchmark", "--onnx", str(device / "student.onnx"),
+       "--iters", "2", "--warmup", "1", "--out", str(bench)],
+      capture_output=True, text=True, timeout=600, check=False, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "/elsewhere/run (the run in" in result.stdout
+  assert set(json.loads(bench.read_text())["latency"]) == {"onnxruntime"}
 
   # The LM graphs generate what vlm.generate generates.
   ids, mask = inputs.prompts(str(tmp_path / "tokenizer.json"), cfg.num_visual_tokens,
