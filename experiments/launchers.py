@@ -8,6 +8,16 @@ from experiments import runs
 
 LAUNCHERS = ("local", "tpu_vm", "skypilot", "slurm")
 SETUP = 'pip install -e ".[cloud]"'   # run directories in a bucket need the [cloud] extra
+# Launchers whose hosts keep nothing: each TPU VM host writes its own disk, a SkyPilot
+# cluster's disk goes with it. Their runs' root must be a bucket.
+REMOTE_ROOT = ("tpu_vm", "skypilot")
+
+
+def accelerator_setup(accelerators: str) -> str:
+  """The JAX build for the accelerator (setup.py's jaxlib is the CPU one), at the installed
+  jax's version: "jax[tpu]" for TPUs, "jax[cuda12]" for GPUs."""
+  extra = "tpu" if accelerators.lower().startswith("tpu") else "cuda12"
+  return (f'pip install "jax[{extra}]==$(python -c \'import jax; print(jax.__version__)\')"')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +36,8 @@ class Cluster:
 
 
 def sky_name(name: str) -> str:
-  """SkyPilot cluster/job names: lowercase letters, digits and dashes, <= 63 chars."""
+  """SkyPilot cluster/job names: lowercase letters, digits and dashes, <= 63 chars (the
+  end kept: a run name's hash)."""
   safe = re.sub(r"-+", "-", re.sub(r"[^a-z0-9]", "-", name.lower())).strip("-")[-61:]
   safe = safe.lstrip("-")
   return safe if safe[:1].isalpha() else "r-" + safe
@@ -55,9 +66,16 @@ def _train_line(config_spec, workdir, overrides, multihost: bool) -> str:
                                                               extra=extra))
 
 
-def skypilot_yaml(name, config_spec, workdir, overrides, cluster: Cluster) -> str:
-  """A SkyPilot task: the repo synced as workdir, installed in setup; with several nodes the
-  head node's IP is jax.distributed's coordinator."""
+def sky_run_name(workdir: str) -> str:
+  """A run's SkyPilot name: its sweep group and run name (<root>/<group>/<name>), so that
+  two sweeps with the same overrides do not share clusters."""
+  group, name = str(workdir).rstrip("/").split("/")[-2:]
+  return sky_name(f"{group}-{name}")
+
+
+def skypilot_yaml(config_spec, workdir, overrides, cluster: Cluster) -> str:
+  """A SkyPilot task: the repo synced as workdir, installed in setup with the accelerator's
+  JAX; with several nodes the head node's IP is jax.distributed's coordinator."""
   run = []
   if cluster.num_nodes > 1:
     run += ['export JAX_COORDINATOR_ADDRESS="$(echo "$SKYPILOT_NODE_IPS" | head -n1):8476"',
@@ -65,11 +83,11 @@ def skypilot_yaml(name, config_spec, workdir, overrides, cluster: Cluster) -> st
             'export JAX_PROCESS_ID="$SKYPILOT_NODE_RANK"']
   run.append(_train_line(config_spec, workdir, overrides, cluster.num_nodes > 1))
   indent = lambda lines: "\n".join("  " + line for line in lines)
-  return (f"name: {sky_name(name)}\n"
+  return (f"name: {sky_run_name(workdir)}\n"
           f"num_nodes: {cluster.num_nodes}\n"
           f"resources:\n  accelerators: {cluster.accelerators}\n"
           f"workdir: .\n"
-          f"setup: |\n{indent([SETUP])}\n"
+          f"setup: |\n{indent([SETUP, accelerator_setup(cluster.accelerators)])}\n"
           f"run: |\n{indent(run)}\n")
 
 

@@ -23,8 +23,9 @@ the overrides (stable across invocations) and its workdir is
   sweep after its runs save a checkpoint; the same command resumes it.
 - tpu_vm: `gcloud compute tpus tpu-vm ssh NAME --worker=all --command ...` per run (every host
   runs the trainer with jax.distributed).
-- skypilot: a task YAML per run (<workdir>/sky.yaml), launched with `sky launch` (or
-  `sky jobs launch` with --managed).
+- skypilot: a task YAML per run (<workdir>/sky.yaml; setup installs the accelerator's JAX),
+  launched with `sky launch --down` on a cluster of its own, named <group>-<run> (or
+  `sky jobs launch` with --managed). tpu_vm and skypilot need a gs:// --workdir-root.
 - slurm: an sbatch script per run (<workdir>/sbatch.sh, `srun`, one task per host), `sbatch`.
 --dry-run prints, per run, a line "run NAME" and then what would be launched: the command
 (local, tpu_vm), the task YAML (skypilot) or the sbatch script (slurm); no cloud CLI needed.
@@ -105,7 +106,7 @@ def describe(launcher, name, spec, workdir, overrides, cluster) -> str:
   if launcher == "tpu_vm":
     return quote(launchers.tpu_vm_command(spec, workdir, overrides, cluster))
   if launcher == "skypilot":
-    return launchers.skypilot_yaml(name, spec, workdir, overrides, cluster).rstrip()
+    return launchers.skypilot_yaml(spec, workdir, overrides, cluster).rstrip()
   return launchers.slurm_script(name, spec, workdir, overrides, cluster).rstrip()
 
 
@@ -180,10 +181,11 @@ def execute(launcher, planned, spec, cluster) -> int:
       os.makedirs(local_dir, exist_ok=True)
       if launcher == "skypilot":
         path = os.path.join(local_dir, "sky.yaml")
-        text = launchers.skypilot_yaml(name, spec, workdir, overrides, cluster)
-        sky = launchers.sky_name(name)
+        text = launchers.skypilot_yaml(spec, workdir, overrides, cluster)
+        sky = launchers.sky_run_name(workdir)
+        # A cluster of its own per run, taken down when the run ends (results: the bucket).
         argv = (["sky", "jobs", "launch", "-y", "-n", sky, path] if cluster.managed
-                else ["sky", "launch", "-y", "-c", sky, path])
+                else ["sky", "launch", "-y", "--down", "-c", sky, path])
       else:
         path = os.path.join(local_dir, "sbatch.sh")
         text = launchers.slurm_script(name, spec, workdir, overrides, cluster)
@@ -215,6 +217,9 @@ def main(argv=None):
   cluster = launchers.Cluster(**{f: getattr(args, f) for f in (
       "tpu", "zone", "project", "repo_dir", "accelerators", "num_nodes", "gpus_per_node",
       "partition", "time", "managed")})
+  if args.launcher in launchers.REMOTE_ROOT and not run_lib.is_remote(args.workdir_root):
+    parser.error(f"--launcher {args.launcher} needs --workdir-root in a bucket (gs://...): "
+                 f"its hosts keep nothing, {args.workdir_root} would be on their disks")
   try:
     planned = collect(args.config, args.workdir_root, parse_sets(args.set))
   except (AttributeError, FileNotFoundError, KeyError, TypeError, ValueError) as e:

@@ -92,8 +92,19 @@ def test_dry_run_of_every_launcher(config_file, tmp_path, monkeypatch):
                     "--num-nodes", "2")
   task = yaml.safe_load(sky[names[1]])
   assert task["num_nodes"] == 2 and task["resources"] == {"accelerators": "H100:8"}
-  assert task["name"] == "learning-rate-0-001-seed-1-" + names[1].rsplit("-", 1)[1]
+  # Named by sweep group and run: another sweep's run with the same overrides is another.
+  assert task["name"] == "tiny-sweep-learning-rate-0-001-seed-1-" + names[1].rsplit("-", 1)[1]
   assert "pip install -e \".[cloud]\"" in task["setup"]   # gs:// workdirs need [cloud]
+  # The GPU build of the installed jax (setup.py's jaxlib is the CPU one).
+  assert ('pip install "jax[cuda12]==$(python -c \'import jax; print(jax.__version__)\')"'
+          in task["setup"])
+  tpu_task = yaml.safe_load(_dry_run(config_file, "skypilot", root)[0][names[0]])
+  assert '"jax[tpu]==' in tpu_task["setup"]
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.sweep", config_file, "--launcher", "skypilot",
+       "--dry-run", "--workdir-root", str(tmp_path)], capture_output=True, text=True,
+      timeout=120, check=False, cwd=ROOT)
+  assert result.returncode == 2 and "needs --workdir-root in a bucket" in result.stderr
   run_lines = task["run"].strip().splitlines()
   assert run_lines[0].startswith("export JAX_COORDINATOR_ADDRESS=")
   assert run_lines[-1] == (f"python3 -m drivlm_jax.train --config {config_file} --workdir "
