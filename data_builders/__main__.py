@@ -5,6 +5,7 @@ r"""Builds a dataset into array_record files that `tfds.data_source` reads.
 """
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -29,6 +30,21 @@ def build(name, manual_dir, data_dir, config=None, strict=False):
           skips.counts if skips else {})
 
 
+def check_source(name, manual_dir, data_dir) -> str:
+  """A --data_dir holds one folder's build (tfds reuses whatever it holds, silently): the
+  first build records its folder in <data_dir>/<name>.source; another folder is an error.
+  -> that record's path."""
+  record = os.path.join(data_dir, f"{name}.source")
+  if os.path.exists(record):
+    with open(record) as f:
+      built = f.read().strip()
+    if built != os.path.abspath(manual_dir):
+      raise common.BuildError(f"{data_dir} holds {name} built from {built}, not "
+                              f"{os.path.abspath(manual_dir)}: pass another --data_dir, or "
+                              f"delete it to rebuild")
+  return record
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -43,10 +59,13 @@ def main(argv=None):
     parser.error("--config applies to nuscenes_drive only")
   start = time.time()
   try:
+    record = check_source(args.name, args.manual_dir, args.data_dir)
     splits, skipped = build(args.name, args.manual_dir, args.data_dir, args.config, args.strict)
   except common.BuildError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  with open(record, "w") as f:
+    f.write(os.path.abspath(args.manual_dir) + "\n")
   print(json.dumps({"dataset": args.name, "splits": splits, "skipped": skipped,
                     "seconds": round(time.time() - start, 1)}))
 

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -215,3 +216,18 @@ def test_the_image_folder_is_the_one_holding_the_splits_images(tmp_path):
   with pytest.raises(BuildError,
                      match=rf"train_25k_images_actions.json: none of its {len(NAMES)} images"):
     build_cli.build("bdd_oia", empty, str(tmp_path / "d2"))
+
+
+def test_a_data_dir_built_from_one_folder_refuses_another(tmp_path, capsys):
+  """tfds reuses whatever a data_dir holds: `build` from another folder into it would
+  silently print the first folder's dataset."""
+  build = lambda folder: build_cli.main(["build", "bdd_oia", "--manual_dir", folder,
+                                         "--data_dir", str(tmp_path / "d")])
+  first, other = write_archive(tmp_path / "a"), write_archive(tmp_path / "b")
+  build(first)
+  build(first)                                  # the same folder: reused
+  assert capsys.readouterr().out.count('"splits": {"train": 4}') == 2
+  with pytest.raises(SystemExit) as e:
+    build(other)
+  assert e.value.code == 1
+  assert re.search(r"holds bdd_oia built from .*/a, not .*/b", capsys.readouterr().err)
