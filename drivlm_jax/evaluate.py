@@ -87,9 +87,7 @@ def main(argv):
     score_drivelm(flags.FLAGS.drivelm_test, flags.FLAGS.drivelm_predictions,
                   flags.FLAGS.judge, flags.FLAGS.workdir)
     return
-  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  if config is None or workdir is None:
-    raise app.UsageError("--config and --workdir are required")
+  config, workdir = run_lib.flag_values()
   cfg = run_lib.model_config(config)
   try:   # before the data: a folder that is not a run gets nothing written into it
     params, step = run_lib.load_params(workdir, cfg)
@@ -118,4 +116,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("judge", None, "The GPT-score judge: a command reading JSON lines "
                       "{question, answer, gt} and writing a 0-100 score per line; a local "
                       "LLM: 'python -m drivlm_jax.evals.judge --model DIR'.")
-  app.run(main)
+  app.run(main, flags_parser=run_lib.parse_flags)

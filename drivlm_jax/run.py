@@ -9,11 +9,12 @@ params a run is judged by (`EVAL_KEY`: the moving average when the run keeps one
 import dataclasses
 import json
 import os
+import sys
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-from absl import flags, logging
+from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
@@ -72,6 +73,30 @@ def define_flags():
   overrides; unknown keys are errors) and --workdir."""
   config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory (local or gs://).")
+
+
+def parse_flags(argv):
+  """absl's flag parsing (`app.run(main, flags_parser=parse_flags)`), where an override of a
+  key the config lacks is one line naming it, not ml_collections' traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e} (--helpfull lists the flags)", file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError) as e:
+    key = str(e).strip("\"'")
+    bad = [a.split("=")[0] for a in argv[1:]
+           if a.startswith("--config.") and key in a.split("=")[0].split(".")]
+    print(f"error: {' '.join(bad) or '--config.*'}: the config has no key {key!r} (a flag "
+          f"sets the config's keys, it adds none)", file=sys.stderr)
+    sys.exit(2)
+
+
+def flag_values():
+  """(config, workdir) from the flags `define_flags` defines; both are required."""
+  if flags.FLAGS.config is None or flags.FLAGS.workdir is None:
+    raise app.UsageError("--config and --workdir are required")
+  return flags.FLAGS.config, flags.FLAGS.workdir
 
 
 def deploy_keep_ratio(config) -> float:

@@ -367,9 +367,7 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  if config is None or workdir is None:
-    raise app.UsageError("--config and --workdir are required")
+  config, workdir = run_lib.flag_values()
   try:
     train(config, workdir)
   except NonFiniteLoss as e:
@@ -380,4 +378,4 @@ def main(argv):
 
 if __name__ == "__main__":
   run_lib.define_flags()
-  app.run(main)
+  app.run(main, flags_parser=run_lib.parse_flags)
