@@ -57,6 +57,8 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.config and args.name != "nuscenes_drive":
     parser.error("--config applies to nuscenes_drive only")
+  if not os.path.isdir(args.manual_dir):
+    parser.error(f"--manual_dir {args.manual_dir}: no such folder")
   start = time.time()
   try:
     record = check_source(args.name, args.manual_dir, args.data_dir)

@@ -84,10 +84,16 @@ def main(argv):
   if flags.FLAGS.drivelm_predictions or flags.FLAGS.drivelm_test:
     if not (flags.FLAGS.drivelm_predictions and flags.FLAGS.drivelm_test):
       raise app.UsageError("--drivelm_test and --drivelm_predictions go together")
+    for flag in ("drivelm_test", "drivelm_predictions"):
+      if not run_lib.path(flags.FLAGS[flag].value).exists():
+        raise app.UsageError(f"--{flag} {flags.FLAGS[flag].value}: no such file")
     score_drivelm(flags.FLAGS.drivelm_test, flags.FLAGS.drivelm_predictions,
                   flags.FLAGS.judge, flags.FLAGS.workdir)
     return
   config, workdir = run_lib.flag_values()
+  if flags.FLAGS.split not in (None, "train", "test"):
+    raise app.UsageError(f"--split {flags.FLAGS.split}: 'train' or 'test' (a layout with val "
+                         f"but no test split evaluates val as 'test')")
   cfg = run_lib.model_config(config)
   try:   # before the data: a folder that is not a run gets nothing written into it
     params, step = run_lib.load_params(workdir, cfg)

@@ -95,6 +95,8 @@ def main():
                       help="tokens of the answer in the heads + answer frames/s")
   parser.add_argument("--out", default=None, help="write the figures as JSON")
   args = parser.parse_args()
+  if not os.path.isfile(args.onnx):
+    parser.error(f"--onnx {args.onnx}: no such file")
   sidecar = os.path.splitext(args.onnx)[0] + ".json"
   meta = {}
   if os.path.exists(sidecar):

@@ -95,6 +95,8 @@ def main():
   parser.add_argument("--method", choices=sorted(METHODS), default="minmax")
   parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/drivlm_jax"))
   args = parser.parse_args()
+  if not os.path.isfile(args.onnx):
+    parser.error(f"--onnx {args.onnx}: no such file")
   feats = sidecar_features(args.onnx)
   calib = real_inputs.from_dir(args.calib, feats, args.num, args.cache_dir, split="train")
   held_out = real_inputs.from_dir(args.calib, feats, 16, args.cache_dir, split="test")

@@ -231,3 +231,10 @@ def test_a_data_dir_built_from_one_folder_refuses_another(tmp_path, capsys):
     build(other)
   assert e.value.code == 1
   assert re.search(r"holds bdd_oia built from .*/a, not .*/b", capsys.readouterr().err)
+
+
+def test_a_missing_manual_dir_is_named(tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    build_cli.main(["build", "bdd_oia", "--manual_dir", str(tmp_path / "no"), "--data_dir",
+                    str(tmp_path / "d")])
+  assert e.value.code == 2 and "no such folder" in capsys.readouterr().err

@@ -298,3 +298,14 @@ def test_arguments_the_export_cannot_honour_are_refused_up_front(tmp_path):
     to_onnx.export_run(str(tmp_path), str(tmp_path / "s.onnx"), batch=0)
   with pytest.raises(ValueError, match=r"--opset 12: the export writes opsets 13-"):
     to_onnx.convert(lambda x: x, [], ["x"], ["y"], str(tmp_path / "s.onnx"), 12)
+
+
+@pytest.mark.parametrize("module", ["export.quantize", "export.benchmark"])
+def test_a_missing_onnx_is_named(module, tmp_path):
+  extra = ["--calib", str(tmp_path), "--out", str(tmp_path / "o.onnx")] if "quant" in module \
+      else []
+  result = subprocess.run([sys.executable, "-m", module, "--onnx", str(tmp_path / "no.onnx"),
+                           *extra], capture_output=True, text=True, timeout=300, check=False,
+                          cwd=ROOT)
+  assert result.returncode == 2 and f"--onnx {tmp_path / 'no.onnx'}: no such file" in \
+      result.stderr and "Traceback" not in result.stderr
