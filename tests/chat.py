@@ -51,6 +51,52 @@ def reference_ids(proc, question, answer=None) -> list:
   return list(proc(text=text, images=image, return_tensors="np")["input_ids"][0])
 
 
+# Checkpoints' own templates (as their tokenizer_config.json / chat_template.json write them):
+# LLaMA-3 Instruct's (writes bos_token itself; its tokenizer adds bos too), llava-hf's
+# LLaVA-1.5 (no end-of-turn token: "USER: <image>\n... ASSISTANT: answer "), and Qwen2's
+# (string content only: a list of typed parts raises).
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | "
+    "trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+    "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+LLAVA15 = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role']"
+    ".upper() + ': '}}{% endif %}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{% if message['role'] != 'assistant' "
+    "%}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | "
+    "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}"
+    "{% endgeneration %}{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "{{ 'ASSISTANT:' }}{% endif %}")
+QWEN2 = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def template_tokenizer(path, template, special, eos, bos=None, pad=None):
+  """A tiny tokenizer with `template`, saved to `path`; with `bos`, it prepends bos to every
+  text it tokenizes (as LLaMA-3's and LLaVA-1.5's do)."""
+  from tokenizers import processors
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(
+      vocab_size=200, special_tokens=["<unk>", "<image>", *special],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  if bos:
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+  fast = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, unk_token="<unk>", bos_token=bos, eos_token=eos, pad_token=pad)
+  fast.chat_template = template
+  fast.save_pretrained(path)
+  return fast
+
+
 def clip_tokenizer(path) -> transformers.PreTrainedTokenizerFast:
   """A CLIP-style tokenizer (<|startoftext|> ... <|endoftext|>, padded with <|endoftext|>),
   saved to `path`."""

@@ -129,6 +129,25 @@ def test_generate_stops_at_eos_like_hf(lm):
   assert (ours[:, n:] == 0).all()
 
 
+def test_generate_stops_at_any_of_several_eos_like_hf(lm):
+  """A checkpoint's eos may be several ids (generation_config), a chat template's end of
+  turn besides the tokenizer's eos: a row stops at the first of any."""
+  model, cfg, params = lm
+  ids = _ids(2, 7, cfg.vocab_size, seed=3)
+  free = np.asarray(language.generate(cfg, params, ids, max_new_tokens=8))
+  eos = (int(free[1, 8]), int(free[0, 10]))   # row 1 stops at its 2nd step, row 0 later
+  ours = np.asarray(language.generate(cfg, params, ids, max_new_tokens=8, eos_token_id=eos,
+                                      pad_token_id=0))
+  with torch.inference_mode():
+    theirs = model.generate(torch.from_numpy(ids).long(),
+                            attention_mask=torch.ones(ids.shape, dtype=torch.long),
+                            max_new_tokens=8, do_sample=False, eos_token_id=list(eos),
+                            pad_token_id=0).numpy()
+  n = theirs.shape[1]
+  np.testing.assert_array_equal(ours[:, :n], theirs)
+  assert (ours[:, n:] == 0).all() and (ours[1, 9:] == 0).all()
+
+
 def test_sampling_is_reproducible_and_respects_top_p(lm):
   _, cfg, params = lm
   ids = _ids(2, 5, cfg.vocab_size, seed=5)

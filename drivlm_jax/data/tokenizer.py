@@ -26,6 +26,17 @@ class _Tokenizer:
   image_id: int
   vocab_size: int
 
+  @property
+  def stop_ids(self) -> tuple:
+    """The ids that end an answer (generation stops at the first): eos, and a chat
+    template's own end of turn (`<|im_end|>`, `<|eot_id|>`) where it has one."""
+    return (self.eos_id,)
+
+  def cut(self, ids) -> list:
+    """Generated ids up to (without) the first stop id."""
+    ids = [int(i) for i in ids]
+    return ids[:next((i for i, t in enumerate(ids) if t in self.stop_ids), len(ids))]
+
   def encode(self, text: str) -> list:
     raise NotImplementedError
 
@@ -128,6 +139,18 @@ class ChatTokenizer(_Tokenizer):
     # A prompt depends on the instruction only, and instructions repeat (DriveLM's questions,
     # the default instruction): each is rendered once (a dict: grain workers pickle this).
     self._prompts = {}
+    self.special = set(self.tokenizer.all_special_ids) | {
+        i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
+    # The template's end of turn: the first special token after an answer (none in
+    # LLaVA-1.5's "ASSISTANT: answer", where the answer ends with eos as LLaVA trains it).
+    prompt = self._render("x", None, 1)
+    after = self._render("x", "y", 1)[len(prompt):]
+    turn = next((t for t in after if t in self.special), self.eos_id)
+    self._stop_ids = tuple(dict.fromkeys((self.eos_id, turn)))
+
+  @property
+  def stop_ids(self) -> tuple:
+    return self._stop_ids
 
   def encode(self, text: str) -> list:
     return self.tokenizer.encode(text, add_special_tokens=False)
@@ -136,26 +159,37 @@ class ChatTokenizer(_Tokenizer):
     return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
   def _render(self, instruction, answer, num_image_tokens) -> list:
-    # Multimodal templates (LLaVA's) take typed content; text-only ones (an LM's own) take a
-    # string, where the image goes first as LLaVA-1.5 puts it: "<image>\n{instruction}".
+    # Multimodal templates (LLaVA's) take typed content; text-only ones (an LM's own, e.g.
+    # Qwen2's, which raises on a list) take a string, where the image goes first as LLaVA-1.5
+    # puts it: "<image>\n{instruction}".
+    import jinja2
+    counts = []
     for user, reply in (([{"type": "image"}, {"type": "text", "text": instruction}],
                          [{"type": "text", "text": answer}]),
                         (f"{self.image_token}\n{instruction}", answer)):
       messages = [{"role": "user", "content": user}]
       if answer is not None:
         messages.append({"role": "assistant", "content": reply})
-      text = self.tokenizer.apply_chat_template(messages, chat_template=self.template,
-                                                tokenize=False,
-                                                add_generation_prompt=answer is None)
-      if text.count(self.image_token) == 1:
+      try:
+        text = self.tokenizer.apply_chat_template(messages, chat_template=self.template,
+                                                  tokenize=False,
+                                                  add_generation_prompt=answer is None)
+      except (TypeError, jinja2.TemplateError) as e:
+        counts.append(f"{type(e).__name__}: {e}")
+        continue
+      counts.append(text.count(self.image_token))
+      if counts[-1] == 1:
         break
     else:
-      raise ValueError(f"{self.path}: the chat template writes {text.count(self.image_token)} "
-                       f"image tokens {self.image_token!r} for one image, not 1")
+      raise ValueError(f"{self.path}: the chat template does not write one image token "
+                       f"{self.image_token!r} for one image (typed content, then a string: "
+                       f"{counts})")
     # As the LLaVA processor: the placeholder becomes one token per visual token, and the
-    # text is tokenized with the tokenizer's own special tokens.
-    return self.tokenizer(text.replace(self.image_token, self.image_token * num_image_tokens)
-                          )["input_ids"]
+    # text is tokenized with the tokenizer's own special tokens unless the template wrote
+    # the bos itself (transformers' ProcessorMixin.apply_chat_template: no second bos).
+    bos = self.tokenizer.bos_token
+    return self.tokenizer(text.replace(self.image_token, self.image_token * num_image_tokens),
+                          add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
 
   def parts(self, instruction, answer, num_image_tokens):
     key = (instruction, num_image_tokens)
@@ -169,8 +203,14 @@ class ChatTokenizer(_Tokenizer):
       raise ValueError(f"{self.path}: the chat template's answer does not extend its "
                        f"generation prompt; cannot tell the answer tokens apart")
     reply = full[len(prompt):]
-    end = reply.index(self.eos_id) + 1 if self.eos_id in reply else len(reply)
-    return prompt, reply[:end]
+    # The answer ends at its end of turn (what the template writes after it, a newline, is
+    # not learned); a template without one (LLaVA-1.5) gets eos after the answer's text.
+    end = next((i for i, t in enumerate(reply) if t in self.stop_ids), None)
+    if end is not None:
+      return prompt, reply[:end + 1]
+    while reply and not self.tokenizer.decode(reply[-1:]).strip():
+      reply = reply[:-1]
+    return prompt, reply + [self.eos_id]
 
 
 def has_tokenizer(directory: str) -> bool:

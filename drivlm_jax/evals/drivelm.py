@@ -201,8 +201,7 @@ class DriveLM(evals.Evaluator):
       tokens = np.asarray(generation.generate(
           cfg, params, np.stack([r[1] for r in chunk]), ids, max_new_tokens=self.max_new_tokens,
           instruction_ids=instruction, instruction_mask=instruction_mask,
-          attention_mask=mask, eos_token_id=tok.eos_id,
+          attention_mask=mask, eos_token_id=tok.stop_ids,
           pad_token_id=tok.pad_id))[:, width:]
-      out += [tok.decode(t[:list(t).index(tok.eos_id)] if tok.eos_id in t else t)
-              for t in tokens]
+      out += [tok.decode(tok.cut(t)) for t in tokens]
     return out

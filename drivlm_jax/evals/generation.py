@@ -38,10 +38,9 @@ def answers(cfg, params, batch, tokenizer, n, max_new_tokens):
                                 max_new_tokens=max_new_tokens,
                                 instruction_ids=batch["instruction_ids"][rows],
                                 instruction_mask=batch["instruction_mask"][rows],
-                                attention_mask=mask, eos_token_id=tokenizer.eos_id,
+                                attention_mask=mask, eos_token_id=tokenizer.stop_ids,
                                 pad_token_id=tokenizer.pad_id))[:, width:]
-  hyps = [tokenizer.decode(t[:list(t).index(tokenizer.eos_id)] if tokenizer.eos_id in t else t)
-          for t in tokens]
+  hyps = [tokenizer.decode(tokenizer.cut(t)) for t in tokens]
   refs = [[tokenizer.decode(batch["targets"][i][batch["loss_mask"][i] > 0])] for i in rows]
   return hyps, refs
 

@@ -345,21 +345,23 @@ def generate(cfg: Config, params, input_ids, max_new_tokens: int = 8, *, attenti
 
   input_ids: [B, T] int32, left-padded if `attention_mask` is given. `inputs_embeds`
   ([B, T, D]) replaces the prompt's embeddings (e.g. with visual tokens spliced in).
-  After a row emits `eos_token_id` it emits `pad_token_id` (default: eos), as HF does.
+  After a row emits `eos_token_id` (an id, or a tuple of ids: any of them) it emits
+  `pad_token_id` (default: the first eos), as HF does.
   Returns [B, T + max_new_tokens] int32: the prompt followed by the new tokens.
   """
   b, t = input_ids.shape
   rng = jax.random.key(0) if rng is None else rng
-  pad = eos_token_id if pad_token_id is None else pad_token_id
+  stops = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id or ())
+  pad = (stops[0] if stops else None) if pad_token_id is None else pad_token_id
   cache = init_cache(cfg, b, t + max_new_tokens)
   out = forward(cfg, params, None if inputs_embeds is not None else input_ids,
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache)
 
   def finish(token, done):
-    if eos_token_id is None:
+    if not stops:
       return token, done
     token = jnp.where(done, pad, token)
-    return token, done | (token == eos_token_id)
+    return token, done | jnp.isin(token, jnp.asarray(stops, token.dtype))
 
   rng, key = jax.random.split(rng)
   first, done = finish(sample_token(out["logits"][:, -1], key, temperature, top_p),
