@@ -6,7 +6,8 @@ config.lora: rank (0 = off), alpha, targets (a regex on "/"-joined param paths s
 `params["lora"]`, a tree that mirrors the paths of the kernels it adapts, with "a" and "b"
 leaves shaped like the kernel's own axes: A [*layers, *in_dims, rank], B [*layers, rank,
 *out_dims] (stacked layers keep their leading axis; a kernel's input dims are its first one,
-or two for `o_proj` / `out_proj`, as HF's torch Linear layout says), so they shard by the
+or two for `o_proj` / `out_proj`, as HF's torch Linear layout says, or all but the last for
+the patch embedding's conv kernel), so they shard by the
 kernel's logical axes. `merge` folds them into the kernels (training step, evaluation,
 export, `hf.save_vlm`); the optimizer freezes the adapted kernels (`frozen_pattern`).
 """
@@ -26,8 +27,11 @@ def enabled(lora_config) -> bool:
 
 
 def _split(path, shape) -> tuple:
-  """(number of leading layer axes, number of input dims) of the kernel at `path`."""
+  """(number of leading layer axes, number of input dims) of the kernel at `path`: the
+  patch embedding's [p, p, C, D] maps p * p * C inputs to D (a conv as a matmul)."""
   lead = 1 if "layers" in path else 0
+  if path[-2] == "patch_embedding":
+    return lead, len(shape) - lead - 1
   return lead, 2 if path[-2] in ("o_proj", "out_proj") else 1
 
 
@@ -39,6 +43,12 @@ def targets(lora_config, params) -> list:
   if not found:
     raise ValueError(f"lora.targets {lora_config.targets!r} matches no dense kernel")
   return found
+
+
+def adapted(params) -> list:
+  """The kernel paths that `params["lora"]` adapts (what the optimizer must freeze; the
+  other parts of a training state, e.g. a CLIP text tower, are not the model's)."""
+  return sorted({p[:-1] + ("kernel",) for p in traverse_util.flatten_dict(params["lora"])})
 
 
 def frozen_pattern(paths) -> str:

@@ -129,11 +129,12 @@ def model_view(config, labels):
 
 
 def optimizer_config(config, shapes):
-  """config.optimizer, with the kernels LoRA adapts frozen (first in `parts`)."""
+  """config.optimizer, with the kernels LoRA adapts (`shapes["lora"]`) frozen, first in
+  `parts`."""
   opt = config.optimizer.copy_and_resolve_references()
   if lora.enabled(config.get("lora")):
     with opt.unlocked():
-      opt.parts = [{"pattern": lora.frozen_pattern(lora.targets(config.lora, shapes)),
+      opt.parts = [{"pattern": lora.frozen_pattern(lora.adapted(shapes)),
                     "freeze": True}] + [dict(p) for p in opt.get("parts", [])]
   return opt
 

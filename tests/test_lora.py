@@ -107,3 +107,40 @@ def test_lora_params_shard_like_their_kernels_and_frozen_params_get_no_moments(b
   targets = {"".join(f"['{k}']" for k in p) for p in lora.targets(LORA, params)}
   frozen = {k for k in names if names[k][0].key == "vision" or k in targets}
   assert with_moments == set(names) - frozen
+
+
+def test_only_the_adapted_kernels_freeze(base):
+  """An unanchored target pattern that also matches a part of the training state that is
+  not the model's (a CLIP text tower's q_proj) adapts the model's kernels only, and only
+  those freeze: the text tower keeps training."""
+  _, cfg, params = base
+  config = ml_collections.ConfigDict(dict(
+      lora=dict(rank=4, alpha=8.0, targets="self_attn/q_proj/kernel$"),
+      optimizer=dict(learning_rate=1e-3, warmup_steps=1, weight_decay=0.0,
+                     grad_clip_norm=1.0, parts=[])))
+  state = {**params, "lora": lora.init(config.lora, params, jax.random.key(1)),
+           "text": {"layers": {"self_attn": {"q_proj": {"kernel": np.ones((2, 8, 8))}}}}}
+  labels = traverse_util.flatten_dict(optim.part_labels(
+      state, list(train.optimizer_config(config, state).parts)))
+  frozen = {"/".join(p) for p, label in labels.items() if label == "frozen"}
+  assert frozen == {"/".join(p) for p in lora.targets(config.lora, params)}
+  assert "text/layers/self_attn/q_proj/kernel" not in frozen
+
+
+def test_the_patch_embedding_adapter_is_low_rank(base):
+  """The patch embedding's conv kernel [p, p, C, D] is a (p * p * C) -> D map: its adapter is
+  A [p, p, C, r], B [r, D] and the merged update has rank <= r."""
+  _, _, params = base
+  config = ml_collections.ConfigDict(dict(rank=2, alpha=4.0,
+                                          targets="patch_embedding/kernel$"))
+  adapters = lora.init(config, params, jax.random.key(1))
+  kernel = params["vision"]["embeddings"]["patch_embedding"]["kernel"]
+  a = adapters["vision"]["embeddings"]["patch_embedding"]["a"]
+  p, _, c, d = kernel.shape
+  assert a.shape == (p, p, c, 2) and adapters["vision"]["embeddings"]["patch_embedding"]["b"].shape == (2, d)
+  adapters["vision"]["embeddings"]["patch_embedding"]["b"] = np.ones((2, d), np.float32)
+  merged = lora.merge({**params, "lora": adapters}, config)["vision"]["embeddings"]["patch_embedding"]
+  delta = np.asarray(merged["kernel"] - kernel).reshape(p * p * c, d)
+  assert np.linalg.matrix_rank(delta, tol=1e-5) <= 2
+  np.testing.assert_allclose(delta, 2.0 * np.asarray(a).reshape(-1, 2) @ np.ones((2, d)),
+                             rtol=1e-5, atol=1e-6)
