@@ -10,6 +10,7 @@ import os
 
 import flax.linen as nn
 from absl import logging
+from flax import traverse_util
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
@@ -73,6 +74,24 @@ def rules_from_config(config_rules=None) -> tuple:
 def param_shardings(logical_specs, mesh, rules):
   """Tree of NamedShardings from a tree of logical PartitionSpecs."""
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def check_shardable(shapes, shardings, logical):
+  """A ValueError naming the param, its dimension, logical axis and mesh axes when a sharded
+  dimension does not divide by them (jit's own error names neither the param nor what to
+  change). `shapes`, `shardings` and `logical` are nested dicts of the same keys."""
+  flat = traverse_util.flatten_dict
+  sharding_of, names_of = flat(shardings), flat(logical)
+  for path, shape in flat(shapes).items():
+    spec, names = sharding_of[path].spec, tuple(names_of[path])
+    for dim, (size, axes) in enumerate(zip(shape.shape, spec)):
+      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      ways = math.prod(sharding_of[path].mesh.shape[a] for a in axes)
+      if size % ways:
+        raise ValueError(
+            f"{'/'.join(path)} {tuple(shape.shape)}: dimension {dim} (logical "
+            f"{names[dim]!r}, {size}) does not split over mesh axes {axes} ({ways} ways): "
+            f"change config.mesh or config.rules, or the model's size")
 
 
 def like_params(tree, params, mesh):

@@ -191,7 +191,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   init = jax.jit(init_params, out_shardings=param_shardings)
   with jax.set_mesh(mesh):
-    params = init(jax.random.key(config.seed))
+    try:
+      params = init(jax.random.key(config.seed))
+    except ValueError:   # a dimension the mesh cannot split: say which param and axis
+      parallel.check_shardable(jax.eval_shape(init_params, jax.random.key(0)),
+                               param_shardings, axes)
+      raise
   checkpoints = run_lib.Checkpoints(workdir, config)
   if checkpoints.latest_step() is None:   # resuming restores them: no pretrained load
     params = pretrained.start(params, cfg, config)

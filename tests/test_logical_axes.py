@@ -57,3 +57,23 @@ def test_sharded_forward_equals_single_device():
     got = jax.jit(lambda p: vlm.apply(cfg, p, images, ids))(sharded)
   for key in ("lm_logits", "action_logits", "visual_tokens"):
     np.testing.assert_allclose(got[key], expected[key], atol=1e-5)
+
+
+def test_a_dimension_the_mesh_cannot_split_is_named():
+  """jit's error for a sharded dimension that does not divide names neither the param nor
+  what to change; `parallel.check_shardable` names both (the trainer raises it)."""
+  from drivlm_jax import parallel
+  d = common.model_config("tiny")
+  d.language.num_heads = d.language.num_kv_heads = 4
+  cfg = vlm.config_from_dict(d)
+  shapes = jax.eval_shape(lambda k: vlm.init(cfg, k), jax.random.key(0))
+  axes = vlm.logical_axes(cfg)
+  fits = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  parallel.check_shardable(shapes, parallel.param_shardings(axes, fits, parallel.DEFAULT_RULES),
+                           axes)
+  wide = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 8})
+  with pytest.raises(ValueError, match=r"/k_proj/\w+ \(4, 16\): dimension 0 \(logical "
+                                       r"'heads', 4\) does not split over mesh axes "
+                                       r"\('tensor',\) \(8 ways\)"):
+    parallel.check_shardable(
+        shapes, parallel.param_shardings(axes, wide, parallel.DEFAULT_RULES), axes)
