@@ -59,6 +59,7 @@ def features(config, cfg: vlm.Config, tokenizer: str) -> pipeline.Features:
                            num_image_tokens=cfg.num_visual_tokens, max_len=d.max_len,
                            resize=d.resize, augment=d.augment, num_cameras=cfg.num_cameras,
                            cache_examples=d.get("cache_examples", 0),
+                           max_boxes=d.get("max_boxes", pipeline.Features.max_boxes),
                            drivelm_questions=d.get("drivelm_questions", "released"))
 
 

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,8 @@ import pytest
 
 from configs import demo
 from drivlm_jax import run as run_lib, train
+from drivlm_jax.data import pipeline, preprocess
+from drivlm_jax.sim import tokenizer as sim_tokenizer
 from drivlm_jax.model import discriminators, vlm
 from export import graphs, to_onnx
 from tests.test_train import read_metrics
@@ -189,3 +192,30 @@ def test_six_cameras_train_on_a_mesh_as_on_one_device(tmp_path_factory):
   for step in a:
     for key in ("loss", "loss_da_instance", "loss_da_token", "loss_action", "grad_norm"):
       assert abs(a[step][key] - b[step][key]) <= 1e-5, (step, key, a[step], b[step])
+
+
+def test_box_slots_are_shared_by_every_camera():
+  """Six cameras with five boxes each and 16 slots: each camera keeps two or three boxes,
+  its first ones (taken in turn), not the first cameras all of theirs and the back none."""
+  feats = pipeline.Features(tokenizer=sim_tokenizer.write(tempfile.mkdtemp()), image_size=32,
+                            num_image_tokens=6 * 4, num_cameras=6, max_len=64, augment=False)
+  views = []
+  for _ in range(6):   # 64 x 36 frames, resized as the pipeline resizes them
+    image, transform = preprocess.resize(np.zeros((36, 64, 3), np.uint8), 32, "pad", None)
+    views.append((image, (transform, 64, 36)))
+  boxes = np.array([[0.1 * i, 0.2, 0.1 * i + 0.3, 0.8] for _ in range(6) for i in range(5)],
+                   np.float32)   # normalised
+  example = {"resized_views": views, "boxes": boxes,
+             "box_categories": np.arange(30, dtype=np.int32),
+             "box_camera": np.repeat(np.arange(6, dtype=np.int32), 5),
+             "actions": np.zeros(4, np.float32), "example_id": 0}
+  out = pipeline.ExampleTransform(feats, domain=0, labelled=True, train=False, seed=0)(
+      0, example)
+  kept = out["box_categories"][out["box_mask"] > 0]
+  assert len(kept) == 16
+  per_camera = np.bincount(out["box_camera"][out["box_mask"] > 0], minlength=6)
+  assert per_camera.min() >= 2 and per_camera.max() <= 3
+  # Each camera keeps its first boxes (categories numbered camera by camera).
+  for c in range(6):
+    mine = sorted(kept[(kept >= 5 * c) & (kept < 5 * c + 5)] - 5 * c)
+    assert mine == list(range(len(mine)))

@@ -47,7 +47,7 @@ class Features:
   max_instruction_len: int = 32  # the instruction alone, for instruction-guided reweighting
   max_caption_len: int = 48      # image-text pairs for CLIP fine-tuning
   caption_tokenizer: str = ""    # a CLIP checkpoint directory: captions in its own tokens
-  max_boxes: int = 16
+  max_boxes: int = 16            # object boxes per example (several cameras: taken in turn)
   resize: str = "pad"            # "pad" | "crop"
   augment: bool = True
   num_cameras: int = 1           # > 1: "image" [V, S, S, 3], the example's first V cameras
@@ -191,9 +191,11 @@ class ExampleTransform:
     f = self.f
     rng = np.random.default_rng([self.seed, self.domain, index])
     image, transforms = model_images(example, f, rng if self.train else None)
-    # Each view's boxes (nuScenes-Drive: `box_camera` says whose), in camera order.
+    # Each view's boxes (nuScenes-Drive: `box_camera` says whose), the cameras taking turns
+    # (each camera's first box, then each one's second, ...), so that `max_boxes` slots are
+    # shared by every view rather than filled by the first cameras.
     cameras = example.get("box_camera", np.zeros(len(example["boxes"]), np.int32))
-    boxes, box_camera, categories = [], [], []
+    boxes, box_camera, categories, turn = [], [], [], []
     for c, (transform, width, height) in enumerate(transforms):
       mine = cameras == c
       b, keep = preprocess.transform_boxes(example["boxes"][mine], width, height, transform,
@@ -201,9 +203,11 @@ class ExampleTransform:
       boxes.append(b[keep])
       categories.append(example["box_categories"][mine][keep])
       box_camera.append(np.full(int(keep.sum()), c, np.int32))
-    boxes = np.concatenate(boxes)[:f.max_boxes]
-    categories = np.concatenate(categories)[:f.max_boxes]
-    box_camera = np.concatenate(box_camera)[:f.max_boxes]
+      turn.append(np.arange(int(keep.sum())))
+    order = np.argsort(np.concatenate(turn), kind="stable")[:f.max_boxes]
+    boxes = np.concatenate(boxes)[order]
+    categories = np.concatenate(categories)[order]
+    box_camera = np.concatenate(box_camera)[order]
     n = len(boxes)
 
     actions = np.asarray(example["actions"], np.float32)
