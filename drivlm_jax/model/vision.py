@@ -150,6 +150,9 @@ class VisionTower(nn.Module):
       return {"last_hidden_state": x, "pooled": pooled, "patch_features": x[:, self.views:],
               "hidden": x}
     out = post_ln(x)
+    # SigLIP has no class token: with several views its attention-pooling head pools every
+    # view's (kept) tokens together, where CLIP averages the views' class tokens; pruning
+    # keeps a different number of tokens per view, so there is no per-view pool to average.
     pooled = PoolingHead(cfg, name="head")(out) if cfg.use_head else jnp.mean(out, axis=1)
     return {"last_hidden_state": out, "pooled": pooled, "patch_features": x, "hidden": x}
 
