@@ -11,11 +11,12 @@ from sklearn import linear_model, metrics, pipeline, preprocessing
 from experiments import select
 
 
-def _classifier():
+def _classifier(class_weight=None):
   """The domain classifier the module documents: logistic regression on standardised
   features, random_state 0."""
   return pipeline.make_pipeline(preprocessing.StandardScaler(),
-                                linear_model.LogisticRegression(max_iter=1000, random_state=0))
+                                linear_model.LogisticRegression(max_iter=1000, random_state=0,
+                                                                class_weight=class_weight))
 
 
 #### DEV
@@ -69,6 +70,14 @@ def test_pad_of_identical_distributions_is_near_zero():
       "pad"] < 0.3
 
 
+def test_pad_of_identical_distributions_of_unequal_size_is_near_zero():
+  """A classifier that always answers the larger domain has a plain error of n_t / (n_s +
+  n_t) (here a PAD of 1.2); Ben-David's estimate uses the balanced error."""
+  rng = np.random.default_rng(7)
+  assert select.proxy_a_distance(rng.normal(size=(512, 8)), rng.normal(size=(128, 8)))[
+      "pad"] < 0.3
+
+
 def test_pad_of_separated_distributions_is_near_two():
   rng = np.random.default_rng(5)
   assert select.proxy_a_distance(rng.normal(size=(400, 8)),
@@ -86,11 +95,11 @@ def test_pad_error_is_sklearns_held_out_error_on_the_image_split():
     assert side.sum() == len(side) // 2                                    # a 50/50 split
   x, y = np.concatenate([source, target]), np.r_[np.zeros(240), np.ones(200)]
   train_rows = np.r_[train_s, train_t]
-  clf = _classifier().fit(x[train_rows], y[train_rows])
-  eps = 1 - metrics.accuracy_score(y[~train_rows], clf.predict(x[~train_rows]))
+  clf = _classifier("balanced").fit(x[train_rows], y[train_rows])
+  eps = 1 - metrics.balanced_accuracy_score(y[~train_rows], clf.predict(x[~train_rows]))
   got = select.proxy_a_distance(source, target, source_groups, target_groups)
   assert 0 < eps < 0.5
-  assert got["error"] == pytest.approx(eps, abs=1e-12)
+  assert got["error"] == pytest.approx(eps, abs=1e-12)   # the sizes differ: 240 vs 200
   assert got["pad"] == pytest.approx(2 * (1 - 2 * eps), abs=1e-12)
 
 
@@ -106,3 +115,19 @@ def test_a_run_dir_without_eval_or_checkpoints_is_named(tmp_path, monkeypatch):
   (unfinished / "eval.json").write_text(json.dumps({"test": {"target": {"action_mAP": 50.0}}}))
   with pytest.raises(SystemExit, match=f"{unfinished}: no checkpoints"):
     select.main()
+
+
+def test_a_target_without_labels_is_ranked_without_the_oracle(tmp_path):
+  """The selection reads no target label: a run whose eval.json has no target action_mAP
+  (a target without labels) is still ranked; only the agreement with the oracle is left
+  out, and said so."""
+  run = tmp_path / "run"
+  (run / "checkpoints").mkdir(parents=True)
+  (run / "eval.json").write_text(json.dumps({"test": {"source": {"action_mAP": 80.0}}}))
+  assert select.oracle_map(str(run)) is None
+  row = {"run_dir": str(run), "method": "m", "dev_risk": 0.5, "source_loss": 0.4,
+         "source_mAP": 70.0, "pad": dict.fromkeys(select.LEVELS), "oracle_target_mAP": None,
+         "dev_rank": 1}
+  text = select.markdown({"runs": [row], "agreement": {}, "notes": ["no target labels"],
+                          "pad_by_method": select.pad_by_method([row])})
+  assert f"DEV selects {run}" in text and "Spearman" not in text
