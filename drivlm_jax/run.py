@@ -32,11 +32,7 @@ class RunError(FileNotFoundError):
 
 def model_config(config) -> vlm.Config:
   cfg = vlm.config_from_dict(config.model)
-  if config.get("mixed_precision", False):
-    cfg = dataclasses.replace(
-        cfg, vision=dataclasses.replace(cfg.vision, dtype="bfloat16"),
-        language=dataclasses.replace(cfg.language, dtype="bfloat16"))
-  return cfg
+  return vlm.with_dtype(cfg, "bfloat16") if config.get("mixed_precision", False) else cfg
 
 
 def features(config, cfg: vlm.Config, tokenizer: str) -> pipeline.Features:

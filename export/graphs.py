@@ -27,9 +27,9 @@ LM_OUTPUTS = ("logits", *(f"present_{c}" for c in CACHE))
 
 def for_export(cfg: vlm.Config) -> vlm.Config:
   """The same model, fp32, with its layers traced as a loop."""
-  return dataclasses.replace(
-      cfg, vision=dataclasses.replace(cfg.vision, scan=False, dtype="float32"),
-      language=dataclasses.replace(cfg.language, scan=False, dtype="float32"))
+  cfg = vlm.with_dtype(cfg, "float32")
+  return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, scan=False),
+                             language=dataclasses.replace(cfg.language, scan=False))
 
 
 def constants(params):

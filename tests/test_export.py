@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -16,7 +17,8 @@ from onnx import TensorProto, helper
 
 from drivlm_jax import hf, run as run_lib, train
 from drivlm_jax.data import preprocess
-from drivlm_jax.model import vlm
+from drivlm_jax.evals import heads
+from drivlm_jax.model import reweighting, vlm
 from export import checks, generate, graphs, inputs, kernels, quantize, rewrite, to_onnx
 from tests import reference
 from tests.test_train import small_config
@@ -309,3 +311,32 @@ def test_a_missing_onnx_is_named(module, tmp_path):
                           cwd=ROOT)
   assert result.returncode == 2 and f"--onnx {tmp_path / 'no.onnx'}: no such file" in \
       result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_pruned_evaluation_scores_the_deployed_float32_student(run):
+  """A mixed-precision run's pruned evaluation (target_pruned) scores what is deployed: the
+  exported student computes in float32, so the evaluation does too."""
+  trained = run_lib.load(run)
+  _, data, feats = inputs.run_features(run)
+  pruned = heads.Heads(name="t", every=1, role="target", batch_size=8, keep_ratio=0.25)
+  bf16 = vlm.with_dtype(trained.cfg, "bfloat16")
+  got = pruned.run(bf16, trained.params, data, feats)
+  assert got == pruned.run(vlm.with_dtype(trained.cfg, "float32"), trained.params, data, feats)
+  assert got != heads.Heads(name="t", every=1, role="target", batch_size=8).run(
+      bf16, trained.params, data, feats)   # the unpruned evaluation keeps the run's bf16
+
+
+def test_tied_scores_keep_the_tokens_onnx_topk_keeps():
+  """Ties (a reweighting gain of 0 scores every token +0 or -0) go to the lower index, as
+  onnxruntime's TopK keeps them: the JAX model and the exported graph prune alike."""
+  scores = np.array([[-0.0, 0.0, -0.0, 0.0, 0.5, -0.0]], np.float32)
+  graph = helper.make_graph(
+      [helper.make_node("TopK", ["x", "k"], ["values", "indices"])], "topk",
+      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6]),
+       helper.make_tensor_value_info("k", TensorProto.INT64, [1])],
+      [helper.make_tensor_value_info("values", TensorProto.FLOAT, [1, 3]),
+       helper.make_tensor_value_info("indices", TensorProto.INT64, [1, 3])])
+  model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+  session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+  want = np.sort(session.run(None, {"x": scores, "k": np.array([3], np.int64)})[1], axis=-1)
+  np.testing.assert_array_equal(reweighting.top_k(jnp.asarray(scores), 0.5), want)

@@ -35,6 +35,8 @@ class Heads(evals.Evaluator):
                       "reweighting to prune by (model.reweight=False); evaluating every token",
                       self.name, keep)
       keep = 1.0
+    if keep < 1.0:   # as deployed: the exported student computes in float32
+      cfg = vlm.with_dtype(cfg, "float32")
     probs, labels = {"action": [], "reason": []}, {"action": [], "reason": []}
     for batch, valid in evals.host_batches(data[self.role, self.split], feats,
                                            self.batch_size):

@@ -73,10 +73,13 @@ def num_kept(num_tokens: int, keep_ratio: float) -> int:
 
 def top_k(token_scores, keep_ratio: float, candidates=None):
   """Indices [B, k] int32 (into the N tokens, in their order) of the k best-scoring tokens,
-  k = `num_kept` of the candidates (an index array; default: all N)."""
+  k = `num_kept` of the candidates (an index array; default: all N). Ties go to the lower
+  index, as ONNX's TopK keeps them; -0.0 ties with 0.0 (XLA's top_k ranks +0 above -0, and
+  a reweighting gain of 0 scores every token +-0)."""
   if candidates is None:
     candidates = np.arange(token_scores.shape[1])
   k = num_kept(len(candidates), keep_ratio)
-  _, top = jax.lax.top_k(token_scores[:, candidates], k)
+  scores = token_scores[:, candidates]
+  _, top = jax.lax.top_k(jnp.where(scores == 0, jnp.zeros_like(scores), scores), k)
   return jnp.sort(jnp.asarray(candidates, jnp.int32)[top], axis=-1)
 

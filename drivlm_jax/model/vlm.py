@@ -89,6 +89,12 @@ class Config:
     return self.num_cameras * (tokens - (self.vision_feature_select_strategy == "default"))
 
 
+def with_dtype(cfg: Config, dtype: str) -> Config:
+  """`cfg` computing in `dtype` ("float32", "bfloat16"); the params keep theirs."""
+  return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, dtype=dtype),
+                             language=dataclasses.replace(cfg.language, dtype=dtype))
+
+
 def patch_layout(cfg: Config) -> tuple[int, np.ndarray | None]:
   """Where the (unpruned) visual tokens lie on the views' patch grids, [V * N] cells view
   after view: (the class tokens in front, each later token's cell; None when every cell is
