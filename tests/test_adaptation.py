@@ -457,8 +457,8 @@ def test_instance_and_feature_terms_on_every_token_layout(family, strategy, view
   size = cfg.vision.image_size
   images = jax.random.uniform(jax.random.key(1), (b, views, size, size, 3)) * 255
   ids, mask = jnp.ones((b, 5), jnp.int32), jnp.ones((b, 5), jnp.int32)
-  encode = lambda c: vlm.encode_image(c, params, images if views > 1 else images[:, 0], ids,
-                                      mask)
+  encode = lambda c: jax.jit(lambda p: vlm.encode_image(
+      c, p, images if views > 1 else images[:, 0], ids, mask))(params)
   out, full = encode(cfg), encode(full_cfg)
   assert out["visual_tokens"].shape[1] == cfg.num_visual_tokens
   cells, valid = vlm.on_grid(cfg, out["visual_tokens"])
@@ -479,20 +479,23 @@ def test_instance_and_feature_terms_on_every_token_layout(family, strategy, view
   # A teacher of another layout: SigLIP "default" (one camera) or CLIP "full".
   teacher_layout = ("siglip", "default") if views == 1 else ("clip", "full")
   teacher_cfg = _layout_cfg(*teacher_layout, views, "tiny_teacher")
-  teacher = run_lib.Run("", None, teacher_cfg, vlm.init(teacher_cfg, jax.random.key(2)), 0)
+  teacher = run_lib.Run("", None, teacher_cfg,
+                        jax.jit(lambda k: vlm.init(teacher_cfg, k))(jax.random.key(2)), 0)
   kd = distillation.Distillation(cfg, teacher, {"kd_heads": 0.0, "kd_lm": 0.0,
                                                 "kd_feature": 1.0}, 1.0, "cosine")
   da = alignment.Alignment(discriminators.Config(hidden=16),
                            {t: 1.0 for t in alignment.Alignment.terms}, 0.0, 0.0, 10,
                            cfg.language.hidden_size, cfg.vision.grid, 2, views, cfg)
   own = {"distill": kd.init(jax.random.key(3)), "discriminators": da.init(jax.random.key(4))}
-  ctx = adapt.Context(own, out, batch, jnp.int32(5), {kd.name: teacher.params}, {})
-  losses = {**kd.loss(ctx), **da.loss(ctx)}
+  losses = jax.jit(lambda own, out, frozen: {
+      **kd.loss(adapt.Context(own, out, batch, jnp.int32(5), frozen, {})),
+      **da.loss(adapt.Context(own, out, batch, jnp.int32(5), frozen, {}))})(
+          own, out, {kd.name: teacher.params})
   assert all(np.isfinite(float(v)) for v in losses.values()), losses
 
-  teacher_out = vlm.encode_image(dataclasses.replace(teacher_cfg,
-                                                     vision_feature_select_strategy="full"),
-                                 teacher.params, batch["image"], ids, mask)
+  full_teacher = dataclasses.replace(teacher_cfg, vision_feature_select_strategy="full")
+  teacher_out = jax.jit(lambda p: vlm.encode_image(full_teacher, p, batch["image"], ids,
+                                                   mask))(teacher.params)
   lead = views if views > 1 else 0   # the CLIP "full" teacher's class tokens
   teacher_cells = distill.match_grid(teacher_out["visual_tokens"][:, lead:],
                                      teacher_cfg.vision.grid, cfg.vision.grid, views)
