@@ -76,6 +76,12 @@ QWEN2 = (
     "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
+# Qwen3's shape of an assistant turn: an empty thinking block (special tokens) before the
+# answer; the end of turn is still <|im_end|>.
+THINKING = QWEN2.replace("message['content'] + '<|im_end|>'",
+                         "(('<think>\\n\\n</think>\\n\\n' if message['role'] == 'assistant' "
+                         "else '') + message['content']) + '<|im_end|>'")
+
 
 def template_tokenizer(path, template, special, eos, bos=None, pad=None):
   """A tiny tokenizer with `template`, saved to `path`; with `bos`, it prepends bos to every

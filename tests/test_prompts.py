@@ -68,6 +68,10 @@ LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
     # Qwen2 base: string-only template, eos <|endoftext|>, turns end with <|im_end|>.
     ("qwen2", chat.QWEN2, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|endoftext|>",
      None, "<|endoftext|>", "<|im_end|>"),
+    # Qwen3-style thinking block before the answer: special tokens that do not end the turn.
+    ("thinking", chat.THINKING, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>",
+                                 "</think>"], "<|endoftext|>", None, "<|endoftext|>",
+     "<|im_end|>"),
     # LLaVA-1.5: typed content, no end-of-turn token: the answer ends with eos (as LLaVA
     # trains "ASSISTANT: answer</s>").
     ("llava15", chat.LLAVA15, ["<s>", "</s>"], "</s>", "<s>", None, None),

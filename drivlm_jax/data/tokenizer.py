@@ -141,11 +141,14 @@ class ChatTokenizer(_Tokenizer):
     self._prompts = {}
     self.special = set(self.tokenizer.all_special_ids) | {
         i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
-    # The template's end of turn: the first special token after an answer (none in
+    # The template's end of turn: the first special token after an answer's text (none in
     # LLaVA-1.5's "ASSISTANT: answer", where the answer ends with eos as LLaVA trains it).
     prompt = self._render("x", None, 1)
-    after = self._render("x", "y", 1)[len(prompt):]
-    turn = next((t for t in after if t in self.special), self.eos_id)
+    after = self._render("x", "Stop.", 1)[len(prompt):]
+    text = self.encode("Stop.")
+    start = next((i + len(text) for i in range(len(after) - len(text) + 1)
+                  if after[i:i + len(text)] == text), 0)
+    turn = next((t for t in after[start:] if t in self.special), self.eos_id)
     self._stop_ids = tuple(dict.fromkeys((self.eos_id, turn)))
 
   @property
