@@ -30,10 +30,13 @@ from drivlm_jax.data import drivelm_questions, sources
 from_config = evals.from_config
 
 
-def run(evaluators, cfg, params, data, feats, workdir, step=None, place=None) -> dict:
+def run(evaluators, cfg, params, data, feats, workdir, step=None, place=None,
+        merge=False) -> dict:
   """Runs `evaluators` (on every host, batches placed by `place`; see `evals.Evaluator`),
-  writes workdir/eval.json, prints a table; -> {split: {domain: ...}}. eval.json keeps what
-  it holds of the same step (other splits, DriveLM scores) and drops an older step's."""
+  writes workdir/eval.json, prints a table; -> {split: {domain: ...}}. Training writes
+  eval.json whole; with `merge` (the evaluate CLI: `--split train`, `--drivelm` on a
+  finished run) it keeps what eval.json holds of the same step that this evaluation does not
+  recompute (other splits, domains, metrics, DriveLM scores) and drops an older step's."""
   result = {}
   for evaluator in evaluators:
     split, domain = evaluator.key
@@ -41,9 +44,12 @@ def run(evaluators, cfg, params, data, feats, workdir, step=None, place=None) ->
         evaluator.run(cfg, params, data, feats, place, workdir))
   if jax.process_index() == 0:
     path = run_lib.path(workdir, "eval.json")
-    saved = run_lib.read_json(path) if path.exists() else {}
+    saved = run_lib.read_json(path) if merge and path.exists() else {}
     kept = saved if saved.get("step") == step else {}
-    run_lib.write_json(path, {**kept, **result, "step": step})
+    for split, domains in result.items():
+      for domain, values in domains.items():
+        kept.setdefault(split, {}).setdefault(domain, {}).update(values)
+    run_lib.write_json(path, {**kept, "step": step})
     print(format_table(result, step))
   return result
 
@@ -107,7 +113,7 @@ def main(argv):
                                       batch_size=config.evals.target.batch_size))
   if flags.FLAGS.split:
     evaluators = [dataclasses.replace(e, split=flags.FLAGS.split) for e in evaluators]
-  run(evaluators, cfg, params, data, feats, workdir, step)
+  run(evaluators, cfg, params, data, feats, workdir, step, merge=True)
 
 
 if __name__ == "__main__":

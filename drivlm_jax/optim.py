@@ -48,7 +48,7 @@ def update_rate(opt_config, total_steps: int, mult: float = 1.0):
 def rate_at(opt_config, total_steps: int, done: int) -> float:
   """The learning rate of the last update applied by the time `done` batches have run."""
   accum = opt_config.get("grad_accum_steps", 1)
-  return float(schedule(opt_config, total_steps)(max(done - 1, 0) // accum * accum))
+  return float(schedule(opt_config, total_steps)(max(done // accum - 1, 0) * accum))
 
 
 def make(opt_config, params, total_steps: int) -> optax.GradientTransformation:

@@ -84,8 +84,10 @@ def parse_flags(argv):
     key = str(e).strip("\"'")
     bad = [a.split("=")[0] for a in argv[1:]
            if a.startswith("--config.") and key in a.split("=")[0].split(".")]
-    print(f"error: {' '.join(bad) or '--config.*'}: the config has no key {key!r} (a flag "
-          f"sets the config's keys, it adds none)", file=sys.stderr)
+    if not bad:   # not an override's key: a bug in the config file itself
+      raise
+    print(f"error: {' '.join(bad)}: the config has no key {key!r} (a flag sets the "
+          f"config's keys, it adds none)", file=sys.stderr)
     sys.exit(2)
 
 

@@ -119,6 +119,10 @@ CRITERIA = {"DEV": lambda row: row["dev_risk"],
 def summarise(rows: list, names: list, shifts: list) -> dict:
   """Runs' select.score_run rows (with "shift", "seed", "candidate") -> the choice and what
   target labels say of it (reported, never used to choose)."""
+  missing = [row["run_dir"] for row in rows if row["oracle_target_mAP"] is None]
+  if missing:   # the sim's targets are labelled: a run without the score did not finish
+    raise ValueError(f"no target test action_mAP in eval.json of {', '.join(missing)}: "
+                     f"re-run its evaluation (python -m drivlm_jax.evaluate)")
   oracle, risks = {}, {criterion: {} for criterion in CRITERIA}
   for row in rows:
     key = f"{row['shift']}/seed{row['seed']}"

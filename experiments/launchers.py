@@ -1,6 +1,7 @@
 """What launches one run where: the exact command (local, tpu_vm), SkyPilot task YAML or
 sbatch script. Pure text; `experiments.sweep` prints it (--dry-run) or executes it."""
 import dataclasses
+import hashlib
 import re
 import shlex
 
@@ -67,10 +68,12 @@ def _train_line(config_spec, workdir, overrides, multihost: bool) -> str:
 
 
 def sky_run_name(workdir: str) -> str:
-  """A run's SkyPilot name: its sweep group and run name (<root>/<group>/<name>), so that
-  two sweeps with the same overrides do not share clusters."""
+  """A run's SkyPilot name: its sweep group and run name (<root>/<group>/<name>), readable
+  part cut to fit, and a hash of the whole workdir, so that runs of two sweeps (or two
+  roots) with the same overrides never share a cluster."""
   group, name = str(workdir).rstrip("/").split("/")[-2:]
-  return sky_name(f"{group}-{name}")
+  digest = hashlib.sha1(str(workdir).encode()).hexdigest()[:8]
+  return sky_name(f"{group}-{name}"[:50].rstrip("-") + "-" + digest)
 
 
 def skypilot_yaml(config_spec, workdir, overrides, cluster: Cluster) -> str:

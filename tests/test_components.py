@@ -151,10 +151,14 @@ def test_eval_json_keeps_other_splits_of_the_same_step(tmp_path):
     def run(self, *args):
       del args
       return {"action_mAP": 70.0}
-  evaluate.run([Train()], None, None, None, None, str(tmp_path), step=5)
+  evaluate.run([Train()], None, None, None, None, str(tmp_path), step=5, merge=True)
   assert json.loads(path.read_text()) == {
       "test": {"target": {"action_mAP": 50.0}}, "drivelm": {"final_without_judge": 30.0},
       "train": {"target": {"action_mAP": 70.0}}, "step": 5}
+  evaluate.run([Train()], None, None, None, None, str(tmp_path), step=6, merge=True)
+  assert json.loads(path.read_text()) == {"train": {"target": {"action_mAP": 70.0}}, "step": 6}
+  # Training (no merge) writes it whole: nothing of an earlier run in the folder survives.
+  path.write_text(json.dumps({"test": {"target": {"action_mAP": 50.0}}, "step": 6}))
   evaluate.run([Train()], None, None, None, None, str(tmp_path), step=6)
   assert json.loads(path.read_text()) == {"train": {"target": {"action_mAP": 70.0}}, "step": 6}
 

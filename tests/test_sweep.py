@@ -1,4 +1,5 @@
 """Sweeps: dry runs of every launcher, stable names, and a local sweep that resumes."""
+import hashlib
 import json
 import os
 import pathlib
@@ -93,7 +94,10 @@ def test_dry_run_of_every_launcher(config_file, tmp_path, monkeypatch):
   task = yaml.safe_load(sky[names[1]])
   assert task["num_nodes"] == 2 and task["resources"] == {"accelerators": "H100:8"}
   # Named by sweep group and run: another sweep's run with the same overrides is another.
-  assert task["name"] == "tiny-sweep-learning-rate-0-001-seed-1-" + names[1].rsplit("-", 1)[1]
+  assert task["name"].startswith("tiny-sweep-learning-rate-0-001-seed-1-")
+  assert task["name"].endswith("-" + hashlib.sha1(workdirs[1].encode()).hexdigest()[:8])
+  assert len(task["name"]) <= 63
+  assert launchers.sky_run_name(workdirs[1].replace("bucket", "other")) != task["name"]
   assert "pip install -e \".[cloud]\"" in task["setup"]   # gs:// workdirs need [cloud]
   # The GPU build of the installed jax (setup.py's jaxlib is the CPU one).
   assert ('pip install "jax[cuda12]==$(python -c \'import jax; print(jax.__version__)\')"'

@@ -164,8 +164,11 @@ class Distillation(adapt.Component):
       match = lambda x: distill.match_grid(x, tcfg.vision.grid, self.cfg.vision.grid,
                                            self.cfg.num_cameras)
       teacher_tokens = match(teacher_tokens)
-      if teacher_valid is not None:   # a cell resampled mostly from a missing one counts less
+      if teacher_valid is not None:
+        # Resampling mixes the missing cells' zeros in: divide them back out of the tokens,
+        # and a cell resampled mostly from missing ones counts less.
         teacher_valid = match(jnp.asarray(teacher_valid)[None, :, None])[0, :, 0]
+        teacher_tokens = teacher_tokens / jnp.maximum(teacher_valid, 1e-6)[:, None]
         valid = teacher_valid if valid is None else valid * teacher_valid
       scores = out.get("token_scores")
       weights = None if scores is None else jax.nn.sigmoid(scores)

@@ -23,6 +23,8 @@ import hashlib
 import json
 import os
 
+from absl import logging
+
 from data_builders import __main__ as build_cli
 from data_builders.bdd_oia import bdd_oia_dataset_builder as bdd_builder
 from drivlm_jax import run as run_lib
@@ -133,22 +135,41 @@ def cache_root(data_config, workdir: str) -> str:
   return root or os.path.join(run_lib.local_dir(workdir), "data")
 
 
+_HELD = set()   # cache roots this process holds the lock of (a nested prepare re-enters)
+
+
 @contextlib.contextmanager
 def _locked(root: str):
-  """Holds an exclusive lock on `root`/.lock (fcntl, which NFS and local disks honour)."""
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, ".lock"), "a") as f:
+  """Holds an exclusive lock on `root`/.lock (fcntl, which NFS and local disks honour). A
+  folder where no lock can be taken (read-only: a prepared cache of someone else's; a file
+  system without flock) is used without one, with a warning."""
+  root = os.path.abspath(root)
+  if root in _HELD:
+    yield
+    return
+  try:
+    os.makedirs(root, exist_ok=True)
+    f = open(os.path.join(root, ".lock"), "a")
+  except OSError as e:
+    logging.warning("%s: no lock file (%s); using the cache without one", root, e)
+    yield
+    return
+  with f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       print(f"{root}: waiting for another process building this data cache", flush=True)
       fcntl.flock(f, fcntl.LOCK_EX)
     except OSError as e:
-      raise SourceError(f"{root}: cannot lock the data cache ({e}); set "
-                        f"config.data.cache_dir to a local folder") from e
+      logging.warning("%s: cannot lock the data cache (%s); processes sharing it must not "
+                      "build it at the same time", root, e)
+      yield
+      return
+    _HELD.add(root)
     try:
       yield
     finally:
+      _HELD.discard(root)
       fcntl.flock(f, fcntl.LOCK_UN)
 
 

@@ -143,12 +143,11 @@ class ChatTokenizer(_Tokenizer):
         i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
     # The template's end of turn: the first special token after an answer's text (none in
     # LLaVA-1.5's "ASSISTANT: answer", where the answer ends with eos as LLaVA trains it).
-    prompt = self._render("x", None, 1)
-    after = self._render("x", "Stop.", 1)[len(prompt):]
-    text = self.encode("Stop.")
-    start = next((i + len(text) for i in range(len(after) - len(text) + 1)
-                  if after[i:i + len(text)] == text), 0)
-    turn = next((t for t in after[start:] if t in self.special), self.eos_id)
+    # The text starts where two answers' renderings part (a special token before it, e.g. a
+    # thinking block or an assistant header, is not the end of the turn).
+    one, two = (self._render("x", a, 1) for a in ("Stop.", "Turn left, the lane is free."))
+    start = next((i for i, (a, b) in enumerate(zip(one, two)) if a != b), len(one))
+    turn = next((t for t in one[start:] if t in self.special), self.eos_id)
     self._stop_ids = tuple(dict.fromkeys((self.eos_id, turn)))
 
   @property
