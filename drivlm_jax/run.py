@@ -9,6 +9,7 @@ params a run is judged by (`EVAL_KEY`: the moving average when the run keeps one
 import dataclasses
 import json
 import os
+import re
 import sys
 
 import jax
@@ -81,13 +82,17 @@ def parse_flags(argv):
     print(f"error: {e} (--helpfull lists the flags)", file=sys.stderr)
     sys.exit(2)
   except (AttributeError, KeyError) as e:
-    key = str(e).strip("\"'")
+    message = str(e).replace("\\n", "\n")
+    key = re.search(r"[A-Za-z_]\w*", message)
+    key = key.group(0) if key else ""
     bad = [a.split("=")[0] for a in argv[1:]
            if a.startswith("--config.") and key in a.split("=")[0].split(".")]
     if not bad:   # not an override's key: a bug in the config file itself
       raise
+    hint = next((" " + line.strip().rstrip("'") for line in message.splitlines()
+                 if "Did you mean" in line), "")
     print(f"error: {' '.join(bad)}: the config has no key {key!r} (a flag sets the "
-          f"config's keys, it adds none)", file=sys.stderr)
+          f"config's keys, it adds none).{hint}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -189,6 +194,44 @@ def config_changes(workdir: str, config) -> list:
   stored = _flat(read_json(path(workdir, "config.json")))
   current = _flat(json.loads(config.to_json_best_effort()))
   return sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+
+
+def check_resume(workdir: str, config, step: int):
+  """Before a run resumes from `step` in `workdir` (and writes its config there): a
+  checkpoint past `total_steps`, or another `total_steps` than the run's own (its schedules
+  are laid out over it: continuing would splice two), is an error; other changed keys are
+  named in a warning."""
+  if step > config.total_steps:
+    raise RunError(f"{workdir} holds a checkpoint at step {step}, past total_steps "
+                   f"{config.total_steps}: use another workdir")
+  file = path(workdir, "config.json")
+  if not file.exists():
+    return
+  stored = read_json(file).get("total_steps")
+  if stored != config.total_steps:
+    raise RunError(f"{workdir} is a run of total_steps {stored}; resuming it with "
+                   f"{config.total_steps} would splice two learning-rate (and DANN) schedules: "
+                   f"use another workdir")
+  changes = config_changes(workdir, config)
+  if changes:
+    logging.warning("resuming %s with another config (differs at %s)", workdir,
+                    ", ".join(changes))
+    print(f"warning: resuming {workdir} with another config (differs at "
+          f"{', '.join(changes[:8])}{' ...' if len(changes) > 8 else ''})", flush=True)
+
+
+def trim_metrics(workdir: str, step: int):
+  """metrics.jsonl without rows past `step` (a run killed after logging steps it had not
+  checkpointed logs them again when it resumes at `step`)."""
+  file = path(workdir, "metrics.jsonl")
+  if jax.process_index() != 0 or not file.exists():
+    return
+  lines = file.read_text().splitlines(keepends=True)
+  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+  if len(kept) < len(lines):
+    write_text(file, "".join(kept))
+    logging.warning("%s: dropped %d logged rows past step %d (not checkpointed)", file,
+                    len(lines) - len(kept), step)
 
 
 def finished(workdir: str, config) -> bool:

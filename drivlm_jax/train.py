@@ -154,6 +154,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   #### Set up
   parallel.maybe_initialize_distributed(config.get("multihost"))
   config = pretrained.configure(config)
+  checkpoints = run_lib.Checkpoints(workdir, config)
+  if checkpoints.latest_step() is not None:
+    run_lib.check_resume(workdir, config, checkpoints.latest_step())
   run_lib.write_config(workdir, config)
   cfg = run_lib.model_config(config)
   data = sources.prepare(config.data, workdir)
@@ -197,7 +200,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       parallel.check_shardable(jax.eval_shape(init_params, jax.random.key(0)),
                                param_shardings, axes)
       raise
-  checkpoints = run_lib.Checkpoints(workdir, config)
   if checkpoints.latest_step() is None:   # resuming restores them: no pretrained load
     params = pretrained.start(params, cfg, config)
   opt_config = optimizer_config(config, params)
@@ -236,6 +238,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if checkpoints.latest_step() is not None:
     start = checkpoints.latest_step()
     state = checkpoints.restore(state)
+  run_lib.trim_metrics(workdir, start)
 
   if start >= config.total_steps:   # a finished run: re-running it re-evaluates it
     checkpoints.close()
@@ -283,8 +286,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             writer.add_scalar(f"train/{k}", v, done)
     del rows[:]
     if bad_step:
-      raise NonFiniteLoss(f"non-finite loss ({bad_loss}) at step {bad_step}; stopping. The "
-                          f"last good checkpoint (step {checkpoints.latest_step()}) is kept.")
+      raise NonFiniteLoss(f"non-finite loss or gradient (loss {bad_loss}) at step {bad_step}; "
+                          f"stopping. The last good checkpoint (step "
+                          f"{checkpoints.latest_step()}) is kept.")
 
   try:
     tracker = (jnp.int32(0), jnp.float32(0.0))
@@ -295,7 +299,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state, metrics = train_step(state, batch, frozen)
       done = step + 1
-      tracker = _track_non_finite(tracker, metrics["loss"], done)
+      tracker = _track_non_finite(tracker, metrics["loss"], metrics["grad_norm"], done)
       final = done == config.total_steps
       stop = preemption.reached(done)   # every host agrees: this step is the last
       if not (final or stop):
@@ -332,10 +336,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 @jax.jit
-def _track_non_finite(tracker, loss, step):
-  """(step, loss) of the first non-finite loss so far; step 0 while there is none."""
+def _track_non_finite(tracker, loss, grad_norm, step):
+  """(step, loss) of the first step with a non-finite loss or gradient so far (a finite
+  loss with non-finite gradients would update, and checkpoint, broken params); step 0 while
+  there is none."""
   bad_step, bad_loss = tracker
-  first = (bad_step == 0) & ~jnp.isfinite(loss)
+  first = (bad_step == 0) & ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
   return (jnp.where(first, jnp.int32(step), bad_step),
           jnp.where(first, loss.astype(jnp.float32), bad_loss))
 
