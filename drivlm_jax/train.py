@@ -150,9 +150,18 @@ def train_batches(config, data, feats, start: int):
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """The whole run; returns the last evaluation."""
-  #### Set up
+  """The whole run; returns the last evaluation. A SIGTERM from its start on (during the
+  set-up too: data, init, restore, compiles) stops it after the next step, saved."""
   parallel.maybe_initialize_distributed(config.get("multihost"))
+  preemption = _Preemption()
+  try:
+    return _train(config, workdir, preemption)
+  finally:
+    preemption.close()
+
+
+def _train(config, workdir: str, preemption) -> dict:
+  #### Set up
   config = pretrained.configure(config)
   checkpoints = run_lib.Checkpoints(workdir, config)
   if checkpoints.latest_step() is not None:
@@ -257,7 +266,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # device over every step and checked wherever the host waits. (On one CPU device the entry
   # point runs the step inline, on this thread, so that glibc keeps its buffers:
   # `drivlm_jax.host`; the input pipeline's threads still prepare batches meanwhile.)
-  preemption = _Preemption()
   metrics_file = run_lib.path(workdir, "metrics.jsonl") if jax.process_index() == 0 else None
   writer = _tensorboard(workdir)
   result = {}
@@ -329,7 +337,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         break
   finally:
     checkpoints.close()
-    preemption.close()
     if writer:
       writer.close()
   return result

@@ -325,3 +325,18 @@ def test_resuming_with_another_total_steps_is_an_error_and_unlogged_rows_go(cach
   steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text()
            .splitlines()]
   assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_sigterm_during_the_set_up_stops_after_the_first_step(cache, tmp_path,
+                                                                  monkeypatch):
+  """A SIGTERM while the run prepares its data (an experiments.jobs worker stopped between
+  runs' set-ups) is not lost: the run takes one step, saves it and stops."""
+  real = sources.prepare
+
+  def signalled(*args):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args)
+  monkeypatch.setattr(sources, "prepare", signalled)
+  train.train(small_config(cache, total_steps=6, checkpoint_every_steps=100), str(tmp_path))
+  assert os.listdir(tmp_path / "checkpoints") == ["1"]
+  assert max(read_metrics(tmp_path)) == 1
