@@ -152,8 +152,6 @@ def export_lm(cfg, params, prefix, *, feeds, tokenizer, max_new_tokens=16, opset
   return report
 
 
-
-
 def export_run(workdir, out, *, checkpoint=None, keep_ratio=None, opset=18,
                batch="dynamic", lm=False, max_new_tokens=16, atol=1e-4,
                image_size=None) -> dict:

@@ -169,4 +169,3 @@ def test_evaluate_on_a_folder_that_is_not_a_run_writes_nothing_there(tmp_path):
                           capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode != 0 and "is not a run directory" in result.stderr
   assert not list(tmp_path.iterdir())
-

@@ -135,11 +135,13 @@ def test_the_patch_embedding_adapter_is_low_rank(base):
                                           targets="patch_embedding/kernel$"))
   adapters = lora.init(config, params, jax.random.key(1))
   kernel = params["vision"]["embeddings"]["patch_embedding"]["kernel"]
-  a = adapters["vision"]["embeddings"]["patch_embedding"]["a"]
+  adapter = adapters["vision"]["embeddings"]["patch_embedding"]
+  a = adapter["a"]
   p, _, c, d = kernel.shape
-  assert a.shape == (p, p, c, 2) and adapters["vision"]["embeddings"]["patch_embedding"]["b"].shape == (2, d)
-  adapters["vision"]["embeddings"]["patch_embedding"]["b"] = np.ones((2, d), np.float32)
-  merged = lora.merge({**params, "lora": adapters}, config)["vision"]["embeddings"]["patch_embedding"]
+  assert a.shape == (p, p, c, 2) and adapter["b"].shape == (2, d)
+  adapter["b"] = np.ones((2, d), np.float32)
+  merged = lora.merge({**params, "lora": adapters}, config)["vision"]["embeddings"][
+      "patch_embedding"]
   delta = np.asarray(merged["kernel"] - kernel).reshape(p * p * c, d)
   assert np.linalg.matrix_rank(delta, tol=1e-5) <= 2
   np.testing.assert_allclose(delta, 2.0 * np.asarray(a).reshape(-1, 2) @ np.ones((2, d)),

@@ -82,4 +82,3 @@ def top_k(token_scores, keep_ratio: float, candidates=None):
   scores = token_scores[:, candidates]
   _, top = jax.lax.top_k(jnp.where(scores == 0, jnp.zeros_like(scores), scores), k)
   return jnp.sort(jnp.asarray(candidates, jnp.int32)[top], axis=-1)
-
