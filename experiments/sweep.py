@@ -110,6 +110,11 @@ def describe(launcher, name, spec, workdir, overrides, cluster) -> str:
   return launchers.slurm_script(name, spec, workdir, overrides, cluster).rstrip()
 
 
+def _write_sweep_json(workdir, name, overrides):
+  """The run's sweep.json, which experiments.report groups seeds of one setting by."""
+  run_lib.write_json(run_lib.path(workdir, "sweep.json"), {"name": name, "overrides": overrides})
+
+
 def _local_log(workdir, name):
   """The run's output log: in its workdir, or under ./sweeps/<name> when that is a bucket."""
   folder = os.path.join("sweeps", name) if run_lib.is_remote(workdir) else workdir
@@ -137,8 +142,7 @@ def run_local(spec, planned, parallel: int) -> int:
     while (todo and not stopped) or procs:
       while todo and not stopped and len(procs) < parallel:
         name, workdir, overrides = todo.pop(0)
-        run_lib.write_json(run_lib.path(workdir, "sweep.json"),   # for experiments.report
-                           {"name": name, "overrides": overrides})
+        _write_sweep_json(workdir, name, overrides)
         resumed = run_lib.path(workdir, "checkpoints").exists()
         print(f"run {name}: {'resuming' if resumed else 'starting'} in {workdir}", flush=True)
         log = None if parallel == 1 else _local_log(workdir, name)
@@ -172,8 +176,7 @@ def execute(launcher, planned, spec, cluster) -> int:
     return 2
   for name, workdir, overrides, _ in planned:
     print(f"run {name}", flush=True)
-    run_lib.write_json(run_lib.path(workdir, "sweep.json"),   # for experiments.report
-                       {"name": name, "overrides": overrides})
+    _write_sweep_json(workdir, name, overrides)
     if launcher == "tpu_vm":
       argv = launchers.tpu_vm_command(spec, workdir, overrides, cluster)
     else:

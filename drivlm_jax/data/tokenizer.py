@@ -139,7 +139,7 @@ class ChatTokenizer(_Tokenizer):
     # A prompt depends on the instruction only, and instructions repeat (DriveLM's questions,
     # the default instruction): each is rendered once (a dict: grain workers pickle this).
     self._prompts = {}
-    self.special = set(self.tokenizer.all_special_ids) | {
+    special = set(self.tokenizer.all_special_ids) | {
         i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
     # The template's end of turn: the first special token after an answer's text (none in
     # LLaVA-1.5's "ASSISTANT: answer", where the answer ends with eos as LLaVA trains it).
@@ -147,7 +147,7 @@ class ChatTokenizer(_Tokenizer):
     # thinking block or an assistant header, is not the end of the turn).
     one, two = (self._render("x", a, 1) for a in ("Stop.", "Turn left, the lane is free."))
     start = next((i for i, (a, b) in enumerate(zip(one, two)) if a != b), len(one))
-    turn = next((t for t in one[start:] if t in self.special), self.eos_id)
+    turn = next((t for t in one[start:] if t in special), self.eos_id)
     self._stop_ids = tuple(dict.fromkeys((self.eos_id, turn)))
 
   @property
