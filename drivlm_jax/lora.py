@@ -7,8 +7,9 @@ config.lora: rank (0 = off), alpha, targets (a regex on "/"-joined param paths s
 leaves shaped like the kernel's own axes: A [*layers, *in_dims, rank], B [*layers, rank,
 *out_dims] (stacked layers keep their leading axis; a kernel's input dims are its first one,
 or two for `o_proj` / `out_proj`, as HF's torch Linear layout says, or all but the last for
-the patch embedding's conv kernel), so they shard by the kernel's logical axes. `merge` folds them into the kernels (training step, evaluation,
-export, `hf.save_vlm`); the optimizer freezes the adapted kernels (`frozen_pattern`).
+the patch embedding's conv kernel), so they shard by the kernel's logical axes. `merge`
+folds them into the kernels (training step, evaluation, export, `hf.save_vlm`); the
+optimizer freezes the adapted kernels (`frozen_pattern`).
 """
 import math
 import re
