@@ -2,8 +2,8 @@
 parts by path pattern, gradient accumulation.
 
 config.optimizer:
-  learning_rate, warmup_steps, weight_decay, grad_clip_norm, end_lr_ratio (default 0.0),
-  grad_accum_steps (default 1), b1, b2 (optional),
+  learning_rate, warmup_steps, weight_decay (decoupled; kernels only: `decayed`),
+  grad_clip_norm, end_lr_ratio (default 0.0), grad_accum_steps (default 1), b1, b2 (optional),
   parts: [{"pattern": regex on "vision/encoder/...", "lr_mult": float, "freeze": bool}, ...]
   (first matching pattern wins; unmatched params train at the base rate).
 
@@ -14,6 +14,7 @@ at the learning rate of its first batch: warmup and decay keep their length in b
 """
 import re
 
+import jax
 import optax
 from flax import traverse_util
 
@@ -28,6 +29,17 @@ def part_labels(params, parts) -> dict:
     return "default"
   flat = traverse_util.flatten_dict(params)
   return traverse_util.unflatten_dict({p: label(p) for p in flat})
+
+
+def decayed(params):
+  """Which params weight decay shrinks: dense and conv kernels and LoRA's factors of them, not
+  norm scales, biases, embeddings, the pooling probe or the logit scale and bias (big_vision
+  decays `.*/kernel$` alone: shrinking a norm's scale or CLIP's temperature is no
+  regularisation)."""
+  def kernel(path, _):
+    names = [getattr(k, "key", str(k)) for k in path]
+    return names[-1] == "kernel" or names[0] == "lora"
+  return jax.tree_util.tree_map_with_path(kernel, params)
 
 
 def schedule(opt_config, total_steps: int, mult: float = 1.0):
@@ -55,7 +67,7 @@ def make(opt_config, params, total_steps: int) -> optax.GradientTransformation:
   adamw = lambda mult: optax.adamw(update_rate(opt_config, total_steps, mult),
                                    b1=opt_config.get("b1", 0.9),
                                    b2=opt_config.get("b2", 0.999),
-                                   weight_decay=opt_config.weight_decay)
+                                   weight_decay=opt_config.weight_decay, mask=decayed)
   parts = [dict(p) for p in opt_config.get("parts", [])]
   transforms = {"default": adamw(1.0), "frozen": optax.set_to_zero()}
   transforms.update({f"part{i}": adamw(p.get("lr_mult", 1.0)) for i, p in enumerate(parts)})

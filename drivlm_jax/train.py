@@ -103,16 +103,28 @@ def make_train_step(cfg, tx, weights, components=(), ema_decay=0.0, view=lambda 
                "grad_norm": optax.tree.norm(grads)}
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
     if ema_decay:
-      new_state["ema"] = update_ema(tx, state["ema"], params, opt_state, ema_decay)
+      new_state["ema"] = update_ema(tx, state["ema"], params, opt_state, ema_decay,
+                                    new_state["step"])
     return new_state, metrics
   return train_step
 
 
-def update_ema(tx, ema, params, opt_state, decay: float):
+def update_ema(tx, ema, params, opt_state, decay: float, step):
   """The moving average after a step: moved towards `params` when the step applied an update
-  (every step; with gradient accumulation, every k-th: the decay is per update)."""
-  moved = optax.incremental_update(params, ema, 1.0 - decay)
-  if not isinstance(tx, optax.MultiSteps):
+  (every step; with gradient accumulation, every k-th: the decay is per update).
+
+  Debiased, as Adam's moments (`optax.ema(debias=True)`): after t updates the average is
+  sum_i (1 - d) d^(t-i) params_i / (1 - d^t), so the params the run started from keep no
+  weight (plain decay d left them d^t: 37% after 100 updates at d = 0.99). Each update
+  moves it with decay_t = d (1 - d^(t-1)) / (1 - d^t); the first sets it to the params.
+  `step`: batches done, this one included.
+  """
+  multi = isinstance(tx, optax.MultiSteps)
+  t = (opt_state.gradient_step if multi else step).astype(jnp.float32)
+  decay_t = decay * (1.0 - decay ** (t - 1.0)) / (1.0 - decay ** t)
+  moved = jax.tree.map(lambda p, e: (decay_t * e + (1.0 - decay_t) * p).astype(e.dtype),
+                       params, ema)
+  if not multi:
     return moved
   updated = tx.has_updated(opt_state)
   return jax.tree.map(lambda new, old: jnp.where(updated, new, old), moved, ema)
@@ -285,6 +297,11 @@ def _train(config, workdir: str, preemption) -> dict:
              "examples_per_s": (done - clock["step"]) * config.batch_size
                                / max(now - clock["time"], 1e-9), "time": now}
       clock.update(step=done, time=now)
+      if row.get("clip_shared", 0.0) >= 1.0 and not clock.get("warned"):
+        clock["warned"] = True
+        logging.warning("config.loss.clip: every row of the batch at step %d has the same "
+                        "caption (BDD-OIA's frames carry one instruction): the contrastive "
+                        "loss has nothing to contrast", done)
       bar.set_postfix(loss=f"{row['loss']:.4f}")
       if metrics_file:
         run_lib.append_text(metrics_file, json.dumps(row) + "\n")

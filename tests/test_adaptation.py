@@ -243,6 +243,31 @@ def test_siglip_loss_formula():
       pytest.approx(expected, rel=1e-5)
 
 
+def test_contrastive_losses_take_equal_captions_as_positives():
+  """Rows with equal captions match: SigLIP's z_ij is 1 on them (with distinct captions, the
+  plain loss above). InfoNCE is UniCL's multi-positive loss as it is (written out here), since
+  equal captions have equal embeddings."""
+  rng = np.random.default_rng(3)
+  img = rng.normal(size=(6, 8))
+  ids = np.array([[5, 1, 0], [7, 0, 0], [5, 1, 0], [9, 2, 0], [5, 1, 0], [7, 0, 0]])
+  txt = rng.normal(size=(3, 8))[[0, 1, 0, 2, 0, 1]]     # equal captions, equal embeddings
+  pos = np.all(ids[:, None] == ids[None], -1)
+  np.testing.assert_array_equal(contrastive.same_caption(jnp.asarray(ids)), pos)
+  scale, bias = 1.2, -2.0
+  n = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  logits = math.exp(scale) * n(img) @ n(txt).T
+  z = np.where(pos, 1.0, -1.0)
+  expected = -np.sum(np.log(1 / (1 + np.exp(-z * (logits + bias))))) / 6
+  got = contrastive.siglip_loss(jnp.asarray(img), jnp.asarray(txt), scale, bias,
+                                jnp.asarray(pos))
+  assert float(got) == pytest.approx(expected, rel=1e-5)
+  logsm = lambda x: x - np.log(np.exp(x).sum(-1, keepdims=True))
+  i2t = -np.mean([logsm(logits)[i, pos[i]].mean() for i in range(6)])
+  t2i = -np.mean([logsm(logits.T)[j, pos[:, j]].mean() for j in range(6)])
+  got = contrastive.clip_loss(jnp.asarray(img), jnp.asarray(txt), scale)
+  assert float(got) == pytest.approx((i2t + t2i) / 2, rel=1e-5)
+
+
 def test_softmax_kd_is_the_scaled_kl():
   rng = np.random.default_rng(2)
   s, t = rng.normal(size=(2, 3, 7)), rng.normal(size=(2, 3, 7))

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from drivlm_jax import optim, train
@@ -75,14 +76,55 @@ def test_accumulated_updates_keep_the_schedule_in_batches():
   assert rates[-1] < 0.1 * max(rates)   # decayed to the end of the schedule
 
 
+def test_the_moving_average_is_optax_debiased_ema():
+  """The average after t updates is `optax.ema(debias=True)` of the params sequence: the
+  params a run starts from keep no weight (plain decay left them d^t)."""
+  rng = np.random.default_rng(0)
+  seq = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), PARAMS)
+         for _ in range(6)]
+  ref = optax.ema(0.9, debias=True)
+  ref_state = ref.init(PARAMS)
+  ema = jax.tree.map(lambda x: x + 100.0, PARAMS)      # the start: no weight once updated
+  tx = optax.sgd(0.1)
+  for t, params in enumerate(seq, start=1):
+    ema = train.update_ema(tx, ema, params, tx.init(params), 0.9, jnp.int32(t))
+    expected, ref_state = ref.update(params, ref_state)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), ema, expected)
+
+
 def test_the_moving_average_moves_once_per_update():
   tx = optim.make(_config(grad_accum_steps=2, parts=[]), PARAMS, total_steps=10)
   ema = jax.tree.map(jnp.zeros_like, PARAMS)
   state = tx.init(PARAMS)
   grads = jax.tree.map(jnp.ones_like, PARAMS)
-  _, state = tx.update(grads, state, PARAMS)            # accumulating: no update yet
-  same = train.update_ema(tx, ema, PARAMS, state, 0.9)
-  assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(same))
-  _, state = tx.update(grads, state, PARAMS)            # the update
-  moved = train.update_ema(tx, ema, PARAMS, state, 0.9)
-  jax.tree.map(lambda m, p: np.testing.assert_allclose(m, 0.1 * p, rtol=1e-6), moved, PARAMS)
+  ref = optax.ema(0.9, debias=True)
+  ref_state = ref.init(PARAMS)
+  for t in range(1, 4):
+    params = jax.tree.map(lambda x: x * t, PARAMS)
+    _, state = tx.update(grads, state, params)            # accumulating: no update yet
+    same = train.update_ema(tx, ema, params, state, 0.9, jnp.int32(2 * t - 1))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), same, ema)
+    _, state = tx.update(grads, state, params)            # the update
+    ema = train.update_ema(tx, ema, params, state, 0.9, jnp.int32(2 * t))
+    expected, ref_state = ref.update(params, ref_state)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ema, expected)
+
+
+def test_weight_decay_shrinks_kernels_only():
+  """AdamW's decoupled decay (p -= lr * wd * p with a zero gradient) on kernels and LoRA
+  factors; norm scales, biases, embeddings and the logit scale stay."""
+  params = {"vision": {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)},
+                       "norm": {"scale": jnp.ones(3)}},
+            "language": {"embed": {"embedding": jnp.ones((4, 3))}},
+            "text": {"logit_scale": jnp.ones(())},
+            "lora": {"language": {"q": {"a": jnp.ones((3, 2)), "b": jnp.ones((2, 3))}}}}
+  tx = optim.make(_config(weight_decay=0.5, parts=[]), params, total_steps=10)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  decayed = 1.0 - 0.1 * 0.5
+  np.testing.assert_allclose(new["vision"]["dense"]["kernel"], decayed)
+  np.testing.assert_allclose(new["lora"]["language"]["q"]["a"], decayed)
+  np.testing.assert_allclose(new["lora"]["language"]["q"]["b"], decayed)
+  for kept in (new["vision"]["dense"]["bias"], new["vision"]["norm"]["scale"],
+               new["language"]["embed"]["embedding"], new["text"]["logit_scale"]):
+    np.testing.assert_array_equal(kept, 1.0)

@@ -2,7 +2,11 @@
 
 A CLIP text tower embeds the caption of each image (the driving instruction, on both
 domains); the loss pulls matching image and caption embeddings together: CLIP's symmetric
-InfoNCE, or SigLIP's pairwise sigmoid loss (with its learned bias) for SigLIP towers. The
+InfoNCE, or SigLIP's pairwise sigmoid loss (with its learned bias) for SigLIP towers, where
+rows with equal captions match each other (`losses.contrastive`). The logged `clip_shared` is the
+share of other rows that share a row's caption (1.0: one caption for all, as on BDD-OIA, whose
+frames carry one instruction: the loss then teaches nothing, CLIP's has no gradient and
+SigLIP's only pulls every image towards the one caption; training warns). The
 text tower is a real CLIP one when `config.clip.text_tower` names a CLIPModel directory
 (its weights, projections and logit scale, and its own tokenizer for the captions), else a
 fresh small one over the LM's tokenizer, pooled at the last real token.
@@ -70,6 +74,11 @@ class ContrastiveFinetuning(adapt.Component):
     images = text.image_embeds(self.tcfg, p, ctx.out["image_pooled"])
     texts = text.apply(self.tcfg, p, ctx.batch["caption_ids"],
                        ctx.batch["caption_mask"])["text_embeds"]
+    same = contrastive.same_caption(ctx.batch["caption_ids"])
+    n = same.shape[0]
+    # Share of the other rows with a row's caption (1: one caption, no contrast to learn).
+    ctx.metrics["clip_shared"] = (same.sum() - n) / max(n * (n - 1), 1)
     if self.kind == "siglip":
-      return {"clip": contrastive.siglip_loss(images, texts, p["logit_scale"], p["logit_bias"])}
+      return {"clip": contrastive.siglip_loss(images, texts, p["logit_scale"], p["logit_bias"],
+                                              same)}
     return {"clip": contrastive.clip_loss(images, texts, p["logit_scale"])}
