@@ -41,6 +41,12 @@ class NonFiniteLoss(RuntimeError):
   pass
 
 
+class Preempted(RuntimeError):
+  """A SIGTERM stopped the run after a step, whose checkpoint is saved: the same command
+  resumes it. The CLI exits with 128 + SIGTERM, so that a scheduler or sweep does not take
+  the run for a finished one."""
+
+
 def step_compiler_options(*compute_dtypes) -> dict:
   """XLA compile options for a train step whose model computes in `compute_dtypes`.
 
@@ -163,7 +169,8 @@ def train_batches(config, data, feats, start: int):
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The whole run; returns the last evaluation. A SIGTERM from its start on (during the
-  set-up too: data, init, restore, compiles) stops it after the next step, saved."""
+  set-up too: data, init, restore, compiles) stops it after the next step, saved, and raises
+  `Preempted`."""
   parallel.maybe_initialize_distributed(config.get("multihost"))
   preemption = _Preemption()
   try:
@@ -350,8 +357,8 @@ def _train(config, workdir: str, preemption) -> dict:
               for k, v in values.items():
                 writer.add_scalar(f"{split}/{domain}/{k}", v, done)
       if stop:
-        logging.warning("SIGTERM: checkpoint of step %d saved; re-run to resume", done)
-        break
+        raise Preempted(f"stopped by SIGTERM after step {done} of {config.total_steps}: its "
+                        f"checkpoint is saved; the same command resumes the run")
   finally:
     checkpoints.close()
     if writer:
@@ -410,6 +417,9 @@ def main(argv):
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except Preempted as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

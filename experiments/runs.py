@@ -79,9 +79,10 @@ def train_once(config, workdir: str, name: str = "") -> str:
   an interrupted one resumes); -> workdir. A run that a SIGTERM stopped (checkpoint saved)
   raises SystemExit naming it."""
   if not run_lib.finished(workdir, config):
-    train.train(config, workdir)
-    if not run_lib.finished(workdir, config):
-      raise SystemExit(f"{name or workdir} was interrupted; re-run the same command to resume")
+    try:
+      train.train(config, workdir)
+    except train.Preempted as e:
+      raise SystemExit(f"{name or workdir}: {e}") from None
   return workdir
 
 

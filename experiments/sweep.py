@@ -153,11 +153,15 @@ def run_local(spec, planned, parallel: int) -> int:
       for name, proc in list(procs.items()):
         if proc.poll() is not None:
           del procs[name]
-          if proc.returncode:
+          if proc.returncode == 128 + signal.SIGTERM:   # the trainer saved and stopped
+            failed.append(name)
+            print(f"run {name}: stopped by SIGTERM (checkpoint saved; the same command "
+                  f"resumes it)", flush=True)
+          elif proc.returncode:
             failed.append(name)
             print(f"run {name}: failed (exit {proc.returncode})", flush=True)
           else:
-            print(f"run {name}: {'stopped' if stopped else 'done'}", flush=True)
+            print(f"run {name}: done", flush=True)
   finally:
     for s, handler in previous.items():
       signal.signal(s, handler)

@@ -45,8 +45,8 @@ def _cli(module, args, cwd, log, env=None):
                             env={**os.environ, "JAX_NUM_CPU_DEVICES": "1", **(env or {})})
 
 
-def _finish(proc, log) -> None:
-  assert proc.wait(timeout=600) == 0, pathlib.Path(log).read_text()[-4000:]
+def _finish(proc, log, status=0) -> None:
+  assert proc.wait(timeout=600) == status, pathlib.Path(log).read_text()[-4000:]
 
 
 def _train(workdir, cache, cwd, log):
@@ -98,7 +98,7 @@ def test_a_bucket_run_resumes_and_keeps_everything_in_the_bucket(bucket, tmp_pat
       first.send_signal(signal.SIGTERM)
       break
     time.sleep(0.05)
-  _finish(first, log)
+  _finish(first, log, 128 + signal.SIGTERM)
   stopped_at = max(_bucket_metrics(remote / "metrics.jsonl"))
   assert 3 <= stopped_at < STEPS, f"not preempted mid-run (stopped at {stopped_at})"
   assert _names(f"{run}/checkpoints") == [str(stopped_at)]

@@ -193,7 +193,7 @@ def test_local_sweep_resumes_after_an_interruption(config_file, tmp_path):
     time.sleep(0.01)
   out = proc.communicate(timeout=600)[0]
   assert proc.returncode == 128 + signal.SIGTERM, out
-  assert "sweep interrupted" in out
+  assert "sweep interrupted" in out and "stopped by SIGTERM (checkpoint saved" in out
   stopped_at = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
   assert 5 <= stopped_at < 24, out
   assert os.listdir(os.path.join(first, "checkpoints")) == [str(stopped_at)]

@@ -137,8 +137,9 @@ def test_the_same_command_is_byte_identical_and_a_resumed_run_repeats_it(cache, 
       runs[1].send_signal(signal.SIGTERM)
       break
     time.sleep(0.005)
-  for run in runs:
-    assert run.wait(timeout=600) == 0, run.stdout.read()
+  assert runs[0].wait(timeout=600) == 0, runs[0].stdout.read()
+  # Stopped, not finished: the exit status says so (a scheduler must not take it for done).
+  assert runs[1].wait(timeout=600) == 128 + signal.SIGTERM, runs[1].stdout.read()
   stopped_at = max(read_metrics(interrupted))
   assert 5 <= stopped_at < steps, f"not preempted mid-run (stopped at {stopped_at})"
   assert sorted(os.listdir(interrupted / "checkpoints")) == [str(stopped_at)]
@@ -203,7 +204,8 @@ def test_checkpoint_restores_onto_another_mesh(cache, tmp_path, monkeypatch):
       yield batch
 
   monkeypatch.setattr(train, "train_batches", preempt_at_step_5)
-  train.train(small_config(cache, total_steps=8, **{"mesh.data": 8}), str(tmp_path / "moved"))
+  with pytest.raises(train.Preempted, match="after step 5 of 8"):
+    train.train(small_config(cache, total_steps=8, **{"mesh.data": 8}), str(tmp_path / "moved"))
   assert max(read_metrics(tmp_path / "moved")) == 5
   monkeypatch.setattr(train, "train_batches", real)
   train.train(small_config(cache, total_steps=8, **{"mesh.data": 1, "mesh.fsdp": 4,
@@ -341,6 +343,7 @@ def test_a_sigterm_during_the_set_up_stops_after_the_first_step(cache, tmp_path,
     os.kill(os.getpid(), signal.SIGTERM)
     return real(*args)
   monkeypatch.setattr(sources, "prepare", signalled)
-  train.train(small_config(cache, total_steps=6, checkpoint_every_steps=100), str(tmp_path))
+  with pytest.raises(train.Preempted):
+    train.train(small_config(cache, total_steps=6, checkpoint_every_steps=100), str(tmp_path))
   assert os.listdir(tmp_path / "checkpoints") == ["1"]
   assert max(read_metrics(tmp_path)) == 1
