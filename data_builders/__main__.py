@@ -4,9 +4,11 @@ r"""Builds a dataset into array_record files that `tfds.data_source` reads.
   python -m data_builders build nuscenes_drive --manual_dir M --data_dir D --config six_cam
 """
 import argparse
+import glob
 import json
 import os
 import sys
+import tempfile
 import time
 
 import tensorflow_datasets as tfds
@@ -21,13 +23,27 @@ def build(name, manual_dir, data_dir, config=None, strict=False):
   """Builds (or reuses) the dataset; returns ({split: examples}, {skip reason: count})."""
   cls = BUILDERS[name]
   kwargs = {"config": config or "front"} if name == "nuscenes_drive" else {}
-  builder = cls(data_dir=data_dir, file_format="array_record", **kwargs)
-  builder.strict = strict
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir))
+  before = _tfds_temp_dirs()
+  try:
+    builder = cls(data_dir=data_dir, file_format="array_record", **kwargs)
+    builder.strict = strict
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir))
+  finally:
+    # tfds makes an empty temp folder per builder of an unprepared dataset (for the dataset
+    # info it would fetch from its bucket, which is off): remove those left empty.
+    for folder in _tfds_temp_dirs() - before:
+      try:
+        os.rmdir(folder)
+      except OSError:   # not empty, or gone
+        pass
   skips = getattr(builder, "skips", None)
   return ({s: info.num_examples for s, info in builder.info.splits.items()},
           skips.counts if skips else {})
+
+
+def _tfds_temp_dirs() -> set:
+  return set(glob.glob(os.path.join(tempfile.gettempdir(), "tmp*tfds")))
 
 
 def check_source(name, manual_dir, data_dir) -> str:

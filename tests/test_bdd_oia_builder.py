@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 
 import numpy as np
 import pytest
@@ -109,13 +110,17 @@ def test_released_form_gives_the_official_labels(tmp_path, json_dir, image_dir):
     assert got[name]["boxes"].shape == (0, 4)
 
 
-def test_any_5th_value_but_0_drops_the_frame_as_the_loader_does(tmp_path):
+def test_any_5th_value_but_0_drops_the_frame_as_the_loader_does(tmp_path, monkeypatch):
   def flag_two(actions, reasons):
     actions["annotations"][IDS[NAMES.index(NAMES[2])]]["category"] = [1, 0, 1, 0, 2]
   manual = write_archive(tmp_path / "m", edit=flag_two)
   expected = official_labels(manual)
   assert NAMES[2] not in expected and NAMES[4] in expected
+  temp = tmp_path / "temp"
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temp))
   splits, skipped = build_cli.build("bdd_oia", manual, str(tmp_path / "d"))
+  assert not list(temp.iterdir())   # tfds's empty folder of the unprepared builder: removed
   assert sorted(_read(str(tmp_path / "d"))) == sorted(expected)
   assert skipped["confusing frame (5th action value not 0)"] == 2
 
