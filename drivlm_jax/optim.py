@@ -32,14 +32,32 @@ def part_labels(params, parts) -> dict:
 
 
 def decayed(params):
-  """Which params weight decay shrinks: dense and conv kernels and LoRA's factors of them, not
-  norm scales, biases, embeddings, the pooling probe or the logit scale and bias (big_vision
-  decays `.*/kernel$` alone: shrinking a norm's scale or CLIP's temperature is no
-  regularisation)."""
-  def kernel(path, _):
+  """Which params weight decay shrinks: dense and conv kernels (and distillation's
+  `projection` matrix) and LoRA's factors of them, not norm scales, biases, embeddings, the
+  pooling probe or the logit scale and bias (big_vision decays `.*/kernel$` alone: shrinking
+  a norm's scale or CLIP's temperature is no regularisation)."""
+  def matrix(path, _):
     names = [getattr(k, "key", str(k)) for k in path]
-    return names[-1] == "kernel" or names[0] == "lora"
-  return jax.tree_util.tree_map_with_path(kernel, params)
+    return names[-1] in ("kernel", "projection") or names[0] == "lora"
+  return jax.tree_util.tree_map_with_path(matrix, params)
+
+
+def decay_matrices(rate: float) -> optax.GradientTransformation:
+  """`optax.add_decayed_weights(rate)` on the `decayed` params only. Its state is the
+  unmasked one's (empty), not `optax.masked`'s wrapper, so the optimizer state keeps the
+  structure of `optax.adamw`'s and checkpoints written before the mask still restore."""
+  def update(updates, state, params):
+    keep = decayed(updates)
+    return jax.tree.map(lambda u, p, k: u + rate * p if k else u, updates, params, keep), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def adamw(opt_config, learning_rate) -> optax.GradientTransformation:
+  """optax.adamw's chain (same state), weight decay on `decayed` params only."""
+  return optax.chain(
+      optax.scale_by_adam(b1=opt_config.get("b1", 0.9), b2=opt_config.get("b2", 0.999)),
+      decay_matrices(opt_config.weight_decay),
+      optax.scale_by_learning_rate(learning_rate))
 
 
 def schedule(opt_config, total_steps: int, mult: float = 1.0):
@@ -64,13 +82,11 @@ def rate_at(opt_config, total_steps: int, done: int) -> float:
 
 
 def make(opt_config, params, total_steps: int) -> optax.GradientTransformation:
-  adamw = lambda mult: optax.adamw(update_rate(opt_config, total_steps, mult),
-                                   b1=opt_config.get("b1", 0.9),
-                                   b2=opt_config.get("b2", 0.999),
-                                   weight_decay=opt_config.weight_decay, mask=decayed)
+  rate = lambda mult: update_rate(opt_config, total_steps, mult)
   parts = [dict(p) for p in opt_config.get("parts", [])]
-  transforms = {"default": adamw(1.0), "frozen": optax.set_to_zero()}
-  transforms.update({f"part{i}": adamw(p.get("lr_mult", 1.0)) for i, p in enumerate(parts)})
+  transforms = {"default": adamw(opt_config, rate(1.0)), "frozen": optax.set_to_zero()}
+  transforms.update({f"part{i}": adamw(opt_config, rate(p.get("lr_mult", 1.0)))
+                     for i, p in enumerate(parts)})
   labels = part_labels(params, parts)
   used = set(traverse_util.flatten_dict(labels).values())
   tx = optax.chain(

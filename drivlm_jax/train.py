@@ -126,7 +126,7 @@ def update_ema(tx, ema, params, opt_state, decay: float, step):
   `step`: batches done, this one included.
   """
   multi = isinstance(tx, optax.MultiSteps)
-  t = (opt_state.gradient_step if multi else step).astype(jnp.float32)
+  t = jnp.maximum(opt_state.gradient_step if multi else step, 1).astype(jnp.float32)
   decay_t = decay * (1.0 - decay ** (t - 1.0)) / (1.0 - decay ** t)
   moved = jax.tree.map(lambda p, e: (decay_t * e + (1.0 - decay_t) * p).astype(e.dtype),
                        params, ema)
@@ -290,6 +290,7 @@ def _train(config, workdir: str, preemption) -> dict:
   result = {}
   pending = []   # (step, metrics, tracker) of log steps whose rows are not written yet
   clock = {"step": start, "time": time.time()}
+  warned = {}   # warnings given once per run
 
   def write_rows(rows, tracker):
     """Writes `rows` up to the first non-finite step (read from `tracker`), then stops the
@@ -304,11 +305,7 @@ def _train(config, workdir: str, preemption) -> dict:
              "examples_per_s": (done - clock["step"]) * config.batch_size
                                / max(now - clock["time"], 1e-9), "time": now}
       clock.update(step=done, time=now)
-      if row.get("clip_shared", 0.0) >= 1.0 and not clock.get("warned"):
-        clock["warned"] = True
-        logging.warning("config.loss.clip: every row of the batch at step %d has the same "
-                        "caption (BDD-OIA's frames carry one instruction): the contrastive "
-                        "loss has nothing to contrast", done)
+      _warn_captions(row, warned)
       bar.set_postfix(loss=f"{row['loss']:.4f}")
       if metrics_file:
         run_lib.append_text(metrics_file, json.dumps(row) + "\n")
@@ -356,7 +353,7 @@ def _train(config, workdir: str, preemption) -> dict:
             for domain, values in domains.items():
               for k, v in values.items():
                 writer.add_scalar(f"{split}/{domain}/{k}", v, done)
-      if stop:
+      if stop and not final:   # (stopped at the last step: finished, evaluated)
         raise Preempted(f"stopped by SIGTERM after step {done} of {config.total_steps}: its "
                         f"checkpoint is saved; the same command resumes the run")
   finally:
@@ -364,6 +361,20 @@ def _train(config, workdir: str, preemption) -> dict:
     if writer:
       writer.close()
   return result
+
+
+def _warn_captions(row, warned: dict):
+  """Once per run: captions the contrastive loss cannot learn from (adapt/contrastive.py)."""
+  if row.get("clip_captions") == 1 and "one" not in warned:
+    warned["one"] = True
+    logging.warning("config.loss.clip: every caption of the batch at step %d is the same "
+                    "(BDD-OIA's frames carry no instruction): the contrastive loss has "
+                    "nothing to contrast", row["step"])
+  if row.get("clip_cross_domain", 1.0) == 0.0 and "domain" not in warned:
+    warned["domain"] = True
+    logging.warning("config.loss.clip: no caption of the batch at step %d captions rows of "
+                    "both domains: the contrastive loss learns to tell the domains apart",
+                    row["step"])
 
 
 @jax.jit

@@ -199,7 +199,12 @@ def execute(launcher, planned, spec, cluster) -> int:
         argv = ["sbatch", path]
       with open(path, "w") as f:
         f.write(text)
-    if subprocess.run(argv, check=False).returncode:
+    status = subprocess.run(argv, check=False).returncode
+    if launcher == "tpu_vm" and status == 128 + signal.SIGTERM:   # the run, over ssh
+      print(f"run {name}: stopped by SIGTERM (checkpoint saved; the same command resumes "
+            f"it)", file=sys.stderr)
+      return status
+    if status:
       print(f"error: launching {name} failed: {shlex.join(argv)}", file=sys.stderr)
       return 1
   return 0

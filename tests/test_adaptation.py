@@ -11,9 +11,10 @@ import pytest
 import torch
 from transformers.models.clip import modeling_clip
 
-from configs import common
-from drivlm_jax import adapt, run as run_lib
+from configs import common, demo
+from drivlm_jax import adapt, run as run_lib, train
 from drivlm_jax.adapt import alignment, distillation
+from drivlm_jax.adapt import contrastive as clip_stage
 from drivlm_jax.losses import adversarial, contrastive, distill
 from drivlm_jax.model import discriminators, reweighting, vlm
 
@@ -562,3 +563,40 @@ def test_feature_kd_of_bf16_tokens_is_computed_in_float32():
   want = jax.value_and_grad(lambda p: reference(student, p))(projection)
   np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-4)
   np.testing.assert_allclose(got[1], want[1], rtol=1e-3, atol=1e-7)
+
+
+def test_caption_metrics_and_warnings(caplog):
+  """clip_captions counts the batch's distinct captions and clip_cross_domain the share of
+  rows whose caption also captions a row of the other domain; training warns on one caption
+  for all, and on captions that name the domain."""
+  cfg = vlm.config_from_dict(common.model_config("tiny"))
+  config = demo.get_config("method=clip_finetune")
+  component = clip_stage.ContrastiveFinetuning.from_config(config, cfg, None)
+  params = {"text": component.init(jax.random.key(0))}
+
+  def metrics(captions, domain):
+    ids = np.zeros((len(captions), 6), np.int32)
+    ids[:, :2] = np.asarray(captions)
+    batch = {"caption_ids": jnp.asarray(ids), "caption_mask": jnp.asarray(ids > 0, jnp.int32),
+             "domain": jnp.asarray(domain, jnp.int32)}
+    out = {"image_pooled": jnp.ones((len(captions), cfg.vision.hidden_size))}
+    ctx = adapt.Context(params, out, batch, jnp.int32(0), {}, {})
+    component.loss(ctx)
+    return {k: float(v) for k, v in ctx.metrics.items()}
+
+  a, b, c = [5, 1], [7, 1], [9, 2]
+  assert metrics([a, b, a, c, a, b], [0, 0, 0, 1, 1, 1]) == {
+      "clip_captions": 3, "clip_cross_domain": pytest.approx(5 / 6)}   # c on target only
+  one = metrics([a] * 4, [0, 0, 1, 1])
+  by_domain = metrics([a, a, b, b], [0, 0, 1, 1])
+  assert one == {"clip_captions": 1, "clip_cross_domain": 1.0}
+  assert by_domain == {"clip_captions": 2, "clip_cross_domain": 0.0}
+  assert metrics([a, b], [0, 0])["clip_cross_domain"] == 1.0   # one domain: nothing to tell
+  warned = {}
+  with caplog.at_level("WARNING"):
+    for row in ({"step": 1, **metrics([a, b, a, b], [0, 0, 1, 1])}, {"step": 2, **one},
+                {"step": 3, **by_domain}, {"step": 4, **one}):
+      train._warn_captions(row, warned)
+  text = caplog.text
+  assert "step 2 is the same" in text and "step 3 captions rows of both domains" in text
+  assert "step 1" not in text and "step 4" not in text    # once each

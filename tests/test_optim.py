@@ -111,20 +111,37 @@ def test_the_moving_average_moves_once_per_update():
 
 
 def test_weight_decay_shrinks_kernels_only():
-  """AdamW's decoupled decay (p -= lr * wd * p with a zero gradient) on kernels and LoRA
-  factors; norm scales, biases, embeddings and the logit scale stay."""
+  """AdamW's decoupled decay (p -= lr * wd * p with a zero gradient) on kernels, distillation's
+  projection and LoRA factors, in every part at its own rate; norm scales, biases, embeddings,
+  the logit scale and frozen parts stay. The optimizer state has optax.adamw's structure
+  (checkpoints written before the mask restore)."""
   params = {"vision": {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)},
                        "norm": {"scale": jnp.ones(3)}},
-            "language": {"embed": {"embedding": jnp.ones((4, 3))}},
+            "projector": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)},
+            "language": {"embed": {"embedding": jnp.ones((4, 3))},
+                         "q": {"kernel": jnp.ones((3, 3))}},
             "text": {"logit_scale": jnp.ones(())},
+            "distill": {"projection": jnp.ones((3, 5))},
             "lora": {"language": {"q": {"a": jnp.ones((3, 2)), "b": jnp.ones((2, 3))}}}}
-  tx = optim.make(_config(weight_decay=0.5, parts=[]), params, total_steps=10)
-  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  config = _config(weight_decay=0.5)   # language frozen, projector at 10x the rate
+  tx = optim.make(config, params, total_steps=10)
+  state = tx.init(params)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
   new = optax.apply_updates(params, updates)
-  decayed = 1.0 - 0.1 * 0.5
-  np.testing.assert_allclose(new["vision"]["dense"]["kernel"], decayed)
-  np.testing.assert_allclose(new["lora"]["language"]["q"]["a"], decayed)
-  np.testing.assert_allclose(new["lora"]["language"]["q"]["b"], decayed)
-  for kept in (new["vision"]["dense"]["bias"], new["vision"]["norm"]["scale"],
-               new["language"]["embed"]["embedding"], new["text"]["logit_scale"]):
-    np.testing.assert_array_equal(kept, 1.0)
+  decayed, fast = 1.0 - 0.1 * 0.5, 1.0 - 1.0 * 0.5
+  for got, want in ((new["vision"]["dense"]["kernel"], decayed),
+                    (new["distill"]["projection"], decayed),
+                    (new["lora"]["language"]["q"]["a"], decayed),
+                    (new["lora"]["language"]["q"]["b"], decayed),
+                    (new["projector"]["kernel"], fast), (new["projector"]["bias"], 1.0),
+                    (new["language"]["q"]["kernel"], 1.0),
+                    (new["vision"]["dense"]["bias"], 1.0), (new["vision"]["norm"]["scale"], 1.0),
+                    (new["language"]["embed"]["embedding"], 1.0), (new["text"]["logit_scale"], 1.0)):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  labels = optim.part_labels(params, config.parts)
+  adamw = lambda mult: optax.adamw(optim.update_rate(config, 10, mult), weight_decay=0.5)
+  reference = optax.chain(
+      optax.clip_by_global_norm(config.grad_clip_norm),
+      optax.multi_transform({"default": adamw(1.0), "frozen": optax.set_to_zero(),
+                             "part1": adamw(10.0)}, labels))
+  assert jax.tree.structure(state) == jax.tree.structure(reference.init(params))

@@ -3,10 +3,15 @@
 A CLIP text tower embeds the caption of each image (the driving instruction, on both
 domains); the loss pulls matching image and caption embeddings together: CLIP's symmetric
 InfoNCE, or SigLIP's pairwise sigmoid loss (with its learned bias) for SigLIP towers, where
-rows with equal captions match each other (`losses.contrastive`). The logged `clip_shared` is the
-share of other rows that share a row's caption (1.0: one caption for all, as on BDD-OIA, whose
-frames carry one instruction: the loss then teaches nothing, CLIP's has no gradient and
-SigLIP's only pulls every image towards the one caption; training warns). The
+rows with equal captions match each other (`losses.contrastive`).
+
+The captions must vary with the image and not with the domain. Logged per step:
+`clip_captions`, the distinct captions in the batch (1, as on BDD-OIA, whose frames carry no
+instruction: the loss can only equalise the images' similarity to that caption, or with
+SigLIP pull every image towards it), and `clip_cross_domain`, the share of rows whose caption
+also captions a row of the other domain (0: the captions name the domain, and the loss
+teaches the tower to tell the domains apart, against the alignment). Training warns on
+either. The
 text tower is a real CLIP one when `config.clip.text_tower` names a CLIPModel directory
 (its weights, projections and logit scale, and its own tokenizer for the captions), else a
 fresh small one over the LM's tokenizer, pooled at the last real token.
@@ -76,8 +81,12 @@ class ContrastiveFinetuning(adapt.Component):
                        ctx.batch["caption_mask"])["text_embeds"]
     same = contrastive.same_caption(ctx.batch["caption_ids"])
     n = same.shape[0]
-    # Share of the other rows with a row's caption (1: one caption, no contrast to learn).
-    ctx.metrics["clip_shared"] = (same.sum() - n) / max(n * (n - 1), 1)
+    earlier = jnp.tril(jnp.ones((n, n), bool), -1)
+    ctx.metrics["clip_captions"] = jnp.sum(~jnp.any(same & earlier, axis=1))
+    domain = ctx.batch["domain"]
+    other = domain[:, None] != domain[None, :]
+    ctx.metrics["clip_cross_domain"] = jnp.where(
+        jnp.any(other), jnp.mean(jnp.any(same & other, axis=1)), 1.0)
     if self.kind == "siglip":
       return {"clip": contrastive.siglip_loss(images, texts, p["logit_scale"], p["logit_bias"],
                                               same)}
