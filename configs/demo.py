@@ -58,7 +58,7 @@ def get_config(arg=None):
   config.seed = 0
   config.model = common.model_config(arg.model or "tiny")
   config.mixed_precision = False          # True: bf16 compute, fp32 master params
-  config.ema_decay = 0.99                  # evaluate the moving average of the params
+  config.ema_decay = 0.99                  # evaluate the (debiased) moving average of the params
 
   config.total_steps = arg.steps or 400
   config.log_every_steps = 10
