@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import sys
 
 import jax
@@ -23,6 +24,11 @@ from drivlm_jax import hf, lora
 from drivlm_jax.data import pipeline
 from drivlm_jax.data import tokenizer as tokenizer_lib
 from drivlm_jax.model import vlm
+
+
+# The exit status of a trainer that a SIGTERM stopped after saving its checkpoint (128 + the
+# signal, the shell's rule): stopped, not finished.
+PREEMPTED_EXIT = 128 + signal.SIGTERM
 
 
 class RunError(FileNotFoundError):
@@ -214,8 +220,6 @@ def check_resume(workdir: str, config, step: int):
                    f"use another workdir")
   changes = config_changes(workdir, config)
   if changes:
-    logging.warning("resuming %s with another config (differs at %s)", workdir,
-                    ", ".join(changes))
     print(f"warning: resuming {workdir} with another config (differs at "
           f"{', '.join(changes[:8])}{' ...' if len(changes) > 8 else ''})", flush=True)
 

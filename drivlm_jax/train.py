@@ -43,7 +43,7 @@ class NonFiniteLoss(RuntimeError):
 
 class Preempted(RuntimeError):
   """A SIGTERM stopped the run after a step, whose checkpoint is saved: the same command
-  resumes it. The CLI exits with 128 + SIGTERM, so that a scheduler or sweep does not take
+  resumes it. The CLI exits with `run.PREEMPTED_EXIT` (128 + SIGTERM), so that a scheduler or sweep does not take
   the run for a finished one."""
 
 
@@ -430,7 +430,7 @@ def main(argv):
     sys.exit(2)
   except Preempted as e:
     print(str(e), file=sys.stderr)
-    sys.exit(128 + signal.SIGTERM)
+    sys.exit(run_lib.PREEMPTED_EXIT)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,11 @@ def _write_sweep_json(workdir, name, overrides):
   run_lib.write_json(run_lib.path(workdir, "sweep.json"), {"name": name, "overrides": overrides})
 
 
+def _report_stopped(name, out):
+  print(f"run {name}: stopped by SIGTERM (checkpoint saved; the same command resumes it)",
+        file=out, flush=True)
+
+
 def _local_log(workdir, name):
   """The run's output log: in its workdir, or under ./sweeps/<name> when that is a bucket."""
   folder = os.path.join("sweeps", name) if run_lib.is_remote(workdir) else workdir
@@ -153,10 +158,9 @@ def run_local(spec, planned, parallel: int) -> int:
       for name, proc in list(procs.items()):
         if proc.poll() is not None:
           del procs[name]
-          if proc.returncode == 128 + signal.SIGTERM:   # the trainer saved and stopped
+          if proc.returncode == run_lib.PREEMPTED_EXIT:
             failed.append(name)
-            print(f"run {name}: stopped by SIGTERM (checkpoint saved; the same command "
-                  f"resumes it)", flush=True)
+            _report_stopped(name, sys.stdout)
           elif proc.returncode:
             failed.append(name)
             print(f"run {name}: failed (exit {proc.returncode})", flush=True)
@@ -200,9 +204,8 @@ def execute(launcher, planned, spec, cluster) -> int:
       with open(path, "w") as f:
         f.write(text)
     status = subprocess.run(argv, check=False).returncode
-    if launcher == "tpu_vm" and status == 128 + signal.SIGTERM:   # the run, over ssh
-      print(f"run {name}: stopped by SIGTERM (checkpoint saved; the same command resumes "
-            f"it)", file=sys.stderr)
+    if launcher == "tpu_vm" and status == run_lib.PREEMPTED_EXIT:   # the run, over ssh
+      _report_stopped(name, sys.stderr)
       return status
     if status:
       print(f"error: launching {name} failed: {shlex.join(argv)}", file=sys.stderr)
