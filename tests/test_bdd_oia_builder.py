@@ -223,6 +223,29 @@ def test_the_image_folder_is_the_one_holding_the_splits_images(tmp_path):
     build_cli.build("bdd_oia", empty, str(tmp_path / "d2"))
 
 
+def test_a_split_without_any_of_its_images_is_left_out_as_the_loader_finds_none(tmp_path,
+                                                                                caplog):
+  """The official loader skips each image whose file is missing, so a test JSON whose images
+  are not in the archive gives an empty test set, not a failed build; --strict refuses it."""
+  no_skips = lambda a, r: a["annotations"][IDS[0]].update(category=[0, 1, 0, 0, 0])
+  manual = write_archive(tmp_path / "m", edit=no_skips, missing=None)
+  actions, reasons = released_json()
+  for image in actions["images"]:
+    image["file_name"] = "test-" + image["file_name"]
+  for row in reasons:
+    row["file_name"] = "test-" + row["file_name"]
+  for kind, rows in (("actions", actions), ("reasons", reasons)):
+    with open(os.path.join(manual, "lastframe", f"test_25k_images_{kind}.json"), "w") as f:
+      json.dump(rows, f)
+  with caplog.at_level(logging.WARNING):
+    splits, _ = build_cli.build("bdd_oia", manual, str(tmp_path / "d"))
+  assert splits == {"train": len(official_labels(manual, "lastframe"))}
+  assert any(f"test_25k_images_actions.json: none of its {len(NAMES)} images" in r.getMessage()
+             and "left out" in r.getMessage() for r in caplog.records)
+  with pytest.raises(BuildError, match=r"test_25k_images_actions.json: none of its.*--strict"):
+    build_cli.build("bdd_oia", manual, str(tmp_path / "s"), strict=True)
+
+
 def test_a_data_dir_built_from_one_folder_refuses_another(tmp_path, capsys):
   """tfds reuses whatever a data_dir holds: `build` from another folder into it would
   silently print the first folder's dataset."""

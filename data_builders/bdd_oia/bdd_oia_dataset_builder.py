@@ -12,7 +12,8 @@ DataLoader_together.py` of the BDD-OIA project):
   name (the loader pairs both lists sorted by file name).
 - images: `lastframe/data/<file_name>` (or `data/`, or `lastframe/` itself as the authors'
   `test.py` reads them: the first of these that holds any of the split's images). An image
-  whose file is missing is skipped and counted, as the loader skips it.
+  whose file is missing is skipped and counted, as the loader skips it; a split none of whose
+  images is there (e.g. the test JSON without the test images) is left out with a warning.
 The JSON files may sit in `lastframe/`, `lastframe/data/`, `lastframe/labels/`, `data/`,
 `labels/`, `info/` (`test.py`'s default) or `annotations/`. `strict` (`--strict`) turns
 every counted skip into an error. A sim-written `sim_<split>_extras.json` adds boxes and
@@ -66,7 +67,8 @@ class BddOia(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     manual = str(dl_manager.manual_dir)
     self.skips = common.Skips(self.strict)
-    splits = {}
+    image_dirs = [os.path.join(manual, d) for d in _IMAGE_DIRS]
+    splits, imageless = {}, []
     for split in ("train", "val", "test"):
       actions = find(manual, f"{split}_25k_images_actions.json", _JSON_DIRS)
       if actions is None:
@@ -74,16 +76,25 @@ class BddOia(tfds.core.GeneratorBasedBuilder):
       reasons = find(manual, f"{split}_25k_images_reasons.json", _JSON_DIRS)
       if reasons is None:
         raise common.BuildError(f"{actions} has no {split}_25k_images_reasons.json beside it")
-      splits[split] = self._generate_examples(manual, split, actions, reasons)
-    if not splits:
+      skips = common.Skips(self.strict)
+      images, image_dir, listed = read_split(actions, reasons, image_dirs, skips)
+      if image_dir is None:   # the loader skips each missing image: this split has none
+        imageless.append(f"{actions}: none of its {listed} images is in "
+                         f"{' or '.join(image_dirs)}")
+        continue
+      splits[split] = self._generate_examples(manual, split, images, image_dir, skips)
+    if imageless and (self.strict or not splits):
+      raise common.BuildError("; ".join(imageless) + (" (--strict turns skips into errors)"
+                                                      if splits else ""))
+    for message in imageless:
+      logging.warning("%s: the split is left out, as the dataset's loader skips every image "
+                      "whose file is missing", message)
+    if not splits and not imageless:
       raise common.BuildError(f"{manual}: no <split>_25k_images_actions.json in any of "
                               f"{', '.join(_JSON_DIRS)}")
     return splits
 
-  def _generate_examples(self, manual, split, actions_path, reasons_path):
-    skips = common.Skips(self.strict)
-    images, image_dir = read_split(actions_path, reasons_path,
-                                   [os.path.join(manual, d) for d in _IMAGE_DIRS], skips)
+  def _generate_examples(self, manual, split, images, image_dir, skips):
     extras_path = find(manual, f"sim_{split}_extras.json", _JSON_DIRS)
     extras = common.read_json(extras_path) if extras_path else {}
     for name, (actions, reasons, row) in images.items():
@@ -105,7 +116,8 @@ class BddOia(tfds.core.GeneratorBasedBuilder):
 
 def read_split(actions_path, reasons_path, image_dirs, skips):
   """-> ({file_name: (actions [4], reasons [21], row description)} of the usable images, the
-  image folder): the first of `image_dirs` that holds any of the split's images.
+  image folder: the first of `image_dirs` that holds any of the split's images, or None
+  where none does (nothing is then read), the number of images the split lists).
 
   Follows the dataset's own loader (`action_prediction/DataLoader_together.py`): images in
   `file_name` order, the label of an image is `annotations[image["id"]]["category"]`, a row
@@ -128,8 +140,7 @@ def read_split(actions_path, reasons_path, image_dirs, skips):
   image_dir = next((d for d in image_dirs
                     if any(os.path.isfile(os.path.join(d, name)) for name in images)), None)
   if image_dir is None:
-    raise common.BuildError(f"{actions_path}: none of its {len(images)} images is in "
-                            f"{' or '.join(image_dirs)}")
+    return {}, None, len(images)
   categories = _categories(actions_path, images, actions_json["annotations"])
   reasons = _reasons(reasons_path, actions_path, images)
   out = {}
@@ -147,7 +158,7 @@ def read_split(actions_path, reasons_path, image_dirs, skips):
       skips("no reasons row", name)
       continue
     out[name] = (category, reasons[name], where)
-  return out, image_dir
+  return out, image_dir, len(images)
 
 
 def _categories(path, images, annotations):
