@@ -2,8 +2,10 @@
 import glob
 import json
 import os
+import logging
 import random
 import re
+import sys
 
 import jax
 import numpy as np
@@ -343,6 +345,46 @@ def test_scene_splits_are_the_devkits_for_the_table_version(version, tmp_path):
       {"train": [scenes[0]["name"]], "val": [s["name"] for s in scenes[1:]]}))
   custom = nuscenes_builder.scene_splits(str(tmp_path), version, scenes)
   assert custom == {s["name"]: "train" if i == 0 else "val" for i, s in enumerate(scenes)}
+
+
+def test_without_the_devkit_nuscenes_scenes_are_an_error_and_other_scenes_a_warned_hash(
+    tmp_path, monkeypatch, caplog):
+  """A hash split of v1.0-mini's real scenes puts all ten in train (no val, so no build):
+  without nuscenes-devkit they are an error naming the fix. Scenes the official lists do not
+  name are split by hash, with or without the devkit, and a warning says so."""
+  mini = [{"name": n} for n in create_splits_scenes(verbose=False)["mini_train"]
+          + create_splits_scenes(verbose=False)["mini_val"]]
+  custom = [{"name": f"drive-{i:03d}"} for i in range(40)]
+  with caplog.at_level(logging.WARNING):
+    hashed = nuscenes_builder.scene_splits(str(tmp_path), "v1.0-mini", custom)
+  assert set(hashed.values()) == {"train", "val"}
+  assert any("by scene-name hash" in r.getMessage() for r in caplog.records)
+  monkeypatch.setitem(sys.modules, "nuscenes.utils.splits", None)   # not installed
+  with pytest.raises(BuildError, match=r"v1.0-mini: nuScenes' scenes take the devkit's "
+                                       r"official split.*nuscenes-devkit.*splits.json"):
+    nuscenes_builder.scene_splits(str(tmp_path), "v1.0-mini", mini)
+  assert nuscenes_builder.scene_splits(str(tmp_path), "v1.0-mini", custom) == hashed
+
+
+def test_drivelm_files_in_a_folder_and_of_two_releases(tmp_path, caplog):
+  """DriveLM's own layout keeps its QA in QA_dataset_nus/; of two releases of one file the
+  latest is read, and a warning names the other; no QA file at all is a warning too."""
+  def write(path, answer):
+    frame = {"QA": {"perception": [{"Q": "Is it moving?", "A": answer}]}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"scene": {"key_frames": {"frame": frame}}}))
+
+  with caplog.at_level(logging.WARNING):
+    assert nuscenes_builder.drivelm_qa(str(tmp_path)) == {}
+  assert any("no DriveLM QA file" in r.getMessage() for r in caplog.records)
+  write(tmp_path / "QA_dataset_nus" / "v1_0_train_nus.json", "Yes.")
+  assert nuscenes_builder.drivelm_qa(str(tmp_path))["frame"][0][0]["answer"] == "Yes."
+  write(tmp_path / "QA_dataset_nus" / "v1_1_train_nus.json", "No.")
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    assert nuscenes_builder.drivelm_qa(str(tmp_path))["frame"][0][0]["answer"] == "No."
+  assert any("latest release" in r.getMessage() and "v1_0_train_nus.json" in r.getMessage()
+             for r in caplog.records)
 
 
 def test_frames_without_actions_train_and_score_no_action(tmp_path):

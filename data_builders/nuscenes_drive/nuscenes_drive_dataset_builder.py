@@ -6,15 +6,18 @@ challenge scores every frame of its QA file, so those stay, `has_actions` False 
 `actions` zeros, which no action loss or metric reads). Boxes are the sample_annotations
 projected into each camera. `location`, `night` and `rain` come from the log and the scene
 description; DriveLM QA (`*_nus.json`, `*_nus_q_only.json` or `drivelm*.json` in the
-manual dir) is joined by sample token. Splits: `splits.json` ({split: [scene names]}) in
-`<version>/` (where the devkit reads custom splits) or the manual dir, else the devkit's
-official scene splits of the table version (v1.0-mini: mini_train / mini_val) when
-nuscenes-devkit is installed, else 85/15 train/val by scene-name hash.
+manual dir or a folder in it, e.g. DriveLM's `QA_dataset_nus/`) is joined by sample token.
+Splits: `splits.json` ({split: [scene names]}) in `<version>/` (where the devkit reads custom
+splits) or the manual dir, else the devkit's official scene splits of the table version
+(v1.0-mini: mini_train / mini_val; nuScenes' own scenes need nuscenes-devkit for them), else
+(scenes the devkit does not list) 85/15 train/val by scene-name hash, with a warning.
 """
 import glob
 import hashlib
 import json
+import logging
 import os
+import re
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -83,40 +86,83 @@ OFFICIAL_SPLITS = {"mini": {"mini_train": "train", "mini_val": "val"},
                    "trainval": {"train": "train", "val": "val"}, "test": {"test": "test"}}
 
 
+NUSCENES_SCENE = re.compile(r"scene-\d{4}$")   # nuScenes' own scene names
+
+
 def scene_splits(root, version, scenes):
   """{scene name: split}. A custom `splits.json` ({split: [scene names]}) where the devkit
   reads one (`<root>/<version>/splits.json`) or in the manual dir itself; else the devkit's
   official splits of this table version when nuscenes-devkit is installed and names every
-  scene; else 85/15 train/val by scene-name hash."""
+  scene; else 85/15 train/val by scene-name hash, with a warning. nuScenes' own scenes
+  (scene-0001 ...) without the devkit are an error: a hash split of them would not be the
+  published one (all ten of v1.0-mini's would land in train)."""
   for path in (os.path.join(root, version, "splits.json"), os.path.join(root, "splits.json")):
     if os.path.exists(path):
       return {name: split for split, names in common.read_json(path).items() for name in names}
+  names = [s["name"] for s in scenes]
   try:
     from nuscenes.utils.splits import create_splits_scenes
+  except ImportError as e:
+    if names and all(NUSCENES_SCENE.match(n) for n in names):
+      raise common.BuildError(
+          f"{os.path.join(root, version)}: nuScenes' scenes take the devkit's official split, "
+          f"and nuscenes-devkit does not import ({e}): `pip install --no-deps "
+          f"nuscenes-devkit==1.2.0` (as `make test` does), or write {root}/splits.json "
+          f"({{split: [scene names]}})") from None
+  else:
     ours = OFFICIAL_SPLITS.get(version.rsplit("-", 1)[-1], {})
     official = {name: ours[split] for split, names in create_splits_scenes(verbose=False).items()
                 if split in ours for name in names}
-    if official and all(s["name"] in official for s in scenes):
+    if official and all(n in official for n in names):
       return official
-  except ImportError:
-    pass
-  return {s["name"]: "val" if int(hashlib.md5(s["name"].encode()).hexdigest(), 16) % 100 < 15
-          else "train" for s in scenes}
+  logging.warning("%s: %d scene(s), not all in nuscenes-devkit's official lists of %s: split "
+                  "85/15 train/val by scene-name hash; a splits.json ({split: [scene names]}) "
+                  "in %s sets the split", os.path.join(root, version), len(names), version,
+                  root)
+  return {n: "val" if int(hashlib.md5(n.encode()).hexdigest(), 16) % 100 < 15 else "train"
+          for n in names}
 
 
 QA_STAGES = ("perception", "prediction", "planning", "behavior")
 
 
 DRIVELM_FILES = ("*_nus.json", "*_nus_q_only.json", "drivelm*.json")
+_RELEASE = re.compile(r"v(\d+)_(\d+)_(.+)$")   # v1_1_train_nus.json -> (1, 1, train_nus.json)
+
+
+def drivelm_files(root):
+  """The DriveLM-nuScenes QA files in the manual dir or a folder in it (DriveLM's own layout
+  keeps them in `QA_dataset_nus/`), sorted; of several releases of one file (v1_0_ and
+  v1_1_train_nus.json) the latest, with a warning naming the others."""
+  paths = sorted({p for folder in ("", "*") for pattern in DRIVELM_FILES
+                  for p in glob.glob(os.path.join(root, folder, pattern))})
+  latest = {}   # (folder, name without the release) -> (release, path)
+  for path in paths:
+    match = _RELEASE.match(os.path.basename(path))
+    key = (os.path.dirname(path), match[3]) if match else path
+    release = (int(match[1]), int(match[2])) if match else ()
+    if key not in latest or release > latest[key][0]:
+      latest[key] = (release, path)
+  keep = {path for _, path in latest.values()}
+  older = [p for p in paths if p not in keep]
+  if older:
+    logging.warning("DriveLM QA: reading the latest release of each file, not %s",
+                    ", ".join(older))
+  return [p for p in paths if p in keep]
 
 
 def drivelm_qa(root):
-  """{sample token: (QA pairs, key_object_infos JSON)} of the DriveLM-nuScenes files in the
-  manual dir: the released names (v1_1_train_nus.json; v1_1_val_nus_q_only.json, the
+  """{sample token: (QA pairs, key_object_infos JSON)} of the DriveLM-nuScenes files
+  (`drivelm_files`): the released names (v1_1_train_nus.json; v1_1_val_nus_q_only.json, the
   challenge's questions with empty answers) or drivelm*.json. A frame in two files is taken
-  from the one with answers; in two with answers, an error naming both."""
+  from the one with answers; in two with answers, an error naming both. None found is a
+  warning (nuScenes without DriveLM builds; its QA evaluation then has nothing to score)."""
   qa, source = {}, {}
-  paths = sorted({p for pattern in DRIVELM_FILES for p in glob.glob(os.path.join(root, pattern))})
+  paths = drivelm_files(root)
+  if not paths:
+    logging.warning("%s: no DriveLM QA file (%s, here or in a folder in it): the frames get no "
+                    "QA; link a QA file of another name here as drivelm_<name>.json", root,
+                    ", ".join(DRIVELM_FILES))
   for path in paths:
     scenes = common.read_json(path)
     if not isinstance(scenes, dict) or not all(
@@ -195,11 +241,11 @@ class NuscenesDrive(tfds.core.GeneratorBasedBuilder):
     tables = Tables(root)
     splits = scene_splits(root, tables.version, tables.scene.values())
     names = sorted({splits.get(s["name"], "train") for s in tables.scene.values()})
-    return {split: self._generate_examples(tables, splits, split) for split in names}
-
-  def _generate_examples(self, tables, splits, split):
-    cameras = ("CAM_FRONT",) if self.builder_config.name == "front" else SIX_CAMERAS
     qa = drivelm_qa(tables.root)
+    return {split: self._generate_examples(tables, splits, split, qa) for split in names}
+
+  def _generate_examples(self, tables, splits, split, qa):
+    cameras = ("CAM_FRONT",) if self.builder_config.name == "front" else SIX_CAMERAS
     for scene in sorted(tables.scene.values(), key=lambda s: s["name"]):
       if splits.get(scene["name"], "train") != split:
         continue
