@@ -432,7 +432,7 @@ def _language_config(hf, where, **overrides) -> language.Config:
       rms_norm_eps=hf.rms_norm_eps,
       rope_theta=theta, rope_scaling=rope, max_position_embeddings=hf.max_position_embeddings,
       qkv_bias=True if qwen2 else bias, o_bias=False if qwen2 else bias,
-      mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+      mlp_bias=False if qwen2 else bool(getattr(hf, "mlp_bias", False)),   # Qwen2's has none
       tie_word_embeddings=bool(hf.tie_word_embeddings),
       **{k: getattr(hf, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
       **overrides)

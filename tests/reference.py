@@ -68,15 +68,16 @@ def siglip_model(seed=0):
 
 
 def causal_lm(family="qwen2", vocab=128, hidden=64, heads=4, kv_heads=2, layers=2,
-              tie=True, bias=False, head_dim=None, rope=None, seed=0):
-  """A tiny random HF Qwen2 or LLaMA; `rope`: rope_parameters other than the default's."""
+              tie=True, bias=False, head_dim=None, rope=None, pad=None, seed=0):
+  """A tiny random HF Qwen2 or LLaMA; `rope`: rope_parameters other than the default's;
+  `pad`: a pad_token_id (its embedding row then gets no gradient in transformers)."""
   torch.manual_seed(seed)
   common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + 16,
                 num_attention_heads=heads, num_key_value_heads=kv_heads,
                 num_hidden_layers=layers, rms_norm_eps=3e-5, initializer_range=0.1,
                 rope_parameters=rope or {"rope_type": "default", "rope_theta": 5000.0},
                 tie_word_embeddings=tie, max_position_embeddings=256,
-                bos_token_id=None, eos_token_id=None, pad_token_id=None)
+                bos_token_id=None, eos_token_id=None, pad_token_id=pad)
   if head_dim is not None:
     common["head_dim"] = head_dim
   if family == "qwen2":

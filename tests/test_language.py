@@ -20,9 +20,9 @@ from tests import reference as ref
 TOL = 1e-5
 
 CASES = {
-    "qwen2_gqa_tied": dict(family="qwen2", kv_heads=2, tie=True),
+    "qwen2_gqa_tied": dict(family="qwen2", kv_heads=2, tie=True, pad=5),
     "qwen2_mqa_untied": dict(family="qwen2", kv_heads=1, tie=False, layers=3),
-    "llama_mha_bias_untied": dict(family="llama", kv_heads=4, tie=False, bias=True),
+    "llama_mha_bias_untied": dict(family="llama", kv_heads=4, tie=False, bias=True, pad=3),
     "llama_gqa_tied_headdim": dict(family="llama", kv_heads=2, tie=True, head_dim=24),
 }
 
@@ -180,9 +180,12 @@ def test_save_round_trip_loads_in_transformers(lm, tmp_path):
 
 def test_gradients_match(lm, tmp_path):
   """The backward (SwiGLU recomputed from gate and up, the tied head's custom gradient):
-  every parameter's float32 gradient of a token cross-entropy matches torch's."""
+  every parameter's float32 gradient of a token cross-entropy matches torch's, also where the
+  pad id is read as a token (its embedding row, transformers' padding_idx, gets none)."""
   model, cfg, params = lm
   ids = _ids(2, 9, cfg.vocab_size, seed=7)
+  if cfg.pad_token_id is not None:
+    ids[:, 2] = cfg.pad_token_id
 
   def loss(p):
     logits = language.apply(cfg, p, ids)
@@ -279,6 +282,16 @@ def test_qwen2_sliding_window_loads_where_no_layer_slides(tmp_path):
   model.config.layer_types = ["full_attention", "sliding_attention"]
   with pytest.raises(hf.CheckpointError, match=r"sliding-window attention \(layers \[1\]\)"):
     hf.load_language_model(ref.save(model, tmp_path / "sliding"))
+
+
+def test_qwen2_ignores_a_llama_only_mlp_bias_key_as_transformers_does(tmp_path):
+  model = ref.causal_lm(family="qwen2")
+  model.config.mlp_bias = True   # a LLaMA key: Qwen2's MLP has no biases in transformers
+  cfg, params = hf.load_language_model(ref.save(model, tmp_path / "qwen2"))
+  ids = _ids(1, 7, cfg.vocab_size, seed=3)
+  with torch.inference_mode():
+    theirs = model(torch.from_numpy(ids).long()).logits
+  assert ref.max_diff(language.apply(cfg, params, ids), theirs) <= TOL
 
 
 def test_swish_is_silu_as_in_transformers_and_another_activation_an_error(tmp_path):

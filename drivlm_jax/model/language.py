@@ -228,7 +228,8 @@ class Decoder(nn.Module):
   def __call__(self, input_ids, inputs_embeds, positions, mask, kv_cache=None, cache_index=0):
     cfg = self.cfg
     embed = layers.embed(cfg.vocab_size, cfg.hidden_size, cfg=cfg, name="embed_tokens")
-    x = embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(cfg.dtype)
+    x = (_pad_row_frozen(cfg, input_ids, embed(input_ids)) if inputs_embeds is None
+         else inputs_embeds.astype(cfg.dtype))
     rope = rope_tables(positions, cfg)
     stack = layers.stack_layers(DecoderLayer, cfg, cfg.num_layers, "layers",
                                 in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast))
@@ -260,9 +261,18 @@ def logical_axes(cfg: Config):
   return layers.logical_axes(Decoder(cfg).init, jax.random.key(0), *_dummy_inputs())
 
 
+def _pad_row_frozen(cfg: Config, input_ids, x):
+  """The pad id's embedding row gets no gradient from its lookups, as in transformers (its
+  nn.Embedding's padding_idx is the config's pad_token_id); a tied head still trains it."""
+  if cfg.pad_token_id is None:
+    return x
+  return jnp.where((input_ids == cfg.pad_token_id)[..., None], jax.lax.stop_gradient(x), x)
+
+
 def embed_tokens(cfg: Config, params, input_ids):
   """input_ids [B, T] -> [B, T, D] input embeddings (for splicing in other modalities)."""
-  return jnp.take(params["embed_tokens"]["embedding"], input_ids, axis=0).astype(cfg.dtype)
+  x = jnp.take(params["embed_tokens"]["embedding"], input_ids, axis=0).astype(cfg.dtype)
+  return _pad_row_frozen(cfg, input_ids, x)
 
 
 def positions_from_mask(attention_mask, offset=0):
