@@ -2,7 +2,6 @@
 through `pretrained.start`, and the captions are in its own tokens, so the pipeline's
 caption embeddings equal transformers' CLIPModel.get_text_features."""
 import jax
-import numpy as np
 import torch
 
 from drivlm_jax import adapt, pretrained, run as run_lib
