@@ -127,7 +127,7 @@ def check_method(arg) -> str:
   return method
 
 
-def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: float = 0.03,
+def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: float = 0.01,
                init_from: str = "", fda_beta: float = 0.0, fda_fraction: float = 1.0):
   """The DriVLM stages as config: what each method trains on, and the weight of every loss
   term in the flat mapping `config.loss` (a weight of 0 turns a term off).
@@ -139,7 +139,8 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
                   (weight 0.1; drivlm_jax/adapt/entropy.py)
   drivlm_teacher  + unlabelled target; discriminators at the image, token and instance level
                   (weight `da_weight` each, reversal ramped after 25% of training: the
-                  weight 0.03, the three levels and the start 0.25 are what `python -m
+                  weight 0.01 (at d90989b, two seeds) and the three levels and the start
+                  0.25 (before the debiased average, at 0.03) are what `python -m
                   experiments.defaults` chose over four shifts without target labels,
                   README "The adversarial defaults");
                   instruction-guided token reweighting; with `fda_beta` > 0 also Fourier
