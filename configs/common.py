@@ -134,7 +134,8 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
 
   source_only     labelled source only
   dann            baseline: + unlabelled target, one image-level discriminator behind the
-                  gradient reversal (Ganin & Lempitsky, 2015); no reweighting, no distillation
+                  gradient reversal (Ganin & Lempitsky, 2015), weight `da_weight` as the
+                  teacher's levels; no reweighting, no distillation
   entmin          baseline: + unlabelled target, entropy minimisation of the heads on it
                   (weight 0.1; drivlm_jax/adapt/entropy.py)
   drivlm_teacher  + unlabelled target; discriminators at the image, token and instance level

@@ -2,6 +2,7 @@
 generate, RoPE scaling."""
 import dataclasses
 import json
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -201,6 +202,28 @@ def test_gradients_match(lm, tmp_path):
   assert set(theirs) <= set(ours) and len(theirs) > 10
   for name, g in theirs.items():
     assert ref.max_diff(ours[name], g) <= 2e-5 * max(np.abs(g).max(), 1e-3), name
+
+
+def test_a_negative_pad_id_freezes_the_last_row_as_torch_reads_it():
+  """torch's nn.Embedding reads padding_idx=-1 from the end: row vocab - 1 gets no gradient
+  from its lookups, through the decoder and through `embed_tokens` (the VLM's splice)."""
+  model = ref.causal_lm(family="llama", tie=False, pad=-1)
+  assert model.model.embed_tokens.padding_idx == model.config.vocab_size - 1
+  cfg, params = hf.load_language_model(ref.save(model, tempfile.mkdtemp()))
+  ids = _ids(2, 9, cfg.vocab_size, seed=5)
+  ids[:, 3] = cfg.vocab_size - 1
+  model.zero_grad()
+  logits = model(torch.from_numpy(ids).long()).logits
+  torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1),
+                                    torch.from_numpy(ids[:, 1:]).long().flatten()).backward()
+  theirs = model.model.embed_tokens.weight.grad.numpy()
+  loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      language.apply(cfg, p, ids)[:, :-1], ids[:, 1:]).mean()
+  ours = np.asarray(jax.grad(loss)(params)["embed_tokens"]["embedding"])
+  assert ref.max_diff(ours, theirs) <= 2e-5 * np.abs(theirs).max()
+  spliced = jax.grad(lambda p: language.embed_tokens(cfg, p, ids).sum())(params)
+  rows = np.abs(np.asarray(spliced["embed_tokens"]["embedding"])).sum(-1)
+  assert rows[cfg.vocab_size - 1] == 0 and rows[ids[0, 0]] > 0
 
 
 SCALED_ROPE = {   # positions up to 40 against an "original" context of 32 or 16

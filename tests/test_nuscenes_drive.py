@@ -385,6 +385,14 @@ def test_drivelm_files_in_a_folder_and_of_two_releases(tmp_path, caplog):
     assert nuscenes_builder.drivelm_qa(str(tmp_path))["frame"][0][0]["answer"] == "No."
   assert any("latest release" in r.getMessage() and "v1_0_train_nus.json" in r.getMessage()
              for r in caplog.records)
+  write(tmp_path / "v1_1_train_nus.json", "Maybe.")   # a copy in the manual dir itself wins
+  assert nuscenes_builder.drivelm_qa(str(tmp_path))["frame"][0][0]["answer"] == "Maybe."
+  write(tmp_path / "drivelm_v1_0_extra.json", "Old.")   # a release inside another name
+  write(tmp_path / "drivelm_v1_2_extra.json", "New.")
+  with pytest.raises(BuildError, match=r"drivelm_v1_2_extra.json.*both with answers"):
+    nuscenes_builder.drivelm_qa(str(tmp_path))   # the latest, beside v1_1_train_nus.json
+  assert [os.path.basename(p) for p in nuscenes_builder.drivelm_files(str(tmp_path))] == [
+      "drivelm_v1_2_extra.json", "v1_1_train_nus.json"]
 
 
 def test_frames_without_actions_train_and_score_no_action(tmp_path):

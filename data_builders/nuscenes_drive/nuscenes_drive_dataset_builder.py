@@ -115,8 +115,8 @@ def scene_splits(root, version, scenes):
                 if split in ours for name in names}
     if official and all(n in official for n in names):
       return official
-  logging.warning("%s: %d scene(s), not all in nuscenes-devkit's official lists of %s: split "
-                  "85/15 train/val by scene-name hash; a splits.json ({split: [scene names]}) "
+  logging.warning("%s: %d scene(s) without an official split of %s from nuscenes-devkit: "
+                  "split 85/15 train/val by scene-name hash; a splits.json ({split: [scene names]}) "
                   "in %s sets the split", os.path.join(root, version), len(names), version,
                   root)
   return {n: "val" if int(hashlib.md5(n.encode()).hexdigest(), 16) % 100 < 15 else "train"
@@ -127,27 +127,30 @@ QA_STAGES = ("perception", "prediction", "planning", "behavior")
 
 
 DRIVELM_FILES = ("*_nus.json", "*_nus_q_only.json", "drivelm*.json")
-_RELEASE = re.compile(r"v(\d+)_(\d+)_(.+)$")   # v1_1_train_nus.json -> (1, 1, train_nus.json)
+_RELEASE = re.compile(r"(^|_)v(\d+)_(\d+)_")   # v1_1_train_nus.json, drivelm_v1_0_x.json
 
 
 def drivelm_files(root):
   """The DriveLM-nuScenes QA files in the manual dir or a folder in it (DriveLM's own layout
-  keeps them in `QA_dataset_nus/`), sorted; of several releases of one file (v1_0_ and
-  v1_1_train_nus.json) the latest, with a warning naming the others."""
+  keeps them in `QA_dataset_nus/`), sorted. Of the files that differ only in their release
+  (v1_0_ / v1_1_) or folder, one is read: the latest release, then the one in the manual dir
+  itself; a warning names the others."""
   paths = sorted({p for folder in ("", "*") for pattern in DRIVELM_FILES
                   for p in glob.glob(os.path.join(root, folder, pattern))})
-  latest = {}   # (folder, name without the release) -> (release, path)
+  best = {}   # file name without its release -> (rank, path)
   for path in paths:
-    match = _RELEASE.match(os.path.basename(path))
-    key = (os.path.dirname(path), match[3]) if match else path
-    release = (int(match[1]), int(match[2])) if match else ()
-    if key not in latest or release > latest[key][0]:
-      latest[key] = (release, path)
-  keep = {path for _, path in latest.values()}
-  older = [p for p in paths if p not in keep]
-  if older:
-    logging.warning("DriveLM QA: reading the latest release of each file, not %s",
-                    ", ".join(older))
+    name = os.path.basename(path)
+    match = _RELEASE.search(name)
+    release = (int(match[2]), int(match[3])) if match else ()
+    rank = (release, os.path.dirname(path) == os.path.normpath(root))
+    key = _RELEASE.sub(r"\1", name, count=1)
+    if key not in best or rank > best[key][0]:
+      best[key] = (rank, path)
+  keep = {path for _, path in best.values()}
+  others = [p for p in paths if p not in keep]
+  if others:
+    logging.warning("DriveLM QA: reading the latest release of each file (in the manual dir "
+                    "itself where it is also in a folder), not %s", ", ".join(others))
   return [p for p in paths if p in keep]
 
 
@@ -203,7 +206,8 @@ class NuscenesDrive(tfds.core.GeneratorBasedBuilder):
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Extract nuScenes (v1.0-mini or v1.0-trainval: tables + samples/) into the manual dir, "
-      "optionally with DriveLM-nuScenes QA (*_nus.json, *_nus_q_only.json), or run "
+      "optionally with DriveLM-nuScenes QA (*_nus.json, *_nus_q_only.json or drivelm*.json, "
+      "there or in a folder in it such as QA_dataset_nus/), or run "
       "`python -m drivlm_jax.sim --layout nuscenes ...` to write the same layout.")
   strict = False
 

@@ -266,7 +266,8 @@ def _pad_row_frozen(cfg: Config, input_ids, x):
   nn.Embedding's padding_idx is the config's pad_token_id); a tied head still trains it."""
   if cfg.pad_token_id is None:
     return x
-  return jnp.where((input_ids == cfg.pad_token_id)[..., None], jax.lax.stop_gradient(x), x)
+  pad = cfg.pad_token_id % cfg.vocab_size   # torch reads a negative padding_idx from the end
+  return jnp.where((input_ids == pad)[..., None], jax.lax.stop_gradient(x), x)
 
 
 def embed_tokens(cfg: Config, params, input_ids):
