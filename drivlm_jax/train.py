@@ -43,8 +43,8 @@ class NonFiniteLoss(RuntimeError):
 
 class Preempted(RuntimeError):
   """A SIGTERM stopped the run after a step, whose checkpoint is saved: the same command
-  resumes it. The CLI exits with `run.PREEMPTED_EXIT` (128 + SIGTERM), so that a scheduler or sweep does not take
-  the run for a finished one."""
+  resumes it. The CLI exits with `run.PREEMPTED_EXIT` (128 + SIGTERM), so that a scheduler
+  or sweep does not take the run for a finished one."""
 
 
 def step_compiler_options(*compute_dtypes) -> dict:

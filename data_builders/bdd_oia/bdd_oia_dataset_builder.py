@@ -83,15 +83,15 @@ class BddOia(tfds.core.GeneratorBasedBuilder):
                          f"{' or '.join(image_dirs)}")
         continue
       splits[split] = self._generate_examples(manual, split, images, image_dir, skips)
+    if not splits and not imageless:
+      raise common.BuildError(f"{manual}: no <split>_25k_images_actions.json in any of "
+                              f"{', '.join(_JSON_DIRS)}")
     if imageless and (self.strict or not splits):
       raise common.BuildError("; ".join(imageless) + (" (--strict turns skips into errors)"
                                                       if splits else ""))
     for message in imageless:
       logging.warning("%s: the split is left out, as the dataset's loader skips every image "
                       "whose file is missing", message)
-    if not splits and not imageless:
-      raise common.BuildError(f"{manual}: no <split>_25k_images_actions.json in any of "
-                              f"{', '.join(_JSON_DIRS)}")
     return splits
 
   def _generate_examples(self, manual, split, images, image_dir, skips):

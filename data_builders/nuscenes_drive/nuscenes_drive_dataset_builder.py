@@ -116,9 +116,9 @@ def scene_splits(root, version, scenes):
     if official and all(n in official for n in names):
       return official
   logging.warning("%s: %d scene(s) without an official split of %s from nuscenes-devkit: "
-                  "split 85/15 train/val by scene-name hash; a splits.json ({split: [scene names]}) "
-                  "in %s sets the split", os.path.join(root, version), len(names), version,
-                  root)
+                  "split 85/15 train/val by scene-name hash; a splits.json ({split: [scene "
+                  "names]}) in %s sets the split", os.path.join(root, version), len(names),
+                  version, root)
   return {n: "val" if int(hashlib.md5(n.encode()).hexdigest(), 16) % 100 < 15 else "train"
           for n in names}
 
