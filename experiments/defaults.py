@@ -13,6 +13,11 @@ source rows it restyles; adapt/fourier.py). Per shift of configs/demo.py (SHIFTS
 seed, every candidate trains the run that the adversarial settings shape most: by default
 the demo's DriVLM teacher (the larger model, adapted from scratch; the student inherits its
 gain, README "Why the student does not gain"). Runs go to <workdir>/<shift>/seed<s>/<candidate>.
+`--stage student` chooses on the deployed student instead: per shift and seed it first trains
+what the demo's student starts from, at the current defaults (the teacher, `--teacher_arg`,
+and the CLIP stage, a quarter of the steps; <workdir>/<shift>/seed<s>/{teacher,clip_finetune}),
+then every candidate is a student (`--arg` default method=drivlm_student) warm-started from
+that CLIP stage and distilled from that teacher.
 
 Selection (no target label read): each run is scored by Deep Embedded Validation
 (experiments.select: You et al., ICML 2019: the source validation loss importance-weighted by
@@ -41,6 +46,7 @@ import numpy as np
 import tqdm
 from scipy import stats
 
+from configs import common
 from configs import demo as demo_config
 from drivlm_jax import run as run_lib
 from drivlm_jax.data import sources
@@ -194,8 +200,15 @@ def main():
   parser.add_argument("--fda", default="0",
                       help="Fourier domain adaptation settings, comma-separated BETA or "
                       "BETAxFRACTION (0: off; configs/demo.py fda=, fda_fraction=)")
-  parser.add_argument("--arg", default="method=drivlm_teacher,model=tiny_teacher",
-                      help="configs/demo.py args of every run (a method with discriminators)")
+  parser.add_argument("--stage", default="teacher", choices=("teacher", "student"),
+                      help="the run the candidates train: the teacher from scratch, or the "
+                      "student from a teacher and a CLIP stage trained first per shift and seed")
+  parser.add_argument("--arg", default="",
+                      help="configs/demo.py args of every candidate's run, a method with "
+                      "discriminators (default: method=drivlm_teacher,model=tiny_teacher; "
+                      "--stage student: method=drivlm_student)")
+  parser.add_argument("--teacher_arg", default="method=drivlm_teacher,model=tiny_teacher",
+                      help="--stage student: configs/demo.py args of the teacher")
   parser.add_argument("--steps", type=int, default=None)
   parser.add_argument("--max_examples", type=int, default=512,
                       help="examples per split that DEV reads (experiments.select)")
@@ -217,21 +230,47 @@ def main():
     parser.error(str(e))
   get_config = load_config_module("configs/demo.py")[0].get_config
   steps = f",steps={args.steps}" if args.steps else ""
+  arg = args.arg or ("method=drivlm_student" if args.stage == "student" else
+                     "method=drivlm_teacher,model=tiny_teacher")
+
+  def configure(arg, shift, seed, flags=None, init_from=""):
+    config = apply_overrides(get_config(f"{arg},shift={shift}"), flags or {})
+    config.seed, config.init_from = seed, init_from
+    config.data.cache_dir = sources.cache_root({}, os.path.join(args.workdir, shift))
+    if args.smoke:
+      demo.smoke_config(config)
+    return config
+
+  def job(name, arg, shift, seed, flags=None, init_from="", needs=()):
+    config = configure(arg, shift, seed, flags, init_from)
+    workdir = os.path.join(args.workdir, shift, f"seed{seed}", name)
+    print(f"== {shift} seed {seed} {name}: python -m drivlm_jax.train --config "
+          f"configs/demo.py:{arg},shift={shift} --workdir {workdir} --config.seed={seed} "
+          + (f"--config.init_from={init_from} " if init_from else "")
+          + flag_string(flags or {}), flush=True)
+    return train_job(f"{shift} seed {seed} {name}", config, workdir, needs)
+
+  total = args.steps or get_config("").total_steps
+  upstream = {"teacher": f"{args.teacher_arg},steps={total}",   # --stage student
+              "clip_finetune": f"method=clip_finetune,steps="
+                               f"{common.stage_steps('clip_finetune', total)}"}
   todo, runs = [], []
   for shift in shifts:
-    root = os.path.join(args.workdir, shift)
-    for seed, (name, flags) in itertools.product(range(args.seeds), overrides.items()):
-      config = apply_overrides(get_config(f"{args.arg},shift={shift}{steps}"), flags)
-      config.seed, config.data.cache_dir = seed, sources.cache_root({}, root)
-      if args.smoke:
-        demo.smoke_config(config)
-      workdir = os.path.join(root, f"seed{seed}", name)
-      print(f"== {shift} seed {seed} {name}: python -m drivlm_jax.train --config "
-            f"configs/demo.py:{args.arg},shift={shift}{steps} --workdir {workdir} "
-            f"--config.seed={seed} {flag_string(flags)}", flush=True)
-      todo.append(train_job(f"{shift} seed {seed} {name}", config, workdir))
-      runs.append({"shift": shift, "seed": seed, "candidate": name, "run_dir": workdir})
-    sources.prepare(config.data, root)   # each shift's sim, once, before its runs start
+    for seed in range(args.seeds):
+      init_from, extra, needs = "", "", ()
+      if args.stage == "student":   # what the student starts from, at the current defaults
+        started = [job(name, a, shift, seed) for name, a in upstream.items()]
+        todo += started
+        needs = [j.name for j in started]
+        teacher, init_from = (os.path.join(args.workdir, shift, f"seed{seed}", name)
+                              for name in upstream)
+        extra = f",teacher={teacher}"
+      for name, flags in overrides.items():
+        todo.append(job(name, f"{arg}{extra}{steps}", shift, seed, flags, init_from, needs))
+        runs.append({"shift": shift, "seed": seed, "candidate": name,
+                     "run_dir": os.path.join(args.workdir, shift, f"seed{seed}", name)})
+    # each shift's sim, once, before its runs start
+    sources.prepare(configure("", shift, 0).data, os.path.join(args.workdir, shift))
   # Programs the runs share compile once (a local folder, for a gs:// workdir too).
   cache = os.path.join(run_lib.local_dir(args.workdir), "xla_cache")
   jax.config.update("jax_compilation_cache_dir", cache)
