@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+from configs import demo as demo_config
 from drivlm_jax import run as run_lib
 from experiments import defaults
 
@@ -87,3 +88,33 @@ def test_defaults_trains_each_candidate_per_shift_and_reports_the_choice(tmp_pat
     assert report["regret"][shift] == pytest.approx(
         best - report["target_mAP"][report["chosen"]][shift])
   assert "Chosen without target labels" in (workdir / "weights.md").read_text()
+
+
+def test_defaults_chooses_on_students_of_one_teacher_and_clip_stage(tmp_path, monkeypatch):
+  workdir = tmp_path / "defaults"
+  monkeypatch.setattr(sys, "argv", [
+      "experiments.defaults", "--workdir", str(workdir), "--smoke", "--steps", "4",
+      "--shifts", "camera", "--weights", "0,0.1", "--stage", "student",
+      "--max_examples", "16", "--parallel", "1", "--report", "student"])
+  defaults.main()
+  report = json.loads((workdir / "student.json").read_text())
+  seed_dir = workdir / "camera" / "seed0"
+  teacher = run_lib.read_config(str(seed_dir / "teacher"))
+  clip = run_lib.read_config(str(seed_dir / "clip_finetune"))
+  current = demo_config.get_config("method=drivlm_teacher,model=tiny_teacher")
+  assert teacher.loss.to_dict() == current.loss.to_dict()   # the teacher at the defaults
+  assert teacher.model.to_dict() == current.model.to_dict()
+  assert (teacher.total_steps, clip.total_steps) == (4, 1)
+  assert clip.loss.clip > 0 and clip.loss.action == 0
+  assert [row["candidate"] for row in report["runs"]] == [
+      "w0-image+token+instance-start0.25", "w0.1-image+token+instance-start0.25"]
+  for row in report["runs"]:
+    config = run_lib.read_config(row["run_dir"])
+    weight = report["candidates"][row["candidate"]]["loss.da_token"]
+    assert config.loss.da_image == config.loss.da_instance == weight
+    assert config.loss.kd_heads > 0 and config.model.to_dict() == demo_config.get_config(
+        f"method=drivlm_student,teacher={seed_dir / 'teacher'}").model.to_dict()
+    assert config.distill.teacher == str(seed_dir / "teacher")
+    assert config.init_from == str(seed_dir / "clip_finetune")
+    assert config.data.target.domain == "cam_tele"
+  assert report["chosen"] in report["candidates"]
