@@ -127,30 +127,40 @@ def check_method(arg) -> str:
   return method
 
 
-def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: float = 0.01,
+# The adversarial weight of every discriminator level that is on, per method: what `python -m
+# experiments.defaults` chose over four shifts and two seeds without target labels (README
+# "The adversarial defaults"): on the teacher (at d90989b; DANN's one level shares it), and
+# on the student warm-started from the CLIP stage and distilled from that teacher
+# (`--stage student`, at f2dfdd6).
+DA_WEIGHT = {"drivlm_teacher": 0.01, "dann": 0.01, "drivlm_student": 0.03}
+
+
+def add_method(config, method: str, teacher: str, keep_ratio: float,
+               da_weight: float | None = None,
                init_from: str = "", fda_beta: float = 0.0, fda_fraction: float = 1.0):
   """The DriVLM stages as config: what each method trains on, and the weight of every loss
   term in the flat mapping `config.loss` (a weight of 0 turns a term off).
 
   source_only     labelled source only
   dann            baseline: + unlabelled target, one image-level discriminator behind the
-                  gradient reversal (Ganin & Lempitsky, 2015), weight `da_weight` as the
-                  teacher's levels; no reweighting, no distillation
+                  gradient reversal (Ganin & Lempitsky, 2015), weight `da_weight` (default
+                  DA_WEIGHT, the teacher's); no reweighting, no distillation
   entmin          baseline: + unlabelled target, entropy minimisation of the heads on it
                   (weight 0.1; drivlm_jax/adapt/entropy.py)
   drivlm_teacher  + unlabelled target; discriminators at the image, token and instance level
-                  (weight `da_weight` each, reversal ramped after 25% of training: the
-                  weight 0.01 (at d90989b, two seeds) and the three levels and the start
-                  0.25 (before the debiased average, at 0.03) are what `python -m
-                  experiments.defaults` chose over four shifts without target labels,
-                  README "The adversarial defaults");
+                  (weight `da_weight` each, default DA_WEIGHT; reversal ramped after 25% of
+                  training: the three levels and the start 0.25, chosen before the debiased
+                  average at the weight 0.03, are what `python -m experiments.defaults`
+                  chose over four shifts without target labels, README "The adversarial
+                  defaults");
                   instruction-guided token reweighting; with `fda_beta` > 0 also Fourier
                   domain adaptation (Yang & Soatto, 2020; adapt/fourier.py): a share
                   `fda_fraction` of the source rows restyled with a target row's
                   low-frequency amplitude. Off by default: the label-free rule of
                   experiments.defaults keeps it off (README "Fourier domain adaptation")
-  drivlm_student  as the teacher, + distillation from the `teacher` run (heads, LM tokens,
-                  visual tokens); evaluated with every token and pruned to `keep_ratio`
+  drivlm_student  as the teacher (its own weight: DA_WEIGHT), + distillation from the
+                  `teacher` run (heads, LM tokens, visual tokens); evaluated with every token
+                  and pruned to `keep_ratio`
   oracle          labelled source + labelled target (the upper bound)
   clip_finetune   the stage before adaptation: contrastive image-caption loss only (CLIP
                   InfoNCE, SigLIP sigmoid for SigLIP towers) on both domains (captions:
@@ -176,6 +186,8 @@ def add_method(config, method: str, teacher: str, keep_ratio: float, da_weight: 
                                       # skip every vision layer
   config.data.target_fraction = 0.0 if method == "source_only" else 0.5
   config.data.target_labelled = method == "oracle"
+  if da_weight is None:
+    da_weight = DA_WEIGHT.get(method, 0.0)
   w = da_weight if drivlm else 0.0
   kd = 1.0 if method == "drivlm_student" else 0.0
   clip = method == "clip_finetune"

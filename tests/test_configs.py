@@ -54,6 +54,21 @@ def test_demo_variants_and_errors():
     vlm.config_from_dict(bad)
 
 
+def test_each_method_takes_its_own_adversarial_weight():
+  """The teacher, the student and DANN each train at their DA_WEIGHT (chosen on each run by
+  experiments.defaults), in every config that builds them; an explicit weight wins."""
+  from configs import bdd_oia, demo
+  for get_config in (demo.get_config, bdd_oia.get_config):
+    for method, levels in [("drivlm_teacher", 3), ("drivlm_student", 3), ("dann", 1),
+                           ("source_only", 0), ("entmin", 0), ("oracle", 0)]:
+      loss = get_config(f"method={method},teacher=runs/t").loss
+      weights = [loss.da_image, loss.da_token, loss.da_instance]
+      assert weights == [common.DA_WEIGHT.get(method, 0.0)] * levels + [0.0] * (3 - levels)
+  config = demo.get_config("method=source_only")
+  common.add_method(config, "drivlm_student", "runs/t", keep_ratio=0.25, da_weight=0.2)
+  assert config.loss.da_token == 0.2
+
+
 def test_baselines_and_shifts():
   """DANN: one image-level discriminator, nothing else of DriVLM; entropy minimisation: its
   term only; both see as many source rows as source-only plus target rows; the oracle too.
