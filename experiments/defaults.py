@@ -2,8 +2,8 @@ r"""The adaptation defaults, chosen across shifts without a target label.
 
   python -m experiments.defaults [--workdir runs/defaults] [--shifts all] [--seeds 1]
       [--weights 0.01,0.03,0.1,0.3] [--levels image+token+instance] [--starts 0.25] [--fda 0]
-      [--arg method=drivlm_teacher,model=tiny_teacher] [--steps N] [--parallel 2] [--smoke]
-      [--report defaults]
+      [--stage teacher|student] [--arg method=drivlm_teacher,model=tiny_teacher]
+      [--teacher_arg ...] [--steps N] [--parallel 2] [--smoke] [--report defaults]
 
 Each candidate is a set of adversarial settings (the product of the grids): the weight of
 every discriminator level that is on (`loss.da_image`, `loss.da_token`, `loss.da_instance`;
@@ -11,13 +11,14 @@ a level that is off gets 0) and the point of training where the reversal starts 
 (`da.start`), and optionally Fourier domain adaptation (`--fda`: its window and the share of
 source rows it restyles; adapt/fourier.py). Per shift of configs/demo.py (SHIFTS) and per
 seed, every candidate trains the run that the adversarial settings shape most: by default
-the demo's DriVLM teacher (the larger model, adapted from scratch; the student inherits its
-gain, README "Why the student does not gain"). Runs go to <workdir>/<shift>/seed<s>/<candidate>.
-`--stage student` chooses on the deployed student instead: per shift and seed it first trains
-what the demo's student starts from, at the current defaults (the teacher, `--teacher_arg`,
-and the CLIP stage, a quarter of the steps; <workdir>/<shift>/seed<s>/{teacher,clip_finetune}),
-then every candidate is a student (`--arg` default method=drivlm_student) warm-started from
-that CLIP stage and distilled from that teacher.
+the demo's DriVLM teacher (the larger model, adapted from scratch). Runs go to
+<workdir>/<shift>/seed<s>/<candidate>. `--stage student` chooses on the deployed student
+instead (the student does not simply inherit the teacher's best setting: README "The
+adversarial defaults"): per shift and seed it first trains what the demo's student starts
+from, at the current defaults (the teacher, `--teacher_arg`, and the CLIP stage, a quarter of
+the steps; <workdir>/<shift>/seed<s>/{teacher,clip_finetune}), then every candidate is a
+student (`--arg` default method=drivlm_student; <workdir>/<shift>/seed<s>/student-<candidate>)
+warm-started from that CLIP stage and distilled from that teacher.
 
 Selection (no target label read): each run is scored by Deep Embedded Validation
 (experiments.select: You et al., ICML 2019: the source validation loss importance-weighted by
@@ -207,8 +208,9 @@ def main():
                       help="configs/demo.py args of every candidate's run, a method with "
                       "discriminators (default: method=drivlm_teacher,model=tiny_teacher; "
                       "--stage student: method=drivlm_student)")
-  parser.add_argument("--teacher_arg", default="method=drivlm_teacher,model=tiny_teacher",
-                      help="--stage student: configs/demo.py args of the teacher")
+  parser.add_argument("--teacher_arg", default="",
+                      help="--stage student: configs/demo.py args of the teacher (default: "
+                      "method=drivlm_teacher,model=tiny_teacher)")
   parser.add_argument("--steps", type=int, default=None)
   parser.add_argument("--max_examples", type=int, default=512,
                       help="examples per split that DEV reads (experiments.select)")
@@ -229,48 +231,56 @@ def main():
   except ValueError as e:
     parser.error(str(e))
   get_config = load_config_module("configs/demo.py")[0].get_config
-  steps = f",steps={args.steps}" if args.steps else ""
-  arg = args.arg or ("method=drivlm_student" if args.stage == "student" else
-                     "method=drivlm_teacher,model=tiny_teacher")
-
-  def configure(arg, shift, seed, flags=None, init_from=""):
-    config = apply_overrides(get_config(f"{arg},shift={shift}"), flags or {})
-    config.seed, config.init_from = seed, init_from
-    config.data.cache_dir = sources.cache_root({}, os.path.join(args.workdir, shift))
-    if args.smoke:
-      demo.smoke_config(config)
-    return config
+  student = args.stage == "student"
+  teacher_arg = f"method=drivlm_teacher,model={demo.TEACHER}"
+  arg = args.arg or ("method=drivlm_student" if student else teacher_arg)
+  keys = lambda text: [item.partition("=")[0] for item in filter(None, text.split(","))]
+  if "steps" in keys(arg) + keys(args.teacher_arg):
+    parser.error("steps= in --arg/--teacher_arg: pass --steps (every run's; the CLIP stage "
+                 "trains a quarter)")
+  if args.teacher_arg and not student:
+    parser.error("--teacher_arg is read with --stage student only")
+  # --arg's keys other than the run's own (e.g. dataset=, fda=) shape its teacher and CLIP
+  # stage too, as in the demo.
+  shared = ",".join(item for item in filter(None, arg.split(","))
+                    if item.partition("=")[0] not in ("method", "model", "teacher", "init"))
+  total = args.steps or get_config(shared).total_steps
+  run_dir = lambda shift, seed, name: os.path.join(args.workdir, shift, f"seed{seed}", name)
 
   def job(name, arg, shift, seed, flags=None, init_from="", needs=()):
-    config = configure(arg, shift, seed, flags, init_from)
-    workdir = os.path.join(args.workdir, shift, f"seed{seed}", name)
+    config = apply_overrides(get_config(f"{arg},shift={shift}"), flags or {})
+    config.seed, config.data.cache_dir = seed, sources.cache_root({}, os.path.join(
+        args.workdir, shift))
+    config.init_from = init_from or config.init_from
+    if args.smoke:
+      demo.smoke_config(config)
+    workdir = run_dir(shift, seed, name)
     print(f"== {shift} seed {seed} {name}: python -m drivlm_jax.train --config "
           f"configs/demo.py:{arg},shift={shift} --workdir {workdir} --config.seed={seed} "
           + (f"--config.init_from={init_from} " if init_from else "")
           + flag_string(flags or {}), flush=True)
     return train_job(f"{shift} seed {seed} {name}", config, workdir, needs)
 
-  total = args.steps or get_config("").total_steps
-  upstream = {"teacher": f"{args.teacher_arg},steps={total}",   # --stage student
-              "clip_finetune": f"method=clip_finetune,steps="
-                               f"{common.stage_steps('clip_finetune', total)}"}
   todo, runs = [], []
   for shift in shifts:
     for seed in range(args.seeds):
-      init_from, extra, needs = "", "", ()
-      if args.stage == "student":   # what the student starts from, at the current defaults
-        started = [job(name, a, shift, seed) for name, a in upstream.items()]
-        todo += started
-        needs = [j.name for j in started]
-        teacher, init_from = (os.path.join(args.workdir, shift, f"seed{seed}", name)
-                              for name in upstream)
-        extra = f",teacher={teacher}"
+      init_from, extra, needs, prefix = "", "", (), ""
+      if student:   # what the demo's student starts from, at the current defaults
+        teacher = job("teacher", ",".join(filter(None, [
+            shared, args.teacher_arg or teacher_arg, f"steps={total}"])), shift, seed)
+        clip = job("clip_finetune", ",".join(filter(None, [
+            shared, "method=clip_finetune",
+            f"steps={common.stage_steps('clip_finetune', total)}"])), shift, seed)
+        todo += [teacher, clip]
+        needs, prefix = (teacher.name, clip.name), "student-"
+        init_from, extra = clip.args[1], f",teacher={teacher.args[1]}"
       for name, flags in overrides.items():
-        todo.append(job(name, f"{arg}{extra}{steps}", shift, seed, flags, init_from, needs))
+        todo.append(job(prefix + name, f"{arg}{extra},steps={total}", shift, seed, flags,
+                        init_from, needs))
         runs.append({"shift": shift, "seed": seed, "candidate": name,
-                     "run_dir": os.path.join(args.workdir, shift, f"seed{seed}", name)})
+                     "run_dir": todo[-1].args[1]})
     # each shift's sim, once, before its runs start
-    sources.prepare(configure("", shift, 0).data, os.path.join(args.workdir, shift))
+    sources.prepare(todo[-1].args[0].data, os.path.join(args.workdir, shift))
   # Programs the runs share compile once (a local folder, for a gs:// workdir too).
   cache = os.path.join(run_lib.local_dir(args.workdir), "xla_cache")
   jax.config.update("jax_compilation_cache_dir", cache)

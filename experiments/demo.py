@@ -19,7 +19,8 @@ Per seed, runs of `python -m drivlm_jax.train --config configs/demo.py:method=M`
                    and instance level and instruction-guided token reweighting (from scratch:
                    warm-started from a stage of another model size it cannot be)
   drivlm_student   the tiny student warm-started from the CLIP stage, adapted the same way
-                   and distilled from the frozen teacher (heads, LM tokens, visual tokens);
+                   (at its own adversarial weight, configs/common.DA_WEIGHT) and distilled
+                   from the frozen teacher (heads, LM tokens, visual tokens);
                    evaluated with every visual token and pruned to the keep ratio of its
                    evals.target_pruned, as deployed ("target_pruned")
   oracle           the tiny VLM on labelled source and labelled target rows (as many source

@@ -92,10 +92,20 @@ def test_defaults_trains_each_candidate_per_shift_and_reports_the_choice(tmp_pat
 
 def test_defaults_chooses_on_students_of_one_teacher_and_clip_stage(tmp_path, monkeypatch):
   workdir = tmp_path / "defaults"
-  monkeypatch.setattr(sys, "argv", [
-      "experiments.defaults", "--workdir", str(workdir), "--smoke", "--steps", "4",
-      "--shifts", "camera", "--weights", "0,0.1", "--stage", "student",
-      "--max_examples", "16", "--parallel", "1", "--report", "student"])
+  argv = ["experiments.defaults", "--workdir", str(workdir), "--smoke", "--steps", "4",
+          "--shifts", "camera", "--weights", "0,0.1", "--stage", "student",
+          "--max_examples", "16", "--parallel", "1", "--report", "student"]
+  for bad, message in [(["--arg", "method=drivlm_student,steps=9"], "pass --steps"),
+                       (["--stage", "teacher", "--teacher_arg", "model=tiny"], "student only")]:
+    monkeypatch.setattr(sys, "argv", argv + bad)
+    with pytest.raises(SystemExit):
+      defaults.main()
+  assert not workdir.exists()
+  monkeypatch.setattr(sys, "argv", argv)
+  ran = []
+  real_run = defaults.jobs.run
+  monkeypatch.setattr(defaults.jobs, "run", lambda todo, *a: (ran.extend(todo),
+                                                              real_run(todo, *a)))
   defaults.main()
   report = json.loads((workdir / "student.json").read_text())
   seed_dir = workdir / "camera" / "seed0"
@@ -106,9 +116,13 @@ def test_defaults_chooses_on_students_of_one_teacher_and_clip_stage(tmp_path, mo
   assert teacher.model.to_dict() == current.model.to_dict()
   assert (teacher.total_steps, clip.total_steps) == (4, 1)
   assert clip.loss.clip > 0 and clip.loss.action == 0
-  assert [row["candidate"] for row in report["runs"]] == [
-      "w0-image+token+instance-start0.25", "w0.1-image+token+instance-start0.25"]
+  names = ["w0-image+token+instance-start0.25", "w0.1-image+token+instance-start0.25"]
+  assert [row["candidate"] for row in report["runs"]] == names
+  # Each student waits for its teacher and CLIP stage (run side by side with --parallel > 1).
+  assert [job.needs for job in ran] == [(), ()] + [
+      ("camera seed 0 teacher", "camera seed 0 clip_finetune")] * 2
   for row in report["runs"]:
+    assert row["run_dir"] == str(seed_dir / f"student-{row['candidate']}")
     config = run_lib.read_config(row["run_dir"])
     weight = report["candidates"][row["candidate"]]["loss.da_token"]
     assert config.loss.da_image == config.loss.da_instance == weight
@@ -116,5 +130,4 @@ def test_defaults_chooses_on_students_of_one_teacher_and_clip_stage(tmp_path, mo
         f"method=drivlm_student,teacher={seed_dir / 'teacher'}").model.to_dict()
     assert config.distill.teacher == str(seed_dir / "teacher")
     assert config.init_from == str(seed_dir / "clip_finetune")
-    assert config.data.target.domain == "cam_tele"
-  assert report["chosen"] in report["candidates"]
+    assert (config.total_steps, config.data.target.domain) == (4, "cam_tele")
