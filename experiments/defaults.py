@@ -289,7 +289,7 @@ def main():
   for run in tqdm.tqdm(runs, desc="DEV per run"):
     rows.append({**run, **select.score_run(run["run_dir"], args.max_examples, notes)})
   summary = summarise(rows, list(overrides), shifts)
-  text = markdown(summary, overrides, shifts)
+  text = markdown(summary, overrides, shifts) + "".join(f"\n- {note}" for note in notes)
   run_lib.write_json(run_lib.path(args.workdir, f"{args.report}.json"),
                      {**summary, "candidates": overrides, "runs": rows, "notes": notes})
   run_lib.write_text(run_lib.path(args.workdir, f"{args.report}.md"), text + "\n")

@@ -239,6 +239,17 @@ def oracle_map(run_dir) -> float | None:
   return None if value is None else float(value)
 
 
+def output_spread(action_logits) -> float:
+  """[n, C] action logits -> the mean over classes of the std of the probabilities over the
+  rows: how much the heads' outputs vary with the input (no label read). A domain whose
+  spread is a small fraction of the source's gets nearly the class prior for every image."""
+  probabilities = 1.0 / (1.0 + np.exp(-np.asarray(action_logits, np.float64)))
+  return float(probabilities.std(axis=0).mean())
+
+
+COLLAPSED = 0.1   # target spread / source spread below this: the target outputs compressed
+
+
 def score_run(run_dir: str, max_examples: int, notes: list) -> dict:
   """One run's row: DEV risk, the source validation loss and mAP, PAD per level, oracle."""
   oracle = oracle_map(run_dir)
@@ -260,6 +271,14 @@ def score_run(run_dir: str, max_examples: int, notes: list) -> dict:
                  f"theory): source and target features barely overlap (or the domain "
                  f"classifier is ill calibrated), so DEV's control variate extrapolates")
   probabilities = 1.0 / (1.0 + np.exp(-labelled["action_logits"].astype(np.float64)))
+  spread = {"source": output_spread(source["action_logits"]),
+            "target": output_spread(unlabelled["action_logits"])}
+  if spread["target"] < COLLAPSED * spread["source"]:
+    notes.append(f"{run_dir}: its action heads give nearly the same output for every target "
+                 f"train image (std of the probabilities {spread['target']:.2g}, source "
+                 f"{spread['source']:.2g}): its target representation is compressed towards "
+                 f"the class prior, so thresholded target metrics (F1) say little and its "
+                 f"target ranking (mAP) rests on small differences")
   pads = _level_pads(source, target_test, run_dir, notes)
   return {"run_dir": str(run_dir), "method": run.config.get("method") or "", "step": run.step,
           "dev_risk": dev["risk"], "dev": dev, "source_loss": float(losses.mean()),
@@ -267,7 +286,7 @@ def score_run(run_dir: str, max_examples: int, notes: list) -> dict:
                                            labelled["actions"])["action_mAP"],
           "pad": {k: None if v is None else v["pad"] for k, v in pads.items()},
           "pad_error": {k: None if v is None else v["error"] for k, v in pads.items()},
-          "oracle_target_mAP": oracle,
+          "oracle_target_mAP": oracle, "output_spread": spread,
           "examples": {"source_test": len(losses), "target_train": len(unlabelled["pooled"]),
                        "target_test": len(target_test["pooled"])}}
 

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from scipy import special as scipy_special
 from sklearn import linear_model, metrics, pipeline, preprocessing
 
 from experiments import select
@@ -131,3 +132,11 @@ def test_a_target_without_labels_is_ranked_without_the_oracle(tmp_path):
   text = select.markdown({"runs": [row], "agreement": {}, "notes": ["no target labels"],
                           "pad_by_method": select.pad_by_method([row])})
   assert f"DEV selects {run}" in text and "Spearman" not in text
+
+
+def test_output_spread_is_the_mean_std_of_the_probabilities_per_class():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(50, 4)) * [3.0, 1.0, 0.1, 0.0]
+  expected = np.mean([np.std(scipy_special.expit(logits[:, k])) for k in range(4)])
+  assert select.output_spread(logits) == pytest.approx(expected)
+  assert select.output_spread(np.full((50, 4), 2.0)) == pytest.approx(0.0, abs=1e-12)
