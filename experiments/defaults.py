@@ -245,18 +245,17 @@ def main():
   shared = ",".join(item for item in filter(None, arg.split(","))
                     if item.partition("=")[0] not in ("method", "model", "teacher", "init"))
   total = args.steps or get_config(shared).total_steps
-  run_dir = lambda shift, seed, name: os.path.join(args.workdir, shift, f"seed{seed}", name)
 
-  def job(name, arg, shift, seed, flags=None, init_from="", needs=()):
-    config = apply_overrides(get_config(f"{arg},shift={shift}"), flags or {})
+  def job(name, run_arg, shift, seed, flags=None, init_from="", needs=()):
+    config = apply_overrides(get_config(f"{run_arg},shift={shift}"), flags or {})
     config.seed, config.data.cache_dir = seed, sources.cache_root({}, os.path.join(
         args.workdir, shift))
     config.init_from = init_from or config.init_from
     if args.smoke:
       demo.smoke_config(config)
-    workdir = run_dir(shift, seed, name)
+    workdir = os.path.join(args.workdir, shift, f"seed{seed}", name)
     print(f"== {shift} seed {seed} {name}: python -m drivlm_jax.train --config "
-          f"configs/demo.py:{arg},shift={shift} --workdir {workdir} --config.seed={seed} "
+          f"configs/demo.py:{run_arg},shift={shift} --workdir {workdir} --config.seed={seed} "
           + (f"--config.init_from={init_from} " if init_from else "")
           + flag_string(flags or {}), flush=True)
     return train_job(f"{shift} seed {seed} {name}", config, workdir, needs)

@@ -243,8 +243,11 @@ def output_spread(action_logits) -> float:
   """[n, C] action logits -> the mean over classes of the std of the probabilities over the
   rows: how much the heads' outputs vary with the input (no label read). A domain whose
   spread is a small fraction of the source's gets nearly the class prior for every image."""
-  probabilities = 1.0 / (1.0 + np.exp(-np.asarray(action_logits, np.float64)))
-  return float(probabilities.std(axis=0).mean())
+  return float(_sigmoid(action_logits).std(axis=0).mean())
+
+
+def _sigmoid(logits):
+  return 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
 
 
 COLLAPSED = 0.1   # target spread / source spread below this: the target outputs compressed
@@ -270,7 +273,7 @@ def score_run(run_dir: str, max_examples: int, notes: list) -> dict:
     notes.append(f"{run_dir}: DEV's mean density ratio is {dev['mean_weight']:.3g} (1 in "
                  f"theory): source and target features barely overlap (or the domain "
                  f"classifier is ill calibrated), so DEV's control variate extrapolates")
-  probabilities = 1.0 / (1.0 + np.exp(-labelled["action_logits"].astype(np.float64)))
+  probabilities = _sigmoid(labelled["action_logits"])
   spread = {"source": output_spread(source["action_logits"]),
             "target": output_spread(unlabelled["action_logits"])}
   if spread["target"] < COLLAPSED * spread["source"]:

@@ -90,7 +90,8 @@ def test_defaults_trains_each_candidate_per_shift_and_reports_the_choice(tmp_pat
   assert "Chosen without target labels" in (workdir / "weights.md").read_text()
 
 
-def test_defaults_chooses_on_students_of_one_teacher_and_clip_stage(tmp_path, monkeypatch):
+def test_defaults_chooses_on_students_of_one_teacher_and_clip_stage(tmp_path, monkeypatch,
+                                                                    capsys):
   workdir = tmp_path / "defaults"
   argv = ["experiments.defaults", "--workdir", str(workdir), "--smoke", "--steps", "4",
           "--shifts", "camera", "--weights", "0,0.1", "--stage", "student",
@@ -100,6 +101,7 @@ def test_defaults_chooses_on_students_of_one_teacher_and_clip_stage(tmp_path, mo
     monkeypatch.setattr(sys, "argv", argv + bad)
     with pytest.raises(SystemExit):
       defaults.main()
+    assert message in capsys.readouterr().err
   assert not workdir.exists()
   monkeypatch.setattr(sys, "argv", argv)
   ran = []
