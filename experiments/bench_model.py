@@ -56,7 +56,7 @@ def gemm_peak(n=2048, repeats=5):
 def attention_matmul_rate(batch=8, heads=12, tokens=197, head_dim=64, repeats=20):
   """Best fp32 GFLOP/s of the attention scores' batched matmul (q k^T per batch and head)
   at ViT-B/16's shapes, in XLA and in torch: small matmuls, batched, where the libraries
-  differ most (see the README's "Where we lose on Intel")."""
+  differ most (docs/benchmarks.md, the Intel table's notes)."""
   q, k = (jax.random.normal(jax.random.key(i), (batch, heads, tokens, head_dim))
           for i in range(2))
   scores = jax.jit(lambda a, b: jnp.einsum("bhqd,bhkd->bhqk", a, b))
