@@ -110,10 +110,11 @@ def test_released_form_gives_the_official_labels(tmp_path, json_dir, image_dir):
     assert got[name]["boxes"].shape == (0, 4)
 
 
-def test_any_5th_value_but_0_drops_the_frame_as_the_loader_does(tmp_path, monkeypatch):
-  def flag_two(actions, reasons):
-    actions["annotations"][IDS[NAMES.index(NAMES[2])]]["category"] = [1, 0, 1, 0, 2]
-  manual = write_archive(tmp_path / "m", edit=flag_two)
+@pytest.mark.parametrize("flag", [2, None])   # None: a null in the JSON (None == 0 is false)
+def test_any_5th_value_but_0_drops_the_frame_as_the_loader_does(tmp_path, monkeypatch, flag):
+  def flag_frame(actions, reasons):
+    actions["annotations"][IDS[NAMES.index(NAMES[2])]]["category"] = [1, 0, 1, 0, flag]
+  manual = write_archive(tmp_path / "m", edit=flag_frame)
   expected = official_labels(manual)
   assert NAMES[2] not in expected and NAMES[4] in expected
   temp = tmp_path / "temp"
@@ -168,15 +169,11 @@ def _malformed_json(root):
      r"reasons\.json: \[1\]: expected a list of 21 labels"),
     (lambda a, r: a["annotations"][IDS[2]].update(category=[1, 0, 2, 0]), None,
      rf"annotations\[{IDS[2]}\]: labels must be 0 or 1"),
-    (lambda a, r: r.append({"file_name": "unknown.jpg", "reason": [0] * 21}), None,
-     r"reasons\.json: \[6\]: unknown\.jpg is not in"),
     # Released form: an id outside the list, and a list shorter than the largest id.
     (lambda a, r: a["images"][3].update(id=-1), None,
      rf"images\[3\] \({NAMES[3]}\) has id -1, outside the 'annotations' list of length 8"),
     (lambda a, r: a["annotations"].pop(), None,
      rf"images\[2\] \({NAMES[2]}\) has id 7, outside the 'annotations' list of length 7"),
-    (lambda a, r: a["images"][0].update(id=IDS[1]), None,
-     rf"images\[\d\] \(.*\) repeats id {IDS[1]}"),
     (None, _corrupt_image, rf"image .*{NAMES[2]} cannot be decoded"),
     (None, _malformed_json, r"reasons\.json: malformed JSON"),
 ])
@@ -197,6 +194,40 @@ def test_missing_reasons_row_is_a_counted_skip_or_strict_error(tmp_path):
   with pytest.raises(BuildError, match=r"confusing frame.*--strict"):
     build_cli.build("bdd_oia", write_archive(tmp_path / "s", edit=drop_confusing, missing=None),
                     str(tmp_path / "e"), strict=True)
+
+
+def test_a_reasons_row_of_an_unlisted_image_is_a_counted_skip_or_strict_error(tmp_path):
+  """The loader never looks a reasons row up by name: one for an image the actions file does
+  not list (sorted after every listed name, so its positional pairing is unchanged) leaves
+  the labels as the loader gives them."""
+  extra = lambda a, r: r.append({"file_name": "unlisted.jpg", "reason": [1] * 21})
+  manual = write_archive(tmp_path / "m", edit=extra)
+  expected = official_labels(manual)
+  splits, skipped = build_cli.build("bdd_oia", manual, str(tmp_path / "d"))
+  assert splits == {"train": len(expected)}
+  assert skipped["reasons row of an image not in train_25k_images_actions.json"] == 1
+  got = _read(str(tmp_path / "d"))
+  assert sorted(got) == sorted(expected)
+  for name, (actions, reasons) in expected.items():
+    np.testing.assert_array_equal(got[name]["reasons"], reasons)
+  with pytest.raises(BuildError, match=r"\[6\] \(unlisted\.jpg\): reasons row of an image "
+                     r"not in train_25k_images_actions\.json.*--strict"):
+    build_cli.build("bdd_oia", write_archive(tmp_path / "s", edit=extra, missing=None),
+                    str(tmp_path / "e"), strict=True)
+
+
+def test_images_sharing_an_id_each_take_its_row_as_the_loader_does(tmp_path, caplog):
+  share = lambda a, r: a["images"][3].update(id=IDS[1])   # NAMES[3] reads NAMES[1]'s row
+  manual = write_archive(tmp_path / "m", edit=share)
+  expected = official_labels(manual)
+  assert expected[NAMES[3]][0] == expected[NAMES[1]][0] == CATEGORIES[NAMES[1]]
+  with caplog.at_level(logging.WARNING):
+    splits, _ = build_cli.build("bdd_oia", manual, str(tmp_path / "d"))
+  got = _read(str(tmp_path / "d"))
+  assert splits == {"train": len(expected)} and sorted(got) == sorted(expected)
+  for name, (actions, reasons) in expected.items():
+    np.testing.assert_array_equal(got[name]["actions"], actions)
+  assert any("1 image(s) share an id" in r.getMessage() for r in caplog.records)
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):

@@ -5,11 +5,15 @@ DataLoader_together.py` of the BDD-OIA project):
 - `<split>_25k_images_actions.json`: `{"images": [{"file_name", "id", ...}], "annotations":
   [{"category": [4 or more ints]}]}`. The annotations carry no id: the list is indexed by the
   image's id, so an image's actions are `annotations[image["id"]]["category"]`, by position
-  also where annotations carry ids (a warning counts ids that disagree with the position). A
-  5th value other than 0 marks a "confusing" frame: it is dropped and counted (a 5th value of
-  0 keeps the frame; values after the 5th are not read, as the loader reads none).
+  also where annotations carry ids (a warning counts ids that disagree with the position), and
+  also for images that share an id (each reads the same row; a warning counts them). A 5th
+  value other than 0 (null included) marks a "confusing" frame: it is dropped and counted (a
+  5th value of 0 keeps the frame; values after the 5th are not read, as the loader reads none).
 - `<split>_25k_images_reasons.json`: `[{"file_name", "reason": [21 ints]}]`, joined by file
-  name (the loader pairs both lists sorted by file name).
+  name. The loader pairs both lists sorted by file name, which is the same where they name the
+  same images. Where they do not, we differ on purpose: a reasons row of an image the actions
+  file does not list, and an image without a reasons row, are skipped and counted (the loader
+  would pair by position and shift every later image's reasons by one).
 - images: `lastframe/data/<file_name>` (or `data/`, or `lastframe/` itself as the authors'
   `test.py` reads them: the first of these that holds any of the split's images). An image
   whose file is missing is skipped and counted, as the loader skips it; a split none of whose
@@ -122,7 +126,7 @@ def read_split(actions_path, reasons_path, image_dirs, skips):
   Follows the dataset's own loader (`action_prediction/DataLoader_together.py`): images in
   `file_name` order, the label of an image is `annotations[image["id"]]["category"]`, a row
   whose 5th value is not 0 ("confusing") is dropped, an image whose file is missing is skipped,
-  and reasons are joined by `file_name`.
+  and reasons are joined by `file_name` (rows of images on one side only: counted skips).
   """
   actions_json = common.read_json(actions_path)
   if (not isinstance(actions_json, dict) or not {"images", "annotations"} <= set(actions_json)
@@ -142,7 +146,7 @@ def read_split(actions_path, reasons_path, image_dirs, skips):
   if image_dir is None:
     return {}, None, len(images)
   categories = _categories(actions_path, images, actions_json["annotations"])
-  reasons = _reasons(reasons_path, actions_path, images)
+  reasons = _reasons(reasons_path, actions_path, images, skips)
   out = {}
   for name in sorted(images):
     category, where = categories[name]
@@ -172,10 +176,10 @@ def _categories(path, images, annotations):
   for i, ann in enumerate(annotations):
     if not isinstance(ann, dict) or "category" not in ann:
       raise common.BuildError(f"{path}: annotations[{i}] lacks 'category'")
-  seen, out = set(), {}
+  seen, shared, out = set(), [], {}
   for name, (i, image_id) in images.items():
     if image_id in seen:
-      raise common.BuildError(f"{path}: images[{i}] ({name}) repeats id {image_id!r}")
+      shared.append(name)
     seen.add(image_id)
     if (not isinstance(image_id, int) or isinstance(image_id, bool)
         or not 0 <= image_id < len(annotations)):
@@ -184,16 +188,18 @@ def _categories(path, images, annotations):
           f"of length {len(annotations)} (the dataset's loader reads annotations[image id])")
     where = f"{path}: annotations[{image_id}]"
     category = annotations[image_id]["category"]
-    # The loader reads [:4] as the actions and [4] as the "confusing" flag (more values, as
-    # in test.py's default val_25k_image_action_6.json, it never reads).
+    # The loader reads [:4] as the actions and [4] as the "confusing" flag, compared with 0
+    # (so a null flag drops the frame too); more values, as in test.py's default
+    # val_25k_image_action_6.json, it never reads.
     if isinstance(category, list) and len(category) > ACTIONS:
       common.binary_labels(category[:ACTIONS], ACTIONS, where)
-      if isinstance(category[ACTIONS], bool) or not isinstance(category[ACTIONS], (int, float)):
-        raise common.BuildError(f"{where}: the 5th value (the 'confusing' flag) must be a "
-                                f"number, got {category!r}")
     else:
       common.binary_labels(category, ACTIONS, where)
     out[name] = (category, where)
+  if shared:
+    logging.warning("%s: %d image(s) share an id with an earlier image (e.g. %s); each takes "
+                    "annotations[id], as the dataset's loader reads it", path, len(shared),
+                    shared[0])
   own_ids = ((row, ann.get("image_id", ann.get("id"))) for row, ann in enumerate(annotations))
   other = [(row, own) for row, own in own_ids if own is not None and own != row and row in seen]
   if other:
@@ -205,8 +211,9 @@ def _categories(path, images, annotations):
   return out
 
 
-def _reasons(path, actions_path, images):
-  """-> {file_name: reasons [21]} from `[{"file_name", "reason"}]`."""
+def _reasons(path, actions_path, images, skips):
+  """-> {file_name: reasons [21]} from `[{"file_name", "reason"}]`. A row whose image the
+  actions file does not list is a counted skip (the loader never reads it by name)."""
   rows = common.read_json(path)
   if not isinstance(rows, list):
     raise common.BuildError(f"{path}: expected a list of {{file_name, reason}}")
@@ -218,6 +225,8 @@ def _reasons(path, actions_path, images):
     if row["file_name"] in reasons:
       raise common.BuildError(f"{where}: {row['file_name']} listed twice")
     if row["file_name"] not in images:
-      raise common.BuildError(f"{where}: {row['file_name']} is not in {actions_path}")
+      skips(f"reasons row of an image not in {os.path.basename(actions_path)}",
+            f"{where} ({row['file_name']})")
+      continue
     reasons[row["file_name"]] = common.binary_labels(row["reason"], REASONS, where)
   return reasons
