@@ -246,10 +246,16 @@ class NuscenesDrive(tfds.core.GeneratorBasedBuilder):
     splits = scene_splits(root, tables.version, tables.scene.values())
     names = sorted({splits.get(s["name"], "train") for s in tables.scene.values()})
     qa = drivelm_qa(tables.root)
+    unmatched = common.Skips(self.strict)   # the challenge scores every frame of its file
+    for token in sorted(t for t in qa if t not in tables.sample):
+      unmatched(f"DriveLM frame not a sample of {tables.version} (its QA is left out)", token)
+    unmatched.log(f"nuscenes_drive {tables.root}")
+    self.skips.merge(unmatched)
     return {split: self._generate_examples(tables, splits, split, qa) for split in names}
 
   def _generate_examples(self, tables, splits, split, qa):
     cameras = ("CAM_FRONT",) if self.builder_config.name == "front" else SIX_CAMERAS
+    skips = common.Skips(self.strict)
     for scene in sorted(tables.scene.values(), key=lambda s: s["name"]):
       if splits.get(scene["name"], "train") != split:
         continue
@@ -263,18 +269,19 @@ class NuscenesDrive(tfds.core.GeneratorBasedBuilder):
         yaw = labels.yaw_from_quaternion(poses[i]["rotation"])
         actions = labels.actions_from_ego_path(positions, yaw, i)
         if actions is None and not qa.get(sample["token"], ([],))[0]:
-          self.skips("less than 3 s of future", f"{scene['name']}/{sample['token']}")
+          skips("less than 3 s of future", f"{scene['name']}/{sample['token']}")
           continue
         # Partial downloads are common (the tables with some of the blob archives, or
         # DriveLM's keyframe images only): the devkit never checks files; we count the skip.
         files = [self._data(tables, sample, c)["filename"] for c in cameras]
         missing = [f for f in files if not os.path.exists(os.path.join(tables.root, f))]
         if missing:
-          self.skips("image file missing", f"{scene['name']}/{sample['token']} ({missing[0]})")
+          skips("image file missing", f"{scene['name']}/{sample['token']} ({missing[0]})")
           continue
         yield sample["token"], self._example(tables, sample, scene, log, cameras, actions,
                                              labels.ego_speed(positions, i), description, qa)
-    self.skips.log(f"nuscenes_drive {split}")
+    skips.log(f"nuscenes_drive {split}")
+    self.skips.merge(skips)
 
   def _data(self, tables, sample, channel):
     data = tables.keyframe_data.get(sample["token"], {})
