@@ -272,7 +272,8 @@ def drivelm(frames, language_scores=coco_language) -> dict:
   score (0.4 GPT + 0.2 language + 0.2 match + 0.2 accuracy, match = (F1 + GPT) / 2) that
   needs no judge, out of 0.5."""
   exact, hypotheses, references, f1s, judge_pairs = [], [], [], [], 0
-  for qa in drivelm_counted(frames):
+  counted = drivelm_counted(frames)
+  for qa in counted:
     tags = set(qa["tag"])
     if 0 in tags:
       exact.append(qa["answer"] == qa["gt"])
@@ -284,7 +285,8 @@ def drivelm(frames, language_scores=coco_language) -> dict:
     judge_pairs += (1 in tags) + (3 in tags)
   out = {"accuracy": float(np.mean(exact)) if exact else None,
          "match_F1": float(np.mean(f1s)) if f1s else None, "judge_pairs": judge_pairs,
-         "counted": {"accuracy": len(exact), "language": len(hypotheses), "match": len(f1s)}}
+         "counted": {"all": len(counted), "accuracy": len(exact), "language": len(hypotheses),
+                     "match": len(f1s)}}
   if hypotheses:
     scores = language_scores(hypotheses, references)
     out["language"] = scores

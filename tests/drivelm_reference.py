@@ -1,9 +1,12 @@
 """DriveLM's challenge/extract_data.py and challenge/convert_data.py (OpenDriveLab/DriveLM),
 step for step on the same dicts they mutate, as the reference our test-question picking is
-checked against. One change: the multiple-choice draws take an explicit `random.Random`
+checked against; and challenge/evaluation.py's loop that decides which QAs it scores. One change: the multiple-choice draws take an explicit `random.Random`
 (the scripts use the unseeded module) so that both sides can draw the same."""
 import copy
 import json
+import re
+
+import numpy as np
 
 MOVING = ["Going ahead.", "Turn right.", "Turn left.", "Stopped.", "Back up.",
           "Reverse parking.", "Drive backward."]   # rule_based1's list at DriveLM 1de72a7
@@ -113,3 +116,45 @@ def convert_frame(qa, rng):
   for q in qa["behavior"]:
     q.update(_rule_based(q["Q"], q["A"], BEHAVIOURS, rng))
   return qa
+
+
+def _numbers(text):
+  return np.array([float(x) for x in re.findall(r"\d+\.\d+", text)])
+
+
+def _matched(answer, gt):
+  """evaluation.py's match_result, the points only: each predicted point (an odd last number
+  dropped) takes the nearest remaining GT point under 16 px of L1 distance."""
+  pred = _numbers(answer)
+  pred = pred[:len(pred) // 2 * 2].reshape(-1, 2)
+  remaining = list(_numbers(gt).reshape(-1, 2))
+  out = []
+  for p in pred:
+    if not remaining:
+      break
+    distances = [np.abs(p - g).sum() for g in remaining]
+    k = int(np.argmin(distances))
+    if distances[k] < 16:
+      out.append(list(remaining.pop(k)))
+  return out
+
+
+def counted(test, predictions):
+  """evaluation.py's main loop: the ids of the QAs it passes to `forward` (scores). Per frame,
+  QAs in the order perception, prediction, planning, behavior, id `<scene>_<frame>_<i>`; the
+  first always, its matched points the frame's graph; a later one only if every point of its
+  question is in the graph."""
+  answers = {p["id"]: p["answer"] for p in predictions}
+  out = []
+  for scene, data in test.items():
+    for frame, value in data["key_frames"].items():
+      qa = value["QA"]
+      ordered = qa["perception"] + qa["prediction"] + qa["planning"] + qa["behavior"]
+      for i, q in enumerate(ordered):
+        idx = f"{scene}_{frame}_{i}"
+        if i == 0:
+          graph = _matched(answers[idx], q["A"])
+        elif not all(list(p) in graph for p in _numbers(q["Q"]).reshape(-1, 2)):
+          continue
+        out.append(idx)
+  return out

@@ -98,7 +98,7 @@ def test_match_and_graph_rule_on_a_hand_built_frame():
   matched, f1 = metrics.match(frame[0]["answer"], frame[0]["gt"])
   assert matched == [(100.0, 200.0)] and f1 == pytest.approx(_challenge_f1(1, 1, 1), abs=1e-12)
   scores = metrics.drivelm([frame, second])
-  assert scores["counted"] == {"accuracy": 2, "language": 1, "match": 2}
+  assert scores["counted"] == {"all": 5, "accuracy": 2, "language": 1, "match": 2}
   assert scores["accuracy"] == 1.0                    # 0.667 without the graph rule
   expected_match = 100 * (_challenge_f1(1, 1, 1) + _challenge_f1(0, 1, 1)) / 2
   assert scores["match_F1"] == pytest.approx(expected_match, abs=1e-9)

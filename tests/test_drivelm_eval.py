@@ -42,7 +42,11 @@ def test_drivelm_evaluator_writes_the_challenge_file_and_scores_it(tmp_path):
   np.testing.assert_allclose(result["drivelm_final_without_judge"],
                              100 * scores["final_without_judge"])
   assert set(result) == {"drivelm_accuracy", "drivelm_language", "drivelm_match_F1",
-                         "drivelm_final_without_judge"}
+                         "drivelm_final_without_judge", "drivelm_questions", "drivelm_counted"}
+  assert result["drivelm_questions"] == len(predictions)
+  # 4 new tokens reach no c-tag: the graph rule drops the questions about objects.
+  assert result["drivelm_counted"] == len(drivelm_reference.counted(test, predictions)) < len(
+      predictions)
 
 
 def _evaluate_sim(tmp_path, seed, size, frames, max_new_tokens, edit=None):

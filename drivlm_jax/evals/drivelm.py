@@ -142,8 +142,12 @@ class DriveLM(evals.Evaluator):
   "drivelm_language" (its language score x 100), "drivelm_match_F1" and
   "drivelm_final_without_judge" (x 100, out of 50). A split with nothing to score is an
   error. Every host answers every QA (inputs replicated); `num_frames` > 0 takes the first
-  frames only."""
-  max_new_tokens: int = 48
+  frames only. `max_new_tokens` is the challenge baseline's budget (LLaMA-Adapter's
+  `max_gen_len`): a frame's first answer must reach its c-tags (60-100 tokens into the
+  challenge's own reference answers) for the graph rule to count the questions after it, so
+  a shorter budget loses questions, not only words. "drivelm_questions" and
+  "drivelm_counted" say how many QAs were asked and how many the graph rule scored."""
+  max_new_tokens: int = 256
   num_frames: int = 0
 
   def run(self, cfg, params, data, feats, place=None, workdir=None) -> dict:
@@ -182,7 +186,8 @@ class DriveLM(evals.Evaluator):
         "drivelm_accuracy": points(scores["accuracy"]),
         "drivelm_language": points(scores.get("language_score")),
         "drivelm_match_F1": scores["match_F1"],
-        "drivelm_final_without_judge": points(scores["final_without_judge"])}.items()
+        "drivelm_final_without_judge": points(scores["final_without_judge"]),
+        "drivelm_questions": len(rows), "drivelm_counted": scores["counted"]["all"]}.items()
             if v is not None}
 
   def _answer(self, cfg, params, tok, feats, rows) -> list:
