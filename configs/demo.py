@@ -17,6 +17,8 @@ Variants (`:name=value,...`):
   tune=full|freeze_vision|freeze_lm|lora_lm|lora_lm_freeze_vision   (common.finetune)
   model=tiny|tiny_teacher|clip_b16_qwen05b|...   (default: tiny)
   steps=N                     total training steps (default 400)
+  standardize=0|1             each image standardised to mean 0, std 1 over its pixels
+                              (model.vision.standardize; every method): off by default
   fda=BETA,fda_fraction=F     Fourier domain adaptation in the DriVLM runs (teacher and
                               student; off: 0): a share F of the source rows restyled with a
                               target row's low-frequency amplitude, window BETA
@@ -48,7 +50,7 @@ SHIFTS = {
 def get_config(arg=None):
   arg = common.parse_arg(arg, model="", method="source_only", steps=0, teacher="",
                          init="", tune="full", dataset="bdd_oia", shift="night_fog",
-                         fda=0.0, fda_fraction=1.0)
+                         fda=0.0, fda_fraction=1.0, standardize=0)
   if arg.shift not in SHIFTS:
     raise ValueError(f"shift {arg.shift!r}: known {', '.join(SHIFTS)}")
   if arg.dataset not in ("bdd_oia", "nuscenes"):
@@ -57,6 +59,7 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.model = common.model_config(arg.model or "tiny")
+  config.model.vision.standardize = bool(arg.standardize)
   config.mixed_precision = False          # True: bf16 compute, fp32 master params
   config.ema_decay = 0.99                  # evaluate the (debiased) moving average of the params
 

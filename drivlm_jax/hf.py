@@ -297,6 +297,10 @@ def load_vision_tower(path, **overrides):
 
 def _vision_hf_config(cfg: vision.Config):
   import transformers
+  if cfg.standardize:
+    raise CheckpointError("vision.standardize: HF's CLIP/SigLIP towers have no per-image "
+                          "standardisation of their input; a tower trained with it does not "
+                          "export to an HF directory")
   common = dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                 num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
                 num_channels=cfg.num_channels, image_size=cfg.image_size,

@@ -2,14 +2,15 @@ r"""The adaptation defaults, chosen across shifts without a target label.
 
   python -m experiments.defaults [--workdir runs/defaults] [--shifts all] [--seeds 1]
       [--weights 0.01,0.03,0.1,0.3] [--levels image+token+instance] [--starts 0.25] [--fda 0]
-      [--stage teacher|student] [--arg method=drivlm_teacher,model=tiny_teacher]
+      [--standardize 0] [--stage teacher|student] [--arg method=drivlm_teacher,model=tiny_teacher]
       [--teacher_arg ...] [--steps N] [--parallel 2] [--smoke] [--report defaults]
 
 Each candidate is a set of adversarial settings (the product of the grids): the weight of
 every discriminator level that is on (`loss.da_image`, `loss.da_token`, `loss.da_instance`;
 a level that is off gets 0) and the point of training where the reversal starts ramping up
 (`da.start`), and optionally Fourier domain adaptation (`--fda`: its window and the share of
-source rows it restyles; adapt/fourier.py). Per shift of configs/demo.py (SHIFTS) and per
+source rows it restyles; adapt/fourier.py) and the per-image standardisation of the input
+(`--standardize 0,1`: vision.standardize). Per shift of configs/demo.py (SHIFTS) and per
 seed, every candidate trains the run that the adversarial settings shape most: by default
 the demo's DriVLM teacher (the larger model, adapted from scratch). Runs go to
 <workdir>/<shift>/seed<s>/<candidate>. `--stage student` chooses on the deployed student
@@ -57,25 +58,27 @@ from experiments.runs import apply_overrides, flag_string, load_config_module, t
 LEVELS = select.LEVELS   # the discriminator levels, as the PAD names them
 
 
-def candidates(weights, level_sets, starts, fdas=((0.0, 1.0),)) -> dict:
+def candidates(weights, level_sets, starts, fdas=((0.0, 1.0),), standardize=(False,)) -> dict:
   """The grid -> {name: overrides} in grid order (weights outermost), e.g.
   "w0.03-image+token+instance-start0.25". A level set is a "+"-joined subset of LEVELS;
   its levels get the weight, the others 0. `fdas`: (beta, fraction) pairs of Fourier domain
   adaptation (`fda.*`); one with beta > 0 adds "-fda<beta>x<fraction>" to the name (off: the
-  name is as before FDA existed, so earlier runs are reused)."""
+  name is as before FDA existed, so earlier runs are reused). `standardize`: per-image
+  standardisation of the input off and/or on (`model.vision.standardize`; on adds "-std")."""
   out = {}
-  for weight, levels, start, (beta, fraction) in itertools.product(weights, level_sets,
-                                                                   starts, fdas):
+  for weight, levels, start, (beta, fraction), std in itertools.product(
+      weights, level_sets, starts, fdas, standardize):
     on = set(levels.split("+"))
     if not on or not on <= set(LEVELS):
       raise ValueError(f"level set {levels!r}: '+'-joined names of {', '.join(LEVELS)}")
     if beta < 0 or not 0 < fraction <= 1:
       raise ValueError(f"fda {beta:g}x{fraction:g}: beta >= 0, fraction in (0, 1]")
-    name = f"w{weight:g}-{levels}-start{start:g}" + (f"-fda{beta:g}x{fraction:g}" if beta
-                                                      else "")
+    name = (f"w{weight:g}-{levels}-start{start:g}"
+            + (f"-fda{beta:g}x{fraction:g}" if beta else "") + ("-std" if std else ""))
     out[name] = {**{f"loss.da_{level}": weight if level in on else 0.0 for level in LEVELS},
                  "da.start": start,
-                 **({"fda.beta": beta, "fda.fraction": fraction} if beta else {})}
+                 **({"fda.beta": beta, "fda.fraction": fraction} if beta else {}),
+                 **({"model.vision.standardize": True} if std else {})}
   return out
 
 
@@ -89,6 +92,14 @@ def parse_fdas(text: str) -> list:
     except ValueError:
       raise ValueError(f"fda {item!r}: BETA or BETAxFRACTION, e.g. 0.05x0.5") from None
   return pairs
+
+
+def parse_switch(flag: str, text: str) -> list:
+  """"0,1" -> [False, True]."""
+  values = {"0": False, "1": True}
+  if not text or any(v not in values for v in text.split(",")):
+    raise ValueError(f"{flag} {text!r}: comma-separated 0 and/or 1")
+  return [values[v] for v in text.split(",")]
 
 
 def choose(groups: dict, tiebreak: dict | None = None) -> dict:
@@ -201,6 +212,9 @@ def main():
   parser.add_argument("--fda", default="0",
                       help="Fourier domain adaptation settings, comma-separated BETA or "
                       "BETAxFRACTION (0: off; configs/demo.py fda=, fda_fraction=)")
+  parser.add_argument("--standardize", default="0",
+                      help="per-image standardisation of the input, comma-separated 0 (off) "
+                      "and/or 1 (on) (configs/demo.py standardize=)")
   parser.add_argument("--stage", default="teacher", choices=("teacher", "student"),
                       help="the run the candidates train: the teacher from scratch, or the "
                       "student from a teacher and a CLIP stage trained first per shift and seed")
@@ -227,7 +241,8 @@ def main():
     parser.error(f"unknown shift(s) {unknown}; known: {', '.join(demo_config.SHIFTS)}")
   try:
     overrides = candidates([float(w) for w in args.weights.split(",")], args.levels.split(","),
-                           [float(s) for s in args.starts.split(",")], parse_fdas(args.fda))
+                           [float(s) for s in args.starts.split(",")], parse_fdas(args.fda),
+                           parse_switch("--standardize", args.standardize))
   except ValueError as e:
     parser.error(str(e))
   get_config = load_config_module("configs/demo.py")[0].get_config

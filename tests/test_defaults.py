@@ -27,6 +27,16 @@ def test_candidates_are_the_grid_with_levels_off_at_zero():
     defaults.parse_fdas("0.05y")
   with pytest.raises(ValueError, match="fraction"):
     defaults.candidates([0.03], ["image"], [0.25], [(0.05, 0.0)])
+  std = defaults.candidates([0.03], ["image"], [0.25], standardize=defaults.parse_switch(
+      "--standardize", "0,1"))
+  assert std == {"w0.03-image-start0.25": grid["w0.03-image-start0.25"],
+                 "w0.03-image-start0.25-std": {**grid["w0.03-image-start0.25"],
+                                               "model.vision.standardize": True}}
+  with pytest.raises(ValueError, match="--standardize '0,2'"):
+    defaults.parse_switch("--standardize", "0,2")
+  config = demo_config.get_config("method=drivlm_teacher,model=tiny_teacher")
+  assert config.model.vision.standardize is False   # the key the candidate sets exists
+  assert demo_config.get_config("standardize=1").model.vision.standardize is True
 
 
 def test_choice_is_the_lowest_mean_rank_over_shifts_first_on_ties():

@@ -80,6 +80,26 @@ def test_save_round_trip_loads_in_transformers(tmp_path, make):
   assert ref.max_diff(ours["pooled"], theirs.pooler_output) <= TOL
 
 
+def test_standardize_feeds_transformers_each_image_at_mean_0_std_1(tmp_path):
+  """`standardize`: the HF tower on images standardised by numpy ((x - mean) / (std + eps)
+  over each image's pixels and channels); such a tower has no HF form to save."""
+  model = ref.clip_vision()
+  cfg, params = hf.load_vision_tower(ref.save(model, tmp_path))
+  cfg = dataclasses.replace(cfg, standardize=True)
+  x, _ = ref.images(2, cfg.image_size)
+  x = np.asarray(x) * np.array([0.2, 3.0])[:, None, None, None] + 0.5   # two exposures
+  flat = x.reshape(2, -1)
+  expected = (flat - flat.mean(1, keepdims=True)) / (flat.std(1, keepdims=True)
+                                                     + vision.STANDARDIZE_EPS)
+  with torch.inference_mode():
+    theirs = model(pixel_values=torch.from_numpy(
+        expected.reshape(x.shape).transpose(0, 3, 1, 2).astype(np.float32)))
+  ours = vision.apply(cfg, params, x.astype(np.float32))
+  assert ref.max_diff(ours["last_hidden_state"], theirs.last_hidden_state) <= TOL
+  with pytest.raises(hf.CheckpointError, match=r"vision.standardize: HF's CLIP/SigLIP towers"):
+    hf.save_vision_tower(cfg, params, str(tmp_path / "out"))
+
+
 def test_an_activation_we_lack_is_an_error_naming_the_config(tmp_path):
   path = ref.save(ref.clip_vision(act="mish"), tmp_path)   # in transformers' ACT2FN
   with pytest.raises(hf.CheckpointError, match=r"config.json: hidden_act 'mish' is not "):

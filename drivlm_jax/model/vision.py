@@ -32,6 +32,8 @@ class Config:
   scan_unroll: int = 1
   remat: bool = False
   scan: bool = True               # False: a Python loop over the layers (export; apply only)
+  # Per-image standardisation of the normalised input (`standardize`): not in HF's towers.
+  standardize: bool = False
 
   def __post_init__(self):
     if self.family not in ("clip", "siglip"):
@@ -49,6 +51,19 @@ class Config:
   @property
   def num_patches(self) -> int:
     return self.grid ** 2
+
+
+STANDARDIZE_EPS = 0.1   # in normalised units: about 7/255 of pixel std for CLIP's statistics
+
+
+def standardize(images):
+  """Each image over its pixels and channels to mean 0, std ~1: (x - mean) / (std + eps).
+  Removes an image's global brightness and contrast (night, fog, exposure) but keeps its
+  colours relative to each other; eps keeps a flat image's noise from being blown up."""
+  axes = tuple(range(1, images.ndim))
+  mean = jnp.mean(images, axis=axes, keepdims=True)
+  std = jnp.sqrt(jnp.mean(jnp.square(images - mean), axis=axes, keepdims=True))
+  return (images - mean) / (std + STANDARDIZE_EPS)
 
 
 def patchify(images, patch_size):
@@ -72,6 +87,8 @@ class Embeddings(nn.Module):
     if images.shape[1:] != (cfg.image_size, cfg.image_size, c):
       raise ValueError(f"images must be [B, {cfg.image_size}, {cfg.image_size}, {c}] (NHWC), "
                        f"got {list(images.shape)}")
+    if cfg.standardize:
+      images = standardize(images.astype(jnp.float32))
     x = PatchEmbedding(cfg, name="patch_embedding")(images.astype(cfg.dtype))
     if cfg.family == "clip":
       cls = layers.param(self, "class_embedding", (d,), ("embed",), dtype=cfg.param_dtype)
