@@ -154,11 +154,14 @@ def _hf_tower_student(tmp_path, tower, **changes):
   return cfg, params, feeds
 
 
-@pytest.mark.parametrize("keep_ratio", [1.0, 0.5])
-def test_hf_clip_student_round_trips_with_a_dynamic_batch(tmp_path, keep_ratio):
-  """A CLIP vision tower loaded from an HF checkpoint, pruned before the projector."""
+@pytest.mark.parametrize("keep_ratio,standardize", [(1.0, False), (0.5, True)])
+def test_hf_clip_student_round_trips_with_a_dynamic_batch(tmp_path, keep_ratio, standardize):
+  """A CLIP vision tower loaded from an HF checkpoint, pruned before the projector; with
+  `standardize` each image of the batch is standardised on its own inside the graph."""
   cfg, params, feeds = _hf_tower_student(tmp_path, reference.clip_vision(image_size=32,
                                                                          patch_size=8))
+  cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision,
+                                                            standardize=standardize))
   path = str(tmp_path / "clip_student.onnx")
   report = to_onnx.export_student(graphs.for_export(cfg), graphs.constants(params), path,
                                   keep_ratio=keep_ratio, feeds=feeds)
