@@ -42,14 +42,18 @@ class _Tensors:
     self.path = path
     index = os.path.join(path, SAFETENSORS_INDEX)
     single = os.path.join(path, SAFETENSORS)
-    if os.path.exists(index):
+    if os.path.exists(single):   # first, as transformers looks
+      files = [SAFETENSORS]
+      if os.path.exists(index):
+        logging.warning("%s: both %s and %s are here; reading %s, as transformers does (the "
+                        "index and its shards are ignored)", path, SAFETENSORS,
+                        SAFETENSORS_INDEX, SAFETENSORS)
+    elif os.path.exists(index):
       with open(index) as f:
         weight_map = json.load(f).get("weight_map")
       if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: no 'weight_map' object")
       files = sorted(set(weight_map.values()))
-    elif os.path.exists(single):
-      files = [SAFETENSORS]
     else:
       pickles = sorted(f for f in os.listdir(path) if f.endswith(_PICKLE_SUFFIXES))
       if pickles:
@@ -238,8 +242,22 @@ def _to_hf_tensors(params, naming):
 
 
 def _save(path, hf_config, tensors):
+  """config.json + one model.safetensors. A sharded checkpoint already in `path` (its index
+  and the shards it lists) is removed, with a warning, so that no reader finds the old
+  weights beside the new ones."""
   from safetensors.numpy import save_file
   os.makedirs(path, exist_ok=True)
+  index = os.path.join(path, SAFETENSORS_INDEX)
+  if os.path.exists(index):
+    with open(index) as f:
+      weight_map = json.load(f).get("weight_map")
+    stale = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+    stale = [name for name in stale if os.path.exists(os.path.join(path, name))]
+    logging.warning("%s: replacing the sharded checkpoint here (%s and %d shard(s): %s) with "
+                    "one %s", path, SAFETENSORS_INDEX, len(stale), ", ".join(stale[:4]),
+                    SAFETENSORS)
+    for name in [SAFETENSORS_INDEX, *stale]:
+      os.remove(os.path.join(path, name))
   hf_config.save_pretrained(path)
   save_file(tensors, os.path.join(path, SAFETENSORS), metadata={"format": "pt"})
 
@@ -573,6 +591,14 @@ def load_vlm(path, **overrides):
   vision_naming = _detect(tensors, _VISION_ANCHOR, *_LLAVA_VISION)
   lm_naming = _detect(tensors, _LM_ANCHOR, *_LLAVA_LM)
   cfg = dataclasses.replace(cfg, language=_untied_by_its_head(cfg.language, tensors, lm_naming))
+  if cfg.vision.use_head and cfg.vision.family == "siglip" and (
+      vision_naming(("head", "probe")) not in tensors.keys()):
+    # LLaVA projects hidden states, never the pooled output: transformers loads such a
+    # directory with a random head; ours has none.
+    logging.warning("%s: the SigLIP tower's config has vision_use_head but the checkpoint "
+                    "has no head tensors (%s); loaded without the pooling head, which LLaVA "
+                    "does not use", path, vision_naming(("head", "probe")))
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, use_head=False))
   shapes = _shapes(vlm.init, cfg)
   for part, naming in (("vision", vision_naming), ("language", lm_naming),
                        ("projector", _detect(tensors, "linear_1.weight", *_LLAVA_PROJECTOR))):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from drivlm_jax import hf
 from drivlm_jax.evals import generation
@@ -172,6 +172,60 @@ def test_a_tied_config_with_another_stored_head_loads_untied_as_transformers(tmp
   ours = np.asarray(vlm.apply(cfg, params, x, ids, mask)["lm_logits"])
   real = mask > 0
   assert ref.max_diff(ours[real], _hf_logits(model, ids, mask, xt)[real]) <= 1e-4
+
+
+def test_a_siglip_llava_stored_without_its_unused_head_loads_as_transformers(tmp_path, caplog):
+  """The SigLIP config says vision_use_head but no head tensor is stored: transformers loads it
+  (a random head, which LLaVA never reads); so do we, without a head, and say so."""
+  path = ref.save(_llava("siglip_qwen2"), tmp_path / "llava")
+  file = pathlib.Path(path) / "model.safetensors"
+  tensors = load_file(str(file))
+  assert any(".head." in k for k in tensors)
+  save_file({k: v for k, v in tensors.items() if ".head." not in k}, str(file),
+            metadata={"format": "pt"})
+  model = transformers.LlavaForConditionalGeneration.from_pretrained(path).eval()
+  with caplog.at_level("WARNING"):
+    cfg, params = hf.load_vlm(path)
+  assert not cfg.vision.use_head and "no head tensors" in caplog.text
+  params = {**vlm.init(cfg, jax.random.key(0)), **params}
+  ids, mask = _prompt(cfg)
+  x, xt = ref.images(2, cfg.vision.image_size)
+  ours = np.asarray(vlm.apply(cfg, params, x, ids, mask)["lm_logits"])
+  real = mask > 0
+  assert ref.max_diff(ours[real], _hf_logits(model, ids, mask, xt)[real]) <= 1e-4
+
+
+def test_a_directory_with_old_weights_beside_new_ones_reads_the_new(tmp_path, caplog):
+  """Saving over a sharded checkpoint removes its index and shards (else a reader that looks
+  for the index first reads the old weights); where both forms are present anyway, the single
+  file is read, as transformers reads it."""
+  old = _llava("clip_llama")
+  path = ref.save(old, tmp_path / "llava", max_shard_size="20KB")
+  shards = sorted(p.name for p in pathlib.Path(path).glob("model-*.safetensors"))
+  assert len(shards) > 1
+  cfg, params = hf.load_vlm(path)
+  new = jax.tree.map(lambda a: a + 0.5, params)
+  with caplog.at_level("WARNING"):
+    hf.save_vlm(cfg, new, path)
+  assert "replacing the sharded checkpoint" in caplog.text
+  assert not any(pathlib.Path(path).glob("model-*.safetensors"))
+  assert not (pathlib.Path(path) / "model.safetensors.index.json").exists()
+  jax.tree.map(np.testing.assert_array_equal, hf.load_vlm(path)[1], new)
+  both = ref.save(old, tmp_path / "both", max_shard_size="20KB")
+  (pathlib.Path(both) / "model.safetensors").write_bytes(
+      (pathlib.Path(path) / "model.safetensors").read_bytes())
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    _, read = hf.load_vlm(both)
+  assert "both model.safetensors and model.safetensors.index.json" in caplog.text
+  jax.tree.map(np.testing.assert_array_equal, read, new)
+  theirs = transformers.LlavaForConditionalGeneration.from_pretrained(both).eval()
+  ids, mask = _prompt(cfg)
+  x, xt = ref.images(2, cfg.vision.image_size)
+  ours = np.asarray(vlm.apply(cfg, {**vlm.init(cfg, jax.random.key(0)), **new}, x, ids,
+                              mask)["lm_logits"])
+  real = mask > 0
+  assert ref.max_diff(ours[real], _hf_logits(theirs, ids, mask, xt)[real]) <= 1e-4
 
 
 def test_feature_layers_that_do_not_fit_name_the_file(tmp_path):
