@@ -247,19 +247,27 @@ def _save(path, hf_config, tensors):
   weights beside the new ones."""
   from safetensors.numpy import save_file
   os.makedirs(path, exist_ok=True)
+  file = os.path.join(path, SAFETENSORS)
+  save_file(tensors, file + ".tmp", metadata={"format": "pt"})   # the old stays until then
+  os.replace(file + ".tmp", file)
+  hf_config.save_pretrained(path)
   index = os.path.join(path, SAFETENSORS_INDEX)
   if os.path.exists(index):
-    with open(index) as f:
-      weight_map = json.load(f).get("weight_map")
-    stale = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
-    stale = [name for name in stale if os.path.exists(os.path.join(path, name))]
-    logging.warning("%s: replacing the sharded checkpoint here (%s and %d shard(s): %s) with "
+    try:
+      with open(index) as f:
+        weight_map = json.load(f).get("weight_map")
+    except (json.JSONDecodeError, AttributeError):
+      weight_map = None
+    names = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+    # Only shard files of this directory (an index is not trusted with other paths).
+    stale = sorted(n for n in names if isinstance(n, str) and n.endswith(".safetensors")
+                   and os.path.basename(n) == n and n != SAFETENSORS
+                   and os.path.exists(os.path.join(path, n)))
+    logging.warning("%s: replaced the sharded checkpoint here (%s and %d shard(s): %s) with "
                     "one %s", path, SAFETENSORS_INDEX, len(stale), ", ".join(stale[:4]),
                     SAFETENSORS)
     for name in [SAFETENSORS_INDEX, *stale]:
       os.remove(os.path.join(path, name))
-  hf_config.save_pretrained(path)
-  save_file(tensors, os.path.join(path, SAFETENSORS), metadata={"format": "pt"})
 
 
 def _shapes(init_fn, cfg):
@@ -551,6 +559,13 @@ def vlm_config(path, *, vision_overrides=None, language_overrides=None,
   act = _activation(hf.projector_hidden_act, where, "projector_hidden_act")
   vcfg = _vision_config(hf.vision_config, f"{where} (vision_config)",
                         **(vision_overrides or {}))
+  if vcfg.family == "siglip" and vcfg.use_head and _head_not_stored(path):
+    # LLaVA projects hidden states, never the pooled output: transformers loads such a
+    # directory with a random head; ours has none.
+    logging.warning("%s: the SigLIP tower's config has vision_use_head but the checkpoint "
+                    "has no head tensors; the tower is taken without its pooling head, which "
+                    "LLaVA does not use", path)
+    vcfg = dataclasses.replace(vcfg, use_head=False)
   lcfg = _language_config(hf.text_config, f"{where} (text_config)", **(language_overrides or {}))
   # LLaVA ties lm_head by its own (top-level) flag.
   lcfg = dataclasses.replace(lcfg, tie_word_embeddings=bool(hf.tie_word_embeddings))
@@ -564,6 +579,15 @@ def vlm_config(path, *, vision_overrides=None, language_overrides=None,
                       **{**parts, **overrides})
   except ValueError as e:
     raise CheckpointError(f"{where}: {e}") from e
+
+
+def _head_not_stored(path) -> bool:
+  """Whether a LLaVA directory's weights lack the SigLIP pooling head (either layout)."""
+  if not any(os.path.exists(os.path.join(path, f)) for f in (SAFETENSORS, SAFETENSORS_INDEX)):
+    return False   # no weights to read: the config decides
+  tensors = _Tensors(path)
+  naming = _detect(tensors, _VISION_ANCHOR, *_LLAVA_VISION)
+  return naming(("head", "probe")) not in tensors.keys()
 
 
 def _drivlm_fields(path) -> dict:
@@ -591,14 +615,6 @@ def load_vlm(path, **overrides):
   vision_naming = _detect(tensors, _VISION_ANCHOR, *_LLAVA_VISION)
   lm_naming = _detect(tensors, _LM_ANCHOR, *_LLAVA_LM)
   cfg = dataclasses.replace(cfg, language=_untied_by_its_head(cfg.language, tensors, lm_naming))
-  if cfg.vision.use_head and cfg.vision.family == "siglip" and (
-      vision_naming(("head", "probe")) not in tensors.keys()):
-    # LLaVA projects hidden states, never the pooled output: transformers loads such a
-    # directory with a random head; ours has none.
-    logging.warning("%s: the SigLIP tower's config has vision_use_head but the checkpoint "
-                    "has no head tensors (%s); loaded without the pooling head, which LLaVA "
-                    "does not use", path, vision_naming(("head", "probe")))
-    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, use_head=False))
   shapes = _shapes(vlm.init, cfg)
   for part, naming in (("vision", vision_naming), ("language", lm_naming),
                        ("projector", _detect(tensors, "linear_1.weight", *_LLAVA_PROJECTOR))):

@@ -19,8 +19,9 @@ from drivlm_jax import run as run_lib
 from drivlm_jax.data import tokenizer as tokenizer_lib
 from drivlm_jax.model import language, vlm
 
-# Fields that do not change what the weights mean: the run may set them freely.
-_FREE = {"dtype", "param_dtype", "scan_unroll", "remat", "scan"}
+# Fields that do not change what the weights mean: the run may set them freely (standardize:
+# the run's own input transform, which no HF checkpoint holds).
+_FREE = {"dtype", "param_dtype", "scan_unroll", "remat", "scan", "standardize"}
 
 
 def is_llava(path: str) -> bool:

@@ -10,7 +10,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from drivlm_jax import hf
+from configs import demo
+from drivlm_jax import hf, pretrained, run as run_lib
 from drivlm_jax.evals import generation
 from drivlm_jax.model import vlm
 from tests import reference as ref
@@ -187,6 +188,15 @@ def test_a_siglip_llava_stored_without_its_unused_head_loads_as_transformers(tmp
   with caplog.at_level("WARNING"):
     cfg, params = hf.load_vlm(path)
   assert not cfg.vision.use_head and "no head tensors" in caplog.text
+  # A run started from it (init=) builds the same tower, and keeps its own input transform.
+  config = demo.get_config(f"init={path},standardize=1")
+  config.data.tokenizer = str(tmp_path)   # not read here
+  config = pretrained.configure(config)
+  assert not config.model.vision.use_head and config.model.vision.standardize
+  run_cfg = run_lib.model_config(config)
+  fresh = vlm.init(run_cfg, jax.random.key(0))
+  started = pretrained.start(fresh, run_cfg, config)
+  jax.tree.map(np.testing.assert_array_equal, started["vision"], params["vision"])
   params = {**vlm.init(cfg, jax.random.key(0)), **params}
   ids, mask = _prompt(cfg)
   x, xt = ref.images(2, cfg.vision.image_size)
@@ -200,18 +210,18 @@ def test_a_directory_with_old_weights_beside_new_ones_reads_the_new(tmp_path, ca
   for the index first reads the old weights); where both forms are present anyway, the single
   file is read, as transformers reads it."""
   old = _llava("clip_llama")
-  path = ref.save(old, tmp_path / "llava", max_shard_size="20KB")
+  path = ref.save(old, tmp_path / "llava", max_shard_size="300KB")
   shards = sorted(p.name for p in pathlib.Path(path).glob("model-*.safetensors"))
   assert len(shards) > 1
   cfg, params = hf.load_vlm(path)
   new = jax.tree.map(lambda a: a + 0.5, params)
   with caplog.at_level("WARNING"):
     hf.save_vlm(cfg, new, path)
-  assert "replacing the sharded checkpoint" in caplog.text
+  assert "replaced the sharded checkpoint" in caplog.text
   assert not any(pathlib.Path(path).glob("model-*.safetensors"))
   assert not (pathlib.Path(path) / "model.safetensors.index.json").exists()
   jax.tree.map(np.testing.assert_array_equal, hf.load_vlm(path)[1], new)
-  both = ref.save(old, tmp_path / "both", max_shard_size="20KB")
+  both = ref.save(old, tmp_path / "both", max_shard_size="300KB")
   (pathlib.Path(both) / "model.safetensors").write_bytes(
       (pathlib.Path(path) / "model.safetensors").read_bytes())
   caplog.clear()
@@ -219,6 +229,16 @@ def test_a_directory_with_old_weights_beside_new_ones_reads_the_new(tmp_path, ca
     _, read = hf.load_vlm(both)
   assert "both model.safetensors and model.safetensors.index.json" in caplog.text
   jax.tree.map(np.testing.assert_array_equal, read, new)
+  # An index is not trusted with paths: only this directory's shard files go; a malformed
+  # one goes alone.
+  (tmp_path / "outside.safetensors").write_bytes(b"keep")
+  for index in ('{"weight_map": {"a": "../outside.safetensors"}}', "not json"):
+    odd = tmp_path / "odd"
+    odd.mkdir(exist_ok=True)
+    (odd / "model.safetensors.index.json").write_text(index)
+    hf.save_vlm(cfg, new, odd)
+    assert not (odd / "model.safetensors.index.json").exists()
+    assert (tmp_path / "outside.safetensors").read_bytes() == b"keep"
   theirs = transformers.LlavaForConditionalGeneration.from_pretrained(both).eval()
   ids, mask = _prompt(cfg)
   x, xt = ref.images(2, cfg.vision.image_size)
