@@ -17,8 +17,8 @@ Variants (`:name=value,...`):
   tune=full|freeze_vision|freeze_lm|lora_lm|lora_lm_freeze_vision   (common.finetune)
   model=tiny|tiny_teacher|clip_b16_qwen05b|...   (default: tiny)
   steps=N                     total training steps (default 400)
-  standardize=0|1             each image standardised to mean 0, std 1 over its pixels
-                              (model.vision.standardize; every method): off by default
+  standardize=0|1             each image standardised over its pixels, (x - mean) / (std +
+                              0.1) (model.vision.standardize; every method): off by default
   fda=BETA,fda_fraction=F     Fourier domain adaptation in the DriVLM runs (teacher and
                               student; off: 0): a share F of the source rows restyled with a
                               target row's low-frequency amplitude, window BETA

@@ -255,6 +255,9 @@ def main():
                  "trains a quarter)")
   if args.teacher_arg and not student:
     parser.error("--teacher_arg is read with --stage student only")
+  if student and any("model.vision.standardize" in o for o in overrides.values()):
+    parser.error("--standardize 1 with --stage student: the student's teacher and CLIP stage "
+                 "are trained once, without it; compare it with --stage teacher")
   # --arg's keys other than the run's own (e.g. dataset=, fda=) shape its teacher and CLIP
   # stage too, as in the demo.
   shared = ",".join(item for item in filter(None, arg.split(","))

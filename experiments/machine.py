@@ -2,8 +2,8 @@
 extensions, cores, clock), its theoretical fp32 peak, the library versions, and the threads
 each side really used.
 
-Every benchmark puts `describe()` into its JSON and prints `line()`; the README's tables
-name the machine from it. The fp32 peak is cores x clock x FLOP/cycle: 2 FMA pipes x 2 FLOP
+Every benchmark puts `describe()` into its JSON and prints `line()`; the benchmark tables
+(README, docs/benchmarks.md) name the machine from it. The fp32 peak is cores x clock x FLOP/cycle: 2 FMA pipes x 2 FLOP
 x the fp32 lanes of the widest vector an FMA pipe executes at full rate (512-bit AVX-512 on
 Intel server cores, 16 lanes: 64 FLOP/cycle; AMD Zen 4 runs AVX-512 on 256-bit pipes, and
 AVX2 cores have 256-bit ones, 8 lanes: 32 FLOP/cycle). The clock is measured

@@ -1,7 +1,8 @@
 """DriveLM's challenge/extract_data.py and challenge/convert_data.py (OpenDriveLab/DriveLM),
 step for step on the same dicts they mutate, as the reference our test-question picking is
-checked against; and challenge/evaluation.py's loop that decides which QAs it scores. One change: the multiple-choice draws take an explicit `random.Random`
-(the scripts use the unseeded module) so that both sides can draw the same."""
+checked against (one change: the multiple-choice draws take an explicit `random.Random`,
+where the scripts use the unseeded module, so that both sides can draw the same); and
+challenge/evaluation.py's loop that decides which QAs it scores."""
 import copy
 import json
 import re

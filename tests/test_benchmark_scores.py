@@ -113,6 +113,38 @@ def test_match_and_graph_rule_on_a_hand_built_frame():
     metrics.points("<c1,CAM_FRONT,100.0>")
 
 
+def test_graph_rule_counts_the_qas_evaluation_py_counts():
+  """Random frames: a first answer with its GT points moved by 0-40 px (some within the 16 px
+  match, some not; an odd trailing number at times), later questions naming GT points: the
+  QAs `metrics.drivelm_counted` scores are those evaluation.py's loop scores
+  (`drivelm_reference.counted`)."""
+  from drivlm_jax.evals import drivelm
+  from tests import drivelm_reference
+  rng = np.random.default_rng(0)
+  test, answers = {}, {}
+  for f in range(40):
+    points = rng.uniform(0, 1600, (int(rng.integers(1, 5)), 2)).round(1)
+    tag = lambda p: f"<c{int(rng.integers(1, 9))},CAM_FRONT,{p[0]:.1f},{p[1]:.1f}>"
+    moved = points + rng.uniform(-20, 20, points.shape)
+    first = " ".join(tag(p) for p in moved) + (" 7.5" if f % 3 == 0 else "")
+    later = [{"Q": f"Is {tag(p)} moving?", "A": "Yes.", "tag": [0]} for p in points]
+    later.append({"Q": "What should the ego vehicle do?", "A": "Stop.", "tag": [2]})
+    qa = {"perception": [{"Q": "Important objects?", "A": " ".join(tag(p) for p in points),
+                          "tag": [3]}, *later], "prediction": [], "planning": [],
+          "behavior": []}
+    test[f"s{f}"] = {"key_frames": {"k": {"QA": qa}}}
+    for i, (qa_id, q) in enumerate(drivelm.qas({f"s{f}": test[f"s{f}"]})):
+      answers[qa_id] = first if i == 0 else q["A"]
+  predictions = [{"id": i, "answer": a} for i, a in answers.items()]
+  frames = [[{"id": i, "question": q["Q"], "gt": q["A"], "answer": answers[i],
+              "tag": q["tag"]} for i, q in drivelm.qas({s: test[s]})] for s in test]
+  ours = [qa["id"] for qa in metrics.drivelm_counted(frames)]
+  assert ours == drivelm_reference.counted(test, predictions)
+  # Both branches ran: some QAs naming an object counted, some not.
+  naming = sum(len(test[s]["key_frames"]["k"]["QA"]["perception"]) - 2 for s in test)
+  assert 0 < len(ours) - 2 * len(test) < naming
+
+
 def test_bddoia_official_f1_is_sklearns_samples_f1_averaged_over_batches():
   rng = np.random.default_rng(0)
   probs, labels_ = rng.uniform(size=(23, 4)), rng.uniform(size=(23, 4)) < 0.4

@@ -107,7 +107,9 @@ def test_defaults_chooses_on_students_of_one_teacher_and_clip_stage(tmp_path, mo
           "--shifts", "camera", "--weights", "0,0.1", "--stage", "student",
           "--max_examples", "16", "--parallel", "1", "--report", "student"]
   for bad, message in [(["--arg", "method=drivlm_student,steps=9"], "pass --steps"),
-                       (["--stage", "teacher", "--teacher_arg", "model=tiny"], "student only")]:
+                       (["--stage", "teacher", "--teacher_arg", "model=tiny"], "student only"),
+                       (["--standardize", "0,1"], "compare it with --stage teacher"),
+                       (["--standardize", "2"], "--standardize '2'")]:
     monkeypatch.setattr(sys, "argv", argv + bad)
     with pytest.raises(SystemExit):
       defaults.main()

@@ -42,8 +42,8 @@ def test_drivelm_evaluator_writes_the_challenge_file_and_scores_it(tmp_path):
   np.testing.assert_allclose(result["drivelm_final_without_judge"],
                              100 * scores["final_without_judge"])
   assert set(result) == {"drivelm_accuracy", "drivelm_language", "drivelm_match_F1",
-                         "drivelm_final_without_judge", "drivelm_questions", "drivelm_counted"}
-  assert result["drivelm_questions"] == len(predictions)
+                         "drivelm_final_without_judge", "drivelm_asked", "drivelm_counted"}
+  assert result["drivelm_asked"] == len(predictions)
   # 4 new tokens reach no c-tag: the graph rule drops the questions about objects.
   assert result["drivelm_counted"] == len(drivelm_reference.counted(test, predictions)) < len(
       predictions)

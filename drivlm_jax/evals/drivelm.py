@@ -145,8 +145,9 @@ class DriveLM(evals.Evaluator):
   frames only. `max_new_tokens` is the challenge baseline's budget (LLaMA-Adapter's
   `max_gen_len`): a frame's first answer must reach its c-tags (60-100 tokens into the
   challenge's own reference answers) for the graph rule to count the questions after it, so
-  a shorter budget loses questions, not only words. "drivelm_questions" and
-  "drivelm_counted" say how many QAs were asked and how many the graph rule scored."""
+  a shorter budget loses questions, not only words (the decode is a fixed-length scan: 256
+  steps cost about 5x 48). "drivelm_asked" and "drivelm_counted" say how many QAs of the
+  scored frames were asked and how many of them the graph rule scored."""
   max_new_tokens: int = 256
   num_frames: int = 0
 
@@ -187,7 +188,7 @@ class DriveLM(evals.Evaluator):
         "drivelm_language": points(scores.get("language_score")),
         "drivelm_match_F1": scores["match_F1"],
         "drivelm_final_without_judge": points(scores["final_without_judge"]),
-        "drivelm_questions": len(rows), "drivelm_counted": scores["counted"]["all"]}.items()
+        "drivelm_asked": len(qas(scorable)), "drivelm_counted": scores["counted"]["all"]}.items()
             if v is not None}
 
   def _answer(self, cfg, params, tok, feats, rows) -> list:
