@@ -89,6 +89,18 @@ def _read(data_dir):
   return {source[i]["file_name"].decode(): source[i] for i in range(len(source))}
 
 
+def _build_as_the_loader(manual, data_dir):
+  """Builds `manual` and checks every example against the loader's labels -> the skips."""
+  expected = official_labels(manual)
+  splits, skipped = build_cli.build("bdd_oia", manual, data_dir)
+  got = _read(data_dir)
+  assert splits == {"train": len(expected)} and sorted(got) == sorted(expected)
+  for name, (actions, reasons) in expected.items():
+    np.testing.assert_array_equal(got[name]["actions"], actions)
+    np.testing.assert_array_equal(got[name]["reasons"], reasons)
+  return skipped
+
+
 @pytest.mark.parametrize("json_dir,image_dir", [
     ("lastframe", "lastframe/data"), ("lastframe/data", "lastframe/data"),
     ("lastframe/labels", "lastframe/data"), ("data", "lastframe/data"),
@@ -131,14 +143,8 @@ def test_annotation_ids_are_not_read_as_the_loader_does_not(tmp_path, caplog, ed
   """Labels by position whatever ids the annotations carry (the official loader ignores
   them); ids that disagree with the position are counted in a warning."""
   manual = write_archive(tmp_path / "m", edit=edit)
-  expected = official_labels(manual)
   with caplog.at_level(logging.WARNING):
-    splits, _ = build_cli.build("bdd_oia", manual, str(tmp_path / "d"))
-  got = _read(str(tmp_path / "d"))
-  assert splits == {"train": len(expected)} and sorted(got) == sorted(expected)
-  for name, (actions, reasons) in expected.items():
-    np.testing.assert_array_equal(got[name]["actions"], actions)
-    np.testing.assert_array_equal(got[name]["reasons"], reasons)
+    _build_as_the_loader(manual, str(tmp_path / "d"))
   warning = [r.getMessage() for r in caplog.records if "other than their position" in
              r.getMessage()]
   assert bool(warning) == warned
@@ -202,14 +208,8 @@ def test_a_reasons_row_of_an_unlisted_image_is_a_counted_skip_or_strict_error(tm
   the labels as the loader gives them."""
   extra = lambda a, r: r.append({"file_name": "unlisted.jpg", "reason": [1] * 21})
   manual = write_archive(tmp_path / "m", edit=extra)
-  expected = official_labels(manual)
-  splits, skipped = build_cli.build("bdd_oia", manual, str(tmp_path / "d"))
-  assert splits == {"train": len(expected)}
+  skipped = _build_as_the_loader(manual, str(tmp_path / "d"))
   assert skipped["reasons row of an image not in train_25k_images_actions.json"] == 1
-  got = _read(str(tmp_path / "d"))
-  assert sorted(got) == sorted(expected)
-  for name, (actions, reasons) in expected.items():
-    np.testing.assert_array_equal(got[name]["reasons"], reasons)
   with pytest.raises(BuildError, match=r"\[6\] \(unlisted\.jpg\): reasons row of an image "
                      r"not in train_25k_images_actions\.json.*--strict"):
     build_cli.build("bdd_oia", write_archive(tmp_path / "s", edit=extra, missing=None),
@@ -222,11 +222,7 @@ def test_images_sharing_an_id_each_take_its_row_as_the_loader_does(tmp_path, cap
   expected = official_labels(manual)
   assert expected[NAMES[3]][0] == expected[NAMES[1]][0] == CATEGORIES[NAMES[1]]
   with caplog.at_level(logging.WARNING):
-    splits, _ = build_cli.build("bdd_oia", manual, str(tmp_path / "d"))
-  got = _read(str(tmp_path / "d"))
-  assert splits == {"train": len(expected)} and sorted(got) == sorted(expected)
-  for name, (actions, reasons) in expected.items():
-    np.testing.assert_array_equal(got[name]["actions"], actions)
+    _build_as_the_loader(manual, str(tmp_path / "d"))
   assert any("1 image(s) share an id" in r.getMessage() for r in caplog.records)
 
 

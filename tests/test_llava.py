@@ -70,6 +70,16 @@ def _hf_logits(model, ids, mask, xt):
                  position_ids=torch.from_numpy(positions).long()).logits.numpy()
 
 
+def _assert_logits_match(model, cfg, params):
+  """Our logits with `params` (completed by fresh DriVLM parts) against `model`'s."""
+  params = {**vlm.init(cfg, jax.random.key(0)), **params}
+  ids, mask = _prompt(cfg)
+  x, xt = ref.images(2, cfg.vision.image_size)
+  ours = np.asarray(vlm.apply(cfg, params, x, ids, mask)["lm_logits"])
+  real = mask > 0
+  assert ref.max_diff(ours[real], _hf_logits(model, ids, mask, xt)[real]) <= 1e-4
+
+
 def test_logits_match_transformers(llava):
   model, _, cfg, params = llava
   ids, mask = _prompt(cfg)
@@ -167,12 +177,7 @@ def test_a_tied_config_with_another_stored_head_loads_untied_as_transformers(tmp
   model = transformers.LlavaForConditionalGeneration.from_pretrained(path).eval()
   cfg, params = hf.load_vlm(path)
   assert not cfg.language.tie_word_embeddings
-  params = {**vlm.init(cfg, jax.random.key(0)), **params}
-  ids, mask = _prompt(cfg)
-  x, xt = ref.images(2, cfg.vision.image_size)
-  ours = np.asarray(vlm.apply(cfg, params, x, ids, mask)["lm_logits"])
-  real = mask > 0
-  assert ref.max_diff(ours[real], _hf_logits(model, ids, mask, xt)[real]) <= 1e-4
+  _assert_logits_match(model, cfg, params)
 
 
 def test_a_siglip_llava_stored_without_its_unused_head_loads_as_transformers(tmp_path, caplog):
@@ -197,12 +202,7 @@ def test_a_siglip_llava_stored_without_its_unused_head_loads_as_transformers(tmp
   fresh = vlm.init(run_cfg, jax.random.key(0))
   started = pretrained.start(fresh, run_cfg, config)
   jax.tree.map(np.testing.assert_array_equal, started["vision"], params["vision"])
-  params = {**vlm.init(cfg, jax.random.key(0)), **params}
-  ids, mask = _prompt(cfg)
-  x, xt = ref.images(2, cfg.vision.image_size)
-  ours = np.asarray(vlm.apply(cfg, params, x, ids, mask)["lm_logits"])
-  real = mask > 0
-  assert ref.max_diff(ours[real], _hf_logits(model, ids, mask, xt)[real]) <= 1e-4
+  _assert_logits_match(model, cfg, params)
 
 
 def test_a_directory_with_old_weights_beside_new_ones_reads_the_new(tmp_path, caplog):
@@ -239,13 +239,8 @@ def test_a_directory_with_old_weights_beside_new_ones_reads_the_new(tmp_path, ca
     hf.save_vlm(cfg, new, odd)
     assert not (odd / "model.safetensors.index.json").exists()
     assert (tmp_path / "outside.safetensors").read_bytes() == b"keep"
-  theirs = transformers.LlavaForConditionalGeneration.from_pretrained(both).eval()
-  ids, mask = _prompt(cfg)
-  x, xt = ref.images(2, cfg.vision.image_size)
-  ours = np.asarray(vlm.apply(cfg, {**vlm.init(cfg, jax.random.key(0)), **new}, x, ids,
-                              mask)["lm_logits"])
-  real = mask > 0
-  assert ref.max_diff(ours[real], _hf_logits(theirs, ids, mask, xt)[real]) <= 1e-4
+  _assert_logits_match(transformers.LlavaForConditionalGeneration.from_pretrained(both).eval(),
+                       cfg, new)
 
 
 def test_feature_layers_that_do_not_fit_name_the_file(tmp_path):
