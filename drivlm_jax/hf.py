@@ -49,9 +49,8 @@ class _Tensors:
                         "index and its shards are ignored)", path, SAFETENSORS,
                         SAFETENSORS_INDEX, SAFETENSORS)
     elif os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f).get("weight_map")
-      if not isinstance(weight_map, dict):
+      weight_map = _weight_map(index)
+      if weight_map is None:
         raise CheckpointError(f"{index}: no 'weight_map' object")
       files = sorted(set(weight_map.values()))
     else:
@@ -87,6 +86,16 @@ class _Tensors:
       raise CheckpointError(f"{self.path}: tensor {name!r} has shape {self.shape(name)} in the "
                             f"checkpoint, the model expects {tuple(expected_shape)}")
     return self._handles[self._where[name]].get_tensor(name)
+
+
+def _weight_map(index) -> dict | None:
+  """A sharded checkpoint's {tensor: file}, or None where the index has none (or is not JSON)."""
+  try:
+    with open(index) as f:
+      weight_map = json.load(f).get("weight_map")
+  except (json.JSONDecodeError, AttributeError):
+    return None
+  return weight_map if isinstance(weight_map, dict) else None
 
 
 def model_type(path) -> str | None:
@@ -253,12 +262,7 @@ def _save(path, hf_config, tensors):
   hf_config.save_pretrained(path)
   index = os.path.join(path, SAFETENSORS_INDEX)
   if os.path.exists(index):
-    try:
-      with open(index) as f:
-        weight_map = json.load(f).get("weight_map")
-    except (json.JSONDecodeError, AttributeError):
-      weight_map = None
-    names = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+    names = set((_weight_map(index) or {}).values())
     # Only shard files of this directory (an index is not trusted with other paths).
     stale = sorted(n for n in names if isinstance(n, str) and n.endswith(".safetensors")
                    and os.path.basename(n) == n and n != SAFETENSORS

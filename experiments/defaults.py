@@ -2,8 +2,9 @@ r"""The adaptation defaults, chosen across shifts without a target label.
 
   python -m experiments.defaults [--workdir runs/defaults] [--shifts all] [--seeds 1]
       [--weights 0.01,0.03,0.1,0.3] [--levels image+token+instance] [--starts 0.25] [--fda 0]
-      [--standardize 0] [--stage teacher|student] [--arg method=drivlm_teacher,model=tiny_teacher]
-      [--teacher_arg ...] [--steps N] [--parallel 2] [--smoke] [--report defaults]
+      [--standardize 0] [--stage teacher|student]
+      [--arg method=drivlm_teacher,model=tiny_teacher] [--teacher_arg ...] [--steps N]
+      [--parallel 2] [--smoke] [--report defaults]
 
 Each candidate is a set of adversarial settings (the product of the grids): the weight of
 every discriminator level that is on (`loss.da_image`, `loss.da_token`, `loss.da_instance`;

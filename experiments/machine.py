@@ -3,9 +3,9 @@ extensions, cores, clock), its theoretical fp32 peak, the library versions, and 
 each side really used.
 
 Every benchmark puts `describe()` into its JSON and prints `line()`; the benchmark tables
-(README, docs/benchmarks.md) name the machine from it. The fp32 peak is cores x clock x FLOP/cycle: 2 FMA pipes x 2 FLOP
-x the fp32 lanes of the widest vector an FMA pipe executes at full rate (512-bit AVX-512 on
-Intel server cores, 16 lanes: 64 FLOP/cycle; AMD Zen 4 runs AVX-512 on 256-bit pipes, and
+(README, docs/benchmarks.md) name the machine from it. The fp32 peak is cores x clock x
+FLOP/cycle: 2 FMA pipes x 2 FLOP x the fp32 lanes of the widest vector an FMA pipe executes
+at full rate (512-bit AVX-512 on Intel server cores, 16 lanes: 64 FLOP/cycle; AMD Zen 4 runs AVX-512 on 256-bit pipes, and
 AVX2 cores have 256-bit ones, 8 lanes: 32 FLOP/cycle). The clock is measured
 (`measured_mhz`): every core runs a chain of dependent register adds (one cycle each on
 x86-64 cores), so cycles / seconds is the clock the cores really run at under load. In a

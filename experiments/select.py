@@ -50,7 +50,7 @@ import math
 import jax
 import numpy as np
 import tqdm
-from scipy import stats
+from scipy import special, stats
 from sklearn import linear_model, pipeline as sk_pipeline, preprocessing
 
 from drivlm_jax import metrics, run as run_lib
@@ -243,11 +243,7 @@ def output_spread(action_logits) -> float:
   """[n, C] action logits -> the mean over classes of the std of the probabilities over the
   rows: how much the heads' outputs vary with the input (no label read). A domain whose
   spread is a small fraction of the source's gets nearly the class prior for every image."""
-  return float(_sigmoid(action_logits).std(axis=0).mean())
-
-
-def _sigmoid(logits):
-  return 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
+  return float(special.expit(np.asarray(action_logits, np.float64)).std(axis=0).mean())
 
 
 COLLAPSED = 0.1   # target spread / source spread below this: the target outputs compressed
@@ -273,7 +269,7 @@ def score_run(run_dir: str, max_examples: int, notes: list) -> dict:
     notes.append(f"{run_dir}: DEV's mean density ratio is {dev['mean_weight']:.3g} (1 in "
                  f"theory): source and target features barely overlap (or the domain "
                  f"classifier is ill calibrated), so DEV's control variate extrapolates")
-  probabilities = _sigmoid(labelled["action_logits"])
+  probabilities = special.expit(labelled["action_logits"].astype(np.float64))
   spread = {"source": output_spread(source["action_logits"]),
             "target": output_spread(unlabelled["action_logits"])}
   if spread["target"] < COLLAPSED * spread["source"]:
