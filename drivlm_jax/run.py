@@ -14,6 +14,7 @@ import signal
 import sys
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
@@ -149,8 +150,15 @@ def orbax_dir(workdir) -> str:
 
 
 def write_text(file: epath.Path, text: str):
+  """Replaces `file` whole: a reader (another host, a sweep) sees the old text or the new,
+  never a partial one. A bucket object is replaced on upload; a local file by a rename."""
   file.parent.mkdir(parents=True, exist_ok=True)
-  file.write_text(text)
+  if is_remote(file):
+    file.write_text(text)
+    return
+  tmp = file.parent / f".{file.name}.{os.getpid()}.tmp"
+  tmp.write_text(text)
+  os.replace(tmp, file)
 
 
 def append_text(file: epath.Path, text: str):
@@ -175,6 +183,10 @@ def read_json(file: epath.Path):
 #### config.json
 
 def write_config(workdir: str, config):
+  """Host 0 writes the run's config.json, once every host has read the old one
+  (`check_resume`)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("drivlm_jax.run.write_config")
   if jax.process_index() == 0:
     write_text(path(workdir, "config.json"), config.to_json_best_effort(indent=1))
 

@@ -65,13 +65,20 @@ def test_one_camera_is_the_single_image_model():
     vlm.encode_image(_config(), vlm.init(_config(), jax.random.key(0)), images[:, 0], ids, mask)
 
 
-def test_views_are_the_single_image_model_side_by_side():
+@pytest.mark.parametrize("standardize", [False, True])
+def test_views_are_the_single_image_model_side_by_side(standardize):
   """Without a scoring point inside the tower, V views are the V = 1 model's tokens of each
-  view in turn (camera embeddings at 0), and the pooled image feature is their mean."""
+  view in turn (camera embeddings at 0), and the pooled image feature is their mean. The
+  views differ in exposure: `standardize` works on each view alone."""
   multi = _config(reweight_layer=None)
+  multi = dataclasses.replace(
+      multi, vision=dataclasses.replace(multi.vision, standardize=standardize))
   single = dataclasses.replace(multi, num_cameras=1)
   params = _randomise(vlm.init(single, jax.random.key(0)))
   images, ids, mask = _inputs(V)
+  images = images * np.array([1.0, 0.1, 3.0])[:, None, None, None] + np.array([0, -1, 0.5])[
+      :, None, None, None]
+  images = images.astype(np.float32)
   out = vlm.encode_image(multi, {**params, "cameras": jnp.zeros((V, 64))}, images, ids, mask)
   per_view = [vlm.encode_image(single, params, images[:, v], ids, mask) for v in range(V)]
   for key in ("patch_features", "token_scores"):

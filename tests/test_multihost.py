@@ -8,10 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
+from drivlm_jax import run as run_lib
 from tests.test_train import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -51,8 +53,12 @@ def _launch(workdir, cache, hosts):
 
 
 def _wait(procs, status=0):
-  for p in procs:
-    assert p.wait(timeout=900) == status, p.stdout.read()[-4000:]
+  """Every process exits with `status`; else the failure shows each host's output."""
+  codes = [p.wait(timeout=900) for p in procs]
+  if codes != [status] * len(procs):
+    logs = "\n".join(f"--- host {i}: exit {c}\n{p.stdout.read()[-4000:]}"
+                     for i, (p, c) in enumerate(zip(procs, codes)))
+    pytest.fail(f"exits {codes}, expected {status} each\n{logs}")
 
 
 def test_two_hosts_train_evaluate_and_stop_as_one(tmp_path):
@@ -88,3 +94,26 @@ def test_two_hosts_train_evaluate_and_stop_as_one(tmp_path):
     assert values.keys() == b["test"][domain].keys()
     for k, v in values.items():
       assert b["test"][domain][k] == pytest.approx(v, abs=1e-4), (domain, k)
+
+
+def test_a_reader_never_sees_a_partly_written_run_file(tmp_path):
+  """Host 0 rewrites config.json while another host reads it (`check_resume`): the reader
+  gets the old text or the new one whole, never an empty or cut one."""
+  file = run_lib.path(tmp_path, "config.json")
+  texts = [json.dumps({"total_steps": n, "pad": "x" * 400_000}) for n in (1, 2)]
+  run_lib.write_text(file, texts[0])
+  done = threading.Event()
+
+  def rewrite():
+    for i in range(60):
+      run_lib.write_text(file, texts[i % 2])
+    done.set()
+
+  writer = threading.Thread(target=rewrite)
+  writer.start()
+  reads = 0
+  while not done.is_set():
+    assert file.read_text() in texts
+    reads += 1
+  writer.join()
+  assert reads > 1 and os.listdir(tmp_path) == ["config.json"]   # no temporary file left
