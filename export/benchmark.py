@@ -51,10 +51,11 @@ def gflops(compiled, batch: int) -> float:
   return float(cost.get("flops", float("nan"))) / 1e9 / batch
 
 
-def lm_latency(prefix: str, options, warmup: int, iters: int) -> dict | None:
+def lm_latency(prefix: str, options, warmup: int, iters: int, answer_tokens: int) -> dict | None:
   """{"prefill", "decode_step"} percentiles of PREFIX_prefill.onnx / PREFIX_decode.onnx at
   batch 1 (inputs of the graphs' shapes; the decode step reads the prefill's cache), or None
-  when the graphs are not there."""
+  when the graphs are not there. An answer longer than the cache the graphs were exported
+  with (`--max-new-tokens`) is a ValueError: its decode steps would overwrite the last slot."""
   paths = {n: f"{prefix}_{n}.onnx" for n in ("prefill", "decode")}
   if not all(os.path.exists(p) for p in paths.values()):
     return None
@@ -65,6 +66,10 @@ def lm_latency(prefix: str, options, warmup: int, iters: int) -> dict | None:
   feeds = {i.name: (rng.uniform(0, 255, shape(i)).astype(np.float32) if i.name == "image"
                     else np.ones(shape(i), np.int32)) for i in prefill.get_inputs()}
   logits, *cache = prefill.run(None, feeds)
+  room = cache[0].shape[2] - feeds["input_ids"].shape[1]
+  if answer_tokens > room:
+    raise ValueError(f"--answer-tokens {answer_tokens}: {paths['decode']} has cache room for "
+                     f"{room} new tokens (export.to_onnx --max-new-tokens); export with more")
   step = dict(zip([i.name for i in decode.get_inputs()],
                   [np.argmax(logits, -1).astype(np.int32), *cache,
                    np.asarray(feeds["input_ids"].shape[1], np.int32)]))
@@ -97,6 +102,8 @@ def main():
   args = parser.parse_args()
   if not os.path.isfile(args.onnx):
     parser.error(f"--onnx {args.onnx}: no such file")
+  if args.answer_tokens < 1:
+    parser.error(f"--answer-tokens {args.answer_tokens}: at least 1")
   sidecar = os.path.splitext(args.onnx)[0] + ".json"
   meta = {}
   if os.path.exists(sidecar):
@@ -114,6 +121,11 @@ def main():
   options.intra_op_num_threads = args.threads
   session = ort.InferenceSession(args.onnx, options, providers=["CPUExecutionProvider"])
   names = [i.name for i in session.get_inputs()]
+  try:   # first: a wrong --answer-tokens fails before the student is compiled and timed
+    lm = lm_latency(os.path.splitext(args.onnx)[0], options, args.warmup, args.iters,
+                    args.answer_tokens)
+  except ValueError as e:
+    parser.error(str(e))
   if run_dir:
     from export import inputs  # pylint: disable=import-outside-toplevel
     feeds = {k: v[:1] for k, v in inputs.from_run(run_dir, 1).items() if k in names}
@@ -140,7 +152,6 @@ def main():
   print(f"{'backend':12s} {'p50 ms':>8s} {'p90 ms':>8s} {'p99 ms':>8s} {'FPS':>8s}")
   for name, r in result["latency"].items():
     print(f"{name:12s} {r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['p99_ms']:8.2f} {r['fps']:8.1f}")
-  lm = lm_latency(os.path.splitext(args.onnx)[0], options, args.warmup, args.iters)
   if lm:
     result["lm_latency"] = lm
     result["deployed"] = d = deployed(result["latency"]["onnxruntime"]["p50_ms"], lm,

@@ -32,7 +32,7 @@ import onnxruntime as ort
 from jax2onnx import to_onnx
 
 from drivlm_jax import run as run_lib
-from drivlm_jax.model import vlm
+from drivlm_jax.model import reweighting, vlm
 from export import checks, generate, graphs, inputs as real_inputs, rewrite
 
 
@@ -110,6 +110,7 @@ def export_lm(cfg, params, prefix, *, feeds, tokenizer, max_new_tokens=16, opset
   """PREFIX_prefill.onnx and PREFIX_decode.onnx (prompts of the `feeds`' instructions),
   each checked for parity with JAX, then checked to generate `vlm.generate`'s greedy
   tokens."""
+  _check_max_new_tokens(max_new_tokens)
   b, lm = _batch(batch), cfg.language
   ids, mask = real_inputs.prompts(tokenizer, cfg.num_visual_tokens, feeds["instruction_ids"],
                                   feeds["instruction_mask"])
@@ -149,7 +150,13 @@ def export_lm(cfg, params, prefix, *, feeds, tokenizer, max_new_tokens=16, opset
     raise checks.GraphError(f"greedy tokens differ: onnxruntime {onnx_tokens.tolist()} vs "
                             f"JAX {jax_tokens.tolist()}")
   report["greedy_tokens_match"] = list(onnx_tokens.shape)
+  report["max_new_tokens"] = max_new_tokens
   return report
+
+
+def _check_max_new_tokens(n: int):
+  if n < 1:
+    raise ValueError(f"--max-new-tokens {n}: the LM graphs generate at least 1 token")
 
 
 def export_run(workdir, out, *, checkpoint=None, keep_ratio=None, opset=18,
@@ -160,6 +167,10 @@ def export_run(workdir, out, *, checkpoint=None, keep_ratio=None, opset=18,
   beside `out`. Returns the sidecar's report."""
   if batch != "dynamic" and not (str(batch).isdigit() and int(batch) > 0):
     raise ValueError(f"batch {batch!r}: 'dynamic' or a positive integer")
+  if keep_ratio is not None:
+    reweighting.check_keep_ratio(keep_ratio)
+  if lm:
+    _check_max_new_tokens(max_new_tokens)
   if run_lib.is_remote(out):
     raise ValueError(f"--out {out}: the ONNX files are written to a local folder; copy them "
                      f"to the bucket after (gcloud storage cp -r DIR {os.path.dirname(out)})")

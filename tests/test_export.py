@@ -91,6 +91,13 @@ def test_cli_exports_the_demo_student_and_its_lm(run, tmp_path):
   np.testing.assert_allclose(d["fps_heads_and_answer"], 1e3 / (
       d["vision_heads_ms"] + d["lm_prefill_ms"] + 3 * d["decode_ms_per_token"]))
   assert "frames/s with a 4-token answer" in result.stdout
+  # The decode graph holds the 4 new tokens it was exported for: a 5-token answer is refused.
+  result = subprocess.run(
+      [sys.executable, "-m", "export.benchmark", "--onnx", str(out), "--jax", "",
+       "--answer-tokens", "5"], capture_output=True, text=True, timeout=600, check=False,
+      cwd=ROOT)
+  assert result.returncode == 2 and "--answer-tokens 5: " in result.stderr and \
+      "has cache room for 4 new tokens" in result.stderr, result.stderr[-3000:]
   # On the device: the deploy folder without the training run times without JAX.
   device = tmp_path / "device"
   device.mkdir()
@@ -301,11 +308,18 @@ def test_tensorrt_engine(run, tmp_path):
 
 def test_arguments_the_export_cannot_honour_are_refused_up_front(tmp_path):
   """Before any model is loaded: an --out in a bucket (the files are written locally), a
-  batch of 0, and opsets below 13 (jax2onnx writes Squeeze with its axes as an input)."""
+  batch of 0, a keep ratio outside (0, 1] (above 1 would export the unpruned graph under the
+  asked ratio), an LM asked for no new token, and opsets below 13 (jax2onnx writes Squeeze
+  with its axes as an input)."""
   with pytest.raises(ValueError, match=r"--out gs://b/s.onnx: .* local folder"):
     to_onnx.export_run(str(tmp_path), "gs://b/s.onnx")
   with pytest.raises(ValueError, match=r"batch 0: 'dynamic' or a positive integer"):
     to_onnx.export_run(str(tmp_path), str(tmp_path / "s.onnx"), batch=0)
+  for keep in (1.5, float("nan"), 0.0):
+    with pytest.raises(ValueError, match=r"keep_ratio must be in \(0, 1\], got"):
+      to_onnx.export_run(str(tmp_path), str(tmp_path / "s.onnx"), keep_ratio=keep)
+  with pytest.raises(ValueError, match=r"--max-new-tokens 0: the LM graphs generate at least"):
+    to_onnx.export_run(str(tmp_path), str(tmp_path / "s.onnx"), lm=True, max_new_tokens=0)
   with pytest.raises(ValueError, match=r"--opset 12: the export writes opsets 13-"):
     to_onnx.convert(lambda x: x, [], ["x"], ["y"], str(tmp_path / "s.onnx"), 12)
 

@@ -63,11 +63,16 @@ def reweight(tokens, token_scores):
   return tokens * gates(token_scores)[..., None].astype(tokens.dtype)
 
 
+def check_keep_ratio(keep_ratio: float):
+  """A fraction of the visual tokens: in (0, 1] (NaN is not)."""
+  if not 0 < keep_ratio <= 1:
+    raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+
+
 def num_kept(num_tokens: int, keep_ratio: float) -> int:
   """ceil(N * keep_ratio), at least 1 (the product rounded to 9 digits first: 100 * 0.07 is
   7.000000000000001 in floats, 7 tokens, not 8)."""
-  if not 0 < keep_ratio <= 1:
-    raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+  check_keep_ratio(keep_ratio)
   return max(1, math.ceil(round(num_tokens * keep_ratio, 9)))
 
 

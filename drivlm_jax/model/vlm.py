@@ -282,6 +282,7 @@ def encode_image(cfg: Config, params, images, instruction_ids=None, instruction_
   views = cfg.num_cameras
   flat, b = _flat_views(cfg, images)
   out = {}
+  reweighting.check_keep_ratio(keep_ratio)
   if not cfg.reweight and keep_ratio < 1.0:
     raise ValueError("pruning (keep_ratio < 1) needs cfg.reweight: tokens are kept by score")
   if cfg.reweight and instruction_ids is None:
