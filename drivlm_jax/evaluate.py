@@ -87,6 +87,11 @@ def score_drivelm(test_path, predictions_path, judge_cmd=None, workdir=None) -> 
 
 def main(argv):
   del argv
+  with run_lib.user_errors():
+    _main()
+
+
+def _main():
   if flags.FLAGS.drivelm_predictions or flags.FLAGS.drivelm_test:
     if not (flags.FLAGS.drivelm_predictions and flags.FLAGS.drivelm_test):
       raise app.UsageError("--drivelm_test and --drivelm_predictions go together")

@@ -6,6 +6,7 @@ teacher, a warm start (`init_from`, see `pretrained`), an evaluation target, an 
 source or a plot source: they all read it here. This module also decides, once, which
 params a run is judged by (`EVAL_KEY`: the moving average when the run keeps one).
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -94,8 +95,9 @@ def parse_flags(argv):
     key = key.group(0) if key else ""
     bad = [a.split("=")[0] for a in argv[1:]
            if a.startswith("--config.") and key in a.split("=")[0].split(".")]
-    if not bad:   # not an override's key: a bug in the config file itself
-      raise
+    if not bad:   # the config file's own error, e.g. an unknown `:arg` (configs.common)
+      print(f"error: --config: {message.strip(chr(34))}", file=sys.stderr)
+      sys.exit(2)
     hint = next((" " + line.strip().rstrip("'") for line in message.splitlines()
                  if "Did you mean" in line), "")
     print(f"error: {' '.join(bad)}: the config has no key {key!r} (a flag sets the "
@@ -105,9 +107,29 @@ def parse_flags(argv):
 
 def flag_values():
   """(config, workdir) from the flags `define_flags` defines; both are required."""
-  if flags.FLAGS.config is None or flags.FLAGS.workdir is None:
+  try:
+    config = flags.FLAGS.config
+    if config is not None:
+      config.keys()   # loads it
+  except OSError as e:   # a config file that does not load: its path, and why
+    print(f"error: --config: {str(e).strip().splitlines()[-1].strip()}", file=sys.stderr)
+    sys.exit(2)
+  if config is None or flags.FLAGS.workdir is None:
     raise app.UsageError("--config and --workdir are required")
-  return flags.FLAGS.config, flags.FLAGS.workdir
+  return config, flags.FLAGS.workdir
+
+
+@contextlib.contextmanager
+def user_errors():
+  """An entry point's body: an error in what the user gave (a file, flag, key or value, which
+  our messages name) is one `error:` line and exit status 2, not a traceback; the traceback
+  is logged at INFO (`--verbosity=0` shows it)."""
+  try:
+    yield
+  except (ValueError, OSError) as e:
+    logging.info("%s", e, exc_info=True)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def deploy_keep_ratio(config) -> float:
@@ -177,7 +199,11 @@ def write_json(file: epath.Path, value):
 
 
 def read_json(file: epath.Path):
-  return json.loads(file.read_text())
+  try:
+    return json.loads(file.read_text())
+  except json.JSONDecodeError as e:
+    raise RunError(f"{file}: not valid JSON ({e}); a file cut by a stopped run can be restored "
+                   f"from a copy, or the run started afresh in another workdir") from e
 
 
 #### config.json
@@ -242,12 +268,22 @@ def trim_metrics(workdir: str, step: int):
   file = path(workdir, "metrics.jsonl")
   if jax.process_index() != 0 or not file.exists():
     return
-  lines = file.read_text().splitlines(keepends=True)
-  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+  lines = original = file.read_text().splitlines(keepends=True)
+  if lines and not lines[-1].endswith("\n"):   # a row cut by the kill: logged again below
+    logging.warning("%s: dropped its last row, cut off when the run stopped", file)
+    lines = lines[:-1]
+  kept = []
+  for number, line in enumerate(lines, 1):
+    try:
+      if line.strip() and json.loads(line)["step"] <= step:
+        kept.append(line)
+    except (ValueError, KeyError, TypeError) as e:
+      raise RunError(f"{file}, line {number}: not a metrics row ({e})") from e
   if len(kept) < len(lines):
-    write_text(file, "".join(kept))
     logging.warning("%s: dropped %d logged rows past step %d (not checkpointed)", file,
                     len(lines) - len(kept), step)
+  if kept != original:
+    write_text(file, "".join(kept))
 
 
 def finished(workdir: str, config) -> bool:
@@ -281,8 +317,9 @@ class Checkpoints:
 
   def __init__(self, workdir: str, config):
     self.config = config
+    self.directory = orbax_dir(workdir)
     self.manager = ocp.CheckpointManager(
-        orbax_dir(workdir),
+        self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True,
                                              enable_async_checkpointing=True))
 
@@ -294,8 +331,11 @@ class Checkpoints:
     step = self.manager.latest_step()
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             state)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise restore_error(self.manager, self.directory, step, e) from e
     logging.info("resumed from step %d (data position %d)", step,
                  restored["meta"]["data_position"])
     return restored["state"]
@@ -323,6 +363,14 @@ class Run:
   step: int
 
 
+def restore_error(manager, directory: str, step: int, error: Exception) -> RunError:
+  """A checkpoint that cannot be restored, named with the steps there are: a missing or
+  damaged step folder, or a model whose shapes differ from the config's."""
+  return RunError(f"{directory}/{step}: cannot restore it ({type(error).__name__}: "
+                  f"{str(error)[:300]}); steps there: {list(manager.all_steps())}. A changed "
+                  f"model config cannot resume a run: use another workdir")
+
+
 def load_params(workdir: str, cfg: vlm.Config, step: int | None = None, config=None):
   """Model params of the latest (or `step`) checkpoint of `workdir` -> (params, step).
 
@@ -348,10 +396,13 @@ def load_params(workdir: str, cfg: vlm.Config, step: int | None = None, config=N
     # On this process's first device, whatever devices (or hosts) saved it: a run trained on a
     # mesh is evaluated, exported or distilled from on one machine.
     here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=here),
-                                             item),
-        partial_restore=True)))
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=item, restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=here),
+                                               item),
+          partial_restore=True)))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise restore_error(manager, directory, step, e) from e
   finally:
     manager.close()
   return lora.merge(restored["state"][key], lora_config), step

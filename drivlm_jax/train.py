@@ -13,6 +13,7 @@ if __name__ == "__main__":  # before JAX loads: the restarted process loads it o
   host.restart_with_tunables()
 
 import json
+import math
 import signal
 import sys
 import time
@@ -42,9 +43,10 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Preempted(RuntimeError):
-  """A SIGTERM stopped the run after a step, whose checkpoint is saved: the same command
-  resumes it. The CLI exits with `run.PREEMPTED_EXIT` (128 + SIGTERM), so that a scheduler
-  or sweep does not take the run for a finished one."""
+  """A SIGTERM (or, on one host, a first Ctrl-C) stopped the run after a step, whose
+  checkpoint is saved: the same command resumes it. The CLI exits with `run.PREEMPTED_EXIT`
+  (128 + SIGTERM) either way, so that a scheduler or sweep does not take the run for a
+  finished one."""
 
 
 def step_compiler_options(*compute_dtypes) -> dict:
@@ -168,9 +170,9 @@ def train_batches(config, data, feats, start: int):
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """The whole run; returns the last evaluation. A SIGTERM from its start on (during the
-  set-up too: data, init, restore, compiles) stops it after the next step, saved, and raises
-  `Preempted`."""
+  """The whole run; returns the last evaluation. A SIGTERM (on one host also a Ctrl-C) from
+  its start on (during the set-up too: data, init, restore, compiles) stops it after the next
+  step, saved, and raises `Preempted`."""
   parallel.maybe_initialize_distributed(config.get("multihost"))
   preemption = _Preemption()
   try:
@@ -179,18 +181,41 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     preemption.close()
 
 
+def check_config(config):
+  """Values no run can use, each named by its key (before anything is built or written)."""
+  for key in ("total_steps", "batch_size", "log_every_steps", "checkpoint_every_steps",
+              "eval_every_steps"):
+    if config[key] < 1:
+      raise ValueError(f"config.{key} is {config[key]}: at least 1")
+  if config.batch_size % jax.process_count():
+    raise ValueError(f"config.batch_size {config.batch_size} (the global batch) does not "
+                     f"divide over {jax.process_count()} hosts")
+  if not 0 <= config.data.target_fraction < 1:
+    raise ValueError(f"config.data.target_fraction is {config.data.target_fraction}: must be "
+                     f"in [0, 1)")
+
+
+def _check_batch_shards(config, mesh, sharding):
+  shards = math.prod(mesh.shape[a] for a in jax.tree.leaves(tuple(sharding.spec)[:1]))
+  if config.batch_size % shards:
+    raise ValueError(f"config.batch_size {config.batch_size} does not divide over the "
+                     f"{shards} devices the batch is split over (config.mesh "
+                     f"{dict(mesh.shape)})")
+
+
 def _train(config, workdir: str, preemption) -> dict:
   #### Set up
+  check_config(config)
   config = pretrained.configure(config)
   checkpoints = run_lib.Checkpoints(workdir, config)
   if checkpoints.latest_step() is not None:
     run_lib.check_resume(workdir, config, checkpoints.latest_step())
-  run_lib.write_config(workdir, config)
   cfg = run_lib.model_config(config)
   data = sources.prepare(config.data, workdir)
   feats = run_lib.features(config, cfg, data["tokenizer"])
   mesh = parallel.make_mesh(config.mesh)
   rules = parallel.rules_from_config(config.get("rules"))
+  _check_batch_shards(config, mesh, parallel.batch_sharding(mesh, rules))
   evaluators = evaluate.from_config(config)
 
   #### Set up model, DriVLM components and optimizer, sharded by the logical-axis rules
@@ -272,6 +297,9 @@ def _train(config, workdir: str, preemption) -> dict:
     checkpoints.close()
     return evaluate.run(evaluators, cfg, eval_params(state), data, feats, workdir, start,
                         place=eval_place)
+  # Once the checkpoint restored (a config it cannot resume leaves the run's own config.json);
+  # a finished run keeps the config it was trained with.
+  run_lib.write_config(workdir, config)
 
   #### Data: batch `i` of the run is `ds[i]`, so resuming at step s continues the same order
   batches = iter(train_batches(config, data, feats, start))
@@ -354,8 +382,9 @@ def _train(config, workdir: str, preemption) -> dict:
               for k, v in values.items():
                 writer.add_scalar(f"{split}/{domain}/{k}", v, done)
       if stop and not final:   # (stopped at the last step: finished, evaluated)
-        raise Preempted(f"stopped by SIGTERM after step {done} of {config.total_steps}: its "
-                        f"checkpoint is saved; the same command resumes the run")
+        raise Preempted(f"stopped by {preemption.by} after step {done} of "
+                        f"{config.total_steps}: its checkpoint is saved; the same command "
+                        f"resumes the run")
   finally:
     checkpoints.close()
     if writer:
@@ -389,16 +418,27 @@ def _track_non_finite(tracker, loss, grad_norm, step):
 
 
 class _Preemption:
-  """Whether to stop after a step. One process: a SIGTERM seen by then (the step whose batch
-  is already prepared still runs, then the run saves and exits). Several processes: JAX's
-  preemption sync point, so that every host stops after the same step, whichever host got
-  the signal."""
+  """Whether to stop after a step. One process: a SIGTERM or a first Ctrl-C seen by then
+  (the step whose batch is already prepared still runs, then the run saves and exits; a second
+  Ctrl-C quits at once, unsaved). Several processes: JAX's preemption sync point (SIGTERM),
+  so that every host stops after the same step, whichever host got the signal."""
 
   def __init__(self):
     self.multihost = jax.process_count() > 1
+    self.by = "SIGTERM"
     self.signalled = []
+    self.previous = {}
     if not self.multihost:   # with several hosts JAX's own notifier takes SIGTERM
-      self.previous = signal.signal(signal.SIGTERM, lambda *_: self.signalled.append(True))
+      self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM,
+                                                                   signal.SIGINT)}
+
+  def _handle(self, signum, _):
+    if signum == signal.SIGINT:
+      self.by = "Ctrl-C"
+      signal.signal(signal.SIGINT, self.previous[signal.SIGINT])   # a second one quits
+      print("\nCtrl-C: stopping after this step and saving it (Ctrl-C again quits unsaved)",
+            file=sys.stderr, flush=True)
+    self.signalled.append(signum)
 
   def reached(self, step: int) -> bool:
     if self.multihost:
@@ -406,8 +446,8 @@ class _Preemption:
     return bool(self.signalled)
 
   def close(self):
-    if not self.multihost:
-      signal.signal(signal.SIGTERM, self.previous)
+    for s, handler in self.previous.items():
+      signal.signal(s, handler)
 
 
 def _tensorboard(workdir):
@@ -423,7 +463,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   config, workdir = run_lib.flag_values()
   try:
-    train(config, workdir)
+    with run_lib.user_errors():
+      train(config, workdir)
   except NonFiniteLoss as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)

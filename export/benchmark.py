@@ -102,13 +102,18 @@ def main():
   args = parser.parse_args()
   if not os.path.isfile(args.onnx):
     parser.error(f"--onnx {args.onnx}: no such file")
-  if args.answer_tokens < 1:
-    parser.error(f"--answer-tokens {args.answer_tokens}: at least 1")
+  for flag, value, least in (("--answer-tokens", args.answer_tokens, 1),
+                             ("--iters", args.iters, 1), ("--warmup", args.warmup, 0)):
+    if value < least:
+      parser.error(f"{flag} {value}: at least {least}")
   sidecar = os.path.splitext(args.onnx)[0] + ".json"
   meta = {}
   if os.path.exists(sidecar):
     with open(sidecar) as f:
-      meta = json.load(f)
+      try:
+        meta = json.load(f)
+      except json.JSONDecodeError as e:
+        parser.error(f"{sidecar} (the ONNX's sidecar): not valid JSON ({e})")
   run_dir = args.jax
   if run_dir is None and meta.get("run"):
     # On the device (a copied deploy/ folder, no JAX) the training run is not there.
@@ -128,7 +133,10 @@ def main():
     parser.error(str(e))
   if run_dir:
     from export import inputs  # pylint: disable=import-outside-toplevel
-    feeds = {k: v[:1] for k, v in inputs.from_run(run_dir, 1).items() if k in names}
+    try:
+      feeds = {k: v[:1] for k, v in inputs.from_run(run_dir, 1).items() if k in names}
+    except (ValueError, OSError) as e:   # not a run (RunError), its data gone
+      parser.error(f"--jax {run_dir}: {e}")
   else:   # no run: random frames of the graph's shape
     rng = np.random.default_rng(0)
     shape = lambda i: [d if isinstance(d, int) else 1 for d in i.shape]

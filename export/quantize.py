@@ -97,10 +97,15 @@ def main():
   args = parser.parse_args()
   if not os.path.isfile(args.onnx):
     parser.error(f"--onnx {args.onnx}: no such file")
-  feats = sidecar_features(args.onnx)
-  calib = real_inputs.from_dir(args.calib, feats, args.num, args.cache_dir, split="train")
-  held_out = real_inputs.from_dir(args.calib, feats, 16, args.cache_dir, split="test")
-  quantize(args.onnx, args.out, calib, args.method)
+  if args.num < 1:
+    parser.error(f"--num {args.num}: at least 1 calibration frame")
+  try:   # a sidecar, calibration folder or graph we cannot use: named in one line
+    feats = sidecar_features(args.onnx)
+    calib = real_inputs.from_dir(args.calib, feats, args.num, args.cache_dir, split="train")
+    held_out = real_inputs.from_dir(args.calib, feats, 16, args.cache_dir, split="test")
+    quantize(args.onnx, args.out, calib, args.method)
+  except (ValueError, OSError) as e:
+    parser.error(str(e))
   ops = checks.check(args.out)
   print(f"{args.out}: {ops['QuantizeLinear']} QuantizeLinear / {ops['DequantizeLinear']} "
         f"DequantizeLinear nodes, calibrated on {len(calib['image'])} frames of {args.calib}")

@@ -145,6 +145,39 @@ def test_hosts_read_disjoint_shards(data, count):
   assert set().union(*seen) == set(range(39))   # 40 written, 1 "confusing" row dropped
 
 
+@pytest.mark.parametrize("batch,fraction,hosts", [(8, 0.25, 2), (12, 0.5, 3), (6, 1 / 3, 2)])
+def test_any_host_count_trains_on_the_global_batches_of_one(data, batch, fraction, hosts):
+  """Each step, the hosts' batches together are the one-host batch: the same examples, as
+  many target rows (round(global batch * fraction), split evenly), the same images."""
+  def rows(count, index, step):
+    ds = pipeline.batch_dataset(data["source"], data["features"], batch // count,
+                                target=data["source"], target_fraction=fraction, seed=3,
+                                shard_index=index, shard_count=count)
+    b = ds[step]
+    return sorted(zip(b["domain"].tolist(), b["example_id"].tolist(),
+                      b["image"].reshape(len(b["image"]), -1).sum(1).round(3).tolist()))
+  for step in (0, 5):   # 5: past the first epoch of 39 examples at batch 12
+    one = rows(1, 0, step)
+    assert sum(d for d, _, _ in one) == round(batch * fraction)
+    assert sorted(sum((rows(hosts, h, step) for h in range(hosts)), [])) == one
+
+
+@pytest.mark.parametrize("batch,fraction,hosts,message", [
+    (8, 0.25, 4, r"2 target rows, which 4 hosts cannot share"),    # each host's 0.5 -> 0
+    (12, 0.25, 2, r"3 target rows, which 2 hosts cannot share"),   # 1.5 -> 2 each: 4, not 3
+    (4, 0.1, 1, r"rounds to no target row"),
+    (4, 1.0, 1, r"target_fraction 1.0: must be in \[0, 1\)"),
+    (2, 0.75, 1, r"no source row"),
+])
+def test_a_batch_the_hosts_cannot_share_is_an_error(data, batch, fraction, hosts, message):
+  """Target rows the hosts cannot split evenly (rounding each host's share gave another
+  global batch than one host's), none where a fraction was asked for, or no source row."""
+  with pytest.raises(ValueError, match=message):
+    pipeline.batch_dataset(data["source"], data["features"], batch // hosts,
+                           target=data["source"], target_fraction=fraction, shard_count=hosts,
+                           shard_index=0)
+
+
 def test_tokenized_answer_round_trips(data):
   tok = TextTokenizer(data["features"].tokenizer)
   answer = labels.explanation([1, 0, 1, 0], [0, 0, 1] + [0] * 18)

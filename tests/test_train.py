@@ -181,15 +181,41 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cache, tmp_pat
   assert max(read_metrics(tmp_path)) == 10
 
 
-def test_unknown_config_key_is_an_error(tmp_path):
+@pytest.mark.parametrize("key,value,message", [
+    ("total_steps", -5, r"config.total_steps is -5: at least 1"),
+    ("checkpoint_every_steps", 0, r"config.checkpoint_every_steps is 0"),
+    ("data.target_fraction", 1.5, r"config.data.target_fraction is 1.5: must be in \[0, 1\)"),
+    ("batch_size", 7, r"config.batch_size 7 does not divide over the 8 devices"),
+])
+def test_values_no_run_can_use_are_named_before_anything_is_written(cache, tmp_path, key, value,
+                                                                     message):
+  with pytest.raises(ValueError, match=message):
+    train.train(small_config(cache, **{key: value}), str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "config.json").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config", "configs/demo.py", "--config.optimizer.learning_rat=0.1"],
+     "error: --config.optimizer.learning_rat: the config has no key 'learning_rat'"),
+    (["--config", "configs/demo.py:stpes=2"], "error: --config: unknown config arg 'stpes'"),
+    (["--config", "configs/dmeo.py"], "error: --config: [Errno 2] No such file or directory: "
+                                      "'configs/dmeo.py'"),
+    (["--config", "configs/demo.py", "--config.total_steps=0"],
+     "error: config.total_steps is 0: at least 1"),
+])
+def test_a_wrong_config_is_one_line_naming_it(tmp_path, args, message):
   result = subprocess.run(
-      [sys.executable, "-m", "drivlm_jax.train", "--config", "configs/demo.py",
-       "--workdir", str(tmp_path), "--config.optimizer.learning_rat=0.1"],
+      [sys.executable, "-m", "drivlm_jax.train", *args, "--workdir", str(tmp_path)],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-  assert ("error: --config.optimizer.learning_rat: the config has no key 'learning_rat'"
-          in result.stderr)
+  assert message in result.stderr, result.stderr[-2000:]
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_cut_run_file_is_an_error_naming_it(tmp_path):
+  (tmp_path / "config.json").write_text('{"total_steps": 6, "mod')
+  with pytest.raises(run_lib.RunError, match=r"config.json: not valid JSON"):
+    run_lib.read_config(str(tmp_path))
 
 
 def test_checkpoint_restores_onto_another_mesh(cache, tmp_path, monkeypatch):
@@ -315,10 +341,21 @@ def test_fda_restyles_the_batch_before_the_step(cache):
 
 def test_resuming_with_another_total_steps_is_an_error_and_unlogged_rows_go(cache, tmp_path):
   """A checkpointed run resumed with another total_steps would splice two schedules: an
-  error naming both. Rows logged past the checkpoint (a run killed before its next save)
-  are dropped when it resumes, so each step is logged once."""
+  error naming both; with another model, an error naming the checkpoint, and the run's
+  config.json stays its own (a finished run's too, re-evaluated with another learning rate).
+  Rows logged past the checkpoint (a run killed before its next save, the last one cut
+  mid-row) are dropped when it resumes, so each step is logged once."""
   config = small_config(cache, total_steps=6, checkpoint_every_steps=3)
   train.train(config, str(tmp_path))
+  stored = (tmp_path / "config.json").read_bytes()
+  wider = small_config(cache, total_steps=6, checkpoint_every_steps=3,
+                       **{"model.head_hidden": config.model.head_hidden * 2})
+  with pytest.raises(run_lib.RunError, match=r"checkpoints/6: cannot restore it .*steps "
+                                             r"there: \[3, 6\]"):
+    train.train(wider, str(tmp_path))
+  train.train(small_config(cache, total_steps=6, checkpoint_every_steps=3,
+                           **{"optimizer.learning_rate": 0.5}), str(tmp_path))
+  assert (tmp_path / "config.json").read_bytes() == stored
   longer = small_config(cache, total_steps=12, checkpoint_every_steps=3)
   with pytest.raises(run_lib.RunError, match=r"total_steps 6; resuming it with 12 would "
                                              r"splice"):
@@ -328,6 +365,8 @@ def test_resuming_with_another_total_steps_is_an_error_and_unlogged_rows_go(cach
     train.train(shorter, str(tmp_path))
   # As if killed after logging steps 4-6 with only checkpoint 3 saved.
   shutil.rmtree(tmp_path / "checkpoints" / "6")
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 7, "lo')
   train.train(config, str(tmp_path))
   steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text()
            .splitlines()]
@@ -349,17 +388,20 @@ def test_a_sigterm_during_the_last_step_finishes_the_run(cache, tmp_path, monkey
   assert json.loads((tmp_path / "eval.json").read_text())["step"] == 3
 
 
-def test_a_sigterm_during_the_set_up_stops_after_the_first_step(cache, tmp_path,
-                                                                  monkeypatch):
+@pytest.mark.parametrize("signum,by", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
+def test_a_sigterm_during_the_set_up_stops_after_the_first_step(cache, tmp_path, monkeypatch,
+                                                                  signum, by):
   """A SIGTERM while the run prepares its data (an experiments.jobs worker stopped between
-  runs' set-ups) is not lost: the run takes one step, saves it and stops."""
-  real = sources.prepare
+  runs' set-ups) is not lost: the run takes one step, saves it and stops. A Ctrl-C does the
+  same (a second one would quit unsaved)."""
+  real, before = sources.prepare, signal.getsignal(signal.SIGINT)
 
   def signalled(*args):
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signum)
     return real(*args)
   monkeypatch.setattr(sources, "prepare", signalled)
-  with pytest.raises(train.Preempted):
+  with pytest.raises(train.Preempted, match=f"stopped by {by} after step 1 of 6"):
     train.train(small_config(cache, total_steps=6, checkpoint_every_steps=100), str(tmp_path))
+  assert signal.getsignal(signal.SIGINT) is before   # given back
   assert os.listdir(tmp_path / "checkpoints") == ["1"]
   assert max(read_metrics(tmp_path)) == 1

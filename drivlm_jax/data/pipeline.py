@@ -1,9 +1,12 @@
 """tfds data sources + grain: examples -> model-ready, source/target-mixed batches.
 
-Every batch holds `round(batch_size * target_fraction)` unlabelled target examples after the
-labelled source ones; target labels are zeroed and their masks are 0, so no loss can see
-them. Each host reads a disjoint shard (`shard_index::shard_count`, by default
-`jax.process_index()::jax.process_count()`); order and augmentation are fixed by the seed.
+Every global batch holds `round(global batch * target_fraction)` unlabelled target examples
+beside the labelled source ones; target action/reason labels are zeroed and their masks are
+0, so no task loss sees them (their annotated boxes stay: the instance-level discriminator
+pools features inside them, see `adapt/alignment.py`). Host h of H (by default
+`jax.process_index()` of `jax.process_count()`) takes the h-th contiguous block of each
+domain's rows of each global batch, so the hosts together read what one host would; order and
+augmentation are fixed by the seed.
 """
 import dataclasses
 import json
@@ -327,6 +330,27 @@ def _concat(*batches):
   return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
+def _target_rows(batch_size: int, hosts: int, target_fraction: float) -> int:
+  """This host's target rows: round(global batch * target_fraction) split evenly over the
+  hosts, so that every host count gives the same global batches."""
+  if not 0 <= target_fraction < 1:
+    raise ValueError(f"target_fraction {target_fraction}: must be in [0, 1) (source rows carry "
+                     f"the labels)")
+  total = batch_size * hosts
+  rows = int(round(total * target_fraction))
+  if rows == total:
+    raise ValueError(f"target_fraction {target_fraction} of a batch of {total} rounds to "
+                     f"{rows} target rows, no source row: lower the fraction")
+  if target_fraction > 0 and rows == 0:
+    raise ValueError(f"target_fraction {target_fraction} of a batch of {total} rounds to no "
+                     f"target row: raise the batch size or the fraction (or set it to 0)")
+  if rows % hosts:
+    raise ValueError(f"target_fraction {target_fraction} of a batch of {total} is {rows} "
+                     f"target rows, which {hosts} hosts cannot share evenly: choose a batch "
+                     f"size and fraction whose target rows are a multiple of {hosts}")
+  return rows // hosts
+
+
 def batch_dataset(source: SourceSpec, features: Features, batch_size: int, *, target=None,
                   target_fraction=0.5, target_labelled=False, train=True, seed=0,
                   shard_index=None, shard_count=None) -> grain.MapDataset:
@@ -336,7 +360,12 @@ def batch_dataset(source: SourceSpec, features: Features, batch_size: int, *, ta
   each example's index in its tfds split."""
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count
-  n_target = int(round(batch_size * target_fraction)) if target is not None else 0
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard {shard_index} of {shard_count}: the index must be in "
+                     f"[0, {shard_count})")
+  if batch_size < 1:
+    raise ValueError(f"batch size {batch_size} per host: at least 1")
+  n_target = _target_rows(batch_size, shard_count, target_fraction) if target is not None else 0
   common = dict(train=train, seed=seed, shard_index=shard_index, shard_count=shard_count)
   parts = [_branch(source, features, batch_size - n_target, 0, True, **common)]
   if n_target:

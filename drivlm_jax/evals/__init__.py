@@ -87,6 +87,9 @@ def from_config(config) -> list:
     if kind not in REGISTRY:
       raise ValueError(f"config.evals.{name}.type is {kind!r}; known: {sorted(REGISTRY)}")
     every = int(spec.pop("every", config.eval_every_steps))
+    if every < 1:
+      raise ValueError(f"config.evals.{name}.every (default config.eval_every_steps) is "
+                       f"{every}: at least 1")
     fields = {f.name for f in dataclasses.fields(REGISTRY[kind])} - {"name", "every"}
     unknown = sorted(set(spec) - fields)
     if unknown:
