@@ -36,7 +36,12 @@ def model_fields(init_from="", init_vision="", init_language="") -> dict:
   """The model config (nested dicts, for `config.model.update`) that the pretrained sources
   fix: all of a LLaVA `init_from`, or the vision / language part of separate towers."""
   fields = {}
-  if init_from and is_llava(init_from):
+  kind = hf.model_type(init_from) if init_from else None
+  if kind not in (None, "llava"):   # None: a run directory of drivlm_jax.train
+    raise ValueError(f"init_from {init_from}: an HF {kind!r} checkpoint, neither a LLaVA VLM "
+                     f"nor a run: give a vision tower as init_vision, a language model as "
+                     f"init_language")
+  if kind == "llava":
     cfg = hf.vlm_config(init_from)
     fields = {k: getattr(cfg, k) for k in _LLAVA_FIELDS}
     fields.update(vision=_arch(cfg.vision), language=_arch(cfg.language))

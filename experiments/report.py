@@ -54,9 +54,14 @@ def collect(run_dirs, split="test") -> dict:
     result = run_lib.read_json(path)
     if split not in result:
       raise KeyError(f"{path} has no {split!r} split (has {sorted(result)})")
-    method = _method(run_dir)
+    method, seed = _method(run_dir), run_lib.read_config(run_dir).get("seed", 0)
+    if seed in seeds[method]:   # not two seeds of one setting: its interval would lie
+      other = runs[method][seeds[method].index(seed)]
+      raise ValueError(f"{other} and {run_dir} are both {method!r} at seed {seed}: a group "
+                       f"averages seeds of one setting; report them apart (or name their "
+                       f"methods apart: config.method)")
     runs[method].append(run_dir)
-    seeds[method].append(run_lib.read_config(run_dir).get("seed", 0))
+    seeds[method].append(seed)
     for domain, values in result[split].items():
       for metric, value in values.items():
         methods.setdefault(method, {}).setdefault(domain, {}).setdefault(metric, []).append(
@@ -235,7 +240,7 @@ def main():
   args = parser.parse_args()
   try:
     results = write(expand(args.run_dirs), args.out)
-  except (FileNotFoundError, KeyError) as e:
+  except (OSError, KeyError, ValueError) as e:
     raise SystemExit(f"error: {e}")
   print(markdown_table(results, "target"))
   print(f"wrote {args.out}/report.md, results.json, results.csv, curves.png, target_mAP.png")

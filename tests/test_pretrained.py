@@ -2,6 +2,7 @@
 tokenizer, chat template and processor -> a LoRA teacher (5 steps) -> a student distilled
 from it -> `hf.save_vlm` and the ONNX export -> transformers generates from the saved VLM."""
 import dataclasses
+import json
 import os
 
 import jax
@@ -121,6 +122,12 @@ def test_one_line_errors_name_the_file_or_key(checkpoint, tmp_path):
   config.model.image_token_id = 5   # the tokenizer's <image> is 4
   with pytest.raises(ValueError, match=r"<image> id 4.*model.image_token_id 5"):
     run_lib.features(config, run_lib.model_config(config), checkpoint)
+  clip = tmp_path / "clip"          # a vision tower alone, given as the whole VLM
+  clip.mkdir()
+  (clip / "config.json").write_text(json.dumps({"model_type": "clip_vision_model"}))
+  with pytest.raises(ValueError, match=r"an HF 'clip_vision_model' checkpoint, neither a LLaVA "
+                                       r"VLM nor a run: give a vision tower as init_vision"):
+    pretrained.configure(demo.get_config(f"init={clip}"))
 
 
 def test_an_hf_llava_teacher_and_what_it_can_teach(checkpoint, tmp_path):

@@ -45,6 +45,9 @@ def test_report_means_and_stds_over_seeds(tmp_path):
     assert (tmp_path / "out" / name).stat().st_size > 0
   with pytest.raises(FileNotFoundError, match="has .* finished training"):
     report.collect([str(tmp_path / "missing")])
+  again = _run(tmp_path / "again" / "a", "alpha", 50.0, [1.0], seed=1)   # not a 4th seed
+  with pytest.raises(ValueError, match=r"s1/a and .*again/a are both 'alpha' at seed 1"):
+    report.collect(runs + [again])
 
 
 def test_paired_differences_match_a_paired_t_test(tmp_path):
