@@ -39,7 +39,8 @@ from configs import common
 from drivlm_jax import run as run_lib
 from drivlm_jax.data import sources
 from experiments import jobs, report
-from experiments.runs import apply_overrides, flag_string, load_config_module, train_job
+from experiments.runs import (apply_overrides, flag_string, load_config_module, positive_int,
+                              train_job)
 
 CLIP_RUN = "<clip_finetune run>"
 _FULL = {"init_from": CLIP_RUN}   # the full method warm-starts from the CLIP stage
@@ -64,7 +65,7 @@ def main():
                       help="a config file whose get_config takes method=, teacher=, steps=")
   parser.add_argument("--workdir", default="runs/demo",
                       help="the demo's workdir: its teachers and students are reused")
-  parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--seeds", type=positive_int, default=3)
   parser.add_argument("--steps", type=int, default=None)
   parser.add_argument("--only", default="", help="comma-separated subset of "
                       + ",".join((*ABLATIONS, *BASELINES)))

@@ -54,7 +54,8 @@ from configs import demo as demo_config
 from drivlm_jax import run as run_lib
 from drivlm_jax.data import sources
 from experiments import demo, jobs, select
-from experiments.runs import apply_overrides, flag_string, load_config_module, train_job
+from experiments.runs import (apply_overrides, flag_string, load_config_module, positive_int,
+                              train_job)
 
 LEVELS = select.LEVELS   # the discriminator levels, as the PAD names them
 
@@ -203,7 +204,7 @@ def main():
   parser.add_argument("--shifts", default="all",
                       help="comma-separated shifts of configs/demo.py, or all: "
                       + ",".join(demo_config.SHIFTS))
-  parser.add_argument("--seeds", type=int, default=1)
+  parser.add_argument("--seeds", type=positive_int, default=1)
   parser.add_argument("--weights", default="0.01,0.03,0.1,0.3",
                       help="adversarial weight of each level that is on")
   parser.add_argument("--levels", default="image+token+instance",

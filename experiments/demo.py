@@ -60,7 +60,7 @@ from experiments.runs import log_file, train_once
 from export import graphs, inputs, kernels, to_onnx
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where the runs and the report go.")
-_SEEDS = flags.DEFINE_integer("seeds", 1, "Training seeds per method.")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "Training seeds per method.", lower_bound=1)
 _FIRST_SEED = flags.DEFINE_integer("first_seed", 0, "The seeds are first_seed, ..., "
                                    "first_seed + seeds - 1: e.g. --first_seed 3 --seeds 2 adds "
                                    "seeds 3 and 4 to a workdir (a later --seeds 5 reuses them).")

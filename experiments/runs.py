@@ -2,6 +2,7 @@
 
 Shared by the sweep launcher, the demo, the ablation runner and experiments.defaults.
 """
+import argparse
 import hashlib
 import importlib.util
 import json
@@ -13,6 +14,14 @@ from drivlm_jax import run as run_lib, train
 from experiments import jobs
 
 SCALARS = (bool, int, float, str)
+
+
+def positive_int(text: str) -> int:
+  """An argparse `type`: an integer >= 1 (seeds, hosts, runs at a time)."""
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"{value}: at least 1")
+  return value
 
 
 def load_config_module(spec: str):

@@ -219,14 +219,16 @@ def main(argv=None):
   parser.add_argument("--launcher", choices=launchers.LAUNCHERS, default="local")
   parser.add_argument("--dry-run", action="store_true")
   parser.add_argument("--workdir-root", default="runs/sweeps")
-  parser.add_argument("--parallel", type=int, default=1, help="local: runs at a time")
+  parser.add_argument("--parallel", type=runs.positive_int, default=1,
+                      help="local: runs at a time")
   parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                       help="a config override for every run (e.g. data.source_dir=DIR)")
   defaults = launchers.Cluster()
   for field in ("tpu", "zone", "project", "repo_dir", "accelerators", "num_nodes",
                 "gpus_per_node", "partition", "time"):
     value = getattr(defaults, field)
-    parser.add_argument("--" + field.replace("_", "-"), type=type(value), default=value)
+    kind = runs.positive_int if field == "num_nodes" else type(value)
+    parser.add_argument("--" + field.replace("_", "-"), type=kind, default=value)
   parser.add_argument("--managed", action="store_true", help="skypilot: managed jobs")
   args = parser.parse_args(argv)
   cluster = launchers.Cluster(**{f: getattr(args, f) for f in (

@@ -140,6 +140,13 @@ def test_dry_run_of_every_launcher(config_file, tmp_path, monkeypatch):
   assert gpus == set(range(8))
 
 
+@pytest.mark.parametrize("flag", ["--num-nodes", "--parallel"])
+def test_a_count_below_one_is_refused(config_file, flag, capsys):
+  with pytest.raises(SystemExit) as stop:
+    sweep.main([config_file, flag, "0", "--dry-run"])
+  assert stop.value.code == 2 and f"argument {flag}: 0: at least 1" in capsys.readouterr().err
+
+
 def test_a_sweep_with_an_unknown_key_is_an_error(tmp_path):
   path = tmp_path / "bad.py"
   path.write_text("from configs.demo import get_config\n\n\ndef sweep(add):\n"
