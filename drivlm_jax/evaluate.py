@@ -110,6 +110,10 @@ def _main():
     params, step = run_lib.load_params(workdir, cfg)
   except run_lib.RunError as e:
     raise app.UsageError(str(e)) from None
+  changes = run_lib.differs_at(workdir, config)
+  if changes:
+    print(f"warning: evaluating {workdir} with another config than it was trained with "
+          f"({changes})", flush=True)
   data = sources.prepare(config.data, workdir)
   feats = run_lib.features(config, cfg, data["tokenizer"])
   evaluators = from_config(config)

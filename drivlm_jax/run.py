@@ -240,6 +240,13 @@ def config_changes(workdir: str, config) -> list:
   return sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
 
 
+def differs_at(workdir: str, config) -> str:
+  """The warning text "differs at KEY, ..." (the first 8 `config_changes`); "" when none."""
+  changes = config_changes(workdir, config)
+  return (f"differs at {', '.join(changes[:8])}{' ...' if len(changes) > 8 else ''}"
+          if changes else "")
+
+
 def check_resume(workdir: str, config, step: int):
   """Before a run resumes from `step` in `workdir` (and writes its config there): a
   checkpoint past `total_steps`, or another `total_steps` than the run's own (its schedules
@@ -256,10 +263,9 @@ def check_resume(workdir: str, config, step: int):
     raise RunError(f"{workdir} is a run of total_steps {stored}; resuming it with "
                    f"{config.total_steps} would splice two learning-rate (and DANN) schedules: "
                    f"use another workdir")
-  changes = config_changes(workdir, config)
+  changes = differs_at(workdir, config)
   if changes:
-    print(f"warning: resuming {workdir} with another config (differs at "
-          f"{', '.join(changes[:8])}{' ...' if len(changes) > 8 else ''})", flush=True)
+    print(f"warning: resuming {workdir} with another config ({changes})", flush=True)
 
 
 def trim_metrics(workdir: str, step: int):
@@ -292,11 +298,10 @@ def finished(workdir: str, config) -> bool:
   file = path(workdir, "eval.json")
   if not file.exists() or read_json(file).get("step") != config.total_steps:
     return False
-  changes = config_changes(workdir, config)
+  changes = differs_at(workdir, config)
   if changes:
     print(f"warning: reusing the finished run in {workdir}, trained with another config "
-          f"(differs at {', '.join(changes[:8])}{' ...' if len(changes) > 8 else ''}); "
-          f"delete it or use another workdir to retrain", flush=True)
+          f"({changes}); delete it or use another workdir to retrain", flush=True)
   return True
 
 
