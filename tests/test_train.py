@@ -202,10 +202,13 @@ def test_values_no_run_can_use_are_named_before_anything_is_written(cache, tmp_p
                                       "'configs/dmeo.py'"),
     (["--config", "configs/demo.py", "--config.total_steps=0"],
      "error: config.total_steps is 0: at least 1"),
+    (["--config", "configs/demo.py", "--workdir", "README.md"],
+     "error: --workdir README.md is a file"),
 ])
 def test_a_wrong_config_is_one_line_naming_it(tmp_path, args, message):
+  workdir = [] if "--workdir" in args else ["--workdir", str(tmp_path)]
   result = subprocess.run(
-      [sys.executable, "-m", "drivlm_jax.train", *args, "--workdir", str(tmp_path)],
+      [sys.executable, "-m", "drivlm_jax.train", *args, *workdir],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
   assert message in result.stderr, result.stderr[-2000:]
