@@ -372,8 +372,8 @@ def restore_error(manager, directory: str, step: int, error: Exception) -> RunEr
   """A checkpoint that cannot be restored, named with the steps there are: a missing or
   damaged step folder, or a model whose shapes differ from the config's."""
   return RunError(f"{directory}/{step}: cannot restore it ({type(error).__name__}: "
-                  f"{str(error)[:300]}); steps there: {list(manager.all_steps())}. A changed "
-                  f"model config cannot resume a run: use another workdir")
+                  f"{str(error)[:300]}); steps there: {list(manager.all_steps())}. A model "
+                  f"config other than the run's cannot load it")
 
 
 def load_params(workdir: str, cfg: vlm.Config, step: int | None = None, config=None):

@@ -193,6 +193,9 @@ def check_config(config):
   if not 0 <= config.data.target_fraction < 1:
     raise ValueError(f"config.data.target_fraction is {config.data.target_fraction}: must be "
                      f"in [0, 1)")
+  if config.data.target_fraction > 0:   # the pipeline's own rule, checked before the set-up
+    pipeline.target_rows(config.batch_size // jax.process_count(), jax.process_count(),
+                         config.data.target_fraction)
 
 
 def _check_batch_shards(config, mesh, sharding):
@@ -213,11 +216,11 @@ def _train(config, workdir: str, preemption) -> dict:
   if checkpoints.latest_step() is not None:
     run_lib.check_resume(workdir, config, checkpoints.latest_step())
   cfg = run_lib.model_config(config)
-  data = sources.prepare(config.data, workdir)
-  feats = run_lib.features(config, cfg, data["tokenizer"])
   mesh = parallel.make_mesh(config.mesh)
   rules = parallel.rules_from_config(config.get("rules"))
   _check_batch_shards(config, mesh, parallel.batch_sharding(mesh, rules))
+  data = sources.prepare(config.data, workdir)
+  feats = run_lib.features(config, cfg, data["tokenizer"])
   evaluators = evaluate.from_config(config)
 
   #### Set up model, DriVLM components and optimizer, sharded by the logical-axis rules

@@ -186,6 +186,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cache, tmp_pat
     ("checkpoint_every_steps", 0, r"config.checkpoint_every_steps is 0"),
     ("data.target_fraction", 1.5, r"config.data.target_fraction is 1.5: must be in \[0, 1\)"),
     ("batch_size", 7, r"config.batch_size 7 does not divide over the 8 devices"),
+    ("data.target_fraction", 0.05, r"target_fraction 0.05 of a batch of 8 rounds to no target"),
 ])
 def test_values_no_run_can_use_are_named_before_anything_is_written(cache, tmp_path, key, value,
                                                                      message):

@@ -330,7 +330,7 @@ def _concat(*batches):
   return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
-def _target_rows(batch_size: int, hosts: int, target_fraction: float) -> int:
+def target_rows(batch_size: int, hosts: int, target_fraction: float) -> int:
   """This host's target rows: round(global batch * target_fraction) split evenly over the
   hosts, so that every host count gives the same global batches."""
   if not 0 <= target_fraction < 1:
@@ -365,7 +365,7 @@ def batch_dataset(source: SourceSpec, features: Features, batch_size: int, *, ta
                      f"[0, {shard_count})")
   if batch_size < 1:
     raise ValueError(f"batch size {batch_size} per host: at least 1")
-  n_target = _target_rows(batch_size, shard_count, target_fraction) if target is not None else 0
+  n_target = target_rows(batch_size, shard_count, target_fraction) if target is not None else 0
   common = dict(train=train, seed=seed, shard_index=shard_index, shard_count=shard_count)
   parts = [_branch(source, features, batch_size - n_target, 0, True, **common)]
   if n_target:
