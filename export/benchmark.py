@@ -27,6 +27,7 @@ import onnx
 import onnxruntime as ort
 
 from drivlm_jax import timing
+from export import checks
 
 
 def onnx_params(path: str) -> int:
@@ -59,8 +60,7 @@ def lm_latency(prefix: str, options, warmup: int, iters: int, answer_tokens: int
   paths = {n: f"{prefix}_{n}.onnx" for n in ("prefill", "decode")}
   if not all(os.path.exists(p) for p in paths.values()):
     return None
-  prefill, decode = (ort.InferenceSession(paths[n], options, providers=["CPUExecutionProvider"])
-                     for n in ("prefill", "decode"))
+  prefill, decode = (checks.session(paths[n], options) for n in ("prefill", "decode"))
   rng = np.random.default_rng(0)
   shape = lambda i: [d if isinstance(d, int) else 1 for d in i.shape]
   feeds = {i.name: (rng.uniform(0, 255, shape(i)).astype(np.float32) if i.name == "image"
@@ -124,13 +124,14 @@ def main():
             f"JAX, on random frames of the graph's shape")
   options = ort.SessionOptions()
   options.intra_op_num_threads = args.threads
-  session = ort.InferenceSession(args.onnx, options, providers=["CPUExecutionProvider"])
-  names = [i.name for i in session.get_inputs()]
-  try:   # first: a wrong --answer-tokens fails before the student is compiled and timed
+  try:   # first: a graph onnxruntime cannot load or a wrong --answer-tokens fails before
+    # the student is compiled and timed
+    session = checks.session(args.onnx, options)
     lm = lm_latency(os.path.splitext(args.onnx)[0], options, args.warmup, args.iters,
                     args.answer_tokens)
   except ValueError as e:
     parser.error(str(e))
+  names = [i.name for i in session.get_inputs()]
   if run_dir:
     from export import inputs  # pylint: disable=import-outside-toplevel
     try:

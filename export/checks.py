@@ -4,6 +4,8 @@ import collections
 
 import numpy as np
 import onnx
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 MAX_OPSET = 20   # TensorRT 10.x parses ONNX opsets 9-20
 
@@ -95,6 +97,16 @@ def check(path: str) -> collections.Counter:
   if problems:
     raise GraphError(f"{path}: " + "; ".join(problems))
   return op_counts(model)
+
+
+def session(path: str, options=None) -> ort.InferenceSession:
+  """An onnxruntime CPU session of `path`; a file onnxruntime cannot load (empty, cut, not
+  ONNX) is a ValueError naming it."""
+  try:
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+  except (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidGraph,
+          ort_errors.InvalidProtobuf, ort_errors.NoSuchFile) as e:
+    raise ValueError(f"{path}: onnxruntime cannot load it ({e})") from e
 
 
 def parity(session, fn, inputs: dict, atol: float) -> dict:

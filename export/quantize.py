@@ -39,7 +39,7 @@ class Frames(q.CalibrationDataReader):
 
 def quantize(onnx_path: str, out_path: str, feeds: dict, method: str = "minmax") -> None:
   """Writes the Q/DQ graph of `onnx_path` calibrated on `feeds` ({input name: array})."""
-  names = [i.name for i in ort.InferenceSession(onnx_path).get_inputs()]
+  names = [i.name for i in checks.session(onnx_path).get_inputs()]
   q.quantize_static(
       onnx_path, out_path, Frames(feeds, names), quant_format=q.QuantFormat.QDQ,
       op_types_to_quantize=["MatMul"], per_channel=True,

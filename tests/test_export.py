@@ -335,6 +335,16 @@ def test_a_missing_onnx_is_named(module, tmp_path):
       result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("content", [b"", b"not a graph"])
+def test_a_graph_onnxruntime_cannot_load_is_named(content, tmp_path):
+  path = tmp_path / "student.onnx"
+  path.write_bytes(content)
+  result = subprocess.run([sys.executable, "-m", "export.benchmark", "--onnx", str(path)],
+                          capture_output=True, text=True, timeout=300, check=False, cwd=ROOT)
+  assert result.returncode == 2 and f"{path}: onnxruntime cannot load it" in result.stderr \
+      and "Traceback" not in result.stderr
+
+
 def test_the_pruned_evaluation_scores_the_deployed_float32_student(run):
   """A mixed-precision run's pruned evaluation (target_pruned) scores what is deployed: the
   exported student computes in float32, so the evaluation does too."""
