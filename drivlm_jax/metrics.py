@@ -4,13 +4,14 @@ Multi-label (BDD-OIA): per-class average precision (sklearn's `average_precision
 sum over thresholds of (R_n - R_{n-1}) P_n), mAP = mean over classes with a positive;
 F1_all = sample-averaged F1 (sklearn `average='samples'`), mF1 = mean per-class F1; all in
 points (0-100); and BDD-OIA's own script's F1 (`official_f1`: per batch, averaged). Language
-(DriveLM): corpus BLEU-1..4, ROUGE-L and CIDEr as pycocoevalcap computes them, and
-exact-match accuracy; `coco_language` puts pycocoevalcap's PTB tokenizer in front, as the
-DriveLM challenge does, and `drivelm` scores a challenge test set (accuracy, language,
+(DriveLM): corpus BLEU-1..4, ROUGE-L and CIDEr as pycocoevalcap computes them, after its PTB
+tokenizer as the DriveLM challenge does (`coco_language`; `language` adds exact-match
+accuracy, for the generation evaluator), and `drivelm` scores a challenge test set (accuracy, language,
 16 px match, the graph rule, the judge-free part of the final score).
 """
 import collections
 import math
+import os
 import re
 
 import numpy as np
@@ -47,13 +48,17 @@ def f1_scores(predictions, labels):
 def multilabel(prefix: str, probabilities, labels, threshold=0.5) -> dict:
   """{prefix_mAP, prefix_mF1, prefix_F1_all} in points."""
   probabilities, labels = np.asarray(probabilities), np.asarray(labels)
+  bad = int(np.sum(~np.isfinite(probabilities)))
+  if bad:   # sklearn refuses them too: sorted last, each NaN would be a threshold of its own
+    raise ValueError(f"{prefix}: {bad} of {probabilities.size} probabilities are NaN or "
+                     "infinite (a diverged model?): no mAP or F1 to give")
   aps = [average_precision(probabilities[:, c], labels[:, c]) for c in range(labels.shape[1])]
   f1_all, mf1 = f1_scores(probabilities > threshold, labels)   # BDD-OIA's test.py: > 0.5
   return {f"{prefix}_mAP": 100 * float(np.nanmean(aps)) if not np.all(np.isnan(aps)) else 0.0,
           f"{prefix}_mF1": 100 * mf1, f"{prefix}_F1_all": 100 * f1_all}
 
 
-#### Language metrics (pycocoevalcap definitions; simple whitespace/punctuation tokens)
+#### Language metrics (pycocoevalcap definitions)
 
 
 def tokenize(text: str) -> list:
@@ -150,46 +155,64 @@ def cider(hypotheses, references, n=4, sigma=6.0, tokenizer=None) -> float:
   return float(np.mean(scores))
 
 
-def language(hypotheses, references) -> dict:
-  """DriveLM language metrics; references: one list of reference strings per hypothesis."""
-  b = bleu(hypotheses, references)
-  exact = np.mean([tokenize(h) in [tokenize(r) for r in rs]
-                   for h, rs in zip(hypotheses, references)])
-  return {**{f"BLEU-{i + 1}": 100 * s for i, s in enumerate(b)},
-          "ROUGE-L": 100 * rouge_l(hypotheses, references),
-          "CIDEr": 100 * cider(hypotheses, references), "accuracy": 100 * float(exact)}
-
-
 def ptb_tokenize(texts) -> list:
   """Texts as the COCO caption scorers see them: pycocoevalcap's PTBTokenizer (Stanford
   CoreNLP's PTB tokenizer, run with Java; lowercased, punctuation tokens removed). Without
-  Java it says so and falls back to `tokenize` (lowercase, .,;:!?"'() removed)."""
+  Java, or where it cannot write its input file (into its own package folder), it says so
+  and falls back to `tokenize` (lowercase, .,;:!?"'() removed)."""
   import shutil
-  if shutil.which("java") is None:
-    logging.warning("no java on PATH: DriveLM language metrics use drivlm_jax.metrics."
-                    "tokenize instead of pycocoevalcap's PTB tokenizer (figures may differ)")
+  from pycocoevalcap.tokenizer import ptbtokenizer
+  missing = ("no java on PATH" if shutil.which("java") is None else
+             None if os.access(os.path.dirname(ptbtokenizer.__file__), os.W_OK) else
+             f"{os.path.dirname(ptbtokenizer.__file__)} is not writable")
+  if missing:
+    logging.warning("%s: language metrics use drivlm_jax.metrics.tokenize instead of "
+                    "pycocoevalcap's PTB tokenizer (figures may differ)", missing)
     return [" ".join(tokenize(t)) for t in texts]
-  from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+  PTBTokenizer = ptbtokenizer.PTBTokenizer
   tokenized = PTBTokenizer().tokenize({i: [{"caption": t}] for i, t in enumerate(texts)})
   return [tokenized[i][0] for i in range(len(texts))]
 
 
-def coco_language(hypotheses, references) -> dict:
-  """BLEU-1..4, ROUGE-L and CIDEr as DriveLM's challenge gets them from the COCO caption
-  evaluator (language_evaluation's CocoEvaluator): "_UNK" in a reference renamed
-  "_UNKNOWN", PTB-tokenized text, one reference per hypothesis; fractions (CIDEr x10), keyed
-  as pycocoevalcap keys them."""
-  # Two tokenizer runs, as COCOEvalCap makes (references, then hypotheses): the PTB tokenizer
-  # splits a text at a line break (\r, \u2028), which shifts the texts after it in the same
-  # run, so a generated answer must never shift the references.
-  refs = [[r] for r in ptb_tokenize([r.replace("_UNK", "_UNKNOWN") for r in references])]
-  hyps = ptb_tokenize(list(hypotheses))
-  split = str.split
+def _coco_tokens(hypotheses, references):
+  """(hypotheses, references) PTB-tokenized as COCOEvalCap does it: "_UNK" in a reference
+  renamed "_UNKNOWN" (language_evaluation's CocoEvaluator), then two tokenizer runs,
+  references first; the PTB tokenizer splits a text at a line break (\r, \u2028), which
+  shifts the texts after it in the same run, so a generated answer must never shift the
+  references."""
+  refs = ptb_tokenize([r.replace("_UNK", "_UNKNOWN") for r in references])
+  return ptb_tokenize(list(hypotheses)), refs
+
+
+def _coco_scores(hyps, refs) -> dict:
+  """pycocoevalcap's Bleu_1..4, ROUGE_L and CIDEr (fractions) of tokenized texts, one
+  reference per hypothesis. Its Rouge splits on " " (an emptied text is one empty token), its
+  Bleu and Cider on whitespace runs."""
+  refs, split = [[r] for r in refs], str.split
   scores = {f"Bleu_{n + 1}": b for n, b in enumerate(bleu(hyps, refs, tokenizer=split))}
-  # pycocoevalcap's Rouge splits on " " (an emptied text is one empty token), its Bleu and
-  # Cider on whitespace runs.
   return {**scores, "ROUGE_L": rouge_l(hyps, refs, tokenizer=lambda t: t.split(" ")),
           "CIDEr": cider(hyps, refs, tokenizer=split)}
+
+
+def coco_language(hypotheses, references) -> dict:
+  """BLEU-1..4, ROUGE-L and CIDEr as DriveLM's challenge gets them from the COCO caption
+  evaluator (language_evaluation's CocoEvaluator): PTB-tokenized text, one reference per
+  hypothesis; fractions (CIDEr x10), keyed as pycocoevalcap keys them."""
+  return _coco_scores(*_coco_tokens(hypotheses, references))
+
+
+def language(hypotheses, references) -> dict:
+  """The generation evaluator's figures, in points: `coco_language`'s BLEU-1..4, ROUGE-L and
+  CIDEr (the challenge's tokens and formulas; CIDEr's document frequencies come from these
+  references only, so a figure over a few answers is not comparable to one over a split),
+  and `accuracy`, the share of answers whose tokens equal their reference's (case and
+  punctuation ignored; the challenge's accuracy, raw strings of multiple-choice answers, is
+  `drivelm`'s). references: one reference string per hypothesis."""
+  hyps, refs = _coco_tokens(hypotheses, references)
+  scores = _coco_scores(hyps, refs)
+  return {**{f"BLEU-{n}": 100 * scores[f"Bleu_{n}"] for n in range(1, 5)},
+          "ROUGE-L": 100 * scores["ROUGE_L"], "CIDEr": 100 * scores["CIDEr"],
+          "accuracy": 100 * float(np.mean([h == r for h, r in zip(hyps, refs)]))}
 
 
 #### BDD-OIA as its own evaluation script scores it

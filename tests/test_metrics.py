@@ -53,6 +53,20 @@ def test_cider_by_hand():
   assert metrics.cider(["x y", "a c"], [["a b"], ["a c"]]) == pytest.approx(2.5)
 
 
-def test_language_bundle():
-  out = metrics.language(["Yes.", "no"], [["yes"], ["No, because of a car."]])
-  assert out["accuracy"] == 50.0 and set(out) >= {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"}
+def test_language_bundle_is_the_challenges_scores_in_points_and_exact_match():
+  hyps = ["Yes.", "no", "It's 1088.3 m away.", "The car, ahead (left), turns."]
+  refs = ["yes", "No, because of a car.", "it's 1088.3 m away", "The car ahead turns left."]
+  out = metrics.language(hyps, refs)
+  coco = metrics.coco_language(hyps, refs)   # pycocoevalcap's: tests/test_benchmark_scores.py
+  assert {k: out[k] for k in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr")} == pytest.approx(
+      {"BLEU-1": 100 * coco["Bleu_1"], "BLEU-4": 100 * coco["Bleu_4"],
+       "ROUGE-L": 100 * coco["ROUGE_L"], "CIDEr": 100 * coco["CIDEr"]})
+  # Case and punctuation ignored; a decimal and a contraction kept whole (PTB tokens).
+  assert out["accuracy"] == 50.0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_probabilities_that_are_not_numbers_are_an_error(bad):
+  scores = np.full((4, 2), bad)
+  with pytest.raises(ValueError, match=r"action: 8 of 8 probabilities are NaN or infinite"):
+    metrics.multilabel("action", scores, np.eye(4, 2))

@@ -1,6 +1,7 @@
-"""Language metrics of the LM's greedy answers (BLEU-1..4, ROUGE-L, CIDEr, accuracy) on the
-first `num` examples of one role and split that have a reference answer. The slow evaluator:
-give it its own `every`."""
+"""Language metrics of the LM's greedy answers (BLEU-1..4, ROUGE-L, CIDEr as DriveLM's
+challenge computes them, and exact-match accuracy: `metrics.language`) on the first `num`
+examples of one role and split that have a reference answer. The slow evaluator: give it its
+own `every`."""
 import dataclasses
 
 import jax
@@ -41,7 +42,7 @@ def answers(cfg, params, batch, tokenizer, n, max_new_tokens):
                                 attention_mask=mask, eos_token_id=tokenizer.stop_ids,
                                 pad_token_id=tokenizer.pad_id))[:, width:]
   hyps = [tokenizer.decode(tokenizer.cut(t)) for t in tokens]
-  refs = [[tokenizer.decode(batch["targets"][i][batch["loss_mask"][i] > 0])] for i in rows]
+  refs = [tokenizer.decode(batch["targets"][i][batch["loss_mask"][i] > 0]) for i in rows]
   return hyps, refs
 
 
