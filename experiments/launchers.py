@@ -8,17 +8,43 @@ import shlex
 from experiments import runs
 
 LAUNCHERS = ("local", "tpu_vm", "skypilot", "slurm")
-SETUP = 'pip install -e ".[cloud]"'   # run directories in a bucket need the [cloud] extra
+# A SkyPilot node's own Python is 3.8-3.10 (its GPU images: conda py310; TPU VMs: Ubuntu's),
+# and jax 0.10 needs 3.11: setup makes a uv virtualenv of its own, which run activates.
+VENV = "~/.venvs/drivlm"
 # Launchers whose hosts keep nothing: each TPU VM host writes its own disk, a SkyPilot
 # cluster's disk goes with it. Their runs' root must be a bucket.
 REMOTE_ROOT = ("tpu_vm", "skypilot")
 
 
+def is_tpu(accelerators: str) -> bool:
+  return accelerators.lower().startswith("tpu")
+
+
 def accelerator_setup(accelerators: str) -> str:
   """The JAX build for the accelerator (setup.py's jaxlib is the CPU one), at the installed
   jax's version: "jax[tpu]" for TPUs, "jax[cuda12]" for GPUs."""
-  extra = "tpu" if accelerators.lower().startswith("tpu") else "cuda12"
-  return (f'pip install "jax[{extra}]==$(python -c \'import jax; print(jax.__version__)\')"')
+  extra = "tpu" if is_tpu(accelerators) else "cuda12"
+  return (f'uv pip install "jax[{extra}]==$(python -c \'import jax; print(jax.__version__)\')"')
+
+
+def skypilot_setup(accelerators: str) -> list:
+  """SkyPilot's setup lines: stop at the first failure (SkyPilot runs them as they are), uv
+  (SkyPilot's own, else installed), a Python 3.11 virtualenv, drivlm-jax with the [cloud]
+  extra (run directories in a bucket) and the accelerator's JAX."""
+  return ["set -euo pipefail", 'export PATH="$HOME/.local/bin:$PATH"',
+          "command -v uv > /dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh",
+          f"uv venv --allow-existing --python 3.11 {VENV}", f"source {VENV}/bin/activate",
+          'uv pip install -e ".[cloud]"', accelerator_setup(accelerators)]
+
+
+def check_skypilot(cluster: "Cluster"):
+  """A ValueError for what SkyPilot would launch and JAX could not join: TPU slices on
+  several nodes are separate slices (multislice, which needs MEGASCALE_* set up)."""
+  if is_tpu(cluster.accelerators) and cluster.num_nodes > 1:
+    raise ValueError(f"--num-nodes {cluster.num_nodes} with --accelerators "
+                     f"{cluster.accelerators}: that is {cluster.num_nodes} separate TPU slices "
+                     "(multislice), which runs here do not set up; one slice runs on all its "
+                     "hosts, so ask for a bigger slice (e.g. tpu-v4-32) on one node")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,20 +103,26 @@ def sky_run_name(workdir: str) -> str:
 
 
 def skypilot_yaml(config_spec, workdir, overrides, cluster: Cluster) -> str:
-  """A SkyPilot task: the repo synced as workdir, installed in setup with the accelerator's
-  JAX; with several nodes the head node's IP is jax.distributed's coordinator."""
-  run = []
+  """A SkyPilot task: the repo synced as workdir, installed in setup (`skypilot_setup`).
+  A TPU slice runs on one node, and SkyPilot runs the command on each of its hosts: JAX finds
+  the slice's hosts itself (`--config.multihost=true`, as tpu_vm). GPU nodes: with several,
+  the head node's IP is jax.distributed's coordinator and the node rank its process id."""
+  check_skypilot(cluster)
+  run = ['export PATH="$HOME/.local/bin:$PATH"', f"source {VENV}/bin/activate"]
+  tpu = is_tpu(cluster.accelerators)
   if cluster.num_nodes > 1:
     run += ['export JAX_COORDINATOR_ADDRESS="$(echo "$SKYPILOT_NODE_IPS" | head -n1):8476"',
             'export JAX_NUM_PROCESSES="$SKYPILOT_NUM_NODES"',
             'export JAX_PROCESS_ID="$SKYPILOT_NODE_RANK"']
-  run.append(_train_line(config_spec, workdir, overrides, cluster.num_nodes > 1))
-  indent = lambda lines: "\n".join("  " + line for line in lines)
+  run.append(_train_line(config_spec, workdir, overrides, tpu or cluster.num_nodes > 1))
+  # Every physical line indented, also inside a quoted value that holds a newline: the block
+  # scalar gives the text back as it was.
+  indent = lambda lines: "\n".join("  " + line for line in "\n".join(lines).split("\n"))
   return (f"name: {sky_run_name(workdir)}\n"
           f"num_nodes: {cluster.num_nodes}\n"
           f"resources:\n  accelerators: {cluster.accelerators}\n"
           f"workdir: .\n"
-          f"setup: |\n{indent([SETUP, accelerator_setup(cluster.accelerators)])}\n"
+          f"setup: |\n{indent(skypilot_setup(cluster.accelerators))}\n"
           f"run: |\n{indent(run)}\n")
 
 

@@ -23,7 +23,9 @@ the overrides (stable across invocations) and its workdir is
   sweep after its runs save a checkpoint; the same command resumes it.
 - tpu_vm: `gcloud compute tpus tpu-vm ssh NAME --worker=all --command ...` per run (every host
   runs the trainer with jax.distributed).
-- skypilot: a task YAML per run (<workdir>/sky.yaml; setup installs the accelerator's JAX),
+- skypilot: a task YAML per run (<workdir>/sky.yaml; setup makes a Python 3.11 virtualenv
+  with uv and installs drivlm-jax[cloud] and the accelerator's JAX in it; a TPU slice is one
+  node, all its hosts run the trainer),
   launched with `sky launch --down` on a cluster of its own, named <group>-<run> (or
   `sky jobs launch` with --managed). tpu_vm and skypilot need a gs:// --workdir-root.
 - slurm: an sbatch script per run (<workdir>/sbatch.sh, `srun`, one task per host), `sbatch`.
@@ -234,6 +236,11 @@ def main(argv=None):
   cluster = launchers.Cluster(**{f: getattr(args, f) for f in (
       "tpu", "zone", "project", "repo_dir", "accelerators", "num_nodes", "gpus_per_node",
       "partition", "time", "managed")})
+  if args.launcher == "skypilot":
+    try:
+      launchers.check_skypilot(cluster)
+    except ValueError as e:
+      parser.error(str(e))
   if args.launcher in launchers.REMOTE_ROOT and not run_lib.is_remote(args.workdir_root):
     parser.error(f"--launcher {args.launcher} needs --workdir-root in a bucket (gs://...): "
                  f"its hosts keep nothing, {args.workdir_root} would be on their disks")

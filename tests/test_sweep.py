@@ -98,19 +98,36 @@ def test_dry_run_of_every_launcher(config_file, tmp_path, monkeypatch):
   assert task["name"].endswith("-" + hashlib.sha1(workdirs[1].encode()).hexdigest()[:8])
   assert len(task["name"]) <= 63
   assert launchers.sky_run_name(workdirs[1].replace("bucket", "other")) != task["name"]
-  assert "pip install -e \".[cloud]\"" in task["setup"]   # gs:// workdirs need [cloud]
-  # The GPU build of the installed jax (setup.py's jaxlib is the CPU one).
-  assert ('pip install "jax[cuda12]==$(python -c \'import jax; print(jax.__version__)\')"'
-          in task["setup"])
-  tpu_task = yaml.safe_load(_dry_run(config_file, "skypilot", root)[0][names[0]])
-  assert '"jax[tpu]==' in tpu_task["setup"]
+  # SkyPilot runs setup as it is: stop at the first error. Its nodes' Python is 3.8-3.10:
+  # a 3.11 virtualenv, drivlm-jax[cloud] (gs:// workdirs) and the GPU build of the installed
+  # jax in it (setup.py's jaxlib is the CPU one); run activates it.
+  setup = task["setup"].strip().splitlines()
+  assert setup[0] == "set -euo pipefail"
+  assert "uv venv --allow-existing --python 3.11 ~/.venvs/drivlm" in setup
+  assert setup[-2:] == ['uv pip install -e ".[cloud]"', 'uv pip install "jax[cuda12]==$(python '
+                        '-c \'import jax; print(jax.__version__)\')"']
+  assert "source ~/.venvs/drivlm/bin/activate" in task["run"].splitlines()
+  # A TPU slice is one node whose hosts all run the trainer: JAX finds them itself.
+  tpu, _ = _dry_run(config_file, "skypilot", root, "--accelerators", "tpu-v4-32")
+  tpu_task = yaml.safe_load(tpu[names[0]])
+  assert tpu_task["num_nodes"] == 1 and '"jax[tpu]==' in tpu_task["setup"]
+  assert "JAX_" not in tpu_task["run"]
+  assert tpu_task["run"].strip().endswith("--config.seed=0 --config.multihost=true")
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.sweep", config_file, "--launcher", "skypilot",
+       "--dry-run", "--workdir-root", root, "--accelerators", "tpu-v4-32", "--num-nodes", "2"],
+      capture_output=True, text=True, timeout=120, check=False, cwd=ROOT)
+  assert result.returncode == 2 and "2 separate TPU slices (multislice)" in result.stderr
+  # A value with a newline comes back whole from the YAML.
+  odd, _ = _dry_run(config_file, "skypilot", root, "--set", "data.tokenizer=a\nb: c")
+  assert "'--config.data.tokenizer=a\nb: c'" in yaml.safe_load(odd[names[0]])["run"]
   result = subprocess.run(
       [sys.executable, "-m", "experiments.sweep", config_file, "--launcher", "skypilot",
        "--dry-run", "--workdir-root", str(tmp_path)], capture_output=True, text=True,
       timeout=120, check=False, cwd=ROOT)
   assert result.returncode == 2 and "needs --workdir-root in a bucket" in result.stderr
   run_lines = task["run"].strip().splitlines()
-  assert run_lines[0].startswith("export JAX_COORDINATOR_ADDRESS=")
+  assert run_lines[2].startswith("export JAX_COORDINATOR_ADDRESS=")
   assert run_lines[-1] == (f"python3 -m drivlm_jax.train --config {config_file} --workdir "
                            f"{workdirs[1]} --config.optimizer.learning_rate=0.001 "
                            f"--config.seed=1 --config.multihost=true")
