@@ -15,6 +15,7 @@ from configs import common, demo
 from drivlm_jax import adapt, run as run_lib, train
 from drivlm_jax.adapt import alignment, distillation
 from drivlm_jax.adapt import contrastive as clip_stage
+from drivlm_jax.data import preprocess
 from drivlm_jax.losses import adversarial, contrastive, distill
 from drivlm_jax.model import discriminators, reweighting, vlm
 
@@ -520,7 +521,11 @@ def test_instance_and_feature_terms_on_every_token_layout(family, strategy, view
   assert all(np.isfinite(float(v)) for v in losses.values()), losses
 
   full_teacher = dataclasses.replace(teacher_cfg, vision_feature_select_strategy="full")
-  teacher_out = jax.jit(lambda p: vlm.encode_image(full_teacher, p, batch["image"], ids,
+  # The teacher takes the frames normalised for its own family (same image size here).
+  (mean, std), (t_mean, t_std) = (preprocess.MEAN_STD[f] for f in (family, teacher_layout[0]))
+  teacher_frames = ((batch["image"] * np.asarray(std) + np.asarray(mean)) - np.asarray(t_mean)) \
+      / np.asarray(t_std)
+  teacher_out = jax.jit(lambda p: vlm.encode_image(full_teacher, p, teacher_frames, ids,
                                                    mask))(teacher.params)
   lead = views if views > 1 else 0   # the CLIP "full" teacher's class tokens
   teacher_cells = distill.match_grid(teacher_out["visual_tokens"][:, lead:],
@@ -532,6 +537,44 @@ def test_instance_and_feature_terms_on_every_token_layout(family, strategy, view
   want = distill.feature_kd(full_cells, teacher_cells, own["distill"]["projection"],
                             jax.nn.sigmoid(out["token_scores"]) * want_valid * teacher_valid)
   np.testing.assert_allclose(float(losses["kd_feature"]), float(want), rtol=1e-5)
+
+
+def test_a_teacher_of_another_family_and_size_takes_its_own_frames():
+  """The teacher's frames: the student's pixels normalised by the teacher's family's
+  statistics (HF's processors'), at its image size; the distillation loss runs with a teacher
+  at another resolution (it crashed: the teacher got the student's frames)."""
+  clip, siglip = _layout_cfg("clip", "default", 1), _layout_cfg("siglip", "default", 1)
+  pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
+  frames = np.stack([preprocess.normalize(p, "clip") for p in pixels])
+  same_size = dataclasses.replace(siglip, vision=dataclasses.replace(siglip.vision,
+                                                                     image_size=32))
+  np.testing.assert_allclose(
+      distillation.teacher_images(dataclasses.replace(clip, vision=dataclasses.replace(
+          clip.vision, image_size=32)), same_size, jnp.asarray(frames)),
+      np.stack([preprocess.normalize(p, "siglip") for p in pixels]), atol=2e-6)
+  big = dataclasses.replace(siglip, vision=dataclasses.replace(siglip.vision, image_size=48))
+  grey = np.full((1, 1, 32, 32, 3), 77, np.uint8)   # a flat frame stays flat at any size
+  got = distillation.teacher_images(clip, big, jnp.asarray(preprocess.normalize(grey, "clip")))
+  assert got.shape == (1, 1, 48, 48, 3)
+  np.testing.assert_allclose(got, np.broadcast_to(preprocess.normalize(grey[:, :, :1, :1],
+                                                                       "siglip"), got.shape),
+                             atol=2e-6)
+
+  student = dataclasses.replace(clip, vision=dataclasses.replace(clip.vision, image_size=32))
+  tcfg = dataclasses.replace(big, num_cameras=1)
+  teacher = run_lib.Run("", None, tcfg, jax.jit(lambda k: vlm.init(tcfg, k))(jax.random.key(2)),
+                        0)
+  kd = distillation.Distillation(student, teacher, {"kd_heads": 1.0, "kd_lm": 0.0,
+                                                    "kd_feature": 1.0}, 1.0, "cosine")
+  params = jax.jit(lambda k: vlm.init(student, k))(jax.random.key(0))
+  ids, mask = jnp.ones((2, 5), jnp.int32), jnp.ones((2, 5), jnp.int32)
+  batch = {"image": jnp.asarray(frames), "input_ids": None, "attention_mask": mask,
+           "instruction_ids": ids, "instruction_mask": mask, "domain": jnp.array([0, 1])}
+  out = vlm.encode_image(student, params, batch["image"], ids, mask)
+  own = {"distill": kd.init(jax.random.key(3))}
+  losses = kd.loss(adapt.Context(own, out, batch, jnp.int32(5), {kd.name: teacher.params}, {}))
+  assert set(losses) == {"kd_heads", "kd_feature"}
+  assert all(np.isfinite(float(v)) for v in losses.values()), losses
 
 
 def test_box_pooling_skips_cells_without_a_token():

@@ -2,7 +2,8 @@
 
 A frozen teacher (any run directory of `drivlm_jax.train`, named by `config.distill.teacher`;
 empty: distillation is off) runs on the same batch as the student, on every row: the
-teacher needs no labels. Terms:
+teacher needs no labels. Its tower may differ from the student's in family and image size:
+it sees the student's frames resized and normalised for it (`teacher_images`). Terms:
   kd_heads    sigmoid KD of the action and explanation heads
   kd_lm       softmax KD of the LM tokens from the image on
   kd_feature  feature KD of the visual tokens (student -> teacher width through a learned
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from drivlm_jax import adapt, hf, pretrained, run as run_lib
+from drivlm_jax.data import preprocess
 from drivlm_jax.data import tokenizer as tokenizer_lib
 from drivlm_jax.losses import distill
 from drivlm_jax.model import vlm
@@ -36,6 +38,21 @@ def _same_tokenizer(teacher: str | None, student: str, student_file: str) -> boo
   if not teacher or not student:
     return False
   return tokenizer_lib.load(teacher).vocab() == tokenizer_lib.load(student_file).vocab()
+
+
+def teacher_images(cfg: vlm.Config, tcfg: vlm.Config, images):
+  """The student's frames [..., S, S, 3], normalised for the student's tower, as the
+  teacher's tower takes them: resized to its image size (bilinear, antialiased when smaller)
+  and normalised by its family's statistics (CLIP's or SigLIP's). A bigger teacher sees the
+  student's frames upsampled, not the original images."""
+  (mean, std), (t_mean, t_std) = (preprocess.MEAN_STD[c.vision.family] for c in (cfg, tcfg))
+  size = tcfg.vision.image_size
+  if (mean, std) == (t_mean, t_std) and images.shape[-3:-1] == (size, size):
+    return images
+  pixels = images.astype(jnp.float32) * jnp.asarray(std) + jnp.asarray(mean)   # 0..1
+  if images.shape[-3:-1] != (size, size):
+    pixels = jax.image.resize(pixels, (*pixels.shape[:-3], size, size, 3), "bilinear")
+  return ((pixels - jnp.asarray(t_mean)) / jnp.asarray(t_std)).astype(images.dtype)
 
 
 def load_teacher(teacher_dir: str, cfg: vlm.Config, weights: dict, config,
@@ -81,6 +98,11 @@ def load_teacher(teacher_dir: str, cfg: vlm.Config, weights: dict, config,
           f"student's prompts hold {cfg.num_visual_tokens} at token {cfg.image_token_id}; "
           f"LM-logit distillation feeds the teacher the student's prompts, so set "
           f"--config.loss.kd_lm=0 or use a teacher with the student's image grid")
+  ours, theirs = ((c.vision.family, c.vision.image_size) for c in (cfg, teacher.cfg))
+  if ours != theirs:
+    logging.info("teacher %s is a %s tower at %d px, the student a %s tower at %d px: the "
+                 "teacher sees the student's frames resized and normalised for it",
+                 teacher_dir, *theirs, *ours)
   logging.info("teacher: %s at step %d", teacher_dir, teacher.step)
   return teacher
 
@@ -139,7 +161,8 @@ class Distillation(adapt.Component):
 
   def loss(self, ctx: adapt.Context) -> dict:
     tcfg, b, w, temperature = self.teacher.cfg, ctx.batch, self.weights, self.temperature
-    teacher_out = vlm.apply(tcfg, ctx.frozen[self.name], b["image"],
+    teacher_out = vlm.apply(tcfg, ctx.frozen[self.name], teacher_images(self.cfg, tcfg,
+                                                                        b["image"]),
                             b["input_ids"] if self.needs_lm else None, b["attention_mask"],
                             b["instruction_ids"], b["instruction_mask"])
     t, out = jax.lax.stop_gradient(teacher_out), ctx.out
