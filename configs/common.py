@@ -55,7 +55,8 @@ MODEL_PRESETS = {
 def model_config(preset: str) -> ml_collections.ConfigDict:
   if preset not in MODEL_PRESETS:
     raise KeyError(f"unknown model preset {preset!r}; known: {sorted(MODEL_PRESETS)}")
-  return ml_collections.ConfigDict(MODEL_PRESETS[preset])
+  # One camera unless a config says otherwise (model.num_cameras=6 with six_cam data).
+  return ml_collections.ConfigDict({"num_cameras": 1, **MODEL_PRESETS[preset]})
 
 
 # LoRA targets: the LM's attention and MLP kernels (add "|^vision/..." for the vision tower).
@@ -207,12 +208,13 @@ def add_method(config, method: str, teacher: str, keep_ratio: float,
     config.evals.target_pruned = dict(type="heads", role="target", domain="target_pruned",
                                       keep_ratio=keep_ratio,
                                       batch_size=config.evals.target.batch_size)
-  width = config.model.vision.hidden_size
+  # "auto" and the 0 sizes follow the vision tower the run trains (which a pretrained start
+  # takes from its checkpoint): SigLIP's sigmoid loss for a SigLIP tower, CLIP's InfoNCE
+  # else; a fresh text tower as wide as the vision tower (adapt/contrastive.py).
   config.clip = ml_collections.ConfigDict(dict(
-      loss="siglip" if config.model.vision.family == "siglip" else "clip",
-      text=dict(hidden_size=width, intermediate_size=4 * width, num_layers=2,
-                num_heads=max(1, width // 64), max_position_embeddings=64,
-                projection_dim=width),
+      loss="auto",
+      text=dict(hidden_size=0, intermediate_size=0, num_layers=2, num_heads=0,
+                max_position_embeddings=64, projection_dim=0),
       text_tower=""))   # a CLIPModel directory: its text tower and tokenizer instead
   return config
 

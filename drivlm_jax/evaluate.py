@@ -21,9 +21,9 @@ import dataclasses
 import json
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 
-from drivlm_jax import evals, run as run_lib
+from drivlm_jax import evals, pretrained, run as run_lib
 from drivlm_jax.evals import drivelm
 from drivlm_jax.data import drivelm_questions, sources
 
@@ -87,6 +87,8 @@ def score_drivelm(test_path, predictions_path, judge_cmd=None, workdir=None) -> 
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:   # as train: user errors are one line
+    logging.set_verbosity(logging.WARNING)
   with run_lib.user_errors():
     _main()
 
@@ -94,22 +96,29 @@ def main(argv):
 def _main():
   if flags.FLAGS.drivelm_predictions or flags.FLAGS.drivelm_test:
     if not (flags.FLAGS.drivelm_predictions and flags.FLAGS.drivelm_test):
-      raise app.UsageError("--drivelm_test and --drivelm_predictions go together")
+      raise ValueError("--drivelm_test and --drivelm_predictions go together")
     for flag in ("drivelm_test", "drivelm_predictions"):
       if not run_lib.path(flags.FLAGS[flag].value).exists():
-        raise app.UsageError(f"--{flag} {flags.FLAGS[flag].value}: no such file")
+        raise FileNotFoundError(f"--{flag} {flags.FLAGS[flag].value}: no such file")
     score_drivelm(flags.FLAGS.drivelm_test, flags.FLAGS.drivelm_predictions,
                   flags.FLAGS.judge, flags.FLAGS.workdir)
     return
   config, workdir = run_lib.flag_values()
-  if flags.FLAGS.split not in (None, "train", "test"):
-    raise app.UsageError(f"--split {flags.FLAGS.split}: 'train' or 'test' (a layout with val "
-                         f"but no test split evaluates val as 'test')")
+  evaluate_run(config, workdir, flags.FLAGS.split, flags.FLAGS.drivelm)
+
+
+def evaluate_run(config, workdir, split=None, with_drivelm=False) -> dict:
+  """Evaluates the latest checkpoint of `workdir`, a run of `config` (a pretrained start's
+  model read from its checkpoints, as train builds it), into its eval.json (merged);
+  `split` replaces each evaluator's own, `with_drivelm` adds the DriveLM challenge's QA of the
+  target test frames. -> {split: {domain: ...}}."""
+  if split not in (None, "train", "test"):
+    raise ValueError(f"--split {split}: 'train' or 'test' (a layout with val but no test "
+                     f"split evaluates val as 'test')")
+  config = pretrained.configure(config)
   cfg = run_lib.model_config(config)
-  try:   # before the data: a folder that is not a run gets nothing written into it
-    params, step = run_lib.load_params(workdir, cfg)
-  except run_lib.RunError as e:
-    raise app.UsageError(str(e)) from None
+  # Before the data: a folder that is not a run gets nothing written into it.
+  params, step = run_lib.load_params(workdir, cfg)
   changes = run_lib.differs_at(workdir, config)
   if changes:
     print(f"warning: evaluating {workdir} with another config than it was trained with "
@@ -117,13 +126,12 @@ def _main():
   data = sources.prepare(config.data, workdir)
   feats = run_lib.features(config, cfg, data["tokenizer"])
   evaluators = from_config(config)
-  if flags.FLAGS.drivelm:   # DriveLM's QA of the target test frames, as the challenge scores
+  if with_drivelm:   # DriveLM's QA of the target test frames, as the challenge scores
     evaluators.append(drivelm.DriveLM(name="drivelm", every=1, role="target",
                                       batch_size=config.evals.target.batch_size))
-  if flags.FLAGS.split:
-    evaluators = [dataclasses.replace(e, split=flags.FLAGS.split) for e in evaluators]
-  run(evaluators, cfg, params, data, feats, workdir, step, merge=True)
-
+  if split:
+    evaluators = [dataclasses.replace(e, split=split) for e in evaluators]
+  return run(evaluators, cfg, params, data, feats, workdir, step, merge=True)
 
 if __name__ == "__main__":
   run_lib.define_flags()

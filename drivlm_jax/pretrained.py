@@ -34,15 +34,17 @@ _LLAVA_FIELDS = ("image_token_id", "vision_feature_layer", "vision_feature_selec
 
 def model_fields(init_from="", init_vision="", init_language="") -> dict:
   """The model config (nested dicts, for `config.model.update`) that the pretrained sources
-  fix: all of a LLaVA `init_from`, or the vision / language part of separate towers."""
+  fix: the towers, projector and image splice of a LLaVA or run `init_from`, or the vision /
+  language part of separate towers."""
   fields = {}
   kind = hf.model_type(init_from) if init_from else None
   if kind not in (None, "llava"):   # None: a run directory of drivlm_jax.train
     raise ValueError(f"init_from {init_from}: an HF {kind!r} checkpoint, neither a LLaVA VLM "
                      f"nor a run: give a vision tower as init_vision, a language model as "
                      f"init_language")
-  if kind == "llava":
-    cfg = hf.vlm_config(init_from)
+  if init_from:
+    cfg = (hf.vlm_config(init_from) if kind == "llava"
+           else run_lib.model_config(run_lib.read_config(init_from)))
     fields = {k: getattr(cfg, k) for k in _LLAVA_FIELDS}
     fields.update(vision=_arch(cfg.vision), language=_arch(cfg.language))
   if init_vision:
@@ -61,7 +63,13 @@ def configure(config):
   if not fields:
     return config
   config = config.copy_and_resolve_references()
-  # The checkpoint's own tokenizer, unless the config names one.
+  # The checkpoint's own tokenizer (a run's: the one it trained with), unless the config
+  # names one.
+  if init_from and not is_llava(init_from) and not config.data.get("tokenizer"):
+    theirs = run_lib.read_config(init_from).data.get("tokenizer", "")
+    if theirs:
+      config.data.tokenizer = theirs
+      logging.warning("data.tokenizer: %s (that of init_from %s)", theirs, init_from)
   for source in (init_from if is_llava(init_from) else "", init_language):
     if source and not config.data.get("tokenizer"):
       if not tokenizer_lib.has_tokenizer(source):
@@ -71,22 +79,27 @@ def configure(config):
             f"--config.data.tokenizer=DIR to the checkpoint's tokenizer")
       config.data.tokenizer = source
       logging.warning("data.tokenizer: %s (the checkpoint's own)", source)
-  before = config.model.to_dict()
+  # Only the parts (a tower, a splice field) whose value the config's model does not already
+  # have, a tower whole (its derived fields, e.g. head_dim, follow the others): a config that
+  # describes the checkpoint's model stays as it is (and so does its config.json).
+  current = vlm.config_from_dict(config.model)
+  resolved = {k: getattr(current, k) for k in _LLAVA_FIELDS}
+  resolved.update(vision=_arch(current.vision), language=_arch(current.language))
+  changed = []
   with config.unlocked():
     for k, v in fields.items():
+      if resolved[k] == v:
+        continue
       # A ConfigDict keeps a field's type (a list of layers is not an int, several eos ids
       # not one): a field of another type is replaced.
       where, items = (config.model[k], v.items()) if isinstance(v, dict) else (config.model,
                                                                                [(k, v)])
       for f, value in items:
+        if (resolved[k].get(f) if isinstance(v, dict) else resolved[k]) != value:
+          changed.append(f"{k}.{f}" if isinstance(v, dict) else k)
         if where.get(f) is not None and type(where[f]) is not type(value):
           del where[f]
         where[f] = value
-  changed = []
-  for k, v in fields.items():
-    for f, value in v.items() if isinstance(v, dict) else [(None, v)]:
-      if (before.get(k, {}).get(f) if f else before.get(k)) != value:
-        changed.append(f"{k}.{f}" if f else k)
   logging.warning("model config from the pretrained checkpoints: %s",
                   ", ".join(changed) or "already equal")
   return config

@@ -52,6 +52,9 @@ def features(config, cfg: vlm.Config, tokenizer: str) -> pipeline.Features:
         f"tokenizer {tokenizer} (<image> id {tok.image_id}, {tok.vocab_size} tokens) does not "
         f"fit the model (model.image_token_id {cfg.image_token_id}, vocab_size "
         f"{cfg.language.vocab_size}); set config.data.tokenizer or config.model.image_token_id")
+  if d.get("nuscenes_config") == "six_cam" and cfg.num_cameras == 1:
+    logging.warning("data.nuscenes_config=six_cam, model.num_cameras=1: the model sees the "
+                    "front camera only; set --config.model.num_cameras=6 for all six")
   clip = config.get("clip") or {}
   captions = clip.get("text_tower", "") if config.loss.get("clip", 0.0) > 0 else ""
   caption_len = pipeline.Features.max_caption_len

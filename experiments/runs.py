@@ -10,7 +10,7 @@ import os
 import re
 import shlex
 
-from drivlm_jax import run as run_lib, train
+from drivlm_jax import pretrained, run as run_lib, train
 from experiments import jobs
 
 SCALARS = (bool, int, float, str)
@@ -87,7 +87,8 @@ def train_once(config, workdir: str, name: str = "") -> str:
   """Trains `config` into `workdir` unless it is a finished run of that config (then reused;
   an interrupted one resumes); -> workdir. A run that a SIGTERM stopped (checkpoint saved)
   raises SystemExit naming it."""
-  if not run_lib.finished(workdir, config):
+  # Compared as train stores it: a pretrained start's model as its checkpoint describes it.
+  if not run_lib.finished(workdir, pretrained.configure(config)):
     try:
       train.train(config, workdir)
     except train.Preempted as e:

@@ -47,7 +47,7 @@ import subprocess
 import sys
 import time
 
-from drivlm_jax import run as run_lib
+from drivlm_jax import pretrained, run as run_lib
 from experiments import launchers, runs
 
 
@@ -133,7 +133,7 @@ def run_local(spec, planned, parallel: int) -> int:
   """Runs the unfinished runs, `parallel` at a time -> exit status."""
   todo = []
   for name, workdir, overrides, config in planned:
-    if run_lib.finished(workdir, config):
+    if run_lib.finished(workdir, pretrained.configure(config)):   # as train stores it
       print(f"run {name}: finished, skipped", flush=True)
     else:
       todo.append((name, workdir, overrides))

@@ -608,6 +608,26 @@ def test_feature_kd_of_bf16_tokens_is_computed_in_float32():
   np.testing.assert_allclose(got[1], want[1], rtol=1e-3, atol=1e-7)
 
 
+def test_the_clip_stage_follows_the_vision_tower_the_run_trains():
+  """Its loss and fresh text tower follow the model the run builds, also one a pretrained
+  start takes from its checkpoint after the config was made (they followed the preset)."""
+  config = demo.get_config("method=clip_finetune")
+  for family, width, kind in (("clip", 64, "clip"), ("siglip", 48, "siglip"),
+                              ("siglip", 128, "siglip")):
+    model = _layout_cfg(family, "default", 1)
+    model = dataclasses.replace(model, vision=dataclasses.replace(model.vision,
+                                                                  hidden_size=width))
+    component = clip_stage.ContrastiveFinetuning.from_config(config, model, None)
+    assert component.kind == kind
+    assert (component.tcfg.hidden_size, component.tcfg.projection_dim,
+            component.tcfg.intermediate_size, component.tcfg.num_heads,
+            component.tcfg.vision_hidden_size) == (width, width, 4 * width, max(1, width // 64),
+                                                   width)
+  config.clip.loss, config.clip.text.hidden_size = "clip", 32   # what a user sets stays
+  component = clip_stage.ContrastiveFinetuning.from_config(config, model, None)
+  assert component.kind == "clip" and component.tcfg.hidden_size == 32
+
+
 def test_caption_metrics_and_warnings(caplog):
   """clip_captions counts the batch's distinct captions and clip_cross_domain the share of
   rows whose caption also captions a row of the other domain; training warns on one caption

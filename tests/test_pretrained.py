@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from configs import demo
-from drivlm_jax import hf, lora, pretrained, run as run_lib, train
+from drivlm_jax import evaluate, hf, lora, pretrained, run as run_lib, train
 from drivlm_jax.data import tokenizer as tokenizer_lib
 from drivlm_jax.model import vlm
 from export import to_onnx
@@ -63,6 +63,33 @@ def test_the_run_takes_model_and_tokenizer_from_the_checkpoint(checkpoint, runs)
   q = ("language", "layers", "self_attn", "q_proj", "kernel")
   assert not np.array_equal(jax.tree_util.tree_reduce(lambda x, k: x[k], q, merged),
                             jax.tree_util.tree_reduce(lambda x, k: x[k], q, base))
+
+
+def test_evaluate_and_a_warm_start_from_the_run_build_the_pretrained_model(checkpoint, runs):
+  """`evaluate` with the training command's config builds the checkpoint's model, as train
+  does (it built the preset's and could not restore); `init=<that run>` takes the run's
+  model and tokenizer (it built the preset's and copied the params whose shapes matched)."""
+  teacher, _ = runs
+  stored = run_lib.read_config(teacher)
+  command = small_config(stored.data.cache_dir,
+                         f"method=drivlm_teacher,steps=5,tune=lora_lm,init={checkpoint}")
+  result = evaluate.evaluate_run(command, teacher)
+  assert 0 <= result["test"]["target"]["action_mAP"] <= 100
+  assert json.loads(open(os.path.join(teacher, "eval.json")).read())["step"] == 5
+
+  preset = small_config(stored.data.cache_dir, "method=source_only,steps=1")
+  assert run_lib.model_config(preset).language != run_lib.model_config(stored).language
+  warm = pretrained.configure(small_config(stored.data.cache_dir,
+                                           f"method=source_only,steps=1,init={teacher}"))
+  assert warm.data.tokenizer == checkpoint
+  cfg, theirs = run_lib.model_config(warm), run_lib.model_config(stored)
+  assert (cfg.vision, cfg.language, cfg.image_token_id) == (
+      theirs.vision, theirs.language, theirs.image_token_id)
+  fresh = jax.jit(lambda k: vlm.init(cfg, k))(jax.random.key(9))
+  started = pretrained.start(fresh, cfg, warm)
+  trained, _ = run_lib.load_params(teacher, theirs)
+  for part in ("vision", "projector", "language"):   # every tensor of them, LoRA merged
+    jax.tree.map(np.testing.assert_array_equal, started[part], trained[part])
 
 
 def test_student_exports_to_llava_and_onnx(checkpoint, runs, tmp_path):

@@ -16,8 +16,11 @@ text tower is a real CLIP one when `config.clip.text_tower` names a CLIPModel di
 (its weights, projections and logit scale, and its own tokenizer for the captions), else a
 fresh small one over the LM's tokenizer, pooled at the last real token.
 
-Config: loss weight `clip` in `config.loss`; `config.clip = dict(loss="clip"|"siglip",
-text=dict(fresh text tower sizes), text_tower="" | CLIPModel directory)`.
+Config: loss weight `clip` in `config.loss`; `config.clip = dict(loss="auto"|"clip"|"siglip",
+text=dict(fresh text tower sizes), text_tower="" | CLIPModel directory)`. "auto" is SigLIP's
+loss for a SigLIP tower (without a CLIPModel text tower), CLIP's else; a text size of 0
+follows the vision tower's width (hidden and projection: the width, MLP 4x, heads width/64),
+so both follow the tower a pretrained start takes from its checkpoint.
 """
 import dataclasses
 
@@ -45,9 +48,11 @@ class ContrastiveFinetuning(adapt.Component):
     if not adapt.weights(config, cls.terms)["clip"] > 0:
       return None
     clip = config.get("clip", {})
-    kind = clip.get("loss", "clip")
+    kind = clip.get("loss", "auto")
+    if kind == "auto":
+      kind = "siglip" if cfg.vision.family == "siglip" and not clip.get("text_tower") else "clip"
     if kind not in ("clip", "siglip"):
-      raise ValueError(f"config.clip.loss must be 'clip' or 'siglip', got {kind!r}")
+      raise ValueError(f"config.clip.loss must be 'auto', 'clip' or 'siglip', got {kind!r}")
     if clip.get("text_tower"):
       tcfg = hf.text_config(clip.text_tower)   # its weights: pretrained.start
       if tcfg.vision_hidden_size != cfg.vision.hidden_size:
@@ -58,8 +63,13 @@ class ContrastiveFinetuning(adapt.Component):
         raise ValueError(f"config.clip.text_tower {clip.text_tower} is a CLIPModel: set "
                          f"config.clip.loss='clip'")
       return cls(tcfg, kind)
-    tcfg = text.Config(**{**dict(clip.get("text", {})), "vocab_size": cfg.language.vocab_size,
-                          "vision_hidden_size": cfg.vision.hidden_size, "pool": "last"})
+    width = cfg.vision.hidden_size
+    given = dict(clip.get("text", {}))
+    follow = {"hidden_size": width, "intermediate_size": 4 * width,   # where given as 0
+              "num_heads": max(1, width // 64), "projection_dim": width}
+    tcfg = text.Config(**{**given, **{k: v for k, v in follow.items() if not given.get(k)},
+                          "vocab_size": cfg.language.vocab_size, "vision_hidden_size": width,
+                          "pool": "last"})
     return cls(tcfg, kind)
 
   def init(self, key):
