@@ -109,13 +109,22 @@ def _main():
 
 def evaluate_run(config, workdir, split=None, with_drivelm=False) -> dict:
   """Evaluates the latest checkpoint of `workdir`, a run of `config` (a pretrained start's
-  model read from its checkpoints, as train builds it), into its eval.json (merged);
-  `split` replaces each evaluator's own, `with_drivelm` adds the DriveLM challenge's QA of the
-  target test frames. -> {split: {domain: ...}}."""
+  model read from its checkpoints, as train builds it; from the run's config.json when they
+  are gone), and merges the results into its eval.json; `split` replaces each evaluator's
+  own, `with_drivelm` adds the DriveLM challenge's QA of the target test frames. -> this
+  evaluation's {split: {domain: ...}}."""
   if split not in (None, "train", "test"):
-    raise ValueError(f"--split {split}: 'train' or 'test' (a layout with val but no test "
+    raise ValueError(f"split {split!r}: 'train' or 'test' (a layout with val but no test "
                      f"split evaluates val as 'test')")
-  config = pretrained.configure(config)
+  try:
+    config = pretrained.configure(config)
+  except (OSError, ValueError) as e:   # a pretrained source moved since: the run's own record
+    stored = run_lib.read_config(workdir)
+    logging.warning("%s; the model (and tokenizer) as %s/config.json records them", e, workdir)
+    config = config.copy_and_resolve_references()
+    config.model = stored.model
+    if not config.data.get("tokenizer"):
+      config.data.tokenizer = stored.data.get("tokenizer", "")
   cfg = run_lib.model_config(config)
   # Before the data: a folder that is not a run gets nothing written into it.
   params, step = run_lib.load_params(workdir, cfg)
@@ -132,6 +141,7 @@ def evaluate_run(config, workdir, split=None, with_drivelm=False) -> dict:
   if split:
     evaluators = [dataclasses.replace(e, split=split) for e in evaluators]
   return run(evaluators, cfg, params, data, feats, workdir, step, merge=True)
+
 
 if __name__ == "__main__":
   run_lib.define_flags()

@@ -4,8 +4,8 @@ Multi-label (BDD-OIA): per-class average precision (sklearn's `average_precision
 sum over thresholds of (R_n - R_{n-1}) P_n), mAP = mean over classes with a positive;
 F1_all = sample-averaged F1 (sklearn `average='samples'`), mF1 = mean per-class F1; all in
 points (0-100); and BDD-OIA's own script's F1 (`official_f1`: per batch, averaged). Language
-(DriveLM): corpus BLEU-1..4, ROUGE-L and CIDEr as pycocoevalcap computes them, after its PTB
-tokenizer as the DriveLM challenge does (`coco_language`; `language` adds exact-match
+(DriveLM): corpus BLEU-1..4, ROUGE-L and CIDEr as pycocoevalcap computes them, after its
+PTB tokenizer as the DriveLM challenge does (`coco_language`; `language` adds exact-match
 accuracy, for the generation evaluator), and `drivelm` scores a challenge test set (accuracy, language,
 16 px match, the graph rule, the judge-free part of the final score).
 """
@@ -184,6 +184,10 @@ def _coco_tokens(hypotheses, references):
   return ptb_tokenize(list(hypotheses)), refs
 
 
+# What the PTB tokenizer reads as a line break besides "\n" (which its wrapper replaces).
+_LINE_BREAKS = re.compile("[\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+
+
 def _coco_scores(hyps, refs) -> dict:
   """pycocoevalcap's Bleu_1..4, ROUGE_L and CIDEr (fractions) of tokenized texts, one
   reference per hypothesis. Its Rouge splits on " " (an emptied text is one empty token), its
@@ -207,8 +211,10 @@ def language(hypotheses, references) -> dict:
   references only, so a figure over a few answers is not comparable to one over a split),
   and `accuracy`, the share of answers whose tokens equal their reference's (case and
   punctuation ignored; the challenge's accuracy, raw strings of multiple-choice answers, is
-  `drivelm`'s). references: one reference string per hypothesis."""
-  hyps, refs = _coco_tokens(hypotheses, references)
+  `drivelm`'s). references: one reference string per hypothesis. Line breaks become spaces
+  (in a PTB run one would shift every later text onto its neighbour's scores)."""
+  hyps, refs = (ptb_tokenize([_LINE_BREAKS.sub(" ", t) for t in texts])
+                for texts in (hypotheses, references))
   scores = _coco_scores(hyps, refs)
   return {**{f"BLEU-{n}": 100 * scores[f"Bleu_{n}"] for n in range(1, 5)},
           "ROUGE-L": 100 * scores["ROUGE_L"], "CIDEr": 100 * scores["CIDEr"],

@@ -65,7 +65,8 @@ def configure(config):
   config = config.copy_and_resolve_references()
   # The checkpoint's own tokenizer (a run's: the one it trained with), unless the config
   # names one.
-  if init_from and not is_llava(init_from) and not config.data.get("tokenizer"):
+  if (init_from and not is_llava(init_from) and not init_language
+      and not config.data.get("tokenizer")):
     theirs = run_lib.read_config(init_from).data.get("tokenizer", "")
     if theirs:
       config.data.tokenizer = theirs
@@ -82,26 +83,30 @@ def configure(config):
   # Only the parts (a tower, a splice field) whose value the config's model does not already
   # have, a tower whole (its derived fields, e.g. head_dim, follow the others): a config that
   # describes the checkpoint's model stays as it is (and so does its config.json).
-  current = vlm.config_from_dict(config.model)
-  resolved = {k: getattr(current, k) for k in _LLAVA_FIELDS}
-  resolved.update(vision=_arch(current.vision), language=_arch(current.language))
+  try:
+    current = vlm.config_from_dict(config.model)
+    resolved = {k: getattr(current, k) for k in _LLAVA_FIELDS}
+    resolved.update(vision=_arch(current.vision), language=_arch(current.language))
+  except (TypeError, ValueError):   # a model valid only with the checkpoint's fields
+    resolved = {}
   changed = []
   with config.unlocked():
     for k, v in fields.items():
-      if resolved[k] == v:
+      if k in resolved and resolved[k] == v:
         continue
       # A ConfigDict keeps a field's type (a list of layers is not an int, several eos ids
       # not one): a field of another type is replaced.
       where, items = (config.model[k], v.items()) if isinstance(v, dict) else (config.model,
                                                                                [(k, v)])
       for f, value in items:
-        if (resolved[k].get(f) if isinstance(v, dict) else resolved[k]) != value:
+        have = resolved.get(k, {}).get(f) if isinstance(v, dict) else resolved.get(k)
+        if have != value:
           changed.append(f"{k}.{f}" if isinstance(v, dict) else k)
         if where.get(f) is not None and type(where[f]) is not type(value):
           del where[f]
         where[f] = value
-  logging.warning("model config from the pretrained checkpoints: %s",
-                  ", ".join(changed) or "already equal")
+  if changed:
+    logging.warning("model config from the pretrained checkpoints: %s", ", ".join(changed))
   return config
 
 

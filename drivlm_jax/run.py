@@ -295,12 +295,19 @@ def trim_metrics(workdir: str, step: int):
     write_text(file, "".join(kept))
 
 
-def finished(workdir: str, config) -> bool:
+def finished(workdir: str, config, configure=None) -> bool:
   """Whether `workdir` holds an evaluation of `config`'s final step (a run to reuse, not
-  retrain). Reusing a run trained with another config says which keys differ."""
+  retrain). Reusing a run trained with another config says which keys differ, comparing
+  `configure(config)` where given (`pretrained.configure`: the config as train stored it;
+  the config as given when its pretrained sources are gone)."""
   file = path(workdir, "eval.json")
   if not file.exists() or read_json(file).get("step") != config.total_steps:
     return False
+  if configure:
+    try:
+      config = configure(config)
+    except (OSError, ValueError):
+      pass
   changes = differs_at(workdir, config)
   if changes:
     print(f"warning: reusing the finished run in {workdir}, trained with another config "

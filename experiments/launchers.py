@@ -115,6 +115,10 @@ def skypilot_yaml(config_spec, workdir, overrides, cluster: Cluster) -> str:
             'export JAX_NUM_PROCESSES="$SKYPILOT_NUM_NODES"',
             'export JAX_PROCESS_ID="$SKYPILOT_NODE_RANK"']
   run.append(_train_line(config_spec, workdir, overrides, tpu or cluster.num_nodes > 1))
+  odd = re.search("[\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]", run[-1])
+  if odd:   # YAML reads them as line breaks, which the block scalar does not give back
+    raise ValueError(f"run {workdir}: an override holds {odd.group()!r}, which a SkyPilot "
+                     f"task YAML cannot carry")
   # Every physical line indented, also inside a quoted value that holds a newline: the block
   # scalar gives the text back as it was.
   indent = lambda lines: "\n".join("  " + line for line in "\n".join(lines).split("\n"))

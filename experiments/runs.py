@@ -87,8 +87,7 @@ def train_once(config, workdir: str, name: str = "") -> str:
   """Trains `config` into `workdir` unless it is a finished run of that config (then reused;
   an interrupted one resumes); -> workdir. A run that a SIGTERM stopped (checkpoint saved)
   raises SystemExit naming it."""
-  # Compared as train stores it: a pretrained start's model as its checkpoint describes it.
-  if not run_lib.finished(workdir, pretrained.configure(config)):
+  if not run_lib.finished(workdir, config, pretrained.configure):
     try:
       train.train(config, workdir)
     except train.Preempted as e:

@@ -279,10 +279,13 @@ def score_run(run_dir: str, max_examples: int, notes: list) -> dict:
                  f"the class prior, so thresholded target metrics (F1) say little and its "
                  f"target ranking (mAP) rests on small differences")
   pads = _level_pads(source, target_test, run_dir, notes)
+  try:
+    source_map = metrics.multilabel("action", probabilities, labelled["actions"])["action_mAP"]
+  except ValueError as e:   # non-finite outputs: name the run
+    raise ValueError(f"{run_dir}: {e}") from None
   return {"run_dir": str(run_dir), "method": run.config.get("method") or "", "step": run.step,
           "dev_risk": dev["risk"], "dev": dev, "source_loss": float(losses.mean()),
-          "source_mAP": metrics.multilabel("action", probabilities,
-                                           labelled["actions"])["action_mAP"],
+          "source_mAP": source_map,
           "pad": {k: None if v is None else v["pad"] for k, v in pads.items()},
           "pad_error": {k: None if v is None else v["error"] for k, v in pads.items()},
           "oracle_target_mAP": oracle, "output_spread": spread,

@@ -133,7 +133,7 @@ def run_local(spec, planned, parallel: int) -> int:
   """Runs the unfinished runs, `parallel` at a time -> exit status."""
   todo = []
   for name, workdir, overrides, config in planned:
-    if run_lib.finished(workdir, pretrained.configure(config)):   # as train stores it
+    if run_lib.finished(workdir, config, pretrained.configure):
       print(f"run {name}: finished, skipped", flush=True)
     else:
       todo.append((name, workdir, overrides))
@@ -236,16 +236,14 @@ def main(argv=None):
   cluster = launchers.Cluster(**{f: getattr(args, f) for f in (
       "tpu", "zone", "project", "repo_dir", "accelerators", "num_nodes", "gpus_per_node",
       "partition", "time", "managed")})
-  if args.launcher == "skypilot":
-    try:
-      launchers.check_skypilot(cluster)
-    except ValueError as e:
-      parser.error(str(e))
   if args.launcher in launchers.REMOTE_ROOT and not run_lib.is_remote(args.workdir_root):
     parser.error(f"--launcher {args.launcher} needs --workdir-root in a bucket (gs://...): "
                  f"its hosts keep nothing, {args.workdir_root} would be on their disks")
   try:
     planned = collect(args.config, args.workdir_root, parse_sets(args.set))
+    if args.launcher == "skypilot":   # every task's YAML can be written
+      for _, workdir, overrides, _ in planned:
+        launchers.skypilot_yaml(args.config, workdir, overrides, cluster)
   except (AttributeError, FileNotFoundError, KeyError, TypeError, ValueError) as e:
     parser.error(str(e))
   if args.dry_run:

@@ -105,7 +105,8 @@ def session(path: str, options=None) -> ort.InferenceSession:
   try:
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
   except (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidGraph,
-          ort_errors.InvalidProtobuf, ort_errors.NoSuchFile) as e:
+          ort_errors.InvalidProtobuf, ort_errors.NoSuchFile, ort_errors.NotImplemented,
+          ort_errors.RuntimeException) as e:
     raise ValueError(f"{path}: onnxruntime cannot load it ({e})") from e
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 import torch
+import transformers
 from transformers.models.clip import modeling_clip
 
 from configs import common, demo
@@ -540,27 +541,31 @@ def test_instance_and_feature_terms_on_every_token_layout(family, strategy, view
 
 
 def test_a_teacher_of_another_family_and_size_takes_its_own_frames():
-  """The teacher's frames: the student's pixels normalised by the teacher's family's
-  statistics (HF's processors'), at its image size; the distillation loss runs with a teacher
-  at another resolution (it crashed: the teacher got the student's frames)."""
+  """The teacher's frames: the student's pixels normalised by the statistics of the teacher's
+  family's HF processor, at its image size, view by view; the distillation loss runs with a
+  teacher at another resolution (it crashed: the teacher got the student's frames)."""
+  stats = {f: (np.asarray(p.image_mean), np.asarray(p.image_std)) for f, p in (
+      ("clip", transformers.CLIPImageProcessor()), ("siglip", transformers.SiglipImageProcessor()))}
+  hf_normalize = lambda pixels, family: (pixels / 255.0 - stats[family][0]) / stats[family][1]
+  resized = lambda cfg, size: dataclasses.replace(cfg, vision=dataclasses.replace(
+      cfg.vision, image_size=size))
   clip, siglip = _layout_cfg("clip", "default", 1), _layout_cfg("siglip", "default", 1)
-  pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
-  frames = np.stack([preprocess.normalize(p, "clip") for p in pixels])
-  same_size = dataclasses.replace(siglip, vision=dataclasses.replace(siglip.vision,
-                                                                     image_size=32))
-  np.testing.assert_allclose(
-      distillation.teacher_images(dataclasses.replace(clip, vision=dataclasses.replace(
-          clip.vision, image_size=32)), same_size, jnp.asarray(frames)),
-      np.stack([preprocess.normalize(p, "siglip") for p in pixels]), atol=2e-6)
-  big = dataclasses.replace(siglip, vision=dataclasses.replace(siglip.vision, image_size=48))
-  grey = np.full((1, 1, 32, 32, 3), 77, np.uint8)   # a flat frame stays flat at any size
-  got = distillation.teacher_images(clip, big, jnp.asarray(preprocess.normalize(grey, "clip")))
-  assert got.shape == (1, 1, 48, 48, 3)
-  np.testing.assert_allclose(got, np.broadcast_to(preprocess.normalize(grey[:, :, :1, :1],
-                                                                       "siglip"), got.shape),
-                             atol=2e-6)
+  pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype(np.float64)
+  frames = jnp.asarray(hf_normalize(pixels, "clip"), jnp.float32)
+  np.testing.assert_allclose(distillation.teacher_images(resized(clip, 32), resized(siglip, 32),
+                                                         frames),
+                             hf_normalize(pixels, "siglip"), atol=3e-6)
+  # Two views of other greys (a flat frame stays flat at any size): each view on its own.
+  grey = np.stack([np.full((32, 32, 3), 77.0), np.full((32, 32, 3), 200.0)])[None]
+  got = distillation.teacher_images(clip, resized(siglip, 48),
+                                    jnp.asarray(hf_normalize(grey, "clip"), jnp.float32))
+  assert got.shape == (1, 2, 48, 48, 3)
+  np.testing.assert_allclose(got, hf_normalize(np.broadcast_to(
+      grey[:, :, :1, :1], got.shape), "siglip"), atol=3e-6)
+  frames = np.asarray(frames)
+  big = resized(siglip, 48)
 
-  student = dataclasses.replace(clip, vision=dataclasses.replace(clip.vision, image_size=32))
+  student = resized(clip, 32)
   tcfg = dataclasses.replace(big, num_cameras=1)
   teacher = run_lib.Run("", None, tcfg, jax.jit(lambda k: vlm.init(tcfg, k))(jax.random.key(2)),
                         0)

@@ -19,8 +19,9 @@ fresh small one over the LM's tokenizer, pooled at the last real token.
 Config: loss weight `clip` in `config.loss`; `config.clip = dict(loss="auto"|"clip"|"siglip",
 text=dict(fresh text tower sizes), text_tower="" | CLIPModel directory)`. "auto" is SigLIP's
 loss for a SigLIP tower (without a CLIPModel text tower), CLIP's else; a text size of 0
-follows the vision tower's width (hidden and projection: the width, MLP 4x, heads width/64),
-so both follow the tower a pretrained start takes from its checkpoint.
+follows the vision tower's width (hidden and projection: the width; MLP 4x and heads /64 of
+the text tower's hidden size), so both follow the tower a pretrained start takes from its
+checkpoint.
 """
 import dataclasses
 
@@ -65,8 +66,9 @@ class ContrastiveFinetuning(adapt.Component):
       return cls(tcfg, kind)
     width = cfg.vision.hidden_size
     given = dict(clip.get("text", {}))
-    follow = {"hidden_size": width, "intermediate_size": 4 * width,   # where given as 0
-              "num_heads": max(1, width // 64), "projection_dim": width}
+    hidden = given.get("hidden_size") or width
+    follow = {"hidden_size": hidden, "intermediate_size": 4 * hidden,   # where given as 0
+              "num_heads": max(1, hidden // 64), "projection_dim": width}
     tcfg = text.Config(**{**given, **{k: v for k, v in follow.items() if not given.get(k)},
                           "vocab_size": cfg.language.vocab_size, "vision_hidden_size": width,
                           "pool": "last"})
