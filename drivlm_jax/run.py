@@ -9,6 +9,7 @@ params a run is judged by (`EVAL_KEY`: the moving average when the run keeps one
 import contextlib
 import dataclasses
 import json
+import logging as std_logging
 import os
 import re
 import signal
@@ -320,10 +321,16 @@ def finished(workdir: str, config, configure=None) -> bool:
 # Orbax writes a replicated array "replica-parallel": one slice per replica, each cut by an
 # eager jitted slice, compiled once per shape. That spreads a large array's write over hosts;
 # for a small one it costs more than it saves (a first save of 200 small replicated arrays on
-# 8 CPU devices: 68 s, against 0.5 s whole). Slices under 1 MiB are written whole.
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=1 << 20),
-    override=True)
+# 8 CPU devices: 68 s, against 0.5 s whole). Slices under 1 MiB are written whole. (Orbax
+# logs every override as a warning, in every process that imports this module: not here.)
+_absl_level = logging.get_absl_logger().level
+logging.get_absl_logger().setLevel(std_logging.ERROR)
+try:
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=1 << 20),
+      override=True)
+finally:
+  logging.get_absl_logger().setLevel(_absl_level)
 
 
 class Checkpoints:
