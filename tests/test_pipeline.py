@@ -189,6 +189,36 @@ def test_tokenized_answer_round_trips(data):
   assert seq["targets"][n - 1] == tok.eos_id and (seq["input_ids"][n:] == tok.pad_id).all()
 
 
+def test_a_kept_sequence_is_the_one_tokenized_afresh(data):
+  kept, fresh = (TextTokenizer(data["features"].tokenizer) for _ in range(2))
+  answer = labels.explanation([0, 1, 0, 0], [1] + [0] * 20)
+  first = kept.sequence("Go?", answer, num_image_tokens=8, max_len=64)
+  again = kept.sequence("Go?", answer, num_image_tokens=8, max_len=64)
+  want = fresh._sequence("Go?", answer, 8, 64)   # pylint: disable=protected-access
+  assert first is not again and first.keys() == again.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(again[k], want[k])
+    with pytest.raises(ValueError, match="read-only"):   # shared: no caller may write it
+      again[k][0] = 1
+  other = kept.sequence("Go?", answer, num_image_tokens=8, max_len=72)
+  assert other["input_ids"].shape == (72,)
+
+
+def test_normalize_matches_the_hf_processors_for_every_pixel_value():
+  import transformers   # pylint: disable=import-outside-toplevel
+  values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+  image = np.stack([values, values.T, values[::-1]], -1)   # every value in every channel
+  for family, processor in (("clip", transformers.CLIPImageProcessor()),
+                            ("siglip", transformers.SiglipImageProcessor())):
+    want = processor(images=image, do_resize=False, do_center_crop=False,
+                     return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+    got = preprocess.normalize(image, family)
+    assert got.dtype == np.float32 and got.shape == image.shape
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    views = np.stack([image, image[::-1]])   # several cameras: [V, S, S, 3]
+    np.testing.assert_array_equal(preprocess.normalize(views, family)[1], got[::-1])
+
+
 @pytest.mark.parametrize("mode", ["pad", "crop"])
 def test_resize_keeps_boxes_on_their_pixels(mode):
   image = Image.new("RGB", (320, 180))

@@ -39,9 +39,25 @@ def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   return np.asarray(pil)
 
 
-def normalize(image: np.ndarray, family: str) -> np.ndarray:
+def _normalized(values: np.ndarray, family: str) -> np.ndarray:
   mean, std = MEAN_STD[family]
-  return ((image.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+  return ((values.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+
+
+# Each channel's 256 uint8 values normalised by the formula above, [3, 256]: a lookup per
+# channel gives the same bits in less than half the time (the input pipeline normalises
+# every frame it serves).
+_TABLES = {family: np.ascontiguousarray(
+    _normalized(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, 1), family).T)
+           for family in MEAN_STD}
+
+
+def normalize(image: np.ndarray, family: str) -> np.ndarray:
+  """uint8 [..., 3] -> float32 (value / 255 - mean) / std with the family's statistics."""
+  if image.dtype != np.uint8:
+    return _normalized(image, family)
+  table = _TABLES[family]
+  return np.stack([np.take(table[c], image[..., c]) for c in range(3)], -1)
 
 
 def transform_boxes(boxes, width, height, transform, size):

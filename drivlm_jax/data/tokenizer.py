@@ -14,6 +14,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 SPECIAL = ("<pad>", "<bos>", "<eos>", "<image>")
+# Tokenized (instruction, answer) sequences a tokenizer keeps (about 25 MB at max_len 384).
+SEQUENCES_KEPT = 4096
 # A checkpoint's image placeholder when its processor names none: LLaVA's, then Qwen2's.
 IMAGE_TOKENS = ("<image>", "<|image_pad|>")
 
@@ -57,7 +59,22 @@ class _Tokenizer:
 
   def sequence(self, instruction: str, answer: str, num_image_tokens: int, max_len: int):
     """-> dict of int32 [max_len] `input_ids`, `targets`, `attention_mask` and float32
-    `loss_mask`. The answer is truncated (never the image tokens) when too long."""
+    `loss_mask` (read-only arrays). The answer is truncated (never the image tokens) when too
+    long. Pairs repeat (BDD-OIA's answers are explanations of its labels, DriveLM's questions
+    recur): the first `SEQUENCES_KEPT` are kept, so each is tokenized (a chat template
+    rendered) once per process."""
+    key = (instruction, answer, num_image_tokens, max_len)
+    kept = self.__dict__.setdefault("_sequences", {})
+    if key in kept:
+      return dict(kept[key])
+    out = self._sequence(instruction, answer, num_image_tokens, max_len)
+    for array in out.values():
+      array.flags.writeable = False
+    if len(kept) < SEQUENCES_KEPT:
+      kept[key] = out
+    return dict(out)
+
+  def _sequence(self, instruction, answer, num_image_tokens, max_len):
     prompt, answer_ids = self.parts(instruction, answer, num_image_tokens)
     room = max_len + 1 - len(prompt)
     if room < 2:
