@@ -20,6 +20,7 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
+from drivlm_jax.data import preprocess
 from drivlm_jax.model import language, layers, text, vision, vlm
 
 SAFETENSORS = "model.safetensors"
@@ -285,7 +286,57 @@ def vision_config(path, **overrides) -> vision.Config:
   hf = _hf_config(path)
   if hf.model_type in ("clip", "siglip"):
     hf = hf.vision_config
-  return _vision_config(hf, f"{path}/config.json", **overrides)
+  return _vision_config(hf, f"{path}/config.json", **{**processor_statistics(path), **overrides})
+
+
+PROCESSOR = "processor_config.json"          # transformers 5: the image processor nested
+IMAGE_PROCESSOR = "preprocessor_config.json"  # before
+
+
+def processor_statistics(path) -> dict:
+  """The `image_mean` / `image_std` of the image processor saved beside a checkpoint, as
+  transformers finds it (`processor_config.json`'s nested "image_processor" first, then
+  `preprocessor_config.json`); {} when there is none (the family's statistics then apply)."""
+  found = None
+  for name in (PROCESSOR, IMAGE_PROCESSOR):
+    file = os.path.join(path, name)
+    if not os.path.exists(file):
+      continue
+    try:
+      with open(file) as f:
+        saved = json.load(f)
+    except (OSError, ValueError) as e:
+      raise CheckpointError(f"{file}: not readable as JSON ({e})") from e
+    found = saved.get("image_processor") if name == PROCESSOR else saved
+    if found is not None:
+      break
+  if found is None:
+    return {}
+  if not found.get("do_rescale", True) or not math.isclose(
+      found.get("rescale_factor", 1 / 255), 1 / 255, rel_tol=1e-6):
+    raise CheckpointError(f"{file}: the image processor rescales pixels by "
+                          f"{found.get('rescale_factor') if found.get('do_rescale', True) else 1}, "
+                          f"not 1/255; only 0..255 -> 0..1 then (x - mean) / std is supported")
+  if not found.get("do_normalize", True):
+    return {"image_mean": (0.0, 0.0, 0.0), "image_std": (1.0, 1.0, 1.0)}
+  stats = {}
+  for k in ("image_mean", "image_std"):
+    v = found.get(k)
+    if v is not None:   # one number: every channel's
+      stats[k] = tuple(v) * (3 if len(v) == 1 else 1) if isinstance(v, list) else (v,) * 3
+  return stats
+
+
+def image_processor(cfg: vision.Config):
+  """The HF image processor of a tower: its family's class at its image size, with the
+  statistics it was trained with (saved beside an exported checkpoint)."""
+  import transformers
+  mean, std = preprocess.statistics(cfg)
+  size = {"height": cfg.image_size, "width": cfg.image_size}
+  if cfg.family == "siglip":
+    return transformers.SiglipImageProcessor(size=size, image_mean=mean, image_std=std)
+  return transformers.CLIPImageProcessor(size={"shortest_edge": cfg.image_size},
+                                         crop_size=size, image_mean=mean, image_std=std)
 
 
 def _activation(name, where, key="hidden_act"):
@@ -302,6 +353,10 @@ def _vision_config(hf, where, **overrides) -> vision.Config:
                           f"vision model")
   _activation(hf.hidden_act, where)
   siglip = hf.model_type == "siglip_vision_model"
+  if "image_mean" in overrides or "image_std" in overrides:
+    overrides.update(preprocess.own_statistics("siglip" if siglip else "clip",
+                                               overrides.get("image_mean"),
+                                               overrides.get("image_std")))
   return vision.Config(
       family="siglip" if siglip else "clip", image_size=hf.image_size,
       patch_size=hf.patch_size, num_channels=hf.num_channels, hidden_size=hf.hidden_size,
@@ -346,6 +401,7 @@ def save_vision_tower(cfg: vision.Config, params, path):
   hf = _vision_hf_config(cfg)
   hf.architectures = ["SiglipVisionModel" if cfg.family == "siglip" else "CLIPVisionModel"]
   _save(path, hf, _to_hf_tensors(params, _VISION_NAMES))
+  _save_image_processor(cfg, path)
 
 
 #### CLIP text tower (+ projections and logit scale)
@@ -562,7 +618,7 @@ def vlm_config(path, *, vision_overrides=None, language_overrides=None,
   layer = layer if isinstance(layer, int) else tuple(layer)
   act = _activation(hf.projector_hidden_act, where, "projector_hidden_act")
   vcfg = _vision_config(hf.vision_config, f"{where} (vision_config)",
-                        **(vision_overrides or {}))
+                        **{**processor_statistics(path), **(vision_overrides or {})})
   if vcfg.family == "siglip" and vcfg.use_head and _head_not_stored(path):
     # LLaVA projects hidden states, never the pooled output: transformers loads such a
     # directory with a random head; ours has none.
@@ -702,7 +758,32 @@ def save_vlm(cfg: vlm.Config, params, path, tokenizer=None):
     for name in sorted(os.listdir(tokenizer)):
       if name in _TOKENIZER_FILES or name.startswith(("tokenizer", "chat_template")):
         shutil.copy(os.path.join(tokenizer, name), os.path.join(path, name))
+  _save_image_processor(cfg.vision, path)
 
 
 _TOKENIZER_FILES = ("special_tokens_map.json", "vocab.json", "merges.txt",
-                    "added_tokens.json", "processor_config.json", "preprocessor_config.json")
+                    "added_tokens.json", "processor_config.json")
+
+
+def _save_image_processor(cfg: vision.Config, path):
+  """The tower's image processor (`image_processor`) as preprocessor_config.json and, where a
+  processor_config.json nests one (transformers 5's LLaVA processor), there too: transformers
+  reads the nested one first."""
+  ours = image_processor(cfg)
+  ours.save_pretrained(path)
+  file = os.path.join(path, PROCESSOR)
+  if not os.path.exists(file):
+    return
+  with open(file) as f:
+    processor = json.load(f)
+  theirs = processor.get("image_processor")
+  if theirs is None:
+    return
+  if [theirs.get(k) for k in ("image_mean", "image_std")] != [
+      [float(v) for v in getattr(ours, k)] for k in ("image_mean", "image_std")]:
+    logging.warning("%s: the copied processor's image statistics %s / %s replaced by the "
+                    "tower's %s / %s", file, theirs.get("image_mean"), theirs.get("image_std"),
+                    ours.image_mean, ours.image_std)
+  processor["image_processor"] = ours.to_dict()
+  with open(file, "w") as f:
+    json.dump(processor, f, indent=2, sort_keys=True)

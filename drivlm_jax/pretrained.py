@@ -16,8 +16,9 @@ from absl import logging
 
 from drivlm_jax import hf
 from drivlm_jax import run as run_lib
+from drivlm_jax.data import preprocess
 from drivlm_jax.data import tokenizer as tokenizer_lib
-from drivlm_jax.model import language, vlm
+from drivlm_jax.model import language, vision, vlm
 
 # Fields that do not change what the weights mean: the run may set them freely (standardize:
 # the run's own input transform, which no HF checkpoint holds).
@@ -111,11 +112,14 @@ def configure(config):
 
 
 def _arch(cfg) -> dict:
-  """The fields that fix what the weights mean (head_dim made explicit; RoPE scaling as a
-  dict, which a ConfigDict shows and overrides key by key)."""
+  """The fields that fix what the weights mean (head_dim made explicit, a tower's input
+  statistics None where they are its family's; RoPE scaling as a dict, which a ConfigDict
+  shows and overrides key by key)."""
   fields = dataclasses.asdict(cfg)
   if isinstance(cfg, language.Config):
     fields.update(head_dim=cfg.dim_per_head, rope_scaling=dict(cfg.rope_scaling))
+  if isinstance(cfg, vision.Config):
+    fields.update(preprocess.own_statistics(cfg.family, cfg.image_mean, cfg.image_std))
   return {k: v for k, v in fields.items() if k not in _FREE}
 
 

@@ -24,7 +24,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from drivlm_jax import hf, lora
-from drivlm_jax.data import pipeline
+from drivlm_jax.data import pipeline, preprocess
 from drivlm_jax.data import tokenizer as tokenizer_lib
 from drivlm_jax.model import vlm
 
@@ -63,7 +63,7 @@ def features(config, cfg: vlm.Config, tokenizer: str) -> pipeline.Features:
     caption_len = min(caption_len, hf.text_config(captions).max_position_embeddings)
   return pipeline.Features(tokenizer=tokenizer, caption_tokenizer=captions,
                            max_caption_len=caption_len,
-                           family=cfg.vision.family,
+                           statistics=preprocess.statistics(cfg.vision),
                            image_size=cfg.vision.image_size,
                            num_image_tokens=cfg.num_visual_tokens, max_len=d.max_len,
                            resize=d.resize, augment=d.augment, num_cameras=cfg.num_cameras,
@@ -212,6 +212,28 @@ def read_json(file: epath.Path):
 
 #### config.json
 
+# Config keys that name a local folder or file (or a bucket path): a relative one is made
+# absolute when a run starts (`absolute_paths`), so its config.json finds them from anywhere.
+PATH_KEYS = ("init_from", "init_vision", "init_language", "distill.teacher", "clip.text_tower",
+             "data.source_dir", "data.target_dir", "data.tokenizer", "data.cache_dir")
+
+
+def absolute_paths(config) -> ml_collections.ConfigDict:
+  """A copy of `config` with each relative local path of `PATH_KEYS` resolved against the
+  current directory."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for key in PATH_KEYS:
+      *parents, name = key.split(".")
+      node = config
+      for part in parents:
+        node = node.get(part) if node is not None else None
+      value = node.get(name) if node is not None else None
+      if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value):
+        node[name] = os.path.abspath(value)
+  return config
+
+
 def write_config(workdir: str, config):
   """Host 0 writes the run's config.json, once every host has read the old one
   (`check_resume`)."""
@@ -238,9 +260,11 @@ def _flat(tree, prefix=""):
 
 
 def config_changes(workdir: str, config) -> list:
-  """Dotted keys whose value in `config` differs from the run's config.json."""
-  stored = _flat(read_json(path(workdir, "config.json")))
-  current = _flat(json.loads(config.to_json_best_effort()))
+  """Dotted keys whose value in `config` differs from the run's config.json (relative paths
+  of either compared as `absolute_paths` makes them)."""
+  stored = absolute_paths(ml_collections.ConfigDict(read_json(path(workdir, "config.json"))))
+  stored = _flat(json.loads(stored.to_json_best_effort()))
+  current = _flat(json.loads(absolute_paths(config).to_json_best_effort()))
   return sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
 
 

@@ -26,7 +26,7 @@ import optax
 from configs import demo
 from data_builders import __main__ as build_cli
 from drivlm_jax import train
-from drivlm_jax.data import pipeline
+from drivlm_jax.data import pipeline, preprocess
 from drivlm_jax.model import vlm
 from drivlm_jax.sim import bdd_oia as sim_bdd
 from drivlm_jax.sim import tokenizer as sim_tokenizer
@@ -67,7 +67,7 @@ def main():
             f"{result[f'build_{domain}_s']:.1f} s")
       specs[domain] = pipeline.SourceSpec("bdd_oia", manual + "/tfds")
 
-    features = pipeline.Features(tokenizer=sim_tokenizer.write(tmp), family=cfg.vision.family,
+    features = pipeline.Features(tokenizer=sim_tokenizer.write(tmp), statistics=preprocess.statistics(cfg.vision),
                                  image_size=cfg.vision.image_size,
                                  num_image_tokens=cfg.num_visual_tokens, max_len=160)
     spec, target = specs["day"], specs["night+rain"]

@@ -41,7 +41,7 @@ def constants(params):
 
 def normalize(cfg: vlm.Config, image):
   """0..255 RGB -> the tower's normalised input (what the data pipeline feeds in training)."""
-  mean, std = (jnp.asarray(v, jnp.float32) for v in preprocess.MEAN_STD[cfg.vision.family])
+  mean, std = (jnp.asarray(v, jnp.float32) for v in preprocess.statistics(cfg.vision))
   return (image / 255.0 - mean) / std
 
 

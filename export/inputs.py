@@ -6,13 +6,14 @@ import os
 import numpy as np
 
 from drivlm_jax import run as run_lib
-from drivlm_jax.data import pipeline, preprocess, sources
+from drivlm_jax.data import pipeline, sources
 from drivlm_jax.data import tokenizer as tokenizer_lib
 
 
-def raw_pixels(images, family: str):
-  """The pipeline's normalised images -> 0..255 RGB float32 (what a camera gives)."""
-  mean, std = (np.asarray(v, np.float32) for v in preprocess.MEAN_STD[family])
+def raw_pixels(images, stats: tuple):
+  """The pipeline's normalised images (`stats` = (mean, std)) -> 0..255 RGB float32 (what a
+  camera gives)."""
+  mean, std = (np.asarray(v, np.float32) for v in stats)
   return ((images * std + mean) * 255.0).astype(np.float32)
 
 
@@ -20,7 +21,7 @@ def take(spec, feats: pipeline.Features, n: int) -> dict:
   """Up to `n` examples of `spec` (no augmentation), as the graphs take them."""
   batch = pipeline.batch_dataset(spec, dataclasses.replace(feats, augment=False), n,
                                  train=False)[0]
-  return {"image": raw_pixels(batch["image"], feats.family),
+  return {"image": raw_pixels(batch["image"], feats.statistics),
           "instruction_ids": batch["instruction_ids"],
           "instruction_mask": batch["instruction_mask"]}
 

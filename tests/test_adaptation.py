@@ -437,17 +437,19 @@ def test_fourier_restyles_source_rows_with_target_rows_of_the_batch():
   pixels[3] *= 0.2                                   # a dark target row
   images = ((pixels - mean) / std).astype(np.float32)
   domain = np.array([0, 1, 0, 1, 0])
-  got = np.asarray(fourier.restyle(jnp.asarray(images), jnp.asarray(domain), 0.1, "clip"))
+  got = np.asarray(fourier.restyle(jnp.asarray(images), jnp.asarray(domain), 0.1,
+                                   preprocess.MEAN_STD["clip"]))
   for row, partner in ((0, 1), (2, 3), (4, 1)):   # source ranks 0, 1, 2; n = 2
     want = np.clip(_fda_reference_views(pixels[row], pixels[partner], 0.1), 0, 1)
     np.testing.assert_allclose(got[row], (want - mean) / std, atol=1e-4)
   np.testing.assert_array_equal(got[[1, 3]], images[[1, 3]])
   assert got[2].mean() < images[2].mean()            # darker after the dark row's spectrum
-  same = fourier.restyle(jnp.asarray(images), jnp.zeros(5, jnp.int32), 0.1, "clip")
+  same = fourier.restyle(jnp.asarray(images), jnp.zeros(5, jnp.int32), 0.1,
+                         preprocess.MEAN_STD["clip"])
   np.testing.assert_array_equal(np.asarray(same), images)
   # fraction 0.5 of 4 source rows: the two of source rank 0 and 1
   half = np.asarray(fourier.restyle(jnp.asarray(images), jnp.array([0, 1, 0, 0, 0]), 0.1,
-                                    "clip", fraction=0.5))
+                                    preprocess.MEAN_STD["clip"], fraction=0.5))
   np.testing.assert_allclose(half[[0, 2]], [
       (np.clip(_fda_reference_views(pixels[r], pixels[1], 0.1), 0, 1) - mean) / std
       for r in (0, 2)], atol=1e-4)

@@ -12,7 +12,8 @@ from data_builders import __main__ as build_cli
 from drivlm_jax.data import labels, pipeline, preprocess
 from drivlm_jax.data.tokenizer import TextTokenizer
 from drivlm_jax.losses import task
-from drivlm_jax.model import vlm
+from drivlm_jax import hf
+from drivlm_jax.model import vision, vlm
 from drivlm_jax.sim import bdd_oia as sim_bdd
 from drivlm_jax.sim import nuscenes as sim_nuscenes
 from drivlm_jax.sim import tokenizer as sim_tokenizer
@@ -204,19 +205,26 @@ def test_a_kept_sequence_is_the_one_tokenized_afresh(data):
   assert other["input_ids"].shape == (72,)
 
 
-def test_normalize_matches_the_hf_processors_for_every_pixel_value():
+def test_normalize_matches_the_hf_processors_for_every_pixel_value(tmp_path):
+  """The families' statistics, and a checkpoint's own as `hf.processor_statistics` reads
+  them from the processor transformers saved beside it (one number for every channel too)."""
   import transformers   # pylint: disable=import-outside-toplevel
   values = np.arange(256, dtype=np.uint8).reshape(16, 16)
   image = np.stack([values, values.T, values[::-1]], -1)   # every value in every channel
+  own = transformers.CLIPImageProcessor(image_mean=[0.2, 0.5, 0.7], image_std=0.3)
+  own.save_pretrained(tmp_path)
   for family, processor in (("clip", transformers.CLIPImageProcessor()),
-                            ("siglip", transformers.SiglipImageProcessor())):
+                            ("siglip", transformers.SiglipImageProcessor()), ("clip", own)):
     want = processor(images=image, do_resize=False, do_center_crop=False,
                      return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
-    got = preprocess.normalize(image, family)
+    cfg = vision.Config(family=family,
+                        **(hf.processor_statistics(tmp_path) if processor is own else {}))
+    got = preprocess.normalize(image, preprocess.statistics(cfg))
     assert got.dtype == np.float32 and got.shape == image.shape
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
     views = np.stack([image, image[::-1]])   # several cameras: [V, S, S, 3]
-    np.testing.assert_array_equal(preprocess.normalize(views, family)[1], got[::-1])
+    np.testing.assert_array_equal(
+        preprocess.normalize(views, preprocess.statistics(cfg))[1], got[::-1])
 
 
 @pytest.mark.parametrize("mode", ["pad", "crop"])

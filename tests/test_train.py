@@ -343,15 +343,22 @@ def test_fda_restyles_the_batch_before_the_step(cache):
     fourier.from_config(demo.get_config("method=drivlm_teacher,fda=0.1,fda_fraction=0"), cfg)
 
 
-def test_resuming_with_another_total_steps_is_an_error_and_unlogged_rows_go(cache, tmp_path):
+def test_resuming_with_another_total_steps_is_an_error_and_unlogged_rows_go(cache, tmp_path,
+                                                                          monkeypatch):
   """A checkpointed run resumed with another total_steps would splice two schedules: an
   error naming both; with another model, an error naming the checkpoint, and the run's
   config.json stays its own (a finished run's too, re-evaluated with another learning rate).
   Rows logged past the checkpoint (a run killed before its next save, the last one cut
-  mid-row) are dropped when it resumes, so each step is logged once."""
-  config = small_config(cache, total_steps=6, checkpoint_every_steps=3)
-  train.train(config, str(tmp_path))
+  mid-row) are dropped when it resumes, so each step is logged once. A relative data cache
+  is stored absolute, and the same folder named either way is the same config."""
+  monkeypatch.chdir(os.path.dirname(cache))
+  relative = small_config(os.path.basename(cache), total_steps=6, checkpoint_every_steps=3)
+  train.train(relative, str(tmp_path))
   stored = (tmp_path / "config.json").read_bytes()
+  assert json.loads(stored)["data"]["cache_dir"] == cache
+  config = small_config(cache, total_steps=6, checkpoint_every_steps=3)
+  assert run_lib.config_changes(str(tmp_path), config) == []
+  assert run_lib.config_changes(str(tmp_path), relative) == []
   wider = small_config(cache, total_steps=6, checkpoint_every_steps=3,
                        **{"model.head_hidden": config.model.head_hidden * 2})
   with pytest.raises(run_lib.RunError, match=r"checkpoints/6: cannot restore it .*steps "

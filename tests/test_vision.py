@@ -9,7 +9,8 @@ import safetensors.numpy
 import torch
 import transformers
 
-from drivlm_jax import hf
+from drivlm_jax import hf, pretrained
+from drivlm_jax.data import preprocess
 from drivlm_jax.model import vision
 from tests import reference as ref
 
@@ -67,11 +68,24 @@ def test_sharded_checkpoint_loads(tmp_path):
 
 @pytest.mark.parametrize("make", [ref.clip_vision, ref.siglip_vision])
 def test_save_round_trip_loads_in_transformers(tmp_path, make):
+  """With the checkpoint's own image statistics (its saved processor's), which the model
+  config takes, a run's pretrained start keeps and the saved tower's processor holds."""
   model = make()
-  cfg, params = hf.load_vision_tower(ref.save(model, tmp_path / "src"))
+  src = ref.save(model, tmp_path / "src")
+  own = {"image_mean": [0.3, 0.4, 0.5], "image_std": [0.2, 0.25, 0.3]}
+  processors = {"clip": transformers.CLIPImageProcessor,
+                "siglip": transformers.SiglipImageProcessor}
+  family = "siglip" if "Siglip" in type(model).__name__ else "clip"
+  processors[family](**own).save_pretrained(src)
+  cfg, params = hf.load_vision_tower(src)
+  assert preprocess.statistics(cfg) == tuple(tuple(own[k]) for k in own)
+  assert pretrained.model_fields(init_vision=src)["vision"]["image_mean"] == (0.3, 0.4, 0.5)
   hf.save_vision_tower(cfg, params, str(tmp_path / "out"))
   reloaded = transformers.AutoModel.from_pretrained(str(tmp_path / "out")).eval()
   assert type(reloaded) is type(model)
+  processor = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "out"))
+  assert type(processor).__name__.startswith(processors[family].__name__)
+  assert {k: list(getattr(processor, k)) for k in own} == own
   x, xt = ref.images(2, cfg.image_size, seed=1)
   ours = vision.apply(cfg, params, x)
   with torch.inference_mode():

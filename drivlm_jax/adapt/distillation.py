@@ -43,9 +43,9 @@ def _same_tokenizer(teacher: str | None, student: str, student_file: str) -> boo
 def teacher_images(cfg: vlm.Config, tcfg: vlm.Config, images):
   """The student's frames [..., S, S, 3], normalised for the student's tower, as the
   teacher's tower takes them: resized to its image size (bilinear, antialiased when smaller)
-  and normalised by its family's statistics (CLIP's or SigLIP's). A bigger teacher sees the
+  and normalised by its own statistics (`preprocess.statistics`). A bigger teacher sees the
   student's frames upsampled, not the original images."""
-  (mean, std), (t_mean, t_std) = (preprocess.MEAN_STD[c.vision.family] for c in (cfg, tcfg))
+  (mean, std), (t_mean, t_std) = (preprocess.statistics(c.vision) for c in (cfg, tcfg))
   size = tcfg.vision.image_size
   if (mean, std) == (t_mean, t_std) and images.shape[-3:-1] == (size, size):
     return images

@@ -11,7 +11,7 @@ low-frequency amplitude of an unlabelled target row of the same batch and its ow
   x = real(ifft2(A * exp(i P_src)))
 
 (eq. 1 of the paper and the authors' `low_freq_mutate_np`), on pixel values in [0, 1], so the
-zero frequency keeps its sign: the inputs arrive normalised by the vision family's mean and
+zero frequency keeps its sign: the inputs arrive normalised by the tower's mean and
 std, and are unnormalised, restyled, clipped to [0, 1] and normalised again. Source labels
 stay valid (the phase keeps the scene), and the task losses then see source content in the
 target's appearance. Target rows are unchanged. beta = 0 turns it off; b = 0 (beta < 1 /
@@ -47,12 +47,12 @@ def swap_low_frequencies(source, target, beta: float):
   return jnp.real(jnp.fft.ifft2(jnp.fft.ifftshift(restyled, axes=(-3, -2)), axes=(-3, -2)))
 
 
-def restyle(images, domain, beta: float, family: str, fraction: float = 1.0):
+def restyle(images, domain, beta: float, stats: tuple, fraction: float = 1.0):
   """Normalised images [B, (V,) H, W, C] and domain [B] (1 = target) -> the batch with its
   first `fraction` of source rows (by source rank; batches are shuffled) in the style of a
   target row (target rows, the other source rows and a batch without target rows are
-  returned as they are)."""
-  mean, std = (jnp.asarray(v, jnp.float32) for v in preprocess.MEAN_STD[family])
+  returned as they are). `stats`: the (mean, std) they are normalised with."""
+  mean, std = (jnp.asarray(v, jnp.float32) for v in stats)
   is_target = domain == 1
   n = jnp.sum(is_target)
   target_rows = jnp.argsort(~is_target, stable=True)     # the target rows first, in order
@@ -76,4 +76,5 @@ def from_config(config, cfg):
   if not 0.0 < fraction <= 1.0:
     raise ValueError(f"config.fda.fraction={fraction}: the share of source rows restyled, "
                      f"in (0, 1]")
-  return lambda images, domain: restyle(images, domain, beta, cfg.vision.family, fraction)
+  stats = preprocess.statistics(cfg.vision)
+  return lambda images, domain: restyle(images, domain, beta, stats, fraction)

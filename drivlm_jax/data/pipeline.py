@@ -43,7 +43,7 @@ class SourceSpec:
 class Features:
   """How examples become model inputs."""
   tokenizer: str                 # the sim's tokenizer.json, or a checkpoint directory
-  family: str = "clip"           # normalisation statistics
+  statistics: tuple = preprocess.MEAN_STD["clip"]   # (mean, std) the frames are normalised by
   image_size: int = 224
   num_image_tokens: int = 196
   max_len: int = 256
@@ -172,7 +172,7 @@ def model_images(example, features: Features, rng=None):
   for image, transform in resized_views(example, f, rng):
     if rng is not None and f.augment:
       image = preprocess.augment(image, rng)
-    frames.append(preprocess.normalize(image, f.family))
+    frames.append(preprocess.normalize(image, f.statistics))
     transforms.append(transform)
   return (frames[0] if f.num_cameras == 1 else np.stack(frames)), transforms
 

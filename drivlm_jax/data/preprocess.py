@@ -1,10 +1,29 @@
 """Image preprocessing: aspect-preserving resize (pad or crop), augmentation, normalisation."""
+import functools
+
 import numpy as np
 from PIL import Image, ImageEnhance
 
-# Processor statistics of the vision families (HF CLIPImageProcessor / SiglipImageProcessor).
+# Processor statistics of the vision families (HF CLIPImageProcessor / SiglipImageProcessor),
+# the defaults of a tower whose checkpoint names none (`statistics`).
 MEAN_STD = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
             "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+
+
+def statistics(vision_cfg) -> tuple:
+  """(mean, std) a vision tower's input is normalised with: its checkpoint's processor's
+  (`image_mean`, `image_std` of the config, read from preprocessor_config.json), else its
+  family's."""
+  mean, std = MEAN_STD[vision_cfg.family]
+  return (tuple(vision_cfg.image_mean or mean), tuple(vision_cfg.image_std or std))
+
+
+def own_statistics(family: str, image_mean=None, image_std=None) -> dict:
+  """{"image_mean": ..., "image_std": ...} as a vision config keeps them: None where they
+  are the family's."""
+  return {key: None if value is None or np.allclose(value, default, rtol=0, atol=1e-7)
+          else tuple(value) for key, value, default in zip(
+              ("image_mean", "image_std"), (image_mean, image_std), MEAN_STD[family])}
 
 
 def resize(image: np.ndarray, size: int, mode: str, rng=None):
@@ -39,24 +58,28 @@ def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   return np.asarray(pil)
 
 
-def _normalized(values: np.ndarray, family: str) -> np.ndarray:
-  mean, std = MEAN_STD[family]
+def _normalized(values: np.ndarray, stats: tuple) -> np.ndarray:
+  mean, std = stats
   return ((values.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
 
 
-# Each channel's 256 uint8 values normalised by the formula above, [3, 256]: a lookup per
-# channel gives the same bits in less than half the time (the input pipeline normalises
-# every frame it serves).
-_TABLES = {family: np.ascontiguousarray(
-    _normalized(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, 1), family).T)
-           for family in MEAN_STD}
+@functools.lru_cache(maxsize=None)
+def _table(stats: tuple) -> np.ndarray:
+  """Each channel's 256 uint8 values normalised by the formula above, [3, 256]: a lookup per
+  channel gives the same bits in less than half the time (the input pipeline normalises
+  every frame it serves)."""
+  table = _normalized(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, 1), stats).T
+  table = np.ascontiguousarray(table)
+  table.flags.writeable = False
+  return table
 
 
-def normalize(image: np.ndarray, family: str) -> np.ndarray:
-  """uint8 [..., 3] -> float32 (value / 255 - mean) / std with the family's statistics."""
+def normalize(image: np.ndarray, stats: tuple) -> np.ndarray:
+  """uint8 [..., 3] -> float32 (value / 255 - mean) / std, `stats` = (mean, std) per channel
+  (`statistics`)."""
   if image.dtype != np.uint8:
-    return _normalized(image, family)
-  table = _TABLES[family]
+    return _normalized(image, stats)
+  table = _table(stats)
   return np.stack([np.take(table[c], image[..., c]) for c in range(3)], -1)
 
 

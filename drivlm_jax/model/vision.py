@@ -34,10 +34,24 @@ class Config:
   scan: bool = True               # False: a Python loop over the layers (export; apply only)
   # Per-image standardisation of the normalised input (`standardize`): not in HF's towers.
   standardize: bool = False
+  # The checkpoint's processor statistics (preprocessor_config.json), per channel; None: the
+  # family's (`data.preprocess.statistics`).
+  image_mean: tuple[float, ...] | None = None
+  image_std: tuple[float, ...] | None = None
 
   def __post_init__(self):
     if self.family not in ("clip", "siglip"):
       raise ValueError(f"vision family must be 'clip' or 'siglip', got {self.family!r}")
+    for name in ("image_mean", "image_std"):
+      value = getattr(self, name)
+      if value is None:
+        continue
+      value = tuple(float(v) for v in value)   # a list, from config.json
+      object.__setattr__(self, name, value)
+      if len(value) != self.num_channels:
+        raise ValueError(f"{name} {value}: one value per channel ({self.num_channels})")
+    if self.image_std is not None and min(self.image_std) <= 0:
+      raise ValueError(f"image_std {self.image_std}: must be positive")
     if self.patch_size > self.image_size:
       raise ValueError(f"patch_size {self.patch_size} is larger than image_size "
                        f"{self.image_size}")
