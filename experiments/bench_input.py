@@ -67,7 +67,8 @@ def main():
             f"{result[f'build_{domain}_s']:.1f} s")
       specs[domain] = pipeline.SourceSpec("bdd_oia", manual + "/tfds")
 
-    features = pipeline.Features(tokenizer=sim_tokenizer.write(tmp), statistics=preprocess.statistics(cfg.vision),
+    features = pipeline.Features(tokenizer=sim_tokenizer.write(tmp),
+                                 statistics=preprocess.statistics(cfg.vision),
                                  image_size=cfg.vision.image_size,
                                  num_image_tokens=cfg.num_visual_tokens, max_len=160)
     spec, target = specs["day"], specs["night+rain"]
