@@ -312,18 +312,25 @@ def processor_statistics(path) -> dict:
       break
   if found is None:
     return {}
-  if not found.get("do_rescale", True) or not math.isclose(
-      found.get("rescale_factor", 1 / 255), 1 / 255, rel_tol=1e-6):
-    raise CheckpointError(f"{file}: the image processor rescales pixels by "
-                          f"{found.get('rescale_factor') if found.get('do_rescale', True) else 1}, "
-                          f"not 1/255; only 0..255 -> 0..1 then (x - mean) / std is supported")
+  rescale = found.get("rescale_factor", 1 / 255) if found.get("do_rescale", True) else 1
+  if not isinstance(rescale, (int, float)) or not math.isclose(rescale, 1 / 255, rel_tol=1e-6):
+    raise CheckpointError(f"{file}: the image processor rescales pixels by {rescale!r}, not "
+                          f"1/255; only 0..255 -> 0..1 then (x - mean) / std is supported")
   if not found.get("do_normalize", True):
     return {"image_mean": (0.0, 0.0, 0.0), "image_std": (1.0, 1.0, 1.0)}
   stats = {}
   for k in ("image_mean", "image_std"):
     v = found.get(k)
-    if v is not None:   # one number: every channel's
-      stats[k] = tuple(v) * (3 if len(v) == 1 else 1) if isinstance(v, list) else (v,) * 3
+    if v is None:
+      continue
+    v = list(v) if isinstance(v, (list, tuple)) else [v]
+    if len(v) == 1:   # one number: every channel's
+      v *= 3
+    if len(v) != 3 or not all(isinstance(x, (int, float)) for x in v):
+      raise CheckpointError(f"{file}: {k} {found[k]!r} is not one number or three (RGB)")
+    if k == "image_std" and min(v) <= 0:
+      raise CheckpointError(f"{file}: {k} {found[k]!r} must be positive")
+    stats[k] = tuple(float(x) for x in v)
   return stats
 
 

@@ -219,8 +219,8 @@ PATH_KEYS = ("init_from", "init_vision", "init_language", "distill.teacher", "cl
 
 
 def absolute_paths(config) -> ml_collections.ConfigDict:
-  """A copy of `config` with each relative local path of `PATH_KEYS` resolved against the
-  current directory."""
+  """A copy of `config` with each local path of `PATH_KEYS` absolute (`~` expanded, a
+  relative one resolved against the current directory)."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
     for key in PATH_KEYS:
@@ -229,8 +229,8 @@ def absolute_paths(config) -> ml_collections.ConfigDict:
       for part in parents:
         node = node.get(part) if node is not None else None
       value = node.get(name) if node is not None else None
-      if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value):
-        node[name] = os.path.abspath(value)
+      if isinstance(value, str) and value and "://" not in value:
+        node[name] = os.path.abspath(os.path.expanduser(value))
   return config
 
 

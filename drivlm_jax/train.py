@@ -209,10 +209,9 @@ def _check_batch_shards(config, mesh, sharding):
 def _train(config, workdir: str, preemption) -> dict:
   #### Set up
   check_config(config)
-  config = run_lib.absolute_paths(config)
   if run_lib.path(workdir).exists() and not run_lib.path(workdir).is_dir():
     raise ValueError(f"--workdir {workdir} is a file: give a run directory (new or existing)")
-  config = pretrained.configure(config)
+  config = run_lib.absolute_paths(pretrained.configure(config))
   checkpoints = run_lib.Checkpoints(workdir, config)
   if checkpoints.latest_step() is not None:
     run_lib.check_resume(workdir, config, checkpoints.latest_step())

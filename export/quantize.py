@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime import quantization as q
 
-from drivlm_jax.data import pipeline
+from drivlm_jax.data import pipeline, preprocess
 from export import checks, inputs as real_inputs
 
 METHODS = {"minmax": q.CalibrationMethod.MinMax, "percentile": q.CalibrationMethod.Percentile,
@@ -81,6 +81,8 @@ def sidecar_features(onnx_path: str) -> pipeline.Features:
   with open(path) as f:
     feats = dict(json.load(f)["features"])
   feats.pop("image", None)
+  if "family" in feats:   # written before the statistics were recorded (the family's then)
+    feats["statistics"] = preprocess.MEAN_STD[feats.pop("family")]
   feats["tokenizer"] = os.path.join(os.path.dirname(os.path.abspath(onnx_path)),
                                     feats["tokenizer"])
   return pipeline.Features(**feats)

@@ -43,7 +43,7 @@ def _session(path):
 
 def _reference_heads(cfg, params, feeds, keep_ratio):
   """The training model (scanned layers, the pipeline's normalisation) -> probabilities."""
-  mean, std = preprocess.MEAN_STD[cfg.vision.family]
+  mean, std = preprocess.statistics(cfg.vision)
   images = (feeds["image"] / 255.0 - np.asarray(mean)) / np.asarray(std)
   out = vlm.encode_image(cfg, params, images.astype(np.float32), feeds["instruction_ids"],
                          feeds["instruction_mask"], keep_ratio)
@@ -60,6 +60,20 @@ def test_cli_exports_the_demo_student_and_its_lm(run, tmp_path):
   report = json.loads(out.with_suffix(".json").read_text())
   assert set(report["student"]["max_abs_diff"]) == {"1", "4"}
   assert (tmp_path / "tokenizer.json").exists()
+  # The sidecar's features (JSON) serve the calibration pipeline (quantize, TensorRT), as do
+  # those of an export from before the statistics were recorded (the family's).
+  frame = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+  want = preprocess.normalize(frame, preprocess.MEAN_STD["clip"])
+  np.testing.assert_array_equal(
+      preprocess.normalize(frame, quantize.sidecar_features(str(out)).statistics), want)
+  legacy = {k: v for k, v in report["features"].items() if k != "statistics"}
+  old = tmp_path / "old" / "student.onnx"
+  old.parent.mkdir()
+  old.with_suffix(".json").write_text(json.dumps({**report, "features": {**legacy,
+                                                                         "family": "clip"}}))
+  shutil.copy(tmp_path / "tokenizer.json", old.parent / "tokenizer.json")
+  np.testing.assert_array_equal(
+      preprocess.normalize(frame, quantize.sidecar_features(str(old)).statistics), want)
 
   # Independently of the export's own check: fresh real frames, batch 4 then 1, against the
   # training-time model (scanned layers, pipeline normalisation).
@@ -118,8 +132,8 @@ def test_cli_exports_the_demo_student_and_its_lm(run, tmp_path):
   prefill_feeds = {**feeds, "input_ids": ids, "attention_mask": mask}
   tokens = generate.greedy(_session(tmp_path / "student_prefill.onnx"),
                            _session(tmp_path / "student_decode.onnx"), prefill_feeds, 4)
-  images = (feeds["image"] / 255.0 - np.asarray(preprocess.MEAN_STD["clip"][0])) / np.asarray(
-      preprocess.MEAN_STD["clip"][1])
+  mean, std = preprocess.statistics(cfg.vision)
+  images = (feeds["image"] / 255.0 - np.asarray(mean)) / np.asarray(std)
   want = vlm.generate(cfg, params, images.astype(np.float32), ids, 4,
                       instruction_ids=feeds["instruction_ids"],
                       instruction_mask=feeds["instruction_mask"], attention_mask=mask)

@@ -1,5 +1,6 @@
 """The input pipeline: mixing, label masking, determinism, host sharding, tokenization."""
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -225,6 +226,28 @@ def test_normalize_matches_the_hf_processors_for_every_pixel_value(tmp_path):
     views = np.stack([image, image[::-1]])   # several cameras: [V, S, S, 3]
     np.testing.assert_array_equal(
         preprocess.normalize(views, preprocess.statistics(cfg))[1], got[::-1])
+
+
+def test_a_processor_is_read_where_transformers_reads_it_and_a_bad_one_is_named(tmp_path):
+  """processor_config.json's nested image processor before preprocessor_config.json, as
+  transformers 5 loads them; values no normalisation can use are errors naming the file."""
+  import transformers   # pylint: disable=import-outside-toplevel
+  transformers.CLIPImageProcessor(image_mean=[0.1, 0.2, 0.3]).save_pretrained(tmp_path)
+  nested = {"image_processor": {"image_mean": [0.4], "image_std": [0.2, 0.3, 0.4],
+                                "image_processor_type": "CLIPImageProcessor"},
+            "processor_class": "LlavaProcessor"}
+  (tmp_path / hf.PROCESSOR).write_text(json.dumps(nested))
+  theirs = transformers.AutoImageProcessor.from_pretrained(tmp_path)
+  assert list(theirs.image_mean) == [0.4] and list(theirs.image_std) == [0.2, 0.3, 0.4]
+  assert hf.processor_statistics(tmp_path) == {"image_mean": (0.4, 0.4, 0.4),
+                                               "image_std": (0.2, 0.3, 0.4)}
+  for bad, message in (({"image_mean": [0.1, 0.2]}, r"image_mean \[0.1, 0.2\] is not one "),
+                       ({"image_std": [0.5, 0.0, 0.5]}, r"image_std .* must be positive"),
+                       ({"rescale_factor": None}, r"rescales pixels by None"),
+                       ({"rescale_factor": 1.0}, r"rescales pixels by 1.0, not 1/255")):
+    (tmp_path / hf.PROCESSOR).write_text(json.dumps({"image_processor": bad}))
+    with pytest.raises(hf.CheckpointError, match=rf"{hf.PROCESSOR}: .*{message}"):
+      hf.processor_statistics(tmp_path)
 
 
 @pytest.mark.parametrize("mode", ["pad", "crop"])

@@ -98,11 +98,12 @@ def load_teacher(teacher_dir: str, cfg: vlm.Config, weights: dict, config,
           f"student's prompts hold {cfg.num_visual_tokens} at token {cfg.image_token_id}; "
           f"LM-logit distillation feeds the teacher the student's prompts, so set "
           f"--config.loss.kd_lm=0 or use a teacher with the student's image grid")
-  ours, theirs = ((c.vision.family, c.vision.image_size) for c in (cfg, teacher.cfg))
+  ours, theirs = ((c.vision.family, c.vision.image_size, preprocess.statistics(c.vision))
+                  for c in (cfg, teacher.cfg))
   if ours != theirs:
-    logging.info("teacher %s is a %s tower at %d px, the student a %s tower at %d px: the "
-                 "teacher sees the student's frames resized and normalised for it",
-                 teacher_dir, *theirs, *ours)
+    logging.info("teacher %s is a %s tower at %d px (mean, std %s), the student a %s tower at "
+                 "%d px (%s): the teacher sees the student's frames resized and normalised for "
+                 "it", teacher_dir, *theirs, *ours)
   logging.info("teacher: %s at step %d", teacher_dir, teacher.step)
   return teacher
 

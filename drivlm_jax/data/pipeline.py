@@ -64,6 +64,9 @@ class Features:
   drivelm_questions: str = "released"
 
   def __post_init__(self):
+    # (mean, std) as tuples of floats: JSON (an export's sidecar) gives lists.
+    object.__setattr__(self, "statistics",
+                       tuple(tuple(float(v) for v in part) for part in self.statistics))
     if self.drivelm_questions not in QA_FORMS:
       raise ValueError(f"drivelm_questions {self.drivelm_questions!r}: one of {QA_FORMS}")
 
