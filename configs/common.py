@@ -182,6 +182,9 @@ def add_method(config, method: str, teacher: str, keep_ratio: float,
   config.init_from = init_from
   config.init_vision = ""      # HF CLIP/SigLIP directory: the vision tower starts from it
   config.init_language = ""    # HF LLaMA/Qwen2 directory: the LM starts from it
+  # Image-splice fields the config sets instead of init_from's checkpoint, comma-separated
+  # (e.g. "vision_feature_layer": another layer's features through the same projector).
+  config.pretrained_keep = ""
   config.model.reweight = drivlm
   config.model.reweight_layer = 0     # score right after the patch embedding: pruned tokens
                                       # skip every vision layer

@@ -33,6 +33,19 @@ _LLAVA_FIELDS = ("image_token_id", "vision_feature_layer", "vision_feature_selec
                  "projector_act", "projector_bias")
 
 
+def kept_fields(config) -> tuple:
+  """`config.pretrained_keep`: the image-splice fields (comma-separated, of `_LLAVA_FIELDS`)
+  the config sets itself instead of taking init_from's, e.g. another `vision_feature_layer`
+  for the same projector (a field that changes a tensor's shape still fails on it)."""
+  names = tuple(n.strip() for n in str(config.get("pretrained_keep", "") or "").split(",")
+                if n.strip())
+  unknown = sorted(set(names) - set(_LLAVA_FIELDS))
+  if unknown:
+    raise ValueError(f"config.pretrained_keep: {', '.join(unknown)} not among the fields a "
+                     f"checkpoint sets that a config may keep ({', '.join(_LLAVA_FIELDS)})")
+  return names
+
+
 def model_fields(init_from="", init_vision="", init_language="") -> dict:
   """The model config (nested dicts, for `config.model.update`) that the pretrained sources
   fix: the towers, projector and image splice of a LLaVA or run `init_from`, or the vision /
@@ -61,6 +74,11 @@ def configure(config):
   unset) the checkpoint's own tokenizer; logs what changed."""
   init_from, init_language = config.get("init_from", ""), config.get("init_language", "")
   fields = model_fields(init_from, config.get("init_vision", ""), init_language)
+  kept = kept_fields(config)
+  for name in kept:
+    if name in fields and fields.pop(name) != config.model.get(name):
+      logging.warning("model.%s: %r, the config's (config.pretrained_keep), not init_from's",
+                      name, config.model.get(name))
   if not fields:
     return config
   config = config.copy_and_resolve_references()
@@ -123,22 +141,23 @@ def _arch(cfg) -> dict:
   return {k: v for k, v in fields.items() if k not in _FREE}
 
 
-def _differences(cfg, source_cfg, prefix="") -> list:
+def _differences(cfg, source_cfg, prefix="", kept=()) -> list:
   if isinstance(cfg, vlm.Config):
+    splice = [k for k in _LLAVA_FIELDS if k not in kept]
     return (_differences(cfg.vision, source_cfg.vision, "vision.")
             + _differences(cfg.language, source_cfg.language, "language.")
-            + _differences({k: getattr(cfg, k) for k in _LLAVA_FIELDS},
-                           {k: getattr(source_cfg, k) for k in _LLAVA_FIELDS}))
+            + _differences({k: getattr(cfg, k) for k in splice},
+                           {k: getattr(source_cfg, k) for k in splice}))
   ours, theirs = (_arch(c) if dataclasses.is_dataclass(c) else c for c in (cfg, source_cfg))
   return [f"{prefix}{k}: {v!r} in the checkpoint, {ours[k]!r} in the config"
           for k, v in theirs.items() if ours[k] != v]
 
 
-def _load(params, cfg, source: str, what: str, load, part: str | None, taken: list):
+def _load(params, cfg, source: str, what: str, load, part: str | None, taken: list, kept=()):
   """Loads `source` with `load` (-> (its config, params)), checks that it is the configured
-  model (`part` of it, or all), and puts its params in place."""
+  model (`part` of it, or all; but the `kept` splice fields), and puts its params in place."""
   source_cfg, loaded = load(source)
-  diff = _differences(getattr(cfg, part) if part else cfg, source_cfg)
+  diff = _differences(getattr(cfg, part) if part else cfg, source_cfg, kept=kept)
   if diff:
     raise hf.CheckpointError(
         f"{what} {source} does not fit the configured model: {'; '.join(diff)}. Build "
@@ -175,7 +194,8 @@ def start(params, cfg: vlm.Config, config):
   per source and which top-level parts stay fresh."""
   init_from, taken = config.get("init_from", ""), []
   if init_from and is_llava(init_from):
-    params = _load(params, cfg, init_from, "init_from", hf.load_vlm, None, taken)
+    params = _load(params, cfg, init_from, "init_from", hf.load_vlm, None, taken,
+                   kept_fields(config))
   elif init_from:
     params = _from_run(params, init_from, taken)
   for key, load, part in (("init_vision", hf.load_vision_tower, "vision"),

@@ -253,6 +253,29 @@ def test_feature_layers_that_do_not_fit_name_the_file(tmp_path):
     hf.load_vlm(path)
 
 
+def test_a_kept_feature_layer_runs_the_checkpoint_on_another_layer(tmp_path):
+  """`config.pretrained_keep`: the config's vision_feature_layer instead of the checkpoint's,
+  through the same weights: transformers' LLaVA set to that layer gives the same logits. A
+  field no checkpoint sets is an error naming the key."""
+  import ml_collections
+  from configs import common
+  model = _llava("clip_llama")   # the penultimate layer (-2)
+  path = ref.save(model, tmp_path / "llava")
+  config = ml_collections.ConfigDict({"model": common.model_config("clip_b16_qwen05b"),
+                                      "init_from": path, "data": {"tokenizer": "unused"},
+                                      "pretrained_keep": "vision_feature_layer"})
+  config.model.vision_feature_layer = 1
+  config = pretrained.configure(config)
+  cfg = vlm.config_from_dict(config.model)
+  assert cfg.vision_feature_layer == 1 and cfg.vision == hf.vlm_config(path).vision
+  params = pretrained.start(vlm.init(cfg, jax.random.key(0)), cfg, config)
+  model.config.vision_feature_layer = 1
+  _assert_logits_match(model, cfg, params)
+  config.pretrained_keep = "vision_feature_layer, hidden_size"
+  with pytest.raises(ValueError, match=r"config.pretrained_keep: hidden_size not among"):
+    pretrained.configure(config)
+
+
 def test_a_run_takes_the_checkpoints_list_of_layers_over_its_presets_int(tmp_path):
   import ml_collections
   from configs import common
