@@ -1,12 +1,14 @@
 r"""Every benchmark in one command, each side by side with its peer, into one table.
 
   python -m experiments.bench [--out bench.json] [--run runs/demo/seed0/drivlm_student]
-      [--pairs 3] [--skip model,train,input,export]
+      [--pairs 3] [--skip model,train,loop,input,export]
 
 - model: jitted forward vs HF transformers + torch (CLIP ViT-B/16-224 tower; Qwen2-0.5B
   prefill of 256 tokens), batch 1 and 8 (experiments.bench_model);
-- train: AdamW training step vs torch (demo VLM vs transformers LLaVA; ViT-B/16 + head)
-  (experiments.bench_train);
+- train: AdamW training step vs torch (demo VLM vs transformers LLaVA; ViT-B/16 + head),
+  and the host overlapped with the step vs in lockstep (experiments.bench_train);
+- loop: the demo's own trainer vs its bare jitted step, in a process of its own
+  (experiments.bench_train --cases demo_loop);
 - input: sim + TFDS build + grain pipeline, against what the training step consumes
   (experiments.bench_input);
 - export: the exported student in onnxruntime vs the jitted JAX function at batch 1, keep
@@ -29,7 +31,7 @@ import time
 
 from experiments import machine
 
-PARTS = ("model", "train", "input", "export")
+PARTS = ("model", "train", "loop", "input", "export")
 DEMO_STUDENT = "runs/demo/seed0/drivlm_student"
 
 
@@ -38,7 +40,11 @@ def _commands(tmp, pairs, run):
   export = ["--vit-b16"] + (["--run", run] if run else [])
   return {
       "model": ["experiments.bench_model", "--pairs", str(pairs), "--out", out("model")],
-      "train": ["experiments.bench_train", "--pairs", str(pairs), "--out", out("train")],
+      "train": ["experiments.bench_train", "--pairs", str(pairs), "--cases",
+                "vlm_tiny,vit_b16,vit_b16_bf16,loop", "--out", out("train")],
+      # The demo's trainer in a process of its own, as a run is (not after the ViT-B/16
+      # cases' GBs of buffers in the same process).
+      "loop": ["experiments.bench_train", "--cases", "demo_loop", "--out", out("loop")],
       "input": ["experiments.bench_input", "--images", "500", "--out", out("input")],
       "export": ["experiments.bench_export", *export, "--iters", "20", "--out", out("export")],
   }
@@ -50,7 +56,7 @@ def rows(results: dict) -> list:
   for r in results.get("model", {}).get("rows", []):
     table.append(("model", f"{r['case']}, batch {r['batch']}", r["ours_ms"], r["peer_ms"],
                   "ms (torch)", r["ratio_peer_over_ours"]))
-  for r in results.get("train", {}).get("rows", []):
+  for r in results.get("train", {}).get("rows", []) + results.get("loop", {}).get("rows", []):
     if r["case"] == "loop":
       table.append(("train loop", f"host overlapped vs in lockstep, batch {r['batch']}",
                     r["overlapped_steps_per_s"], r["lockstep_steps_per_s"],

@@ -23,7 +23,8 @@ Cases:
   demo_loop  the demo's own trainer (`drivlm_jax.train.train`, source_only on the sim:
              pipeline, placement, EMA, logging) at the examples/s it logs, against vlm_tiny's
              bare jitted step (same model and batch), timed alone in windows of the trainer's
-             log interval right before and right after it: their ratio.
+             log interval right before and right after it: their ratio (`experiments.bench`
+             runs it in a process of its own, as a trainer runs).
 torch runs at its best: threads = cores, OMP_WAIT_POLICY=PASSIVE, no autograd anomaly mode.
 """
 if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
@@ -86,7 +87,8 @@ def fake_batch(cfg, batch, length, rng):
                                                                               np.int32)}
 
 
-def case_vlm_tiny(batch_size, length=128):
+def vlm_tiny_step(batch_size, length=128):
+  """(our jitted demo-model train step as a callable, its cfg, the batch's numpy arrays)."""
   cfg = vlm.config_from_dict(demo.get_config().model)
   data = fake_batch(cfg, batch_size, length, np.random.default_rng(0))
   params = vlm.init(cfg, jax.random.key(0))
@@ -101,7 +103,11 @@ def case_vlm_tiny(batch_size, length=128):
   def ours():
     state[0], _ = step(state[0], jbatch, {})
     jax.block_until_ready(state[0])
+  return ours, cfg, data
 
+
+def case_vlm_tiny(batch_size, length=128):
+  ours, cfg, data = vlm_tiny_step(batch_size, length)
   v, l = cfg.vision, cfg.language
   hf = transformers.LlavaConfig(
       vision_config=dict(model_type="clip_vision_model", image_size=v.image_size,
@@ -325,6 +331,7 @@ def demo_loop(step, batch, steps=150, windows=7) -> dict:
 
 
 CASES = ("vlm_tiny", "vit_b16", "vit_b16_bf16", "loop", "demo_loop")
+TINY_BATCH = 16   # vlm_tiny's batch: the demo's
 EXTRA_CASES = ("qwen2_6l", "qwen2_6l_bf16")   # on request only (not in `experiments.bench`)
 
 
@@ -335,15 +342,14 @@ def main():
   known = CASES + EXTRA_CASES
   parser.add_argument("--cases", default=",".join(CASES),
                       help=f"comma-separated subset of {','.join(known)} (default: "
-                      f"{','.join(CASES)}; demo_loop needs vlm_tiny)")
+                      f"{','.join(CASES)})")
   args = parser.parse_args()
   cases = args.cases.split(",")
-  if set(cases) - set(known) or ("demo_loop" in cases and "vlm_tiny" not in cases):
-    parser.error(f"--cases {args.cases!r}: a subset of {','.join(known)}; demo_loop needs "
-                 "vlm_tiny")
+  if set(cases) - set(known):
+    parser.error(f"--cases {args.cases!r}: a subset of {','.join(known)}")
   torch.set_num_threads(os.cpu_count())
   rows, bare_vlm_tiny = [], None
-  for name, make in (("vlm_tiny", lambda: case_vlm_tiny(16)), ("vit_b16", lambda: case_vit_b16(8)),
+  for name, make in (("vlm_tiny", lambda: case_vlm_tiny(TINY_BATCH)), ("vit_b16", lambda: case_vit_b16(8)),
                      ("vit_b16_bf16", lambda: case_vit_b16(8, "bfloat16")),
                      ("qwen2_6l", lambda: case_lm(4)),
                      ("qwen2_6l_bf16", lambda: case_lm(4, dtype="bfloat16"))):
@@ -371,7 +377,7 @@ def main():
           f"{row['overlapped_steps_per_s']:.1f} steps/s, ratio "
           f"{row['ratio_overlapped_over_lockstep']:.2f}")
   if "demo_loop" in cases:
-    row = demo_loop(bare_vlm_tiny, rows[0]["batch"])
+    row = demo_loop(bare_vlm_tiny or vlm_tiny_step(TINY_BATCH)[0], TINY_BATCH)
     rows.append(row)
     print(f"demo_loop (drivlm_jax.train, batch {row['batch']}): "
           f"{row['loop_examples_per_s']:.1f} examples/s logged vs the bare step's "
