@@ -237,7 +237,8 @@ class ExampleTransform:
       name = as_text(example.get("sample_token", example.get("file_name", b"?")))
       raise ValueError(f"example {name}, question {instruction[:80]!r}...: {e} "
                        f"(raise config.data.max_len)") from e
-    instruction_ids = self.tokenizer.encode(instruction)[:f.max_instruction_len]
+    encoded = self.tokenizer.encode(instruction)
+    instruction_ids = encoded[:f.max_instruction_len]
     text["instruction_ids"] = np.full(f.max_instruction_len, self.tokenizer.pad_id, np.int32)
     text["instruction_ids"][:len(instruction_ids)] = instruction_ids
     text["instruction_mask"] = (np.arange(f.max_instruction_len)
@@ -252,8 +253,7 @@ class ExampleTransform:
                               max_length=f.max_caption_len)["input_ids"]
       pad = self.captions.pad_token_id if self.captions.pad_token_id is not None else 0
     else:
-      caption = self.tokenizer.encode(instruction)
-      caption = caption[:f.max_caption_len - 1] + [self.tokenizer.eos_id]
+      caption = encoded[:f.max_caption_len - 1] + [self.tokenizer.eos_id]
       pad = self.tokenizer.pad_id
     text["caption_ids"] = np.full(f.max_caption_len, pad, np.int32)
     text["caption_ids"][:len(caption)] = caption
