@@ -277,20 +277,31 @@ def differs_at(workdir: str, config) -> str:
 
 def check_resume(workdir: str, config, step: int):
   """Before a run resumes from `step` in `workdir` (and writes its config there): a
-  checkpoint past `total_steps`, or another `total_steps` than the run's own (its schedules
-  are laid out over it: continuing would splice two), is an error; other changed keys are
-  named in a warning."""
+  checkpoint past `total_steps`, another `total_steps` than the run's own (its schedules
+  are laid out over it: continuing would splice two) or other image statistics (the frames
+  would change mid-run) is an error; other changed keys are named in a warning."""
   if step > config.total_steps:
     raise RunError(f"{workdir} holds a checkpoint at step {step}, past total_steps "
                    f"{config.total_steps}: use another workdir")
   file = path(workdir, "config.json")
   if not file.exists():
     return
-  stored = read_json(file).get("total_steps")
+  saved = read_json(file)
+  stored = saved.get("total_steps")
   if stored != config.total_steps:
     raise RunError(f"{workdir} is a run of total_steps {stored}; resuming it with "
                    f"{config.total_steps} would splice two learning-rate (and DANN) schedules: "
                    f"use another workdir")
+  try:
+    theirs = preprocess.statistics(model_config(ml_collections.ConfigDict(saved)).vision)
+  except (KeyError, TypeError, ValueError):   # a config.json of another form: no comparison
+    theirs = None
+  ours = preprocess.statistics(model_config(config).vision)
+  if theirs is not None and theirs != ours:
+    raise RunError(f"{workdir} trained on frames normalised with mean, std {theirs}; resuming "
+                   f"it with {ours} (model.vision.image_mean/image_std, or the pretrained "
+                   f"checkpoint's processor) would change its input mid-run: use another "
+                   f"workdir")
   changes = differs_at(workdir, config)
   if changes:
     print(f"warning: resuming {workdir} with another config ({changes})", flush=True)

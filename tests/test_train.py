@@ -350,7 +350,8 @@ def test_resuming_with_another_total_steps_is_an_error_and_unlogged_rows_go(cach
   config.json stays its own (a finished run's too, re-evaluated with another learning rate).
   Rows logged past the checkpoint (a run killed before its next save, the last one cut
   mid-row) are dropped when it resumes, so each step is logged once. A relative data cache
-  is stored absolute, and the same folder named either way is the same config."""
+  is stored absolute, and the same folder named either way is the same config; other image
+  statistics than the run's are an error."""
   monkeypatch.chdir(os.path.dirname(cache))
   relative = small_config(os.path.basename(cache), total_steps=6, checkpoint_every_steps=3)
   train.train(relative, str(tmp_path))
@@ -367,6 +368,11 @@ def test_resuming_with_another_total_steps_is_an_error_and_unlogged_rows_go(cach
   train.train(small_config(cache, total_steps=6, checkpoint_every_steps=3,
                            **{"optimizer.learning_rate": 0.5}), str(tmp_path))
   assert (tmp_path / "config.json").read_bytes() == stored
+  other_frames = small_config(cache, total_steps=6, checkpoint_every_steps=3,
+                              **{"model.vision.image_mean": (0.4, 0.4, 0.4)})
+  with pytest.raises(run_lib.RunError, match=r"normalised with mean, std \(\(0.48145466, "
+                                             r".*resuming it with \(\(0.4, 0.4, 0.4\)"):
+    train.train(other_frames, str(tmp_path))
   longer = small_config(cache, total_steps=12, checkpoint_every_steps=3)
   with pytest.raises(run_lib.RunError, match=r"total_steps 6; resuming it with 12 would "
                                              r"splice"):
