@@ -1,13 +1,15 @@
 r"""Forward latency of our jitted model vs HF transformers + PyTorch, same weights, one run.
 
-  python -m experiments.bench_model [--only vision|lm] [--pairs 5] [--out bench_model.json]
+  python -m experiments.bench_model [--only vision|lm] [--pairs 5] [--batches 1,8]
+      [--out bench_model.json]
 
 Cases (random weights, fp32): CLIP ViT-B/16 vision tower at 224 px; Qwen2-0.5B-shaped LM
 prefill of 256 tokens (all-position logits, as HF computes them); each at batch 1 and 8.
 Rules (../shared/DESIGN.md, "Benchmarking rules"): torch at its best (inference_mode,
 threads = cores, OMP_WAIT_POLICY=PASSIVE), ours and the peer alternated A B A B, medians and
 the median per-pair ratio, warm-up/compile time apart, peak RSS, and achieved GFLOP/s against
-this machine's fp32 GEMM peak (2048^3) measured in the same run.
+this machine's fp32 GEMM peak (2048^3) measured in the same run. Where JAX computes on an
+NVIDIA GPU, torch runs there too, in JAX's float32 matmul precision (`experiments.peer`).
 """
 if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
   from drivlm_jax import host
@@ -16,6 +18,8 @@ if __name__ == "__main__":  # before JAX loads: the restarted process loads it o
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
+# On a GPU JAX would take 75% of its memory up front; torch shares it (`experiments.peer`).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -31,29 +35,31 @@ import transformers  # noqa: E402
 from configs import common  # noqa: E402
 from drivlm_jax import hf, timing  # noqa: E402
 from drivlm_jax.model import language, vision  # noqa: E402
-from experiments import machine  # noqa: E402
+from experiments import machine, peer as peer_lib  # noqa: E402
 from experiments.scaling import lm_flops, vision_flops  # noqa: E402
 
 
-def gemm_peak(n=2048, repeats=5):
-  """Best fp32 GFLOP/s of an n^3 matmul in XLA and in torch, and the threads each really
-  ran it on (`machine.busy_threads`)."""
+def gemm_peak(where, n=2048, repeats=5):
+  """Best fp32 GFLOP/s of an n^3 matmul in XLA and in torch on `where`, and on CPU the
+  threads each really ran it on (`machine.busy_threads`)."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   mm = jax.jit(lambda x: x @ x)
   mm(a).block_until_ready()
   jax_t = min(timing.timed(lambda: mm(a).block_until_ready()) for _ in range(repeats))
-  b = torch.randn(n, n)
+  b = torch.randn(n, n, device=where)
+  torch_mm = peer_lib.synced(lambda: b @ b, where)
   with torch.inference_mode():
-    b @ b
-    torch_t = min(timing.timed(lambda: b @ b) for _ in range(repeats))
-    threads = {"jax": machine.busy_threads(lambda: [mm(a).block_until_ready()
-                                                    for _ in range(repeats)]),
-               "torch": machine.busy_threads(lambda: [b @ b for _ in range(repeats)])}
+    torch_mm()
+    torch_t = min(timing.timed(torch_mm) for _ in range(repeats))
+    threads = None if where != "cpu" else {
+        "jax": machine.busy_threads(lambda: [mm(a).block_until_ready()
+                                             for _ in range(repeats)]),
+        "torch": machine.busy_threads(lambda: [torch_mm() for _ in range(repeats)])}
   flops = 2 * n ** 3
   return {"jax": flops / jax_t / 1e9, "torch": flops / torch_t / 1e9}, threads
 
 
-def attention_matmul_rate(batch=8, heads=12, tokens=197, head_dim=64, repeats=20):
+def attention_matmul_rate(where, batch=8, heads=12, tokens=197, head_dim=64, repeats=20):
   """Best fp32 GFLOP/s of the attention scores' batched matmul (q k^T per batch and head)
   at ViT-B/16's shapes, in XLA and in torch: small matmuls, batched, where the libraries
   differ most (docs/benchmarks.md, the Intel table's notes)."""
@@ -62,15 +68,16 @@ def attention_matmul_rate(batch=8, heads=12, tokens=197, head_dim=64, repeats=20
   scores = jax.jit(lambda a, b: jnp.einsum("bhqd,bhkd->bhqk", a, b))
   scores(q, k).block_until_ready()
   jax_t = min(timing.timed(lambda: scores(q, k).block_until_ready()) for _ in range(repeats))
-  tq, tk = (torch.from_numpy(np.asarray(x)) for x in (q, k))
+  tq, tk = (torch.from_numpy(np.asarray(x)).to(where) for x in (q, k))
+  torch_scores = peer_lib.synced(lambda: tq @ tk.transpose(-1, -2), where)
   with torch.inference_mode():
-    tq @ tk.transpose(-1, -2)
-    torch_t = min(timing.timed(lambda: tq @ tk.transpose(-1, -2)) for _ in range(repeats))
+    torch_scores()
+    torch_t = min(timing.timed(torch_scores) for _ in range(repeats))
   flops = 2 * batch * heads * tokens ** 2 * head_dim
   return {"jax": flops / jax_t / 1e9, "torch": flops / torch_t / 1e9}
 
 
-def bench_vision(tmp, batches, pairs):
+def bench_vision(tmp, batches, pairs, where):
   preset = common.MODEL_PRESETS["clip_b16_qwen05b"]["vision"]
   hf_cfg = transformers.CLIPVisionConfig(
       hidden_size=preset["hidden_size"], intermediate_size=preset["intermediate_size"],
@@ -80,28 +87,30 @@ def bench_vision(tmp, batches, pairs):
   peer = transformers.CLIPVisionModel(hf_cfg).eval()
   path = os.path.join(tmp, "vision")
   peer.save_pretrained(path)
+  peer.to(where)
   cfg, params = hf.load_vision_tower(path)
   fwd = jax.jit(lambda p, x: vision.apply(cfg, p, x)["pooled"])
   rows = []
   for batch in batches:
     x = np.random.default_rng(0).normal(size=(batch, 224, 224, 3)).astype(np.float32)
-    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(where)
     xj = jnp.asarray(x)
 
     def peer_call():
       with torch.inference_mode():
         peer(pixel_values=xt)
 
-    row = timing.paired(lambda: fwd(params, xj).block_until_ready(), peer_call, pairs)
+    row = timing.paired(lambda: fwd(params, xj).block_until_ready(),
+                        peer_lib.synced(peer_call, where), pairs)
     with torch.inference_mode():
       diff = float(np.abs(np.asarray(fwd(params, xj)) - peer(pixel_values=xt).pooler_output
-                          .numpy()).max())
+                          .cpu().numpy()).max())
     rows.append({"case": "vision CLIP ViT-B/16 224px", "batch": batch,
                  "gflop": vision_flops(cfg, batch) / 1e9, "max_abs_diff": diff, **row})
   return rows
 
 
-def bench_lm(tmp, batches, pairs, length=256):
+def bench_lm(tmp, batches, pairs, where, length=256):
   preset = common.MODEL_PRESETS["clip_b16_qwen05b"]["language"]
   hf_cfg = transformers.Qwen2Config(
       vocab_size=preset["vocab_size"], hidden_size=preset["hidden_size"],
@@ -113,21 +122,23 @@ def bench_lm(tmp, batches, pairs, length=256):
   peer = transformers.Qwen2ForCausalLM(hf_cfg).eval()
   path = os.path.join(tmp, "lm")
   peer.save_pretrained(path)
+  peer.to(where)
   cfg, params = hf.load_language_model(path)
   fwd = jax.jit(lambda p, ids: language.apply(cfg, p, ids))
   rows = []
   for batch in batches:
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, length)).astype(np.int32)
-    ids_t, ids_j = torch.from_numpy(ids).long(), jnp.asarray(ids)
+    ids_t, ids_j = torch.from_numpy(ids).long().to(where), jnp.asarray(ids)
 
     def peer_call():
       with torch.inference_mode():
         peer(input_ids=ids_t)
 
-    row = timing.paired(lambda: fwd(params, ids_j).block_until_ready(), peer_call, pairs)
+    row = timing.paired(lambda: fwd(params, ids_j).block_until_ready(),
+                        peer_lib.synced(peer_call, where), pairs)
     with torch.inference_mode():
       diff = float(np.abs(np.asarray(fwd(params, ids_j)[:, -1]) -
-                          peer(input_ids=ids_t).logits[:, -1].numpy()).max())
+                          peer(input_ids=ids_t).logits[:, -1].cpu().numpy()).max())
     rows.append({"case": f"LM Qwen2-0.5B prefill {length} tok", "batch": batch,
                  "gflop": lm_flops(cfg, batch, length) / 1e9, "max_abs_diff": diff, **row})
   return rows
@@ -141,17 +152,17 @@ def main():
   parser.add_argument("--out", default="bench_model.json")
   args = parser.parse_args()
   threads = os.cpu_count()
-  torch.set_num_threads(threads)
+  device = peer_lib.setup()
   batches = [int(b) for b in args.batches.split(",")]
-  peak, busy = gemm_peak()
-  attention = attention_matmul_rate()
-  where = machine.describe()
+  peak, busy = gemm_peak(device)
+  attention = attention_matmul_rate(device)
+  where = {**machine.describe(), "accelerator": peer_lib.accelerator(device)}
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     if args.only in (None, "vision"):
-      rows += bench_vision(tmp, batches, args.pairs)
+      rows += bench_vision(tmp, batches, args.pairs, device)
     if args.only in (None, "lm"):
-      rows += bench_lm(tmp, batches, args.pairs)
+      rows += bench_lm(tmp, batches, args.pairs, device)
   best = max(peak.values())
   for row in rows:
     row["ours_gflops"] = row["gflop"] / (row["ours_ms"] / 1e3)
@@ -162,10 +173,16 @@ def main():
             "rows": rows}
   theoretical = where["cpu"]["fp32_peak_gflops"]
   print(f"machine: {machine.line(where)}")
-  print(f"fp32 GEMM 2048^3: jax {peak['jax']:.0f} GFLOP/s on {busy['jax']} busy threads, "
-        f"torch {peak['torch']:.0f} GFLOP/s on {busy['torch']} (set {threads}); theoretical "
-        f"peak {theoretical or float('nan'):.0f} GFLOP/s; "
-        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+  if device == "cpu":
+    print(f"fp32 GEMM 2048^3: jax {peak['jax']:.0f} GFLOP/s on {busy['jax']} busy threads, "
+          f"torch {peak['torch']:.0f} GFLOP/s on {busy['torch']} (set {threads}); theoretical "
+          f"peak {theoretical or float('nan'):.0f} GFLOP/s; "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
+  else:
+    print(f"fp32 GEMM 2048^3 on {where['accelerator']['torch_device']}: jax "
+          f"{peak['jax']:.0f} GFLOP/s, torch {peak['torch']:.0f} GFLOP/s (float32 matmuls: jax "
+          f"{where['accelerator']['jax_default_matmul_precision'] or 'default'}, torch "
+          f"{where['accelerator']['torch_float32_matmul_precision']})")
   print(f"attention scores, 96 batched 197x64x197 fp32 matmuls: jax {attention['jax']:.0f}, "
         f"torch {attention['torch']:.0f} GFLOP/s")
   header = (f"{'case':34s} {'batch':>5s} {'ours ms':>9s} {'torch ms':>9s} {'torch/ours':>10s} "

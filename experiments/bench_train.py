@@ -2,7 +2,7 @@ r"""Training throughput of our jitted step vs an equivalent HF transformers + Py
 same shapes, AdamW, fp32 (one case in bf16 mixed precision on both sides), alternated in one
 run.
 
-  python -m experiments.bench_train [--pairs 5] [--out bench_train.json]
+  python -m experiments.bench_train [--pairs 5] [--out bench_train.json] [--scale 1]
       [--cases vlm_tiny,vit_b16,vit_b16_bf16,loop,demo_loop,qwen2_6l,qwen2_6l_bf16]
 
 Cases:
@@ -26,6 +26,8 @@ Cases:
              log interval right before and right after it: their ratio (`experiments.bench`
              runs it in a process of its own, as a trainer runs).
 torch runs at its best: threads = cores, OMP_WAIT_POLICY=PASSIVE, no autograd anomaly mode.
+Where JAX computes on an NVIDIA GPU, torch trains there too, in JAX's float32 matmul
+precision, and autocast is CUDA's (`experiments.peer`); `--scale` multiplies the batches.
 """
 if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
   from drivlm_jax import host
@@ -34,6 +36,8 @@ if __name__ == "__main__":  # before JAX loads: the restarted process loads it o
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# On a GPU JAX would take 75% of its memory up front; torch shares it (`experiments.peer`).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
@@ -50,7 +54,7 @@ import transformers  # noqa: E402
 from configs import common, demo  # noqa: E402
 from drivlm_jax import timing, train  # noqa: E402
 from drivlm_jax.model import language, vision, vlm  # noqa: E402
-from experiments import machine  # noqa: E402
+from experiments import machine, peer as peer_lib  # noqa: E402
 
 
 class TorchHeads(torch.nn.Module):
@@ -106,7 +110,7 @@ def vlm_tiny_step(batch_size, length=128):
   return ours, cfg, data
 
 
-def case_vlm_tiny(batch_size, length=128):
+def case_vlm_tiny(batch_size, where="cpu", length=128):
   ours, cfg, data = vlm_tiny_step(batch_size, length)
   v, l = cfg.vision, cfg.language
   hf = transformers.LlavaConfig(
@@ -121,10 +125,10 @@ def case_vlm_tiny(batch_size, length=128):
       image_token_index=cfg.image_token_id, image_seq_length=cfg.num_visual_tokens,
       vision_feature_layer=-1, vision_feature_select_strategy="default",
       tie_word_embeddings=l.tie_word_embeddings)
-  model = transformers.LlavaForConditionalGeneration(hf).train()
-  heads = TorchHeads(l.hidden_size, l.num_heads, cfg.head_hidden)
+  model = transformers.LlavaForConditionalGeneration(hf).train().to(where)
+  heads = TorchHeads(l.hidden_size, l.num_heads, cfg.head_hidden).to(where)
   opt = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=1e-4)
-  t = {k: torch.from_numpy(v) for k, v in data.items()}
+  t = {k: torch.from_numpy(v).to(where) for k, v in data.items()}
   pixels = t["image"].permute(0, 3, 1, 2).contiguous()
   ids = t["input_ids"].long()
 
@@ -150,7 +154,7 @@ def case_vlm_tiny(batch_size, length=128):
   return ours, peer, {"batch": batch_size, "tokens": length}
 
 
-def case_vit_b16(batch_size, dtype="float32"):
+def case_vit_b16(batch_size, dtype="float32", where="cpu"):
   cfg = vision.Config(**common.MODEL_PRESETS["clip_b16_qwen05b"]["vision"], dtype=dtype)
   rng = np.random.default_rng(0)
   images = rng.normal(size=(batch_size, 224, 224, 3)).astype(np.float32)
@@ -181,16 +185,16 @@ def case_vit_b16(batch_size, dtype="float32"):
   model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
       hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-      image_size=cfg.image_size, patch_size=cfg.patch_size)).train()
+      image_size=cfg.image_size, patch_size=cfg.patch_size)).train().to(where)
   assert sum(p.numel() for p in model.parameters()) == sum(
       x.size for x in jax.tree.leaves(state[0]["tower"])), "towers differ in size"
-  head = torch.nn.Linear(768, 4)
+  head = torch.nn.Linear(768, 4).to(where)
   opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=1e-4)
-  ti = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
-  tl = torch.from_numpy(labels)
+  ti = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(where)
+  tl = torch.from_numpy(labels).to(where)
 
   def peer():
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+    with torch.autocast(where, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
       logits = head(model(pixel_values=ti).pooler_output)
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), tl)
     opt.zero_grad(set_to_none=True)
@@ -200,7 +204,7 @@ def case_vit_b16(batch_size, dtype="float32"):
   return ours, peer, {"batch": batch_size, "compute_dtype": dtype}
 
 
-def case_lm(batch_size, length=256, num_layers=6, dtype="float32"):
+def case_lm(batch_size, length=256, num_layers=6, dtype="float32", where="cpu"):
   """Next-token training of a Qwen2-0.5B-shaped decoder: `num_layers` of its 24 layers, its
   widths and heads, an 8192-token vocabulary (the tied head would otherwise dominate)."""
   lang = {**common.MODEL_PRESETS["clip_b16_qwen05b"]["language"], "vocab_size": 8192,
@@ -231,14 +235,14 @@ def case_lm(batch_size, length=256, num_layers=6, dtype="float32"):
       intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
       rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings,
-      rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})).train()
+      rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})).train().to(where)
   assert sum(p.numel() for p in model.parameters()) == sum(
       x.size for x in jax.tree.leaves(params)), "models differ in size"
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-  tids = torch.from_numpy(ids)
+  tids = torch.from_numpy(ids).to(where)
 
   def peer():
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+    with torch.autocast(where, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
       logits = model(tids).logits[:, :-1]
     loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1),
                                              tids[:, 1:].flatten())
@@ -339,6 +343,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--pairs", type=int, default=5)
   parser.add_argument("--out", default="bench_train.json")
+  parser.add_argument("--scale", type=int, default=1,
+                      help="multiplies the batch of vlm_tiny, vit_b16 and qwen2_6l (a GPU "
+                      "idles at the CPU's batches)")
   known = CASES + EXTRA_CASES
   parser.add_argument("--cases", default=",".join(CASES),
                       help=f"comma-separated subset of {','.join(known)} (default: "
@@ -347,17 +354,18 @@ def main():
   cases = args.cases.split(",")
   if set(cases) - set(known):
     parser.error(f"--cases {args.cases!r}: a subset of {','.join(known)}")
-  torch.set_num_threads(os.cpu_count())
+  device, k = peer_lib.setup(), args.scale
   rows, bare_vlm_tiny = [], None
-  for name, make in (("vlm_tiny", lambda: case_vlm_tiny(TINY_BATCH)), ("vit_b16", lambda: case_vit_b16(8)),
-                     ("vit_b16_bf16", lambda: case_vit_b16(8, "bfloat16")),
-                     ("qwen2_6l", lambda: case_lm(4)),
-                     ("qwen2_6l_bf16", lambda: case_lm(4, dtype="bfloat16"))):
+  for name, make in (("vlm_tiny", lambda: case_vlm_tiny(k * TINY_BATCH, device)),
+                     ("vit_b16", lambda: case_vit_b16(k * 8, where=device)),
+                     ("vit_b16_bf16", lambda: case_vit_b16(k * 8, "bfloat16", device)),
+                     ("qwen2_6l", lambda: case_lm(k * 4, where=device)),
+                     ("qwen2_6l_bf16", lambda: case_lm(k * 4, dtype="bfloat16", where=device))):
     if name not in cases:
       continue
     ours, peer, info = make()
-    bare_vlm_tiny = ours if name == "vlm_tiny" else bare_vlm_tiny
-    t = timing.paired(ours, peer, args.pairs)
+    bare_vlm_tiny = ours if name == "vlm_tiny" and k == 1 else bare_vlm_tiny
+    t = timing.paired(ours, peer_lib.synced(peer, device), args.pairs)
     batch = info["batch"]
     first_ours, first_peer = t["ours_first_call_s"], t["peer_first_call_s"]
     row = {"case": name, **info, "ours_examples_per_s": 1e3 * batch / t["ours_ms"],
@@ -385,8 +393,8 @@ def main():
           f"{row['step_examples_per_s_before']:.1f}, after {row['step_examples_per_s_after']:.1f}):"
           f" loop/step {row['ratio_loop_over_step']:.2f}")
   with open(args.out, "w") as f:
-    json.dump({"machine": machine.describe(), "threads_set": os.cpu_count(), "rows": rows},
-              f, indent=1)
+    json.dump({"machine": {**machine.describe(), "accelerator": peer_lib.accelerator(device)},
+               "threads_set": os.cpu_count(), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

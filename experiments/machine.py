@@ -141,7 +141,8 @@ def line(machine: dict) -> str:
   return (f"{cpu['vendor']} {cpu['model_name']} (family {cpu['family']} model {cpu['model']}), "
           f"{cpu['cores']} cores at {clock}, {'/'.join(cpu['flags']) or 'no AVX'}, fp32 peak "
           f"{f'{peak:.0f} GFLOP/s' if peak else 'unknown'}; "
-          + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v))
+          + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
+          + (f"; GPU {gpu['torch_device']}" if (gpu := machine.get("accelerator")) else ""))
 
 
 def _thread_times() -> dict:
