@@ -8,8 +8,9 @@ prefill of 256 tokens (all-position logits, as HF computes them); each at batch 
 Rules (../shared/DESIGN.md, "Benchmarking rules"): torch at its best (inference_mode,
 threads = cores, OMP_WAIT_POLICY=PASSIVE), ours and the peer alternated A B A B, medians and
 the median per-pair ratio, warm-up/compile time apart, peak RSS, and achieved GFLOP/s against
-this machine's fp32 GEMM peak (2048^3) measured in the same run. Where JAX computes on an
-NVIDIA GPU, torch runs there too, in JAX's float32 matmul precision (`experiments.peer`).
+this machine's fp32 GEMM peak (2048^3; 8192^3 on a GPU) measured in the same run. Where JAX
+computes on an NVIDIA GPU, torch runs there too, in JAX's float32 matmul precision
+(`experiments.peer`).
 """
 if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
   from drivlm_jax import host
@@ -154,7 +155,9 @@ def main():
   threads = os.cpu_count()
   device = peer_lib.setup()
   batches = [int(b) for b in args.batches.split(",")]
-  peak, busy = gemm_peak(device)
+  # On a GPU a 2048^3 matmul times its launch, not the GPU's rate.
+  gemm_n = 2048 if device == "cpu" else 8192
+  peak, busy = gemm_peak(device, gemm_n)
   attention = attention_matmul_rate(device)
   where = {**machine.describe(), "accelerator": peer_lib.accelerator(device)}
   rows = []
@@ -168,7 +171,7 @@ def main():
     row["ours_gflops"] = row["gflop"] / (row["ours_ms"] / 1e3)
     row["peer_gflops"] = row["gflop"] / (row["peer_ms"] / 1e3)
   result = {"machine": where, "threads_set": threads, "threads_busy": busy,
-            "gemm_peak_gflops": peak, "attention_matmul_gflops": attention,
+            "gemm_n": gemm_n, "gemm_peak_gflops": peak, "attention_matmul_gflops": attention,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
             "rows": rows}
   theoretical = where["cpu"]["fp32_peak_gflops"]
@@ -179,7 +182,7 @@ def main():
           f"peak {theoretical or float('nan'):.0f} GFLOP/s; "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
   else:
-    print(f"fp32 GEMM 2048^3 on {where['accelerator']['torch_device']}: jax "
+    print(f"fp32 GEMM {gemm_n}^3 on {where['accelerator']['torch_device']}: jax "
           f"{peak['jax']:.0f} GFLOP/s, torch {peak['torch']:.0f} GFLOP/s (float32 matmuls: jax "
           f"{where['accelerator']['jax_default_matmul_precision'] or 'default'}, torch "
           f"{where['accelerator']['torch_float32_matmul_precision']})")
