@@ -5,7 +5,9 @@ import setuptools
 # google-cloud-storage for TensorBoard's gs:// writer.
 CLOUD = ["gcsfs>=2024.2", "google-cloud-storage>=2.14"]
 # JAX -> ONNX -> TensorRT (export/): not needed on the accelerator hosts that train.
-EXPORT = ["onnx>=1.17,<2", "onnxruntime>=1.20,<2", "jax2onnx>=0.17,<0.18"]
+# jax2onnx 0.17.1, the newest, fails on jax 0.12 (it reads `jax._src.core.ClosedJaxpr`, gone
+# there): with the export, Python 3.12 resolves jax 0.11.2, where it and our suite pass.
+EXPORT = ["onnx>=1.17,<2", "onnxruntime>=1.20,<2", "jax2onnx>=0.17,<0.18", "jax<0.12"]
 
 setuptools.setup(
     name="drivlm-jax",

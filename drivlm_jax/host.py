@@ -29,6 +29,7 @@ Entry points call `restart_with_tunables` in an `if __name__ == "__main__"` bloc
 imports, so the restarted process is the only one that loads JAX; library code never does.
 A tunable already named in GLIBC_TUNABLES (e.g. `glibc.malloc.hugetlb=0`) is left alone.
 """
+import importlib.metadata
 import os
 import platform
 import sys
@@ -37,6 +38,12 @@ HUGE_PAGES = "glibc.malloc.hugetlb"
 KEEP_FREED = {"glibc.malloc.mmap_threshold": str(4 << 30),
               "glibc.malloc.trim_threshold": str(16 << 30)}
 THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def jaxlib_version() -> tuple:
+  """The installed jaxlib's (major, minor), read without importing JAX: what XLA's flags and
+  passes depend on."""
+  return tuple(int(v) for v in importlib.metadata.version("jaxlib").split(".")[:2])
 
 
 def _thp_mode() -> str | None:

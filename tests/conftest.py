@@ -1,6 +1,7 @@
-import importlib.metadata
 import os
 import pathlib
+
+from drivlm_jax import host
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 # One persistent XLA compilation cache for the whole suite: both xdist workers and the CLI
@@ -22,7 +23,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 _FAST_COMPILE = ["--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true"]
 # jaxlib 0.11 dropped the emitter flag (checked with 0.11.2), and XLA exits on a flag it does
 # not know (status 1, "Unknown flag in XLA_FLAGS") before pytest prints a line.
-if tuple(int(v) for v in importlib.metadata.version("jaxlib").split(".")[:2]) < (0, 11):
+if host.jaxlib_version() < (0, 11):
   _FAST_COMPILE.append("--xla_cpu_use_fusion_emitters=false")
 os.environ["XLA_FLAGS"] = " ".join((os.environ.get("XLA_FLAGS", ""), *_FAST_COMPILE)).strip()
 

@@ -47,8 +47,9 @@ def _while_stacks(hlo: str, num_layers: int) -> list:
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA CPU pass")
 def test_bf16_step_options_keep_saved_activations_bf16_into_the_backward():
   """`train.step_compiler_options` for bf16 on CPU: the bf16 activations the forward layer
-  loop saves reach the backward loop as bf16, where XLA's invariant code motion converts
-  each whole stack to float32 before it, and the gradients are the same."""
+  loop saves reach the backward loop as bf16, and the gradients are the same. It gives
+  options exactly where XLA's invariant code motion would otherwise convert each whole stack
+  to float32 before the backward loop (jaxlib 0.10; not 0.11.2 or 0.12.0.1)."""
   cfg = vision.Config(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
                       num_heads=2, num_layers=5, dtype="bfloat16")
   params = vision.init(cfg, jax.random.key(0))
@@ -62,7 +63,7 @@ def test_bf16_step_options_keep_saved_activations_bf16_into_the_backward():
   assert [len(v) for v in loops.values()] == [2, 2], "expected a forward and a backward loop"
   (forward, backward), (_, default_backward) = loops["options"], loops["default"]
   assert forward.count("bf16") > 0 and backward.count("bf16") == forward.count("bf16")
-  assert default_backward.count("bf16") < forward.count("bf16")   # what the option avoids
+  assert (default_backward.count("bf16") < forward.count("bf16")) == bool(options)
   got, expected = (compiled[n](params) for n in ("options", "default"))
   for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(g, e)
