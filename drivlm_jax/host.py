@@ -43,7 +43,12 @@ THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 def jaxlib_version() -> tuple:
   """The installed jaxlib's (major, minor), read without importing JAX: what XLA's flags and
   passes depend on."""
-  return tuple(int(v) for v in importlib.metadata.version("jaxlib").split(".")[:2])
+  try:
+    version = importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:   # a build installed without metadata
+    from jaxlib import version as jaxlib  # pylint: disable=import-outside-toplevel
+    version = jaxlib.__version__
+  return tuple(int(v) for v in version.split(".")[:2])
 
 
 def _thp_mode() -> str | None:

@@ -15,7 +15,10 @@ r"""Every benchmark in one command, each side by side with its peer, into one ta
   ratio 1.0 and 0.25 (random-weight ViT-B/16 student, plus the demo student given --run or
   when runs/demo/seed0/drivlm_student exists) (experiments.bench_export).
 Each part runs in its own process (same rules: alternated pairs, medians, torch at its best)
-and writes its JSON; bench.json gathers them with the table printed at the end.
+and writes its JSON; bench.json gathers them with the table printed at the end. Made for the
+CPU: on a GPU the model and train parts time both sides there (`experiments.peer`; run them
+alone with GPU-sized batches: docs/benchmarks.md, "On a GPU"), while input and export stay
+host-side comparisons.
 """
 if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
   from drivlm_jax import host
@@ -115,7 +118,8 @@ def main():
       with open(os.path.join(tmp, f"{part}.json")) as f:
         results[part] = json.load(f)
   table = rows(results)
-  where = machine.describe()
+  gpus = [r["machine"].get("accelerator") for r in results.values() if "machine" in r]
+  where = {**machine.describe(), "accelerator": next(filter(None, gpus), None)}
   with open(args.out, "w") as f:
     json.dump({"machine": where, "parts": results, "seconds": seconds, "summary": table}, f,
               indent=1)

@@ -159,7 +159,7 @@ def main():
   gemm_n = 2048 if device == "cpu" else 8192
   peak, busy = gemm_peak(device, gemm_n)
   attention = attention_matmul_rate(device)
-  where = {**machine.describe(), "accelerator": peer_lib.accelerator(device)}
+  where = peer_lib.describe(device)
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     if args.only in (None, "vision"):
@@ -170,23 +170,26 @@ def main():
   for row in rows:
     row["ours_gflops"] = row["gflop"] / (row["ours_ms"] / 1e3)
     row["peer_gflops"] = row["gflop"] / (row["peer_ms"] / 1e3)
-  result = {"machine": where, "threads_set": threads, "threads_busy": busy,
+  result = {"machine": where, "threads_set": threads if device == "cpu" else None,
+            "threads_busy": busy,
             "gemm_n": gemm_n, "gemm_peak_gflops": peak, "attention_matmul_gflops": attention,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
             "rows": rows}
-  theoretical = where["cpu"]["fp32_peak_gflops"]
   print(f"machine: {machine.line(where)}")
+  fp32 = peer_lib.float32_matmuls(device)
   if device == "cpu":
-    print(f"fp32 GEMM 2048^3: jax {peak['jax']:.0f} GFLOP/s on {busy['jax']} busy threads, "
+    theoretical = where["cpu"]["fp32_peak_gflops"]
+    print(f"fp32 GEMM {gemm_n}^3: jax {peak['jax']:.0f} GFLOP/s on {busy['jax']} busy threads, "
           f"torch {peak['torch']:.0f} GFLOP/s on {busy['torch']} (set {threads}); theoretical "
           f"peak {theoretical or float('nan'):.0f} GFLOP/s; "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
   else:
-    print(f"fp32 GEMM {gemm_n}^3 on {where['accelerator']['torch_device']}: jax "
-          f"{peak['jax']:.0f} GFLOP/s, torch {peak['torch']:.0f} GFLOP/s (float32 matmuls: jax "
-          f"{where['accelerator']['jax_default_matmul_precision'] or 'default'}, torch "
-          f"{where['accelerator']['torch_float32_matmul_precision']})")
-  print(f"attention scores, 96 batched 197x64x197 fp32 matmuls: jax {attention['jax']:.0f}, "
+    gpu = where["accelerator"]
+    print(f"{fp32} GEMM {gemm_n}^3 on {gpu['torch_device']}: jax {peak['jax']:.0f} GFLOP/s, "
+          f"torch {peak['torch']:.0f} GFLOP/s (JAX_DEFAULT_MATMUL_PRECISION "
+          f"{gpu['jax_default_matmul_precision'] or 'unset'}, torch "
+          f"{gpu['torch_float32_matmul_precision']})")
+  print(f"attention scores, 96 batched 197x64x197 {fp32} matmuls: jax {attention['jax']:.0f}, "
         f"torch {attention['torch']:.0f} GFLOP/s")
   header = (f"{'case':34s} {'batch':>5s} {'ours ms':>9s} {'torch ms':>9s} {'torch/ours':>10s} "
             f"{'ours %peak':>10s} {'torch %peak':>11s} {'compile s':>9s} {'max|diff|':>9s}")
@@ -196,7 +199,8 @@ def main():
           f"{r['ratio_peer_over_ours']:10.2f} {100 * r['ours_gflops'] / best:9.0f}% "
           f"{100 * r['peer_gflops'] / best:10.0f}% {r['ours_first_call_s']:9.1f} "
           f"{r['max_abs_diff']:9.1e}")
-  print(f"peak RSS of this process (both models): {result['peak_rss_gb']:.1f} GiB")
+  print(f"peak RSS of this process ({'both models' if device == 'cpu' else 'host memory'}): "
+        f"{result['peak_rss_gb']:.1f} GiB")
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
 

@@ -54,7 +54,7 @@ import transformers  # noqa: E402
 from configs import common, demo  # noqa: E402
 from drivlm_jax import timing, train  # noqa: E402
 from drivlm_jax.model import language, vision, vlm  # noqa: E402
-from experiments import machine, peer as peer_lib  # noqa: E402
+from experiments import peer as peer_lib  # noqa: E402
 
 
 class TorchHeads(torch.nn.Module):
@@ -110,7 +110,7 @@ def vlm_tiny_step(batch_size, length=128):
   return ours, cfg, data
 
 
-def case_vlm_tiny(batch_size, where="cpu", length=128):
+def case_vlm_tiny(batch_size, length=128, *, where="cpu"):
   ours, cfg, data = vlm_tiny_step(batch_size, length)
   v, l = cfg.vision, cfg.language
   hf = transformers.LlavaConfig(
@@ -154,7 +154,7 @@ def case_vlm_tiny(batch_size, where="cpu", length=128):
   return ours, peer, {"batch": batch_size, "tokens": length}
 
 
-def case_vit_b16(batch_size, dtype="float32", where="cpu"):
+def case_vit_b16(batch_size, dtype="float32", *, where="cpu"):
   cfg = vision.Config(**common.MODEL_PRESETS["clip_b16_qwen05b"]["vision"], dtype=dtype)
   rng = np.random.default_rng(0)
   images = rng.normal(size=(batch_size, 224, 224, 3)).astype(np.float32)
@@ -204,7 +204,7 @@ def case_vit_b16(batch_size, dtype="float32", where="cpu"):
   return ours, peer, {"batch": batch_size, "compute_dtype": dtype}
 
 
-def case_lm(batch_size, length=256, num_layers=6, dtype="float32", where="cpu"):
+def case_lm(batch_size, length=256, num_layers=6, dtype="float32", *, where="cpu"):
   """Next-token training of a Qwen2-0.5B-shaped decoder: `num_layers` of its 24 layers, its
   widths and heads, an 8192-token vocabulary (the tied head would otherwise dominate)."""
   lang = {**common.MODEL_PRESETS["clip_b16_qwen05b"]["language"], "vocab_size": 8192,
@@ -354,11 +354,13 @@ def main():
   cases = args.cases.split(",")
   if set(cases) - set(known):
     parser.error(f"--cases {args.cases!r}: a subset of {','.join(known)}")
+  if args.scale < 1:
+    parser.error(f"--scale {args.scale}: a positive integer")
   device, k = peer_lib.setup(), args.scale
   rows, bare_vlm_tiny = [], None
-  for name, make in (("vlm_tiny", lambda: case_vlm_tiny(k * TINY_BATCH, device)),
+  for name, make in (("vlm_tiny", lambda: case_vlm_tiny(k * TINY_BATCH, where=device)),
                      ("vit_b16", lambda: case_vit_b16(k * 8, where=device)),
-                     ("vit_b16_bf16", lambda: case_vit_b16(k * 8, "bfloat16", device)),
+                     ("vit_b16_bf16", lambda: case_vit_b16(k * 8, "bfloat16", where=device)),
                      ("qwen2_6l", lambda: case_lm(k * 4, where=device)),
                      ("qwen2_6l_bf16", lambda: case_lm(k * 4, dtype="bfloat16", where=device))):
     if name not in cases:
@@ -393,8 +395,9 @@ def main():
           f"{row['step_examples_per_s_before']:.1f}, after {row['step_examples_per_s_after']:.1f}):"
           f" loop/step {row['ratio_loop_over_step']:.2f}")
   with open(args.out, "w") as f:
-    json.dump({"machine": {**machine.describe(), "accelerator": peer_lib.accelerator(device)},
-               "threads_set": os.cpu_count(), "rows": rows}, f, indent=1)
+    json.dump({"machine": peer_lib.describe(device),
+               "threads_set": os.cpu_count() if device == "cpu" else None, "rows": rows},
+              f, indent=1)
 
 
 if __name__ == "__main__":
