@@ -51,6 +51,22 @@ def jaxlib_version() -> tuple:
   return tuple(int(v) for v in version.split(".")[:2])
 
 
+def cpuinfo() -> dict:
+  """The first processor's /proc/cpuinfo fields ({} where there is none): the CPU's vendor,
+  model and flags, on which benchmarks and kernel choices depend."""
+  info = {}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if not line.strip():
+          break                        # the first processor's block is enough
+        key, _, value = line.partition(":")
+        info[key.strip()] = value.strip()
+  except OSError:
+    pass
+  return info
+
+
 def _thp_mode() -> str | None:
   """The kernel's transparent huge page mode ("always", "madvise", "never"), or None."""
   try:

@@ -23,26 +23,14 @@ import platform
 import threading
 import time
 
+from drivlm_jax import host
+
 # mov rcx, rdi; xor eax, eax; mov edx, 1; then `ADDS` x `add rax, rdx` (each waits for the
 # one before: 1 cycle apiece; not `add rax, imm`, which newer Intel cores fold at rename);
 # dec rcx; jnz back to the adds; ret.
 ADDS = 16
 _CHAIN = (bytes.fromhex("4889f9" "31c0" "ba01000000") + bytes.fromhex("4801d0") * ADDS
           + bytes.fromhex("48ffc9") + bytes([0x75, -(3 * ADDS + 5) & 0xFF]) + b"\xc3")
-
-
-def _cpuinfo() -> dict:
-  info = {}
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if not line.strip():
-          break                        # the first processor's block is enough
-        key, _, value = line.partition(":")
-        info[key.strip()] = value.strip()
-  except OSError:
-    pass
-  return info
 
 
 def _version(package: str) -> str | None:
@@ -103,7 +91,7 @@ def measured_mhz(cores: int, seconds: float = 0.5) -> float | None:
 
 
 def describe() -> dict:
-  info = _cpuinfo()
+  info = host.cpuinfo()
   vendor = info.get("vendor_id", "unknown")
   flags = set(info.get("flags", "").split())
   cores = len(os.sched_getaffinity(0))

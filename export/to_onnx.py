@@ -32,7 +32,7 @@ import onnxruntime as ort
 from jax2onnx import to_onnx
 
 from drivlm_jax import run as run_lib
-from drivlm_jax.model import reweighting, vlm
+from drivlm_jax.model import cpu_gemm, reweighting, vlm
 from export import checks, generate, graphs, inputs as real_inputs, rewrite
 
 
@@ -60,8 +60,9 @@ def convert(fn, specs, input_names, output_names, path: str, opset: int):
                      f"(TensorRT 10.3 parses up to {checks.MAX_OPSET})")
   logging.getLogger("onnx_ir").setLevel(logging.ERROR)   # per-value type notes, not errors
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  model = to_onnx(fn, specs, model_name=os.path.splitext(os.path.basename(path))[0],
-                  opset=opset, input_names=list(input_names), output_names=list(output_names))
+  with cpu_gemm.use("xla"):   # jax2onnx converts XLA's dots, not the MKL call
+    model = to_onnx(fn, specs, model_name=os.path.splitext(os.path.basename(path))[0],
+                    opset=opset, input_names=list(input_names), output_names=list(output_names))
   rewrite.einsum_to_matmul(model)
   large = sum(t.ByteSize() for t in model.graph.initializer) > 1_800_000_000
   onnx.save(model, path, save_as_external_data=large,

@@ -18,9 +18,9 @@ from onnx import TensorProto, helper
 from drivlm_jax import hf, run as run_lib, train
 from drivlm_jax.data import preprocess
 from drivlm_jax.evals import heads
-from drivlm_jax.model import reweighting, vlm
+from drivlm_jax.model import cpu_gemm, reweighting, vlm
 from export import checks, generate, graphs, inputs, kernels, quantize, rewrite, to_onnx
-from tests import reference
+from tests import reference, test_cpu_gemm
 from tests.test_train import small_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -175,10 +175,21 @@ def _hf_tower_student(tmp_path, tower, **changes):
   return cfg, params, feeds
 
 
-@pytest.mark.parametrize("keep_ratio,standardize", [(1.0, False), (0.5, True)])
-def test_hf_clip_student_round_trips_with_a_dynamic_batch(tmp_path, keep_ratio, standardize):
+@pytest.mark.parametrize("keep_ratio,standardize,gemm", [(1.0, False, "auto"),
+                                                         (0.5, True, "mkl")])
+def test_hf_clip_student_round_trips_with_a_dynamic_batch(tmp_path, keep_ratio, standardize,
+                                                          gemm):
   """A CLIP vision tower loaded from an HF checkpoint, pruned before the projector; with
-  `standardize` each image of the batch is standardised on its own inside the graph."""
+  `standardize` each image of the batch is standardised on its own inside the graph. With
+  the JAX side's matmuls on MKL (`cpu_gemm`, as on an Intel CPU) the graph is traced with
+  XLA's dots all the same."""
+  if gemm == "mkl" and test_cpu_gemm.MISSING:
+    pytest.skip(f"MKL kernel: {test_cpu_gemm.MISSING}")
+  with cpu_gemm.use(gemm):
+    _clip_student_round_trip(tmp_path, keep_ratio, standardize)
+
+
+def _clip_student_round_trip(tmp_path, keep_ratio, standardize):
   cfg, params, feeds = _hf_tower_student(tmp_path, reference.clip_vision(image_size=32,
                                                                          patch_size=8))
   cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision,

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from drivlm_jax.model import cpu_gemm
+
 # transformers' ACT2FN names (each the same function as there), as config.json spells them.
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -96,14 +98,22 @@ def einsum(spec, a, b, out_dtype=None):
     gradient's cotangent transposed from inside its elementwise producer's fusion (strided,
     ~100 ms per SwiGLU projection at Qwen2-0.5B shapes) for an Eigen dot, where these einsums
     go to YNNPACK as they are (6 Qwen2-0.5B layers, batch 4 x 256: gradient 3.86 -> 2.76 s).
+
+  Float32 matmuls, forward and backward, run on MKL on a single-device Intel CPU (`cpu_gemm`).
   """
   return _einsum(spec, jnp.dtype(out_dtype or a.dtype), a, b)
 
 
+def _matmul(spec, a, b):
+  """`spec` of `a` and `b` (one dtype) accumulated in float32: a float32 GEMM on MKL where
+  `cpu_gemm` takes it (an Intel CPU), else XLA's dot."""
+  out = cpu_gemm.einsum(spec, a, b)
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32) if out is None else out
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _einsum(spec, out_dtype, a, b):
-  return jnp.einsum(spec, a, b.astype(a.dtype),
-                    preferred_element_type=jnp.float32).astype(out_dtype)
+  return _matmul(spec, a, b.astype(a.dtype)).astype(out_dtype)
 
 
 def _einsum_fwd(spec, out_dtype, a, b):
@@ -115,8 +125,8 @@ def _einsum_bwd(spec, out_dtype, residuals, g):
   a, b = residuals
   (sa, sb), so = spec.split("->")[0].split(","), spec.split("->")[1]
   g = g.astype(a.dtype)
-  da = jnp.einsum(f"{so},{sb}->{sa}", g, b.astype(a.dtype), preferred_element_type=jnp.float32)
-  db = jnp.einsum(f"{sa},{so}->{sb}", a, g, preferred_element_type=jnp.float32)
+  da = _matmul(f"{so},{sb}->{sa}", g, b.astype(a.dtype))
+  db = _matmul(f"{sa},{so}->{sb}", a, g)
   return da.astype(a.dtype), db.astype(b.dtype)
 
 

@@ -1,0 +1,210 @@
+"""Float32 matmuls on oneMKL on an Intel CPU: `layers.einsum`'s GEMMs as an XLA FFI call.
+
+Why: on a 2-core Intel Xeon (family 6 model 167, jaxlib 0.10.2-0.12.0.1) XLA's CPU dots
+(YNNPACK, or Eigen) run float32 GEMMs at 270-390 GFLOP/s where torch's MKL runs 380-445, and
+no XLA flag closes that (docs/benchmarks.md). `cpu_gemm.cc` calls MKL's sequential
+`cblas_sgemm` on slices of the work spread over XLA's own intra-op thread pool (a threaded
+BLAS beside XLA's threads was slower: issue 18's session-32 probe with OpenBLAS). Measured
+the same hour, 2 threads each, GFLOP/s XLA / this / torch: 2048^3 286 / 356 / 383;
+1576x768x3072 285 / 338 / 394, its two backward forms 272-310 / 378-380 / 327-367; 50x768x3072
+152 / 219 / 259. On AMD (Zen 4) XLA's own dots are the faster ones (the README's Zen 4 rows),
+so MKL is chosen for Intel only.
+
+`einsum(spec, a, b)` gives the product, or None where XLA keeps it. MKL takes it when:
+- the mode (`use`, else DRIVLM_CPU_GEMM: auto | mkl | xla; default auto) is "mkl", or is
+  "auto" on a single-device CPU backend of an Intel CPU. A sharded computation keeps XLA's
+  dots (GSPMD cannot split a custom call; it would gather the operands);
+- both operands are float32 and `spec` is a (batched) GEMM that needs no transpose: batch
+  indices first in all three terms, then each operand's free and contracted indices each
+  contiguous, in the same contracted order in both, and the output's free indices in
+  operand order (either operand first). Anything else, e.g. bf16, stays an XLA dot.
+
+The kernel is compiled on first use with the C++ compiler (CXX, default `c++`) against
+jaxlib's FFI headers and the `mkl` wheel (~2 s, cached in DRIVLM_CACHE or
+~/.cache/drivlm_jax, keyed by source and versions). In "auto" mode a missing compiler or MKL
+leaves XLA's dots with one warning; in "mkl" mode it is an error.
+
+The decision is made when a function is traced, so a jitted function keeps what it was traced
+with. ONNX export traces under `use("xla")` (jax2onnx knows XLA's dots, not this call).
+"""
+import contextlib
+import contextvars
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from drivlm_jax import host
+
+MODES = ("auto", "mkl", "xla")
+TARGET = "drivlm_cpu_gemm"
+SOURCE = pathlib.Path(__file__).with_name("cpu_gemm.cc")
+MKL_LIBS = ("libmkl_intel_lp64.so.2", "libmkl_sequential.so.2", "libmkl_core.so.2")
+
+_mode = contextvars.ContextVar("drivlm_cpu_gemm_mode", default=None)
+
+
+class Unavailable(RuntimeError):
+  """The MKL kernel cannot be built or loaded here."""
+
+
+@contextlib.contextmanager
+def use(mode: str):
+  """Traces inside this block use `mode` ("auto", "mkl" or "xla") instead of
+  DRIVLM_CPU_GEMM."""
+  token = _mode.set(_check(mode, "cpu_gemm.use"))
+  try:
+    yield
+  finally:
+    _mode.reset(token)
+
+
+def _check(mode, where):
+  if mode not in MODES:
+    raise ValueError(f"{where}: {mode!r} is not one of {MODES}")
+  return mode
+
+
+def mode() -> str:
+  return _mode.get() or _check(os.environ.get("DRIVLM_CPU_GEMM", "auto").strip().lower(),
+                               "DRIVLM_CPU_GEMM")
+
+
+def active() -> bool:
+  """Whether float32 GEMMs traced now go to MKL."""
+  current = mode()
+  if current == "xla":
+    return False
+  if current == "mkl":
+    if jax.default_backend() != "cpu":
+      raise Unavailable(f"DRIVLM_CPU_GEMM=mkl needs JAX's CPU backend, not "
+                        f"{jax.default_backend()}")
+    _register()
+    return True
+  return _auto()
+
+
+@functools.cache
+def _auto() -> bool:
+  if (jax.default_backend() != "cpu" or jax.device_count() != 1
+      or host.cpuinfo().get("vendor_id") != "GenuineIntel"):
+    return False
+  try:
+    _register()
+  except Unavailable as e:
+    logging.warning("cpu_gemm: XLA's dots instead of MKL: %s", e)
+    return False
+  return True
+
+
+def _mkl_dir() -> pathlib.Path:
+  try:
+    files = importlib.metadata.files("mkl") or []
+  except importlib.metadata.PackageNotFoundError:
+    raise Unavailable("the `mkl` package is not installed (pip install mkl)") from None
+  for f in files:
+    if f.name == MKL_LIBS[-1]:
+      return pathlib.Path(f.locate()).resolve().parent
+  raise Unavailable(f"the `mkl` package has no {MKL_LIBS[-1]}")
+
+
+def _build() -> pathlib.Path:
+  """The compiled kernel, built into the cache on first use."""
+  mkl = _mkl_dir()
+  compiler = shutil.which(os.environ.get("CXX", "c++"))
+  if not compiler:
+    raise Unavailable(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) to build {SOURCE.name}")
+  key = hashlib.sha256(b"\0".join(str(x).encode() for x in (
+      SOURCE.read_bytes(), jax.__version__, importlib.metadata.version("jaxlib"),
+      importlib.metadata.version("mkl"), mkl))).hexdigest()[:16]
+  cache = pathlib.Path(os.environ.get("DRIVLM_CACHE", "~/.cache/drivlm_jax")).expanduser()
+  lib = cache / f"cpu_gemm-{key}.so"
+  if lib.exists():
+    return lib
+  cache.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=cache) as tmp:   # built aside, then renamed: atomic
+    out = pathlib.Path(tmp) / lib.name
+    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
+               f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out), f"-L{mkl}",
+               *(f"-l:{name}" for name in MKL_LIBS), f"-Wl,-rpath,{mkl}"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+      raise Unavailable(f"building {SOURCE} failed ({' '.join(command)}):\n{done.stderr}")
+    os.replace(out, lib)
+  return lib
+
+
+@functools.cache
+def _register():
+  import ctypes  # pylint: disable=import-outside-toplevel
+  lib = _build()
+  try:
+    handler = ctypes.cdll.LoadLibrary(str(lib)).DrivlmCpuGemm
+  except OSError as e:
+    raise Unavailable(f"loading {lib}: {e}") from None
+  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+
+
+@functools.cache
+def plan(spec: str):
+  """(batch, contracted, a's free, b's free, ta, tb, swap) for a GEMM without transposes, or
+  None. ta / tb: the operand holds its contracted indices first / last; swap: the output is
+  b's free indices then a's, computed as (B^T A^T)."""
+  inputs, out = spec.replace(" ", "").split("->")
+  sa, sb = inputs.split(",")
+  terms = sa + sb + out
+  if "." in terms or any(len(set(s)) != len(s) for s in (sa, sb, out)):
+    return None
+  batch = "".join(i for i in out if i in sa and i in sb)
+  if not (sa.startswith(batch) and sb.startswith(batch) and out.startswith(batch)):
+    return None
+  sa, sb, out = sa[len(batch):], sb[len(batch):], out[len(batch):]
+  contracted = "".join(i for i in sa if i in sb)
+  a_free, b_free = "".join(i for i in sa if i not in sb), "".join(i for i in sb if i not in sa)
+  if not (contracted and a_free and b_free) or set(out) != set(a_free + b_free):
+    return None
+  if sa not in (a_free + contracted, contracted + a_free):
+    return None
+  if sb not in (contracted + b_free, b_free + contracted):
+    return None
+  if out not in (a_free + b_free, b_free + a_free):
+    return None
+  return (batch, contracted, a_free, b_free, sa != a_free + contracted,
+          sb != contracted + b_free, out != a_free + b_free)
+
+
+def einsum(spec: str, a, b):
+  """`spec` of float32 `a` and `b` on MKL, in float32; None where XLA keeps it."""
+  if a.dtype != jnp.float32 or b.dtype != jnp.float32:
+    return None
+  groups = plan(spec)
+  if groups is None or not active():
+    return None
+  batch, contracted, a_free, b_free, ta, tb, swap = groups
+  (sa, sb), _ = (t.split(",") for t in spec.replace(" ", "").split("->"))
+  if len(sa) != a.ndim or len(sb) != b.ndim:
+    return None
+  sizes_a, sizes_b = dict(zip(sa, a.shape)), dict(zip(sb, b.shape))
+  if any(sizes_a[i] != sizes_b[i] for i in batch + contracted):
+    return None   # broadcast or mismatched: jnp.einsum's rules and errors
+  size = lambda idx: math.prod({**sizes_a, **sizes_b}[i] for i in idx)   # noqa: E731
+  nbatch, k, m, n = size(batch), size(contracted), size(a_free), size(b_free)
+  if 0 in (nbatch, k, m, n):
+    return None
+  a3 = a.reshape((nbatch, k, m) if ta else (nbatch, m, k))
+  b3 = b.reshape((nbatch, n, k) if tb else (nbatch, k, n))
+  if swap:   # C^T = B^T A^T
+    a3, b3, ta, tb, m, n = b3, a3, not tb, not ta, n, m
+  c = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((nbatch, m, n), jnp.float32),
+                       vmap_method="sequential")(a3, b3, ta=ta, tb=tb)
+  first, second = (b_free, a_free) if swap else (a_free, b_free)
+  return c.reshape(tuple(size(i) for i in batch + first + second))

@@ -1,0 +1,116 @@
+"""`cpu_gemm`: float32 einsums on MKL through the FFI kernel, against numpy (float64), XLA's
+own gradients and transformers; when it is chosen; and the ONNX export around it."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from drivlm_jax import hf
+from drivlm_jax.model import cpu_gemm, language, layers, vision
+from tests import reference as ref
+
+try:
+  with cpu_gemm.use("mkl"):
+    cpu_gemm.active()
+  MISSING = None
+except cpu_gemm.Unavailable as e:   # no MKL wheel (not x86-64 Linux) or no compiler
+  MISSING = str(e)
+needs_kernel = pytest.mark.skipif(MISSING is not None, reason=f"MKL kernel: {MISSING}")
+
+# spec, a's shape, b's shape: plain, transposed and swapped GEMMs, leading batch indices
+# (attention's three forms), several free or contracted indices, and splits across threads.
+ROUTED = [
+    ("btd,df->btf", (2, 3, 4), (4, 5)),
+    ("btf,df->btd", (2, 3, 5), (4, 5)),            # b transposed (a weight's input gradient)
+    ("btd,btf->df", (2, 3, 4), (2, 3, 5)),         # a transposed (a weight gradient)
+    ("bd,dhk->bhk", (3, 4), (4, 2, 5)),
+    ("bhk,dhk->bd", (3, 2, 5), (4, 2, 5)),         # two contracted indices
+    ("ij,jk->ki", (3, 4), (4, 5)),                 # output transposed: B^T A^T
+    ("bkqd,bksd->bkqs", (2, 3, 7, 4), (2, 3, 5, 4)),
+    ("bkqs,bksd->bkqd", (2, 3, 7, 5), (2, 3, 5, 4)),
+    ("bkqd,bkqs->bksd", (2, 3, 7, 4), (2, 3, 7, 5)),
+    ("mk,kn->mn", (301, 67), (67, 150)),           # rows split across threads
+    ("mk,nk->mn", (40, 67), (350, 67)),            # columns split, b transposed
+    ("bmk,bkn->bmn", (3, 130, 20), (3, 20, 90)),   # batch and rows split
+]
+KEPT = ["ij,ij->i", "bij,jk->ik", "ibj,jk->bik", "ijk,jk->ik",
+        "bij,bjk->ikb", "i,i->"]
+
+
+def _operands(sa, sb, seed=0):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.standard_normal(sa, dtype=np.float32)),
+          jnp.asarray(rng.standard_normal(sb, dtype=np.float32)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("spec,sa,sb", ROUTED, ids=[s for s, _, _ in ROUTED])
+def test_einsum_and_its_gradients_on_mkl_match_numpy_and_xla(spec, sa, sb):
+  a, b = _operands(sa, sb)
+  f = lambda a, b: layers.einsum(spec, a, b)   # noqa: E731
+  loss = lambda a, b: jnp.sum(jnp.sin(f(a, b)))   # noqa: E731
+  with cpu_gemm.use("mkl"):
+    assert "ffi_call" in str(jax.make_jaxpr(jax.grad(loss, (0, 1)))(a, b))
+    out = jax.jit(f)(a, b)
+    grads = jax.jit(jax.grad(loss, (0, 1)))(a, b)
+  with cpu_gemm.use("xla"):
+    assert "ffi_call" not in str(jax.make_jaxpr(jax.grad(loss, (0, 1)))(a, b))
+    xla_grads = jax.grad(loss, (0, 1))(a, b)
+  expected = np.einsum(spec, np.float64(a), np.float64(b))
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+  for ours, theirs in zip(grads, xla_grads):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * np.abs(theirs).max())
+
+
+@pytest.mark.parametrize("spec", KEPT)
+def test_einsums_that_need_a_transpose_or_broadcast_stay_with_xla(spec):
+  assert cpu_gemm.plan(spec) is None
+
+
+@needs_kernel
+def test_bf16_broadcast_and_empty_operands_stay_with_xla():
+  with cpu_gemm.use("mkl"):
+    a, b = _operands((2, 3, 4), (4, 5))
+    assert cpu_gemm.einsum("btd,df->btf", a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)) is None
+    assert cpu_gemm.einsum("bqd,bsd->bqs", *_operands((1, 3, 4), (2, 5, 4))) is None
+    assert cpu_gemm.einsum("btd,df->btf", *_operands((0, 3, 4), (4, 5))) is None
+    assert cpu_gemm.einsum("btd,df->btf", a, b) is not None
+
+
+def test_modes(monkeypatch):
+  """auto leaves the suite's 8 CPU devices to XLA (a sharded dot must stay one GSPMD can
+  split); a bad mode is an error naming where it came from."""
+  assert jax.device_count() > 1 and not cpu_gemm.active()
+  monkeypatch.setenv("DRIVLM_CPU_GEMM", "xla")
+  assert cpu_gemm.mode() == "xla" and not cpu_gemm.active()
+  with cpu_gemm.use("auto"):
+    assert cpu_gemm.mode() == "auto"
+  monkeypatch.setenv("DRIVLM_CPU_GEMM", "blas")
+  with pytest.raises(ValueError, match="DRIVLM_CPU_GEMM"):
+    cpu_gemm.mode()
+  with pytest.raises(ValueError, match="cpu_gemm.use"):
+    with cpu_gemm.use("fast"):
+      pass
+
+
+@needs_kernel
+def test_clip_vision_and_qwen2_on_mkl_match_transformers(tmp_path):
+  model = ref.clip_vision()
+  cfg, params = hf.load_vision_tower(ref.save(model, tmp_path / "clip"))
+  x, xt = ref.images(2, cfg.image_size)
+  with cpu_gemm.use("mkl"):
+    assert "ffi_call" in str(jax.make_jaxpr(lambda x: vision.apply(cfg, params, x))(x))
+    ours = vision.apply(cfg, params, x)
+  with torch.inference_mode():
+    theirs = model(pixel_values=xt)
+  assert ref.max_diff(ours["last_hidden_state"], theirs.last_hidden_state) <= 1e-5
+  assert ref.max_diff(ours["pooled"], theirs.pooler_output) <= 1e-5
+
+  lm = ref.causal_lm(family="qwen2", kv_heads=2, tie=True)
+  cfg, params = hf.load_language_model(ref.save(lm, tmp_path / "qwen2"))
+  ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 11)).astype(np.int32)
+  with cpu_gemm.use("mkl"):
+    logits = language.apply(cfg, params, ids)
+  with torch.inference_mode():
+    assert ref.max_diff(logits, lm(torch.from_numpy(ids).long()).logits) <= 1e-5
