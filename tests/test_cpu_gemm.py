@@ -114,3 +114,22 @@ def test_clip_vision_and_qwen2_on_mkl_match_transformers(tmp_path):
     logits = language.apply(cfg, params, ids)
   with torch.inference_mode():
     assert ref.max_diff(logits, lm(torch.from_numpy(ids).long()).logits) <= 1e-5
+
+
+def test_auto_leaves_small_products_to_xla(monkeypatch):
+  """On a single device of an Intel CPU, auto takes a product of MIN_MACS multiply-adds and
+  leaves a smaller one fused in XLA ("mkl" takes both)."""
+  if MISSING:
+    pytest.skip(f"MKL kernel: {MISSING}")
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  monkeypatch.setattr(cpu_gemm.host, "cpuinfo", lambda: {"vendor_id": "GenuineIntel"})
+  cpu_gemm._auto.cache_clear()
+  try:
+    big, small = _operands((cpu_gemm.MIN_MACS // 64, 8), (8, 8)), _operands((4, 8), (8, 8))
+    with cpu_gemm.use("auto"):
+      assert cpu_gemm.einsum("mk,kn->mn", *big) is not None
+      assert cpu_gemm.einsum("mk,kn->mn", *small) is None
+    with cpu_gemm.use("mkl"):
+      assert cpu_gemm.einsum("mk,kn->mn", *small) is not None
+  finally:
+    cpu_gemm._auto.cache_clear()

@@ -12,8 +12,9 @@ so MKL is chosen for Intel only.
 
 `einsum(spec, a, b)` gives the product, or None where XLA keeps it. MKL takes it when:
 - the mode (`use`, else DRIVLM_CPU_GEMM: auto | mkl | xla; default auto) is "mkl", or is
-  "auto" on a single-device CPU backend of an Intel CPU. A sharded computation keeps XLA's
-  dots (GSPMD cannot split a custom call; it would gather the operands);
+  "auto" on a single-device CPU backend of an Intel CPU for a product of at least `MIN_MACS`
+  multiply-adds. A sharded computation keeps XLA's dots (GSPMD cannot split a custom call;
+  it would gather the operands);
 - both operands are float32 and `spec` is a (batched) GEMM that needs no transpose: batch
   indices first in all three terms, then each operand's free and contracted indices each
   contiguous, in the same contracted order in both, and the output's free indices in
@@ -49,6 +50,10 @@ MODES = ("auto", "mkl", "xla")
 TARGET = "drivlm_cpu_gemm"
 SOURCE = pathlib.Path(__file__).with_name("cpu_gemm.cc")
 MKL_LIBS = ("libmkl_intel_lp64.so.2", "libmkl_sequential.so.2", "libmkl_core.so.2")
+# Smaller products stay XLA dots, fused with the elementwise work around them: in jit with a
+# tanh after it, on a 2-core Xeon, XLA / MKL us: 128 x 64 x 256 79 / 95, 256 x 64 x 256
+# 181 / 173, 1024 x 64 x 256 330 / 300 (the demo student's own matmuls are below it).
+MIN_MACS = 1 << 22
 
 _mode = contextvars.ContextVar("drivlm_cpu_gemm_mode", default=None)
 
@@ -198,7 +203,7 @@ def einsum(spec: str, a, b):
     return None   # broadcast or mismatched: jnp.einsum's rules and errors
   size = lambda idx: math.prod({**sizes_a, **sizes_b}[i] for i in idx)   # noqa: E731
   nbatch, k, m, n = size(batch), size(contracted), size(a_free), size(b_free)
-  if 0 in (nbatch, k, m, n):
+  if 0 in (nbatch, k, m, n) or (mode() == "auto" and nbatch * m * n * k < MIN_MACS):
     return None
   a3 = a.reshape((nbatch, k, m) if ta else (nbatch, m, k))
   b3 = b.reshape((nbatch, n, k) if tb else (nbatch, k, n))
