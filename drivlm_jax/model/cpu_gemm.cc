@@ -5,13 +5,14 @@
 // A is [batch, m, k] (or [batch, k, m] with ta), B is [batch, k, n] (or [batch, n, k] with
 // tb), C is [batch, m, n]. The work items are (batch element, slice of the longer of m and n);
 // the calling thread and up to `threads - 1` pool tasks claim them from a shared counter, so
-// a task the pool starts late finds nothing left and returns, and the caller never waits on
-// an item nobody has started (no deadlock when the pool is busy with other thunks).
+// a task the pool starts late finds nothing left and returns, and the caller only waits for
+// items another thread is running (no deadlock when the pool is busy with other thunks).
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
-#include <thread>
+#include <mutex>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -33,7 +34,9 @@ using BatchOut = ffi::ResultBuffer<ffi::F32, 3>;
 
 struct Work {
   std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
+  int64_t done = 0;   // under `mutex`
+  std::mutex mutex;
+  std::condition_variable finished;
 };
 
 ffi::Error Gemm(ffi::ThreadPool pool, Batch a, Batch b, BatchOut c, bool ta, bool tb) {
@@ -74,13 +77,18 @@ ffi::Error Gemm(ffi::ThreadPool pool, Batch a, Batch b, BatchOut c, bool ta, boo
   }
   auto work = std::make_shared<Work>();
   auto claim = [=]() {
-    for (int64_t item; (item = work->next.fetch_add(1)) < items; work->done.fetch_add(1)) {
+    for (int64_t item; (item = work->next.fetch_add(1)) < items;) {
       run(item);
+      std::lock_guard<std::mutex> lock(work->mutex);
+      if (++work->done == items) work->finished.notify_all();
     }
   };
   for (int64_t t = 1; t < std::min(threads, items); ++t) pool.Schedule([claim] { claim(); });
   claim();
-  while (work->done.load() < items) std::this_thread::yield();   // items others are running
+  // Sleeps (instead of spinning) until the items other threads are running are done: on a
+  // 2-core host the input pipeline's threads need the core meanwhile.
+  std::unique_lock<std::mutex> lock(work->mutex);
+  work->finished.wait(lock, [&] { return work->done == items; });
   return ffi::Error::Success();
 }
 
