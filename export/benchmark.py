@@ -37,19 +37,14 @@ def onnx_params(path: str) -> int:
 
 def jax_student(run_dir: str, keep_ratio: float, feeds: dict):
   """The run's student compiled for `feeds` with this CPU's fastest XLA kernels:
-  `export.kernels.fastest`'s (compiled, kernel name, {kernel name: p50 ms})."""
+  `export.kernels.fastest`'s (compiled, kernel name, {kernel name: p50 ms}), and its GFLOPs
+  per frame (`export.kernels.gflops`)."""
   # JAX is imported only here and in main's --jax branch: on the device, the benchmark needs
   # onnxruntime (and TensorRT) only.
   from export import graphs, kernels, to_onnx  # pylint: disable=import-outside-toplevel
   _, cfg, params, _ = to_onnx.load(run_dir)
-  return kernels.fastest(graphs.student(cfg, params, keep_ratio), list(feeds.values()))
-
-
-def gflops(compiled, batch: int) -> float:
-  """XLA's flop count of one call of a compiled function / 1e9 / batch."""
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", float("nan"))) / 1e9 / batch
+  student, args = graphs.student(cfg, params, keep_ratio), list(feeds.values())
+  return (*kernels.fastest(student, args), kernels.gflops(student, args, 1))
 
 
 def lm_latency(prefix: str, options, warmup: int, iters: int, answer_tokens: int) -> dict | None:
@@ -147,9 +142,8 @@ def main():
   result = {"onnx": args.onnx, "params": onnx_params(args.onnx), "batch": 1,
             "device": ort.get_device()}
   if run_dir:
-    fn, result["jax_kernel"], result["jax_kernels_p50_ms"] = jax_student(
-        run_dir, meta.get("keep_ratio", 1.0), feeds)
-    result["gflops_per_frame"] = gflops(fn, 1)
+    fn, result["jax_kernel"], result["jax_kernels_p50_ms"], result["gflops_per_frame"] = (
+        jax_student(run_dir, meta.get("keep_ratio", 1.0), feeds))
     backends["jax"] = lambda: [x.block_until_ready() for x in fn(*feeds.values())]
   if args.engine:
     from export import tensorrt_runner  # pylint: disable=import-outside-toplevel

@@ -10,10 +10,16 @@ the dot fusions when pruned to a quarter of its tokens (50 rows per matmul), but
 candidate is compiled from one lowering and timed on the given inputs (settled,
 alternated), and the fastest is kept. Outputs differ between the two by float rounding only
 (3e-6 on the CLIP-B/16 student's probabilities).
+
+Where `cpu_gemm` puts float32 matmuls on MKL (an Intel CPU), each policy is also tried on a
+lowering with XLA's own dots ("xla_dots/" + name): MKL wins on the unpruned CLIP-B/16 student
+at batch 1 (141 vs 157 ms on a 2-core Xeon) and XLA's fused dots on the pruned one (52.6 vs
+57.9 ms), 2026-12-04.
 """
 import jax
 
 from drivlm_jax import timing
+from drivlm_jax.model import cpu_gemm
 
 YNN_DOT_FUSIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 CPU_CANDIDATES = {"default": {}, "ynn_dot_fusions": YNN_DOT_FUSIONS}
@@ -21,17 +27,23 @@ CPU_CANDIDATES = {"default": {}, "ynn_dot_fusions": YNN_DOT_FUSIONS}
 
 def fastest(fn, args, candidates: dict = CPU_CANDIDATES, iters: int = 10):
   """(compiled `fn` at `args`, its candidate's name, {name: p50 ms}): on a CPU backend the
-  fastest of `candidates` ({name: XLA compile options}; each timed `iters` rounds, untimed
-  when only one compiles); elsewhere XLA's default."""
+  fastest of `candidates` ({name: XLA compile options}, and "xla_dots/" + name where
+  `cpu_gemm` is active; each timed `iters` rounds, untimed when only one compiles);
+  elsewhere XLA's default."""
   lowered = jax.jit(fn).lower(*args)
   if jax.default_backend() != "cpu":
     return lowered.compile(), "xla", {}
+  lowerings = {"": lowered}
+  if cpu_gemm.active():
+    with cpu_gemm.use("xla"):
+      lowerings["xla_dots/"] = jax.jit(fn).lower(*args)
   compiled = {}
-  for name, options in candidates.items():
-    try:
-      compiled[name] = lowered.compile(compiler_options=options)
-    except jax.errors.JaxRuntimeError as e:   # an XLA without this option
-      print(f"export.kernels: {name} unavailable in this jaxlib: {str(e).splitlines()[0]}")
+  for prefix, one_lowering in lowerings.items():
+    for name, options in candidates.items():
+      try:
+        compiled[prefix + name] = one_lowering.compile(compiler_options=options)
+      except jax.errors.JaxRuntimeError as e:   # an XLA without this option
+        print(f"export.kernels: {name} unavailable in this jaxlib: {str(e).splitlines()[0]}")
   if not compiled:
     raise ValueError(f"none of the XLA kernel options {candidates} compiles here")
   if len(compiled) == 1:
@@ -41,3 +53,12 @@ def fastest(fn, args, candidates: dict = CPU_CANDIDATES, iters: int = 10):
   p50 = {name: t["p50_ms"] for name, t in timing.time_backends(calls, 1, iters).items()}
   best = min(p50, key=p50.get)
   return compiled[best], best, p50
+
+
+def gflops(fn, args, batch: int) -> float:
+  """XLA's flop count of one call of `fn` at `args` / 1e9 / batch, counted on XLA's own dots
+  (its cost analysis does not see into `cpu_gemm`'s MKL calls)."""
+  with cpu_gemm.use("xla"):
+    cost = jax.jit(fn).lower(*args).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan"))) / 1e9 / batch

@@ -8,6 +8,7 @@ import torch
 
 from drivlm_jax import hf
 from drivlm_jax.model import cpu_gemm, language, layers, vision
+from export import kernels
 from tests import reference as ref
 
 try:
@@ -133,3 +134,36 @@ def test_auto_leaves_small_products_to_xla(monkeypatch):
       assert cpu_gemm.einsum("mk,kn->mn", *small) is not None
   finally:
     cpu_gemm._auto.cache_clear()
+
+
+@needs_kernel
+def test_a_function_traced_on_mkl_is_traced_again_for_xla():
+  """The mode is part of JAX's cache keys: `use("xla")` after a jitted call on MKL (what the
+  export does after the JAX student ran) gets XLA's dots, not the cached trace."""
+  a, b = _operands((8, 8), (8, 8))
+
+  def f(a, b):
+    return layers.einsum("mk,kn->mn", a, b)
+
+  with cpu_gemm.use("mkl"):
+    jax.jit(f)(a, b)
+  with cpu_gemm.use("xla"):
+    assert "custom_call" not in jax.jit(f).lower(a, b).as_text()
+    assert "ffi_call" not in str(jax.make_jaxpr(f)(a, b))
+  with cpu_gemm.use("mkl"):
+    assert "custom_call" in jax.jit(f).lower(a, b).as_text()
+
+
+@needs_kernel
+def test_the_deployed_student_kernels_try_xla_dots_beside_mkl_and_count_all_flops():
+  a, b = _operands((64, 32), (32, 16))
+
+  def f(a, b):
+    return jnp.tanh(layers.einsum("mk,kn->mn", a, b))
+
+  with cpu_gemm.use("mkl"):
+    fn, chosen, p50 = kernels.fastest(f, [a, b], iters=2)
+    assert set(p50) == {prefix + name for prefix in ("", "xla_dots/")
+                        for name in kernels.CPU_CANDIDATES} and chosen == min(p50, key=p50.get)
+    np.testing.assert_allclose(fn(a, b), np.tanh(np.float64(a) @ np.float64(b)), atol=1e-5)
+    assert kernels.gflops(f, [a, b], 1) == pytest.approx(2 * 64 * 32 * 16 / 1e9, rel=0.1)

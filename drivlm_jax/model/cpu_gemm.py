@@ -25,11 +25,12 @@ jaxlib's FFI headers and the `mkl` wheel (~2 s, cached in DRIVLM_CACHE or
 ~/.cache/drivlm_jax, keyed by source and versions). In "auto" mode a missing compiler or MKL
 leaves XLA's dots with one warning; in "mkl" mode it is an error.
 
-The decision is made when a function is traced, so a jitted function keeps what it was traced
-with. ONNX export traces under `use("xla")` (jax2onnx knows XLA's dots, not this call).
+The decision is made when a function is traced; `use(mode)` is part of JAX's cache keys, so
+a function traced in another mode is traced again. ONNX export traces under `use("xla")`
+(jax2onnx knows XLA's dots, not this call), as does the FLOP count of a benchmark (XLA's cost
+analysis does not see into the call).
 """
 import contextlib
-import contextvars
 import functools
 import hashlib
 import importlib.metadata
@@ -55,7 +56,10 @@ MKL_LIBS = ("libmkl_intel_lp64.so.2", "libmkl_sequential.so.2", "libmkl_core.so.
 # 181 / 173, 1024 x 64 x 256 330 / 300 (the demo student's own matmuls are below it).
 MIN_MACS = 1 << 22
 
-_mode = contextvars.ContextVar("drivlm_cpu_gemm_mode", default=None)
+# A JAX user context: part of the key of JAX's tracing, lowering and compilation caches, so a
+# function traced in one mode is traced afresh in another (a context variable would hand
+# `use("xla")` the jaxpr cached for MKL: custom_vjp and jit cache traces by function).
+_mode = jax.make_user_context(None)
 
 
 class Unavailable(RuntimeError):
@@ -66,11 +70,8 @@ class Unavailable(RuntimeError):
 def use(mode: str):
   """Traces inside this block use `mode` ("auto", "mkl" or "xla") instead of
   DRIVLM_CPU_GEMM."""
-  token = _mode.set(_check(mode, "cpu_gemm.use"))
-  try:
+  with _mode(_check(mode, "cpu_gemm.use")):
     yield
-  finally:
-    _mode.reset(token)
 
 
 def _check(mode, where):
@@ -80,7 +81,9 @@ def _check(mode, where):
 
 
 def mode() -> str:
-  return _mode.get() or _check(os.environ.get("DRIVLM_CPU_GEMM", "auto").strip().lower(),
+  """`use`'s mode, else DRIVLM_CPU_GEMM's (read at trace time but not part of JAX's cache
+  keys: set it before the process starts), else "auto"."""
+  return _mode.value or _check(os.environ.get("DRIVLM_CPU_GEMM", "auto").strip().lower(),
                                "DRIVLM_CPU_GEMM")
 
 
