@@ -35,16 +35,17 @@ import transformers  # noqa: E402
 
 from configs import common  # noqa: E402
 from drivlm_jax import hf, timing  # noqa: E402
-from drivlm_jax.model import language, vision  # noqa: E402
+from drivlm_jax.model import language, layers, vision  # noqa: E402
 from experiments import machine, peer as peer_lib  # noqa: E402
 from experiments.scaling import lm_flops, vision_flops  # noqa: E402
 
 
 def gemm_peak(where, n=2048, repeats=5):
-  """Best fp32 GFLOP/s of an n^3 matmul in XLA and in torch on `where`, and on CPU the
-  threads each really ran it on (`machine.busy_threads`)."""
+  """Best fp32 GFLOP/s of an n^3 matmul as our layers run it (`layers.einsum`: XLA's dot, or
+  MKL's on an Intel CPU) and in torch on `where`, and on CPU the threads each really ran it
+  on (`machine.busy_threads`)."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  mm = jax.jit(lambda x: x @ x)
+  mm = jax.jit(lambda x: layers.einsum("mk,kn->mn", x, x))
   mm(a).block_until_ready()
   jax_t = min(timing.timed(lambda: mm(a).block_until_ready()) for _ in range(repeats))
   b = torch.randn(n, n, device=where)
@@ -62,11 +63,11 @@ def gemm_peak(where, n=2048, repeats=5):
 
 def attention_matmul_rate(where, batch=8, heads=12, tokens=197, head_dim=64, repeats=20):
   """Best fp32 GFLOP/s of the attention scores' batched matmul (q k^T per batch and head)
-  at ViT-B/16's shapes, in XLA and in torch: small matmuls, batched, where the libraries
-  differ most (docs/benchmarks.md, the Intel table's notes)."""
+  at ViT-B/16's shapes, as our layers run it and in torch: small matmuls, batched, where the
+  libraries differ most (docs/benchmarks.md, the Intel table's notes)."""
   q, k = (jax.random.normal(jax.random.key(i), (batch, heads, tokens, head_dim))
           for i in range(2))
-  scores = jax.jit(lambda a, b: jnp.einsum("bhqd,bhkd->bhqk", a, b))
+  scores = jax.jit(lambda a, b: layers.einsum("bhqd,bhkd->bhqk", a, b))
   scores(q, k).block_until_ready()
   jax_t = min(timing.timed(lambda: scores(q, k).block_until_ready()) for _ in range(repeats))
   tq, tk = (torch.from_numpy(np.asarray(x)).to(where) for x in (q, k))

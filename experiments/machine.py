@@ -109,10 +109,18 @@ def describe() -> dict:
               "fp32_flop_per_cycle": per_cycle,
               "fp32_peak_gflops": cores * mhz * per_cycle / 1e3 if mhz else None},
       "versions": {p: _version(p) for p in ("jax", "jaxlib", "torch", "transformers",
-                                            "onnxruntime")},
+                                            "onnxruntime", "mkl")},
+      "jax_float32_matmuls": _matmuls(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),   # drivlm_jax.host's restart
   }
+
+
+def _matmuls() -> str:
+  """Where our layers' large float32 matmuls run in this process: "MKL" (drivlm_jax's
+  `cpu_gemm`, on a single-device Intel CPU) or "XLA"."""
+  from drivlm_jax.model import cpu_gemm  # pylint: disable=import-outside-toplevel
+  return "MKL" if cpu_gemm.active() else "XLA"
 
 
 def _mhz(value) -> str:
@@ -130,6 +138,7 @@ def line(machine: dict) -> str:
           f"{cpu['cores']} cores at {clock}, {'/'.join(cpu['flags']) or 'no AVX'}, fp32 peak "
           f"{f'{peak:.0f} GFLOP/s' if peak else 'unknown'}; "
           + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
+          + f"; float32 matmuls on {machine.get('jax_float32_matmuls', 'XLA')}"
           + (f"; GPU {gpu['torch_device']}" if (gpu := machine.get("accelerator")) else ""))
 
 

@@ -5,6 +5,7 @@ import threading
 
 import pytest
 
+from drivlm_jax import host
 from experiments import machine
 
 x86 = pytest.mark.skipif(platform.machine() != "x86_64", reason="the clock probe is x86-64 code")
@@ -12,7 +13,7 @@ x86 = pytest.mark.skipif(platform.machine() != "x86_64", reason="the clock probe
 
 @x86
 def test_the_measured_clock_is_the_kernels_within_turbo_and_throttling():
-  nominal = float(machine._cpuinfo()["cpu MHz"])
+  nominal = float(host.cpuinfo()["cpu MHz"])
   mhz = machine.measured_mhz(1, seconds=0.2)
   assert 0.5 * nominal < mhz < 2.5 * nominal
   where = machine.describe()
@@ -21,6 +22,8 @@ def test_the_measured_clock_is_the_kernels_within_turbo_and_throttling():
   assert cpu["fp32_peak_gflops"] == pytest.approx(
       cpu["cores"] * cpu["mhz"] * cpu["fp32_flop_per_cycle"] / 1e3)
   assert f"{cpu['mhz']:.0f} MHz measured" in machine.line(where)
+  # the suite's 8 CPU devices keep XLA's dots (cpu_gemm's auto mode is single-device only)
+  assert where["jax_float32_matmuls"] == "XLA" and machine.line(where).endswith("on XLA")
 
 
 class Pool:
