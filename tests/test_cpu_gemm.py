@@ -167,3 +167,15 @@ def test_the_deployed_student_kernels_try_xla_dots_beside_mkl_and_count_all_flop
                         for name in kernels.CPU_CANDIDATES} and chosen == min(p50, key=p50.get)
     np.testing.assert_allclose(fn(a, b), np.tanh(np.float64(a) @ np.float64(b)), atol=1e-5)
     assert kernels.gflops(f, [a, b], 1) == pytest.approx(2 * 64 * 32 * 16 / 1e9, rel=0.1)
+
+
+@needs_kernel
+def test_a_kernel_that_cannot_be_built_is_named(monkeypatch, tmp_path):
+  (tmp_path / "file").write_text("")
+  monkeypatch.setenv("DRIVLM_CACHE", str(tmp_path / "file" / "cache"))
+  with pytest.raises(cpu_gemm.Unavailable, match="DRIVLM_CACHE"):
+    cpu_gemm._build()
+  monkeypatch.setenv("DRIVLM_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setenv("CXX", "no-such-compiler")
+  with pytest.raises(cpu_gemm.Unavailable, match="no C.. compiler .no-such-compiler"):
+    cpu_gemm._build()

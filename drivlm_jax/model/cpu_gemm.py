@@ -138,16 +138,19 @@ def _build() -> pathlib.Path:
   lib = cache / f"cpu_gemm-{key}.so"
   if lib.exists():
     return lib
-  cache.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=cache) as tmp:   # built aside, then renamed: atomic
-    out = pathlib.Path(tmp) / lib.name
-    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
-               f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out), f"-L{mkl}",
-               *(f"-l:{name}" for name in MKL_LIBS), f"-Wl,-rpath,{mkl}"]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode:
-      raise Unavailable(f"building {SOURCE} failed ({' '.join(command)}):\n{done.stderr}")
-    os.replace(out, lib)
+  try:
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:   # built aside, then renamed: atomic
+      out = pathlib.Path(tmp) / lib.name
+      command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
+                 f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out), f"-L{mkl}",
+                 *(f"-l:{name}" for name in MKL_LIBS), f"-Wl,-rpath,{mkl}"]
+      done = subprocess.run(command, capture_output=True, text=True, check=False)
+      if done.returncode:
+        raise Unavailable(f"building {SOURCE} failed ({' '.join(command)}):\n{done.stderr}")
+      os.replace(out, lib)
+  except OSError as e:   # e.g. a read-only home: DRIVLM_CACHE names another directory
+    raise Unavailable(f"building {SOURCE} into {cache} (DRIVLM_CACHE): {e}") from None
   return lib
 
 
