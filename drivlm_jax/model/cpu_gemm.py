@@ -7,8 +7,9 @@ no XLA flag closes that (docs/benchmarks.md). `cpu_gemm.cc` calls MKL's sequenti
 BLAS beside XLA's threads was slower: issue 18's session-32 probe with OpenBLAS). Measured
 the same hour, 2 threads each, GFLOP/s XLA / this / torch: 2048^3 286 / 356 / 383;
 1576x768x3072 285 / 338 / 394, its two backward forms 272-310 / 378-380 / 327-367; 50x768x3072
-152 / 219 / 259. On AMD (Zen 4) XLA's own dots are the faster ones (the README's Zen 4 rows),
-so MKL is chosen for Intel only.
+152 / 219 / 259 (the 50-row one is the pruned CLIP-B/16 student's), 2026-12-04. On AMD (Zen 4)
+XLA's own dots already beat torch's MKL (the README's Zen 4 rows; this kernel was not
+measured there), so "auto" picks MKL on Intel only.
 
 `einsum(spec, a, b)` gives the product, or None where XLA keeps it. MKL takes it when:
 - the mode (`use`, else DRIVLM_CPU_GEMM: auto | mkl | xla; default auto) is "mkl", or is
