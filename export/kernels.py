@@ -1,4 +1,4 @@
-"""The deployed JAX student compiled with the faster of two XLA CPU kernel policies here.
+"""The deployed JAX student compiled with the fastest of XLA's CPU kernel policies here.
 
 XLA's CPU backend (jaxlib 0.10.2) hands each matmul to YNNPACK on its own by default (the
 profiler shows `ynn_fusion` thunks) and can instead fuse matmuls with the elementwise ops

@@ -173,8 +173,7 @@ def plan(spec: str):
   b's free indices then a's, computed as (B^T A^T)."""
   inputs, out = spec.replace(" ", "").split("->")
   sa, sb = inputs.split(",")
-  terms = sa + sb + out
-  if "." in terms or any(len(set(s)) != len(s) for s in (sa, sb, out)):
+  if "." in sa + sb + out or any(len(set(s)) != len(s) for s in (sa, sb, out)):
     return None
   batch = "".join(i for i in out if i in sa and i in sb)
   if not (sa.startswith(batch) and sb.startswith(batch) and out.startswith(batch)):
@@ -202,7 +201,7 @@ def einsum(spec: str, a, b):
   if groups is None or not active():
     return None
   batch, contracted, a_free, b_free, ta, tb, swap = groups
-  (sa, sb), _ = (t.split(",") for t in spec.replace(" ", "").split("->"))
+  sa, sb = spec.replace(" ", "").split("->")[0].split(",")
   if len(sa) != a.ndim or len(sb) != b.ndim:
     return None
   sizes_a, sizes_b = dict(zip(sa, a.shape)), dict(zip(sb, b.shape))
