@@ -51,7 +51,7 @@ from drivlm_jax import host
 MODES = ("auto", "mkl", "xla")
 TARGET = "drivlm_cpu_gemm"
 SOURCE = pathlib.Path(__file__).with_name("cpu_gemm.cc")
-MKL_LIBS = ("libmkl_intel_lp64.so.2", "libmkl_sequential.so.2", "libmkl_core.so.2")
+MKL_LIBS = ("libmkl_intel_lp64", "libmkl_sequential", "libmkl_core")   # .so.2 (2024-2025), .so.3
 # Smaller products stay XLA dots, fused with the elementwise work around them: in jit with a
 # tanh after it, on a 2-core Xeon, XLA / MKL us: 128 x 64 x 256 79 / 95, 256 x 64 x 256
 # 181 / 173, 1024 x 64 x 256 330 / 300 (the demo student's own matmuls are below it).
@@ -115,26 +115,32 @@ def _auto() -> bool:
   return True
 
 
-def _mkl_dir() -> pathlib.Path:
+def _mkl_libs() -> list[pathlib.Path]:
+  """The `mkl` wheel's `MKL_LIBS` (sequential LP64 cblas), whatever their soname version."""
   try:
     files = importlib.metadata.files("mkl") or []
   except importlib.metadata.PackageNotFoundError:
     raise Unavailable("the `mkl` package is not installed (pip install mkl)") from None
+  found = {}
   for f in files:
-    if f.name == MKL_LIBS[-1]:
-      return pathlib.Path(f.locate()).resolve().parent
-  raise Unavailable(f"the `mkl` package has no {MKL_LIBS[-1]}")
+    base, _, version = f.name.partition(".so.")
+    if base in MKL_LIBS and version.isdigit():
+      found[base] = pathlib.Path(f.locate()).resolve()
+  missing = [name for name in MKL_LIBS if name not in found]
+  if missing:
+    raise Unavailable(f"the `mkl` package has no {', '.join(missing)}")
+  return [found[name] for name in MKL_LIBS]
 
 
 def _build() -> pathlib.Path:
   """The compiled kernel, built into the cache on first use."""
-  mkl = _mkl_dir()
+  libs = _mkl_libs()
   compiler = shutil.which(os.environ.get("CXX", "c++"))
   if not compiler:
     raise Unavailable(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) to build {SOURCE.name}")
   key = hashlib.sha256(b"\0".join(str(x).encode() for x in (
       SOURCE.read_bytes(), jax.__version__, importlib.metadata.version("jaxlib"),
-      importlib.metadata.version("mkl"), mkl))).hexdigest()[:16]
+      importlib.metadata.version("mkl"), *libs))).hexdigest()[:16]
   cache = pathlib.Path(os.environ.get("DRIVLM_CACHE", "~/.cache/drivlm_jax")).expanduser()
   lib = cache / f"cpu_gemm-{key}.so"
   if lib.exists():
@@ -144,8 +150,8 @@ def _build() -> pathlib.Path:
     with tempfile.TemporaryDirectory(dir=cache) as tmp:   # built aside, then renamed: atomic
       out = pathlib.Path(tmp) / lib.name
       command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
-                 f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out), f"-L{mkl}",
-                 *(f"-l:{name}" for name in MKL_LIBS), f"-Wl,-rpath,{mkl}"]
+                 f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out),
+                 *map(str, libs), f"-Wl,-rpath,{libs[0].parent}"]
       done = subprocess.run(command, capture_output=True, text=True, check=False)
       if done.returncode:
         raise Unavailable(f"building {SOURCE} failed ({' '.join(command)}):\n{done.stderr}")
