@@ -120,7 +120,10 @@ def _matmuls() -> str:
   """Where our layers' large float32 matmuls run in this process: "MKL" (drivlm_jax's
   `cpu_gemm`, on a single-device Intel CPU) or "XLA"."""
   from drivlm_jax.model import cpu_gemm  # pylint: disable=import-outside-toplevel
-  return "MKL" if cpu_gemm.active() else "XLA"
+  try:
+    return "MKL" if cpu_gemm.active() else "XLA"
+  except cpu_gemm.Unavailable:   # DRIVLM_CPU_GEMM=mkl where it cannot run: traces will say so
+    return "XLA"
 
 
 def _mhz(value) -> str:

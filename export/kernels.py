@@ -43,7 +43,8 @@ def fastest(fn, args, candidates: dict = CPU_CANDIDATES, iters: int = 10):
       try:
         compiled[prefix + name] = one_lowering.compile(compiler_options=options)
       except jax.errors.JaxRuntimeError as e:   # an XLA without this option
-        print(f"export.kernels: {name} unavailable in this jaxlib: {str(e).splitlines()[0]}")
+        print(f"export.kernels: {prefix + name} unavailable in this jaxlib: "
+              f"{str(e).splitlines()[0]}")
   if not compiled:
     raise ValueError(f"none of the XLA kernel options {candidates} compiles here")
   if len(compiled) == 1:

@@ -31,11 +31,14 @@ ROUTED = [
     ("bkqd,bksd->bkqs", (2, 3, 7, 4), (2, 3, 5, 4)),
     ("bkqs,bksd->bkqd", (2, 3, 7, 5), (2, 3, 5, 4)),
     ("bkqd,bkqs->bksd", (2, 3, 7, 4), (2, 3, 7, 5)),
-    ("mk,kn->mn", (301, 67), (67, 150)),           # rows split across threads
-    ("mk,nk->mn", (40, 67), (350, 67)),            # columns split, b transposed
-    ("bmk,bkn->bmn", (3, 130, 20), (3, 20, 90)),   # batch and rows split
+    # over 2^21 multiply-adds per item: split across threads, at odd offsets
+    ("mk,kn->mn", (513, 128), (128, 97)),          # rows
+    ("km,kn->mn", (128, 513), (128, 97)),          # rows of a transposed a
+    ("mk,nk->mn", (97, 128), (513, 128)),          # columns of a transposed b
+    ("mk,kn->mn", (97, 128), (128, 513)),          # columns
+    ("bkm,bkn->bnm", (2, 128, 97), (2, 128, 513)),  # batch, swapped, columns
 ]
-KEPT = ["ij,ij->i", "bij,jk->ik", "ibj,jk->bik", "ijk,jk->ik",
+KEPT = ["ij,jk", "ij,ij->i", "bij,jk->ik", "ibj,jk->bik", "ijk,jk->ik",
         "bij,bjk->ikb", "i,i->"]
 
 

@@ -53,8 +53,9 @@ ffi::Error Gemm(ffi::ThreadPool pool, Batch a, Batch b, BatchOut c, bool ta, boo
   const bool split_m = m >= n;
   const int64_t length = split_m ? m : n;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t slices = std::clamp<int64_t>((threads + batch - 1) / batch, 1,
-                                             std::max<int64_t>(1, m * n * k / kMinItemMacs));
+  const int64_t slices = std::clamp<int64_t>(
+      (threads + batch - 1) / batch, 1,
+      std::max<int64_t>(1, std::min(length, m * n * k / kMinItemMacs)));
   const int64_t items = batch * slices;
 
   auto run = [=](int64_t item) {

@@ -56,6 +56,7 @@ MKL_LIBS = ("libmkl_intel_lp64", "libmkl_sequential", "libmkl_core")   # .so.2 (
 # tanh after it, on a 2-core Xeon, XLA / MKL us: 128 x 64 x 256 79 / 95, 256 x 64 x 256
 # 181 / 173, 1024 x 64 x 256 330 / 300 (the demo student's own matmuls are below it).
 MIN_MACS = 1 << 22
+INT_MAX = 2 ** 31 - 1
 
 # A JAX user context: part of the key of JAX's tracing, lowering and compilation caches, so a
 # function traced in one mode is traced afresh in another (a context variable would hand
@@ -139,7 +140,7 @@ def _build() -> pathlib.Path:
   if not compiler:
     raise Unavailable(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) to build {SOURCE.name}")
   key = hashlib.sha256(b"\0".join(str(x).encode() for x in (
-      SOURCE.read_bytes(), jax.__version__, importlib.metadata.version("jaxlib"),
+      SOURCE.read_bytes(), jax.__version__, host.jaxlib_version(), compiler,
       importlib.metadata.version("mkl"), *libs))).hexdigest()[:16]
   cache = pathlib.Path(os.environ.get("DRIVLM_CACHE", "~/.cache/drivlm_jax")).expanduser()
   lib = cache / f"cpu_gemm-{key}.so"
@@ -177,6 +178,8 @@ def plan(spec: str):
   """(batch, contracted, a's free, b's free, ta, tb, swap) for a GEMM without transposes, or
   None. ta / tb: the operand holds its contracted indices first / last; swap: the output is
   b's free indices then a's, computed as (B^T A^T)."""
+  if "->" not in spec:
+    return None
   inputs, out = spec.replace(" ", "").split("->")
   sa, sb = inputs.split(",")
   if "." in sa + sb + out or any(len(set(s)) != len(s) for s in (sa, sb, out)):
@@ -215,7 +218,8 @@ def einsum(spec: str, a, b):
     return None   # broadcast or mismatched: jnp.einsum's rules and errors
   size = lambda idx: math.prod({**sizes_a, **sizes_b}[i] for i in idx)   # noqa: E731
   nbatch, k, m, n = size(batch), size(contracted), size(a_free), size(b_free)
-  if 0 in (nbatch, k, m, n) or (mode() == "auto" and nbatch * m * n * k < MIN_MACS):
+  if (0 in (nbatch, k, m, n) or max(k, m, n) > INT_MAX   # cblas takes int dimensions
+      or (mode() == "auto" and nbatch * m * n * k < MIN_MACS)):
     return None
   a3 = a.reshape((nbatch, k, m) if ta else (nbatch, m, k))
   b3 = b.reshape((nbatch, n, k) if tb else (nbatch, k, n))
