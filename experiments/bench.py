@@ -118,8 +118,10 @@ def main():
       with open(os.path.join(tmp, f"{part}.json")) as f:
         results[part] = json.load(f)
   table = rows(results)
-  gpus = [r["machine"].get("accelerator") for r in results.values() if "machine" in r]
-  where = {**machine.describe(), "accelerator": next(filter(None, gpus), None)}
+  parts = [r["machine"] for r in results.values() if "machine" in r]
+  where = {**machine.describe(matmuls=False),   # the parts loaded JAX; this process does not
+           **{key: next(filter(None, (m.get(key) for m in parts)), None)
+              for key in ("accelerator", "jax_float32_matmuls")}}
   with open(args.out, "w") as f:
     json.dump({"machine": where, "parts": results, "seconds": seconds, "summary": table}, f,
               indent=1)

@@ -90,7 +90,9 @@ def measured_mhz(cores: int, seconds: float = 0.5) -> float | None:
   return sum(rates) / len(rates)
 
 
-def describe() -> dict:
+def describe(matmuls: bool = True) -> dict:
+  """The machine, for a benchmark's JSON; `matmuls=False` leaves out where our float32
+  matmuls run (it loads JAX: `experiments.bench` takes it from its parts' processes)."""
   info = host.cpuinfo()
   vendor = info.get("vendor_id", "unknown")
   flags = set(info.get("flags", "").split())
@@ -110,7 +112,7 @@ def describe() -> dict:
               "fp32_peak_gflops": cores * mhz * per_cycle / 1e3 if mhz else None},
       "versions": {p: _version(p) for p in ("jax", "jaxlib", "torch", "transformers",
                                             "onnxruntime", "mkl")},
-      "jax_float32_matmuls": _matmuls(),
+      "jax_float32_matmuls": _matmuls() if matmuls else None,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),   # drivlm_jax.host's restart
   }
@@ -141,7 +143,8 @@ def line(machine: dict) -> str:
           f"{cpu['cores']} cores at {clock}, {'/'.join(cpu['flags']) or 'no AVX'}, fp32 peak "
           f"{f'{peak:.0f} GFLOP/s' if peak else 'unknown'}; "
           + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
-          + f"; float32 matmuls on {machine.get('jax_float32_matmuls', 'XLA')}"
+          + (f"; float32 matmuls on {kernels}"
+             if (kernels := machine.get("jax_float32_matmuls")) else "")
           + (f"; GPU {gpu['torch_device']}" if (gpu := machine.get("accelerator")) else ""))
 
 
