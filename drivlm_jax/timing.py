@@ -50,12 +50,15 @@ def time_backends(backends: dict, warmup: int, iters: int) -> dict:
           for name, t in interleaved(backends, warmup, iters, settle=1).items()}
 
 
-def paired(ours, peer, pairs: int) -> dict:
+def paired(ours, peer, pairs: int, warmup: int = 0) -> dict:
   """The benchmark rule against the peer: time each first call (compile / warm-up), then
-  alternate ours and the peer `pairs` times; medians and the median per-pair ratio."""
+  `warmup` untimed pairs (their times reported apart), then alternate ours and the peer
+  `pairs` times; medians and the median per-pair ratio."""
   first_ours, first_peer = timed(ours), timed(peer)
+  settling = interleaved({"ours": ours, "peer": peer}, 0, warmup)
   times = interleaved({"ours": ours, "peer": peer}, 0, pairs)
   a, b = times["ours"], times["peer"]
   return {"ours_ms": 1e3 * statistics.median(a), "peer_ms": 1e3 * statistics.median(b),
           "ratio_peer_over_ours": statistics.median(y / x for x, y in zip(a, b)),
-          "ours_first_call_s": first_ours, "peer_first_call_s": first_peer, "pairs": pairs}
+          "ours_first_call_s": first_ours, "peer_first_call_s": first_peer, "pairs": pairs,
+          "warmup_ours_s": settling["ours"], "warmup_peer_s": settling["peer"]}

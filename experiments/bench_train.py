@@ -2,7 +2,8 @@ r"""Training throughput of our jitted step vs an equivalent HF transformers + Py
 same shapes, AdamW, fp32 (one case in bf16 mixed precision on both sides), alternated in one
 run.
 
-  python -m experiments.bench_train [--pairs 5] [--out bench_train.json] [--scale 1]
+  python -m experiments.bench_train [--pairs 5] [--warmup-pairs 3] [--out bench_train.json]
+      [--scale 1]
       [--cases vlm_tiny,vit_b16,vit_b16_bf16,loop,demo_loop,qwen2_6l,qwen2_6l_bf16]
 
 Cases:
@@ -26,6 +27,11 @@ Cases:
              log interval right before and right after it: their ratio (`experiments.bench`
              runs it in a process of its own, as a trainer runs).
 torch runs at its best: threads = cores, OMP_WAIT_POLICY=PASSIVE, no autograd anomaly mode.
+Each case alternates `--warmup-pairs` untimed pairs (their times are in the JSON) before the
+timed ones: with both frameworks in one process, the first JAX steps after torch's first ones
+run slow while the process's memory grows (the ViT-B/16 case on a 2-core Xeon, 2026-12-04:
+ours 5.98, 5.43, 4.04, 3.74, 3.78 s, RSS 5.9 -> 7.0 GB, torch steady at 3.4-3.6 s); a user's
+trainer has no torch beside it.
 Where JAX computes on an NVIDIA GPU, torch trains there too, in JAX's float32 matmul
 precision, and autocast is CUDA's (`experiments.peer`); `--scale` multiplies the batches.
 """
@@ -342,6 +348,7 @@ EXTRA_CASES = ("qwen2_6l", "qwen2_6l_bf16")   # on request only (not in `experim
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--pairs", type=int, default=5)
+  parser.add_argument("--warmup-pairs", type=int, default=3)
   parser.add_argument("--out", default="bench_train.json")
   parser.add_argument("--scale", type=int, default=1,
                       help="multiplies the batch of vlm_tiny, vit_b16 and qwen2_6l (a GPU "
@@ -367,13 +374,14 @@ def main():
       continue
     ours, peer, info = make()
     bare_vlm_tiny = ours if name == "vlm_tiny" and k == 1 else bare_vlm_tiny
-    t = timing.paired(ours, peer_lib.synced(peer, device), args.pairs)
+    t = timing.paired(ours, peer_lib.synced(peer, device), args.pairs, args.warmup_pairs)
     batch = info["batch"]
     first_ours, first_peer = t["ours_first_call_s"], t["peer_first_call_s"]
     row = {"case": name, **info, "ours_examples_per_s": 1e3 * batch / t["ours_ms"],
            "peer_examples_per_s": 1e3 * batch / t["peer_ms"],
            "ratio_ours_over_peer": t["ratio_peer_over_ours"],
-           "ours_first_step_s": first_ours, "peer_first_step_s": first_peer}
+           "ours_first_step_s": first_ours, "peer_first_step_s": first_peer,
+           "ours_warmup_steps_s": t["warmup_ours_s"], "peer_warmup_steps_s": t["warmup_peer_s"]}
     rows.append(row)
     print(f"{name:12s} batch {batch:3d}: ours {row['ours_examples_per_s']:8.1f} examples/s, "
           f"torch {row['peer_examples_per_s']:8.1f} examples/s, ours/torch "
