@@ -1,5 +1,6 @@
 """HF LLaVA directories in and out (`hf.load_vlm` / `hf.save_vlm`) against transformers'
 LlavaForConditionalGeneration on tiny random models with every 0-/1-D parameter perturbed."""
+import dataclasses
 import json
 import pathlib
 
@@ -267,7 +268,9 @@ def test_a_kept_feature_layer_runs_the_checkpoint_on_another_layer(tmp_path):
   config.model.vision_feature_layer = 1
   config = pretrained.configure(config)
   cfg = vlm.config_from_dict(config.model)
-  assert cfg.vision_feature_layer == 1 and cfg.vision == hf.vlm_config(path).vision
+  # The architecture is the checkpoint's; `scan` is the preset's (a field no checkpoint sets).
+  assert cfg.vision_feature_layer == 1 and cfg.vision == dataclasses.replace(
+      hf.vlm_config(path).vision, scan=False)
   params = pretrained.start(vlm.init(cfg, jax.random.key(0)), cfg, config)
   model.config.vision_feature_layer = 1
   _assert_logits_match(model, cfg, params)
@@ -285,4 +288,5 @@ def test_a_run_takes_the_checkpoints_list_of_layers_over_its_presets_int(tmp_pat
                                       "init_from": path, "data": {"tokenizer": "unused"}})
   assert config.model.vision_feature_layer == -2
   cfg = vlm.config_from_dict(pretrained.configure(config).model)
-  assert cfg.vision_feature_layer == (0, -1, 1) and cfg.vision == hf.vlm_config(path).vision
+  assert cfg.vision_feature_layer == (0, -1, 1) and cfg.vision == dataclasses.replace(
+      hf.vlm_config(path).vision, scan=False)   # `scan` is the preset's

@@ -48,7 +48,7 @@ class Config:
   param_dtype: str = "float32"
   scan_unroll: int = 1
   remat: bool = False
-  scan: bool = True               # False: a Python loop over the layers (export; apply only)
+  scan: bool = True               # False: a Python loop over the same params (`layers.LayerLoop`)
 
   def __post_init__(self):
     if self.family not in ("llama", "qwen2"):
@@ -253,12 +253,12 @@ def _dummy_inputs(batch=1, length=4):
 
 def init(cfg: Config, key) -> dict:
   """Random params (plain nested dict)."""
-  return layers.unbox(Decoder(cfg).init(key, *_dummy_inputs()))
+  return layers.unbox(Decoder(layers.scanned(cfg)).init(key, *_dummy_inputs()))
 
 
 def logical_axes(cfg: Config):
   """Logical PartitionSpec per parameter (same tree as `init`)."""
-  return layers.logical_axes(Decoder(cfg).init, jax.random.key(0), *_dummy_inputs())
+  return layers.logical_axes(Decoder(layers.scanned(cfg)).init, jax.random.key(0), *_dummy_inputs())
 
 
 def _pad_row_frozen(cfg: Config, input_ids, x):

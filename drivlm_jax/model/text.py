@@ -33,7 +33,7 @@ class Config:
   param_dtype: str = "float32"
   scan_unroll: int = 1
   remat: bool = False
-  scan: bool = True               # False: a Python loop over the layers (export; apply only)
+  scan: bool = True               # False: a Python loop over the same params (`layers.LayerLoop`)
 
 
 def eos_positions(cfg: Config, input_ids):
@@ -109,11 +109,12 @@ def _dummy_inputs(cfg):
 
 
 def init(cfg: Config, key) -> dict:
-  return layers.unbox(ClipText(cfg).init(key, *_dummy_inputs(cfg)))
+  return layers.unbox(ClipText(layers.scanned(cfg)).init(key, *_dummy_inputs(cfg)))
 
 
 def logical_axes(cfg: Config):
-  return layers.logical_axes(ClipText(cfg).init, jax.random.key(0), *_dummy_inputs(cfg))
+  return layers.logical_axes(ClipText(layers.scanned(cfg)).init, jax.random.key(0),
+                             *_dummy_inputs(cfg))
 
 
 def apply(cfg: Config, params, input_ids, attention_mask=None) -> dict:

@@ -31,7 +31,7 @@ class Config:
   param_dtype: str = "float32"
   scan_unroll: int = 1
   remat: bool = False
-  scan: bool = True               # False: a Python loop over the layers (export; apply only)
+  scan: bool = True               # False: a Python loop over the same params (`layers.LayerLoop`)
   # Per-image standardisation of the normalised input (`standardize`): not in HF's towers.
   standardize: bool = False
   # The checkpoint's processor statistics (preprocessor_config.json), per channel; None: the
@@ -193,7 +193,7 @@ class VisionTower(nn.Module):
 def init(cfg: Config, key) -> dict:
   """Random params (plain nested dict) for a vision tower."""
   images = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
-  return layers.unbox(VisionTower(cfg).init(key, images))
+  return layers.unbox(VisionTower(layers.scanned(cfg)).init(key, images))
 
 
 def apply(cfg: Config, params: dict, pixel_values) -> dict:
@@ -242,7 +242,7 @@ def apply_layers(cfg: Config, params: dict, hidden, lo: int, hi: int):
 def logical_axes(cfg: Config):
   """Logical PartitionSpec per parameter (same tree as `init`)."""
   images = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
-  return layers.logical_axes(VisionTower(cfg).init, jax.random.key(0), images)
+  return layers.logical_axes(VisionTower(layers.scanned(cfg)).init, jax.random.key(0), images)
 
 
 def layer_position(cfg: Config, feature_layer: int) -> int:
