@@ -1,6 +1,7 @@
 """`cfg.scan=False` (`layers.LayerLoop`) against the scanned tower it replaces: the same
 params from init, the same outputs and gradients (with and without remat), and the
-gradient of `layers.unstack` against autodiff of plain indexing."""
+gradient of `layers.unstack` against autodiff of plain indexing; constant (numpy) params
+stay one constant per layer."""
 import dataclasses
 
 import jax
@@ -54,3 +55,15 @@ def test_unstack_gradient_is_indexing_gradient():
   want = via(lambda t: [jax.tree.map(lambda a: a[i], t) for i in range(4)])
   got = via(lambda t: layers.unstack(t, 4))
   jax.tree.map(np.testing.assert_allclose, got, want)
+
+
+def test_constant_params_stay_one_constant_per_layer():
+  """The export traces numpy params: each layer's weights must be constants of their own
+  (ONNX initializers onnxruntime prepacks), not run-time slices of the stacked array."""
+  params = jax.tree.map(np.asarray, vision.init(CFG, jax.random.key(0)))
+  images = np.zeros((1, 32, 32, 3), np.float32)
+  cfg = dataclasses.replace(CFG, scan=False)
+  jaxpr = jax.make_jaxpr(lambda x: vision.apply(cfg, params, x)["pooled"])(images)
+  stacked = params["encoder"]["layers"]["mlp"]["fc1"]["kernel"]
+  shapes = [np.shape(c) for c in jaxpr.consts]
+  assert stacked.shape[1:] in shapes and stacked.shape not in shapes
