@@ -26,10 +26,11 @@ LM_OUTPUTS = ("logits", *(f"present_{c}" for c in CACHE))
 
 
 def for_export(cfg: vlm.Config) -> vlm.Config:
-  """The same model, fp32, with its layers traced as a loop."""
+  """The same model, fp32, with its layers traced as a loop (no remat: a forward only)."""
   cfg = vlm.with_dtype(cfg, "float32")
-  return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, scan=False),
-                             language=dataclasses.replace(cfg.language, scan=False))
+  return dataclasses.replace(
+      cfg, vision=dataclasses.replace(cfg.vision, scan=False, remat=False),
+      language=dataclasses.replace(cfg.language, scan=False, remat=False))
 
 
 def constants(params):

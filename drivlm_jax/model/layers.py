@@ -229,10 +229,12 @@ def stack_layers(layer_cls: Any, cfg, num_layers: int, name: str, in_axes=nn.bro
   """`num_layers` copies of `layer_cls`, params stacked on a `layers` axis: one `nn.scan`, or
   with `cfg.scan=False` a `LayerLoop` over the same stacked params.
 
-  `cfg.remat` rematerialises each layer in the backward pass (both); `cfg.scan_unroll`
-  unrolls the scan (1 = rolled loop, num_layers = fully unrolled).
+  `cfg.remat` rematerialises each layer in the backward pass, and takes the scan whatever
+  `cfg.scan` says: in an unrolled loop XLA moves the recomputation back into the forward
+  (a 6-layer ViT's gradient kept 98 MB of temporaries with remat or without, looped; 23 MB
+  scanned). `cfg.scan_unroll` unrolls the scan (1 = rolled loop, num_layers = fully unrolled).
   """
-  if not cfg.scan:
+  if not cfg.scan and not cfg.remat:
     return LayerLoop(layer_cls, cfg, num_layers, in_axes, name=name)
   if cfg.remat:
     layer_cls = nn.remat(layer_cls, prevent_cse=False)
@@ -248,15 +250,22 @@ def scanned(cfg):
 
 
 def unstack(tree, n: int) -> list:
-  """[tree of layer i for i < n] from `tree` stacked on its leading axis. Its gradient stacks
-  the layers' gradients into one array per leaf, where autodiff of `a[i]` would pad each
-  layer's gradient to the full stack and add the n of them. Numpy leaves (the export's
-  constants) are sliced here, so each layer's weights stay constants of their own (ONNX
-  initializers that onnxruntime prepacks; slices of one stacked tensor at run time ran the
-  pruned CLIP-B/16 student 2x slower there)."""
-  if all(isinstance(a, np.ndarray) for a in jax.tree.leaves(tree)):
-    return _layers(tree, n)
-  return _unstack(tree, n)
+  """[tree of layer i for i < n] from `tree` stacked on its leading axis (of length n). Its
+  gradient stacks the layers' gradients into one array per leaf, where autodiff of `a[i]`
+  would pad each layer's gradient to the full stack and add the n of them (a custom VJP: no
+  forward-mode autodiff through it). Numpy leaves (the export's constants) are sliced here,
+  so each layer's weights stay constants of their own (ONNX initializers that onnxruntime
+  prepacks; slices of one stacked tensor at run time ran the pruned CLIP-B/16 student 2x
+  slower there)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  const = [isinstance(a, np.ndarray) for a in leaves]
+  traced = _unstack([a for a, c in zip(leaves, const) if not c], n) if not all(const) else None
+  per_layer = []
+  for i in range(n):
+    rest = iter(traced[i] if traced is not None else ())
+    per_layer.append(jax.tree.unflatten(
+        treedef, [a[i] if c else next(rest) for a, c in zip(leaves, const)]))
+  return per_layer
 
 
 def _layers(tree, n):
@@ -289,7 +298,8 @@ class LayerLoop(nn.Module):
   each layer's activations for the backward as they are, where a scan writes them into
   stacked arrays and reads them back: the CLIP ViT-B/16 train step on a 2-core Xeon, float32
   batch 8, ran 3.47 s looped vs 3.59 s scanned, and bfloat16 0.90 vs 0.72 of torch's
-  (`experiments.bench_train`, 2026-12-04), so the ViT presets use it.
+  (`experiments.bench_train`, 2026-12-04), so the ViT-B/16 presets use it. Not with
+  `cfg.remat` (`stack_layers`).
   """
   layer_cls: Any
   cfg: Any
@@ -302,17 +312,11 @@ class LayerLoop(nn.Module):
       raise ValueError("cfg.scan=False applies existing params; initialise with scan=True")
     in_axes = self.in_axes if isinstance(self.in_axes, tuple) else (self.in_axes,) * len(args)
     layer = self.layer_cls(self.cfg, parent=None)
-
-    def apply(params, carry, *step_args):
-      return layer.apply({"params": params}, carry, *step_args)
-
-    if self.cfg.remat:
-      apply = jax.checkpoint(apply, prevent_cse=False)
     outs = []
     for i, params in enumerate(unstack(self.variables["params"], self.num_layers)):
       step_args = [jax.tree.map(lambda a: a[i], a) if axis == 0 else a
                    for a, axis in zip(args, in_axes)]
-      carry, out = apply(params, carry, *step_args)
+      carry, out = layer.apply({"params": params}, carry, *step_args)
       outs.append(out)
     if not outs or outs[0] is None:
       return carry, None
