@@ -1,5 +1,8 @@
 """`cpu_gemm`: float32 einsums on MKL through the FFI kernel, against numpy (float64), XLA's
 own gradients and transformers; when it is chosen; and the ONNX export around it."""
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +11,7 @@ import torch
 
 from drivlm_jax import hf
 from drivlm_jax.model import cpu_gemm, language, layers, vision
-from export import kernels
+from export import graphs, kernels
 from tests import reference as ref
 
 try:
@@ -18,6 +21,8 @@ try:
 except cpu_gemm.Unavailable as e:   # no MKL wheel (not x86-64 Linux) or no compiler
   MISSING = str(e)
 needs_kernel = pytest.mark.skipif(MISSING is not None, reason=f"MKL kernel: {MISSING}")
+needs_avx512 = pytest.mark.skipif(not cpu_gemm.has_avx512(),
+                                  reason="the packed-weight kernel needs AVX-512F")
 
 # spec, a's shape, b's shape: plain, transposed and swapped GEMMs, leading batch indices
 # (attention's three forms), several free or contracted indices, and splits across threads.
@@ -67,6 +72,57 @@ def test_einsum_and_its_gradients_on_mkl_match_numpy_and_xla(spec, sa, sb):
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * np.abs(theirs).max())
 
 
+# spec, a's shape, b's shape (a numpy constant): rows within one register tile, across tiles
+# and across row chunks (256); columns not a multiple of the 32-column panel (16, 17, 77);
+# depths across the 192-deep blocks; a layer's multi-index kernels; splits across threads.
+PACKED = [
+    ("td,df->tf", (1, 5), (5, 3)),
+    ("td,df->tf", (13, 193), (193, 17)),
+    ("td,df->tf", (15, 192), (192, 16)),
+    ("btd,df->btf", (2, 300, 40), (40, 77)),
+    ("btd,dhk->bthk", (1, 50, 96), (96, 3, 32)),     # q/k/v projections
+    ("bthk,hkd->btd", (1, 50, 3, 32), (3, 32, 96)),  # output projection: two contracted
+    ("td,df->tf", (50, 768), (768, 416)),            # over 2^21 multiply-adds per item
+]
+
+
+@needs_kernel
+@needs_avx512
+@pytest.mark.parametrize("spec,sa,sb", PACKED, ids=[f"{s}{sa}" for s, sa, _ in PACKED])
+def test_a_constant_weight_takes_the_packed_kernel_and_matches_numpy(spec, sa, sb):
+  a, b = (np.asarray(x) for x in _operands(sa, sb))
+  f = lambda a: layers.einsum(spec, a, b)   # noqa: E731
+  with cpu_gemm.use("mkl"):
+    assert cpu_gemm.PACKED_TARGET in jax.jit(f).lower(a).as_text()
+    out, vjp = jax.vjp(jax.jit(f), a)
+  with cpu_gemm.use("xla"):
+    assert "custom_call" not in jax.jit(f).lower(a).as_text()
+  expected = np.einsum(spec, np.float64(a), np.float64(b))
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+  # The gradient in `a`: the cotangent contracted with b over b's free indices.
+  g = np.random.default_rng(1).standard_normal(out.shape).astype(np.float32)
+  sa_, sb_ = spec.split("->")[0].split(",")
+  expected = np.einsum(f"{spec.split('->')[1]},{sb_}->{sa_}", np.float64(g), np.float64(b))
+  np.testing.assert_allclose(vjp(g)[0], expected, rtol=1e-5,
+                             atol=1e-5 * np.abs(expected).max())
+
+
+@needs_kernel
+@needs_avx512
+def test_only_a_float32_numpy_layer_kernel_is_packed():
+  a, b = _operands((50, 64), (64, 96))
+  assert cpu_gemm.pack(np.asarray(b)).shape == (3, 64, cpu_gemm.PANEL)
+  with cpu_gemm.use("mkl"):
+    assert cpu_gemm.constant_einsum("td,df->tf", a, b) is None          # not a constant
+    assert cpu_gemm.constant_einsum("td,df->tf", a, np.asarray(b)) is not None
+    assert cpu_gemm.constant_einsum("td,fd->tf", a, np.asarray(b).T) is None   # transposed
+    assert cpu_gemm.constant_einsum("td,df->tf", a.astype(jnp.bfloat16),
+                                    np.asarray(b)) is None
+    assert cpu_gemm.constant_einsum("btd,bdf->btf", a[None], np.asarray(b)[None]) is None
+  with cpu_gemm.use("xla"):
+    assert cpu_gemm.constant_einsum("td,df->tf", a, np.asarray(b)) is None
+
+
 @pytest.mark.parametrize("spec", KEPT)
 def test_einsums_that_need_a_transpose_or_broadcast_stay_with_xla(spec):
   assert cpu_gemm.plan(spec) is None
@@ -110,6 +166,14 @@ def test_clip_vision_and_qwen2_on_mkl_match_transformers(tmp_path):
     theirs = model(pixel_values=xt)
   assert ref.max_diff(ours["last_hidden_state"], theirs.last_hidden_state) <= 1e-5
   assert ref.max_diff(ours["pooled"], theirs.pooler_output) <= 1e-5
+  # As the deployed student runs it: numpy weights, looped layers (packed where AVX-512 is).
+  deployed = jax.jit(functools.partial(vision.apply, dataclasses.replace(cfg, scan=False),
+                                       graphs.constants(params)))
+  with cpu_gemm.use("mkl"):
+    hlo = deployed.lower(x).as_text()
+    assert (cpu_gemm.PACKED_TARGET in hlo) == cpu_gemm.has_avx512()
+    ours = deployed(x)
+  assert ref.max_diff(ours["last_hidden_state"], theirs.last_hidden_state) <= 1e-5
 
   lm = ref.causal_lm(family="qwen2", kv_heads=2, tie=True)
   cfg, params = hf.load_language_model(ref.save(lm, tmp_path / "qwen2"))

@@ -101,9 +101,16 @@ def einsum(spec, a, b, out_dtype=None):
     ~100 ms per SwiGLU projection at Qwen2-0.5B shapes) for an Eigen dot, where these einsums
     go to YNNPACK as they are (6 Qwen2-0.5B layers, batch 4 x 256: gradient 3.86 -> 2.76 s).
 
-  Float32 matmuls, forward and backward, run on MKL on a single-device Intel CPU (`cpu_gemm`).
+  Float32 matmuls, forward and backward, run on MKL on a single-device Intel CPU (`cpu_gemm`);
+  a numpy `b` (a constant weight: the deployed student's) on `cpu_gemm`'s packed-weight kernel
+  where it applies.
   """
-  return _einsum(spec, jnp.dtype(out_dtype or a.dtype), a, b)
+  out_dtype = jnp.dtype(out_dtype or a.dtype)
+  if isinstance(b, np.ndarray):   # before the custom VJP, which would make it a tracer
+    out = cpu_gemm.constant_einsum(spec, a, b)
+    if out is not None:
+      return out.astype(out_dtype)
+  return _einsum(spec, out_dtype, a, b)
 
 
 def _matmul(spec, a, b):
