@@ -12,9 +12,12 @@ alternated), and the fastest is kept. Outputs differ between the two by float ro
 (3e-6 on the CLIP-B/16 student's probabilities).
 
 Where `cpu_gemm` puts float32 matmuls on MKL (an Intel CPU), each policy is also tried on a
-lowering with XLA's own dots ("xla_dots/" + name): MKL wins on the unpruned CLIP-B/16 student
-at batch 1 (141 vs 157 ms on a 2-core Xeon) and XLA's fused dots on the pruned one (52.6 vs
-57.9 ms), 2026-12-04.
+lowering with XLA's own dots ("xla_dots/" + name), and, where the student's constant weights
+go to `cpu_gemm`'s packed-weight kernel (AVX-512), the default policy on a lowering that
+leaves them to MKL's sgemm ("mkl_sgemm/default"). On a 2-core Xeon, CLIP-B/16 student at
+batch 1, p50 ms packed / MKL sgemm / XLA's best: unpruned 128.4 / - / 166.2, pruned to a
+quarter 41.8 / - / 55.4 (`python -m experiments.bench_export --vit-b16`, 2026-12-04); in one
+process, alternated, packed / MKL sgemm: 129.1 / 129.8 and 40.6 / 53.5.
 """
 import jax
 
@@ -28,18 +31,23 @@ CPU_CANDIDATES = {"default": {}, "ynn_dot_fusions": YNN_DOT_FUSIONS}
 def fastest(fn, args, candidates: dict = CPU_CANDIDATES, iters: int = 10):
   """(compiled `fn` at `args`, its candidate's name, {name: p50 ms}): on a CPU backend the
   fastest of `candidates` ({name: XLA compile options}, and "xla_dots/" + name where
-  `cpu_gemm` is active; each timed `iters` rounds, untimed when only one compiles);
+  `cpu_gemm` is active, and "mkl_sgemm/default" where it packs a weight of `fn`; each timed
+  `iters` rounds, untimed when only one compiles);
   elsewhere XLA's default."""
   lowered = jax.jit(fn).lower(*args)
   if jax.default_backend() != "cpu":
     return lowered.compile(), "xla", {}
-  lowerings = {"": lowered}
+  lowerings = {"": (lowered, candidates)}
   if cpu_gemm.active():
     with cpu_gemm.use("xla"):
-      lowerings["xla_dots/"] = jax.jit(fn).lower(*args)
+      lowerings["xla_dots/"] = (jax.jit(fn).lower(*args), candidates)
+    with cpu_gemm.packing(False):
+      unpacked = jax.jit(fn).lower(*args)
+    if unpacked.as_text() != lowered.as_text():   # some weight is packed
+      lowerings["mkl_sgemm/"] = (unpacked, {"default": {}})
   compiled = {}
-  for prefix, one_lowering in lowerings.items():
-    for name, options in candidates.items():
+  for prefix, (one_lowering, options_by_name) in lowerings.items():
+    for name, options in options_by_name.items():
       try:
         compiled[prefix + name] = one_lowering.compile(compiler_options=options)
       except jax.errors.JaxRuntimeError as e:   # an XLA without this option

@@ -121,6 +121,8 @@ def test_only_a_float32_numpy_layer_kernel_is_packed():
     assert cpu_gemm.constant_einsum("btd,bdf->btf", a[None], np.asarray(b)[None]) is None
   with cpu_gemm.use("xla"):
     assert cpu_gemm.constant_einsum("td,df->tf", a, np.asarray(b)) is None
+  with cpu_gemm.use("mkl"), cpu_gemm.packing(False):
+    assert cpu_gemm.constant_einsum("td,df->tf", a, np.asarray(b)) is None
 
 
 @pytest.mark.parametrize("spec", KEPT)
@@ -222,18 +224,23 @@ def test_a_function_traced_on_mkl_is_traced_again_for_xla():
 
 
 @needs_kernel
-def test_the_deployed_student_kernels_try_xla_dots_beside_mkl_and_count_all_flops():
-  a, b = _operands((64, 32), (32, 16))
+@pytest.mark.parametrize("constant", [False, True], ids=["weight_arg", "weight_constant"])
+def test_the_deployed_student_kernels_try_xla_dots_beside_mkl_and_count_all_flops(constant):
+  """A constant weight (packed on AVX-512) adds MKL's sgemm on it as a candidate."""
+  a, b = (np.asarray(x) for x in _operands((64, 32), (32, 16)))
 
-  def f(a, b):
-    return jnp.tanh(layers.einsum("mk,kn->mn", a, b))
+  def f(a, *b_arg):
+    return jnp.tanh(layers.einsum("mk,kn->mn", a, b_arg[0] if b_arg else b))
 
+  args = [a] if constant else [a, b]
   with cpu_gemm.use("mkl"):
-    fn, chosen, p50 = kernels.fastest(f, [a, b], iters=2)
-    assert set(p50) == {prefix + name for prefix in ("", "xla_dots/")
-                        for name in kernels.CPU_CANDIDATES} and chosen == min(p50, key=p50.get)
-    np.testing.assert_allclose(fn(a, b), np.tanh(np.float64(a) @ np.float64(b)), atol=1e-5)
-    assert kernels.gflops(f, [a, b], 1) == pytest.approx(2 * 64 * 32 * 16 / 1e9, rel=0.1)
+    fn, chosen, p50 = kernels.fastest(f, args, iters=2)
+    expected = {prefix + name for prefix in ("", "xla_dots/") for name in kernels.CPU_CANDIDATES}
+    if constant and cpu_gemm.has_avx512():
+      expected.add("mkl_sgemm/default")
+    assert set(p50) == expected and chosen == min(p50, key=p50.get)
+    np.testing.assert_allclose(fn(*args), np.tanh(np.float64(a) @ np.float64(b)), atol=1e-5)
+    assert kernels.gflops(f, args, 1) == pytest.approx(2 * 64 * 32 * 16 / 1e9, rel=0.1)
 
 
 @needs_kernel

@@ -75,6 +75,7 @@ INT_MAX = 2 ** 31 - 1
 # function traced in one mode is traced afresh in another (a context variable would hand
 # `use("xla")` the jaxpr cached for MKL: custom_vjp and jit cache traces by function).
 _mode = jax.make_user_context(None)
+_packing = jax.make_user_context(True)
 
 
 class Unavailable(RuntimeError):
@@ -86,6 +87,14 @@ def use(mode: str):
   """Traces inside this block use `mode` ("auto", "mkl" or "xla") instead of
   DRIVLM_CPU_GEMM."""
   with _mode(_check(mode, "cpu_gemm.use")):
+    yield
+
+
+@contextlib.contextmanager
+def packing(enabled: bool):
+  """Traces inside this block put constant weights on the packed kernel (`constant_einsum`)
+  or not (then MKL's sgemm takes them as it takes any operand)."""
+  with _packing(bool(enabled)):
     yield
 
 
@@ -264,8 +273,8 @@ def pack(b: np.ndarray) -> np.ndarray:
 def constant_einsum(spec: str, a, b: np.ndarray):
   """`spec` of float32 `a` and the constant float32 weight `b` on the packed-weight kernel;
   None where it does not apply. Differentiable in `a` (its gradient is an XLA dot)."""
-  if (not isinstance(b, np.ndarray) or a.dtype != jnp.float32 or b.dtype != np.float32
-      or not has_avx512()):
+  if (not _packing.value or not isinstance(b, np.ndarray) or a.dtype != jnp.float32
+      or b.dtype != np.float32 or not has_avx512()):
     return None
   groups = plan(spec)
   if groups is None or groups[0] or any(groups[4:]) or not active():
