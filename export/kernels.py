@@ -15,9 +15,8 @@ Where `cpu_gemm` puts float32 matmuls on MKL (an Intel CPU), each policy is also
 lowering with XLA's own dots ("xla_dots/" + name), and, where the student's constant weights
 go to `cpu_gemm`'s packed-weight kernel (AVX-512), the default policy on a lowering that
 leaves them to MKL's sgemm ("mkl_sgemm/default"). On a 2-core Xeon, CLIP-B/16 student at
-batch 1, p50 ms packed / MKL sgemm / XLA's best: unpruned 128.4 / - / 166.2, pruned to a
-quarter 41.8 / - / 55.4 (`python -m experiments.bench_export --vit-b16`, 2026-12-04); in one
-process, alternated, packed / MKL sgemm: 129.1 / 129.8 and 40.6 / 53.5.
+batch 1, p50 ms packed / MKL's sgemm / XLA's dots: unpruned 132.1 / 138.0 / 149.3, pruned to
+a quarter 41.5 / 53.9 / 53.5 (`python -m experiments.bench_export --vit-b16`, 2026-12-04).
 """
 import jax
 
