@@ -82,7 +82,8 @@ PACKED = [
     ("btd,df->btf", (2, 300, 40), (40, 77)),
     ("btd,dhk->bthk", (1, 50, 96), (96, 3, 32)),     # q/k/v projections
     ("bthk,hkd->btd", (1, 50, 3, 32), (3, 32, 96)),  # output projection: two contracted
-    ("td,df->tf", (50, 768), (768, 416)),            # over 2^21 multiply-adds per item
+    ("td,df->tf", (300, 400), (400, 50)),            # two row chunks, three depth blocks
+    ("td,df->tf", (50, 768), (768, 400)),            # split across threads, last panel partial
 ]
 
 
@@ -119,6 +120,15 @@ def test_only_a_float32_numpy_layer_kernel_is_packed():
     assert cpu_gemm.constant_einsum("td,df->tf", a.astype(jnp.bfloat16),
                                     np.asarray(b)) is None
     assert cpu_gemm.constant_einsum("btd,bdf->btf", a[None], np.asarray(b)[None]) is None
+    assert cpu_gemm.constant_einsum("td,df->ft", a, np.asarray(b)) is None   # swapped output
+    assert cpu_gemm.constant_einsum("dt,df->tf", a.T, np.asarray(b)) is None  # a transposed
+    assert cpu_gemm.constant_einsum("td,df->tf", a, np.asarray(b, np.float64)) is None
+    # vmapped over a's rows' batch: each call multiplies by the same packed weight
+    per_row = jax.vmap(lambda x: layers.einsum("td,df->tf", x, np.asarray(b)))
+    assert cpu_gemm.PACKED_TARGET in str(jax.make_jaxpr(per_row)(a.reshape(5, 10, 64)))
+    batched = per_row(a.reshape(5, 10, 64))
+    np.testing.assert_allclose(batched.reshape(50, 96), np.float64(a) @ np.float64(b), rtol=1e-5,
+                               atol=1e-4)
   with cpu_gemm.use("xla"):
     assert cpu_gemm.constant_einsum("td,df->tf", a, np.asarray(b)) is None
   with cpu_gemm.use("mkl"), cpu_gemm.packing(False):

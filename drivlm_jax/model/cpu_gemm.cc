@@ -116,11 +116,10 @@ ffi::Error Gemm(ffi::ThreadPool pool, Batch a, Batch b, BatchOut c, bool ta, boo
   return ffi::Error::Success();
 }
 
-// The packed-weight GEMM. Rows are taken in chunks of up to kChunkRows (A's chunk stays in L2
-// while the weight streams past it once per chunk), each chunk in register tiles of up to
-// kTileRows rows x 32 columns (28 accumulators, A's elements broadcast from its rows in
-// place); depth in blocks of kDepth (a 24 KB slice of a panel, reused from L1 by every tile
-// of the chunk). While a slice is in use, its tiles prefetch the next one into L2, a share
+// The packed-weight GEMM. Rows are taken in chunks of up to kChunkRows (the weight streams
+// past each chunk once), each chunk in register tiles of up to kTileRows rows x 32 columns (28
+// accumulators, A's elements broadcast from its rows in place); depth in blocks of kDepth (a
+// 24 KB slice of a panel, reused from L1 by every tile of the chunk). While a slice is in use, its tiles prefetch the next one into L2, a share
 // each, so reading the weight from memory overlaps the arithmetic. In jit, 12 layers of a
 // ViT-B MLP (768 -> 3072 -> 768, weights read from memory), 2-core Xeon, GFLOP/s ours / MKL's
 // sgemm / XLA's dots: 50 rows 244 / 169 / 122, 197 rows 285 / 275 / 244 (2026-12-04; packing
@@ -149,7 +148,11 @@ __attribute__((target("avx512f"))) void Tile(int64_t kc, const float* a, int64_t
       c0[r] = _mm512_fmadd_ps(x, b0, c0[r]);
       c1[r] = _mm512_fmadd_ps(x, b1, c1[r]);
     }
+    // Up to two lines a step: a chunk of one tile prefetches the whole next slice (2 kc lines).
     if (k < lines) _mm_prefetch(reinterpret_cast<const char*>(next + 16 * k), _MM_HINT_T1);
+    if (k + kc < lines) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + 16 * (k + kc)), _MM_HINT_T1);
+    }
   }
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
@@ -177,12 +180,16 @@ void PackedChunk(const float* A, const float* Bp, float* C, int64_t r0, int64_t 
     for (int64_t kb = 0; kb < k; kb += kDepth) {
       const int64_t kc = std::min<int64_t>(kDepth, k - kb);
       const float* slice = Bp + (p * k + kb) * kPanel;
-      const int64_t lines = kc * kPanel / 16, share = (lines + tiles - 1) / tiles;
+      // The next slice (of this panel or the next one) starts where this one ends; after the
+      // item's last, the next row chunk starts again at panel p0. Its lines are shared out.
+      const bool last = p + 1 == p1 && kb + kc == k;
+      const float* next = last ? Bp + p0 * k * kPanel : slice + kc * kPanel;
+      const int64_t lines = std::min<int64_t>(kDepth, kb + kc < k ? k - kb - kc : k) * kPanel / 16;
+      const int64_t share = (lines + tiles - 1) / tiles;
       for (int64_t t = 0; t < tiles; ++t) {   // tiles of near-equal height
         const int64_t t0 = r0 + rows * t / tiles, t1 = r0 + rows * (t + 1) / tiles;
-        // The next slice (of this panel or the next one) starts where this one ends.
         kTiles[t1 - t0 - 1](kc, A + t0 * k + kb, k, slice, C + t0 * n + p * kPanel, n, kb > 0,
-                            lo, hi, slice + kc * kPanel + t * share * 16,
+                            lo, hi, next + t * share * 16,
                             std::max<int64_t>(0, std::min(share, lines - t * share)));
       }
     }

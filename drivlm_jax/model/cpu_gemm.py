@@ -36,10 +36,10 @@ jaxlib's FFI headers and the `mkl` wheel (~2 s, cached in DRIVLM_CACHE or
 ~/.cache/drivlm_jax, keyed by source and versions). In "auto" mode a missing compiler or MKL
 leaves XLA's dots with one warning; in "mkl" mode it is an error.
 
-The decision is made when a function is traced; `use(mode)` is part of JAX's cache keys, so
-a function traced in another mode is traced again. ONNX export traces under `use("xla")`
-(jax2onnx knows XLA's dots, not this call), as does the FLOP count of a benchmark (XLA's cost
-analysis does not see into the call).
+The decision is made when a function is traced; `use(mode)` and `packing(enabled)` are part
+of JAX's cache keys, so a function traced in another mode is traced again. ONNX export
+traces under `use("xla")` (jax2onnx knows XLA's dots, not these calls), as does the FLOP
+count of a benchmark (XLA's cost analysis does not see into them).
 """
 import contextlib
 import functools
@@ -255,6 +255,7 @@ def einsum(spec: str, a, b):
   return c.reshape(tuple(size(i) for i in batch + first + second))
 
 
+@functools.cache
 def has_avx512() -> bool:
   """Whether this CPU runs the packed-weight kernel (AVX-512F)."""
   return "avx512f" in host.cpuinfo().get("flags", "").split()
