@@ -122,8 +122,9 @@ ffi::Error Gemm(ffi::ThreadPool pool, Batch a, Batch b, BatchOut c, bool ta, boo
 // 24 KB slice of a panel, reused from L1 by every tile of the chunk). While a slice is in use, its tiles prefetch the next one into L2, a share
 // each, so reading the weight from memory overlaps the arithmetic. In jit, 12 layers of a
 // ViT-B MLP (768 -> 3072 -> 768, weights read from memory), 2-core Xeon, GFLOP/s ours / MKL's
-// sgemm / XLA's dots: 50 rows 244 / 169 / 122, 197 rows 285 / 275 / 244 (2026-12-04; packing
-// A's tiles first, as MKL does, cost more than it saved: 227 and 263).
+// sgemm / XLA's dots: 50 rows 231 / 166 / 119, 197 rows 278 / 287 / 252 (`python -m
+// experiments.bench_gemm`, 2026-12-05; packing A's tiles first, as MKL does, cost more than
+// it saved).
 constexpr int kPanel = 32, kTileRows = 14, kDepth = 192, kChunkRows = 256;
 
 // C[r, :] (+)= A[r, :kc] Bp for the r < R rows of one tile: row r of A at a + r * lda, `bp` a

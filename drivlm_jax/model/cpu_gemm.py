@@ -24,12 +24,14 @@ measured there), so "auto" picks MKL on Intel only.
 `constant_einsum(spec, a, b)` does the same for a numpy `b`, a weight that is a constant of
 the computation (the deployed student's: `export.graphs.constants`), on an AVX-512 CPU: `b`
 is laid out once, while tracing, in the order the FFI kernel streams it (`pack`), and each
-call multiplies by it without copying it (MKL's sgemm packs its operand on every call). Where
-the weight is read from memory each call -- the pruned CLIP-B/16 student at batch 1, 50 rows
-per GEMM on 340 MB of weights -- this is what onnxruntime does at session creation; measured
-alone, 2 threads, 50 x 768 x 3072 over 40 weights: 268 GFLOP/s (MKL's sgemm ~150, torch 202,
-onnxruntime ~230 in the model), 2026-12-04. The same conditions as MKL's (mode, float32, a
-plain GEMM) apply, and `b` must have no batch index and not be transposed (a layer's kernel).
+call multiplies by it without copying it (MKL's sgemm packs its operand on every call);
+onnxruntime packs its weights the same way, once, at session creation. It pays where the
+weight is read from memory each call and the rows are few -- the pruned CLIP-B/16 student at
+batch 1, 50 rows per GEMM on 340 MB of weights: 12 ViT-B MLP layers at 50 rows 231 GFLOP/s,
+MKL's sgemm 166, XLA's dots 119; at 197 rows 278 / 287 / 252 (`python -m
+experiments.bench_gemm`, 2-core Xeon, 2026-12-05; `export.kernels` times the student both
+ways). The same conditions as MKL's (mode, float32, a plain GEMM) apply, and `b` must have
+no batch index and not be transposed (a layer's kernel).
 
 The kernels are compiled on first use with the C++ compiler (CXX, default `c++`) against
 jaxlib's FFI headers and the `mkl` wheel (~2 s, cached in DRIVLM_CACHE or
