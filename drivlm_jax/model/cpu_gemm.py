@@ -228,6 +228,26 @@ def plan(spec: str):
           sb != contracted + b_free, out != a_free + b_free)
 
 
+def _sizes(spec: str, a, b, groups):
+  """The number of elements an index group of `spec` spans (a function of the indices), or
+  None where `a` and `b` do not make `spec`'s GEMM (`groups`: its `plan`) one worth a kernel:
+  other ranks, a broadcast, an empty or over-int dimension, or under MIN_MACS in "auto"."""
+  batch, contracted, a_free, b_free = groups[:4]
+  sa, sb = spec.replace(" ", "").split("->")[0].split(",")
+  if len(sa) != a.ndim or len(sb) != b.ndim:
+    return None
+  sizes_a, sizes_b = dict(zip(sa, a.shape)), dict(zip(sb, b.shape))
+  if any(sizes_a[i] != sizes_b[i] for i in batch + contracted):
+    return None   # broadcast or mismatched: jnp.einsum's rules and errors
+  sizes = {**sizes_a, **sizes_b}
+  size = lambda idx: math.prod(sizes[i] for i in idx)   # noqa: E731
+  nbatch, k, m, n = size(batch), size(contracted), size(a_free), size(b_free)
+  if (0 in (nbatch, k, m, n) or max(k, m, n) > INT_MAX   # cblas takes int dimensions
+      or (mode() == "auto" and nbatch * m * n * k < MIN_MACS)):
+    return None
+  return size
+
+
 def einsum(spec: str, a, b):
   """`spec` of float32 `a` and `b` on MKL, in float32; None where XLA keeps it."""
   if a.dtype != jnp.float32 or b.dtype != jnp.float32:
@@ -236,17 +256,10 @@ def einsum(spec: str, a, b):
   if groups is None or not active():
     return None
   batch, contracted, a_free, b_free, ta, tb, swap = groups
-  sa, sb = spec.replace(" ", "").split("->")[0].split(",")
-  if len(sa) != a.ndim or len(sb) != b.ndim:
+  size = _sizes(spec, a, b, groups)
+  if size is None:
     return None
-  sizes_a, sizes_b = dict(zip(sa, a.shape)), dict(zip(sb, b.shape))
-  if any(sizes_a[i] != sizes_b[i] for i in batch + contracted):
-    return None   # broadcast or mismatched: jnp.einsum's rules and errors
-  size = lambda idx: math.prod({**sizes_a, **sizes_b}[i] for i in idx)   # noqa: E731
   nbatch, k, m, n = size(batch), size(contracted), size(a_free), size(b_free)
-  if (0 in (nbatch, k, m, n) or max(k, m, n) > INT_MAX   # cblas takes int dimensions
-      or (mode() == "auto" and nbatch * m * n * k < MIN_MACS)):
-    return None
   a3 = a.reshape((nbatch, k, m) if ta else (nbatch, m, k))
   b3 = b.reshape((nbatch, n, k) if tb else (nbatch, k, n))
   if swap:   # C^T = B^T A^T
@@ -283,17 +296,10 @@ def constant_einsum(spec: str, a, b: np.ndarray):
   if groups is None or groups[0] or any(groups[4:]) or not active():
     return None   # batch indices, a transposed operand or a swapped output: not a layer
   _, contracted, a_free, b_free, *_ = groups
-  sa, sb = spec.replace(" ", "").split("->")[0].split(",")
-  if len(sa) != a.ndim or len(sb) != b.ndim:
+  size = _sizes(spec, a, b, groups)
+  if size is None:
     return None
-  sizes_a, sizes_b = dict(zip(sa, a.shape)), dict(zip(sb, b.shape))
-  if any(sizes_a[i] != sizes_b[i] for i in contracted):
-    return None   # mismatched: jnp.einsum's error
-  sizes = {**sizes_a, **sizes_b}
-  size = lambda idx: math.prod(sizes[i] for i in idx)   # noqa: E731
   k, m, n = size(contracted), size(a_free), size(b_free)
-  if 0 in (k, m, n) or (mode() == "auto" and m * n * k < MIN_MACS):
-    return None
   matrix = b.reshape(k, n)
   packed = pack(matrix)
   call = jax.ffi.ffi_call(PACKED_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32),
@@ -308,4 +314,4 @@ def constant_einsum(spec: str, a, b: np.ndarray):
 
   product.defvjp(lambda a2: (product(a2), None), product_bwd)
   out = product(a.reshape(m, k))
-  return out.reshape(tuple(sizes[i] for i in a_free + b_free))
+  return out.reshape(tuple(size(i) for i in a_free + b_free))
