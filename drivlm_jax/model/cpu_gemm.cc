@@ -3,8 +3,9 @@
 //
 // DrivlmCpuGemm: a batch of GEMMs, C[i] = op(A[i]) op(B[i]), row-major, on oneMKL's sequential
 // `cblas_sgemm`. A is [batch, m, k] (or [batch, k, m] with ta), B is [batch, k, n] (or
-// [batch, n, k] with tb), C is [batch, m, n]. The work items are (batch element, slice of the
-// longer of m and n).
+// [batch, n, k] with tb), C is [batch, m, n], in memory: the buffers come in the einsum's own
+// shapes (any rank) and the sizes as attributes, so XLA sees no reshape between an operand's
+// producer and this call. The work items are (batch element, slice of the longer of m and n).
 //
 // DrivlmCpuGemmPacked: C [m, n] = A [m, k] B for a constant B that cpu_gemm.pack laid out as
 // [ceil(n / 32), k, 32] (32-column panels, zero-padded), once, while tracing. Each call then
@@ -43,7 +44,7 @@ constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 constexpr int64_t kMinItemMacs = int64_t{1} << 21;
 
 using Batch = ffi::Buffer<ffi::F32, 3>;
-using BatchOut = ffi::ResultBuffer<ffi::F32, 3>;
+using AnyRank = ffi::Buffer<ffi::F32>;
 
 struct Work {
   std::function<void(int64_t)> run;
@@ -79,17 +80,17 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t threads, int64_t items,
   work->finished.wait(lock, [&] { return work->done == items; });
 }
 
-ffi::Error Gemm(ffi::ThreadPool pool, Batch a, Batch b, BatchOut c, bool ta, bool tb) {
-  const auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
-  const int64_t batch = cd[0], m = cd[1], n = cd[2], k = ta ? ad[1] : ad[2];
-  if (ad[0] != batch || bd[0] != batch || (ta ? ad[2] : ad[1]) != m ||
-      (tb ? bd[1] : bd[2]) != n || (tb ? bd[2] : bd[1]) != k) {
-    return ffi::Error::InvalidArgument("cpu_gemm: operand shapes do not match the result");
+ffi::Error Gemm(ffi::ThreadPool pool, AnyRank a, AnyRank b, ffi::ResultBuffer<ffi::F32> c,
+                int64_t batch, int64_t m, int64_t n, int64_t k, bool ta, bool tb) {
+  if (a.element_count() != static_cast<size_t>(batch * m * k) ||
+      b.element_count() != static_cast<size_t>(batch * k * n) ||
+      c->element_count() != static_cast<size_t>(batch * m * n)) {
+    return ffi::Error::InvalidArgument("cpu_gemm: operand sizes do not match the GEMM's");
   }
   const float* A = a.typed_data();
   const float* B = b.typed_data();
   float* C = c->typed_data();
-  const int64_t lda = ad[2], ldb = bd[2];
+  const int64_t lda = ta ? m : k, ldb = tb ? k : n;
   const bool split_m = m >= n;
   const int64_t length = split_m ? m : n;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
@@ -101,8 +102,8 @@ ffi::Error Gemm(ffi::ThreadPool pool, Batch a, Batch b, BatchOut c, bool ta, boo
   auto run = [=](int64_t item) {
     const int64_t i = item / slices, s = item % slices;
     const int64_t lo = length * s / slices, hi = length * (s + 1) / slices;
-    const float* Ai = A + i * ad[1] * ad[2];
-    const float* Bi = B + i * bd[1] * bd[2];
+    const float* Ai = A + i * m * k;
+    const float* Bi = B + i * k * n;
     float* Ci = C + i * m * n;
     if (split_m) {
       cblas_sgemm(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, hi - lo, n, k,
@@ -234,9 +235,13 @@ ffi::Error PackedGemm(ffi::ThreadPool pool, Matrix a, Batch bp, ffi::ResultBuffe
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DrivlmCpuGemm, Gemm,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<Batch>()
-                                  .Arg<Batch>()
-                                  .Ret<Batch>()
+                                  .Arg<AnyRank>()
+                                  .Arg<AnyRank>()
+                                  .Ret<AnyRank>()
+                                  .Attr<int64_t>("batch")
+                                  .Attr<int64_t>("m")
+                                  .Attr<int64_t>("n")
+                                  .Attr<int64_t>("k")
                                   .Attr<bool>("ta")
                                   .Attr<bool>("tb"));
 

@@ -260,14 +260,17 @@ def einsum(spec: str, a, b):
   if size is None:
     return None
   nbatch, k, m, n = size(batch), size(contracted), size(a_free), size(b_free)
-  a3 = a.reshape((nbatch, k, m) if ta else (nbatch, m, k))
-  b3 = b.reshape((nbatch, n, k) if tb else (nbatch, k, n))
   if swap:   # C^T = B^T A^T
-    a3, b3, ta, tb, m, n = b3, a3, not tb, not ta, n, m
-  c = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((nbatch, m, n), jnp.float32),
-                       vmap_method="sequential")(a3, b3, ta=ta, tb=tb)
+    a, b, ta, tb, m, n = b, a, not tb, not ta, n, m
   first, second = (b_free, a_free) if swap else (a_free, b_free)
-  return c.reshape(tuple(size(i) for i in batch + first + second))
+  # The operands and the result keep the einsum's shapes (the kernel takes the GEMM's sizes
+  # as attributes). A reshape between an operand's fused producer and this call counts as a
+  # fusible consumer, so XLA's fusion computed the producer twice, once into the reshape and
+  # once into its other consumers: each layer's residual gradient in the CLIP ViT-B/16
+  # backward. Consumed here directly, the producer is computed once.
+  out = jax.ShapeDtypeStruct(tuple(size(i) for i in batch + first + second), jnp.float32)
+  return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(
+      a, b, batch=np.int64(nbatch), m=np.int64(m), n=np.int64(n), k=np.int64(k), ta=ta, tb=tb)
 
 
 @functools.cache
