@@ -1,5 +1,6 @@
-"""`cpu_gemm`: float32 einsums on MKL through the FFI kernel, against numpy (float64), XLA's
-own gradients and transformers; when it is chosen; and the ONNX export around it."""
+"""`cpu_gemm`: float32 (and bfloat16) einsums on MKL through the FFI kernel, against numpy
+(float64), XLA's own gradients and transformers; when it is chosen; and the ONNX export around
+it."""
 import dataclasses
 import functools
 
@@ -72,6 +73,32 @@ def test_einsum_and_its_gradients_on_mkl_match_numpy_and_xla(spec, sa, sb):
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5 * np.abs(theirs).max())
 
 
+@needs_kernel
+@pytest.mark.skipif(not cpu_gemm.has_bf16(), reason="MKL's bfloat16 GEMM needs AMX or AVX-512 BF16")
+@pytest.mark.parametrize("spec,sa,sb", ROUTED, ids=[s for s, _, _ in ROUTED])
+def test_bf16_einsum_and_its_gradients_on_mkl(spec, sa, sb):
+  """bfloat16 operands, float32 accumulation: the product against numpy in float64 on the same
+  (rounded) operands; its VJP (`layers.einsum`'s, bfloat16 GEMMs rounded once at the end)
+  against XLA's float32 VJP of the same operands and cotangent."""
+  a, b = (x.astype(jnp.bfloat16) for x in _operands(sa, sb))
+  out_shape = np.einsum(spec, np.zeros(sa), np.zeros(sb)).shape
+  ct = jnp.asarray(np.random.default_rng(1).standard_normal(out_shape), jnp.bfloat16)
+  vjp = lambda f: jax.jit(lambda a, b, ct: jax.vjp(f, a, b)[1](ct))  # noqa: E731
+  with cpu_gemm.use("mkl"):
+    assert "ffi_call" in str(jax.make_jaxpr(vjp(functools.partial(layers.einsum, spec)))(a, b, ct))
+    out = jax.jit(lambda a, b: cpu_gemm.einsum(spec, a, b))(a, b)
+    grads = vjp(functools.partial(layers.einsum, spec))(a, b, ct)
+  f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+  with cpu_gemm.use("xla"):
+    want = vjp(lambda a, b: jnp.einsum(spec, a, b, precision="highest"))(f32(a), f32(b), f32(ct))
+  assert out.dtype == jnp.float32
+  expected = np.einsum(spec, np.float64(f32(a)), np.float64(f32(b)))
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+  for ours, theirs in zip(grads, want):
+    assert ours.dtype == jnp.bfloat16
+    np.testing.assert_allclose(f32(ours), theirs, rtol=2 ** -7, atol=1e-5 * np.abs(theirs).max())
+
+
 # spec, a's shape, b's shape (a numpy constant): rows within one register tile, across tiles
 # and across row chunks (256); columns not a multiple of the 32-column panel (16, 17, 77);
 # depths across the 192-deep blocks; a layer's multi-index kernels; splits across threads.
@@ -141,10 +168,12 @@ def test_einsums_that_need_a_transpose_or_broadcast_stay_with_xla(spec):
 
 
 @needs_kernel
-def test_bf16_broadcast_and_empty_operands_stay_with_xla():
+def test_mixed_broadcast_and_empty_operands_stay_with_xla():
   with cpu_gemm.use("mkl"):
     a, b = _operands((2, 3, 4), (4, 5))
-    assert cpu_gemm.einsum("btd,df->btf", a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)) is None
+    assert cpu_gemm.einsum("btd,df->btf", a.astype(jnp.bfloat16), b) is None
+    bf16 = cpu_gemm.einsum("btd,df->btf", a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
+    assert (bf16 is not None) == cpu_gemm.has_bf16()
     assert cpu_gemm.einsum("bqd,bsd->bqs", *_operands((1, 3, 4), (2, 5, 4))) is None
     assert cpu_gemm.einsum("btd,df->btf", *_operands((0, 3, 4), (4, 5))) is None
     assert cpu_gemm.einsum("btd,df->btf", a, b) is not None

@@ -100,8 +100,8 @@ def test_mixed_constant_and_traced_leaves():
 def _largest_fusion(hlo: str) -> int:
   """The most operands of a loop fusion in compiled HLO text, concatenations left out (a
   stack of the layers' gradients has one operand per layer by nature)."""
-  bodies = {m.group(1): m.group(2) for m in re.finditer(r"^(%\S+) .*?\{\n(.*?)^\}", hlo,
-                                                       re.M | re.S)}
+  computations = re.finditer(r"^(%\S+) .*?\{\n(.*?)^\}", hlo, re.M | re.S)
+  bodies = {m.group(1): m.group(2) for m in computations}
   return max(m.group(1).count("%") for m in
              re.finditer(r"= \S+ fusion\((.*?)\), kind=kLoop, calls=(%[\w.-]+)", hlo)
              if "concatenate(" not in bodies[m.group(2)])

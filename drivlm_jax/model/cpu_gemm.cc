@@ -25,6 +25,7 @@
 #include <functional>
 #include <immintrin.h>
 #include <memory>
+#include <type_traits>
 #include <mutex>
 #include <utility>
 
@@ -35,6 +36,11 @@ namespace ffi = xla::ffi;
 extern "C" void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k,
                             float alpha, const float* a, int lda, const float* b, int ldb,
                             float beta, float* c, int ldc);
+// bfloat16 operands (MKL_BF16: the raw 16 bits), float32 accumulation and result.
+extern "C" void cblas_gemm_bf16bf16f32(int layout, int trans_a, int trans_b, int m, int n,
+                                       int k, float alpha, const uint16_t* a, int lda,
+                                       const uint16_t* b, int ldb, float beta, float* c,
+                                       int ldc);
 
 namespace {
 
@@ -44,7 +50,6 @@ constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 constexpr int64_t kMinItemMacs = int64_t{1} << 21;
 
 using Batch = ffi::Buffer<ffi::F32, 3>;
-using AnyRank = ffi::Buffer<ffi::F32>;
 
 struct Work {
   std::function<void(int64_t)> run;
@@ -80,15 +85,25 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t threads, int64_t items,
   work->finished.wait(lock, [&] { return work->done == items; });
 }
 
-ffi::Error Gemm(ffi::ThreadPool pool, AnyRank a, AnyRank b, ffi::ResultBuffer<ffi::F32> c,
-                int64_t batch, int64_t m, int64_t n, int64_t k, bool ta, bool tb) {
+template <ffi::DataType T>
+ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<T> a, ffi::Buffer<T> b,
+                ffi::ResultBuffer<ffi::F32> c, int64_t batch, int64_t m, int64_t n, int64_t k,
+                bool ta, bool tb) {
   if (a.element_count() != static_cast<size_t>(batch * m * k) ||
       b.element_count() != static_cast<size_t>(batch * k * n) ||
       c->element_count() != static_cast<size_t>(batch * m * n)) {
     return ffi::Error::InvalidArgument("cpu_gemm: operand sizes do not match the GEMM's");
   }
-  const float* A = a.typed_data();
-  const float* B = b.typed_data();
+  using In = std::conditional_t<T == ffi::DataType::F32, float, uint16_t>;
+  constexpr auto cblas = [](auto... args) {
+    if constexpr (T == ffi::DataType::F32) {
+      cblas_sgemm(args...);
+    } else {
+      cblas_gemm_bf16bf16f32(args...);
+    }
+  };
+  const In* A = static_cast<const In*>(a.untyped_data());
+  const In* B = static_cast<const In*>(b.untyped_data());
   float* C = c->typed_data();
   const int64_t lda = ta ? m : k, ldb = tb ? k : n;
   const bool split_m = m >= n;
@@ -102,15 +117,16 @@ ffi::Error Gemm(ffi::ThreadPool pool, AnyRank a, AnyRank b, ffi::ResultBuffer<ff
   auto run = [=](int64_t item) {
     const int64_t i = item / slices, s = item % slices;
     const int64_t lo = length * s / slices, hi = length * (s + 1) / slices;
-    const float* Ai = A + i * m * k;
-    const float* Bi = B + i * k * n;
+    const In* Ai = A + i * m * k;
+    const In* Bi = B + i * k * n;
     float* Ci = C + i * m * n;
+    const int op_a = ta ? kTrans : kNoTrans, op_b = tb ? kTrans : kNoTrans;
     if (split_m) {
-      cblas_sgemm(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, hi - lo, n, k,
-                  1.f, ta ? Ai + lo : Ai + lo * lda, lda, Bi, ldb, 0.f, Ci + lo * n, n);
+      cblas(kRowMajor, op_a, op_b, int(hi - lo), int(n), int(k), 1.f,
+            ta ? Ai + lo : Ai + lo * lda, int(lda), Bi, int(ldb), 0.f, Ci + lo * n, int(n));
     } else {
-      cblas_sgemm(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, m, hi - lo, k,
-                  1.f, Ai, lda, tb ? Bi + lo * ldb : Bi + lo, ldb, 0.f, Ci + lo, n);
+      cblas(kRowMajor, op_a, op_b, int(m), int(hi - lo), int(k), 1.f, Ai, int(lda),
+            tb ? Bi + lo * ldb : Bi + lo, int(ldb), 0.f, Ci + lo, int(n));
     }
   };
   ParallelFor(pool, threads, items, run);
@@ -232,18 +248,22 @@ ffi::Error PackedGemm(ffi::ThreadPool pool, Matrix a, Batch bp, ffi::ResultBuffe
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DrivlmCpuGemm, Gemm,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<AnyRank>()
-                                  .Arg<AnyRank>()
-                                  .Ret<AnyRank>()
-                                  .Attr<int64_t>("batch")
-                                  .Attr<int64_t>("m")
-                                  .Attr<int64_t>("n")
-                                  .Attr<int64_t>("k")
-                                  .Attr<bool>("ta")
-                                  .Attr<bool>("tb"));
+#define DRIVLM_GEMM_HANDLER(name, dtype)                  \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, Gemm<dtype>,        \
+                                ffi::Ffi::Bind()          \
+                                    .Ctx<ffi::ThreadPool>() \
+                                    .Arg<ffi::Buffer<dtype>>() \
+                                    .Arg<ffi::Buffer<dtype>>() \
+                                    .Ret<ffi::Buffer<ffi::F32>>() \
+                                    .Attr<int64_t>("batch") \
+                                    .Attr<int64_t>("m")   \
+                                    .Attr<int64_t>("n")   \
+                                    .Attr<int64_t>("k")   \
+                                    .Attr<bool>("ta")     \
+                                    .Attr<bool>("tb"));
+
+DRIVLM_GEMM_HANDLER(DrivlmCpuGemm, ffi::F32)
+DRIVLM_GEMM_HANDLER(DrivlmCpuGemmBf16, ffi::BF16)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DrivlmCpuGemmPacked, PackedGemm,
                               ffi::Ffi::Bind()

@@ -101,9 +101,10 @@ def einsum(spec, a, b, out_dtype=None):
     ~100 ms per SwiGLU projection at Qwen2-0.5B shapes) for an Eigen dot, where these einsums
     go to YNNPACK as they are (6 Qwen2-0.5B layers, batch 4 x 256: gradient 3.86 -> 2.76 s).
 
-  Float32 matmuls, forward and backward, run on MKL on a single-device Intel CPU (`cpu_gemm`);
-  a numpy `b` (a constant weight: the deployed student's) on `cpu_gemm`'s packed-weight kernel
-  where it applies.
+  Float32 matmuls, forward and backward, run on MKL on a single-device Intel CPU (`cpu_gemm`),
+  as do bfloat16 ones where the CPU multiplies bfloat16 in hardware (AMX); a numpy `b` (a
+  constant weight: the deployed student's) on `cpu_gemm`'s packed-weight kernel where it
+  applies.
   """
   out_dtype = jnp.dtype(out_dtype or a.dtype)
   if isinstance(b, np.ndarray):   # before the custom VJP, which would make it a tracer
@@ -114,8 +115,8 @@ def einsum(spec, a, b, out_dtype=None):
 
 
 def _matmul(spec, a, b):
-  """`spec` of `a` and `b` (one dtype) accumulated in float32: a float32 GEMM on MKL where
-  `cpu_gemm` takes it (an Intel CPU), else XLA's dot."""
+  """`spec` of `a` and `b` (one dtype) accumulated in float32: a GEMM on MKL where
+  `cpu_gemm` takes it (an Intel CPU; bfloat16 with AMX), else XLA's dot."""
   out = cpu_gemm.einsum(spec, a, b)
   return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32) if out is None else out
 
