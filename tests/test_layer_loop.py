@@ -130,7 +130,7 @@ class _Norm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    cfg = dataclasses.replace(CFG, hidden_size=x.shape[-1])
+    cfg = dataclasses.replace(CFG, hidden_size=x.shape[-1], scan=False)   # unrolled
     if self.ours:
       return (layers.layer_norm if self.kind == "layer" else layers.rms_norm)(cfg, "norm", 1e-5)(x)
     if self.kind == "layer":
@@ -139,7 +139,8 @@ class _Norm(nn.Module):
 
 
 def test_norms_keep_flax_gradients():
-  """`single_use` changes how the input's cotangents are summed, not what they are."""
+  """`single_use` (the norms of unrolled layers) changes how the input's cotangents are
+  summed, not what they are."""
   x = jax.random.normal(jax.random.key(0), (3, 5, 16))
   for kind in ("layer", "rms"):
     params = layers.unbox(_Norm(kind, True).init(jax.random.key(1), x))

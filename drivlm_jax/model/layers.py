@@ -186,21 +186,21 @@ def dense(features, in_axes, out_axes, *, cfg, name, use_bias=True, axis=-1):
 
 
 def layer_norm(cfg, name, eps):
-  """A LayerNorm (HF's names and init), applied to `single_use(x)`."""
+  """A LayerNorm (HF's names and init); in unrolled layers applied to `single_use(x)`."""
   norm = nn.LayerNorm(
       epsilon=eps, name=name, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
       use_fast_variance=False,
       scale_init=_init(nn.initializers.ones, ("embed",)),
       bias_init=_init(nn.initializers.zeros, ("embed",)))
-  return lambda x: norm(single_use(x))
+  return (lambda x: norm(single_use(x))) if unrolled(cfg) else norm
 
 
 def rms_norm(cfg, name, eps):
-  """An RMSNorm (HF's names and init), applied to `single_use(x)`."""
+  """An RMSNorm (HF's names and init); in unrolled layers applied to `single_use(x)`."""
   norm = nn.RMSNorm(
       epsilon=eps, name=name, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
       scale_init=_init(nn.initializers.ones, ("embed",)))
-  return lambda x: norm(single_use(x))
+  return (lambda x: norm(single_use(x))) if unrolled(cfg) else norm
 
 
 @jax.custom_vjp
@@ -212,11 +212,18 @@ def single_use(x):
   XLA's CPU fusion counts as a unary op and so duplicates into every consumer, layer after
   layer: an unrolled CLIP ViT-B/16 backward (`LayerLoop`) had fusions of 8, 15, ..., 177
   operands (quadratic in depth, 0.26 s of a 3.3 s train step on a 2-core Xeon), and with it
-  at most 13."""
+  at most 13. The norms use it only where the layers are unrolled (`unrolled`): in a scan the
+  duplication stays inside one layer's body, and the scanned models keep their rounding (the
+  demo's figures)."""
   return x
 
 
 single_use.defvjp(lambda x: (x, None), lambda _, g: (g,))
+
+
+def unrolled(cfg) -> bool:
+  """Whether `stack_layers` runs `cfg`'s layers as an unrolled `LayerLoop` (not a scan)."""
+  return not getattr(cfg, "scan", True) and not getattr(cfg, "remat", False)
 
 
 def embed(num, features, *, cfg, name, axes=("vocab", "embed"), init_std=0.02):
@@ -262,7 +269,7 @@ def stack_layers(layer_cls: Any, cfg, num_layers: int, name: str, in_axes=nn.bro
   (a 6-layer ViT's gradient kept 98 MB of temporaries with remat or without, looped; 23 MB
   scanned). `cfg.scan_unroll` unrolls the scan (1 = rolled loop, num_layers = fully unrolled).
   """
-  if not cfg.scan and not cfg.remat:
+  if unrolled(cfg):
     return LayerLoop(layer_cls, cfg, num_layers, in_axes, name=name)
   if cfg.remat:
     layer_cls = nn.remat(layer_cls, prevent_cse=False)
