@@ -6,6 +6,8 @@
 // [batch, n, k] with tb), C is [batch, m, n], in memory: the buffers come in the einsum's own
 // shapes (any rank) and the sizes as attributes, so XLA sees no reshape between an operand's
 // producer and this call. The work items are (batch element, slice of the longer of m and n).
+// DrivlmCpuGemmBf16: the same for bfloat16 A and B (MKL's `cblas_gemm_bf16bf16f32`, AMX where
+// the CPU has it), C still float32.
 //
 // DrivlmCpuGemmPacked: C [m, n] = A [m, k] B for a constant B that cpu_gemm.pack laid out as
 // [ceil(n / 32), k, 32] (32-column panels, zero-padded), once, while tracing. Each call then
@@ -25,8 +27,8 @@
 #include <functional>
 #include <immintrin.h>
 #include <memory>
-#include <type_traits>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 
 #include "xla/ffi/api/ffi.h"
@@ -248,18 +250,18 @@ ffi::Error PackedGemm(ffi::ThreadPool pool, Matrix a, Batch bp, ffi::ResultBuffe
 
 }  // namespace
 
-#define DRIVLM_GEMM_HANDLER(name, dtype)                  \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, Gemm<dtype>,        \
-                                ffi::Ffi::Bind()          \
-                                    .Ctx<ffi::ThreadPool>() \
-                                    .Arg<ffi::Buffer<dtype>>() \
-                                    .Arg<ffi::Buffer<dtype>>() \
-                                    .Ret<ffi::Buffer<ffi::F32>>() \
-                                    .Attr<int64_t>("batch") \
-                                    .Attr<int64_t>("m")   \
-                                    .Attr<int64_t>("n")   \
-                                    .Attr<int64_t>("k")   \
-                                    .Attr<bool>("ta")     \
+#define DRIVLM_GEMM_HANDLER(name, dtype)                                  \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, Gemm<dtype>,                        \
+                                ffi::Ffi::Bind()                          \
+                                    .Ctx<ffi::ThreadPool>()               \
+                                    .Arg<ffi::Buffer<dtype>>()            \
+                                    .Arg<ffi::Buffer<dtype>>()            \
+                                    .Ret<ffi::Buffer<ffi::F32>>()         \
+                                    .Attr<int64_t>("batch")               \
+                                    .Attr<int64_t>("m")                   \
+                                    .Attr<int64_t>("n")                   \
+                                    .Attr<int64_t>("k")                   \
+                                    .Attr<bool>("ta")                     \
                                     .Attr<bool>("tb"));
 
 DRIVLM_GEMM_HANDLER(DrivlmCpuGemm, ffi::F32)
