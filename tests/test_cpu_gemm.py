@@ -24,6 +24,8 @@ except cpu_gemm.Unavailable as e:   # no MKL wheel (not x86-64 Linux) or no comp
 needs_kernel = pytest.mark.skipif(MISSING is not None, reason=f"MKL kernel: {MISSING}")
 needs_avx512 = pytest.mark.skipif(not cpu_gemm.has_avx512(),
                                   reason="the packed-weight kernel needs AVX-512F")
+needs_bf16 = pytest.mark.skipif(not cpu_gemm.has_bf16(),
+                                reason="MKL's bfloat16 GEMM: an Intel CPU with AMX or AVX-512 BF16")
 
 # spec, a's shape, b's shape: plain, transposed and swapped GEMMs, leading batch indices
 # (attention's three forms), several free or contracted indices, and splits across threads.
@@ -74,7 +76,7 @@ def test_einsum_and_its_gradients_on_mkl_match_numpy_and_xla(spec, sa, sb):
 
 
 @needs_kernel
-@pytest.mark.skipif(not cpu_gemm.has_bf16(), reason="MKL's bfloat16 GEMM needs AMX or AVX-512 BF16")
+@needs_bf16
 @pytest.mark.parametrize("spec,sa,sb", ROUTED, ids=[s for s, _, _ in ROUTED])
 def test_bf16_einsum_and_its_gradients_on_mkl(spec, sa, sb):
   """bfloat16 operands, float32 accumulation: the product against numpy in float64 on the same
@@ -85,7 +87,8 @@ def test_bf16_einsum_and_its_gradients_on_mkl(spec, sa, sb):
   ct = jnp.asarray(np.random.default_rng(1).standard_normal(out_shape), jnp.bfloat16)
   vjp = lambda f: jax.jit(lambda a, b, ct: jax.vjp(f, a, b)[1](ct))  # noqa: E731
   with cpu_gemm.use("mkl"):
-    assert "ffi_call" in str(jax.make_jaxpr(vjp(functools.partial(layers.einsum, spec)))(a, b, ct))
+    hlo = vjp(functools.partial(layers.einsum, spec)).lower(a, b, ct).as_text()
+    assert hlo.count(cpu_gemm.BF16_TARGET) == 2   # both gradients on the bf16 kernel
     out = jax.jit(lambda a, b: cpu_gemm.einsum(spec, a, b))(a, b)
     grads = vjp(functools.partial(layers.einsum, spec))(a, b, ct)
   f32 = lambda x: x.astype(jnp.float32)  # noqa: E731

@@ -103,7 +103,7 @@ def _largest_fusion(hlo: str) -> int:
   computations = re.finditer(r"^(%\S+) .*?\{\n(.*?)^\}", hlo, re.M | re.S)
   bodies = {m.group(1): m.group(2) for m in computations}
   return max(m.group(1).count("%") for m in
-             re.finditer(r"= \S+ fusion\((.*?)\), kind=kLoop, calls=(%[\w.-]+)", hlo)
+             re.finditer(r"= (?:\(.*?\)|\S+) fusion\((.*?)\), kind=kLoop, calls=(%[\w.-]+)", hlo)
              if "concatenate(" not in bodies[m.group(2)])
 
 
@@ -149,6 +149,7 @@ def test_norms_keep_flax_gradients():
     def loss(ours, v, x):   # the residual use beside the norm's is what `single_use` splits
       return jnp.sum(jnp.tanh(_Norm(kind, ours).apply({"params": v}, x) + x) ** 2)
 
+    assert "custom_vjp" in str(jax.make_jaxpr(functools.partial(loss, True))(params, x))
     got = jax.grad(functools.partial(loss, True), argnums=(0, 1))(params, x)
     want = jax.grad(functools.partial(loss, False), argnums=(0, 1))(params, x)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6), got, want)

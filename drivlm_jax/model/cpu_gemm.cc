@@ -1,5 +1,6 @@
-// XLA FFI handlers for float32 GEMMs on the CPU, built and loaded by cpu_gemm.py (which says
-// why and when each is used); the work is split across XLA's intra-op thread pool.
+// XLA FFI handlers for float32 and bfloat16-input GEMMs on the CPU, built and loaded by
+// cpu_gemm.py (which says why and when each is used); the work is split across XLA's intra-op
+// thread pool.
 //
 // DrivlmCpuGemm: a batch of GEMMs, C[i] = op(A[i]) op(B[i]), row-major, on oneMKL's sequential
 // `cblas_sgemm`. A is [batch, m, k] (or [batch, k, m] with ta), B is [batch, k, n] (or
@@ -15,7 +16,7 @@
 // plain sgemm does and what makes it slow on a few rows: the pruned student's 50-row GEMMs on
 // weights read from memory each call). AVX-512 only; the work items are runs of panels.
 //
-// In both, the calling thread and up to `threads - 1` pool tasks claim work items from a
+// In all, the calling thread and up to `threads - 1` pool tasks claim work items from a
 // shared counter, so a task the pool starts late finds nothing left and returns, and the
 // caller only waits for items another thread is running (no deadlock when the pool is busy
 // with other thunks).
@@ -91,11 +92,13 @@ template <ffi::DataType T>
 ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<T> a, ffi::Buffer<T> b,
                 ffi::ResultBuffer<ffi::F32> c, int64_t batch, int64_t m, int64_t n, int64_t k,
                 bool ta, bool tb) {
+  // The sizes come from cpu_gemm.einsum (its only caller); the buffers' sizes must agree.
   if (a.element_count() != static_cast<size_t>(batch * m * k) ||
       b.element_count() != static_cast<size_t>(batch * k * n) ||
       c->element_count() != static_cast<size_t>(batch * m * n)) {
     return ffi::Error::InvalidArgument("cpu_gemm: operand sizes do not match the GEMM's");
   }
+  static_assert(T == ffi::DataType::F32 || T == ffi::DataType::BF16);
   using In = std::conditional_t<T == ffi::DataType::F32, float, uint16_t>;
   constexpr auto cblas = [](auto... args) {
     if constexpr (T == ffi::DataType::F32) {

@@ -1,4 +1,5 @@
-"""Float32 matmuls on oneMKL on an Intel CPU: `layers.einsum`'s GEMMs as an XLA FFI call.
+"""Float32 (and bfloat16) matmuls on oneMKL on an Intel CPU: `layers.einsum`'s GEMMs as an XLA
+FFI call.
 
 Why: on a 2-core Intel Xeon (family 6 model 167, jaxlib 0.10.2-0.12.0.1) XLA's CPU dots
 (YNNPACK, or Eigen) run float32 GEMMs at 270-390 GFLOP/s where torch's MKL runs 380-445, and
@@ -289,9 +290,13 @@ def einsum(spec: str, a, b):
 
 @functools.cache
 def has_bf16() -> bool:
-  """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX-512 BF16), where MKL's
-  bfloat16 GEMM is fast (elsewhere it converts)."""
-  return bool({"amx_bf16", "avx512_bf16"} & set(host.cpuinfo().get("flags", "").split()))
+  """Whether MKL's bfloat16 GEMM takes bfloat16 products here: an Intel CPU that multiplies
+  bfloat16 in hardware (AMX or AVX-512 BF16; where it does not, MKL converts). AMD's Zen 4 has
+  AVX-512 BF16 but MKL's bfloat16 speed there was not measured, so it keeps XLA's dots for
+  them even with DRIVLM_CPU_GEMM=mkl. `MIN_MACS` was measured in float32 and applies to both."""
+  info = host.cpuinfo()
+  return (info.get("vendor_id") == "GenuineIntel"
+          and bool({"amx_bf16", "avx512_bf16"} & set(info.get("flags", "").split())))
 
 
 @functools.cache

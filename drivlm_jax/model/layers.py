@@ -102,9 +102,9 @@ def einsum(spec, a, b, out_dtype=None):
     go to YNNPACK as they are (6 Qwen2-0.5B layers, batch 4 x 256: gradient 3.86 -> 2.76 s).
 
   Float32 matmuls, forward and backward, run on MKL on a single-device Intel CPU (`cpu_gemm`),
-  as do bfloat16 ones where the CPU multiplies bfloat16 in hardware (AMX); a numpy `b` (a
-  constant weight: the deployed student's) on `cpu_gemm`'s packed-weight kernel where it
-  applies.
+  as do bfloat16 ones where it multiplies bfloat16 in hardware (`cpu_gemm.has_bf16`); a numpy
+  `b` (a constant weight: the deployed student's) on `cpu_gemm`'s packed-weight kernel where
+  it applies.
   """
   out_dtype = jnp.dtype(out_dtype or a.dtype)
   if isinstance(b, np.ndarray):   # before the custom VJP, which would make it a tracer
@@ -116,7 +116,7 @@ def einsum(spec, a, b, out_dtype=None):
 
 def _matmul(spec, a, b):
   """`spec` of `a` and `b` (one dtype) accumulated in float32: a GEMM on MKL where
-  `cpu_gemm` takes it (an Intel CPU; bfloat16 with AMX), else XLA's dot."""
+  `cpu_gemm` takes it (an Intel CPU; bfloat16 where `cpu_gemm.has_bf16`), else XLA's dot."""
   out = cpu_gemm.einsum(spec, a, b)
   return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32) if out is None else out
 
@@ -186,7 +186,8 @@ def dense(features, in_axes, out_axes, *, cfg, name, use_bias=True, axis=-1):
 
 
 def layer_norm(cfg, name, eps):
-  """A LayerNorm (HF's names and init); in unrolled layers applied to `single_use(x)`."""
+  """A LayerNorm (HF's names and init); applied to `single_use(x)` where `cfg`'s layers are
+  unrolled."""
   norm = nn.LayerNorm(
       epsilon=eps, name=name, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
       use_fast_variance=False,
@@ -196,7 +197,8 @@ def layer_norm(cfg, name, eps):
 
 
 def rms_norm(cfg, name, eps):
-  """An RMSNorm (HF's names and init); in unrolled layers applied to `single_use(x)`."""
+  """An RMSNorm (HF's names and init); applied to `single_use(x)` where `cfg`'s layers are
+  unrolled."""
   norm = nn.RMSNorm(
       epsilon=eps, name=name, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
       scale_init=_init(nn.initializers.ones, ("embed",)))
@@ -206,15 +208,15 @@ def rms_norm(cfg, name, eps):
 @jax.custom_vjp
 def single_use(x):
   """The identity, differentiated as a single use of `x`: the cotangents of the several uses
-  a norm makes of its input (its mean, the centred input, the variance) are summed behind it,
+  a norm makes of its input (the input itself and its statistics) are summed behind it,
   so the residual stream's cotangent ends in an add of two full arrays (the residual branch's
   and the norm's). Without it the sum ends in an add of a broadcast row statistic, which
   XLA's CPU fusion counts as a unary op and so duplicates into every consumer, layer after
   layer: an unrolled CLIP ViT-B/16 backward (`LayerLoop`) had fusions of 8, 15, ..., 177
   operands (quadratic in depth, 0.26 s of a 3.3 s train step on a 2-core Xeon), and with it
-  at most 13. The norms use it only where the layers are unrolled (`unrolled`): in a scan the
-  duplication stays inside one layer's body, and the scanned models keep their rounding (the
-  demo's figures)."""
+  at most 13. The norms use it only in models whose layers are unrolled (`unrolled`; all of
+  that model's norms, the ones outside the layers too): in a scan the duplication stays inside
+  one layer's body, and the scanned models keep their rounding (the demo's figures)."""
   return x
 
 
@@ -222,7 +224,8 @@ single_use.defvjp(lambda x: (x, None), lambda _, g: (g,))
 
 
 def unrolled(cfg) -> bool:
-  """Whether `stack_layers` runs `cfg`'s layers as an unrolled `LayerLoop` (not a scan)."""
+  """Whether `stack_layers` runs `cfg`'s layers as an unrolled `LayerLoop` (not a scan); a
+  config without `scan` (a discriminator's: no layers to stack) counts as scanned."""
   return not getattr(cfg, "scan", True) and not getattr(cfg, "remat", False)
 
 
