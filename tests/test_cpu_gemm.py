@@ -165,6 +165,30 @@ def test_only_a_float32_numpy_layer_kernel_is_packed():
     assert cpu_gemm.constant_einsum("td,df->tf", a, np.asarray(b)) is None
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_vmapped_einsum_runs_the_kernel_per_element(dtype):
+  """The kernel takes operands of any rank (sizes as attributes); under vmap each element is
+  one call: a batched a, b or both, and a swapped output."""
+  if dtype == jnp.bfloat16 and not cpu_gemm.has_bf16():
+    pytest.skip("MKL's bfloat16 GEMM: an Intel CPU with AMX or AVX-512 BF16")
+  f64 = lambda x: np.float64(x.astype(jnp.float32))  # noqa: E731
+  a, b = (x.astype(dtype) for x in _operands((3, 2, 4, 7, 5), (3, 2, 4, 6, 5)))
+  cases = [((0, 0), a, b, "nbkqd,nbksd->nbkqs"),     # in_axes, a, b, numpy's spec
+           ((0, None), a, b[0], "nbkqd,bksd->nbkqs"),
+           ((None, 0), a[0], b, "bkqd,nbksd->nbkqs")]
+  with cpu_gemm.use("mkl"):
+    for in_axes, x, y, spec in cases:
+      f = jax.vmap(lambda x, y: cpu_gemm.einsum("bkqd,bksd->bkqs", x, y), in_axes)
+      assert "ffi_call" in str(jax.make_jaxpr(f)(x, y))
+      np.testing.assert_allclose(jax.jit(f)(x, y), np.einsum(spec, f64(x), f64(y)), rtol=1e-5,
+                                 atol=1e-5)
+    x, y = a[:, 0, 0], b[:, 0, 0]                    # [3, 7, 5], [3, 6, 5]
+    swapped = jax.vmap(lambda x, y: cpu_gemm.einsum("mk,nk->nm", x, y))(x, y)
+    np.testing.assert_allclose(swapped, np.einsum("imk,ink->inm", f64(x), f64(y)), rtol=1e-5,
+                               atol=1e-5)
+
+
 @pytest.mark.parametrize("spec", KEPT)
 def test_einsums_that_need_a_transpose_or_broadcast_stay_with_xla(spec):
   assert cpu_gemm.plan(spec) is None
