@@ -166,12 +166,10 @@ def test_only_a_float32_numpy_layer_kernel_is_packed():
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=needs_bf16)])
 def test_vmapped_einsum_runs_the_kernel_per_element(dtype):
   """The kernel takes operands of any rank (sizes as attributes); under vmap each element is
   one call: a batched a, b or both, and a swapped output."""
-  if dtype == jnp.bfloat16 and not cpu_gemm.has_bf16():
-    pytest.skip("MKL's bfloat16 GEMM: an Intel CPU with AMX or AVX-512 BF16")
   f64 = lambda x: np.float64(x.astype(jnp.float32))  # noqa: E731
   a, b = (x.astype(dtype) for x in _operands((3, 2, 4, 7, 5), (3, 2, 4, 6, 5)))
   cases = [((0, 0), a, b, "nbkqd,nbksd->nbkqs"),     # in_axes, a, b, numpy's spec

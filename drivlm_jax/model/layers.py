@@ -193,7 +193,7 @@ def layer_norm(cfg, name, eps):
       use_fast_variance=False,
       scale_init=_init(nn.initializers.ones, ("embed",)),
       bias_init=_init(nn.initializers.zeros, ("embed",)))
-  return (lambda x: norm(single_use(x))) if unrolled(cfg) else norm
+  return _on_single_use(cfg, norm)
 
 
 def rms_norm(cfg, name, eps):
@@ -202,6 +202,11 @@ def rms_norm(cfg, name, eps):
   norm = nn.RMSNorm(
       epsilon=eps, name=name, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
       scale_init=_init(nn.initializers.ones, ("embed",)))
+  return _on_single_use(cfg, norm)
+
+
+def _on_single_use(cfg, norm):
+  """`norm` applied to `single_use(x)` where `cfg`'s layers are unrolled, else `norm`."""
   return (lambda x: norm(single_use(x))) if unrolled(cfg) else norm
 
 
