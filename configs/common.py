@@ -272,7 +272,7 @@ def real_config(arg, description: str):
   config.data = ml_collections.ConfigDict(dict(
       sim=False, source_dir="", target_dir="", tokenizer="", cache_dir="",
       nuscenes_config="front", target_fraction=0.0, target_labelled=False,
-      max_len=384, resize="pad", augment=True, workers=8, max_boxes=16,
+      max_len=384, resize="pad", augment=True, workers=8, read_threads=1, max_boxes=16,
       drivelm_questions="released"))   # or "challenge": pipeline.Features
   config.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-4, warmup_steps=500, weight_decay=0.05, grad_clip_norm=1.0,

@@ -79,6 +79,7 @@ def get_config(arg=None):
       target=dict(domain=SHIFTS[arg.shift][1], seed=1, train=640, test=1000),
       target_fraction=0.0, target_labelled=False,   # set by the method
       max_len=128, resize="pad", augment=True, workers=0, max_boxes=16,
+      read_threads=1,                      # threads preparing batches (pipeline.READ_THREADS)
       drivelm_questions="released",        # nuScenes: the QAs trained on (pipeline.Features)
       cache_examples=4096))                # decoded, resized frames kept in memory (~12 KB each)
 

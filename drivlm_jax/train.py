@@ -167,7 +167,7 @@ def train_batches(config, data, feats, start: int):
   return pipeline.batches(
       data["source", "train"], feats, config.batch_size // jax.process_count(), target=target,
       target_fraction=d.target_fraction, target_labelled=d.target_labelled, seed=config.seed,
-      start=start, workers=d.workers)
+      start=start, workers=d.workers, threads=d.read_threads)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -107,10 +107,10 @@ def test_target_labels_never_reach_the_gradient(data):
                                                       jax.tree.leaves(changed)))
 
 
-def test_deterministic_for_a_seed_and_workers(data):
-  make = lambda seed, workers=0: pipeline.batches(data["source"], data["features"], 4,
-                                                  target=data["target"], seed=seed,
-                                                  workers=workers)
+def test_deterministic_for_a_seed_workers_and_threads(data):
+  make = lambda seed, workers=0, threads=1: pipeline.batches(
+      data["source"], data["features"], 4, target=data["target"], seed=seed, workers=workers,
+      threads=threads)
   a, b, c = _take(make(3), 3), _take(make(3), 3), _take(make(4), 3)
   for x, y in zip(a, b):
     for k in x:
@@ -119,6 +119,11 @@ def test_deterministic_for_a_seed_and_workers(data):
   for x, y in zip(a, _take(make(3, workers=2), 3)):
     np.testing.assert_array_equal(x["image"], y["image"])
     np.testing.assert_array_equal(x["example_id"], y["example_id"])
+  for x, y in zip(a, _take(make(3, threads=4), 3)):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+  with pytest.raises(ValueError, match="read_threads"):
+    make(3, threads=0)
 
 
 def test_cached_frames_give_the_same_batches(data):

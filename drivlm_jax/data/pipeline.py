@@ -354,6 +354,17 @@ def target_rows(batch_size: int, hosts: int, target_fraction: float) -> int:
   return rows // hosts
 
 
+# Threads preparing batches in a process (`batches`; config.data.read_threads). One: the
+# transforms are Python and hold the GIL, so more threads contend for it instead of running
+# in parallel (processes do: `workers`), and each costs CPU the training step needs. The
+# demo's batches on a 2-core Xeon, 1 / 2 / 16 threads: 2494 / 1577 / 1173 examples/s at 6.5 /
+# 12.2 / 16.6 ms of CPU a batch; at 224 px 776 / 780 / 592 at 20.7 / 27.7 / 35.9 ms; the
+# demo's trainer at 0.82 of its bare step's examples/s with 1, 0.80 with 16 (3 runs each,
+# alternated; 2026-12-05). More pay off only where reading waits (a dataset in a bucket, in
+# the first epoch, before the decoded frames are cached).
+READ_THREADS = 1
+
+
 def batch_dataset(source: SourceSpec, features: Features, batch_size: int, *, target=None,
                   target_fraction=0.5, target_labelled=False, train=True, seed=0,
                   shard_index=None, shard_count=None) -> grain.MapDataset:
@@ -378,13 +389,16 @@ def batch_dataset(source: SourceSpec, features: Features, batch_size: int, *, ta
 
 
 def batches(*args, start: int = 0, workers: int = 0, read_ahead: int = 16,
-            **kwargs) -> grain.IterDataset:
+            threads: int = READ_THREADS, **kwargs) -> grain.IterDataset:
   """`batch_dataset(*args, **kwargs)` from batch `start` on, as an iterable: up to
-  `read_ahead` batches are prepared ahead, by as many threads (at most 16), in each of
-  `workers` grain processes (0: in this process). Bounded, unlike grain's default of 500: a
-  run's last batches read ahead are work thrown away, taken from the step's cores."""
+  `read_ahead` batches are prepared ahead, by `threads` threads (at most `read_ahead`), in
+  each of `workers` grain processes (0: in this process). Bounded, unlike grain's default of
+  500: a run's last batches read ahead are work thrown away, taken from the step's cores."""
+  if threads < 1:
+    raise ValueError(f"threads {threads}: at least 1 (config.data.read_threads)")
   ds = batch_dataset(*args, **kwargs)
-  options = grain.ReadOptions(num_threads=min(16, read_ahead), prefetch_buffer_size=read_ahead)
+  options = grain.ReadOptions(num_threads=min(threads, read_ahead),
+                             prefetch_buffer_size=read_ahead)
   ds = (ds[start:] if start else ds).to_iter_dataset(options)
   if workers:
     if not flags.FLAGS.is_parsed():   # grain's workers read absl flags; outside absl.app

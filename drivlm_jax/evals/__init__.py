@@ -59,7 +59,8 @@ def host_batches(spec, feats, batch_size: int):
                                    shard_count=count) for i in range(count)]
   mine = shards[index]
   if count == 1:   # one host: batches as they come (the last may be short), read ahead
-    for batch in mine.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)):
+    for batch in mine.to_iter_dataset(grain.ReadOptions(num_threads=pipeline.READ_THREADS,
+                                                          prefetch_buffer_size=4)):
       yield batch, np.ones(len(batch["image"]), bool)
     return
   pad = lambda x: np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)])
