@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageEnhance
 
 from configs import common
 from data_builders import __main__ as build_cli
@@ -277,3 +277,27 @@ def test_a_prompt_longer_than_max_len_names_its_example(data):
   with pytest.raises(ValueError, match=rf"example {example['sample_token'].decode()}, "
                                        r"question .*config.data.max_len"):
     transform(0, example)
+
+
+def test_augment_is_pillows_image_enhance():
+  """`preprocess.augment` against Pillow's ImageEnhance Brightness, Contrast and Color (its
+  reference), the same factors drawn: the same bits, on random, smooth and flat frames of
+  any size, with factors at and past 1 (the clipping branch)."""
+  def pillow(image, rng):
+    pil = Image.fromarray(image)
+    pil = ImageEnhance.Brightness(pil).enhance(rng.uniform(0.75, 1.25))
+    pil = ImageEnhance.Contrast(pil).enhance(rng.uniform(0.75, 1.25))
+    pil = ImageEnhance.Color(pil).enhance(rng.uniform(0.8, 1.2))
+    return np.asarray(pil)
+
+  rng = np.random.default_rng(0)
+  for i in range(600):
+    h, w = (int(n) for n in rng.integers(1, 90, 2))
+    image = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+             np.clip(rng.normal(128, 70, (h, w, 3)), 0, 255).astype(np.uint8),
+             np.full((h, w, 3), rng.integers(0, 256, 3), np.uint8)][i % 3]
+    seed = int(rng.integers(1 << 30))
+    ours = preprocess.augment(image, np.random.default_rng(seed))
+    assert ours.dtype == np.uint8 and ours.shape == image.shape
+    np.testing.assert_array_equal(ours, pillow(image, np.random.default_rng(seed)),
+                                  err_msg=f"frame {i}")
