@@ -259,13 +259,19 @@ def _flat(tree, prefix=""):
   return out
 
 
+# How batches are prepared, not what they hold (the pipeline gives the same batches for any
+# value): not a change of the run's config.
+INPUT_ONLY_KEYS = ("data.workers", "data.read_threads")
+
+
 def config_changes(workdir: str, config) -> list:
   """Dotted keys whose value in `config` differs from the run's config.json (relative paths
-  of either compared as `absolute_paths` makes them)."""
+  of either compared as `absolute_paths` makes them), `INPUT_ONLY_KEYS` aside."""
   stored = absolute_paths(ml_collections.ConfigDict(read_json(path(workdir, "config.json"))))
   stored = _flat(json.loads(stored.to_json_best_effort()))
   current = _flat(json.loads(absolute_paths(config).to_json_best_effort()))
-  return sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+  return sorted(k for k in set(stored) | set(current)
+                if stored.get(k) != current.get(k) and k not in INPUT_ONLY_KEYS)
 
 
 def differs_at(workdir: str, config) -> str:

@@ -282,7 +282,8 @@ def test_a_prompt_longer_than_max_len_names_its_example(data):
 def test_augment_is_pillows_image_enhance():
   """`preprocess.augment` against Pillow's ImageEnhance Brightness, Contrast and Color (its
   reference), the same factors drawn: the same bits, on random, smooth and flat frames of
-  any size, with factors at and past 1 (the clipping branch)."""
+  any size up to 1080p, with factors at and past 1 (the clipping branch); a batch of frames
+  is an error, not one contrast mean over all of them."""
   def pillow(image, rng):
     pil = Image.fromarray(image)
     pil = ImageEnhance.Brightness(pil).enhance(rng.uniform(0.75, 1.25))
@@ -301,3 +302,10 @@ def test_augment_is_pillows_image_enhance():
     assert ours.dtype == np.uint8 and ours.shape == image.shape
     np.testing.assert_array_equal(ours, pillow(image, np.random.default_rng(seed)),
                                   err_msg=f"frame {i}")
+  # Frames past 2^16 pixels: the mean's sum would no longer be exact in float32.
+  for shape in ((384, 384, 3), (1080, 1920, 3)):
+    image = rng.integers(0, 256, shape, dtype=np.uint8)
+    np.testing.assert_array_equal(preprocess.augment(image, np.random.default_rng(5)),
+                                  pillow(image, np.random.default_rng(5)), err_msg=str(shape))
+  with pytest.raises(ValueError, match="uint8 RGB frame"):
+    preprocess.augment(np.zeros((2, 8, 8, 3), np.uint8), rng)

@@ -360,6 +360,9 @@ def test_resuming_with_another_total_steps_is_an_error_and_unlogged_rows_go(cach
   config = small_config(cache, total_steps=6, checkpoint_every_steps=3)
   assert run_lib.config_changes(str(tmp_path), config) == []
   assert run_lib.config_changes(str(tmp_path), relative) == []
+  threads = small_config(cache, total_steps=6, checkpoint_every_steps=3,
+                         **{"data.read_threads": 3, "data.workers": 2})
+  assert run_lib.config_changes(str(tmp_path), threads) == []   # the same batches
   wider = small_config(cache, total_steps=6, checkpoint_every_steps=3,
                        **{"model.head_hidden": config.model.head_hidden * 2})
   with pytest.raises(run_lib.RunError, match=r"checkpoints/6: cannot restore it .*steps "

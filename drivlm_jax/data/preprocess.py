@@ -56,7 +56,12 @@ def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   degenerate one: black, its mean gray, its own grays). Every value is an integer below 2^24
   until a blend, so float32 holds the conversion to gray exactly. A 64 px frame in 64-76 us
   against Pillow's 108 (four image copies, a histogram, three blends); the demo's batch of 16
-  in 4.9 ms of CPU instead of 6.0 (2-core Xeon, 2026-12-05)."""
+  in 4.9 ms of CPU instead of 6.0 (2-core Xeon, 2026-12-05). The same bits as Pillow's
+  x86-64 builds, which round the blend's product and sum apart (a build that fuses them into
+  one multiply-add would differ in the last bit of a few pixels)."""
+  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(f"augment takes one uint8 RGB frame [H, W, 3], got {image.dtype} "
+                     f"{image.shape}")
   brightness, contrast, color = (rng.uniform(0.75, 1.25), rng.uniform(0.75, 1.25),
                                  rng.uniform(0.8, 1.2))
   # Channels first and pixels flat ([3, H * W]): numpy's loops then run along the pixels.
