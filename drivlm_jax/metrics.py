@@ -228,7 +228,9 @@ def official_f1(probabilities, labels, batch_size: int, threshold: float = 0.5) 
   """F1 as BDD-OIA's `action_prediction/test.py` reports it ("Overall acc"): sigmoid > 0.5,
   sklearn's samples-F1 of each batch of `batch_size` rows in order (the last one may be
   smaller), the mean over batches, in points. It equals the dataset-level F1_all only at
-  batch size 1."""
+  batch size 1, and only there is it the script's figure exactly: its dataset reads the rows
+  through a random permutation drawn at construction (`DataLoader_together.py`), so above 1
+  its batches are random and this gives the figure for batches taken in order."""
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   predictions, labels = np.asarray(probabilities) > threshold, np.asarray(labels)

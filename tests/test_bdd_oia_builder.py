@@ -152,6 +152,22 @@ def test_annotation_ids_are_not_read_as_the_loader_does_not(tmp_path, caplog, ed
     assert "6 annotation(s)" in warning[0]
 
 
+def unread_rows_malformed(actions, reasons):
+  """Rows the loader never reads, malformed: a spare annotation (no image points at it), a
+  confusing frame's labels and its reasons row, and the reasons row of a missing image."""
+  actions["annotations"][1], actions["annotations"][4] = {}, None
+  actions["annotations"][IDS[0]]["category"] = [0, 0, 0, -1, 1]
+  for row in reasons:
+    if row["file_name"] in (NAMES[0], MISSING):
+      row["reason"] = []
+
+
+def test_rows_the_loader_never_reads_are_not_checked(tmp_path):
+  manual = write_archive(tmp_path / "m", edit=unread_rows_malformed)
+  skipped = _build_as_the_loader(manual, str(tmp_path / "d"))
+  assert skipped == {"confusing frame (5th action value not 0)": 1, "image file missing": 1}
+
+
 def test_missing_image_is_a_counted_skip_or_strict_error(tmp_path):
   manual = write_archive(tmp_path / "m")
   with pytest.raises(BuildError, match=rf"{MISSING}: image file missing.*--strict"):
@@ -175,6 +191,8 @@ def _malformed_json(root):
      r"reasons\.json: \[1\]: expected a list of 21 labels"),
     (lambda a, r: a["annotations"][IDS[2]].update(category=[1, 0, 2, 0]), None,
      rf"annotations\[{IDS[2]}\]: labels must be 0 or 1"),
+    (lambda a, r: a["annotations"][IDS[1]].pop("category"), None,
+     rf"annotations\[{IDS[1]}\] lacks 'category' \(read for {NAMES[1]}\)"),
     # Released form: an id outside the list, and a list shorter than the largest id.
     (lambda a, r: a["images"][3].update(id=-1), None,
      rf"images\[3\] \({NAMES[3]}\) has id -1, outside the 'annotations' list of length 8"),

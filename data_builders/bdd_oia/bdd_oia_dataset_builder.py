@@ -161,7 +161,11 @@ def read_split(actions_path, reasons_path, image_dirs, skips):
     if name not in reasons:
       skips("no reasons row", name)
       continue
-    out[name] = (category, reasons[name], where)
+    # Labels are checked only for the frames kept: the loader never reads the others' (a
+    # dropped frame's reasons row may be empty in a file it accepts).
+    reason, reason_where = reasons[name]
+    out[name] = (common.binary_labels(category, ACTIONS, where),
+                 common.binary_labels(reason, REASONS, reason_where), where)
   return out, image_dir, len(images)
 
 
@@ -171,11 +175,10 @@ def _categories(path, images, annotations):
   As the dataset's own loader reads them: `annotations[image["id"]]`, always by position. Ids
   an annotation may carry (`image_id`, else `id`) are not read by that loader; where they name
   another image than the one their position gives, the labels still follow the position, and
-  a warning counts those rows (re-packaged copies may have reordered the list).
+  a warning counts those rows (re-packaged copies may have reordered the list). Only the rows
+  images point at are read, and only their length here (the loader reads `category[4]` of
+  every listed image); the labels themselves are checked for the frames `read_split` keeps.
   """
-  for i, ann in enumerate(annotations):
-    if not isinstance(ann, dict) or "category" not in ann:
-      raise common.BuildError(f"{path}: annotations[{i}] lacks 'category'")
   seen, shared, out = set(), [], {}
   for name, (i, image_id) in images.items():
     if image_id in seen:
@@ -187,20 +190,23 @@ def _categories(path, images, annotations):
           f"{path}: images[{i}] ({name}) has id {image_id!r}, outside the 'annotations' list "
           f"of length {len(annotations)} (the dataset's loader reads annotations[image id])")
     where = f"{path}: annotations[{image_id}]"
-    category = annotations[image_id]["category"]
+    ann = annotations[image_id]
+    if not isinstance(ann, dict) or "category" not in ann:
+      raise common.BuildError(f"{where} lacks 'category' (read for {name})")
+    category = ann["category"]
     # The loader reads [:4] as the actions and [4] as the "confusing" flag, compared with 0
     # (so a null flag drops the frame too); more values, as in test.py's default
     # val_25k_image_action_6.json, it never reads.
-    if isinstance(category, list) and len(category) > ACTIONS:
-      common.binary_labels(category[:ACTIONS], ACTIONS, where)
-    else:
-      common.binary_labels(category, ACTIONS, where)
+    if not isinstance(category, list) or len(category) < ACTIONS:
+      raise common.BuildError(f"{where}: expected a list of {ACTIONS} labels (a 5th value "
+                              f"flags a confusing frame), got {category!r}")
     out[name] = (category, where)
   if shared:
     logging.warning("%s: %d image(s) share an id with an earlier image (e.g. %s); each takes "
                     "annotations[id], as the dataset's loader reads it", path, len(shared),
                     shared[0])
-  own_ids = ((row, ann.get("image_id", ann.get("id"))) for row, ann in enumerate(annotations))
+  own_ids = ((row, ann.get("image_id", ann.get("id")) if isinstance(ann, dict) else None)
+             for row, ann in enumerate(annotations))
   other = [(row, own) for row, own in own_ids if own is not None and own != row and row in seen]
   if other:
     row, own = other[0]
@@ -212,8 +218,9 @@ def _categories(path, images, annotations):
 
 
 def _reasons(path, actions_path, images, skips):
-  """-> {file_name: reasons [21]} from `[{"file_name", "reason"}]`. A row whose image the
-  actions file does not list is a counted skip (the loader never reads it by name)."""
+  """-> {file_name: (reasons as written, row description)} from `[{"file_name", "reason"}]`
+  (`read_split` checks the labels of the frames it keeps). A row whose image the actions file
+  does not list is a counted skip (the loader never reads it by name)."""
   rows = common.read_json(path)
   if not isinstance(rows, list):
     raise common.BuildError(f"{path}: expected a list of {{file_name, reason}}")
@@ -228,5 +235,5 @@ def _reasons(path, actions_path, images, skips):
       skips(f"reasons row of an image not in {os.path.basename(actions_path)}",
             f"{where} ({row['file_name']})")
       continue
-    reasons[row["file_name"]] = common.binary_labels(row["reason"], REASONS, where)
+    reasons[row["file_name"]] = (row["reason"], where)
   return reasons
