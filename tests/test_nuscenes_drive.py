@@ -451,3 +451,15 @@ def test_drivelm_files_a_frame_in_two_and_a_file_of_another_form(tmp_path):
   (tmp_path / "v1_0_train_nus.json").write_text(json.dumps([{"id": 0, "conversations": []}]))
   with pytest.raises(BuildError, match=r"v1_0_train_nus.json: expected DriveLM-nuScenes QA"):
     nuscenes_builder.drivelm_qa(str(tmp_path))
+
+
+def test_one_table_version_is_read_and_the_others_named(dataset, tmp_path, caplog):
+  """As the devkit (one version per `NuScenes`): beside v1.0-mini, a v1.0-test folder is not
+  read, and a warning says so."""
+  root = tmp_path / "two"
+  (root / "v1.0-test").mkdir(parents=True)
+  os.symlink(os.path.join(dataset[0], "v1.0-mini"), root / "v1.0-mini")
+  with caplog.at_level(logging.WARNING):
+    tables = nuscenes_builder.Tables(str(root))
+  assert tables.version == "v1.0-mini" and len(tables.scene) == len(dataset[4].scene)
+  assert "reading the tables of v1.0-mini only (also here: v1.0-test)" in caplog.text

@@ -52,6 +52,10 @@ class Tables:
       raise common.BuildError(f"{root}: no v1.0-* table folder")
     preferred = [v for v in ("v1.0-trainval", "v1.0-mini", "v1.0-test") if v in versions]
     self.version = preferred[0] if preferred else versions[0]
+    if len(versions) > 1:   # e.g. the full download: trainval and test side by side
+      logging.warning("%s: reading the tables of %s only (also here: %s); the devkit too reads "
+                      "one version at a time", root, self.version,
+                      ", ".join(v for v in versions if v != self.version))
     self.root = root
     for name in TABLES:
       rows = common.read_json(os.path.join(root, self.version, f"{name}.json"))
