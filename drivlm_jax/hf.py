@@ -73,11 +73,23 @@ class _Tensors:
       for key in handle.keys():
         self._where[key] = file
 
+    self._stored = {}   # a name read from another's tensor (`alias`) -> that one's name
+
   def keys(self):
     return self._where.keys()
 
+  def alias(self, name, stored):
+    """Reads `name` from the tensor stored as `stored`."""
+    self._where[name], self._stored[name] = self._where[stored], stored
+
+  def _slice(self, name):
+    if name not in self._where:
+      raise CheckpointError(f"{self.path}: missing tensor {name!r}")
+    return self._handles[self._where[name]], self._stored.get(name, name)
+
   def shape(self, name):
-    return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+    handle, stored = self._slice(name)
+    return tuple(handle.get_slice(stored).get_shape())
 
   def get(self, name, expected_shape):
     if name not in self._where:
@@ -86,7 +98,8 @@ class _Tensors:
     if self.shape(name) != tuple(expected_shape):
       raise CheckpointError(f"{self.path}: tensor {name!r} has shape {self.shape(name)} in the "
                             f"checkpoint, the model expects {tuple(expected_shape)}")
-    return self._handles[self._where[name]].get_tensor(name)
+    handle, stored = self._slice(name)
+    return handle.get_tensor(stored)
 
 
 def _weight_map(index) -> dict | None:
@@ -490,7 +503,21 @@ def save_text_tower(cfg: text.Config, params, path, vision_tower=None):
 
 
 def language_config(path, **overrides) -> language.Config:
-  return _language_config(_hf_config(path), os.path.join(path, "config.json"), **overrides)
+  """The `language.Config` of a LLaMA / Qwen2 directory: its config.json, untied where its
+  weights hold a head of their own although the config ties it (`_tie_as_stored`), so the
+  config and `load_language_model` agree."""
+  cfg = _language_config(_hf_config(path), os.path.join(path, "config.json"), **overrides)
+  return _tie_as_stored(cfg, *_lm_tensors(path)) if _has_weights(path) else cfg
+
+
+def _lm_tensors(path):
+  tensors = _Tensors(path)
+  return tensors, _detect(tensors, _LM_ANCHOR, _LM_NAMES, dataclasses.replace(_LM_NAMES,
+                                                                                prefix=""))
+
+
+def _has_weights(path) -> bool:
+  return any(os.path.exists(os.path.join(path, f)) for f in (SAFETENSORS, SAFETENSORS_INDEX))
 
 
 def _language_config(hf, where, **overrides) -> language.Config:
@@ -535,12 +562,16 @@ def _language_config(hf, where, **overrides) -> language.Config:
       **overrides)
 
 
-def _untied_by_its_head(cfg: language.Config, tensors, naming) -> language.Config:
-  """`cfg` untied where the file stores an lm_head that differs from the embedding although
-  the config ties them: transformers then keeps both ("both are present in the checkpoints
-  with different values, so we will NOT tie them"), and so do we, saying so."""
+def _tie_as_stored(cfg: language.Config, tensors, naming) -> language.Config:
+  """`cfg` with the tie of the LM head as transformers loads the file: a tied config whose
+  file stores an lm_head that differs from the embedding is loaded untied ("both are present
+  in the checkpoints with different values, so we will NOT tie them"), saying so; one that
+  stores the shared matrix only as the head reads the embedding from it (`tensors.alias`)."""
   head, embed = naming(("lm_head", "kernel")), naming(("embed_tokens", "embedding"))
   if not cfg.tie_word_embeddings or head not in tensors.keys():
+    return cfg
+  if embed not in tensors.keys():
+    tensors.alias(embed, head)
     return cfg
   shape = tensors.shape(embed)
   if tensors.shape(head) == shape and np.array_equal(tensors.get(head, shape),
@@ -554,9 +585,8 @@ def _untied_by_its_head(cfg: language.Config, tensors, naming) -> language.Confi
 def load_language_model(path, **overrides):
   """A LLaMA or Qwen2 causal LM from a local HF directory. Returns (language.Config, params)."""
   cfg = language_config(path, **overrides)
-  tensors = _Tensors(path)
-  naming = _detect(tensors, _LM_ANCHOR, _LM_NAMES, dataclasses.replace(_LM_NAMES, prefix=""))
-  cfg = _untied_by_its_head(cfg, tensors, naming)
+  tensors, naming = _lm_tensors(path)
+  cfg = _tie_as_stored(cfg, tensors, naming)
   ignore = lambda k: (k.endswith("rotary_emb.inv_freq")
                       or (cfg.tie_word_embeddings and k == "lm_head.weight"))
   params = _load_params(tensors, naming, _shapes(language.init, cfg), ignore)
@@ -634,8 +664,12 @@ def vlm_config(path, *, vision_overrides=None, language_overrides=None,
                     "LLaVA does not use", path)
     vcfg = dataclasses.replace(vcfg, use_head=False)
   lcfg = _language_config(hf.text_config, f"{where} (text_config)", **(language_overrides or {}))
-  # LLaVA ties lm_head by its own (top-level) flag.
+  # LLaVA ties lm_head by its own (top-level) flag, and the weights may untie it (as in
+  # `language_config`).
   lcfg = dataclasses.replace(lcfg, tie_word_embeddings=bool(hf.tie_word_embeddings))
+  if _has_weights(path):
+    tensors = _Tensors(path)
+    lcfg = _tie_as_stored(lcfg, tensors, _detect(tensors, _LM_ANCHOR, *_LLAVA_LM))
   parts = _drivlm_fields(path)
   try:
     return vlm.Config(vision=vcfg, language=lcfg, image_token_id=hf.image_token_index,
@@ -650,7 +684,7 @@ def vlm_config(path, *, vision_overrides=None, language_overrides=None,
 
 def _head_not_stored(path) -> bool:
   """Whether a LLaVA directory's weights lack the SigLIP pooling head (either layout)."""
-  if not any(os.path.exists(os.path.join(path, f)) for f in (SAFETENSORS, SAFETENSORS_INDEX)):
+  if not _has_weights(path):
     return False   # no weights to read: the config decides
   tensors = _Tensors(path)
   naming = _detect(tensors, _VISION_ANCHOR, *_LLAVA_VISION)
@@ -681,7 +715,7 @@ def load_vlm(path, **overrides):
   params, used = {}, set()
   vision_naming = _detect(tensors, _VISION_ANCHOR, *_LLAVA_VISION)
   lm_naming = _detect(tensors, _LM_ANCHOR, *_LLAVA_LM)
-  cfg = dataclasses.replace(cfg, language=_untied_by_its_head(cfg.language, tensors, lm_naming))
+  cfg = dataclasses.replace(cfg, language=_tie_as_stored(cfg.language, tensors, lm_naming))
   shapes = _shapes(vlm.init, cfg)
   for part, naming in (("vision", vision_naming), ("language", lm_naming),
                        ("projector", _detect(tensors, "linear_1.weight", *_LLAVA_PROJECTOR))):

@@ -15,7 +15,7 @@ import transformers
 
 from configs import demo
 from drivlm_jax import hf, pretrained, run as run_lib
-from drivlm_jax.model import language
+from drivlm_jax.model import language, layers, vlm
 from tests import reference as ref
 
 TOL = 1e-5
@@ -364,6 +364,34 @@ def test_a_tied_config_with_another_stored_head_loads_untied_as_transformers(tmp
   with torch.no_grad():
     same.lm_head.weight.copy_(same.model.embed_tokens.weight)
   assert hf.load_language_model(saved_as_tied(same, "same_head"))[0].tie_word_embeddings
+  # A run built on it (init_language) is configured untied too, and takes the stored head.
+  config = demo.get_config()
+  with config.unlocked():
+    config.init_language, config.data.tokenizer = path, str(tmp_path)   # the tokenizer: unread
+  config = pretrained.configure(config)
+  assert not config.model.language.tie_word_embeddings
+  run_cfg = run_lib.model_config(config)
+  started = pretrained.start(vlm.init(run_cfg, jax.random.key(0)), run_cfg, config)
+  jax.tree.map(np.testing.assert_array_equal, started["language"], params)
+
+
+def test_a_tied_lm_storing_only_the_head_loads_as_transformers(tmp_path):
+  """A tied checkpoint whose file holds the shared matrix only as lm_head.weight:
+  transformers ties it either way; we read the embedding from the head."""
+  path = ref.save(ref.causal_lm(family="llama", kv_heads=2, tie=True), tmp_path / "lm")
+  file = tmp_path / "lm" / hf.SAFETENSORS
+  tensors = safetensors.numpy.load_file(str(file))
+  embed = tensors.pop("model.embed_tokens.weight")
+  safetensors.numpy.save_file({**tensors, "lm_head.weight": embed}, str(file),
+                              metadata={"format": "pt"})
+  theirs_model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+  cfg, params = hf.load_language_model(path)
+  assert cfg.tie_word_embeddings
+  np.testing.assert_array_equal(params["embed_tokens"]["embedding"], embed)
+  ids = _ids(2, 9, cfg.vocab_size, seed=11)
+  with torch.inference_mode():
+    theirs = theirs_model(torch.from_numpy(ids).long()).logits
+  assert ref.max_diff(language.apply(cfg, params, ids), theirs) <= TOL
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -377,3 +405,48 @@ def test_special_token_ids_survive_load_and_save(family, tmp_path):
   hf.save_language_model(cfg, params, str(tmp_path / "saved"))
   again = transformers.AutoConfig.from_pretrained(str(tmp_path / "saved"))
   assert (again.bos_token_id, again.eos_token_id, again.pad_token_id) == (3, [7, 9], 5)
+
+
+@pytest.mark.parametrize("kv_heads", [6, 2])
+def test_attention_gradients_match_torch_sdpa(kv_heads):
+  """`layers.attention`'s custom gradient (the softmax's in flash attention's form) against
+  torch's scaled_dot_product_attention backward, grouped-query heads, a causal and padding
+  mask; a fully masked row (finite output, which torch does not give) takes no gradient."""
+  rng = np.random.default_rng(0)
+  b, t, n, dh = 2, 7, 6, 8
+  q = rng.normal(size=(b, t, n, dh)).astype(np.float32)
+  k, v = (rng.normal(size=(b, t, kv_heads, dh)).astype(np.float32) for _ in range(2))
+  mask = np.tril(np.ones((t, t), bool))[None].repeat(b, 0)
+  mask[1, :, :2] = False   # a left-padded second row: its first two keys masked
+  mask[1, :2] = False      # ... and its first two queries see nothing
+  # Weights zero on the dead queries, whose output torch gives as NaN (ours: the values' mean).
+  w = rng.normal(size=(b, t, n, dh)).astype(np.float32) * mask.any(-1)[..., None, None]
+
+  def loss(q, k, v):
+    return jnp.sum(layers.attention(q, k, v, jnp.asarray(mask)) * w)
+
+  ours = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  tq, tk, tv = (torch.from_numpy(x.transpose(0, 2, 1, 3).copy()).requires_grad_()
+                for x in (q, k, v))
+  out = torch.nn.functional.scaled_dot_product_attention(
+      tq, tk, tv, attn_mask=torch.from_numpy(mask)[:, None], enable_gqa=kv_heads != n)
+  live = torch.from_numpy(mask.any(-1))[:, None, :, None]
+  (torch.where(live, out, 0) * torch.from_numpy(w.transpose(0, 2, 1, 3))).sum().backward()
+  for got, x in zip(ours, (tq, tk, tv)):
+    want = x.grad.numpy().transpose(0, 2, 1, 3)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5 * np.abs(want).max())
+  # With weight on the dead queries too: autodiff of the plain formula, where their scores
+  # are constants (no gradient to q or k) and their uniform probabilities reach v.
+  w_all = rng.normal(size=w.shape).astype(np.float32)
+
+  def plain(q, k, v):
+    kk, vv = (np.repeat(x, n // kv_heads, axis=2) for x in (k, v))
+    scores = jnp.einsum("bqnd,bknd->bnqk", q, kk) * dh ** -0.5
+    probs = jax.nn.softmax(jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min))
+    return jnp.sum(jnp.einsum("bnqk,bknd->bqnd", probs, vv) * w_all)
+
+  ours = jax.grad(lambda *x: jnp.sum(layers.attention(*x, jnp.asarray(mask)) * w_all),
+                  argnums=(0, 1, 2))(q, k, v)
+  for got, want in zip(ours, jax.grad(plain, argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5 * np.abs(want).max())
+  assert not np.asarray(ours[0])[1, :2].any()   # the dead queries

@@ -179,6 +179,37 @@ def test_a_tied_config_with_another_stored_head_loads_untied_as_transformers(tmp
   cfg, params = hf.load_vlm(path)
   assert not cfg.language.tie_word_embeddings
   _assert_logits_match(model, cfg, params)
+  # A run started from it (init=) is configured untied too, and takes the stored head.
+  config = demo.get_config(f"init={path}")
+  config.data.tokenizer = str(tmp_path)   # not read here
+  config = pretrained.configure(config)
+  assert not config.model.language.tie_word_embeddings
+  run_cfg = run_lib.model_config(config)
+  started = pretrained.start(vlm.init(run_cfg, jax.random.key(0)), run_cfg, config)
+  jax.tree.map(np.testing.assert_array_equal, started["language"], params["language"])
+
+
+@pytest.mark.parametrize("name", ["siglip_qwen2", "clip_llama"])
+def test_a_tied_llava_storing_only_the_head_loads_as_transformers(tmp_path, name):
+  """A tied checkpoint whose file holds the shared matrix only as lm_head (some converters
+  write it so): transformers ties it either way; we read the embedding from the head."""
+  path = ref.save(_llava(name), tmp_path / "llava")
+  config_file = pathlib.Path(path) / "config.json"
+  config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                     "tie_word_embeddings": True}))
+  file = pathlib.Path(path) / "model.safetensors"
+  tensors = load_file(str(file))
+  embed = next(k for k in tensors if k.endswith("embed_tokens.weight"))
+  head = "lm_head.weight" if embed.startswith("model.") else "language_model.lm_head.weight"
+  save_file({**{k: v for k, v in tensors.items() if k not in (embed, head)},
+             head: tensors[embed]},
+            str(file), metadata={"format": "pt"})
+  model = transformers.LlavaForConditionalGeneration.from_pretrained(path).eval()
+  cfg, params = hf.load_vlm(path)
+  assert cfg.language.tie_word_embeddings
+  np.testing.assert_array_equal(params["language"]["embed_tokens"]["embedding"],
+                                tensors[embed].numpy())
+  _assert_logits_match(model, cfg, params)
 
 
 def test_a_siglip_llava_stored_without_its_unused_head_loads_as_transformers(tmp_path, caplog):
