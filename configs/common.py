@@ -46,8 +46,10 @@ MODEL_PRESETS = {
     # Student: CLIP ViT-B/16 + Qwen2-0.5B shapes (LLaVA-style, penultimate vision layer).
     "clip_b16_qwen05b": dict(vision=_CLIP_B16, language=_QWEN2_05B,
                              image_token_id=_QWEN2_IMAGE_PAD, vision_feature_layer=-2),
+    # SigLIP has no class token: every patch is projected ("full", as LLaVA-OneVision).
     "siglip_b16_qwen05b": dict(vision=_SIGLIP_B16, language=_QWEN2_05B,
-                               image_token_id=_QWEN2_IMAGE_PAD, vision_feature_layer=-1),
+                               image_token_id=_QWEN2_IMAGE_PAD, vision_feature_layer=-1,
+                               vision_feature_select_strategy="full"),
     # Teacher: CLIP ViT-L/14-336 + Qwen2-1.5B shapes.
     "clip_l14_qwen15b": dict(vision=_CLIP_L14_336, language=_QWEN2_15B,
                              image_token_id=_QWEN2_IMAGE_PAD, vision_feature_layer=-2),

@@ -49,7 +49,7 @@ def kept_fields(config) -> tuple:
 def model_fields(init_from="", init_vision="", init_language="") -> dict:
   """The model config (nested dicts, for `config.model.update`) that the pretrained sources
   fix: the towers, projector and image splice of a LLaVA or run `init_from`, or the vision /
-  language part of separate towers."""
+  language part of separate towers (a SigLIP tower's patches all projected: "full")."""
   fields = {}
   kind = hf.model_type(init_from) if init_from else None
   if kind not in (None, "llava"):   # None: a run directory of drivlm_jax.train
@@ -63,6 +63,10 @@ def model_fields(init_from="", init_vision="", init_language="") -> dict:
     fields.update(vision=_arch(cfg.vision), language=_arch(cfg.language))
   if init_vision:
     fields["vision"] = _arch(hf.vision_config(init_vision))
+    if not init_from and fields["vision"]["family"] == "siglip":
+      # No class token to drop: a fresh projector takes every patch (as LLaVA-OneVision's);
+      # HF's "default" would drop the first one.
+      fields["vision_feature_select_strategy"] = "full"
   if init_language:
     fields["language"] = _arch(hf.language_config(init_language))
   return fields

@@ -79,7 +79,10 @@ def test_save_round_trip_loads_in_transformers(tmp_path, make):
   processors[family](**own).save_pretrained(src)
   cfg, params = hf.load_vision_tower(src)
   assert preprocess.statistics(cfg) == tuple(tuple(own[k]) for k in own)
-  assert pretrained.model_fields(init_vision=src)["vision"]["image_mean"] == (0.3, 0.4, 0.5)
+  fields = pretrained.model_fields(init_vision=src)
+  assert fields["vision"]["image_mean"] == (0.3, 0.4, 0.5)
+  # A fresh projector on a SigLIP tower (no class token) takes every patch.
+  assert fields.get("vision_feature_select_strategy") == ("full" if family == "siglip" else None)
   hf.save_vision_tower(cfg, params, str(tmp_path / "out"))
   reloaded = transformers.AutoModel.from_pretrained(str(tmp_path / "out")).eval()
   assert type(reloaded) is type(model)
