@@ -139,8 +139,9 @@ class _Norm(nn.Module):
 
 
 def test_norms_keep_flax_gradients():
-  """`single_use` (the norms of unrolled layers) changes how the input's cotangents are
-  summed, not what they are."""
+  """Our norms' closed-form gradients (`layers.Norm`) are autodiff's of flax's own modules,
+  for the input, scale and bias; `single_use` (the norms of unrolled layers) changes how the
+  input's cotangents are summed, not what they are."""
   x = jax.random.normal(jax.random.key(0), (3, 5, 16))
   for kind in ("layer", "rms"):
     params = layers.unbox(_Norm(kind, True).init(jax.random.key(1), x))
