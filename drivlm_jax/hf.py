@@ -395,9 +395,25 @@ def load_vision_tower(path, **overrides):
   naming = _detect(tensors, _VISION_ANCHOR, _VISION_NAMES,
                    dataclasses.replace(_VISION_NAMES, prefix=""))
   # A full CLIPModel/SiglipModel also holds the text tower: only our prefix is ours.
-  ignore = lambda k: not k.startswith(naming.prefix) or k.endswith(".position_ids")
+  unread_head = _unread_head(cfg, tensors, naming)
+  ignore = lambda k: (not k.startswith(naming.prefix) or k.endswith(".position_ids")
+                      or unread_head(k))
   params = _load_params(tensors, naming, _shapes(vision.init, cfg), ignore)
   return cfg, params
+
+
+def _unread_head(cfg: vision.Config, tensors, naming):
+  """A predicate for the SigLIP pooling head's stored tensors where the config has no head
+  (vision_use_head false): transformers leaves them unused, with a warning; so do we."""
+  if cfg.family != "siglip" or cfg.use_head:
+    return lambda k: False
+  prefix = naming(("head", "probe"))[:-len("probe")]
+  stored = [k for k in tensors.keys() if k.startswith(prefix)]
+  if stored:
+    logging.warning("%s: vision_use_head is false; the %d stored tensor(s) of the SigLIP "
+                    "pooling head (%s...) are not read, as transformers leaves them",
+                    tensors.path, len(stored), prefix)
+  return lambda k: k.startswith(prefix)
 
 
 def _vision_hf_config(cfg: vision.Config):
@@ -722,9 +738,10 @@ def load_vlm(path, **overrides):
     params[part], names = _read(tensors, naming, shapes[part])
     used |= names
   tied_head = lm_naming(("lm_head", "kernel"))
+  unread_head = _unread_head(cfg.vision, tensors, vision_naming)
   _check_all_used(tensors, used, lambda k: (
       k.endswith((".position_ids", "rotary_emb.inv_freq"))
-      or (cfg.language.tie_word_embeddings and k == tied_head)))
+      or (cfg.language.tie_word_embeddings and k == tied_head) or unread_head(k)))
   file = os.path.join(path, DRIVLM_PARTS)
   if os.path.exists(file):
     params.update(_read_drivlm_parts(file, shapes))

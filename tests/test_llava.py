@@ -237,6 +237,23 @@ def test_a_siglip_llava_stored_without_its_unused_head_loads_as_transformers(tmp
   _assert_logits_match(model, cfg, params)
 
 
+def test_a_siglip_llava_storing_a_head_its_config_turns_off_loads_as_transformers(tmp_path,
+                                                                                  caplog):
+  """vision_use_head false, the head's tensors still in the file: transformers leaves them
+  unused (a warning); so do we."""
+  path = ref.save(_llava("siglip_qwen2"), tmp_path / "llava")
+  config_file = pathlib.Path(path) / "config.json"
+  config = json.loads(config_file.read_text())
+  config["vision_config"]["vision_use_head"] = False
+  config_file.write_text(json.dumps(config))
+  assert any(".head." in k for k in load_file(str(pathlib.Path(path) / "model.safetensors")))
+  model = transformers.LlavaForConditionalGeneration.from_pretrained(path).eval()
+  with caplog.at_level("WARNING"):
+    cfg, params = hf.load_vlm(path)
+  assert not cfg.vision.use_head and "pooling head" in caplog.text
+  _assert_logits_match(model, cfg, params)
+
+
 def test_a_directory_with_old_weights_beside_new_ones_reads_the_new(tmp_path, caplog):
   """Saving over a sharded checkpoint removes its index and shards (else a reader that looks
   for the index first reads the old weights); where both forms are present anyway, the single

@@ -1,5 +1,6 @@
 """Vision tower parity against transformers (CLIP and SigLIP), loading and round trip."""
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +51,20 @@ def test_siglip_vision_matches_transformers(tmp_path, kwargs):
   model = ref.siglip_vision(**kwargs)
   cfg, _ = _check(model, ref.save(model, tmp_path))
   assert cfg.family == "siglip"
+
+
+def test_a_siglip_tower_storing_a_head_its_config_turns_off_loads_as_transformers(tmp_path,
+                                                                                  caplog):
+  """vision_use_head false, the head's tensors still in the file: transformers leaves them
+  unused; so do we, with a warning."""
+  path = ref.save(ref.siglip_vision(), tmp_path / "src")
+  config_file = tmp_path / "src" / "config.json"
+  config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                     "vision_use_head": False}))
+  model = transformers.AutoModel.from_pretrained(path).eval()
+  with caplog.at_level("WARNING"):
+    cfg, _ = _check(model, path)
+  assert not cfg.use_head and "pooling head" in caplog.text
 
 
 def test_vision_from_full_clip_and_siglip_checkpoints(tmp_path):
