@@ -8,6 +8,7 @@ and reshaped to our head-split shapes, the patch conv goes OIHW <-> HWIO, biases
 flattened, everything else is copied. Pickle checkpoints (`*.bin`, `*.pt`) are never read.
 """
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -197,11 +198,13 @@ class _Naming:
     return dict(self.own).get(path[0], self.prefix) + name
 
 
-def _detect(tensors, anchor, *namings):
-  """The first naming under whose prefix `anchor` is in the checkpoint (else the first: the
-  anchor's "missing tensor" error follows)."""
+def _detect(tensors, anchors, *namings):
+  """The first naming under whose prefix one of `anchors` (a name, or several: a tied LM may
+  store no embedding) is in the checkpoint (else the first: the "missing tensor" error
+  follows)."""
+  anchors = (anchors,) if isinstance(anchors, str) else anchors
   for naming in namings:
-    if naming.prefix + anchor in tensors.keys():
+    if any(naming.prefix + anchor in tensors.keys() for anchor in anchors):
       return naming
   return namings[0]
 
@@ -209,7 +212,8 @@ def _detect(tensors, anchor, *namings):
 _VISION_NAMES = _Naming(prefix="vision_model.", subs=tuple(_SIGLIP_HEAD))
 _TEXT_NAMES = _Naming()
 _LM_NAMES = _Naming(prefix="model.", own=(("lm_head", ""),))
-_VISION_ANCHOR, _LM_ANCHOR = "embeddings.patch_embedding.weight", "embed_tokens.weight"
+_VISION_ANCHOR, _LM_ANCHOR = "embeddings.patch_embedding.weight", ("embed_tokens.weight",
+                                                                     "norm.weight")
 
 
 def _is_stacked(path):
@@ -593,9 +597,15 @@ def _tie_as_stored(cfg: language.Config, tensors, naming) -> language.Config:
   if tensors.shape(head) == shape and np.array_equal(tensors.get(head, shape),
                                                      tensors.get(embed, shape)):
     return cfg
-  logging.warning("%s: tie_word_embeddings is set, but %s differs from %s: loaded untied, as "
-                  "transformers loads it", tensors.path, head, embed)
+  _warn_once("%s: tie_word_embeddings is set, but %s differs from %s: loaded untied, as "
+             "transformers loads it", tensors.path, head, embed)
   return dataclasses.replace(cfg, tie_word_embeddings=False)
+
+
+@functools.cache
+def _warn_once(message, *args):
+  """A warning logged once per process (a run reads a checkpoint's config, then loads it)."""
+  logging.warning(message, *args)
 
 
 def load_language_model(path, **overrides):

@@ -189,16 +189,30 @@ def test_a_tied_config_with_another_stored_head_loads_untied_as_transformers(tmp
   jax.tree.map(np.testing.assert_array_equal, started["language"], params["language"])
 
 
-@pytest.mark.parametrize("name", ["siglip_qwen2", "clip_llama"])
-def test_a_tied_llava_storing_only_the_head_loads_as_transformers(tmp_path, name):
+# save_pretrained's names -> the module names (`model.` ...) other tools write.
+_MODULE_NAMES = (("language_model.model.", "model.language_model."),
+                 ("language_model.lm_head.", "lm_head."), ("vision_tower.", "model.vision_tower."),
+                 ("multi_modal_projector.", "model.multi_modal_projector."))
+
+
+def _module_name(key):
+  return next((new + key[len(old):] for old, new in _MODULE_NAMES if key.startswith(old)), key)
+
+
+@pytest.mark.parametrize("name,layout", [("siglip_qwen2", "saved"), ("clip_llama", "saved"),
+                                         ("siglip_qwen2", "module")])
+def test_a_tied_llava_storing_only_the_head_loads_as_transformers(tmp_path, name, layout):
   """A tied checkpoint whose file holds the shared matrix only as lm_head (some converters
-  write it so): transformers ties it either way; we read the embedding from the head."""
+  write it so), in either layout: transformers ties it either way; we read the embedding from
+  the head."""
   path = ref.save(_llava(name), tmp_path / "llava")
   config_file = pathlib.Path(path) / "config.json"
   config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
                                      "tie_word_embeddings": True}))
   file = pathlib.Path(path) / "model.safetensors"
   tensors = load_file(str(file))
+  if layout == "module":
+    tensors = {_module_name(k): v for k, v in tensors.items()}
   embed = next(k for k in tensors if k.endswith("embed_tokens.weight"))
   head = "lm_head.weight" if embed.startswith("model.") else "language_model.lm_head.weight"
   save_file({**{k: v for k, v in tensors.items() if k not in (embed, head)},
