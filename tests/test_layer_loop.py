@@ -2,7 +2,7 @@
 params from init, the same outputs and gradients, remat taking the scan (the memory it
 saves), the gradient of `layers.unstack` against autodiff of plain indexing, constant
 (numpy) params staying one constant per layer, and the unrolled backward's fusions not
-growing with depth (`layers.single_use`)."""
+growing with depth (the norms' closed-form gradient, `layers.Norm`)."""
 import dataclasses
 import functools
 import re
@@ -111,7 +111,8 @@ def test_unrolled_backward_fusions_do_not_grow_with_depth():
   """XLA's CPU fusion duplicates ops it counts as unary into all their consumers; a norm's
   input gradient ending in an add of a broadcast statistic was one, so each layer's fusions
   recomputed every later layer's (8, 15, ..., 177 operands in CLIP ViT-B/16's backward).
-  Behind `layers.single_use` the largest fusion is the same at 2 and 8 layers."""
+  With the norms' closed-form gradient (`layers.Norm`: one cotangent for the input) the
+  largest fusion is the same at 2 and 8 layers."""
   images = jnp.ones((2, 32, 32, 3))
 
   def largest(num_layers):
@@ -140,14 +141,13 @@ class _Norm(nn.Module):
 
 def test_norms_keep_flax_gradients():
   """Our norms' closed-form gradients (`layers.Norm`) are autodiff's of flax's own modules,
-  for the input, scale and bias; `single_use` (the norms of unrolled layers) changes how the
-  input's cotangents are summed, not what they are."""
+  for the input, scale and bias, beside a residual use of the input."""
   x = jax.random.normal(jax.random.key(0), (3, 5, 16))
   for kind in ("layer", "rms"):
     params = layers.unbox(_Norm(kind, True).init(jax.random.key(1), x))
     params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
 
-    def loss(ours, v, x):   # the residual use beside the norm's is what `single_use` splits
+    def loss(ours, v, x):
       return jnp.sum(jnp.tanh(_Norm(kind, ours).apply({"params": v}, x) + x) ** 2)
 
     assert "custom_vjp" in str(jax.make_jaxpr(functools.partial(loss, True))(params, x))

@@ -186,15 +186,13 @@ def dense(features, in_axes, out_axes, *, cfg, name, use_bias=True, axis=-1):
 
 
 def layer_norm(cfg, name, eps):
-  """A LayerNorm (HF's names and init: `Norm`); applied to `single_use(x)` where `cfg`'s
-  layers are unrolled."""
-  return _on_single_use(cfg, Norm(eps, True, cfg.dtype, cfg.param_dtype, name=name))
+  """A LayerNorm (HF's names and init: `Norm`)."""
+  return Norm(eps, True, cfg.dtype, cfg.param_dtype, name=name)
 
 
 def rms_norm(cfg, name, eps):
-  """An RMSNorm (HF's names and init: `Norm`); applied to `single_use(x)` where `cfg`'s layers
-  are unrolled."""
-  return _on_single_use(cfg, Norm(eps, False, cfg.dtype, cfg.param_dtype, name=name))
+  """An RMSNorm (HF's names and init: `Norm`)."""
+  return Norm(eps, False, cfg.dtype, cfg.param_dtype, name=name)
 
 
 class Norm(nn.Module):
@@ -222,8 +220,16 @@ def _normalize(x, scale, bias, eps):
   """(x - mean) / sqrt(var + eps) * scale + bias (without bias: x / sqrt(mean(x^2) + eps) *
   scale) in float32. Its gradient is the normalisation's closed form, from the saved input and
   row statistics, as torch's native layer norm takes it: autodiff's own kept more [rows, D]
-  arrays and passes (CLIP ViT-B/16 train step, 2-core Xeon, alternated in one process:
-  float32 2.1%, bfloat16 7.7% faster; the demo VLM step 3%)."""
+  arrays and passes (alternated in one process on a 2-core Xeon: the demo VLM train step 6%,
+  CLIP ViT-B/16's 2.1% (bfloat16 7.7%) and a 6-layer Qwen2's 2.2% faster).
+
+  The input's cotangent is one array, so in an unrolled backward (`LayerLoop`) each layer's
+  residual gradient ends in an add of two full arrays. Autodiff of flax's norms summed the
+  norm's several uses of its input into an add of a broadcast row statistic, which XLA's CPU
+  fusion counts as unary and duplicated into every consumer, layer after layer: CLIP
+  ViT-B/16's backward had fusions of 8, 15, ..., 177 operands (quadratic in depth, 0.26 s of
+  a 3.3 s step; `tests/test_layer_loop.py` checks the largest is the same at 2 and 8
+  layers)."""
   return _normalize_fwd(x, scale, bias, eps)[0]
 
 
@@ -255,29 +261,6 @@ def _normalize_bwd(eps, residuals, g):
 
 
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
-
-
-def _on_single_use(cfg, norm):
-  """`norm` applied to `single_use(x)` where `cfg`'s layers are unrolled, else `norm`."""
-  return (lambda x: norm(single_use(x))) if unrolled(cfg) else norm
-
-
-@jax.custom_vjp
-def single_use(x):
-  """The identity, differentiated as a single use of `x`: the cotangents of the several uses
-  a norm makes of its input (the input itself and its statistics) are summed behind it,
-  so the residual stream's cotangent ends in an add of two full arrays (the residual branch's
-  and the norm's). Without it the sum ends in an add of a broadcast row statistic, which
-  XLA's CPU fusion counts as a unary op and so duplicates into every consumer, layer after
-  layer: an unrolled CLIP ViT-B/16 backward (`LayerLoop`) had fusions of 8, 15, ..., 177
-  operands (quadratic in depth, 0.26 s of a 3.3 s train step on a 2-core Xeon), and with it
-  at most 13. The norms use it only in models whose layers are unrolled (`unrolled`; all of
-  that model's norms, the ones outside the layers too): in a scan the duplication stays inside
-  one layer's body, and the scanned models keep their rounding (the demo's figures)."""
-  return x
-
-
-single_use.defvjp(lambda x: (x, None), lambda _, g: (g,))
 
 
 def unrolled(cfg) -> bool:
