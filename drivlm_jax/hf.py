@@ -583,15 +583,14 @@ def _language_config(hf, where, **overrides) -> language.Config:
 
 
 def _tie_as_stored(cfg: language.Config, tensors, naming) -> language.Config:
-  """`cfg` with the tie of the LM head as transformers loads the file: a tied config whose
-  file stores an lm_head that differs from the embedding is loaded untied ("both are present
-  in the checkpoints with different values, so we will NOT tie them"), saying so; one that
-  stores the shared matrix only as the head reads the embedding from it (`tensors.alias`)."""
+  """`cfg` with the tie of the LM head as transformers loads the file (decided by the config
+  readers, once): a tied config whose file stores an lm_head that differs from the embedding
+  is loaded untied ("both are present in the checkpoints with different values, so we will
+  NOT tie them"), saying so. A tied file storing only the head stays tied
+  (`_read_shared_head`)."""
   head, embed = naming(("lm_head", "kernel")), naming(("embed_tokens", "embedding"))
-  if not cfg.tie_word_embeddings or head not in tensors.keys():
-    return cfg
-  if embed not in tensors.keys():
-    tensors.alias(embed, head)
+  keys = tensors.keys()
+  if not cfg.tie_word_embeddings or head not in keys or embed not in keys:
     return cfg
   shape = tensors.shape(embed)
   if tensors.shape(head) == shape and np.array_equal(tensors.get(head, shape),
@@ -600,6 +599,14 @@ def _tie_as_stored(cfg: language.Config, tensors, naming) -> language.Config:
   _warn_once("%s: tie_word_embeddings is set, but %s differs from %s: loaded untied, as "
              "transformers loads it", tensors.path, head, embed)
   return dataclasses.replace(cfg, tie_word_embeddings=False)
+
+
+def _read_shared_head(cfg: language.Config, tensors, naming):
+  """A tied file that stores the shared matrix only as lm_head (transformers ties either
+  way): the embedding is read from the head (`tensors.alias`)."""
+  head, embed = naming(("lm_head", "kernel")), naming(("embed_tokens", "embedding"))
+  if cfg.tie_word_embeddings and head in tensors.keys() and embed not in tensors.keys():
+    tensors.alias(embed, head)
 
 
 @functools.cache
@@ -612,7 +619,7 @@ def load_language_model(path, **overrides):
   """A LLaMA or Qwen2 causal LM from a local HF directory. Returns (language.Config, params)."""
   cfg = language_config(path, **overrides)
   tensors, naming = _lm_tensors(path)
-  cfg = _tie_as_stored(cfg, tensors, naming)
+  _read_shared_head(cfg, tensors, naming)
   ignore = lambda k: (k.endswith("rotary_emb.inv_freq")
                       or (cfg.tie_word_embeddings and k == "lm_head.weight"))
   params = _load_params(tensors, naming, _shapes(language.init, cfg), ignore)
@@ -741,7 +748,7 @@ def load_vlm(path, **overrides):
   params, used = {}, set()
   vision_naming = _detect(tensors, _VISION_ANCHOR, *_LLAVA_VISION)
   lm_naming = _detect(tensors, _LM_ANCHOR, *_LLAVA_LM)
-  cfg = dataclasses.replace(cfg, language=_tie_as_stored(cfg.language, tensors, lm_naming))
+  _read_shared_head(cfg.language, tensors, lm_naming)
   shapes = _shapes(vlm.init, cfg)
   for part, naming in (("vision", vision_naming), ("language", lm_naming),
                        ("projector", _detect(tensors, "linear_1.weight", *_LLAVA_PROJECTOR))):
