@@ -202,7 +202,7 @@ def add_method(config, method: str, teacher: str, keep_ratio: float,
   if clip:   # the CLIP stage trains the contrastive term only
     config.loss.update(action=0.0, reason=0.0, lm=0.0)
   config.loss.update(da_image=da_weight if method == "dann" else w, da_token=w, da_instance=w,
-                     da_consistency=0.0, kd_heads=kd, kd_lm=kd, kd_feature=kd,
+                     da_consistency=0.0, kd_heads=kd, kd_relation=0.0, kd_lm=kd, kd_feature=kd,
                      clip=1.0 if clip else 0.0, entmin=0.1 if method == "entmin" else 0.0,
                      entmin_reason=0.0)
   config.da = ml_collections.ConfigDict(dict(focal_gamma=0.0, hidden=128, objective="reversal",

@@ -2,7 +2,7 @@ r"""The adaptation defaults, chosen across shifts without a target label.
 
   python -m experiments.defaults [--workdir runs/defaults] [--shifts all] [--seeds 1]
       [--weights 0.01,0.03,0.1,0.3] [--levels image+token+instance] [--starts 0.25] [--fda 0]
-      [--standardize 0] [--stage teacher|student]
+      [--standardize 0] [--relation 0] [--stage teacher|student]
       [--arg method=drivlm_teacher,model=tiny_teacher] [--teacher_arg ...] [--steps N]
       [--parallel 2] [--smoke] [--report defaults]
 
@@ -11,7 +11,9 @@ every discriminator level that is on (`loss.da_image`, `loss.da_token`, `loss.da
 a level that is off gets 0) and the point of training where the reversal starts ramping up
 (`da.start`), and optionally Fourier domain adaptation (`--fda`: its window and the share of
 source rows it restyles; adapt/fourier.py) and the per-image standardisation of the input
-(`--standardize 0,1`: vision.standardize). Per shift of configs/demo.py (SHIFTS) and per
+(`--standardize 0,1`: vision.standardize), and with `--stage student` the weight of the
+heads' relation distillation (`--relation`: loss.kd_relation, losses/distill.relation_kd).
+Per shift of configs/demo.py (SHIFTS) and per
 seed, every candidate trains the run that the adversarial settings shape most: by default
 the demo's DriVLM teacher (the larger model, adapted from scratch). Runs go to
 <workdir>/<shift>/seed<s>/<candidate>. `--stage student` chooses on the deployed student
@@ -60,27 +62,34 @@ from experiments.runs import (apply_overrides, flag_string, load_config_module, 
 LEVELS = select.LEVELS   # the discriminator levels, as the PAD names them
 
 
-def candidates(weights, level_sets, starts, fdas=((0.0, 1.0),), standardize=(False,)) -> dict:
+def candidates(weights, level_sets, starts, fdas=((0.0, 1.0),), standardize=(False,),
+               relations=(0.0,)) -> dict:
   """The grid -> {name: overrides} in grid order (weights outermost), e.g.
   "w0.03-image+token+instance-start0.25". A level set is a "+"-joined subset of LEVELS;
   its levels get the weight, the others 0. `fdas`: (beta, fraction) pairs of Fourier domain
   adaptation (`fda.*`); one with beta > 0 adds "-fda<beta>x<fraction>" to the name (off: the
   name is as before FDA existed, so earlier runs are reused). `standardize`: per-image
-  standardisation of the input off and/or on (`model.vision.standardize`; on adds "-std")."""
+  standardisation of the input off and/or on (`model.vision.standardize`; on adds "-std").
+  `relations`: weights of the student's relation distillation (`loss.kd_relation`; above 0
+  adds "-rel<weight>")."""
   out = {}
-  for weight, levels, start, (beta, fraction), std in itertools.product(
-      weights, level_sets, starts, fdas, standardize):
+  for weight, levels, start, (beta, fraction), std, relation in itertools.product(
+      weights, level_sets, starts, fdas, standardize, relations):
     on = set(levels.split("+"))
     if not on or not on <= set(LEVELS):
       raise ValueError(f"level set {levels!r}: '+'-joined names of {', '.join(LEVELS)}")
+    if relation < 0:
+      raise ValueError(f"relation weight {relation:g}: >= 0")
     if beta < 0 or not 0 < fraction <= 1:
       raise ValueError(f"fda {beta:g}x{fraction:g}: beta >= 0, fraction in (0, 1]")
     name = (f"w{weight:g}-{levels}-start{start:g}"
-            + (f"-fda{beta:g}x{fraction:g}" if beta else "") + ("-std" if std else ""))
+            + (f"-fda{beta:g}x{fraction:g}" if beta else "") + ("-std" if std else "")
+            + (f"-rel{relation:g}" if relation else ""))
     out[name] = {**{f"loss.da_{level}": weight if level in on else 0.0 for level in LEVELS},
                  "da.start": start,
                  **({"fda.beta": beta, "fda.fraction": fraction} if beta else {}),
-                 **({"model.vision.standardize": True} if std else {})}
+                 **({"model.vision.standardize": True} if std else {}),
+                 **({"loss.kd_relation": relation} if relation else {})}
   return out
 
 
@@ -217,6 +226,9 @@ def main():
   parser.add_argument("--standardize", default="0",
                       help="per-image standardisation of the input, comma-separated 0 (off) "
                       "and/or 1 (on) (configs/demo.py standardize=)")
+  parser.add_argument("--relation", default="0",
+                      help="--stage student: weights of the heads' relation distillation, "
+                      "comma-separated (loss.kd_relation; 0: off)")
   parser.add_argument("--stage", default="teacher", choices=("teacher", "student"),
                       help="the run the candidates train: the teacher from scratch, or the "
                       "student from a teacher and a CLIP stage trained first per shift and seed")
@@ -244,7 +256,8 @@ def main():
   try:
     overrides = candidates([float(w) for w in args.weights.split(",")], args.levels.split(","),
                            [float(s) for s in args.starts.split(",")], parse_fdas(args.fda),
-                           parse_switch("--standardize", args.standardize))
+                           parse_switch("--standardize", args.standardize),
+                           [float(r) for r in args.relation.split(",")])
   except ValueError as e:
     parser.error(str(e))
   get_config = load_config_module("configs/demo.py")[0].get_config
@@ -255,6 +268,8 @@ def main():
   if "steps" in keys(arg) + keys(args.teacher_arg):
     parser.error("steps= in --arg/--teacher_arg: pass --steps (every run's; the CLIP stage "
                  "trains a quarter)")
+  if not student and any("loss.kd_relation" in o for o in overrides.values()):
+    parser.error("--relation with --stage teacher: the teacher distils from nothing")
   if args.teacher_arg and not student:
     parser.error("--teacher_arg is read with --stage student only")
   if student and any("model.vision.standardize" in o for o in overrides.values()):

@@ -306,6 +306,43 @@ def test_sigmoid_kd_is_the_binary_kl():
   assert float(got) == pytest.approx(expected, rel=1e-5)
 
 
+def test_relation_kd_is_one_minus_pearson_per_class_and_domain():
+  """DIST's intra-class relation (Huang et al., 2022), against scipy's Pearson r per class
+  over each domain's selected rows."""
+  stats = pytest.importorskip("scipy.stats")
+  rng = np.random.default_rng(5)
+  s, t = rng.normal(size=(10, 4)), rng.normal(size=(10, 4))
+  domain = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+  mask = np.array([1, 1, 0, 1, 1, 1, 1, 0, 1, 1.0])
+  T = 2.0
+  sig = lambda x: 1 / (1 + np.exp(-x / T))
+  expected = np.mean([
+      np.mean([1 - stats.pearsonr(sig(s[rows, c]), sig(t[rows, c]))[0] for c in range(4)])
+      for rows in ((domain == 0) & (mask > 0), (domain == 1) & (mask > 0))])
+  got = distill.relation_kd(jnp.asarray(s), jnp.asarray(t), jnp.asarray(domain), T,
+                            jnp.asarray(mask))
+  assert float(got) == pytest.approx(expected, rel=1e-5)
+  # Blind to the teacher's scale and offset, where the KL is not: a teacher whose
+  # probabilities differ in their fourth decimal teaches the same ranking.
+  tiny = 1e-3 * t - 2.0
+  for teacher in (t, tiny):
+    same = distill.relation_kd(jnp.asarray(teacher), jnp.asarray(teacher), jnp.asarray(domain))
+    assert float(same) == pytest.approx(0.0, abs=1e-4)
+  ranked = distill.relation_kd(jnp.asarray(0.5 * t), jnp.asarray(tiny), jnp.asarray(domain))
+  assert float(ranked) < 0.01
+  # A domain with fewer than two selected rows is left out; none at all gives 0.
+  one = distill.relation_kd(jnp.asarray(s), jnp.asarray(t), jnp.asarray(domain), T,
+                            jnp.asarray((domain == 1) * mask + np.eye(10)[0]))
+  target_only = np.mean([1 - stats.pearsonr(sig(s[r, c]), sig(t[r, c]))[0] for c in range(4)
+                         for r in [(domain == 1) & (mask > 0)]])
+  assert float(one) == pytest.approx(target_only, rel=1e-5)
+  assert float(distill.relation_kd(jnp.asarray(s), jnp.asarray(t), jnp.asarray(domain), T,
+                                   jnp.zeros(10))) == 0.0
+  grad = jax.grad(lambda x: distill.relation_kd(x, jnp.asarray(tiny), jnp.asarray(domain)))(
+      jnp.asarray(s, jnp.float32))
+  assert np.all(np.isfinite(np.asarray(grad))) and float(jnp.abs(grad).max()) > 0
+
+
 @pytest.mark.parametrize("kind", ["cosine", "mse"])
 def test_feature_kd(kind):
   rng = np.random.default_rng(4)

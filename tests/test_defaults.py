@@ -32,6 +32,13 @@ def test_candidates_are_the_grid_with_levels_off_at_zero():
   assert std == {"w0.03-image-start0.25": grid["w0.03-image-start0.25"],
                  "w0.03-image-start0.25-std": {**grid["w0.03-image-start0.25"],
                                                "model.vision.standardize": True}}
+  rel = defaults.candidates([0.03], ["image"], [0.25], relations=[0.0, 0.3])
+  assert rel == {"w0.03-image-start0.25": grid["w0.03-image-start0.25"],
+                 "w0.03-image-start0.25-rel0.3": {**grid["w0.03-image-start0.25"],
+                                                  "loss.kd_relation": 0.3}}
+  with pytest.raises(ValueError, match="relation weight -1"):
+    defaults.candidates([0.03], ["image"], [0.25], relations=[-1.0])
+  assert demo_config.get_config("method=drivlm_student").loss.kd_relation == 0.0
   with pytest.raises(ValueError, match="--standardize '0,2'"):
     defaults.parse_switch("--standardize", "0,2")
   config = demo_config.get_config("method=drivlm_teacher,model=tiny_teacher")

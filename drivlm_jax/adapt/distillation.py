@@ -5,6 +5,8 @@ empty: distillation is off) runs on the same batch as the student, on every row:
 teacher needs no labels. Its tower may differ from the student's in family and image size:
 it sees the student's frames resized and normalised for it (`teacher_images`). Terms:
   kd_heads    sigmoid KD of the action and explanation heads
+  kd_relation the heads' ranking of the batch's images, per class and domain (Pearson
+              correlation with the teacher's: DIST's intra-class relation)
   kd_lm       softmax KD of the LM tokens from the image on
   kd_feature  feature KD of the visual tokens (student -> teacher width through a learned
               projection), weighted by the student's instruction scores
@@ -121,7 +123,7 @@ class Distillation(adapt.Component):
 
   param_key = "distill"
   key_index = 2
-  terms = ("kd_heads", "kd_lm", "kd_feature")
+  terms = ("kd_heads", "kd_relation", "kd_lm", "kd_feature")
 
   @classmethod
   def from_config(cls, config, cfg, feats):
@@ -177,6 +179,10 @@ class Distillation(adapt.Component):
                              self.heads)
           + distill.sigmoid_kd(out["reason_logits"], t["reason_logits"], temperature, rows,
                                self.heads))
+    if w["kd_relation"]:
+      losses["kd_relation"] = sum(
+          distill.relation_kd(out[k], t[k], b["domain"], temperature, rows)
+          for k in ("action_logits", "reason_logits")) / 2
     if w["kd_lm"]:
       mask = per_row(b["attention_mask"] * (b["input_ids"] != self.cfg.image_token_id))
       losses["kd_lm"] = distill.softmax_kd(out["lm_logits"], t["lm_logits"], temperature, mask)

@@ -6,6 +6,12 @@ sigmoid_kd:  the binary KL of the multi-label heads, KL(sigmoid(t_c / T) || sigm
              entropy, so it vanishes when student == teacher; summed over the classes
              ("sum") or averaged over them ("mean", as the task's BCE is: then a weight of 1
              puts the teacher's soft labels level with the true ones).
+relation_kd: 1 - the Pearson correlation, per class over the rows of one domain, between the
+             student's and the teacher's head probabilities at temperature T: the intra-class
+             relation of DIST (Huang et al., NeurIPS 2022), per domain so the domains' offset
+             does not count as agreement. It transfers the teacher's ranking of the images at
+             any scale, where the KL is blind to a teacher whose probabilities differ only in
+             their third decimal (README, "Why the student falls on some seeds").
 feature_kd:  distance between the student's visual tokens (through a learned projection)
              and the teacher's, per token weighted by the reweighting scores (the scene parts
              the instruction cares about count most); cosine or MSE.
@@ -36,6 +42,26 @@ def sigmoid_kd(student_logits, teacher_logits, temperature=1.0, mask=None, class
   if classes == "mean":
     return masked_mean(kl, None if mask is None else mask[:, None]) * temperature ** 2
   return masked_mean(jnp.sum(kl, axis=-1), mask) * temperature ** 2
+
+
+def relation_kd(student_logits, teacher_logits, domain, temperature=1.0, mask=None):
+  """logits [B, C] of multi-label heads; domain [B] (0 source, 1 target); mask [B] selects
+  rows. 1 - Pearson(sigmoid(s_c / T), sigmoid(t_c / T)) over the selected rows of each
+  domain, averaged over the classes and the domains with two rows or more (0 if none)."""
+  p = jax.nn.sigmoid(teacher_logits.astype(jnp.float32) / temperature)
+  q = jax.nn.sigmoid(student_logits.astype(jnp.float32) / temperature)
+  mask = jnp.ones(p.shape[:1]) if mask is None else mask.astype(jnp.float32)
+  total, count = 0.0, 0.0
+  for d in (0, 1):
+    m = (mask * (domain == d))[:, None]                            # [B, 1]
+    n = jnp.sum(m)
+    centre = lambda x: (x - jnp.sum(m * x, 0) / jnp.maximum(n, 1.0)) * m
+    cp, cq = centre(p), centre(q)
+    # float32 keeps a teacher's spread of 1e-4 (variance 1e-8) far above the 1e-20 floor
+    rho = jnp.sum(cp * cq, 0) / jnp.sqrt(jnp.sum(cp * cp, 0) * jnp.sum(cq * cq, 0) + 1e-20)
+    on = (n >= 2).astype(jnp.float32)
+    total, count = total + on * jnp.mean(1.0 - rho), count + on
+  return total / jnp.maximum(count, 1.0)
 
 
 def match_grid(tokens, grid_from: int, grid_to: int, views: int = 1):
