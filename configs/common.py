@@ -138,6 +138,10 @@ def check_method(arg) -> str:
 # on the student warm-started from the CLIP stage and distilled from that teacher
 # (`--stage student`, at f2dfdd6).
 DA_WEIGHT = {"drivlm_teacher": 0.01, "dann": 0.01, "drivlm_student": 0.03}
+# The student's relation distillation (loss.kd_relation: the heads' ranking of the batch's
+# images, per class and domain, against the teacher's; losses/distill.relation_kd): chosen
+# the same way on the student over {0, 0.3, 1} (README "Relation distillation", at f082dfa).
+KD_RELATION = 0.3
 
 
 def add_method(config, method: str, teacher: str, keep_ratio: float,
@@ -164,7 +168,8 @@ def add_method(config, method: str, teacher: str, keep_ratio: float,
                   low-frequency amplitude. Off by default: the label-free rule of
                   experiments.defaults keeps it off (README "Fourier domain adaptation")
   drivlm_student  as the teacher (its own weight: DA_WEIGHT), + distillation from the
-                  `teacher` run (heads, LM tokens, visual tokens); evaluated with every token
+                  `teacher` run (heads, LM tokens, visual tokens, the heads' ranking of the
+                  images: KD_RELATION); evaluated with every token
                   and pruned to `keep_ratio`
   oracle          labelled source + labelled target (the upper bound)
   clip_finetune   the stage before adaptation: contrastive image-caption loss only (CLIP
@@ -175,7 +180,7 @@ def add_method(config, method: str, teacher: str, keep_ratio: float,
   paper's gradient reversal of their BCE) or "confusion" (non-saturating; adapt/alignment.py).
   Every part has its own switch (the ablations): --config.loss.da_image=0,
   --config.loss.da_token=0, --config.loss.da_instance=0, --config.model.reweight=False,
-  --config.loss.kd_heads=0 (kd_lm, kd_feature), --config.fda.beta=0.
+  --config.loss.kd_heads=0 (kd_relation, kd_lm, kd_feature), --config.fda.beta=0.
   It sets: method, init_from, model.reweight(_layer), data.target_fraction,
   data.target_labelled, loss.*, da, distill, fda, clip, and the pruned evaluator of the student
   (`evals.target_pruned`). It never changes `batch_size`: each config sets it (rows per
@@ -202,7 +207,8 @@ def add_method(config, method: str, teacher: str, keep_ratio: float,
   if clip:   # the CLIP stage trains the contrastive term only
     config.loss.update(action=0.0, reason=0.0, lm=0.0)
   config.loss.update(da_image=da_weight if method == "dann" else w, da_token=w, da_instance=w,
-                     da_consistency=0.0, kd_heads=kd, kd_relation=0.0, kd_lm=kd, kd_feature=kd,
+                     da_consistency=0.0, kd_heads=kd, kd_relation=kd * KD_RELATION, kd_lm=kd,
+                     kd_feature=kd,
                      clip=1.0 if clip else 0.0, entmin=0.1 if method == "entmin" else 0.0,
                      entmin_reason=0.0)
   config.da = ml_collections.ConfigDict(dict(focal_gamma=0.0, hidden=128, objective="reversal",

@@ -14,6 +14,7 @@ user passes to drivlm_jax.train):
   no_da            all three levels 0                (no discriminator at all)
   no_reweighting   --config.model.reweight=False   (no gates, no pruning)
   no_distillation  --config.distill.teacher=       (no teacher)
+  no_relation_kd   --config.loss.kd_relation=0     (the heads' KD without their ranking term)
 and variants:
   kd_target_rows   --config.distill.rows=target    (the teacher teaches the unlabelled target
                                                    rows only; source rows learn from labels)
@@ -53,6 +54,7 @@ ABLATIONS = {
     "no_da": {**_FULL, "loss.da_image": 0.0, "loss.da_token": 0.0, "loss.da_instance": 0.0},
     "no_reweighting": {**_FULL, "model.reweight": False},
     "no_distillation": {**_FULL, "distill.teacher": ""},
+    "no_relation_kd": {**_FULL, "loss.kd_relation": 0.0},
     "kd_target_rows": {**_FULL, "distill.rows": "target"},
     "kd_heads_mean": {**_FULL, "distill.heads": "mean"},
 }

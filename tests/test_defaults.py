@@ -38,7 +38,8 @@ def test_candidates_are_the_grid_with_levels_off_at_zero():
                                                   "loss.kd_relation": 0.3}}
   with pytest.raises(ValueError, match="relation weight -1"):
     defaults.candidates([0.03], ["image"], [0.25], relations=[-1.0])
-  assert demo_config.get_config("method=drivlm_student").loss.kd_relation == 0.0
+  assert demo_config.get_config("method=drivlm_student,teacher=t").loss.kd_relation == 0.3
+  assert demo_config.get_config("method=drivlm_teacher").loss.kd_relation == 0.0
   with pytest.raises(ValueError, match="--standardize '0,2'"):
     defaults.parse_switch("--standardize", "0,2")
   config = demo_config.get_config("method=drivlm_teacher,model=tiny_teacher")

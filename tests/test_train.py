@@ -291,10 +291,13 @@ def test_clip_stage_then_a_warm_started_distilled_student(cache, tmp_path):
                         **{"data.target_fraction": 0.5, "evals.target.keep_ratio": 0.25})
   train.train(config, student_dir)
   rows = read_metrics(student_dir)
-  for key in ("loss_kd_heads", "loss_kd_lm", "loss_kd_feature", "loss_da_token"):
+  for key in ("loss_kd_heads", "loss_kd_relation", "loss_kd_lm", "loss_kd_feature",
+              "loss_da_token"):
     assert np.isfinite(rows[3][key]), key
-  # The teacher and the student start from the same weights: logit KD starts near 0.
+  # The teacher and the student start from the same weights: logit KD starts near 0, and
+  # their heads rank the batch's images alike.
   assert rows[1]["loss_kd_heads"] < 0.05 and rows[1]["loss_kd_lm"] < 0.05
+  assert rows[1]["loss_kd_relation"] < 0.01
 
 
 def test_ema_is_the_moving_average_of_the_params(cache):
