@@ -11,7 +11,7 @@ relation_kd: 1 - the Pearson correlation, per class over the rows of one domain,
              relation of DIST (Huang et al., NeurIPS 2022), per domain so the domains' offset
              does not count as agreement. It transfers the teacher's ranking of the images at
              any scale, where the KL is blind to a teacher whose probabilities differ only in
-             their third decimal (README, "Why the student falls on some seeds").
+             their third decimal (README, "Why the student fell on some seeds").
 feature_kd:  distance between the student's visual tokens (through a learned projection)
              and the teacher's, per token weighted by the reweighting scores (the scene parts
              the instruction cares about count most); cosine or MSE.
