@@ -407,7 +407,7 @@ def test_distillation_on_target_rows_is_the_loss_of_those_rows_alone():
            "instruction_ids": jnp.asarray(rng.integers(10, 100, (4, 5)), jnp.int32),
            "instruction_mask": jnp.ones((4, 5), jnp.int32),
            "domain": jnp.asarray([0, 1, 0, 1], jnp.int32)}
-  weights = {"kd_heads": 1.0, "kd_lm": 1.0, "kd_feature": 1.0}
+  weights = {"kd_heads": 1.0, "kd_relation": 1.0, "kd_lm": 1.0, "kd_feature": 1.0}
 
   def losses(rows, batch):
     kd = distillation.Distillation(cfg, run_lib.Run("teacher", None, cfg, teacher, 0), weights,

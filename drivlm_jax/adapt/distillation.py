@@ -179,7 +179,7 @@ class Distillation(adapt.Component):
                              self.heads)
           + distill.sigmoid_kd(out["reason_logits"], t["reason_logits"], temperature, rows,
                                self.heads))
-    if w["kd_relation"]:
+    if w.get("kd_relation"):   # a weights mapping without the term: off
       losses["kd_relation"] = sum(
           distill.relation_kd(out[k], t[k], b["domain"], temperature, rows)
           for k in ("action_logits", "reason_logits")) / 2
