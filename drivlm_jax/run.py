@@ -266,12 +266,14 @@ INPUT_ONLY_KEYS = ("data.workers", "data.read_threads")
 
 def config_changes(workdir: str, config) -> list:
   """Dotted keys whose value in `config` differs from the run's config.json (relative paths
-  of either compared as `absolute_paths` makes them), `INPUT_ONLY_KEYS` aside."""
+  of either compared as `absolute_paths` makes them), `INPUT_ONLY_KEYS` aside. A loss weight
+  the stored config lacks is 0 (the term did not exist or was off: `adapt.weights`)."""
   stored = absolute_paths(ml_collections.ConfigDict(read_json(path(workdir, "config.json"))))
   stored = _flat(json.loads(stored.to_json_best_effort()))
   current = _flat(json.loads(absolute_paths(config).to_json_best_effort()))
+  old = lambda k: stored.get(k, 0.0 if k.startswith("loss.") else None)
   return sorted(k for k in set(stored) | set(current)
-                if stored.get(k) != current.get(k) and k not in INPUT_ONLY_KEYS)
+                if old(k) != current.get(k) and k not in INPUT_ONLY_KEYS)
 
 
 def differs_at(workdir: str, config) -> str:

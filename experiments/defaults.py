@@ -2,7 +2,7 @@ r"""The adaptation defaults, chosen across shifts without a target label.
 
   python -m experiments.defaults [--workdir runs/defaults] [--shifts all] [--seeds 1]
       [--weights 0.01,0.03,0.1,0.3] [--levels image+token+instance] [--starts 0.25] [--fda 0]
-      [--standardize 0] [--relation 0] [--stage teacher|student]
+      [--standardize 0] [--relation 0.3] [--stage teacher|student]
       [--arg method=drivlm_teacher,model=tiny_teacher] [--teacher_arg ...] [--steps N]
       [--parallel 2] [--smoke] [--report defaults]
 
@@ -63,23 +63,23 @@ LEVELS = select.LEVELS   # the discriminator levels, as the PAD names them
 
 
 def candidates(weights, level_sets, starts, fdas=((0.0, 1.0),), standardize=(False,),
-               relations=(0.0,)) -> dict:
+               relations=None) -> dict:
   """The grid -> {name: overrides} in grid order (weights outermost), e.g.
   "w0.03-image+token+instance-start0.25". A level set is a "+"-joined subset of LEVELS;
   its levels get the weight, the others 0. `fdas`: (beta, fraction) pairs of Fourier domain
   adaptation (`fda.*`); one with beta > 0 adds "-fda<beta>x<fraction>" to the name (off: the
   name is as before FDA existed, so earlier runs are reused). `standardize`: per-image
   standardisation of the input off and/or on (`model.vision.standardize`; on adds "-std").
-  `relations`: weights of the student's relation distillation (`loss.kd_relation`; above 0
-  adds "-rel<weight>")."""
+  `relations`: weights of the student's relation distillation (`loss.kd_relation`, set in
+  every candidate, 0 too; above 0 adds "-rel<weight>"); None (the teacher's grids): not set."""
   out = {}
   for weight, levels, start, (beta, fraction), std, relation in itertools.product(
-      weights, level_sets, starts, fdas, standardize, relations):
+      weights, level_sets, starts, fdas, standardize, relations or (None,)):
     on = set(levels.split("+"))
     if not on or not on <= set(LEVELS):
       raise ValueError(f"level set {levels!r}: '+'-joined names of {', '.join(LEVELS)}")
-    if relation < 0:
-      raise ValueError(f"relation weight {relation:g}: >= 0")
+    if relation is not None and not relation >= 0:   # NaN too
+      raise ValueError(f"relation weight {relation:g}: a number >= 0")
     if beta < 0 or not 0 < fraction <= 1:
       raise ValueError(f"fda {beta:g}x{fraction:g}: beta >= 0, fraction in (0, 1]")
     name = (f"w{weight:g}-{levels}-start{start:g}"
@@ -89,7 +89,7 @@ def candidates(weights, level_sets, starts, fdas=((0.0, 1.0),), standardize=(Fal
                  "da.start": start,
                  **({"fda.beta": beta, "fda.fraction": fraction} if beta else {}),
                  **({"model.vision.standardize": True} if std else {}),
-                 **({"loss.kd_relation": relation} if relation else {})}
+                 **({} if relation is None else {"loss.kd_relation": relation})}
   return out
 
 
@@ -103,6 +103,14 @@ def parse_fdas(text: str) -> list:
     except ValueError:
       raise ValueError(f"fda {item!r}: BETA or BETAxFRACTION, e.g. 0.05x0.5") from None
   return pairs
+
+
+def parse_floats(flag: str, text: str) -> list:
+  """"0,0.3" -> [0.0, 0.3]."""
+  try:
+    return [float(v) for v in text.split(",")]
+  except ValueError:
+    raise ValueError(f"{flag} {text!r}: comma-separated numbers") from None
 
 
 def parse_switch(flag: str, text: str) -> list:
@@ -226,9 +234,10 @@ def main():
   parser.add_argument("--standardize", default="0",
                       help="per-image standardisation of the input, comma-separated 0 (off) "
                       "and/or 1 (on) (configs/demo.py standardize=)")
-  parser.add_argument("--relation", default="0",
+  parser.add_argument("--relation", default=None,
                       help="--stage student: weights of the heads' relation distillation, "
-                      "comma-separated (loss.kd_relation; 0: off)")
+                      f"comma-separated (loss.kd_relation; 0: off; default "
+                      f"{common.KD_RELATION:g}, the student's)")
   parser.add_argument("--stage", default="teacher", choices=("teacher", "student"),
                       help="the run the candidates train: the teacher from scratch, or the "
                       "student from a teacher and a CLIP stage trained first per shift and seed")
@@ -257,9 +266,12 @@ def main():
     overrides = candidates([float(w) for w in args.weights.split(",")], args.levels.split(","),
                            [float(s) for s in args.starts.split(",")], parse_fdas(args.fda),
                            parse_switch("--standardize", args.standardize),
-                           [float(r) for r in args.relation.split(",")])
+                           None if args.stage == "teacher" else parse_floats(
+                               "--relation", args.relation or f"{common.KD_RELATION:g}"))
   except ValueError as e:
     parser.error(str(e))
+  if args.relation is not None and args.stage == "teacher":
+    parser.error("--relation with --stage teacher: the teacher distils from nothing")
   get_config = load_config_module("configs/demo.py")[0].get_config
   student = args.stage == "student"
   teacher_arg = f"method=drivlm_teacher,model={demo.TEACHER}"
@@ -268,8 +280,6 @@ def main():
   if "steps" in keys(arg) + keys(args.teacher_arg):
     parser.error("steps= in --arg/--teacher_arg: pass --steps (every run's; the CLIP stage "
                  "trains a quarter)")
-  if not student and any("loss.kd_relation" in o for o in overrides.values()):
-    parser.error("--relation with --stage teacher: the teacher distils from nothing")
   if args.teacher_arg and not student:
     parser.error("--teacher_arg is read with --stage student only")
   if student and any("model.vision.standardize" in o for o in overrides.values()):

@@ -20,7 +20,8 @@ Per seed, runs of `python -m drivlm_jax.train --config configs/demo.py:method=M`
                    warm-started from a stage of another model size it cannot be)
   drivlm_student   the tiny student warm-started from the CLIP stage, adapted the same way
                    (at its own adversarial weight, configs/common.DA_WEIGHT) and distilled
-                   from the frozen teacher (heads, LM tokens, visual tokens);
+                   from the frozen teacher (heads, their ranking of the images, LM tokens,
+                   visual tokens);
                    evaluated with every visual token and pruned to the keep ratio of its
                    evals.target_pruned, as deployed ("target_pruned")
   oracle           the tiny VLM on labelled source and labelled target rows (as many source

@@ -103,7 +103,11 @@ def log_file(workdir: str) -> str:
 
 def train_job(name: str, config, workdir: str, needs=()) -> jobs.Job:
   """`train_once(config, workdir)` as an `experiments.jobs` Job: its log in `log_file`, its
-  metrics in the run's workdir, its steps the config's."""
+  metrics in the run's workdir, its steps the config's. A finished run that will be reused
+  though trained with another config is said here, on the console (a worker's output goes
+  to the run's log)."""
+  if run_lib.path(workdir, "config.json").exists():
+    run_lib.finished(workdir, config, pretrained.configure)
   return jobs.Job(name=name, fn=train_once, args=(config, workdir), needs=tuple(needs),
                   log=log_file(workdir), metrics=str(run_lib.path(workdir, "metrics.jsonl")),
                   steps=config.total_steps)

@@ -341,6 +341,19 @@ def test_relation_kd_is_one_minus_pearson_per_class_and_domain():
   grad = jax.grad(lambda x: distill.relation_kd(x, jnp.asarray(tiny), jnp.asarray(domain)))(
       jnp.asarray(s, jnp.float32))
   assert np.all(np.isfinite(np.asarray(grad))) and float(jnp.abs(grad).max()) > 0
+  # A flat student class (a collapsed head): its gradient stays bounded (Pearson's own
+  # is 1 / the student's spread: 1e10 here without the floor).
+  flat = jax.grad(lambda x: distill.relation_kd(x, jnp.asarray(t), jnp.asarray(domain)))(
+      jnp.full((10, 4), -3.0, jnp.float32))
+  assert np.all(np.isfinite(np.asarray(flat))) and 0 < float(jnp.abs(flat).max()) < 1e6
+  # A flat teacher class has no ranking to teach: left out, so a student equal to the
+  # teacher still scores 0.
+  flat_teacher = np.array(t).copy()
+  flat_teacher[:, 2] = 0.5
+  assert float(distill.relation_kd(jnp.asarray(flat_teacher), jnp.asarray(flat_teacher),
+                                   jnp.asarray(domain))) == pytest.approx(0.0, abs=1e-5)
+  assert float(distill.relation_kd(jnp.zeros((10, 4)), jnp.zeros((10, 4)),
+                                   jnp.asarray(domain))) == 0.0   # nothing to teach
 
 
 @pytest.mark.parametrize("kind", ["cosine", "mse"])

@@ -33,7 +33,8 @@ def test_candidates_are_the_grid_with_levels_off_at_zero():
                  "w0.03-image-start0.25-std": {**grid["w0.03-image-start0.25"],
                                                "model.vision.standardize": True}}
   rel = defaults.candidates([0.03], ["image"], [0.25], relations=[0.0, 0.3])
-  assert rel == {"w0.03-image-start0.25": grid["w0.03-image-start0.25"],
+  assert rel == {"w0.03-image-start0.25": {**grid["w0.03-image-start0.25"],
+                                           "loss.kd_relation": 0.0},   # off, said so
                  "w0.03-image-start0.25-rel0.3": {**grid["w0.03-image-start0.25"],
                                                   "loss.kd_relation": 0.3}}
   with pytest.raises(ValueError, match="relation weight -1"):
@@ -117,7 +118,10 @@ def test_defaults_chooses_on_students_of_one_teacher_and_clip_stage(tmp_path, mo
   for bad, message in [(["--arg", "method=drivlm_student,steps=9"], "pass --steps"),
                        (["--stage", "teacher", "--teacher_arg", "model=tiny"], "student only"),
                        (["--standardize", "0,1"], "compare it with --stage teacher"),
-                       (["--standardize", "2"], "--standardize '2'")]:
+                       (["--standardize", "2"], "--standardize '2'"),
+                       (["--relation", "abc"], "--relation 'abc'"),
+                       (["--relation", "nan"], "relation weight nan"),
+                       (["--stage", "teacher", "--relation", "0.3"], "distils from nothing")]:
     monkeypatch.setattr(sys, "argv", argv + bad)
     with pytest.raises(SystemExit):
       defaults.main()
@@ -138,7 +142,9 @@ def test_defaults_chooses_on_students_of_one_teacher_and_clip_stage(tmp_path, mo
   assert teacher.model.to_dict() == current.model.to_dict()
   assert (teacher.total_steps, clip.total_steps) == (4, 1)
   assert clip.loss.clip > 0 and clip.loss.action == 0
-  names = ["w0-image+token+instance-start0.25", "w0.1-image+token+instance-start0.25"]
+  # the student's own relation weight unless --relation says otherwise
+  names = ["w0-image+token+instance-start0.25-rel0.3",
+           "w0.1-image+token+instance-start0.25-rel0.3"]
   assert [row["candidate"] for row in report["runs"]] == names
   # Each student waits for its teacher and CLIP stage (run side by side with --parallel > 1).
   assert [job.needs for job in ran] == [(), ()] + [
@@ -148,6 +154,8 @@ def test_defaults_chooses_on_students_of_one_teacher_and_clip_stage(tmp_path, mo
     config = run_lib.read_config(row["run_dir"])
     weight = report["candidates"][row["candidate"]]["loss.da_token"]
     assert config.loss.da_image == config.loss.da_instance == weight
+    assert config.loss.kd_relation == report["candidates"][row["candidate"]][
+        "loss.kd_relation"] == 0.3
     assert config.loss.kd_heads > 0 and config.model.to_dict() == demo_config.get_config(
         f"method=drivlm_student,teacher={seed_dir / 'teacher'}").model.to_dict()
     assert config.distill.teacher == str(seed_dir / "teacher")

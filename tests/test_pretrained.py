@@ -167,6 +167,13 @@ def test_an_hf_llava_teacher_and_what_it_can_teach(checkpoint, tmp_path):
   kd = lambda heads, lm, feature: {"kd_heads": heads, "kd_lm": lm, "kd_feature": feature}
   with pytest.raises(ValueError, match="without DriVLM heads .* set --config.loss.kd_heads=0"):
     distillation.load_teacher(checkpoint, cfg, kd(1.0, 0.0, 1.0), config, feats)
+  # the heads' relation term needs trained heads too (the student's default weight)
+  with pytest.raises(ValueError, match="set --config.loss.kd_heads=0 --config.loss.kd_relation=0"):
+    distillation.load_teacher(checkpoint, cfg, {**kd(1.0, 0.0, 1.0), "kd_relation": 0.3}, config,
+                              feats)
+  with pytest.raises(ValueError, match="heads; set --config.loss.kd_relation=0$"):
+    distillation.load_teacher(checkpoint, cfg, {**kd(0.0, 0.0, 1.0), "kd_relation": 0.3}, config,
+                              feats)
   with pytest.raises(ValueError, match=f"tokenizer {checkpoint}.* the sim BPE.*loss.kd_lm=0"):
     distillation.load_teacher(checkpoint, cfg, kd(0.0, 1.0, 1.0), config, feats)
   teacher = distillation.load_teacher(checkpoint, cfg, kd(0.0, 0.0, 1.0), config, feats)

@@ -8,7 +8,7 @@ from scipy import stats
 
 from configs import demo
 from drivlm_jax import run as run_lib
-from experiments import ablate, report
+from experiments import ablate, report, runs
 
 
 def _run(path, method, target_map, step_losses, seed=0):
@@ -99,3 +99,17 @@ def test_a_finished_run_is_reused_and_a_changed_config_is_named(tmp_path, capsys
   assert run_lib.finished(str(run), config)
   out = capsys.readouterr().out
   assert "differs at optimizer.learning_rate, seed" in out and str(run) in out
+  # A run from before a loss term existed stored no weight for it: 0, the same config as
+  # one that turns it off; the student's default weight is a change.
+  student = demo.get_config("method=drivlm_student,teacher=t,steps=30")
+  old = student.to_dict()
+  del old["loss"]["kd_relation"]
+  (run / "config.json").write_text(json.dumps(old))
+  assert run_lib.config_changes(str(run), student) == ["loss.kd_relation"]
+  student.loss.kd_relation = 0.0
+  assert run_lib.config_changes(str(run), student) == []
+  # The experiments' job builder says it in this process, not only in the worker's log.
+  capsys.readouterr()
+  student.loss.kd_relation = 0.3
+  runs.train_job("student", student, str(run))
+  assert "differs at loss.kd_relation" in capsys.readouterr().out

@@ -61,17 +61,18 @@ def load_teacher(teacher_dir: str, cfg: vlm.Config, weights: dict, config,
                  feats) -> run_lib.Run:
   """The frozen teacher: a run directory, or an HF LLaVA directory (any size). Heads KD needs
   trained heads (a run, or `drivlm.safetensors` beside the LLaVA); LM-logit KD needs the
-  student's tokenizer. Heads and feature KD work across tokenizers."""
+  student's tokenizer. Heads (and their relation) and feature KD work across tokenizers."""
   if pretrained.is_llava(teacher_dir):
     tcfg, params = hf.load_vlm(teacher_dir)
     if tcfg.num_cameras == 1 and cfg.num_cameras > 1:   # a one-image LLaVA sees every view,
       tcfg = dataclasses.replace(tcfg, num_cameras=cfg.num_cameras)   # camera embeddings 0
       params = {**params, "cameras": jnp.zeros((cfg.num_cameras, tcfg.vision.hidden_size))}
     if "heads" not in params:
-      if weights["kd_heads"]:
+      on = [k for k in ("kd_heads", "kd_relation") if weights.get(k)]
+      if on:
         raise ValueError(f"teacher {teacher_dir}: an HF LLaVA without DriVLM heads "
                          f"({hf.DRIVLM_PARTS}) has nothing to teach the heads; set "
-                         f"--config.loss.kd_heads=0")
+                         + " ".join(f"--config.loss.{k}=0" for k in on))
       params = {**jax.jit(lambda k: vlm.init(tcfg, k))(jax.random.key(0)), **params}
     teacher = run_lib.Run(teacher_dir, None, tcfg, params, 0)
     tokenizer = teacher_dir if tokenizer_lib.has_tokenizer(teacher_dir) else None

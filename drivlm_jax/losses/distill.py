@@ -44,10 +44,21 @@ def sigmoid_kd(student_logits, teacher_logits, temperature=1.0, mask=None, class
   return masked_mean(jnp.sum(kl, axis=-1), mask) * temperature ** 2
 
 
+FLAT = 1e-10   # relation_kd: a class's sum of squared probability deviations, "flat" below
+
+
 def relation_kd(student_logits, teacher_logits, domain, temperature=1.0, mask=None):
   """logits [B, C] of multi-label heads; domain [B] (0 source, 1 target); mask [B] selects
   rows. 1 - Pearson(sigmoid(s_c / T), sigmoid(t_c / T)) over the selected rows of each
-  domain, averaged over the classes and the domains with two rows or more (0 if none)."""
+  domain, averaged over the classes and the domains with two rows or more (0 if none).
+
+  A teacher's class that is flat over a domain's rows (sum of squared deviations under
+  `FLAT`) has no ranking to teach and is left out of that domain's mean. A flat student
+  class is scored as if its deviations were `FLAT`: its gradient, which grows as 1 / its
+  spread, stays bounded (Pearson's own is unbounded there). Spreads above it, a
+  probability std of 1e-4 over a few rows among them, are untouched. With `mixed_precision`
+  the heads' logits are bfloat16 before this float32 loss: a teacher's third-decimal
+  differences keep only a few levels per class there."""
   p = jax.nn.sigmoid(teacher_logits.astype(jnp.float32) / temperature)
   q = jax.nn.sigmoid(student_logits.astype(jnp.float32) / temperature)
   mask = jnp.ones(p.shape[:1]) if mask is None else mask.astype(jnp.float32)
@@ -57,10 +68,18 @@ def relation_kd(student_logits, teacher_logits, domain, temperature=1.0, mask=No
     n = jnp.sum(m)
     centre = lambda x: (x - jnp.sum(m * x, 0) / jnp.maximum(n, 1.0)) * m
     cp, cq = centre(p), centre(q)
-    # float32 keeps a teacher's spread of 1e-4 (variance 1e-8) far above the 1e-20 floor
-    rho = jnp.sum(cp * cq, 0) / jnp.sqrt(jnp.sum(cp * cp, 0) * jnp.sum(cq * cq, 0) + 1e-20)
-    on = (n >= 2).astype(jnp.float32)
-    total, count = total + on * jnp.mean(1.0 - rho), count + on
+    # (traced in 8192011's order: another rounds the gradients differently and moves the
+    # demo's runs)
+    cov, sp, sq = jnp.sum(cp * cq, 0), jnp.sum(cp * cp, 0), jnp.sum(cq * cq, 0)
+    rho = cov / jnp.sqrt(sp * jnp.maximum(sq, FLAT) + 1e-20)
+    taught = sp >= FLAT                                            # [C]
+    classes = jnp.sum(taught)
+    # (the mean over every class times C / the taught ones: where all are taught, the plain
+    # mean's values and gradients to the bit)
+    per_domain = jnp.mean(jnp.where(taught, 1.0 - rho, 0.0)) * (rho.shape[0] /
+                                                                 jnp.maximum(classes, 1))
+    on = ((n >= 2) & (classes > 0)).astype(jnp.float32)
+    total, count = total + on * per_domain, count + on
   return total / jnp.maximum(count, 1.0)
 
 
