@@ -263,8 +263,8 @@ def main():
   if unknown:
     parser.error(f"unknown shift(s) {unknown}; known: {', '.join(demo_config.SHIFTS)}")
   try:
-    overrides = candidates([float(w) for w in args.weights.split(",")], args.levels.split(","),
-                           [float(s) for s in args.starts.split(",")], parse_fdas(args.fda),
+    overrides = candidates(parse_floats("--weights", args.weights), args.levels.split(","),
+                           parse_floats("--starts", args.starts), parse_fdas(args.fda),
                            parse_switch("--standardize", args.standardize),
                            None if args.stage == "teacher" else parse_floats(
                                "--relation", args.relation or f"{common.KD_RELATION:g}"))

@@ -120,6 +120,7 @@ def test_defaults_chooses_on_students_of_one_teacher_and_clip_stage(tmp_path, mo
                        (["--standardize", "0,1"], "compare it with --stage teacher"),
                        (["--standardize", "2"], "--standardize '2'"),
                        (["--relation", "abc"], "--relation 'abc'"),
+                       (["--weights", "0.1,x"], "--weights '0.1,x'"),
                        (["--relation", "nan"], "relation weight nan"),
                        (["--stage", "teacher", "--relation", "0.3"], "distils from nothing")]:
     monkeypatch.setattr(sys, "argv", argv + bad)
