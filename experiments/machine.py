@@ -4,9 +4,14 @@ each side really used.
 
 Every benchmark puts `describe()` into its JSON and prints `line()`; the benchmark tables
 (README, docs/benchmarks.md) name the machine from it. The fp32 peak is cores x clock x
-FLOP/cycle: 2 FMA pipes x 2 FLOP x the fp32 lanes of the widest vector an FMA pipe executes
-at full rate (512-bit AVX-512 on Intel server cores, 16 lanes: 64 FLOP/cycle; AMD Zen 4 runs AVX-512 on 256-bit pipes, and
-AVX2 cores have 256-bit ones, 8 lanes: 32 FLOP/cycle). The clock is measured
+FLOP/cycle, both measured on the machine. FLOP/cycle (`measured_flop_per_cycle`) is 2 x the
+fp32 lanes of the widest FMA the CPU has (AVX-512F: 16; AVX2's FMA: 8) x the FMAs a core
+retires per cycle, timed on independent FMAs against the clock probe's chain on the same
+thread and rounded to whole FMA pipes: 64 on Intel server cores and AMD Zen 5 server cores
+(two 512-bit pipes), 32 on Zen 4 (AVX-512 on 256-bit pipes: one 512-bit FMA per cycle) and on
+AVX2 cores. Vendor tables get this wrong across generations (the table this replaced gave a
+Zen 5 EPYC 32, and its XLA GEMM ran at 191% of that "peak"); the table (`flop_per_cycle`) is
+only the fallback where the probe cannot run. The clock is measured
 (`measured_mhz`): every core runs a chain of dependent register adds (one cycle each on
 x86-64 cores), so cycles / seconds is the clock the cores really run at under load. In a
 virtual machine /proc/cpuinfo's "cpu MHz" is the nominal clock (2600 MHz on a Xeon whose cores
@@ -29,6 +34,7 @@ from drivlm_jax import host
 # one before: 1 cycle apiece; not `add rax, imm`, which newer Intel cores fold at rename);
 # dec rcx; jnz back to the adds; ret.
 ADDS = 16
+FMAS = 12
 _CHAIN = (bytes.fromhex("4889f9" "31c0" "ba01000000") + bytes.fromhex("4801d0") * ADDS
           + bytes.fromhex("48ffc9") + bytes([0x75, -(3 * ADDS + 5) & 0xFF]) + b"\xc3")
 
@@ -40,29 +46,89 @@ def _version(package: str) -> str | None:
     return None
 
 
-def flop_per_cycle(vendor: str, flags: set) -> int:
-  """fp32 FLOP per cycle per core (see the module docstring)."""
-  if "avx512f" in flags and vendor == "GenuineIntel":
+def flop_per_cycle(vendor: str, flags: set, family: int | None = None) -> int:
+  """fp32 FLOP per cycle per core from the vendor and CPU family, where
+  `measured_flop_per_cycle` cannot run: 64 for AVX-512 on Intel and on AMD from Zen 5
+  (family 26; its mobile parts run 512-bit FMAs on 256-bit pipes, as Zen 4 does), else 32 with
+  AVX2 or FMA, else 16."""
+  if "avx512f" in flags and (vendor == "GenuineIntel"
+                             or (vendor == "AuthenticAMD" and (family or 0) >= 26)):
     return 64
   if {"avx512f", "avx2", "fma"} & flags:
     return 32
   return 16
 
 
-def add_chain():
-  """`_CHAIN` as a callable (`chain(loops)` runs `ADDS * loops` dependent adds and returns
-  that count), or None off x86-64 Linux or where executable memory cannot be mapped."""
+def _executable(code: bytes):
+  """x86-64 machine code as a callable taking and returning one integer (a C long), or None
+  off x86-64 Linux or where executable memory cannot be mapped."""
   if platform.machine() != "x86_64" or not os.path.exists("/proc/self"):
     return None
   try:
     page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
   except (OSError, ValueError, AttributeError):
     return None
-  page.write(_CHAIN)
-  chain = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long)(
+  page.write(code)
+  fn = ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_long)(
       ctypes.addressof(ctypes.c_char.from_buffer(page)))
-  chain.page = page                  # the code lives as long as the callable
-  return chain if chain(3) == 3 * ADDS else None
+  fn.page = page                     # the code lives as long as the callable
+  return fn
+
+
+def add_chain():
+  """`_CHAIN` as a callable (`chain(loops)` runs `ADDS * loops` dependent adds and returns
+  that count), or None where `_executable` is."""
+  chain = _executable(_CHAIN)
+  return chain if chain is not None and chain(3) == 3 * ADDS else None
+
+
+def _fma_code(bits: int) -> bytes:
+  """mov rcx, rdi; vxorps ymm0-13 (zeroes the zmm registers too); then `FMAS` x
+  `vfmadd231ps {z,y}mm<i>, {z,y}mm12, {z,y}mm13` (i = 0..FMAS-1: independent, more than an FMA's
+  latency x pipes); dec rcx; jnz back to the FMAs; vzeroupper; mov rax, rdi; ret."""
+  zero = b"".join(bytes([0xc5, 0xfc - 8 * i, 0x57, 0xc0 + 9 * i]) if i < 8 else
+                  bytes([0xc4, 0x41, 0x3c - 8 * (i - 8), 0x57, 0xc0 + 9 * (i - 8)])
+                  for i in range(14))
+  evex, vex = bits == 512, bits == 256
+  assert evex or vex, bits
+  prefix = ((b"\x62\xd2\x1d\x48", b"\x62\x52\x1d\x48") if evex
+            else (b"\xc4\xc2\x1d", b"\xc4\x42\x1d"))
+  body = b"".join(prefix[i >= 8] + bytes([0xb8, 0xc5 + 8 * (i % 8)]) for i in range(FMAS))
+  return (bytes.fromhex("4889f9") + zero + body + bytes.fromhex("48ffc9")
+          + bytes([0x75, -(len(body) + 5) & 0xFF]) + bytes.fromhex("c5f877" "4889f8" "c3"))
+
+
+def fma_bits(flags: set) -> int | None:
+  """The widest fp32 FMA this CPU runs: 512 (AVX-512F), 256 (FMA), or None."""
+  if "avx512f" in flags:
+    return 512
+  if {"fma", "avx"} <= flags:
+    return 256
+  return None
+
+
+def measured_flop_per_cycle(flags: set, seconds: float = 0.1) -> int | None:
+  """fp32 FLOP per cycle per core, measured on one thread (see the module docstring); None
+  where there is no FMA or the probes cannot run."""
+  bits = fma_bits(flags)
+  chain = add_chain()
+  fmas = _executable(_fma_code(bits)) if bits and chain is not None else None
+  if fmas is None:
+    return None
+
+  def rate(fn, per_loop):           # the best of 3 runs of about `seconds` each
+    start = time.perf_counter()
+    fn(100_000)
+    loops = max(1, int(seconds / (time.perf_counter() - start) * 100_000))
+    best = 0.0
+    for _ in range(3):
+      start = time.perf_counter()
+      fn(loops)
+      best = max(best, per_loop * loops / (time.perf_counter() - start))
+    return best
+
+  per_cycle = rate(fmas, FMAS) / rate(chain, ADDS)
+  return 2 * (bits // 32) * max(1, round(per_cycle))
 
 
 def measured_mhz(cores: int, seconds: float = 0.5) -> float | None:
@@ -100,15 +166,19 @@ def describe(matmuls: bool = True) -> dict:
   nominal = float(info["cpu MHz"]) if "cpu MHz" in info else None
   measured = measured_mhz(cores)
   mhz = measured or nominal
-  per_cycle = flop_per_cycle(vendor, flags)
+  family = info.get("cpu family")
+  measured_per_cycle = measured_flop_per_cycle(flags)
+  per_cycle = measured_per_cycle or flop_per_cycle(
+      vendor, flags, int(family) if family and family.isdigit() else None)
   wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16",
             "amx_int8")
   return {
       "cpu": {"vendor": vendor, "model_name": info.get("model name"),
-              "family": info.get("cpu family"), "model": info.get("model"),
+              "family": family, "model": info.get("model"),
               "flags": sorted(flags & set(wanted)), "cores": cores, "mhz": mhz,
               "clock": "measured" if measured else "nominal", "nominal_mhz": nominal,
               "fp32_flop_per_cycle": per_cycle,
+              "flop_per_cycle": "measured" if measured_per_cycle else "table",
               "fp32_peak_gflops": cores * mhz * per_cycle / 1e3 if mhz else None},
       "versions": {p: _version(p) for p in ("jax", "jaxlib", "torch", "transformers",
                                             "onnxruntime", "mkl")},
@@ -141,7 +211,8 @@ def line(machine: dict) -> str:
     clock += f" ({_mhz(cpu['nominal_mhz'])} nominal)"
   return (f"{cpu['vendor']} {cpu['model_name']} (family {cpu['family']} model {cpu['model']}), "
           f"{cpu['cores']} cores at {clock}, {'/'.join(cpu['flags']) or 'no AVX'}, fp32 peak "
-          f"{f'{peak:.0f} GFLOP/s' if peak else 'unknown'}; "
+          f"{f'{peak:.0f} GFLOP/s' if peak else 'unknown'} ({cpu['fp32_flop_per_cycle']} "
+          f"FLOP/cycle, {cpu.get('flop_per_cycle', 'table')}); "
           + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
           + (f"; float32 matmuls on {kernels}"
              if (kernels := machine.get("jax_float32_matmuls")) else "")

@@ -11,12 +11,15 @@ candidate is compiled from one lowering and timed on the given inputs (settled,
 alternated), and the fastest is kept. Outputs differ between the two by float rounding only
 (3e-6 on the CLIP-B/16 student's probabilities).
 
-Where `cpu_gemm` puts float32 matmuls on MKL (an Intel CPU), each policy is also tried on a
-lowering with XLA's own dots ("xla_dots/" + name), and, where the student's constant weights
-go to `cpu_gemm`'s packed-weight kernel (AVX-512), the default policy on a lowering that
-leaves them to MKL's sgemm ("mkl_sgemm/default"). On a 2-core Xeon, CLIP-B/16 student at
+Where `cpu_gemm` puts float32 matmuls on MKL (an Intel CPU) or the student's constant weights
+on its packed-weight kernel (any vendor's AVX-512 CPU), each policy is also tried on a
+lowering with XLA's own dots throughout ("xla_dots/" + name), and, where both are on, the
+default policy on a lowering that leaves the constant weights to MKL's sgemm
+("mkl_sgemm/default"). On a 2-core Xeon, CLIP-B/16 student at
 batch 1, p50 ms packed / MKL's sgemm / XLA's dots: unpruned 132.1 / 138.0 / 149.3, pruned to
-a quarter 41.5 / 53.9 / 53.5 (`python -m experiments.bench_export --vit-b16`, 2026-12-04).
+a quarter 41.5 / 53.9 / 53.5 (`python -m experiments.bench_export --vit-b16`, 2026-12-04). On
+a 2-core Zen 5 EPYC, packed (XLA's dots for the rest) / XLA's dots: 76.7 / 88.0 and 24.0 /
+26.0 (2026-12-05).
 """
 import jax
 
@@ -30,19 +33,20 @@ CPU_CANDIDATES = {"default": {}, "ynn_dot_fusions": YNN_DOT_FUSIONS}
 def fastest(fn, args, candidates: dict = CPU_CANDIDATES, iters: int = 10):
   """(compiled `fn` at `args`, its candidate's name, {name: p50 ms}): on a CPU backend the
   fastest of `candidates` ({name: XLA compile options}, and "xla_dots/" + name where
-  `cpu_gemm` is active, and "mkl_sgemm/default" where it packs a weight of `fn`; each timed
+  `cpu_gemm` is active or packs a weight of `fn`, and "mkl_sgemm/default" where both; each timed
   `iters` rounds, untimed when only one compiles);
   elsewhere XLA's default."""
   lowered = jax.jit(fn).lower(*args)
   if jax.default_backend() != "cpu":
     return lowered.compile(), "xla", {}
   lowerings = {"": (lowered, candidates)}
-  if cpu_gemm.active():
+  packed = cpu_gemm.packs() and cpu_gemm.PACKED_TARGET in _asm(lowered)   # a weight is packed
+  if cpu_gemm.active() or packed:
     with cpu_gemm.use("xla"):
       lowerings["xla_dots/"] = (jax.jit(fn).lower(*args), candidates)
-    if cpu_gemm.has_avx512() and cpu_gemm.PACKED_TARGET in _asm(lowered):   # a weight is packed
-      with cpu_gemm.packing(False):
-        lowerings["mkl_sgemm/"] = (jax.jit(fn).lower(*args), {"default": {}})
+  if cpu_gemm.active() and packed:
+    with cpu_gemm.packing(False):
+      lowerings["mkl_sgemm/"] = (jax.jit(fn).lower(*args), {"default": {}})
   compiled = {}
   for prefix, (one_lowering, options_by_name) in lowerings.items():
     for name, options in options_by_name.items():

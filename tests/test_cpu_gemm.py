@@ -257,7 +257,7 @@ def test_auto_leaves_small_products_to_xla(monkeypatch):
     pytest.skip(f"MKL kernel: {MISSING}")
   monkeypatch.setattr(jax, "device_count", lambda: 1)
   monkeypatch.setattr(cpu_gemm.host, "cpuinfo", lambda: {"vendor_id": "GenuineIntel"})
-  cpu_gemm._auto.cache_clear()
+  _clear_auto()
   try:
     big, small = _operands((cpu_gemm.MIN_MACS // 64, 8), (8, 8)), _operands((4, 8), (8, 8))
     with cpu_gemm.use("auto"):
@@ -266,7 +266,47 @@ def test_auto_leaves_small_products_to_xla(monkeypatch):
     with cpu_gemm.use("mkl"):
       assert cpu_gemm.einsum("mk,kn->mn", *small) is not None
   finally:
-    cpu_gemm._auto.cache_clear()
+    _clear_auto()
+
+
+def _clear_auto():
+  cpu_gemm._auto.cache_clear()
+  cpu_gemm._loads.cache_clear()
+  cpu_gemm.has_avx512.cache_clear()
+
+
+@needs_kernel
+def test_auto_on_another_vendors_avx512_cpu_packs_constant_weights_only(monkeypatch):
+  """On a single-device AVX-512 CPU that is not Intel's, auto keeps XLA's dots for every
+  product but puts a deployed student's constant weights on the packed kernel (ours, not
+  MKL's); the deployed student's kernel choice then times it against XLA's dots, with no MKL
+  sgemm candidate."""
+  if not cpu_gemm.has_avx512():
+    pytest.skip("the packed-weight kernel needs AVX-512F")
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  monkeypatch.setattr(cpu_gemm.host, "cpuinfo",
+                      lambda: {"vendor_id": "AuthenticAMD", "flags": "avx2 fma avx512f"})
+  _clear_auto()
+  try:
+    a, b = (np.asarray(x) for x in _operands((cpu_gemm.MIN_MACS // 64, 64), (64, 64)))
+    f = lambda a: jnp.tanh(layers.einsum("mk,kn->mn", a, b))   # noqa: E731
+    with cpu_gemm.use("auto"):
+      assert not cpu_gemm.active() and cpu_gemm.packs()
+      assert cpu_gemm.einsum("mk,kn->mn", a, b) is None
+      assert cpu_gemm.PACKED_TARGET in jax.jit(f).lower(a).as_text()
+      fn, chosen, p50 = kernels.fastest(f, [a], iters=2)
+      assert set(p50) == {prefix + name for prefix in ("", "xla_dots/")
+                          for name in kernels.CPU_CANDIDATES}
+      np.testing.assert_allclose(fn(a), np.tanh(np.float64(a) @ np.float64(b)), atol=1e-5)
+    with cpu_gemm.use("xla"):
+      assert not cpu_gemm.packs()
+    monkeypatch.setattr(cpu_gemm.host, "cpuinfo",
+                        lambda: {"vendor_id": "AuthenticAMD", "flags": "avx2 fma"})
+    _clear_auto()
+    with cpu_gemm.use("auto"):
+      assert not cpu_gemm.packs()
+  finally:
+    _clear_auto()
 
 
 @needs_kernel

@@ -26,6 +26,24 @@ def test_the_measured_clock_is_the_kernels_within_turbo_and_throttling():
   assert where["jax_float32_matmuls"] == "XLA" and machine.line(where).endswith("on XLA")
 
 
+@x86
+def test_the_measured_flop_per_cycle_is_the_vendors_figure():
+  """The FMA probe against the vendors' published FMA widths x pipes, on the CPUs these
+  machines come with: Intel's AMX server cores (Sapphire Rapids on: two 512-bit FMA pipes)
+  and AMD's Zen 4 and Zen 5 EPYC. A wrong instruction encoding or timing shows up as another
+  figure."""
+  info = host.cpuinfo()
+  vendor, family = info.get("vendor_id"), int(info.get("cpu family", 0))
+  flags = set(info.get("flags", "").split())
+  amd_epyc = (vendor == "AuthenticAMD" and family in (25, 26)
+              and "EPYC" in info.get("model name", ""))
+  server = amd_epyc or (vendor == "GenuineIntel" and "amx_tile" in flags)
+  if not server or machine.fma_bits(flags) is None:
+    pytest.skip(f"no published figure here: {info.get('model name')} (family {family})")
+  assert machine.measured_flop_per_cycle(flags) == machine.flop_per_cycle(vendor, flags, family)
+  assert machine.describe(matmuls=False)["cpu"]["flop_per_cycle"] == "measured"
+
+
 class Pool:
   """`size` threads that live until closed (as XLA's and OpenMP's pools do), each running the
   clock probe's chain of adds once per `run()`."""

@@ -8,9 +8,10 @@ no XLA flag closes that (docs/benchmarks.md). `cpu_gemm.cc` calls MKL's sequenti
 BLAS beside XLA's threads was slower: issue 18's session-32 probe with OpenBLAS). Measured
 the same hour, 2 threads each, GFLOP/s XLA / this / torch: 2048^3 286 / 356 / 383;
 1576x768x3072 285 / 338 / 394, its two backward forms 272-310 / 378-380 / 327-367; 50x768x3072
-152 / 219 / 259 (the 50-row one is the pruned CLIP-B/16 student's), 2026-12-04. On AMD (Zen 4)
-XLA's own dots already beat torch's MKL (the README's Zen 4 rows; this kernel was not
-measured there), so "auto" picks MKL on Intel only.
+152 / 219 / 259 (the 50-row one is the pruned CLIP-B/16 student's), 2026-12-04. On AMD XLA's
+own dots already beat torch's MKL (2048^3 on a 2-core Zen 5 EPYC: XLA 508, torch 225 GFLOP/s,
+2026-12-05; the README's AMD rows), and MKL's sgemm there is slower still (the CLIP-B/16
+student 186 ms on it against 93 ms on XLA's dots), so "auto" picks MKL on Intel only.
 
 `einsum(spec, a, b)` gives the product, or None where XLA keeps it. MKL takes it when:
 - the mode (`use`, else DRIVLM_CPU_GEMM: auto | mkl | xla; default auto) is "mkl", or is
@@ -40,8 +41,11 @@ weight is read from memory each call and the rows are few -- the pruned CLIP-B/1
 batch 1, 50 rows per GEMM on 340 MB of weights: 12 ViT-B MLP layers at 50 rows 231 GFLOP/s,
 MKL's sgemm 166, XLA's dots 119; at 197 rows 278 / 287 / 252 (`python -m
 experiments.bench_gemm`, 2-core Xeon, 2026-12-05; `export.kernels` times the student both
-ways). The same conditions as MKL's (mode, float32, a plain GEMM) apply, and `b` must have
-no batch index and not be transposed (a layer's kernel).
+ways). The kernel is ours, not MKL's, so "auto" packs on every vendor's single-device AVX-512
+CPU (`packs`): on a 2-core Zen 5 EPYC the CLIP-B/16 student at batch 1 ran 76.7 ms packed
+(XLA's dots for the rest) against 88.0 on XLA's dots alone, 24.0 / 26.0 pruned to a quarter
+(2026-12-05). Otherwise MKL's conditions (mode, float32, a plain GEMM) apply, and `b` must
+have no batch index and not be transposed (a layer's kernel).
 
 The kernels are compiled on first use with the C++ compiler (CXX, default `c++`) against
 jaxlib's FFI headers and the `mkl` wheel (~2 s, cached in DRIVLM_CACHE or
@@ -138,15 +142,33 @@ def active() -> bool:
   return _auto()
 
 
+def packs() -> bool:
+  """Whether constant weights traced now go to the packed-weight kernel (`constant_einsum`):
+  on an AVX-512 CPU, with `packing` on, where MKL is `active`, and in "auto" mode on any
+  vendor's single-device CPU backend (the kernel is ours, not MKL's: AMD's keep XLA's dots
+  for everything else)."""
+  if not _packing.value or not has_avx512():
+    return False
+  if mode() == "auto":
+    return _loads()
+  return active()
+
+
 @functools.cache
 def _auto() -> bool:
-  if (jax.default_backend() != "cpu" or jax.device_count() != 1
-      or host.cpuinfo().get("vendor_id") != "GenuineIntel"):
+  return host.cpuinfo().get("vendor_id") == "GenuineIntel" and _loads()
+
+
+@functools.cache
+def _loads() -> bool:
+  """Whether "auto" mode can use the kernels: a single-device CPU backend where they build
+  and load (else XLA's dots, with one warning)."""
+  if jax.default_backend() != "cpu" or jax.device_count() != 1:
     return False
   try:
     _register()
   except Unavailable as e:
-    logging.warning("cpu_gemm: XLA's dots instead of MKL: %s", e)
+    logging.warning("cpu_gemm: XLA's dots instead of our kernels: %s", e)
     return False
   return True
 
@@ -318,11 +340,11 @@ def pack(b: np.ndarray) -> np.ndarray:
 def constant_einsum(spec: str, a, b: np.ndarray):
   """`spec` of float32 `a` and the constant float32 weight `b` on the packed-weight kernel;
   None where it does not apply. Differentiable in `a` (its gradient is an XLA dot)."""
-  if (not _packing.value or not isinstance(b, np.ndarray) or a.dtype != jnp.float32
-      or b.dtype != np.float32 or not has_avx512()):
+  if (not isinstance(b, np.ndarray) or a.dtype != jnp.float32 or b.dtype != np.float32
+      or not packs()):
     return None
   groups = plan(spec)
-  if groups is None or groups[0] or any(groups[4:]) or not active():
+  if groups is None or groups[0] or any(groups[4:]):
     return None   # batch indices, a transposed operand or a swapped output: not a layer
   _, contracted, a_free, b_free, *_ = groups
   size = _sizes(spec, a, b, groups)
