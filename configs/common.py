@@ -142,6 +142,9 @@ DA_WEIGHT = {"drivlm_teacher": 0.01, "dann": 0.01, "drivlm_student": 0.03}
 # images, per class and domain, against the teacher's; losses/distill.relation_kd): chosen
 # the same way on the student over {0, 0.3, 1} (README "Relation distillation", at f082dfa).
 KD_RELATION = 0.3
+# The student's heads distilled again pruned as deployed (loss.kd_pruned, to `keep_ratio`;
+# adapt/distillation.py): off until chosen the same way.
+KD_PRUNED = 0.0
 
 
 def add_method(config, method: str, teacher: str, keep_ratio: float,
@@ -207,14 +210,16 @@ def add_method(config, method: str, teacher: str, keep_ratio: float,
   if clip:   # the CLIP stage trains the contrastive term only
     config.loss.update(action=0.0, reason=0.0, lm=0.0)
   config.loss.update(da_image=da_weight if method == "dann" else w, da_token=w, da_instance=w,
-                     da_consistency=0.0, kd_heads=kd, kd_relation=kd * KD_RELATION, kd_lm=kd,
+                     da_consistency=0.0, kd_heads=kd, kd_relation=kd * KD_RELATION,
+                     kd_pruned=kd * KD_PRUNED, kd_lm=kd,
                      kd_feature=kd,
                      clip=1.0 if clip else 0.0, entmin=0.1 if method == "entmin" else 0.0,
                      entmin_reason=0.0)
   config.da = ml_collections.ConfigDict(dict(focal_gamma=0.0, hidden=128, objective="reversal",
                                              start=0.1 if init_from else 0.25))
   config.distill = ml_collections.ConfigDict(dict(
-      teacher=teacher, temperature=2.0, feature_kind="cosine", rows="all", heads="sum"))
+      teacher=teacher, temperature=2.0, feature_kind="cosine", rows="all", heads="sum",
+      keep_ratio=keep_ratio))
   config.fda = ml_collections.ConfigDict(dict(beta=fda_beta if drivlm else 0.0,
                                              fraction=fda_fraction))
   if method == "drivlm_student":   # also evaluated as deployed: pruned to `keep_ratio`

@@ -2,7 +2,7 @@ r"""The adaptation defaults, chosen across shifts without a target label.
 
   python -m experiments.defaults [--workdir runs/defaults] [--shifts all] [--seeds 1]
       [--weights 0.01,0.03,0.1,0.3] [--levels image+token+instance] [--starts 0.25] [--fda 0]
-      [--standardize 0] [--relation 0.3] [--stage teacher|student]
+      [--standardize 0] [--relation 0.3] [--pruned 0] [--deployed] [--stage teacher|student]
       [--arg method=drivlm_teacher,model=tiny_teacher] [--teacher_arg ...] [--steps N]
       [--parallel 2] [--smoke] [--report defaults]
 
@@ -12,7 +12,10 @@ a level that is off gets 0) and the point of training where the reversal starts 
 (`da.start`), and optionally Fourier domain adaptation (`--fda`: its window and the share of
 source rows it restyles; adapt/fourier.py) and the per-image standardisation of the input
 (`--standardize 0,1`: vision.standardize), and with `--stage student` the weight of the
-heads' relation distillation (`--relation`: loss.kd_relation, losses/distill.relation_kd).
+heads' relation distillation (`--relation`: loss.kd_relation, losses/distill.relation_kd)
+and of the pruned student's (`--pruned`: loss.kd_pruned, adapt/distillation.py);
+`--deployed` scores each student as deployed, pruned to its evals.target_pruned.keep_ratio
+(DEV, the source criteria and the reported target mAP: eval.json's "target_pruned").
 Per shift of configs/demo.py (SHIFTS) and per
 seed, every candidate trains the run that the adversarial settings shape most: by default
 the demo's DriVLM teacher (the larger model, adapted from scratch). Runs go to
@@ -63,7 +66,7 @@ LEVELS = select.LEVELS   # the discriminator levels, as the PAD names them
 
 
 def candidates(weights, level_sets, starts, fdas=((0.0, 1.0),), standardize=(False,),
-               relations=None) -> dict:
+               relations=None, pruned=None) -> dict:
   """The grid -> {name: overrides} in grid order (weights outermost), e.g.
   "w0.03-image+token+instance-start0.25". A level set is a "+"-joined subset of LEVELS;
   its levels get the weight, the others 0. `fdas`: (beta, fraction) pairs of Fourier domain
@@ -71,25 +74,29 @@ def candidates(weights, level_sets, starts, fdas=((0.0, 1.0),), standardize=(Fal
   name is as before FDA existed, so earlier runs are reused). `standardize`: per-image
   standardisation of the input off and/or on (`model.vision.standardize`; on adds "-std").
   `relations`: weights of the student's relation distillation (`loss.kd_relation`, set in
-  every candidate, 0 too; above 0 adds "-rel<weight>"); None (the teacher's grids): not set."""
+  every candidate, 0 too; above 0 adds "-rel<weight>"); None (the teacher's grids): not set.
+  `pruned`: the same for the pruned student's distillation (`loss.kd_pruned`, "-pruned<w>")."""
   out = {}
-  for weight, levels, start, (beta, fraction), std, relation in itertools.product(
-      weights, level_sets, starts, fdas, standardize, relations or (None,)):
+  for weight, levels, start, (beta, fraction), std, relation, kd_pruned in itertools.product(
+      weights, level_sets, starts, fdas, standardize, relations or (None,), pruned or (None,)):
     on = set(levels.split("+"))
     if not on or not on <= set(LEVELS):
       raise ValueError(f"level set {levels!r}: '+'-joined names of {', '.join(LEVELS)}")
-    if relation is not None and not relation >= 0:   # NaN too
-      raise ValueError(f"relation weight {relation:g}: a number >= 0")
+    for what, value in (("relation", relation), ("pruned", kd_pruned)):
+      if value is not None and not value >= 0:   # NaN too
+        raise ValueError(f"{what} weight {value:g}: a number >= 0")
     if beta < 0 or not 0 < fraction <= 1:
       raise ValueError(f"fda {beta:g}x{fraction:g}: beta >= 0, fraction in (0, 1]")
     name = (f"w{weight:g}-{levels}-start{start:g}"
             + (f"-fda{beta:g}x{fraction:g}" if beta else "") + ("-std" if std else "")
-            + (f"-rel{relation:g}" if relation else ""))
+            + (f"-rel{relation:g}" if relation else "")
+            + (f"-pruned{kd_pruned:g}" if kd_pruned else ""))
     out[name] = {**{f"loss.da_{level}": weight if level in on else 0.0 for level in LEVELS},
                  "da.start": start,
                  **({"fda.beta": beta, "fda.fraction": fraction} if beta else {}),
                  **({"model.vision.standardize": True} if std else {}),
-                 **({} if relation is None else {"loss.kd_relation": relation})}
+                 **({} if relation is None else {"loss.kd_relation": relation}),
+                 **({} if kd_pruned is None else {"loss.kd_pruned": kd_pruned})}
   return out
 
 
@@ -238,6 +245,12 @@ def main():
                       help="--stage student: weights of the heads' relation distillation, "
                       f"comma-separated (loss.kd_relation; 0: off; default "
                       f"{common.KD_RELATION:g}, the student's)")
+  parser.add_argument("--pruned", default=None,
+                      help="--stage student: weights of the pruned student's distillation, "
+                      f"comma-separated (loss.kd_pruned; 0: off; default "
+                      f"{common.KD_PRUNED:g}, the student's)")
+  parser.add_argument("--deployed", action="store_true",
+                      help="--stage student: score each student pruned as deployed")
   parser.add_argument("--stage", default="teacher", choices=("teacher", "student"),
                       help="the run the candidates train: the teacher from scratch, or the "
                       "student from a teacher and a CLIP stage trained first per shift and seed")
@@ -267,11 +280,16 @@ def main():
                            parse_floats("--starts", args.starts), parse_fdas(args.fda),
                            parse_switch("--standardize", args.standardize),
                            None if args.stage == "teacher" else parse_floats(
-                               "--relation", args.relation or f"{common.KD_RELATION:g}"))
+                               "--relation", args.relation or f"{common.KD_RELATION:g}"),
+                           None if args.stage == "teacher" else parse_floats(
+                               "--pruned", args.pruned or f"{common.KD_PRUNED:g}"))
   except ValueError as e:
     parser.error(str(e))
-  if args.relation is not None and args.stage == "teacher":
-    parser.error("--relation with --stage teacher: the teacher distils from nothing")
+  for flag, given in (("--relation", args.relation is not None),
+                      ("--pruned", args.pruned is not None), ("--deployed", args.deployed)):
+    if given and args.stage == "teacher":
+      parser.error(f"{flag} with --stage teacher: the teacher distils from nothing and is "
+                   f"not pruned")
   get_config = load_config_module("configs/demo.py")[0].get_config
   student = args.stage == "student"
   teacher_arg = f"method=drivlm_teacher,model={demo.TEACHER}"
@@ -331,7 +349,8 @@ def main():
   jobs.run(todo, args.parallel, demo.worker_init, (cache,))
   notes, rows = [], []
   for run in tqdm.tqdm(runs, desc="DEV per run"):
-    rows.append({**run, **select.score_run(run["run_dir"], args.max_examples, notes)})
+    rows.append({**run, **select.score_run(run["run_dir"], args.max_examples, notes,
+                                            args.deployed)})
   summary = summarise(rows, list(overrides), shifts)
   text = markdown(summary, overrides, shifts) + "".join(f"\n- {note}" for note in notes)
   run_lib.write_json(run_lib.path(args.workdir, f"{args.report}.json"),

@@ -159,22 +159,28 @@ def token_positions(num_tokens: int) -> np.ndarray:
   return np.sort(rng.choice(num_tokens, min(TOKENS_PER_IMAGE, num_tokens), replace=False))
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _features(cfg: vlm.Config, params, batch) -> dict:
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _features(cfg: vlm.Config, params, batch, keep_ratio: float = 1.0) -> dict:
   """One batch -> "pooled" [B, D] (DEV's f), "action_logits" [B, 4], and the features of each
-  PAD level: "image" [B, D], "token" [B, k, D], "instance" [B, M, D]."""
+  PAD level: "image" [B, D], "token" [B, k, D], "instance" [B, M, D]. With `keep_ratio` < 1
+  the first two are the model's pruned to that share of its visual tokens, as deployed; the
+  PAD levels read every token (pruned ones have no fixed positions)."""
   out = vlm.encode_image(cfg, params, batch["image"], batch["instruction_ids"],
                          batch["instruction_mask"])
+  deployed = out if keep_ratio == 1.0 else vlm.encode_image(
+      cfg, params, batch["image"], batch["instruction_ids"], batch["instruction_mask"],
+      keep_ratio=keep_ratio)
   tokens = out["visual_tokens"]
   cells, valid = vlm.on_grid(cfg, tokens)   # the patch grids, as in training
   instances = discriminators.box_pool(cells, cfg.vision.grid, batch["boxes"], batch["box_mask"],
                                       batch["box_camera"], cfg.num_cameras, valid)
-  return {"pooled": out["pooled_visual"], "action_logits": out["action_logits"],
+  return {"pooled": deployed["pooled_visual"], "action_logits": deployed["action_logits"],
           "image": alignment.image_level(tokens),
           "token": tokens[:, token_positions(tokens.shape[1])], "instance": instances}
 
 
-def extract(cfg, params, spec, feats, max_examples: int, labelled: bool = False) -> dict:
+def extract(cfg, params, spec, feats, max_examples: int, labelled: bool = False,
+            keep_ratio: float = 1.0) -> dict:
   """The first `max_examples` examples of `spec` (in order, no augmentation, the whole split
   on every host) -> numpy float32 `_features` plus "box_mask" [n, M], and "actions" [n, 4]
   only when `labelled`. Every batch is padded to one shape, so a model compiles once."""
@@ -189,7 +195,8 @@ def extract(cfg, params, spec, feats, max_examples: int, labelled: bool = False)
       break
     batch = ds[i]
     count = min(len(batch["image"]), max_examples - n)
-    out = jax.device_get(_features(cfg, params, {k: pad(batch[k]) for k in MODEL_INPUTS}))
+    out = jax.device_get(_features(cfg, params, {k: pad(batch[k]) for k in MODEL_INPUTS},
+                                   keep_ratio))
     for key, value in {**out, **{k: batch[k] for k in keys}}.items():
       parts.setdefault(key, []).append(np.asarray(value[:count], np.float32))
     n += count
@@ -228,15 +235,26 @@ def _level_pads(source, target, name: str, notes: list) -> dict:
 
 #### One run, then the sweep
 
-def oracle_map(run_dir) -> float | None:
-  """The run's target test action mAP (eval.json; None when the target has no labels to
-  score), after checking that `run_dir` is a finished run (eval.json and checkpoints)."""
+def oracle_map(run_dir, domain: str = "target") -> float | None:
+  """The run's target test action mAP (eval.json's `domain`: "target", or "target_pruned"
+  as deployed; None when the target has no labels to score), after checking that `run_dir`
+  is a finished run (eval.json and checkpoints)."""
   for part in ("eval.json", "checkpoints"):
     if not run_lib.path(run_dir, part).exists():
       raise run_lib.RunError(f"{run_dir}: no {part}; is it a finished run of drivlm_jax.train?")
   result = run_lib.read_json(run_lib.path(run_dir, "eval.json"))
-  value = result.get("test", {}).get("target", {}).get("action_mAP")
+  value = result.get("test", {}).get(domain, {}).get("action_mAP")
   return None if value is None else float(value)
+
+
+def deployed_keep_ratio(run_dir, config) -> float:
+  """The keep ratio a run is deployed at: its pruned evaluator's (`evals.target_pruned`, the
+  student's), else an error naming the run."""
+  pruned = config.get("evals", {}).get("target_pruned")
+  if not pruned or "keep_ratio" not in pruned:
+    raise ValueError(f"{run_dir}: no evals.target_pruned.keep_ratio in its config: only a "
+                     f"pruned student is scored as deployed")
+  return float(pruned["keep_ratio"])
 
 
 def output_spread(action_logits) -> float:
@@ -249,13 +267,17 @@ def output_spread(action_logits) -> float:
 COLLAPSED = 0.1   # target spread / source spread below this: the target outputs compressed
 
 
-def score_run(run_dir: str, max_examples: int, notes: list) -> dict:
-  """One run's row: DEV risk, the source validation loss and mAP, PAD per level, oracle."""
-  oracle = oracle_map(run_dir)
+def score_run(run_dir: str, max_examples: int, notes: list, deployed: bool = False) -> dict:
+  """One run's row: DEV risk, the source validation loss and mAP, PAD per level, oracle.
+  `deployed`: DEV, the losses, the spread and the oracle are those of the run pruned as
+  deployed (`deployed_keep_ratio`; eval.json's "target_pruned")."""
+  oracle_map(run_dir)
   run = run_lib.load(run_dir)
+  keep = deployed_keep_ratio(run_dir, run.config) if deployed else 1.0
+  oracle = oracle_map(run_dir, "target_pruned" if deployed else "target")
   _, data, feats = inputs.run_features(run_dir)
   get = lambda role, split, labelled=False: extract(run.cfg, run.params, data[role, split],
-                                                    feats, max_examples, labelled)
+                                                    feats, max_examples, labelled, keep)
   source = get("source", "test", labelled=True)
   unlabelled = get("target", "train")
   target_test = get("target", "test")
@@ -288,7 +310,7 @@ def score_run(run_dir: str, max_examples: int, notes: list) -> dict:
           "source_mAP": source_map,
           "pad": {k: None if v is None else v["pad"] for k, v in pads.items()},
           "pad_error": {k: None if v is None else v["error"] for k, v in pads.items()},
-          "oracle_target_mAP": oracle, "output_spread": spread,
+          "oracle_target_mAP": oracle, "output_spread": spread, "keep_ratio": keep,
           "examples": {"source_test": len(losses), "target_train": len(unlabelled["pooled"]),
                        "target_test": len(target_test["pooled"])}}
 

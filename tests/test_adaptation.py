@@ -439,6 +439,74 @@ def test_distillation_on_target_rows_is_the_loss_of_those_rows_alone():
     assert abs(float(got[term]) - float(every[term])) > 1e-4, term
 
 
+def test_pruned_distillation_is_the_heads_objective_on_the_deployed_student():
+  """loss.kd_pruned: the heads' KD (binary KL per class at T, summed, x T^2) plus the
+  relation term (1 - Pearson per class and domain, scipy) at kd_relation / kd_heads, on the
+  student's heads pruned to distill.keep_ratio as deployed; it reaches the instruction
+  scorer that picks the kept tokens; bad settings are errors naming the keys."""
+  stats = pytest.importorskip("scipy.stats")
+  cfg = dataclasses.replace(vlm.config_from_dict(common.model_config("tiny")), reweight=True,
+                            reweight_layer=0)
+  student, teacher = (vlm.init(cfg, jax.random.key(k)) for k in (0, 1))
+  student["reweighting"]["gain"] = jnp.asarray(1.0)   # scores that differ between tokens
+  rng = np.random.default_rng(0)
+  size = cfg.vision.image_size
+  b = 6
+  batch = {"image": jnp.asarray(rng.normal(size=(b, size, size, 3)), jnp.float32),
+           "instruction_ids": jnp.asarray(rng.integers(10, 100, (b, 5)), jnp.int32),
+           "instruction_mask": jnp.ones((b, 5), jnp.int32),
+           "attention_mask": jnp.ones((b, 4), jnp.int32),   # the LM's: not run here
+           "domain": jnp.asarray([0, 1, 0, 1, 0, 1], jnp.int32)}
+  weights = {"kd_heads": 2.0, "kd_relation": 0.6, "kd_pruned": 1.0, "kd_lm": 0.0,
+             "kd_feature": 0.0}
+  kd = distillation.Distillation(cfg, run_lib.Run("teacher", None, cfg, teacher, 0), weights,
+                                 2.0, "cosine", keep_ratio=0.25)
+
+  def loss(params):
+    out = vlm.encode_image(cfg, params, batch["image"], batch["instruction_ids"],
+                           batch["instruction_mask"])
+    return kd.loss(adapt.Context(params=params, out=out, batch=batch, step=0,
+                                 frozen={"distillation": teacher}, metrics={}))
+
+  got = loss(student)
+  pruned, full, taught = (vlm.encode_image(cfg, p, batch["image"], batch["instruction_ids"],
+                                           batch["instruction_mask"], keep_ratio=keep)
+                          for p, keep in ((student, 0.25), (student, 1.0), (teacher, 1.0)))
+  assert pruned["kept_indices"].shape[1] == math.ceil(cfg.vision.grid ** 2 * 0.25)
+  T, domain = 2.0, np.asarray(batch["domain"])
+  sig = lambda x: 1 / (1 + np.exp(-np.float64(x) / T))   # noqa: E731
+
+  def reference(student_out):
+    heads = relation = 0.0
+    for k in ("action_logits", "reason_logits"):
+      p, q = sig(taught[k]), sig(student_out[k])
+      kl = p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))
+      heads += kl.sum(-1).mean() * T ** 2
+      relation += np.mean([np.mean([1 - stats.pearsonr(q[domain == d, c], p[domain == d, c])[0]
+                                    for c in range(p.shape[1])]) for d in (0, 1)]) / 2
+    return heads, relation
+
+  heads, relation = reference(pruned)
+  assert float(got["kd_pruned"]) == pytest.approx(heads + 0.6 / 2.0 * relation, rel=1e-4)
+  assert float(got["kd_heads"]) == pytest.approx(reference(full)[0], rel=1e-4)
+  assert abs(float(got["kd_pruned"]) - float(got["kd_heads"]) - 0.3 * float(
+      got["kd_relation"])) > 1e-3   # the pruned heads are not the full ones
+  grads = jax.grad(lambda p: loss(p)["kd_pruned"])(student)
+  assert float(jnp.abs(grads["reweighting"]["gain"])) > 0
+
+  config = demo.get_config("method=drivlm_student,teacher=t")
+  assert config.distill.keep_ratio == config.evals.target_pruned.keep_ratio == 0.25
+  for changes, match in (({"distill.keep_ratio": 1.0}, "config.distill.keep_ratio"),
+                         ({"loss.kd_heads": 0.0}, "set loss.kd_heads > 0")):
+    bad = demo.get_config("method=drivlm_student,teacher=t")
+    bad.loss.kd_pruned = 1.0
+    for key, value in changes.items():
+      section, name = key.split(".")
+      bad[section][name] = value
+    with pytest.raises(ValueError, match=match):
+      distillation.Distillation.from_config(bad, cfg, None)
+
+
 def _fda_reference(source, target, beta):
   """One [H, W, C] image in the style of another, as the FDA authors' numpy code does it
   (Yang & Soatto 2020, `FDA_source_to_target_np` / `low_freq_mutate_np`): channels first,

@@ -39,6 +39,11 @@ def test_candidates_are_the_grid_with_levels_off_at_zero():
                                                   "loss.kd_relation": 0.3}}
   with pytest.raises(ValueError, match="relation weight -1"):
     defaults.candidates([0.03], ["image"], [0.25], relations=[-1.0])
+  pruned = defaults.candidates([0.03], ["image"], [0.25], relations=[0.3], pruned=[0.0, 1.0])
+  assert pruned == {"w0.03-image-start0.25-rel0.3": {**rel["w0.03-image-start0.25-rel0.3"],
+                                                     "loss.kd_pruned": 0.0},
+                    "w0.03-image-start0.25-rel0.3-pruned1": {
+                        **rel["w0.03-image-start0.25-rel0.3"], "loss.kd_pruned": 1.0}}
   assert demo_config.get_config("method=drivlm_student,teacher=t").loss.kd_relation == 0.3
   assert demo_config.get_config("method=drivlm_teacher").loss.kd_relation == 0.0
   with pytest.raises(ValueError, match="--standardize '0,2'"):
@@ -113,8 +118,8 @@ def test_defaults_chooses_on_students_of_one_teacher_and_clip_stage(tmp_path, mo
                                                                     capsys):
   workdir = tmp_path / "defaults"
   argv = ["experiments.defaults", "--workdir", str(workdir), "--smoke", "--steps", "4",
-          "--shifts", "camera", "--weights", "0,0.1", "--stage", "student",
-          "--max_examples", "16", "--parallel", "1", "--report", "student"]
+          "--shifts", "camera", "--weights", "0.1", "--stage", "student", "--max_examples",
+          "16", "--parallel", "1", "--report", "student"]
   for bad, message in [(["--arg", "method=drivlm_student,steps=9"], "pass --steps"),
                        (["--stage", "teacher", "--teacher_arg", "model=tiny"], "student only"),
                        (["--standardize", "0,1"], "compare it with --stage teacher"),
@@ -122,13 +127,15 @@ def test_defaults_chooses_on_students_of_one_teacher_and_clip_stage(tmp_path, mo
                        (["--relation", "abc"], "--relation 'abc'"),
                        (["--weights", "0.1,x"], "--weights '0.1,x'"),
                        (["--relation", "nan"], "relation weight nan"),
-                       (["--stage", "teacher", "--relation", "0.3"], "distils from nothing")]:
+                       (["--stage", "teacher", "--relation", "0.3"], "distils from nothing"),
+                       (["--pruned", "-1"], "pruned weight -1"),
+                       (["--stage", "teacher", "--deployed"], "is not pruned")]:
     monkeypatch.setattr(sys, "argv", argv + bad)
     with pytest.raises(SystemExit):
       defaults.main()
     assert message in capsys.readouterr().err
   assert not workdir.exists()
-  monkeypatch.setattr(sys, "argv", argv)
+  monkeypatch.setattr(sys, "argv", argv + ["--pruned", "0,1", "--deployed"])
   ran = []
   real_run = defaults.jobs.run
   monkeypatch.setattr(defaults.jobs, "run", lambda todo, *a: (ran.extend(todo),
@@ -144,8 +151,8 @@ def test_defaults_chooses_on_students_of_one_teacher_and_clip_stage(tmp_path, mo
   assert (teacher.total_steps, clip.total_steps) == (4, 1)
   assert clip.loss.clip > 0 and clip.loss.action == 0
   # the student's own relation weight unless --relation says otherwise
-  names = ["w0-image+token+instance-start0.25-rel0.3",
-           "w0.1-image+token+instance-start0.25-rel0.3"]
+  names = ["w0.1-image+token+instance-start0.25-rel0.3",
+           "w0.1-image+token+instance-start0.25-rel0.3-pruned1"]
   assert [row["candidate"] for row in report["runs"]] == names
   # Each student waits for its teacher and CLIP stage (run side by side with --parallel > 1).
   assert [job.needs for job in ran] == [(), ()] + [
@@ -157,6 +164,11 @@ def test_defaults_chooses_on_students_of_one_teacher_and_clip_stage(tmp_path, mo
     assert config.loss.da_image == config.loss.da_instance == weight
     assert config.loss.kd_relation == report["candidates"][row["candidate"]][
         "loss.kd_relation"] == 0.3
+    assert config.loss.kd_pruned == report["candidates"][row["candidate"]]["loss.kd_pruned"]
+    # --deployed: scored pruned as deployed, against the pruned evaluator's mAP
+    assert row["keep_ratio"] == config.evals.target_pruned.keep_ratio == 0.25
+    assert row["oracle_target_mAP"] == run_lib.read_json(run_lib.path(
+        row["run_dir"], "eval.json"))["test"]["target_pruned"]["action_mAP"]
     assert config.loss.kd_heads > 0 and config.model.to_dict() == demo_config.get_config(
         f"method=drivlm_student,teacher={seed_dir / 'teacher'}").model.to_dict()
     assert config.distill.teacher == str(seed_dir / "teacher")

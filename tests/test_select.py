@@ -118,6 +118,19 @@ def test_a_run_dir_without_eval_or_checkpoints_is_named(tmp_path, monkeypatch):
     select.main()
 
 
+def test_only_a_pruned_student_is_scored_as_deployed(tmp_path):
+  from configs import demo
+  student = demo.get_config("method=drivlm_student,teacher=t")
+  assert select.deployed_keep_ratio("s", student) == 0.25
+  with pytest.raises(ValueError, match="teacher_run: no evals.target_pruned.keep_ratio"):
+    select.deployed_keep_ratio("teacher_run", demo.get_config("method=drivlm_teacher"))
+  run = tmp_path / "run"
+  (run / "checkpoints").mkdir(parents=True)
+  (run / "eval.json").write_text(json.dumps(
+      {"test": {"target": {"action_mAP": 70.0}, "target_pruned": {"action_mAP": 60.0}}}))
+  assert (select.oracle_map(str(run)), select.oracle_map(str(run), "target_pruned")) == (70, 60)
+
+
 def test_a_target_without_labels_is_ranked_without_the_oracle(tmp_path):
   """The selection reads no target label: a run whose eval.json has no target action_mAP
   (a target without labels) is still ranked; only the agreement with the oracle is left

@@ -288,11 +288,12 @@ def test_clip_stage_then_a_warm_started_distilled_student(cache, tmp_path):
 
   student_dir = str(tmp_path / "student")
   config = small_config(cache, f"method=drivlm,teacher={clip_dir},init={clip_dir},steps=3",
-                        **{"data.target_fraction": 0.5, "evals.target.keep_ratio": 0.25})
+                        **{"data.target_fraction": 0.5, "evals.target.keep_ratio": 0.25,
+                           "loss.kd_pruned": 1.0})
   train.train(config, student_dir)
   rows = read_metrics(student_dir)
-  for key in ("loss_kd_heads", "loss_kd_relation", "loss_kd_lm", "loss_kd_feature",
-              "loss_da_token"):
+  for key in ("loss_kd_heads", "loss_kd_relation", "loss_kd_pruned", "loss_kd_lm",
+              "loss_kd_feature", "loss_da_token"):
     assert np.isfinite(rows[3][key]), key
   # The teacher and the student start from the same weights: logit KD starts near 0, and
   # their heads rank the batch's images alike.

@@ -7,6 +7,10 @@ it sees the student's frames resized and normalised for it (`teacher_images`). T
   kd_heads    sigmoid KD of the action and explanation heads
   kd_relation the heads' ranking of the batch's images, per class and domain (Pearson
               correlation with the teacher's: DIST's intra-class relation)
+  kd_pruned   kd_heads and kd_relation again (at their weights, over kd_heads's), on the
+              student pruned as deployed (`config.distill.keep_ratio` of its visual tokens,
+              top-k by the instruction's scores): the deployed student's heads distil too,
+              not only the unpruned ones
   kd_lm       softmax KD of the LM tokens from the image on
   kd_feature  feature KD of the visual tokens (student -> teacher width through a learned
               projection), weighted by the student's instruction scores
@@ -121,10 +125,11 @@ class Distillation(adapt.Component):
   feature_kind: str
   rows: str = "all"     # "all" or "target"
   heads: str = "sum"    # the heads' KD over their classes: "sum" or "mean"
+  keep_ratio: float = 1.0   # kd_pruned's share of the visual tokens
 
   param_key = "distill"
   key_index = 2
-  terms = ("kd_heads", "kd_relation", "kd_lm", "kd_feature")
+  terms = ("kd_heads", "kd_relation", "kd_pruned", "kd_lm", "kd_feature")
 
   @classmethod
   def from_config(cls, config, cfg, feats):
@@ -141,9 +146,18 @@ class Distillation(adapt.Component):
     heads = kd.get("heads", "sum")
     if heads not in ("sum", "mean"):
       raise ValueError(f"config.distill.heads={heads!r}: 'sum' or 'mean'")
+    keep_ratio = float(kd.get("keep_ratio", 1.0))
+    if weights["kd_pruned"]:
+      if not cfg.reweight or not 0 < keep_ratio < 1:
+        raise ValueError(f"loss.kd_pruned={weights['kd_pruned']:g} distils the student pruned "
+                         f"to config.distill.keep_ratio (in (0, 1), got {keep_ratio:g}) by "
+                         f"its instruction scores (model.reweight, now {cfg.reweight})")
+      if not weights["kd_heads"]:
+        raise ValueError("loss.kd_pruned repeats kd_heads and kd_relation on the pruned "
+                         "student at their weights over kd_heads's: set loss.kd_heads > 0")
     return cls(cfg, load_teacher(kd.teacher, cfg, weights, config, feats), weights,
                float(kd.get("temperature", 1.0)), kd.get("feature_kind", "cosine"), rows,
-               heads)
+               heads, keep_ratio)
 
   @property
   def needs_lm(self):
@@ -174,16 +188,22 @@ class Distillation(adapt.Component):
     rows = None if self.rows == "all" else (b["domain"] == 1).astype(jnp.float32)
     per_row = lambda mask: mask if rows is None else mask * rows[:, None]   # [B, N] masks
     losses = {}
+    heads_kd = lambda student: sum(   # noqa: E731
+        distill.sigmoid_kd(student[k], t[k], temperature, rows, self.heads)
+        for k in ("action_logits", "reason_logits"))
+    relation_kd = lambda student: sum(   # noqa: E731
+        distill.relation_kd(student[k], t[k], b["domain"], temperature, rows)
+        for k in ("action_logits", "reason_logits")) / 2
     if w["kd_heads"]:
-      losses["kd_heads"] = (
-          distill.sigmoid_kd(out["action_logits"], t["action_logits"], temperature, rows,
-                             self.heads)
-          + distill.sigmoid_kd(out["reason_logits"], t["reason_logits"], temperature, rows,
-                               self.heads))
+      losses["kd_heads"] = heads_kd(out)
     if w.get("kd_relation"):   # a weights mapping without the term: off
-      losses["kd_relation"] = sum(
-          distill.relation_kd(out[k], t[k], b["domain"], temperature, rows)
-          for k in ("action_logits", "reason_logits")) / 2
+      losses["kd_relation"] = relation_kd(out)
+    if w.get("kd_pruned"):
+      pruned = vlm.encode_image(self.cfg, ctx.params, b["image"], b["instruction_ids"],
+                                b["instruction_mask"], keep_ratio=self.keep_ratio)
+      losses["kd_pruned"] = heads_kd(pruned)
+      if w.get("kd_relation"):
+        losses["kd_pruned"] += w["kd_relation"] / w["kd_heads"] * relation_kd(pruned)
     if w["kd_lm"]:
       mask = per_row(b["attention_mask"] * (b["input_ids"] != self.cfg.image_token_id))
       losses["kd_lm"] = distill.softmax_kd(out["lm_logits"], t["lm_logits"], temperature, mask)
