@@ -39,7 +39,8 @@ setuptools.setup(
         "pycocoevalcap>=1.2",   # DriveLM's language scores: its PTB tokenizer (needs java)
         "scikit-learn>=1.4",    # experiments.select: domain classifiers (DEV, proxy A-distance)
         "scipy>=1.11",          # report intervals, Spearman
-        # float32 GEMMs on an Intel CPU (drivlm_jax.model.cpu_gemm, compiled on first use);
+        # float32 GEMMs on an Intel CPU and the deployed student's packed-weight kernel on
+        # any AVX-512 CPU (drivlm_jax.model.cpu_gemm, one library compiled on first use);
         # 2026.2.1 works too (checked with jax 0.11.2) but may round differently: the README's
         # Intel figures are 2025.3.1's
         "mkl>=2024,<2026; platform_machine == 'x86_64' and sys_platform == 'linux'",

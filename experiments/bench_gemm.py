@@ -8,8 +8,9 @@ Cases, float32, for each row count (50: the CLIP-B/16 student pruned to a quarte
 every token): one GEMM of each ViT-B/16 shape (768 x 3072, 3072 x 768, 768 x 768), and 12
 ViT-B MLP layers (768 -> 3072 -> GELU -> 768, residual) in one jit, 226 MB of weights: each
 call reads them from memory, as the student at batch 1 does. Kernels alternated, each timed
-call after an untimed one of its own (`drivlm_jax.timing`), p50. Needs MKL on (an Intel CPU,
-or DRIVLM_CPU_GEMM=mkl) and AVX-512F for the packed kernel; other rows are left out.
+call after an untimed one of its own (`drivlm_jax.timing`), p50. Runs the kernels under
+`cpu_gemm.use("mkl")` whatever the CPU (the `mkl` wheel and a C++ compiler), and the packed
+kernel where the CPU has AVX-512F (else its column is left out).
 """
 if __name__ == "__main__":  # before JAX loads: the restarted process loads it once
   from drivlm_jax import host

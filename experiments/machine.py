@@ -7,9 +7,12 @@ Every benchmark puts `describe()` into its JSON and prints `line()`; the benchma
 FLOP/cycle, both measured on the machine. FLOP/cycle (`measured_flop_per_cycle`) is 2 x the
 fp32 lanes of the widest FMA the CPU has (AVX-512F: 16; AVX2's FMA: 8) x the FMAs a core
 retires per cycle, timed on independent FMAs against the clock probe's chain on the same
-thread and rounded to whole FMA pipes: 64 on Intel server cores and AMD Zen 5 server cores
-(two 512-bit pipes), 32 on Zen 4 (AVX-512 on 256-bit pipes: one 512-bit FMA per cycle) and on
-AVX2 cores. Vendor tables get this wrong across generations (the table this replaced gave a
+thread (each timed in the thread's own CPU time, so another process taking the core does
+not move the ratio) and rounded to whole FMA pipes: 64 on most Intel server cores (AMX ones
+all) and AMD Zen 5 server cores (two 512-bit pipes), 32 on Zen 4 (AVX-512 on 256-bit pipes:
+one 512-bit FMA per cycle), on Xeons with one 512-bit FMA unit and on AVX2 cores. What it
+cannot see: a busy sibling hyperthread on the host, or a core that lowers its clock under
+AVX-512 (the add chain runs at the higher clock), both of which read as fewer FMAs per cycle. Vendor tables get this wrong across generations (the table this replaced gave a
 Zen 5 EPYC 32, and its XLA GEMM ran at 191% of that "peak"); the table (`flop_per_cycle`) is
 only the fallback where the probe cannot run. The clock is measured
 (`measured_mhz`): every core runs a chain of dependent register adds (one cycle each on
@@ -34,7 +37,8 @@ from drivlm_jax import host
 # one before: 1 cycle apiece; not `add rax, imm`, which newer Intel cores fold at rename);
 # dec rcx; jnz back to the adds; ret.
 ADDS = 16
-FMAS = 12
+FMAS = 12   # independent FMAs per loop (> latency x pipes); `_fma_code` encodes up to 12
+assert FMAS <= 12, FMAS   # registers 12 and 13 are the sources
 _CHAIN = (bytes.fromhex("4889f9" "31c0" "ba01000000") + bytes.fromhex("4801d0") * ADDS
           + bytes.fromhex("48ffc9") + bytes([0x75, -(3 * ADDS + 5) & 0xFF]) + b"\xc3")
 
@@ -49,8 +53,8 @@ def _version(package: str) -> str | None:
 def flop_per_cycle(vendor: str, flags: set, family: int | None = None) -> int:
   """fp32 FLOP per cycle per core from the vendor and CPU family, where
   `measured_flop_per_cycle` cannot run: 64 for AVX-512 on Intel and on AMD from Zen 5
-  (family 26; its mobile parts run 512-bit FMAs on 256-bit pipes, as Zen 4 does), else 32 with
-  AVX2 or FMA, else 16."""
+  (family 26), else 32 with AVX2 or FMA, else 16. A rough table: Zen 5's mobile parts and
+  Xeons with one 512-bit FMA unit have 32 where it says 64 (the probe measures them)."""
   if "avx512f" in flags and (vendor == "GenuineIntel"
                              or (vendor == "AuthenticAMD" and (family or 0) >= 26)):
     return 64
@@ -109,31 +113,33 @@ def fma_bits(flags: set) -> int | None:
 
 def measured_flop_per_cycle(flags: set, seconds: float = 0.1) -> int | None:
   """fp32 FLOP per cycle per core, measured on one thread (see the module docstring); None
-  where there is no FMA or the probes cannot run."""
+  where there is no FMA, the probes cannot run, or the reading is not a CPU's (under 0.75
+  FMAs per cycle: every FMA core retires one or more)."""
   bits = fma_bits(flags)
   chain = add_chain()
   fmas = _executable(_fma_code(bits)) if bits and chain is not None else None
   if fmas is None:
     return None
 
-  def rate(fn, per_loop):           # the best of 3 runs of about `seconds` each
-    start = time.perf_counter()
+  def rate(fn, per_loop):           # the best of 3 runs of about `seconds` of CPU time each
+    start = time.thread_time()
     fn(100_000)
-    loops = max(1, int(seconds / (time.perf_counter() - start) * 100_000))
+    loops = max(1, int(seconds / max(time.thread_time() - start, 1e-6) * 100_000))
     best = 0.0
     for _ in range(3):
-      start = time.perf_counter()
+      start = time.thread_time()
       fn(loops)
-      best = max(best, per_loop * loops / (time.perf_counter() - start))
+      best = max(best, per_loop * loops / max(time.thread_time() - start, 1e-9))
     return best
 
   per_cycle = rate(fmas, FMAS) / rate(chain, ADDS)
-  return 2 * (bits // 32) * max(1, round(per_cycle))
+  return 2 * (bits // 32) * round(per_cycle) if per_cycle >= 0.75 else None
 
 
 def measured_mhz(cores: int, seconds: float = 0.5) -> float | None:
-  """The clock (MHz) `cores` threads run at, each timing its own chain of dependent adds,
-  all at once (the rate all cores keep together); the mean over threads. None where
+  """The clock (MHz) `cores` threads run at, each timing its own chain of dependent adds in
+  its own CPU time, all at once (the rate all cores keep together; time another process
+  takes from a core is not counted against its clock); the mean over threads. None where
   `add_chain` is."""
   chain = add_chain()
   if chain is None:
@@ -144,9 +150,9 @@ def measured_mhz(cores: int, seconds: float = 0.5) -> float | None:
   rates = []
 
   def run():                         # ctypes releases the GIL: the threads run in parallel
-    start = time.perf_counter()
+    start = time.thread_time()
     chain(loops)
-    rates.append(ADDS * loops / (time.perf_counter() - start) / 1e6)
+    rates.append(ADDS * loops / max(time.thread_time() - start, 1e-9) / 1e6)
 
   threads = [threading.Thread(target=run) for _ in range(cores)]
   for t in threads:
@@ -178,7 +184,7 @@ def describe(matmuls: bool = True) -> dict:
               "flags": sorted(flags & set(wanted)), "cores": cores, "mhz": mhz,
               "clock": "measured" if measured else "nominal", "nominal_mhz": nominal,
               "fp32_flop_per_cycle": per_cycle,
-              "flop_per_cycle": "measured" if measured_per_cycle else "table",
+              "fp32_flop_per_cycle_source": "measured" if measured_per_cycle else "table",
               "fp32_peak_gflops": cores * mhz * per_cycle / 1e3 if mhz else None},
       "versions": {p: _version(p) for p in ("jax", "jaxlib", "torch", "transformers",
                                             "onnxruntime", "mkl")},
@@ -190,10 +196,14 @@ def describe(matmuls: bool = True) -> dict:
 
 def _matmuls() -> str:
   """Where our layers' large float32 matmuls run in this process: "MKL" (drivlm_jax's
-  `cpu_gemm`, on a single-device Intel CPU) or "XLA"."""
+  `cpu_gemm`, on a single-device Intel CPU) or "XLA", and where a deployed student's constant
+  weights go to `cpu_gemm`'s packed kernel without MKL (auto on AMD's AVX-512 CPUs), "XLA
+  (constant weights packed)"."""
   from drivlm_jax.model import cpu_gemm  # pylint: disable=import-outside-toplevel
   try:
-    return "MKL" if cpu_gemm.active() else "XLA"
+    if cpu_gemm.active():
+      return "MKL"
+    return "XLA (constant weights packed)" if cpu_gemm.packs() else "XLA"
   except cpu_gemm.Unavailable:   # DRIVLM_CPU_GEMM=mkl where it cannot run: traces will say so
     return "XLA"
 
@@ -212,7 +222,7 @@ def line(machine: dict) -> str:
   return (f"{cpu['vendor']} {cpu['model_name']} (family {cpu['family']} model {cpu['model']}), "
           f"{cpu['cores']} cores at {clock}, {'/'.join(cpu['flags']) or 'no AVX'}, fp32 peak "
           f"{f'{peak:.0f} GFLOP/s' if peak else 'unknown'} ({cpu['fp32_flop_per_cycle']} "
-          f"FLOP/cycle, {cpu.get('flop_per_cycle', 'table')}); "
+          f"FLOP/cycle, {cpu.get('fp32_flop_per_cycle_source', 'table')}); "
           + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
           + (f"; float32 matmuls on {kernels}"
              if (kernels := machine.get("jax_float32_matmuls")) else "")

@@ -208,6 +208,8 @@ def test_modes(monkeypatch):
   """auto leaves the suite's 8 CPU devices to XLA (a sharded dot must stay one GSPMD can
   split); a bad mode is an error naming where it came from."""
   assert jax.device_count() > 1 and not cpu_gemm.active()
+  with cpu_gemm.use("auto"):   # nor a sharded program's constant weights on the packed kernel
+    assert not cpu_gemm.packs()
   monkeypatch.setenv("DRIVLM_CPU_GEMM", "xla")
   assert cpu_gemm.mode() == "xla" and not cpu_gemm.active()
   with cpu_gemm.use("auto"):

@@ -41,7 +41,7 @@ def test_the_measured_flop_per_cycle_is_the_vendors_figure():
   if not server or machine.fma_bits(flags) is None:
     pytest.skip(f"no published figure here: {info.get('model name')} (family {family})")
   assert machine.measured_flop_per_cycle(flags) == machine.flop_per_cycle(vendor, flags, family)
-  assert machine.describe(matmuls=False)["cpu"]["flop_per_cycle"] == "measured"
+  assert machine.describe(matmuls=False)["cpu"]["fp32_flop_per_cycle_source"] == "measured"
 
 
 class Pool:

@@ -49,8 +49,9 @@ have no batch index and not be transposed (a layer's kernel).
 
 The kernels are compiled on first use with the C++ compiler (CXX, default `c++`) against
 jaxlib's FFI headers and the `mkl` wheel (~2 s, cached in DRIVLM_CACHE or
-~/.cache/drivlm_jax, keyed by source and versions). In "auto" mode a missing compiler or MKL
-leaves XLA's dots with one warning; in "mkl" mode it is an error.
+~/.cache/drivlm_jax, keyed by source and versions); the packed kernel is in the same
+library, so it needs the `mkl` wheel too, on AMD as well. In "auto" mode a missing compiler
+or MKL leaves XLA's dots with one warning; in "mkl" mode it is an error.
 
 The decision is made when a function is traced; `use(mode)` and `packing(enabled)` are part
 of JAX's cache keys, so a function traced in another mode is traced again. ONNX export
