@@ -143,8 +143,9 @@ DA_WEIGHT = {"drivlm_teacher": 0.01, "dann": 0.01, "drivlm_student": 0.03}
 # the same way on the student over {0, 0.3, 1} (README "Relation distillation", at f082dfa).
 KD_RELATION = 0.3
 # The student's heads distilled again pruned as deployed (loss.kd_pruned, to `keep_ratio`;
-# adapt/distillation.py): off until chosen the same way.
-KD_PRUNED = 0.0
+# adapt/distillation.py): chosen the same way on the student scored as deployed over
+# {0, 0.3, 1} (README "Pruning-aware distillation", at 081dae6).
+KD_PRUNED = 1.0
 
 
 def add_method(config, method: str, teacher: str, keep_ratio: float,
@@ -172,8 +173,8 @@ def add_method(config, method: str, teacher: str, keep_ratio: float,
                   experiments.defaults keeps it off (README "Fourier domain adaptation")
   drivlm_student  as the teacher (its own weight: DA_WEIGHT), + distillation from the
                   `teacher` run (heads, LM tokens, visual tokens, the heads' ranking of the
-                  images: KD_RELATION); evaluated with every token
-                  and pruned to `keep_ratio`
+                  images: KD_RELATION; the heads again pruned to `keep_ratio` as deployed:
+                  KD_PRUNED); evaluated with every token and pruned to `keep_ratio`
   oracle          labelled source + labelled target (the upper bound)
   clip_finetune   the stage before adaptation: contrastive image-caption loss only (CLIP
                   InfoNCE, SigLIP sigmoid for SigLIP towers) on both domains (captions:
@@ -183,7 +184,7 @@ def add_method(config, method: str, teacher: str, keep_ratio: float,
   paper's gradient reversal of their BCE) or "confusion" (non-saturating; adapt/alignment.py).
   Every part has its own switch (the ablations): --config.loss.da_image=0,
   --config.loss.da_token=0, --config.loss.da_instance=0, --config.model.reweight=False,
-  --config.loss.kd_heads=0 (kd_relation, kd_lm, kd_feature), --config.fda.beta=0.
+  --config.loss.kd_heads=0 (kd_relation, kd_pruned, kd_lm, kd_feature), --config.fda.beta=0.
   It sets: method, init_from, model.reweight(_layer), data.target_fraction,
   data.target_labelled, loss.*, da, distill, fda, clip, and the pruned evaluator of the student
   (`evals.target_pruned`). It never changes `batch_size`: each config sets it (rows per

@@ -12,9 +12,11 @@ user passes to drivlm_jax.train):
   no_token_da      --config.loss.da_token=0
   no_instance_da   --config.loss.da_instance=0
   no_da            all three levels 0                (no discriminator at all)
-  no_reweighting   --config.model.reweight=False   (no gates, no pruning)
+  no_reweighting   --config.model.reweight=False   (no gates, no pruning: with
+                   --config.loss.kd_pruned=0, the pruned student's distillation)
   no_distillation  --config.distill.teacher=       (no teacher)
   no_relation_kd   --config.loss.kd_relation=0     (the heads' KD without their ranking term)
+  no_pruned_kd     --config.loss.kd_pruned=0       (the pruned student's heads not distilled)
 and variants:
   kd_target_rows   --config.distill.rows=target    (the teacher teaches the unlabelled target
                                                    rows only; source rows learn from labels)
@@ -52,9 +54,10 @@ ABLATIONS = {
     "no_token_da": {**_FULL, "loss.da_token": 0.0},
     "no_instance_da": {**_FULL, "loss.da_instance": 0.0},
     "no_da": {**_FULL, "loss.da_image": 0.0, "loss.da_token": 0.0, "loss.da_instance": 0.0},
-    "no_reweighting": {**_FULL, "model.reweight": False},
+    "no_reweighting": {**_FULL, "model.reweight": False, "loss.kd_pruned": 0.0},
     "no_distillation": {**_FULL, "distill.teacher": ""},
     "no_relation_kd": {**_FULL, "loss.kd_relation": 0.0},
+    "no_pruned_kd": {**_FULL, "loss.kd_pruned": 0.0},
     "kd_target_rows": {**_FULL, "distill.rows": "target"},
     "kd_heads_mean": {**_FULL, "distill.heads": "mean"},
 }

@@ -46,6 +46,8 @@ def test_candidates_are_the_grid_with_levels_off_at_zero():
                         **rel["w0.03-image-start0.25-rel0.3"], "loss.kd_pruned": 1.0}}
   assert demo_config.get_config("method=drivlm_student,teacher=t").loss.kd_relation == 0.3
   assert demo_config.get_config("method=drivlm_teacher").loss.kd_relation == 0.0
+  assert demo_config.get_config("method=drivlm_student,teacher=t").loss.kd_pruned == 1.0
+  assert demo_config.get_config("method=drivlm_teacher").loss.kd_pruned == 0.0
   with pytest.raises(ValueError, match="--standardize '0,2'"):
     defaults.parse_switch("--standardize", "0,2")
   config = demo_config.get_config("method=drivlm_teacher,model=tiny_teacher")

@@ -75,6 +75,8 @@ def test_each_ablation_is_one_component_off_by_existing_config_keys():
     changed = {k for k in {*full, *overrides} if full.get(k) != overrides.get(k)}
     if name == "no_da":   # the discriminators as one component: every level off
       assert changed == {"loss.da_image", "loss.da_token", "loss.da_instance"}
+    elif name == "no_reweighting":   # the gates, and the pruning they make (and its KD)
+      assert changed == {"model.reweight", "loss.kd_pruned"}
     else:
       assert len(changed) == (name != "drivlm_student"), name   # one flag off the full method
     config = demo.get_config("method=drivlm,teacher=/x")

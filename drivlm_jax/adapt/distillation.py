@@ -72,7 +72,7 @@ def load_teacher(teacher_dir: str, cfg: vlm.Config, weights: dict, config,
       tcfg = dataclasses.replace(tcfg, num_cameras=cfg.num_cameras)   # camera embeddings 0
       params = {**params, "cameras": jnp.zeros((cfg.num_cameras, tcfg.vision.hidden_size))}
     if "heads" not in params:
-      on = [k for k in ("kd_heads", "kd_relation") if weights.get(k)]
+      on = [k for k in ("kd_heads", "kd_relation", "kd_pruned") if weights.get(k)]
       if on:
         raise ValueError(f"teacher {teacher_dir}: an HF LLaVA without DriVLM heads "
                          f"({hf.DRIVLM_PARTS}) has nothing to teach the heads; set "
