@@ -183,7 +183,8 @@ def add_method(config, method: str, teacher: str, keep_ratio: float,
   `da.objective` is what the features minimise against the discriminators: "reversal" (the
   paper's gradient reversal of their BCE) or "confusion" (non-saturating; adapt/alignment.py).
   Every part has its own switch (the ablations): --config.loss.da_image=0,
-  --config.loss.da_token=0, --config.loss.da_instance=0, --config.model.reweight=False,
+  --config.loss.da_token=0, --config.loss.da_instance=0, --config.model.reweight=False (for
+  the student with --config.loss.kd_pruned=0: no gates, nothing to prune),
   --config.loss.kd_heads=0 (kd_relation, kd_pruned, kd_lm, kd_feature), --config.fda.beta=0.
   It sets: method, init_from, model.reweight(_layer), data.target_fraction,
   data.target_labelled, loss.*, da, distill, fda, clip, and the pruned evaluator of the student

@@ -2,7 +2,7 @@ r"""The adaptation defaults, chosen across shifts without a target label.
 
   python -m experiments.defaults [--workdir runs/defaults] [--shifts all] [--seeds 1]
       [--weights 0.01,0.03,0.1,0.3] [--levels image+token+instance] [--starts 0.25] [--fda 0]
-      [--standardize 0] [--relation 0.3] [--pruned 0] [--deployed] [--stage teacher|student]
+      [--standardize 0] [--relation 0.3] [--pruned 1] [--deployed] [--stage teacher|student]
       [--arg method=drivlm_teacher,model=tiny_teacher] [--teacher_arg ...] [--steps N]
       [--parallel 2] [--smoke] [--report defaults]
 

@@ -129,6 +129,28 @@ def test_only_a_pruned_student_is_scored_as_deployed(tmp_path):
   (run / "eval.json").write_text(json.dumps(
       {"test": {"target": {"action_mAP": 70.0}, "target_pruned": {"action_mAP": 60.0}}}))
   assert (select.oracle_map(str(run)), select.oracle_map(str(run), "target_pruned")) == (70, 60)
+  # DEV's features of the deployed student are its pruned heads', PAD's its every token.
+  import dataclasses
+  import jax
+  from configs import common
+  from drivlm_jax.model import vlm
+  cfg = dataclasses.replace(vlm.config_from_dict(common.model_config("tiny")), reweight=True,
+                            reweight_layer=0)
+  params = vlm.init(cfg, jax.random.key(0))
+  params["reweighting"]["gain"] = np.float32(1.0)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(2, cfg.vision.image_size, cfg.vision.image_size, 3)
+                               ).astype(np.float32),
+           "instruction_ids": rng.integers(10, 100, (2, 5)).astype(np.int32),
+           "instruction_mask": np.ones((2, 5), np.int32),
+           "boxes": np.tile(np.float32([0.1, 0.1, 0.6, 0.6]), (2, 1, 1)),
+           "box_mask": np.ones((2, 1), np.float32), "box_camera": np.zeros((2, 1), np.int32)}
+  full, pruned = (select._features(cfg, params, batch, keep) for keep in (1.0, 0.25))
+  want = vlm.encode_image(cfg, params, batch["image"], batch["instruction_ids"],
+                          batch["instruction_mask"], keep_ratio=0.25)
+  np.testing.assert_allclose(pruned["action_logits"], want["action_logits"], atol=1e-5)
+  assert np.abs(np.asarray(pruned["action_logits"] - full["action_logits"])).max() > 1e-4
+  np.testing.assert_allclose(pruned["token"], full["token"], atol=1e-5)   # another program
 
 
 def test_a_target_without_labels_is_ranked_without_the_oracle(tmp_path):

@@ -146,15 +146,22 @@ class Distillation(adapt.Component):
     heads = kd.get("heads", "sum")
     if heads not in ("sum", "mean"):
       raise ValueError(f"config.distill.heads={heads!r}: 'sum' or 'mean'")
-    keep_ratio = float(kd.get("keep_ratio", 1.0))
+    keep_ratio = float(kd.get("keep_ratio", run_lib.deploy_keep_ratio(config)))
     if weights["kd_pruned"]:
       if not cfg.reweight or not 0 < keep_ratio < 1:
         raise ValueError(f"loss.kd_pruned={weights['kd_pruned']:g} distils the student pruned "
                          f"to config.distill.keep_ratio (in (0, 1), got {keep_ratio:g}) by "
-                         f"its instruction scores (model.reweight, now {cfg.reweight})")
+                         f"its instruction scores (model.reweight, now {cfg.reweight}); or "
+                         f"set --config.loss.kd_pruned=0")
       if not weights["kd_heads"]:
         raise ValueError("loss.kd_pruned repeats kd_heads and kd_relation on the pruned "
-                         "student at their weights over kd_heads's: set loss.kd_heads > 0")
+                         "student at their weights over kd_heads's: set loss.kd_heads > 0, "
+                         "or --config.loss.kd_pruned=0")
+      deployed = run_lib.deploy_keep_ratio(config)
+      if deployed != keep_ratio:
+        logging.warning("loss.kd_pruned distils the student pruned to distill.keep_ratio=%g, "
+                        "but its evaluators deploy it at %g (evals.*.keep_ratio): set both",
+                        keep_ratio, deployed)
     return cls(cfg, load_teacher(kd.teacher, cfg, weights, config, feats), weights,
                float(kd.get("temperature", 1.0)), kd.get("feature_kind", "cosine"), rows,
                heads, keep_ratio)
