@@ -271,10 +271,9 @@ def score_run(run_dir: str, max_examples: int, notes: list, deployed: bool = Fal
   """One run's row: DEV risk, the source validation loss and mAP, PAD per level, oracle.
   `deployed`: DEV, the losses, the spread and the oracle are those of the run pruned as
   deployed (`deployed_keep_ratio`; eval.json's "target_pruned")."""
-  oracle_map(run_dir)
+  oracle = oracle_map(run_dir, "target_pruned" if deployed else "target")
   run = run_lib.load(run_dir)
   keep = deployed_keep_ratio(run_dir, run.config) if deployed else 1.0
-  oracle = oracle_map(run_dir, "target_pruned" if deployed else "target")
   _, data, feats = inputs.run_features(run_dir)
   get = lambda role, split, labelled=False: extract(run.cfg, run.params, data[role, split],
                                                     feats, max_examples, labelled, keep)

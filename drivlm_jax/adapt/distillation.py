@@ -146,7 +146,8 @@ class Distillation(adapt.Component):
     heads = kd.get("heads", "sum")
     if heads not in ("sum", "mean"):
       raise ValueError(f"config.distill.heads={heads!r}: 'sum' or 'mean'")
-    keep_ratio = float(kd.get("keep_ratio", run_lib.deploy_keep_ratio(config)))
+    deployed = run_lib.deploy_keep_ratio(config)
+    keep_ratio = float(kd.get("keep_ratio", deployed))
     if weights["kd_pruned"]:
       if not cfg.reweight or not 0 < keep_ratio < 1:
         raise ValueError(f"loss.kd_pruned={weights['kd_pruned']:g} distils the student pruned "
@@ -157,7 +158,6 @@ class Distillation(adapt.Component):
         raise ValueError("loss.kd_pruned repeats kd_heads and kd_relation on the pruned "
                          "student at their weights over kd_heads's: set loss.kd_heads > 0, "
                          "or --config.loss.kd_pruned=0")
-      deployed = run_lib.deploy_keep_ratio(config)
       if deployed != keep_ratio:
         logging.warning("loss.kd_pruned distils the student pruned to distill.keep_ratio=%g, "
                         "but its evaluators deploy it at %g (evals.*.keep_ratio): set both",
